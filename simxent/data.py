@@ -1,0 +1,255 @@
+"""Image folders: discovery, robust decoding, the decoded-image cache and batch iteration.
+
+A folder is read once into uint8 arrays of shape (N, H, W, 3) at the training resolution (shorter side
+resized, centre crop). Random augmentation happens later, batched on the training device
+(:mod:`simxent.augment`), so decoding is the only per-image work and it is done once per folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+log = logging.getLogger("simxent")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+class DataError(ValueError):
+    """A missing, empty or unreadable image folder or file."""
+
+
+@dataclass
+class ImageList:
+    """The files of a folder and, when it has class sub-folders, their labels (-1 when unlabelled)."""
+
+    root: Path
+    files: list[Path]
+    labels: list[int]
+    classes: list[str]
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes) and all(y >= 0 for y in self.labels)
+
+
+def find_images(root: str | Path) -> ImageList:
+    """All images below ``root`` at any depth; suffixes match case-insensitively.
+
+    The first-level sub-folder of a file names its class; files directly under ``root`` are unlabelled.
+    Symbolic links are followed, each real directory once, so a link loop cannot recurse forever.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"image folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"not a folder: {root}")
+    files, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        for name in sorted(filenames):
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                files.append(Path(dirpath) / name)
+    if not files:
+        raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    top = [f.relative_to(root).parts for f in files]
+    classes = sorted({p[0] for p in top if len(p) > 1})
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[p[0]] if len(p) > 1 else -1 for p in top]
+    return ImageList(root, files, labels, classes)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB from any PIL mode: grey, palette, CMYK, 16-bit; transparency composited onto white."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    return im.convert("RGB")
+
+
+def decode(path: str | Path, size: int) -> np.ndarray:
+    """Decode one file to a (size, size, 3) uint8 array: EXIF rotation, RGB, shorter side to ``size``,
+    centre crop. Raises OSError, ValueError or PIL's errors on an unreadable file."""
+    with warnings.catch_warnings():
+        # A decompression bomb must fail, not warn; other PIL warnings are noise here.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger
+            im = ImageOps.exif_transpose(im)
+            im = _to_rgb(im)
+            im = ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC)
+            return np.asarray(im, dtype=np.uint8)
+
+
+class DecodedFiles(Dataset):
+    """Dataset over files that yields ``(index, HWC uint8 array or None)``; None marks a bad file."""
+
+    def __init__(self, files: list[Path], size: int, on_bad_image: str = "skip"):
+        self.files, self.size, self.on_bad_image = files, size, on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, decode(self.files[i], self.size)
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
+            if self.on_bad_image == "error":
+                raise DataError(f"cannot read image {self.files[i]}: {e}") from e
+            return i, None
+
+
+def _collate(items):
+    return items
+
+
+@dataclass
+class ImageArray:
+    """A decoded folder: ``images`` (N, H, W, 3) uint8 and ``labels`` (N,) int64, bad files removed."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    files: list[str]
+    skipped: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _cache_key(images: ImageList, size: int) -> str:
+    h = hashlib.sha1(f"simxent-v1 {size}\n".encode())
+    for f in images.files:
+        st = f.stat()
+        h.update(f"{f.relative_to(images.root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SIMXENT_CACHE", Path.home() / ".cache" / "simxent"))
+
+
+def load_folder(
+    root: str | Path,
+    size: int,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+    workers: int = 2,
+    on_bad_image: str = "skip",
+    progress: bool = True,
+) -> ImageArray:
+    """Decode every image of ``root`` at ``size`` px, or reuse the cached array of an unchanged folder.
+
+    The cache is keyed by each file's relative path, byte size and modification time, so any change to
+    the folder decodes it anew. Bad files are skipped with a warning naming each (``on_bad_image=skip``)
+    or stop the run naming the first (``error``).
+    """
+    found = find_images(root)
+    key = _cache_key(found, size) if cache else ""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    if cache and array_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        images = np.load(array_path, mmap_mode="r")
+        good = np.asarray(meta["good"], dtype=np.int64)
+        skipped = [str(found.files[i]) for i in meta["bad"]]
+    else:
+        images, good, skipped = _decode_all(found, size, workers, on_bad_image, progress)
+        if cache:
+            _write_cache(images, good, found, array_path, meta_path)
+    _report_skipped(skipped, found.root)
+    if len(good) == 0:
+        raise DataError(f"no readable images in {found.root} ({len(skipped)} files could not be read)")
+    labels = torch.as_tensor(np.asarray(found.labels, dtype=np.int64)[good])
+    return ImageArray(
+        images=_as_tensor(images),
+        labels=labels,
+        classes=found.classes,
+        files=[str(found.files[i]) for i in good],
+        skipped=skipped,
+    )
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    # A read-only memmap is shared between runs; torch warns on non-writable arrays, we never write.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
+
+
+def _decode_all(found: ImageList, size: int, workers: int, on_bad_image: str, progress: bool):
+    n = len(found.files)
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    ok = np.zeros(n, dtype=bool)
+    loader = DataLoader(
+        DecodedFiles(found.files, size, on_bad_image),
+        batch_size=64,
+        num_workers=workers,
+        collate_fn=_collate,
+    )
+    for batch in tqdm(loader, desc=f"decoding {found.root}", unit="batch", disable=not progress, leave=False):
+        for i, img in batch:
+            if img is not None:
+                out[i], ok[i] = img, True
+    good = np.flatnonzero(ok)
+    bad = np.flatnonzero(~ok)
+    return out[good], good, [str(found.files[i]) for i in bad]
+
+
+def _write_cache(images, good, found, array_path: Path, meta_path: Path) -> None:
+    """Write array then metadata, each through a temporary file and an atomic rename."""
+    array_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = array_path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, images)
+    os.replace(tmp, array_path)
+    bad = sorted(set(range(len(found.files))) - set(good.tolist()))
+    tmp = meta_path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"root": str(found.root), "good": good.tolist(), "bad": bad}))
+    os.replace(tmp, meta_path)
+
+
+def _report_skipped(skipped: list[str], root: Path) -> None:
+    if skipped:
+        names = "\n  ".join(skipped[:20]) + ("\n  ..." if len(skipped) > 20 else "")
+        log.warning("skipped %d unreadable image(s) in %s:\n  %s", len(skipped), root, names)
+
+
+def iterate_batches(
+    data: ImageArray, batch_size: int, generator: torch.Generator, drop_last: bool = True, start: int = 0
+):
+    """Yield ``(step, uint8 NCHW batch)`` in a fresh random order each call (one epoch).
+
+    ``start`` skips the first batches of the epoch's order, so a resumed run sees the same images.
+    """
+    order = torch.randperm(len(data), generator=generator)
+    steps = len(order) // batch_size if drop_last else -(-len(order) // batch_size)
+    for step in range(start, steps):
+        idx = order[step * batch_size : (step + 1) * batch_size]
+        idx, _ = idx.sort()  # sorted reads are kinder to a memory-mapped file
+        yield step, data.images[idx].permute(0, 3, 1, 2)
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    return n // batch_size

@@ -1,0 +1,56 @@
+"""TensorBoard output: scalars, view-pair grids and confusion matrices, written by one process only."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
+
+
+class Monitor:
+    """A SummaryWriter that does nothing when ``enabled`` is False (every rank but 0)."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool = True, purge_step: int | None = None):
+        # purge_step drops events a killed run wrote past its last checkpoint, so a resumed run draws
+        # one continuous curve.
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step) if enabled else None
+
+    def scalars(self, values: dict, step: int, prefix: str = "") -> None:
+        if self.writer:
+            for k, v in values.items():
+                self.writer.add_scalar(prefix + k, v, step)
+
+    def view_pairs(self, tag: str, v1: torch.Tensor, v2: torch.Tensor, mean, std, step: int, n: int = 8) -> None:
+        """A grid with each image's two views side by side (de-normalised for display)."""
+        if not self.writer:
+            return
+        n = min(n, len(v1))
+        mean = torch.tensor(mean).view(1, 3, 1, 1)
+        std = torch.tensor(std).view(1, 3, 1, 1)
+        pairs = torch.stack([v1[:n].float().cpu(), v2[:n].float().cpu()], dim=1).flatten(0, 1)
+        grid = make_grid((pairs * std + mean).clamp(0, 1), nrow=2 * min(n, 4), padding=1)
+        self.writer.add_image(tag, grid, step)
+
+    def confusion(self, tag: str, cm: torch.Tensor | list, classes: list[str], step: int = 0) -> None:
+        """Row-normalised confusion matrix as a heat-map image, plus the counts as a markdown table."""
+        if not self.writer:
+            return
+        cm = torch.as_tensor(cm, dtype=torch.float32)
+        rates = cm / cm.sum(dim=1, keepdim=True).clamp_min(1)
+        cell = max(4, 256 // len(classes))
+        heat = rates.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
+        # white (0) -> dark blue (1)
+        img = torch.stack([1 - heat, 1 - 0.7 * heat, 1 - 0.3 * heat])
+        self.writer.add_image(tag, img, step)
+        header = "| true \\ pred | " + " | ".join(classes) + " |\n|" + "---|" * (len(classes) + 1) + "\n"
+        rows = "\n".join(f"| {c} | " + " | ".join(str(int(x)) for x in row) + " |" for c, row in zip(classes, cm))
+        self.writer.add_text(tag + "_counts", header + rows, step)
+
+    def flush(self) -> None:
+        if self.writer:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()

@@ -1,0 +1,89 @@
+"""Learning-rate schedule and optimisers (SGD, AdamW, LARS) with SimCLR's parameter groups."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import OptimConfig
+
+
+def peak_lr(cfg: OptimConfig, batch_size: int) -> float:
+    """``cfg.lr`` is quoted for a batch of 256: linear -> lr*B/256, sqrt -> lr*sqrt(B/256)."""
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * batch_size / 256
+    if cfg.lr_scaling == "sqrt":
+        return cfg.lr * math.sqrt(batch_size / 256)
+    return cfg.lr
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float, min_fraction: float = 0.0) -> float:
+    """Linear warm-up from 0 over ``warmup`` steps, then cosine decay to ``min_fraction * peak``:
+
+        lr(s) = peak * (s + 1) / warmup                                 for s < warmup
+        lr(s) = peak * (m + (1 - m) * (1 + cos(pi * p)) / 2),  p = (s - warmup) / (total - warmup)
+    """
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Biases and normalisation parameters (every 1-d tensor) get no weight decay and, under LARS,
+    no trust-ratio adaptation, as in SimCLR."""
+    decay, plain = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (plain if p.ndim <= 1 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars": True},
+        {"params": plain, "weight_decay": 0.0, "lars": False},
+    ]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (You et al. 2017), as used by SimCLR:
+
+        g <- g + wd * w
+        g <- g * eta * ||w|| / ||g||       (groups with lars=True, when both norms are > 0)
+        v <- m * v + g ;  w <- w - lr * v
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["weight_decay"]:
+                    g = g.add(p, alpha=group["weight_decay"])
+                if group["lars"]:
+                    w_norm, g_norm = p.norm(), g.norm()
+                    ratio = torch.where(
+                        (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, torch.ones_like(w_norm)
+                    )
+                    g = g * ratio
+                state = self.state[p]
+                if "momentum" not in state:
+                    state["momentum"] = torch.zeros_like(p)
+                buf = state["momentum"].mul_(group["momentum"]).add_(g)
+                p.add_(buf, alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.name == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum)
+    for g in groups:
+        g.pop("lars")
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=lr)

@@ -1,0 +1,43 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Every test decodes into its own cache directory."""
+    monkeypatch.setenv("SIMXENT_CACHE", str(tmp_path / "cache"))
+
+
+def write_image(path: Path, size=(16, 16), mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode if mode != "P" else "L"]
+    a = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    im = Image.fromarray(a[..., 0] if channels == 1 else a, "L" if channels == 1 else mode)
+    if mode == "P":
+        im = im.convert("P")
+    im.save(path)
+    return path
+
+
+@pytest.fixture
+def labelled_folder(tmp_path):
+    """Two classes of random colour images, 24 each, 16 px."""
+    root = tmp_path / "folder"
+    for c, name in enumerate(("a", "b")):
+        for i in range(24):
+            write_image(root / name / f"{i}.png", seed=100 * c + i)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar():
+    if not (CIFAR / "train").is_dir() or not (CIFAR / "test").is_dir():
+        pytest.skip(f"real CIFAR-10 folder not found at {CIFAR}")
+    return CIFAR

@@ -1,0 +1,103 @@
+"""The kornia view pipeline: shapes, ranges, per-sample randomness, and each op's effect."""
+import pytest
+import torch
+
+from simxent.augment import ViewAugment, blur_probability, to_float
+from simxent.config import AugmentConfig
+
+MEAN, STD = AugmentConfig().mean, AugmentConfig().std
+
+
+def denormalize(x):
+    return x * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+
+
+def images(n=32, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+
+
+def test_output_shape_dtype_and_range():
+    torch.manual_seed(0)
+    x = images(16, 40)
+    v = ViewAugment(AugmentConfig(), 32)(x)
+    assert v.shape == (16, 3, 32, 32) and v.dtype == torch.float32
+    pixels = denormalize(v)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+
+
+def test_two_calls_give_different_views():
+    torch.manual_seed(0)
+    aug = ViewAugment(AugmentConfig(), 32)
+    x = images(8)
+    v1, v2 = aug(x), aug(x)
+    assert (v1 - v2).abs().flatten(1).amax(1).min() > 0.05
+
+
+def test_parameters_differ_per_sample():
+    """One image repeated across the batch: every sample must come out differently."""
+    torch.manual_seed(0)
+    x = images(1).repeat(16, 1, 1, 1)
+    v = ViewAugment(AugmentConfig(), 32)(x).flatten(1)
+    distances = torch.cdist(v, v)
+    off_diagonal = distances[~torch.eye(16, dtype=torch.bool)]
+    assert off_diagonal.min() > 1e-3
+
+
+def test_identity_when_every_op_is_off():
+    cfg = AugmentConfig(crop_scale=(1.0, 1.0), flip_p=0, jitter_p=0, grayscale_p=0, blur_p=0, solarize_p=0)
+    x = images(4)
+    torch.manual_seed(0)
+    out = denormalize(ViewAugment(cfg, 32)(x))
+    # A full-area crop with aspect ratio in [3/4, 4/3] may still squeeze the image; compare the means.
+    assert out.mean(dim=(2, 3)).sub(to_float(x).mean(dim=(2, 3))).abs().max() < 0.02
+
+
+def test_grayscale_always_gives_equal_channels():
+    cfg = AugmentConfig(grayscale_p=1.0, jitter_p=0.0)
+    torch.manual_seed(0)
+    out = denormalize(ViewAugment(cfg, 32)(images(8)))
+    assert torch.allclose(out[:, 0], out[:, 1], atol=1e-5) and torch.allclose(out[:, 1], out[:, 2], atol=1e-5)
+
+
+def test_flip_probability_is_per_sample():
+    cfg = AugmentConfig(crop_scale=(1.0, 1.0), flip_p=0.5, jitter_p=0, grayscale_p=0, blur_p=0)
+    torch.manual_seed(0)
+    aug = ViewAugment(cfg, 16)
+    aug.ops[0] = torch.nn.Identity()  # keep geometry fixed so flips can be detected exactly
+    x = images(200, 16)
+    out = denormalize(aug(x))
+    flipped = (out - to_float(x).flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-4
+    assert 60 < flipped.sum() < 140
+
+
+def test_blur_default_depends_on_size():
+    cfg = AugmentConfig()
+    assert blur_probability(cfg, 32) == 0.0 and blur_probability(cfg, 64) == 0.5
+    assert blur_probability(AugmentConfig(blur_p=0.3), 32) == 0.3
+    assert not any("Blur" in type(op).__name__ for op in ViewAugment(cfg, 32).ops)
+    assert any("Blur" in type(op).__name__ for op in ViewAugment(cfg, 64).ops)
+
+
+def test_solarize_is_optional():
+    assert not any("Solarize" in type(op).__name__ for op in ViewAugment(AugmentConfig(), 32).ops)
+    assert any("Solarize" in type(op).__name__ for op in ViewAugment(AugmentConfig(solarize_p=0.2), 32).ops)
+
+
+def test_jitter_changes_colour_statistics():
+    cfg = AugmentConfig(crop_scale=(1.0, 1.0), flip_p=0, jitter_p=1.0, grayscale_p=0, blur_p=0)
+    torch.manual_seed(0)
+    aug = ViewAugment(cfg, 16)
+    aug.ops[0] = torch.nn.Identity()
+    x = images(64, 16)
+    out = denormalize(aug(x))
+    change = (out.mean(dim=(2, 3)) - to_float(x).mean(dim=(2, 3))).abs().mean()
+    assert change > 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_accepts_uint8_and_float(dtype):
+    x = images(4)
+    x = x if dtype == torch.uint8 else x.float() / 255
+    torch.manual_seed(0)
+    assert ViewAugment(AugmentConfig(), 32)(x).shape == (4, 3, 32, 32)

@@ -1,0 +1,109 @@
+"""Folder discovery, robust decoding and the decoded-image cache."""
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from simxent.data import DataError, decode, find_images, iterate_batches, load_folder
+from tests.conftest import write_image
+
+
+def test_discovery_nested_uppercase_and_unlabelled(tmp_path):
+    write_image(tmp_path / "cat" / "deep" / "deeper" / "A.JPG")
+    write_image(tmp_path / "cat" / "b.Png")
+    write_image(tmp_path / "dog" / "c.jpeg")
+    write_image(tmp_path / "loose.webp")
+    (tmp_path / "notes.txt").write_text("not an image")
+    found = find_images(tmp_path)
+    names = sorted(p.name for p in found.files)
+    assert names == ["A.JPG", "b.Png", "c.jpeg", "loose.webp"]
+    assert found.classes == ["cat", "dog"]
+    by_name = {p.name: y for p, y in zip(found.files, found.labels)}
+    assert by_name == {"A.JPG": 0, "b.Png": 0, "c.jpeg": 1, "loose.webp": -1}
+    assert not found.labelled
+
+
+def test_missing_and_empty_folders_name_the_path(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path / "nope")):
+        find_images(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images found in .*empty"):
+        find_images(tmp_path / "empty")
+
+
+def test_symlink_loop_terminates(tmp_path):
+    write_image(tmp_path / "a" / "x.png")
+    os.symlink(tmp_path / "a", tmp_path / "a" / "loop")
+    assert [p.name for p in find_images(tmp_path).files] == ["x.png"]
+
+
+def test_modes_become_rgb(tmp_path):
+    for mode in ("L", "RGBA", "P"):
+        path = write_image(tmp_path / f"{mode}.png", size=(20, 12), mode=mode)
+        out = decode(path, 8)
+        assert out.shape == (8, 8, 3) and out.dtype == np.uint8
+    grey = decode(tmp_path / "L.png", 8)
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    # Fully transparent RGBA composites onto white, whatever the hidden colour channels hold.
+    clear = np.zeros((10, 10, 4), dtype=np.uint8)
+    clear[..., :3] = 7
+    Image.fromarray(clear, "RGBA").save(tmp_path / "clear.png")
+    assert (decode(tmp_path / "clear.png", 10) == 255).all()
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    a = np.full((6, 6), 32768, dtype=np.uint16)
+    Image.fromarray(a).save(tmp_path / "deep.png")
+    assert abs(int(decode(tmp_path / "deep.png", 6)[0, 0, 0]) - 128) <= 1
+
+
+def test_corrupt_files_are_skipped_and_named(tmp_path, caplog):
+    for i in range(5):
+        write_image(tmp_path / "ok" / f"{i}.png", seed=i)
+    (tmp_path / "ok" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (tmp_path / "ok" / "empty.png").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        data = load_folder(tmp_path, 8, workers=0, progress=False)
+    assert len(data) == 5 and len(data.skipped) == 2
+    assert "skipped 2 unreadable image(s)" in caplog.text
+    assert "broken.jpg" in caplog.text and "empty.png" in caplog.text
+    with pytest.raises(DataError, match="broken.jpg|empty.png"):
+        load_folder(tmp_path, 8, workers=0, cache=False, on_bad_image="error", progress=False)
+
+
+def test_folder_of_only_bad_files_is_an_error(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"nope")
+    with pytest.raises(DataError, match="no readable images"):
+        load_folder(tmp_path, 8, workers=0, progress=False)
+
+
+def test_cache_equals_direct_decode_and_follows_changes(tmp_path):
+    root = tmp_path / "imgs"
+    for i in range(6):
+        write_image(root / "c" / f"{i}.png", size=(24, 20), seed=i)
+    cache = tmp_path / "cache"
+    direct = load_folder(root, 12, cache=False, workers=0, progress=False)
+    first = load_folder(root, 12, cache_dir=cache, workers=0, progress=False)
+    assert len(list(cache.glob("*.npy"))) == 1
+    again = load_folder(root, 12, cache_dir=cache, workers=2, progress=False)
+    assert torch.equal(direct.images, first.images) and torch.equal(first.images, again.images)
+    assert len(list(cache.glob("*.npy"))) == 1  # reused, not re-decoded
+    expected = np.stack([decode(root / "c" / f"{i}.png", 12) for i in range(6)])
+    assert np.array_equal(again.images.numpy(), expected)
+    write_image(root / "c" / "new.png", seed=99)
+    changed = load_folder(root, 12, cache_dir=cache, workers=0, progress=False)
+    assert len(changed) == 7 and len(list(cache.glob("*.npy"))) == 2
+
+
+def test_batches_cover_epoch_and_resume_in_place(labelled_folder):
+    data = load_folder(labelled_folder, 8, workers=0, progress=False)
+    batches = list(iterate_batches(data, 10, torch.Generator().manual_seed(1)))
+    assert [s for s, _ in batches] == [0, 1, 2, 3] and batches[0][1].shape == (10, 3, 8, 8)
+    rest = list(iterate_batches(data, 10, torch.Generator().manual_seed(1), start=2))
+    assert [s for s, _ in rest] == [2, 3]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(batches[2:], rest))
+    flat = torch.cat([b for _, b in batches]).flatten(1)
+    assert len({tuple(r.tolist()) for r in flat}) == 40  # no image twice in an epoch

@@ -1,0 +1,107 @@
+"""Pretrain on a small generated folder, then evaluate: what a user runs, through the real commands."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from simxent.checkpoint import load_checkpoint
+from simxent.cli import linear_eval_main, pretrain_main
+from simxent.config import load_config
+from simxent.demo import make_shapes
+from simxent.train import pretrain
+
+SCALARS = {"train/loss", "train/lr", "train/temperature", "train/pos_sim", "train/neg_sim", "train/top1",
+           "train/alignment", "train/uniformity", "train/images_per_s", "val/knn_top1"}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes"), train_per_class=16, test_per_class=6, size=16)
+
+
+def tiny(shapes, out, *more):
+    return ["model.backbone=convnet", "model.head_hidden=32", "model.head_out=16", "data.image_size=16",
+            f"data.train={shapes / 'train'}", f"data.val={shapes / 'test'}", "data.workers=0",
+            "train.batch_size=16", "train.epochs=2", "train.log_every=1", "optim.name=sgd", "optim.lr=0.1",
+            "optim.warmup_epochs=1", "eval.knn_k=5", f"out={out}", *more]
+
+
+def scalars(run: Path) -> dict:
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert pretrain_main([*tiny(shapes, run), "--no-progress"]) == 0
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert {"encoder", "head", "optimizer", "position", "rng", "config", "scaler", "temperature"} <= set(state)
+    assert state["position"] == {"epoch": 2, "step": 0, "global_step": 10}
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"] == 16
+    logged = scalars(run)
+    assert SCALARS <= set(logged)
+    assert [s for s, _ in logged["train/loss"]] == list(range(1, 11))
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in logged["train/loss"])
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert "train/view_pairs" in acc.Tags()["images"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epoch"] == 2 and len(summary["knn_top1"]) == 2
+
+    report = tmp_path / "eval.json"
+    assert linear_eval_main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--train", str(shapes / "train"),
+                             "--test", str(shapes / "test"), "--random-init", "--epochs", "5", "--knn-k", "5",
+                             "--class-weight", "balanced", "--json", str(report), "--no-progress"]) == 0
+    results = json.loads(report.read_text())
+    for name in ("pretrained", "random_init"):
+        for scorer in ("linear", "knn"):
+            r = results[name][scorer]
+            assert 0 <= r["top1"] <= r["top5"] <= 1
+            assert set(r["per_class"]) == {"circle", "square", "triangle", "cross", "ring"}
+            assert sum(map(sum, r["confusion"])) == 30
+    assert results["class_weight"] == pytest.approx({c: 1.0 for c in results["classes"]})
+    assert "pretrained" in capsys.readouterr().out
+    probe = EventAccumulator(str(run / "linear_eval" / "tb"), size_guidance={"images": 0})
+    probe.Reload()
+    assert "pretrained/probe/test_top1" in probe.Tags()["scalars"]
+    assert "pretrained/probe/confusion" in probe.Tags()["images"]
+
+
+def test_resume_continues_to_the_same_weights(shapes, tmp_path):
+    """Stop after the first step, resume, and end where an uninterrupted run ends, with one curve in TensorBoard."""
+    full = pretrain(load_config(None, tiny(shapes, tmp_path / "full", "eval.every=0")), progress=False)
+    cut = pretrain(load_config(None, tiny(shapes, tmp_path / "cut", "eval.every=0", "train.max_time=0.001")),
+                   progress=False)
+    assert cut["stopped_by_max_time"] and cut["global_step"] == 1
+    pretrain(load_config(None, tiny(shapes, tmp_path / "cut", "eval.every=0", "train.resume=auto")), progress=False)
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert full["global_step"] == 10 and b["position"]["global_step"] == 10
+    for part in ("encoder", "head"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=1e-6)
+    steps = [s for s, _ in scalars(tmp_path / "cut")["train/loss"]]
+    assert steps == list(range(1, 11))
+
+
+def test_max_time_stops_cleanly_with_a_checkpoint(shapes, tmp_path):
+    summary = pretrain(load_config(None, tiny(shapes, tmp_path / "r", "train.max_time=0.001", "train.epochs=50")),
+                       progress=False)
+    assert summary["stopped_by_max_time"] and summary["global_step"] == 1
+    assert load_checkpoint(tmp_path / "r" / "checkpoints" / "last.pt")["position"]["step"] == 1
+
+
+def test_user_errors_exit_2_with_a_message(shapes, tmp_path, capsys):
+    assert pretrain_main(["train.batchsize=3"]) == 2
+    assert "did you mean 'train.batch_size'" in capsys.readouterr().err
+    assert pretrain_main([f"data.train={tmp_path / 'missing'}"]) == 2
+    assert "image folder not found" in capsys.readouterr().err
+    assert pretrain_main(tiny(shapes, tmp_path / "r", "train.batch_size=4096")) == 2
+    assert "exceeds the 80 readable images" in capsys.readouterr().err
+    assert linear_eval_main(["--checkpoint", str(tmp_path / "nope.pt"), "--train", str(shapes / "train"),
+                             "--test", str(shapes / "test")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err

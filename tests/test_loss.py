@@ -1,0 +1,101 @@
+"""NT-Xent against a loop written from the formula, and its gradient against float64 autograd."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simxent.loss import Temperature, contrastive_stats, nt_xent
+
+
+def nt_xent_reference(z1, z2, t):
+    """SimCLR Algorithm 1 as a loop: l(i, j) = -log exp(s_ij/t) / sum_{k != i} exp(s_ik/t), averaged over
+    all 2N ordered positive pairs."""
+    z = torch.cat([z1, z2])
+    n = len(z1)
+    total = 0.0
+    for i in range(2 * n):
+        j = i + n if i < n else i - n
+        sim = lambda a, b: torch.dot(z[a], z[b]) / (z[a].norm() * z[b].norm())  # noqa: E731
+        denominator = sum(torch.exp(sim(i, k) / t) for k in range(2 * n) if k != i)
+        total = total - torch.log(torch.exp(sim(i, j) / t) / denominator)
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("n,d,t", [(2, 3, 0.5), (5, 8, 0.1), (8, 16, 1.0), (3, 128, 0.07)])
+def test_matches_formula(n, d, t):
+    g = torch.Generator().manual_seed(n * d)
+    z1, z2 = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    expected = nt_xent_reference(z1, z2, t)
+    got = nt_xent(z1.float(), z2.float(), t)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+
+
+def test_gradient_matches_float64_autograd():
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(6, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(6, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    nt_xent_reference(z1, z2, 0.2).backward()
+    a, b = z1.detach().float().requires_grad_(), z2.detach().float().requires_grad_()
+    nt_xent(a, b, 0.2).backward()
+    torch.testing.assert_close(a.grad.double(), z1.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(b.grad.double(), z2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(1)
+    z1 = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    z2 = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: nt_xent(a, b, 0.3), (z1, z2))
+
+
+def test_perfect_views_give_lower_loss_than_random():
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(16, 32, generator=g)
+    assert nt_xent(z, z, 0.1) < nt_xent(z, torch.randn(16, 32, generator=g), 0.1)
+
+
+def test_sharded_batch_with_gather_equals_whole_batch():
+    """Two 'processes' each hold half the images; with the gathered candidates the mean of their losses
+    is the loss of one process holding everything (the distributed path without processes)."""
+    g = torch.Generator().manual_seed(3)
+    z1, z2 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    whole = nt_xent(z1, z2, 0.5)
+    shards = [(z1[:4], z2[:4]), (z1[4:], z2[4:])]
+    everyone = torch.cat([F.normalize(torch.cat(s), dim=1) for s in shards])
+    losses = [nt_xent(a, b, 0.5, gather=lambda _: everyone, rank=r) for r, (a, b) in enumerate(shards)]
+    assert (sum(losses) / 2).item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_learnable_temperature_gradient():
+    g = torch.Generator().manual_seed(4)
+    z1, z2 = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g, dtype=torch.float64)
+    temp = Temperature(0.3, learnable=True).double()
+    assert temp().item() == pytest.approx(0.3)
+    nt_xent(z1, z2, temp()).backward()
+    log_t = torch.tensor(math.log(0.3), dtype=torch.float64, requires_grad=True)
+    nt_xent_reference(z1, z2, log_t.exp()).backward()
+    assert temp.log_t.grad.item() == pytest.approx(log_t.grad.item(), rel=1e-6)
+    fixed = Temperature(0.3)
+    assert not any(True for _ in fixed.parameters())
+
+
+def test_stats_against_direct_computation():
+    g = torch.Generator().manual_seed(5)
+    z1, z2 = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    s = contrastive_stats(z1, z2)
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    n2 = len(z)
+    pos = [(i, (i + 6) % 12) for i in range(n2)]
+    assert s["pos_sim"] == pytest.approx(sum(float(z[i] @ z[j]) for i, j in pos) / n2, abs=1e-6)
+    assert s["alignment"] == pytest.approx(sum(float((z[i] - z[j]).pow(2).sum()) for i, j in pos) / n2, abs=1e-5)
+    pairs = [(i, j) for i in range(n2) for j in range(n2) if i != j]
+    uniform = math.log(sum(math.exp(-2 * float((z[i] - z[j]).pow(2).sum())) for i, j in pairs) / len(pairs))
+    assert s["uniformity"] == pytest.approx(uniform, abs=1e-5)
+    negs = [float(z[i] @ z[j]) for i, j in pairs if (i - j) % 6 != 0 or abs(i - j) != 6]
+    assert s["neg_sim"] == pytest.approx(sum(negs) / len(negs), abs=1e-6)
+    top1 = sum(int(max((k for k in range(n2) if k != i), key=lambda k: float(z[i] @ z[k])) == j) for i, j in pos) / n2
+    assert s["top1"] == pytest.approx(top1)
+    same = contrastive_stats(z1, z1)
+    assert same["pos_sim"] == pytest.approx(1.0, abs=1e-6) and same["top1"] == 1.0
+    assert same["alignment"] == pytest.approx(0.0, abs=1e-6)
