@@ -119,7 +119,7 @@ def demo_main(argv=None) -> int:
         if not (data / "train").is_dir():
             print(f"drawing the demo image set in {data} ...")
             make_shapes(data)
-        cfg = load_config(config, [f"data.train={data / "train"}", f"out={a.out}",
+        cfg = load_config(config, [f"data.train={data / 'train'}", f"out={a.out}",
                                    f"train.max_time={a.minutes * 60}", *a.overrides])
         t = time.monotonic()
         pretrain(cfg)

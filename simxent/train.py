@@ -91,12 +91,12 @@ def knn_monitor(model: SimCLR, bank: ImageArray | None, val: ImageArray, augment
     return topk_accuracy(scores, val.labels, 1)
 
 
-def load_data(cfg: Config) -> tuple[ImageArray, ImageArray | None, ImageArray | None]:
+def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray, ImageArray | None, ImageArray | None]:
     """Training images, the optional labelled validation folder, and the kNN bank (train, if labelled)."""
     if not cfg.data.train:
         raise ConfigError("data.train: no image folder given (set data.train=PATH)")
     opts = dict(cache=cfg.data.cache, cache_dir=cfg.data.cache_dir or None, workers=cfg.data.workers,
-                on_bad_image=cfg.data.on_bad_image)
+                on_bad_image=cfg.data.on_bad_image, progress=progress)
     train = load_folder(cfg.data.train, cfg.data.image_size, **opts)
     if len(train) < cfg.train.batch_size:
         raise ConfigError(
@@ -122,7 +122,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
     device = resolve_device(cfg.train.device)
     dtype = resolve_dtype(cfg.train.precision, device)
     set_threads(cfg.train.threads)
-    train, val, bank = load_data(cfg)
+    train, val, bank = load_data(cfg, progress)
     seed_everything(cfg.train.seed)  # after loading: decoding may draw from the RNG, a cache hit does not
 
     model = SimCLR(cfg.model).to(device)
