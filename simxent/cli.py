@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import dist
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DataError
@@ -44,8 +45,13 @@ def pretrain_main(argv=None) -> int:
 
     def main():
         cfg = load_config(config[0] if config else None, overrides)
-        summary = pretrain(cfg, progress=not a.no_progress)
-        print(json.dumps({k: v for k, v in summary.items() if k != "skipped_images"}, indent=2))
+        try:
+            summary = pretrain(cfg, progress=not a.no_progress)
+            main_process = dist.is_main()
+        finally:
+            dist.cleanup()
+        if main_process:
+            print(json.dumps({k: v for k, v in summary.items() if k != "skipped_images"}, indent=2))
         return 0
 
     return _run(main)

@@ -74,7 +74,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
-    batch_size: int = 256  # the global batch: 2 * batch_size views per step
+    batch_size: int = 256  # the global batch over all processes: 2 * batch_size views per step
     max_time: float = 0.0  # seconds; 0 = no limit. When reached: checkpoint, exit cleanly
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -84,6 +84,8 @@ class TrainConfig:
     log_every: int = 10  # steps between TensorBoard scalars
     resume: str = ""  # "" (start fresh) | auto (last checkpoint in `out`) | path to a checkpoint
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
+    checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: epoch ends only)
+    sync_bn: bool = True  # BatchNorm statistics over the global batch when several processes train
 
 
 @dataclass
@@ -297,6 +299,7 @@ def validate(cfg: Config) -> None:
     check(cfg.train.threads >= 0, "train.threads", ">= 0")
     check(cfg.train.log_every >= 1, "train.log_every", ">= 1")
     check(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", ">= 1")
+    check(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0")
     check(cfg.eval.every >= 0, "eval.every", ">= 0")
     check(cfg.eval.knn_k >= 1, "eval.knn_k", ">= 1")
     check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "> 0")

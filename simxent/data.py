@@ -237,19 +237,19 @@ def _report_skipped(skipped: list[str], root: Path) -> None:
 
 
 def iterate_batches(
-    data: ImageArray, batch_size: int, generator: torch.Generator, drop_last: bool = True, start: int = 0
+    data: ImageArray, batch_size: int, generator: torch.Generator, start: int = 0, rank: int = 0, world: int = 1
 ):
-    """Yield ``(step, uint8 NCHW batch)`` in a fresh random order each call (one epoch).
+    """Yield ``(step, uint8 NCHW batch)`` in a fresh random order each call (one epoch, last partial
+    batch dropped).
 
-    ``start`` skips the first batches of the epoch's order, so a resumed run sees the same images.
+    ``batch_size`` is the global batch: every process draws the same order and takes its own contiguous
+    ``batch_size / world`` slice of each batch, so the global batches do not depend on the number of
+    processes. ``start`` skips the first batches of the epoch, so a resumed run sees the same images.
     """
     order = torch.randperm(len(data), generator=generator)
-    steps = len(order) // batch_size if drop_last else -(-len(order) // batch_size)
-    for step in range(start, steps):
-        idx = order[step * batch_size : (step + 1) * batch_size]
+    local = batch_size // world
+    for step in range(start, len(order) // batch_size):
+        idx = order[step * batch_size + rank * local : step * batch_size + (rank + 1) * local]
         idx, _ = idx.sort()  # sorted reads are kinder to a memory-mapped file
         yield step, data.images[idx].permute(0, 3, 1, 2)
 
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return n // batch_size

@@ -1,4 +1,9 @@
-"""The pretraining loop: two views, encoder + head, NT-Xent, one optimiser step; checkpoints, logs, kNN."""
+"""The pretraining loop: two views, encoder + head, NT-Xent, one optimiser step; checkpoints, logs, kNN.
+
+One code path serves one process and many (torchrun): in a single process the distributed helpers are
+the identity. Under torchrun, ``train.batch_size`` is the global batch, each process holds its slice,
+NT-Xent sees every process's embeddings as negatives, and only rank 0 writes logs and checkpoints.
+"""
 from __future__ import annotations
 
 import json
@@ -9,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as torch_dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, dist
 from .augment import ViewAugment
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, save_config, to_dict
@@ -49,27 +56,51 @@ def checkpoint_path(cfg: Config) -> Path:
     return Path(cfg.out) / "checkpoints" / "last.pt"
 
 
-def _state(cfg, model, temperature, optimizer, scaler, pos: Position) -> dict:
+def step_loss(model: nn.Module, views: torch.Tensor, temperature: torch.Tensor, device, dtype):
+    """NT-Xent of this process's views ``[v1; v2]`` against the views of every process.
+
+    Returns the local loss (its mean over processes is the global NT-Xent) and the local projections.
+    """
+    with autocast(device, dtype):
+        z = model(views)
+    z1, z2 = z.chunk(2)
+    return nt_xent(z1, z2, temperature, gather=dist.gather_with_grad, rank=dist.rank()), z1, z2
+
+
+def _rng_states() -> list[dict]:
+    """Every process's RNG state, so each resumes its own augmentation stream."""
+    if dist.world_size() == 1:
+        return [rng_state()]
+    states = [None] * dist.world_size()
+    torch_dist.all_gather_object(states, rng_state())
+    return states
+
+
+def _state(cfg, model, temperature, optimizer, scaler, pos: Position, rng: list[dict]) -> dict:
     return {
         "simxent_version": __version__,
         "config": to_dict(cfg),
+        "world_size": dist.world_size(),
         "encoder": model.encoder.state_dict(),
         "head": model.head.state_dict(),
         "temperature": temperature.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "position": {"epoch": pos.epoch, "step": pos.step, "global_step": pos.global_step},
-        "rng": rng_state(),
+        "rng": rng,
     }
 
 
 def _resume_path(cfg: Config) -> Path | None:
-    if not cfg.train.resume:
+    resume = cfg.train.resume
+    if not resume and dist.restarted_by_torchrun():
+        resume = "auto"  # a worker torchrun restarted after a failure continues from the last checkpoint
+    if not resume:
         return None
-    if cfg.train.resume == "auto":
+    if resume == "auto":
         path = checkpoint_path(cfg)
         return path if path.exists() else None
-    path = Path(cfg.train.resume)
+    path = Path(resume)
     if not path.is_file():
         raise ConfigError(f"train.resume: checkpoint not found: {path}")
     return path
@@ -78,16 +109,16 @@ def _resume_path(cfg: Config) -> Path | None:
 def knn_monitor(model: SimCLR, bank: ImageArray | None, val: ImageArray, augment: ViewAugment, cfg: Config,
                 device, dtype) -> float:
     """kNN top-1 of ``val`` against the labelled training images, or leave-one-out within ``val``."""
-    feats = lambda data, desc: extract_features(  # noqa: E731
-        model.encoder, data.images, augment.normalize, device, cfg.eval.batch_size, dtype,
-        cfg.train.channels_last, desc=desc)
-    query = feats(val, "kNN val")
+    def features(data, desc):
+        return extract_features(model.encoder, data.images, augment.normalize, device, cfg.eval.batch_size, dtype,
+                                cfg.train.channels_last, desc=desc)
+
+    query = features(val, "kNN val")
+    k, t, classes = cfg.eval.knn_k, cfg.eval.knn_temperature, len(val.classes)
     if bank is None:
-        scores = knn_scores(query, val.labels, query, len(val.classes), cfg.eval.knn_k, cfg.eval.knn_temperature,
-                            exclude_self=True)
+        scores = knn_scores(query, val.labels, query, classes, k, t, exclude_self=True)
     else:
-        scores = knn_scores(feats(bank, "kNN bank"), bank.labels, query, len(val.classes), cfg.eval.knn_k,
-                            cfg.eval.knn_temperature)
+        scores = knn_scores(features(bank, "kNN bank"), bank.labels, query, classes, k, t)
     return topk_accuracy(scores, val.labels, 1)
 
 
@@ -113,21 +144,41 @@ def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray, ImageArra
     return train, val, bank
 
 
+def _load_data_once(cfg: Config, progress: bool):
+    """Rank 0 decodes (and fills the cache) first; the other processes then read the cache."""
+    if not dist.is_main():
+        dist.barrier()
+    data = load_data(cfg, progress and dist.is_main())
+    if dist.is_main():
+        dist.barrier()
+    return data
+
+
 def pretrain(cfg: Config, progress: bool = True) -> dict:
     """Run (or resume) SimCLR pretraining as configured; returns the summary also written to summary.json."""
     started = time.monotonic()
+    device = dist.init(resolve_device(cfg.train.device))
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must divide by the "
+                          f"{world} processes")
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out / "train.log")
-    device = resolve_device(cfg.train.device)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    setup_logging(out / "train.log" if main else None)
     dtype = resolve_dtype(cfg.train.precision, device)
     set_threads(cfg.train.threads)
-    train, val, bank = load_data(cfg, progress)
-    seed_everything(cfg.train.seed)  # after loading: decoding may draw from the RNG, a cache hit does not
+    train, val, bank = _load_data_once(cfg, progress)
 
-    model = SimCLR(cfg.model).to(device)
+    seed_everything(cfg.train.seed)  # after loading: decoding may draw from the RNG, a cache hit does not
+    net = SimCLR(cfg.model)
+    if world > 1 and cfg.train.sync_bn:
+        net = dist.convert_batchnorm(net, device)
+    net = net.to(device)
     if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)
+    model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
+    torch.manual_seed(cfg.train.seed + rank)  # each process draws its own augmentations
     temperature = Temperature(cfg.loss.temperature, cfg.loss.learn_temperature).to(device)
     augment = ViewAugment(cfg.augment, cfg.data.image_size).to(device)
     batch = cfg.train.batch_size
@@ -135,37 +186,47 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
     total_steps = cfg.train.epochs * steps_per_epoch
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
     peak = peak_lr(cfg.optim, batch)
-    optimizer = build_optimizer(nn.ModuleList([model, temperature]), cfg.optim, peak)
+    optimizer = build_optimizer(nn.ModuleList([net, temperature]), cfg.optim, peak)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     pos = Position()
     resume = _resume_path(cfg)
     if resume is not None:
         state = load_checkpoint(resume, map_location=device)
-        model.encoder.load_state_dict(state["encoder"])
-        model.head.load_state_dict(state["head"])
+        net.encoder.load_state_dict(state["encoder"])
+        net.head.load_state_dict(state["head"])
         temperature.load_state_dict(state["temperature"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         pos = Position(**state["position"])
-        set_rng_state(state["rng"])
+        if len(state["rng"]) == world:
+            set_rng_state(state["rng"][rank])
+        else:
+            log.warning("checkpoint was written by %d processes, resuming with %d: augmentation streams restart",
+                        len(state["rng"]), world)
+            torch.manual_seed(cfg.train.seed + rank + 7919 * pos.global_step)
         log.info("resumed from %s at epoch %d, step %d", resume, pos.epoch, pos.step)
-    save_config(cfg, out / "config.yaml")
-    monitor = Monitor(out / "tb", purge_step=pos.global_step + 1 if resume else None)
-    log.info("%d training images, %d steps/epoch, %s on %s, autocast %s, peak lr %.4g",
-             len(train), steps_per_epoch, cfg.model.backbone, device, dtype, peak)
+    if main:
+        save_config(cfg, out / "config.yaml")
+    # purge_step drops what a killed run logged after its last checkpoint: one continuous curve.
+    monitor = Monitor(out / "tb", enabled=main, purge_step=pos.global_step + 1 if resume else None)
+    log.info("%d training images, %d steps/epoch, %s on %s x%d, autocast %s, global batch %d, peak lr %.4g",
+             len(train), steps_per_epoch, cfg.model.backbone, device, world, dtype, batch, peak)
 
     def save():
-        save_checkpoint(_state(cfg, model, temperature, optimizer, scaler, pos), checkpoint_path(cfg))
+        rng = _rng_states()
+        if main:
+            save_checkpoint(_state(cfg, net, temperature, optimizer, scaler, pos, rng), checkpoint_path(cfg))
 
     history = {"knn_top1": []}
     bad_steps, stopped_early, last_loss = 0, False, float("nan")
     while pos.epoch < cfg.train.epochs and not stopped_early:
         model.train()
         bar = tqdm(total=steps_per_epoch, initial=pos.step, desc=f"epoch {pos.epoch + 1}/{cfg.train.epochs}",
-                   unit="step", disable=not progress, leave=False)
+                   unit="step", disable=not (progress and main), leave=False)
         tick, seen = time.perf_counter(), 0
-        for step, x in iterate_batches(train, batch, epoch_generator(cfg.train.seed, pos.epoch), start=pos.step):
+        order = epoch_generator(cfg.train.seed, pos.epoch)
+        for step, x in iterate_batches(train, batch, order, start=pos.step, rank=rank, world=world):
             lr = lr_at(pos.global_step, total_steps, warmup, peak, cfg.optim.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -174,13 +235,14 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
             views = torch.cat([v1, v2])
             if cfg.train.channels_last:
                 views = views.contiguous(memory_format=torch.channels_last)
-            with autocast(device, dtype):
-                z = model(views)
-            z1, z2 = z.float().chunk(2)
             t = temperature()
-            loss = nt_xent(z1, z2, t)
+            loss, z1, z2 = step_loss(model, views, t, device, dtype)
             optimizer.zero_grad(set_to_none=True)
-            last_loss = loss.item()
+            # One collective carries the global loss and the stop decision, so every process agrees on both.
+            time_up = bool(cfg.train.max_time) and time.monotonic() - started >= cfg.train.max_time
+            shared = dist.mean_over_processes(torch.stack([loss.detach().float(), torch.tensor(float(time_up),
+                                                                                               device=device)]))
+            last_loss, time_up = shared[0].item(), shared[1].item() > 0
             if not math.isfinite(last_loss):
                 bad_steps += 1
                 log.warning("non-finite loss at step %d (%d in a row): step skipped", pos.global_step, bad_steps)
@@ -191,45 +253,55 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
                 continue
             bad_steps = 0
             scaler.scale(loss).backward()
+            if temperature.log_t.requires_grad and world > 1:
+                # DDP averages the model's gradients; the temperature lives outside it.
+                torch_dist.all_reduce(temperature.log_t.grad)
+                temperature.log_t.grad /= world
             scaler.step(optimizer)
             scaler.update()
             pos.step, pos.global_step = step + 1, pos.global_step + 1
-            seen += len(x)
+            seen += len(x) * world
             bar.update(1)
             if pos.global_step % cfg.train.log_every == 0:
                 rate = seen / (time.perf_counter() - tick)
                 tick, seen = time.perf_counter(), 0
-                stats = contrastive_stats(z1, z2)
                 monitor.scalars({"loss": last_loss, "lr": lr, "temperature": t.item(), "images_per_s": rate,
-                                 **stats}, pos.global_step, prefix="train/")
+                                 **contrastive_stats(z1, z2)}, pos.global_step, prefix="train/")
                 bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
             if step == 0:
                 monitor.view_pairs("train/view_pairs", v1, v2, cfg.augment.mean, cfg.augment.std, pos.global_step)
-            if cfg.train.max_time and time.monotonic() - started >= cfg.train.max_time:
+            if time_up:
                 stopped_early = True
                 log.info("train.max_time=%gs reached at epoch %d step %d: checkpointing and stopping",
                          cfg.train.max_time, pos.epoch, pos.step)
                 break
+            if cfg.train.checkpoint_every and pos.global_step % cfg.train.checkpoint_every == 0:
+                save()
         bar.close()
         if not stopped_early:
             pos.epoch, pos.step = pos.epoch + 1, 0
         save()
         if val is not None and (pos.epoch % cfg.eval.every == 0 or stopped_early or pos.epoch == cfg.train.epochs):
-            top1 = knn_monitor(model, bank, val, augment, cfg, device, dtype)
-            history["knn_top1"].append({"epoch": pos.epoch, "step": pos.global_step, "top1": top1})
-            monitor.scalars({"knn_top1": top1}, pos.global_step, prefix="val/")
-            log.info("epoch %d: kNN top-1 %.4f", pos.epoch, top1)
+            # kNN monitoring runs on rank 0 alone; the others wait.
+            if main:
+                top1 = knn_monitor(net, bank, val, augment, cfg, device, dtype)
+                history["knn_top1"].append({"epoch": pos.epoch, "step": pos.global_step, "top1": top1})
+                monitor.scalars({"knn_top1": top1}, pos.global_step, prefix="val/")
+                log.info("epoch %d: kNN top-1 %.4f", pos.epoch, top1)
+            dist.barrier()
         monitor.flush()
     monitor.close()
     summary = {
         "checkpoint": str(checkpoint_path(cfg)),
         "epoch": pos.epoch,
         "global_step": pos.global_step,
+        "world_size": world,
         "stopped_by_max_time": stopped_early,
         "last_loss": last_loss,
         "seconds": time.monotonic() - started,
         "skipped_images": train.skipped,
         **history,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

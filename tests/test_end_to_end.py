@@ -40,6 +40,7 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
     assert pretrain_main([*tiny(shapes, run), "--no-progress"]) == 0
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert {"encoder", "head", "optimizer", "position", "rng", "config", "scaler", "temperature"} <= set(state)
+    assert state["world_size"] == 1 and len(state["rng"]) == 1
     assert state["position"] == {"epoch": 2, "step": 0, "global_step": 10}
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"] == 16
     logged = scalars(run)

@@ -1,0 +1,132 @@
+"""Data parallelism with torchrun: process-group set-up, rank helpers, a gradient-carrying gather and
+BatchNorm over the global batch.
+
+A run started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) joins a process group: NCCL on CUDA,
+gloo on CPU. Everything here is the identity in a single process, so the training loop has one code path.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+from torch import nn
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: torch.device) -> torch.device:
+    """Join the torchrun process group when launched by it; returns this process's device."""
+    if not launched_by_torchrun() or dist.is_initialized():
+        return device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+                            device_id=device if device.type == "cuda" else None)
+    return device
+
+
+def restarted_by_torchrun() -> bool:
+    """True in a worker that torchrun restarted after a failure (``--max-restarts``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Every process's ``x`` concatenated in rank order, with gradients flowing back to each owner.
+
+    The backward pass sums, over all processes, the gradients of their losses with respect to this
+    process's rows (torch's all_gather backward is a reduce-scatter), so that after DDP's averaging each
+    encoder sees d(mean over processes of the local losses) - the gradient of one process holding the
+    whole batch.
+    """
+    if world_size() == 1:
+        return x
+    return torch.cat(dist_nn.all_gather(x.contiguous()))
+
+
+def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a (detached) tensor across processes, for logging."""
+    if world_size() == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / world_size()
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose statistics span the global batch on any device (torch's SyncBatchNorm is
+    GPU-only). Mean and variance are all-reduced with gradients, in two passes for accuracy:
+
+        mean = sum_r sum_i x_ri / n,    var = sum_r sum_i (x_ri - mean)^2 / n,    n = global count
+    """
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-d input, got {x.dim()}-d")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and world_size() > 1):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        count = torch.tensor([xf.numel() / xf.shape[1]], device=x.device, dtype=xf.dtype)
+        n = dist_nn.all_reduce(count)
+        mean = dist_nn.all_reduce(xf.sum(dims)) / n
+        centred = xf - mean.view(shape)
+        var = dist_nn.all_reduce(centred.pow(2).sum(dims)) / n
+        with torch.no_grad():
+            m = self.momentum if self.momentum is not None else 0.1
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
+            self.num_batches_tracked.add_(1)
+        y = centred / torch.sqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Replace every BatchNorm with one over the global batch: torch's SyncBatchNorm on CUDA, else
+    :class:`GlobalBatchNorm`. Weights and running statistics carry over."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        like = module.running_mean if module.running_mean is not None else module.weight
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                              module.track_running_stats, device=like.device, dtype=like.dtype)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_batchnorm(child, device))
+    return module

@@ -1,0 +1,165 @@
+"""Data parallelism on CPU with gloo over loopback: two processes must train exactly like one.
+
+- equivalence: two processes, each holding half of a batch, give the loss, the encoder and head gradients
+  (after DDP's averaging) and the weights after a few SGD steps of one process holding all of it, with
+  BatchNorm over the global batch and with BatchNorm in eval mode;
+- torchrun: a 2-process pretraining run writes one set of logs and a checkpoint that linear evaluation
+  reads; a worker killed mid-run under --max-restarts 1 is restarted and the job completes from its
+  checkpoint.
+"""
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from simxent import dist
+from simxent.checkpoint import load_checkpoint
+from simxent.config import ModelConfig
+from simxent.demo import make_shapes
+from simxent.loss import nt_xent
+from simxent.models import SimCLR
+from simxent.train import step_loss
+
+ROOT = Path(__file__).resolve().parents[1]
+N, WORLD = 8, 2  # images per batch, processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def batches(steps):
+    g = torch.Generator().manual_seed(42)
+    return [torch.randn(2 * N, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(steps)]
+
+
+def local_views(views, rank):
+    """This process's share of ``[v1; v2]``: its slice of the images, both views."""
+    n = N // WORLD
+    v1, v2 = views[:N], views[N:]
+    return torch.cat([v1[rank * n : (rank + 1) * n], v2[rank * n : (rank + 1) * n]])
+
+
+def _worker(rank, port, mode, steps):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        reference = SimCLR(ModelConfig(backbone="convnet", head_hidden=32, head_out=16)).double()
+        net = copy.deepcopy(reference)
+        if mode == "sync_bn":
+            net = dist.convert_batchnorm(net, torch.device("cpu"))
+        ddp = DistributedDataParallel(net)
+        for m in (reference, ddp):
+            m.train(mode == "sync_bn")
+        opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        for step, views in enumerate(batches(steps)):
+            # One process holding the whole batch: plain BatchNorm, no gather.
+            z = reference(views)
+            ref_loss = nt_xent(*z.chunk(2), 0.5)
+            opt_ref.zero_grad()
+            ref_loss.backward()
+            # This process's half, through the training loop's own loss function.
+            loss, _, _ = step_loss(ddp, local_views(views, rank), torch.tensor(0.5, dtype=torch.float64),
+                                   torch.device("cpu"), None)
+            opt.zero_grad()
+            loss.backward()
+            global_loss = dist.mean_over_processes(loss).item()
+            assert abs(global_loss - ref_loss.item()) < 1e-5, (step, global_loss, ref_loss.item())
+            for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"grad of {name}, step {step}: {m}")  # noqa: B023
+            opt_ref.step()
+            opt.step()
+        for (name, a), b in zip(net.state_dict().items(), reference.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name} after {steps} steps: {m}")
+    finally:
+        torch_dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["sync_bn", "eval_bn"])
+def test_two_processes_equal_one(mode):
+    mp.spawn(_worker, args=(free_port(), mode, 3), nprocs=WORLD, join=True)
+
+
+def test_gather_is_identity_in_one_process():
+    x = torch.randn(3, 4, requires_grad=True)
+    assert dist.gather_with_grad(x) is x and dist.world_size() == 1 and dist.is_main()
+
+
+# --- torchrun, end to end -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes"), train_per_class=16, test_per_class=6, size=16)
+
+
+def torchrun(shapes, out, *more, restarts=0):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={restarts}", str(ROOT / "scripts" / "pretrain.py"), "--no-progress",
+           "model.backbone=convnet", "model.head_hidden=32", "model.head_out=16", "data.image_size=16",
+           f"data.train={shapes / 'train'}", f"data.val={shapes / 'test'}", "data.workers=0", "eval.knn_k=5",
+           "train.batch_size=16", "train.log_every=1", "optim.name=sgd", "optim.lr=0.1", f"out={out}", *more]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_torchrun_two_processes_pretrain_and_evaluate(shapes, tmp_path):
+    run = tmp_path / "run"
+    proc = torchrun(shapes, run, "train.epochs=2")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert state["position"] == {"epoch": 2, "step": 0, "global_step": 10}
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1  # rank 0 alone writes logs
+    assert "x2" in (run / "train.log").read_text()
+    evaluation = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "linear_eval.py"), "--checkpoint", str(run / "checkpoints" / "last.pt"),
+         "--train", str(shapes / "train"), "--test", str(shapes / "test"), "--epochs", "3", "--knn-k", "5",
+         "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert "pretrained" in evaluation.stdout
+
+
+def test_batch_must_divide_by_world_size(shapes, tmp_path):
+    proc = torchrun(shapes, tmp_path / "run", "train.batch_size=15", "train.epochs=1")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "must divide by the 2 processes" in output
+
+
+def _children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_killed_worker_is_restarted_and_the_job_completes(shapes, tmp_path):
+    run = tmp_path / "run"
+    proc = torchrun(shapes, run, "train.epochs=30", "train.checkpoint_every=2", "eval.every=0", restarts=1)
+    checkpoint = run / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert checkpoint.exists() and len(workers) == 2, "the run ended or stalled before it could be killed"
+    os.kill(workers[1], signal.SIGKILL)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "resumed from" in output
+    state = load_checkpoint(checkpoint)
+    assert state["position"] == {"epoch": 30, "step": 0, "global_step": 150}
