@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+from torch.distributed.rendezvous import rendezvous
 from torch import nn
+
+# torch marks its autograd-aware collectives deprecated in favour of a private module; these public ones
+# remain correct, and their warning would repeat on every step.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated", category=FutureWarning)
 
 
 def world_size() -> int:
@@ -40,7 +46,12 @@ def init(device: torch.device) -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+    timeout = datetime.timedelta(minutes=30)
+    store, rank_, world = next(rendezvous("env://", timeout=timeout))
+    # torchrun's store outlives a restart; the dead workers' addresses must not be read again.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"simxent/attempt{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank_, world_size=world, timeout=timeout,
                             device_id=device if device.type == "cuda" else None)
     return device
 

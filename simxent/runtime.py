@@ -84,10 +84,10 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging(log_file: Optional[Path] = None) -> None:
+def setup_logging(log_file: Optional[Path] = None, level: int = logging.INFO) -> None:
     """Messages to stderr and, when given, to a file in the run directory."""
     logger = logging.getLogger("simxent")
-    logger.setLevel(logging.INFO)
+    logger.setLevel(level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         h = _StderrHandler()

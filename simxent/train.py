@@ -165,7 +165,7 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
     out = Path(cfg.out)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    setup_logging(out / "train.log" if main else None)
+    setup_logging(out / "train.log" if main else None, level=logging.INFO if main else logging.WARNING)
     dtype = resolve_dtype(cfg.train.precision, device)
     set_threads(cfg.train.threads)
     train, val, bank = _load_data_once(cfg, progress)
