@@ -5,6 +5,7 @@ as tensors), so the safe unpickler can read all of it and a crafted file cannot 
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 FORMAT_VERSION = 1
+log = logging.getLogger("simxent")
 
 
 class CheckpointError(RuntimeError):
@@ -87,3 +89,32 @@ def export_torchvision(path: str | Path, dest: str | Path) -> None:
     tmp = dest.with_name(f".{dest.name}.tmp")
     torch.save(save, tmp)
     os.replace(tmp, dest)
+
+
+def save_rotating(state: dict, folder: str | Path, step: int, keep: int) -> Path:
+    """Write ``step-<step>.pt`` atomically, point ``last.pt`` at it (an atomically replaced hard link, so
+    no second copy is written), and delete all but the newest ``keep`` step files."""
+    folder = Path(folder)
+    path = folder / f"step-{step:09d}.pt"
+    save_checkpoint(state, path)
+    link = folder / ".last.pt.tmp"
+    link.unlink(missing_ok=True)
+    os.link(path, link)
+    os.replace(link, folder / "last.pt")
+    for old in sorted(folder.glob("step-*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def newest_valid_checkpoint(folder: str | Path) -> Path | None:
+    """``last.pt`` if it loads, else the newest step file that does; None when there is none."""
+    folder = Path(folder)
+    candidates = [folder / "last.pt"] + sorted(folder.glob("step-*.pt"), reverse=True)
+    for path in candidates:
+        if path.is_file():
+            try:
+                load_checkpoint(path)
+                return path
+            except CheckpointError as e:
+                log.warning("skipping unreadable checkpoint: %s", e)
+    return None

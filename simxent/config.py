@@ -85,6 +85,7 @@ class TrainConfig:
     resume: str = ""  # "" (start fresh) | auto (last checkpoint in `out`) | path to a checkpoint
     max_bad_steps: int = 5  # stop after this many non-finite losses in a row
     checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: epoch ends only)
+    keep_checkpoints: int = 2  # step checkpoints kept beside last.pt
     sync_bn: bool = True  # BatchNorm statistics over the global batch when several processes train
 
 
@@ -300,6 +301,7 @@ def validate(cfg: Config) -> None:
     check(cfg.train.log_every >= 1, "train.log_every", ">= 1")
     check(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", ">= 1")
     check(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0")
+    check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1")
     check(cfg.eval.every >= 0, "eval.every", ">= 0")
     check(cfg.eval.knn_k >= 1, "eval.knn_k", ">= 1")
     check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "> 0")

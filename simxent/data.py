@@ -142,8 +142,12 @@ class ImageArray:
 def _cache_key(images: ImageList, size: int) -> str:
     h = hashlib.sha1(f"simxent-v1 {size}\n".encode())
     for f in images.files:
-        st = f.stat()
-        h.update(f"{f.relative_to(images.root)}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        try:
+            st = f.stat()
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # a dangling link or a vanished file: decoding will name it
+            size = mtime = -1
+        h.update(f"{f.relative_to(images.root)}\t{size}\t{mtime}\n".encode())
     return h.hexdigest()[:20]
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from tqdm import tqdm
 
 from . import __version__, dist
 from .augment import ViewAugment
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, newest_valid_checkpoint, save_rotating
 from .config import Config, ConfigError, save_config, to_dict
 from .data import ImageArray, iterate_batches, load_folder
 from .evaluate import autocast, extract_features, knn_scores, topk_accuracy
@@ -67,6 +70,10 @@ def step_loss(model: nn.Module, views: torch.Tensor, temperature: torch.Tensor, 
     return nt_xent(z1, z2, temperature, gather=dist.gather_with_grad, rank=dist.rank()), z1, z2
 
 
+def optimizer_params(optimizer: torch.optim.Optimizer):
+    return (p for group in optimizer.param_groups for p in group["params"])
+
+
 def _rng_states() -> list[dict]:
     """Every process's RNG state, so each resumes its own augmentation stream."""
     if dist.world_size() == 1:
@@ -98,8 +105,7 @@ def _resume_path(cfg: Config) -> Path | None:
     if not resume:
         return None
     if resume == "auto":
-        path = checkpoint_path(cfg)
-        return path if path.exists() else None
+        return newest_valid_checkpoint(checkpoint_path(cfg).parent)
     path = Path(resume)
     if not path.is_file():
         raise ConfigError(f"train.resume: checkpoint not found: {path}")
@@ -154,8 +160,44 @@ def _load_data_once(cfg: Config, progress: bool):
     return data
 
 
+@contextmanager
+def stop_on_signals():
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) set a flag instead of killing the process: the loop finishes
+    its step, checkpoints and returns. A second Ctrl-C interrupts at once."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.set()
+        log.warning("%s received: finishing this step, then checkpointing and stopping", signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requested
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _all_finite(tensors) -> bool:
+    """One device sync for all tensors, not one each."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def pretrain(cfg: Config, progress: bool = True) -> dict:
-    """Run (or resume) SimCLR pretraining as configured; returns the summary also written to summary.json."""
+    """Run (or resume) SimCLR pretraining as configured; returns the summary also written to summary.json.
+
+    Stops at ``train.epochs``, at ``train.max_time`` or on SIGTERM/SIGINT, always with a checkpoint."""
+    with stop_on_signals() as stop_requested:
+        return _pretrain(cfg, progress, stop_requested)
+
+
+def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> dict:
     started = time.monotonic()
     device = dist.init(resolve_device(cfg.train.device))
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
@@ -214,12 +256,18 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
              len(train), steps_per_epoch, cfg.model.backbone, device, world, dtype, batch, peak)
 
     def save():
+        if not _all_finite(list(net.parameters()) + list(net.buffers())):
+            raise TrainingError(f"the model holds non-finite values at step {pos.global_step}; not saving it over "
+                                f"{checkpoint_path(cfg)}")
         rng = _rng_states()
         if main:
-            save_checkpoint(_state(cfg, net, temperature, optimizer, scaler, pos, rng), checkpoint_path(cfg))
+            save_rotating(_state(cfg, net, temperature, optimizer, scaler, pos, rng), checkpoint_path(cfg).parent,
+                          pos.global_step, cfg.train.keep_checkpoints)
 
+    if main and train.skipped:
+        (out / "skipped_images.txt").write_text("".join(f"{f}\n" for f in train.skipped))
     history = {"knn_top1": []}
-    bad_steps, stopped_early, last_loss = 0, False, float("nan")
+    bad_steps, skipped_steps, stopped_early, stop_reason, last_loss = 0, 0, False, "", float("nan")
     while pos.epoch < cfg.train.epochs and not stopped_early:
         model.train()
         bar = tqdm(total=steps_per_epoch, initial=pos.step, desc=f"epoch {pos.epoch + 1}/{cfg.train.epochs}",
@@ -238,42 +286,52 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
             t = temperature()
             loss, z1, z2 = step_loss(model, views, t, device, dtype)
             optimizer.zero_grad(set_to_none=True)
-            # One collective carries the global loss and the stop decision, so every process agrees on both.
+            # One collective carries the global loss and the stop requests, so every process agrees on them.
             time_up = bool(cfg.train.max_time) and time.monotonic() - started >= cfg.train.max_time
-            shared = dist.mean_over_processes(torch.stack([loss.detach().float(), torch.tensor(float(time_up),
-                                                                                               device=device)]))
-            last_loss, time_up = shared[0].item(), shared[1].item() > 0
-            if not math.isfinite(last_loss):
-                bad_steps += 1
-                log.warning("non-finite loss at step %d (%d in a row): step skipped", pos.global_step, bad_steps)
+            flags = torch.tensor([float(time_up), float(stop_requested.is_set())], device=device)
+            shared = dist.mean_over_processes(torch.cat([loss.detach().float().view(1), flags]))
+            last_loss, time_up, signalled = shared[0].item(), shared[1].item() > 0, shared[2].item() > 0
+            finite = math.isfinite(last_loss)
+            if finite:
+                scaler.scale(loss).backward()
+                if temperature.log_t.requires_grad and world > 1:
+                    # DDP averages the model's gradients; the temperature lives outside it.
+                    torch_dist.all_reduce(temperature.log_t.grad)
+                    temperature.log_t.grad /= world
+                # fp16's grad scaler skips overflowing steps itself; elsewhere a non-finite gradient is ours to catch.
+                finite = scaler.is_enabled() or bool(dist.mean_over_processes(torch.tensor(
+                    float(_all_finite(p.grad for p in optimizer_params(optimizer))), device=device)).item() == 1)
+            if finite:
+                bad_steps = 0
+                scaler.step(optimizer)
+                scaler.update()
+                pos.global_step += 1
+                seen += len(x) * world
+                if pos.global_step % cfg.train.log_every == 0:
+                    rate = seen / (time.perf_counter() - tick)
+                    tick, seen = time.perf_counter(), 0
+                    monitor.scalars({"loss": last_loss, "lr": lr, "temperature": t.item(), "images_per_s": rate,
+                                     **contrastive_stats(z1, z2)}, pos.global_step, prefix="train/")
+                    bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
+            else:
+                bad_steps, skipped_steps = bad_steps + 1, skipped_steps + 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("non-finite loss or gradient at step %d (%d in a row): step skipped",
+                            pos.global_step, bad_steps)
                 if bad_steps >= cfg.train.max_bad_steps:
                     raise TrainingError(
-                        f"loss was non-finite for {bad_steps} steps in a row; stopping without overwriting "
-                        f"{checkpoint_path(cfg)} (lower optim.lr or use train.precision=fp32)")
-                continue
-            bad_steps = 0
-            scaler.scale(loss).backward()
-            if temperature.log_t.requires_grad and world > 1:
-                # DDP averages the model's gradients; the temperature lives outside it.
-                torch_dist.all_reduce(temperature.log_t.grad)
-                temperature.log_t.grad /= world
-            scaler.step(optimizer)
-            scaler.update()
-            pos.step, pos.global_step = step + 1, pos.global_step + 1
-            seen += len(x) * world
+                        f"loss or gradients were non-finite for {bad_steps} steps in a row; stopping without "
+                        f"overwriting {checkpoint_path(cfg)} (lower optim.lr or use train.precision=fp32)")
+            pos.step = step + 1
             bar.update(1)
-            if pos.global_step % cfg.train.log_every == 0:
-                rate = seen / (time.perf_counter() - tick)
-                tick, seen = time.perf_counter(), 0
-                monitor.scalars({"loss": last_loss, "lr": lr, "temperature": t.item(), "images_per_s": rate,
-                                 **contrastive_stats(z1, z2)}, pos.global_step, prefix="train/")
-                bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
             if step == 0:
                 monitor.view_pairs("train/view_pairs", v1, v2, cfg.augment.mean, cfg.augment.std, pos.global_step)
-            if time_up:
+            if time_up or signalled:
                 stopped_early = True
-                log.info("train.max_time=%gs reached at epoch %d step %d: checkpointing and stopping",
-                         cfg.train.max_time, pos.epoch, pos.step)
+                stop_reason = "signal" if signalled else "max_time"
+                log.info("%s at epoch %d step %d: checkpointing and stopping",
+                         "stop requested" if signalled else f"train.max_time={cfg.train.max_time:g}s reached",
+                         pos.epoch, pos.step)
                 break
             if cfg.train.checkpoint_every and pos.global_step % cfg.train.checkpoint_every == 0:
                 save()
@@ -296,7 +354,9 @@ def pretrain(cfg: Config, progress: bool = True) -> dict:
         "epoch": pos.epoch,
         "global_step": pos.global_step,
         "world_size": world,
-        "stopped_by_max_time": stopped_early,
+        "stopped_by_max_time": stop_reason == "max_time",
+        "stopped_by_signal": stop_reason == "signal",
+        "skipped_steps": skipped_steps,
         "last_loss": last_loss,
         "seconds": time.monotonic() - started,
         "skipped_images": train.skipped,

@@ -1,0 +1,198 @@
+"""Nothing lost: killed runs resume exactly, preemption checkpoints, bad images and bad numbers are survived."""
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import simxent.train
+from simxent.checkpoint import load_checkpoint, newest_valid_checkpoint
+from simxent.config import load_config
+from simxent.data import DataError, decode, load_folder
+from simxent.demo import make_shapes
+from simxent.train import TrainingError, pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes"), train_per_class=16, test_per_class=4, size=16)
+
+
+def tiny(shapes, out, *more):
+    return ["model.backbone=convnet", "model.head_hidden=32", "model.head_out=16", "data.image_size=16",
+            f"data.train={shapes / 'train'}", "data.workers=0", "train.batch_size=16", "train.log_every=1",
+            "optim.name=sgd", "optim.lr=0.1", "eval.every=0", "train.precision=fp32", f"out={out}", *more]
+
+
+def launch(args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--no-progress", *args],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(path: Path, step: int, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if load_checkpoint(path)["position"]["global_step"] >= step:
+                return
+        except Exception:  # noqa: BLE001 - not written yet
+            pass
+        time.sleep(0.01)
+    raise AssertionError(f"the run never reached step {step}")
+
+
+def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(shapes, tmp_path):
+    run = tmp_path / "killed"
+    args = tiny(shapes, run, "train.epochs=12", "train.checkpoint_every=1", "train.keep_checkpoints=3")
+    reference = tmp_path / "reference"  # the same command, uninterrupted (same threads, same kernels)
+    uninterrupted = launch([*args, f"out={reference}"])
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err
+    kill_at = random.Random(os.getpid()).randint(3, 40)
+    proc = launch(args)
+    wait_for_step(run / "checkpoints" / "last.pt", kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(run / "checkpoints" / "last.pt")["position"]["global_step"]
+    assert killed_at < 60, "the run finished before it was killed"
+    resumed = launch([*args, "train.resume=auto"])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert "resumed from" in err
+    a = load_checkpoint(reference / "checkpoints" / "last.pt")
+    b = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert b["position"] == a["position"] == {"epoch": 12, "step": 0, "global_step": 60}
+    for part in ("encoder", "head"):
+        for key, value in a[part].items():
+            torch.testing.assert_close(b[part][key], value, rtol=0, atol=1e-6, msg=lambda m: f"{part}.{key}: {m}")
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 61))  # one curve, no step twice
+    assert len(list((run / "checkpoints").glob("step-*.pt"))) == 3
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(shapes, tmp_path):
+    run = tmp_path / "run"
+    proc = launch(tiny(shapes, run, "train.epochs=500"))
+    wait_for_step(run / "checkpoints" / "last.pt", 5, proc)  # epoch ends write checkpoints
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by_signal"] and summary["epoch"] < 500
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["position"]["global_step"] == summary["global_step"]
+
+
+def test_unreadable_newest_checkpoint_falls_back_to_the_previous(shapes, tmp_path):
+    run = tmp_path / "run"
+    pretrain(load_config(None, tiny(shapes, run, "train.epochs=2")), progress=False)
+    folder = run / "checkpoints"
+    assert newest_valid_checkpoint(folder) == folder / "last.pt"
+    newest = sorted(folder.glob("step-*.pt"))[-1]
+    for path in (folder / "last.pt", newest):  # a torn write of both names
+        broken = path.with_suffix(".broken")
+        broken.write_bytes(path.read_bytes()[:64])
+        os.replace(broken, path)
+    fallback = newest_valid_checkpoint(folder)
+    assert fallback == sorted(folder.glob("step-*.pt"))[-2]
+    assert load_checkpoint(fallback)["position"]["global_step"] == 5
+
+
+def test_non_finite_loss_is_skipped_then_stops_without_overwriting(shapes, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    pretrain(load_config(None, tiny(shapes, run, "train.epochs=1")), progress=False)
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    real = simxent.train.step_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args):
+        loss, z1, z2 = real(*args)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] in (2, 4, 5) else loss), z1, z2
+
+    monkeypatch.setattr(simxent.train, "step_loss", sometimes_nan)
+    summary = pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", "train.resume=auto")), progress=False)
+    assert summary["skipped_steps"] == 3 and summary["global_step"] == 5 + 2  # steps 2, 4 and 5 of 5 skipped
+    assert summary["epoch"] == 2
+    monkeypatch.setattr(simxent.train, "step_loss", lambda *a: (real(*a)[0] * float("nan"),) + real(*a)[1:])
+    with pytest.raises(TrainingError, match="non-finite for 3 steps in a row"):
+        pretrain(load_config(None, tiny(shapes, tmp_path / "r2", "train.epochs=1", "train.max_bad_steps=3")),
+                 progress=False)
+    assert not (tmp_path / "r2" / "checkpoints").exists()
+    assert (run / "checkpoints" / "last.pt").read_bytes() != before  # the good run's checkpoint moved on
+
+
+def hostile_folder(root: Path) -> dict:
+    """Every kind of file a scraped folder holds; returns which names must be skipped and which kept."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    good = {}
+
+    def rgb(w=24, h=16):
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    for i in range(6):
+        rgb().save(root / f"plain{i}.png")
+    buf = io.BytesIO()
+    rgb(64, 64).save(buf, "JPEG")
+    (root / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("this is not an image\n")
+    png = io.BytesIO()
+    rgb().save(png, "PNG")
+    data = bytearray(png.getvalue())
+    data[33 - 4] ^= 0xFF  # the IHDR chunk's CRC
+    (root / "bad_crc.png").write_bytes(bytes(data))
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(root / "sixteen_bit.png")
+    rgb().convert("CMYK").save(root / "cmyk.jpg")
+    palette = Image.new("P", (8, 8), 0)
+    palette.info["transparency"] = 0
+    palette.save(root / "palette_transparent.png", transparency=0)
+    photo = rgb(30, 10)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    photo.save(root / "exif_rotated.jpg", exif=exif)
+    rgb(1, 1).save(root / "one_pixel.png")
+    Image.new("1", (20000, 10000)).save(root / "bomb.png")  # 2e8 pixels, beyond PIL's limit
+    os.symlink(root / "does_not_exist.jpg", root / "dangling.jpg")  # unreadable, whoever runs the test
+    (root / "loop").mkdir()
+    os.symlink(root / "loop", root / "loop" / "again")
+    skipped = {"truncated.jpg", "zero.jpg", "text.jpg", "bad_crc.png", "bomb.png", "dangling.jpg"}
+    kept = {f"plain{i}.png" for i in range(6)} | {"sixteen_bit.png", "cmyk.jpg", "palette_transparent.png",
+                                                  "exif_rotated.jpg", "one_pixel.png"}
+    return {"skipped": skipped, "kept": kept, **good}
+
+
+def test_hostile_images_are_skipped_by_name_and_the_rest_trains(tmp_path):
+    folder = tmp_path / "scraped"
+    expect = hostile_folder(folder)
+    data = load_folder(folder, 16, workers=2, progress=False)
+    assert {Path(f).name for f in data.skipped} == expect["skipped"]
+    assert {Path(f).name for f in data.files} == expect["kept"]
+    summary = pretrain(load_config(None, ["model.backbone=convnet", "model.head_hidden=16", "model.head_out=8",
+                                          "data.image_size=16", f"data.train={folder}", "train.batch_size=4",
+                                          "train.epochs=1", "eval.every=0", f"out={tmp_path / 'run'}"]),
+                       progress=False)
+    assert {Path(f).name for f in summary["skipped_images"]} == expect["skipped"]
+    listed = (tmp_path / "run" / "skipped_images.txt").read_text().split()
+    assert {Path(f).name for f in listed} == expect["skipped"]
+    # EXIF orientation is applied: the stored 30x10 photo decodes as its 10x30 upright view.
+    with Image.open(folder / "exif_rotated.jpg") as im:
+        upright = im.convert("RGB").transpose(Image.Transpose.ROTATE_270)
+    upright.save(tmp_path / "upright.png")
+    assert np.abs(decode(folder / "exif_rotated.jpg", 10).astype(int) - decode(tmp_path / "upright.png", 10)).mean() < 2
+    with pytest.raises(DataError, match=r"cannot read image .*(truncated|zero|text|bad_crc|bomb|dangling)"):
+        load_folder(folder, 16, workers=2, cache=False, on_bad_image="error", progress=False)
