@@ -106,3 +106,16 @@ def test_user_errors_exit_2_with_a_message(shapes, tmp_path, capsys):
     assert linear_eval_main(["--checkpoint", str(tmp_path / "nope.pt"), "--train", str(shapes / "train"),
                              "--test", str(shapes / "test")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path, capsys):
+    other = make_shapes(tmp_path / "other", train_per_class=2, test_per_class=1, size=16)
+    (other / "test" / "ring").rename(other / "test" / "donut")
+    run = tmp_path / "run"
+    assert pretrain_main([*tiny(shapes, run, "train.epochs=1", f"data.val={other / 'test'}")]) == 2
+    assert "classes of" in capsys.readouterr().err and not (run / "checkpoints").exists()
+    pretrain(load_config(None, tiny(shapes, run, "train.epochs=1", "eval.every=0")), progress=False)
+    assert linear_eval_main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--train", str(shapes / "train"),
+                             "--test", str(other / "test"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "only in train: ['ring']" in err and "only in test: ['donut']" in err
