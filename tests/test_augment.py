@@ -101,3 +101,56 @@ def test_accepts_uint8_and_float(dtype):
     x = x if dtype == torch.uint8 else x.float() / 255
     torch.manual_seed(0)
     assert ViewAugment(AugmentConfig(), 32)(x).shape == (4, 3, 32, 32)
+
+
+# --- the fused colour ops against torchvision's per-image definitions ---------------------------------
+
+import torchvision.transforms.v2.functional as TF  # noqa: E402
+
+from simxent.augment import (ColorJitter, adjust_brightness, adjust_contrast, adjust_hue,  # noqa: E402
+                             adjust_saturation)
+
+
+def tricky_images(n=24, size=12):
+    """Random colours plus greys, saturated primaries and channel ties, where hue formulas break first."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(n, 3, size, size, generator=g)
+    x[0] = 0.5
+    x[1, 0], x[1, 1], x[1, 2] = 1.0, 1.0, 0.2  # r == g == max
+    x[2, :, :4] = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1)
+    x[3] = x[3].round()
+    return x
+
+
+@pytest.mark.parametrize("ours,theirs,lo,hi", [
+    (adjust_brightness, TF.adjust_brightness, 0.0, 1.8),
+    (adjust_contrast, TF.adjust_contrast, 0.0, 1.8),
+    (adjust_saturation, TF.adjust_saturation, 0.0, 1.8),
+    (adjust_hue, TF.adjust_hue, -0.5, 0.5),
+])
+def test_colour_ops_equal_torchvision_per_image(ours, theirs, lo, hi):
+    x = tricky_images()
+    factors = torch.linspace(lo, hi, len(x))
+    expected = torch.stack([theirs(img, f.item()) for img, f in zip(x, factors)])
+    torch.testing.assert_close(ours(x.clone(), factors), expected, rtol=0, atol=1e-5)
+
+
+def test_jitter_factors_are_per_sample_and_in_range():
+    """Brightness alone: each sample is scaled by its own factor, uniform in [1 - 0.8, 1 + 0.8]."""
+    torch.manual_seed(0)
+    x = torch.full((2000, 3, 2, 2), 0.25)
+    out = ColorJitter(0.8, 0.0, 0.0, 0.0, p=1.0)(x.clone())
+    factors = out[:, 0, 0, 0] / 0.25
+    assert factors.min() >= 0.2 - 1e-6 and factors.max() <= 1.8 + 1e-6
+    assert abs(factors.mean().item() - 1.0) < 0.03 and abs(factors.std().item() - 1.6 / 12**0.5) < 0.03
+    jittered = (ColorJitter(0.8, 0.0, 0.0, 0.0, p=0.8)(x.clone()) != 0.25).flatten(1).any(1).float().mean()
+    assert abs(jittered.item() - 0.8) < 0.03
+
+
+def test_hue_shift_is_drawn_per_call_and_keeps_value():
+    torch.manual_seed(0)
+    jitter = ColorJitter(0.0, 0.0, 0.0, 0.2, p=1.0)
+    x = tricky_images()
+    a, b = jitter(x.clone()), jitter(x.clone())
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(a.amax(1), x.amax(1))  # a hue rotation keeps each pixel's max (HSV value)
