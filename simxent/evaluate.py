@@ -60,21 +60,24 @@ def knn_scores(
     k: int = 200,
     temperature: float = 0.1,
     exclude_self: bool = False,
+    index: str = "flat",
+    nprobe: int = 16,
 ) -> torch.Tensor:
-    """Weighted kNN class scores (Wu et al. 2018) with cosine similarity on a FAISS flat index:
+    """Weighted kNN class scores (Wu et al. 2018) with cosine similarity on a FAISS index:
 
         score_c(q) = sum over the k nearest bank vectors b with label c of exp(cos(q, b) / T)
 
+    ``index="flat"`` searches exactly; ``"ivf"`` (for banks above a million vectors) clusters the bank
+    into about 4 sqrt(n) lists and searches the ``nprobe`` nearest, trading recall for speed.
     ``exclude_self`` drops each query's own entry when the query set is the bank (leave-one-out).
     """
-    bank = F.normalize(bank.float(), dim=1).numpy()
-    query = F.normalize(query.float(), dim=1).numpy()
+    bank = np.ascontiguousarray(F.normalize(bank.float(), dim=1).numpy())
+    query = np.ascontiguousarray(F.normalize(query.float(), dim=1).numpy())
     k = min(k, len(bank) - int(exclude_self))
     if k < 1:
         raise ValueError("kNN needs at least 2 bank vectors for leave-one-out, 1 otherwise")
-    index = faiss.IndexFlatIP(bank.shape[1])
-    index.add(np.ascontiguousarray(bank))
-    sims, idx = index.search(np.ascontiguousarray(query), k + int(exclude_self))
+    searcher = build_index(bank, index, nprobe)
+    sims, idx = searcher.search(query, k + int(exclude_self))
     sims, idx = torch.from_numpy(sims), torch.from_numpy(idx)
     if exclude_self:
         own = idx == torch.arange(len(query)).unsqueeze(1)
@@ -85,6 +88,22 @@ def knn_scores(
     weights = (sims / temperature).exp()
     votes = F.one_hot(bank_labels[idx], num_classes).float() * weights.unsqueeze(-1)
     return votes.sum(dim=1)
+
+
+def build_index(vectors: np.ndarray, kind: str = "flat", nprobe: int = 16):
+    """A FAISS inner-product index over unit vectors: exact (``flat``) or inverted-file (``ivf``)."""
+    d = vectors.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = max(1, min(len(vectors) // 39, int(4 * len(vectors) ** 0.5)))  # FAISS wants ~39 points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.nprobe = min(nprobe, nlist)
+    else:
+        raise ValueError(f"unknown kNN index '{kind}' (flat or ivf)")
+    index.add(vectors)
+    return index
 
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:

@@ -25,19 +25,19 @@ def _identity(z: torch.Tensor) -> torch.Tensor:
 
 
 def similarity_logits(z1: torch.Tensor, z2: torch.Tensor, temperature, gather=_identity, rank: int = 0):
-    """Masked logits (2n, 2N), targets (2n,) and the column of each anchor itself.
+    """Masked logits (2n, 2N) and targets (2n,): one similarity matrix, self-similarities set to -inf.
 
-    Local rows are ``[z1; z2]``; columns are every process's ``[z1; z2]`` blocks concatenated.
+    Local rows are ``[z1; z2]``; columns are every process's ``[z1; z2]`` blocks concatenated. The rows are
+    scaled by 1/t before the product so that the mask can be written in place into the product's output,
+    which its backward pass does not need: no second (2n, 2N) matrix is made.
     """
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     candidates = gather(z)
     n2 = z.shape[0]
+    logits = (z / temperature) @ candidates.T
+    logits[:, rank * n2 : (rank + 1) * n2].fill_diagonal_(float("-inf"))
     local = torch.arange(n2, device=z.device)
-    self_col = rank * n2 + local
-    positive_col = rank * n2 + (local + n2 // 2) % n2
-    logits = z @ candidates.T / temperature
-    logits = logits.masked_fill(F.one_hot(self_col, candidates.shape[0]).bool(), float("-inf"))
-    return logits, positive_col
+    return logits, rank * n2 + (local + n2 // 2) % n2
 
 
 def _at_least_float32(z: torch.Tensor) -> torch.Tensor:

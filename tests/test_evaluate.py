@@ -112,3 +112,16 @@ def test_feature_extraction_leaves_encoder_untouched():
                              progress=False)
     assert feats.shape == (10, 512) and enc.training
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())
+
+
+def test_ivf_index_finds_most_true_neighbours():
+    g = torch.Generator().manual_seed(3)
+    centers = torch.randn(20, 16, generator=g)
+    bank = centers[torch.randint(0, 20, (4000,), generator=g)] + 0.3 * torch.randn(4000, 16, generator=g)
+    labels = torch.randint(0, 5, (4000,), generator=g)
+    query = bank[:200] + 0.05 * torch.randn(200, 16, generator=g)
+    exact = knn_scores(bank, labels, query, 5, k=10)
+    approx = knn_scores(bank, labels, query, 5, k=10, index="ivf", nprobe=8)
+    assert (exact.argmax(1) == approx.argmax(1)).float().mean() > 0.9
+    with pytest.raises(ValueError, match="unknown kNN index"):
+        knn_scores(bank, labels, query, 5, index="hnsw")
