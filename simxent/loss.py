@@ -6,7 +6,7 @@ the same image) and temperature t:
     l_i = -log( exp(z_i . z_p(i) / t) / sum_{k != i} exp(z_i . z_k / t) )
     L   = mean_i l_i
 
-i.e. ``cross_entropy(S / t with the diagonal masked, p)`` for the similarity matrix S = z z^T. Under
+i.e. the cross entropy of the similarity matrix S = z z^T / t, diagonal masked, against targets p. Under
 data parallelism each process holds 2n anchors and ``gather`` returns all 2N candidates in rank order;
 the anchors' own block starts at ``rank * 2n``.
 """
@@ -24,20 +24,44 @@ def _identity(z: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def similarity_logits(z1: torch.Tensor, z2: torch.Tensor, temperature, gather=_identity, rank: int = 0):
-    """Masked logits (2n, 2N) and targets (2n,): one similarity matrix, self-similarities set to -inf.
+class _MaskedSimilarityCrossEntropy(torch.autograd.Function):
+    """Cross entropy over masked similarity logits, fused:
 
-    Local rows are ``[z1; z2]``; columns are every process's ``[z1; z2]`` blocks concatenated. The rows are
-    scaled by 1/t before the product so that the mask can be written in place into the product's output,
-    which its backward pass does not need: no second (2n, 2N) matrix is made.
+        mean_i [ logsumexp_{k != self(i)} (q_i . c_k / t) - q_i . c_pos(i) / t ]   for unit rows q (M, D), c (K, D)
+
+    Forward keeps only q, c and each row's log-sum-exp, not the (M, K) probabilities autograd's
+    ``cross_entropy`` keeps, and backward recomputes the similarities. With G = (softmax - onehot(pos)) / M:
+    dq = G c / t,  dc = G^T q / t,  d(1/t) = sum(G * q c^T).
     """
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
-    candidates = gather(z)
-    n2 = z.shape[0]
-    logits = (z / temperature) @ candidates.T
-    logits[:, rank * n2 : (rank + 1) * n2].fill_diagonal_(float("-inf"))
-    local = torch.arange(n2, device=z.device)
-    return logits, rank * n2 + (local + n2 // 2) % n2
+
+    @staticmethod
+    def forward(ctx, q, c, inv_t, offset: int):
+        m = q.shape[0]
+        rows = torch.arange(m, device=q.device)
+        logits = (q @ c.T).mul_(inv_t)
+        logits[rows, offset + rows] = float("-inf")
+        positive = offset + (rows + m // 2) % m
+        lse = torch.logsumexp(logits, dim=1)
+        loss = (lse - logits[rows, positive]).mean()
+        ctx.save_for_backward(q, c, inv_t, lse)
+        ctx.offset = offset
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        q, c, inv_t, lse = ctx.saved_tensors
+        m = q.shape[0]
+        rows = torch.arange(m, device=q.device)
+        sims = q @ c.T
+        need_t = ctx.needs_input_grad[2]
+        g = (sims * inv_t if need_t else sims.mul_(inv_t)).sub_(lse.unsqueeze(1)).exp_()  # the softmax
+        g[rows, ctx.offset + rows] = 0
+        g[rows, ctx.offset + (rows + m // 2) % m] -= 1
+        g.mul_(grad_loss / m)
+        grad_t = (g * sims).sum() if need_t else None
+        grad_q = (g @ c).mul_(inv_t) if ctx.needs_input_grad[0] else None
+        grad_c = (g.T @ q).mul_(inv_t) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_c, grad_t, None
 
 
 def _at_least_float32(z: torch.Tensor) -> torch.Tensor:
@@ -52,9 +76,13 @@ def nt_xent(
     rank: int = 0,
 ) -> torch.Tensor:
     """NT-Xent over the views ``z1[i] <-> z2[i]`` against every other view (all processes' with
-    ``gather``). Half-precision embeddings are promoted to float32: the softmax needs the range."""
-    logits, targets = similarity_logits(_at_least_float32(z1), _at_least_float32(z2), temperature, gather, rank)
-    return F.cross_entropy(logits, targets)
+    ``gather``): cross entropy over one (2n, 2N) cosine-similarity matrix scaled by 1/t, each anchor's own
+    column masked, the other view of its image the target. Half-precision embeddings are promoted to
+    float32: the softmax needs the range."""
+    z = F.normalize(torch.cat([_at_least_float32(z1), _at_least_float32(z2)]), dim=1)
+    inv_t = 1 / temperature if torch.is_tensor(temperature) else torch.tensor(1 / temperature)
+    inv_t = inv_t.to(dtype=z.dtype, device=z.device)
+    return _MaskedSimilarityCrossEntropy.apply(z, gather(z), inv_t, rank * z.shape[0])
 
 
 class Temperature(nn.Module):

@@ -1,0 +1,321 @@
+#!/usr/bin/env python
+"""Side-by-side speed and quality measurements; writes JSON and a markdown table.
+
+    python scripts/benchmark.py --data ../shared/data/cifar10 --out results/benchmark      # everything
+    python scripts/benchmark.py --only loss,augment                                        # a subset
+
+Every comparison runs in this one process, one after the other, with the same threads. Figures are medians
+of repeated timings after warm-up. The tables in docs/benchmarks.md come from this script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from simxent.augment import Normalize, ViewAugment
+from simxent.config import AugmentConfig, ModelConfig, OptimConfig, load_config
+from simxent.evaluate import autocast, build_index, extract_features, knn_scores, train_linear_probe
+from simxent.loss import nt_xent
+from simxent.models import SimCLR
+from simxent.runtime import resolve_device, resolve_dtype
+from simxent.schedule import build_optimizer
+
+SECTIONS = ("loss", "augment", "knn", "probe", "pipeline", "quality")
+
+
+def timed(fn, repeats=5, warmup=2, sync=None) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# --- NT-Xent ------------------------------------------------------------------------------------------------
+
+def nt_xent_two_block(z1, z2, t, large=1e9):
+    """The common formulation (SimCLR's reference code): per view, [a-vs-other, a-vs-self masked] logits."""
+    a, b = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
+    n = len(a)
+    labels = torch.arange(n, device=a.device)
+    mask = torch.eye(n, device=a.device) * large
+    logits_aa = a @ a.T / t - mask
+    logits_bb = b @ b.T / t - mask
+    logits_ab = a @ b.T / t
+    logits_ba = b @ a.T / t
+    loss_a = F.cross_entropy(torch.cat([logits_ab, logits_aa], 1), labels)
+    loss_b = F.cross_entropy(torch.cat([logits_ba, logits_bb], 1), labels)
+    return (loss_a + loss_b) / 2
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps for the backward pass of ``fn()`` (distinct storages), plus its output."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()) + out.numel() * out.element_size()
+
+
+def bench_loss(device, sync):
+    rows = []
+    for n in (256, 1024, 4096):
+        g = torch.Generator().manual_seed(n)
+        z1 = torch.randn(n, 128, generator=g).to(device).requires_grad_()
+        z2 = torch.randn(n, 128, generator=g).to(device).requires_grad_()
+        row = {"N": n, "D": 128}
+        for name, fn in (("simxent", lambda: nt_xent(z1, z2, 0.1)), ("two_block", lambda: nt_xent_two_block(z1, z2, 0.1))):
+            def step():
+                z1.grad = z2.grad = None
+                fn().backward()
+            row[f"{name}_ms"] = 1000 * timed(step, repeats=5 if n < 4096 else 3, sync=sync)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                step()
+                row[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            row[f"{name}_saved_mib"] = saved_bytes(fn) / 2**20
+        row["max_abs_difference"] = abs(nt_xent(z1, z2, 0.1).item() - nt_xent_two_block(z1, z2, 0.1).item())
+        row["speedup"] = row["two_block_ms"] / row["simxent_ms"]
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+# --- augmentation ---------------------------------------------------------------------------------------------
+
+def torchvision_pipeline(size):
+    from torchvision.transforms import v2
+
+    ops = [v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+           v2.RandomApply([v2.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8), v2.RandomGrayscale(p=0.2)]
+    if size >= 64:
+        ops.append(v2.RandomApply([v2.GaussianBlur(2 * (size // 20) + 1, sigma=(0.1, 2.0))], p=0.5))
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(AugmentConfig().mean, AugmentConfig().std)]
+    return v2.Compose(ops)
+
+
+def bench_augment(device, sync):
+    rows = []
+    for size, batch in ((32, 256), (96, 128)):
+        x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+        ours = ViewAugment(AugmentConfig(), size).to(device)
+        xd = x.to(device)
+        t_ours = timed(lambda: ours(xd), repeats=5, sync=sync)
+        tv = torchvision_pipeline(size)
+        t_tv = timed(lambda: torch.stack([tv(img) for img in x]), repeats=3, warmup=1)
+        row = {"size": size, "batch": batch, "simxent_views_per_s": batch / t_ours,
+               "torchvision_per_image_views_per_s": batch / t_tv, "speedup": t_tv / t_ours}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+# --- kNN ------------------------------------------------------------------------------------------------------
+
+def bench_knn(_device, _sync):
+    g = torch.Generator().manual_seed(0)
+    bank, query = torch.randn(50_000, 512, generator=g), torch.randn(10_000, 512, generator=g)
+    labels = torch.randint(0, 10, (50_000,), generator=g)
+    k = 200
+
+    def brute():
+        sims = F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T
+        return sims.topk(k, dim=1)
+
+    row = {"bank": len(bank), "queries": len(query), "dim": 512, "k": k,
+           "faiss_flat_s": timed(lambda: knn_scores(bank, labels, query, 10, k), repeats=3, warmup=1),
+           "torch_bruteforce_topk_s": timed(brute, repeats=3, warmup=1)}
+    # IVF on a bank with cluster structure, as real features have; recall of the exact top-k.
+    centers = torch.randn(1000, 128, generator=g)
+    big = F.normalize(centers[torch.randint(0, 1000, (200_000,), generator=g)] + 0.5 * torch.randn(200_000, 128, generator=g), dim=1)
+    q = F.normalize(big[:2000] + 0.1 * torch.randn(2000, 128, generator=g), dim=1)
+    flat = build_index(big.numpy(), "flat")
+    t = time.perf_counter()
+    _, exact = flat.search(q.numpy(), 10)
+    row["ivf_bank"] = len(big)
+    row["flat_search_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ivf = build_index(big.numpy(), "ivf", nprobe=16)
+    row["ivf_build_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _, approx = ivf.search(q.numpy(), 10)
+    row["ivf_search_s"] = time.perf_counter() - t
+    row["ivf_recall_at_10"] = float(sum(len(set(a) & set(b)) for a, b in zip(exact.tolist(), approx.tolist())) / exact.size)
+    print(row, flush=True)
+    return [row]
+
+
+# --- linear probe ---------------------------------------------------------------------------------------------
+
+def bench_probe(device, _sync, data_root):
+    from simxent.data import load_folder
+
+    train = load_folder(Path(data_root) / "train", 32, progress=False)
+    encoder = SimCLR(ModelConfig(backbone="convnet")).encoder.to(device).to(memory_format=torch.channels_last)
+    dtype = resolve_dtype("auto", device)
+    norm = Normalize(AugmentConfig().mean, AugmentConfig().std)
+    t = time.perf_counter()
+    feats = extract_features(encoder, train.images, norm, device, 512, dtype, progress=False)
+    extract_s = time.perf_counter() - t
+    epochs = 100
+    t = time.perf_counter()
+    train_linear_probe(feats, train.labels, 10, epochs=epochs, progress=False)
+    probe_s = time.perf_counter() - t
+    row = {"images": len(train), "epochs": epochs, "extract_once_s": extract_s, "probe_on_cached_s": probe_s,
+           "cached_total_s": extract_s + probe_s,
+           # The straightforward probe runs the frozen encoder every epoch: one extraction per epoch.
+           "encoder_every_epoch_estimate_s": epochs * extract_s + probe_s}
+    row["speedup"] = row["encoder_every_epoch_estimate_s"] / row["cached_total_s"]
+    print(row, flush=True)
+    return [row]
+
+
+# --- pipeline efficiency ----------------------------------------------------------------------------------------
+
+def bare_images_per_s(cfg, device, dtype, steps=8):
+    """Encoder + head forward, NT-Xent, backward and optimiser step on pre-made views: the floor."""
+    torch.manual_seed(0)
+    model = SimCLR(cfg.model).to(device).to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, cfg.optim, 0.01)
+    b, s = cfg.train.batch_size, cfg.data.image_size
+    views = torch.randn(2 * b, 3, s, s, device=device).contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with autocast(device, dtype):
+            z = model(views)
+        loss = nt_xent(*z.chunk(2), 0.2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        loss.item()
+
+    return b / timed(step, repeats=steps, warmup=2)
+
+
+def loop_images_per_s(cfg, seconds):
+    """The real training loop on the real folder; images/s as it logs them, first interval left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from simxent.train import pretrain
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg.out, cfg.train.max_time, cfg.eval.every = out, seconds, 0
+        pretrain(cfg, progress=False)
+        events = EventAccumulator(str(Path(out) / "tb"))
+        events.Reload()
+        rates = [e.value for e in events.Scalars("train/images_per_s")][1:]
+    return statistics.median(rates), len(rates)
+
+
+def bench_pipeline(device, _sync, data_root, seconds):
+    rows = []
+    for backbone, preset, batch in (("convnet", "configs/cpu.yaml", 256), ("resnet18", "configs/cifar10.yaml", 128)):
+        cfg = load_config(preset, [f"data.train={Path(data_root) / 'train'}", f"train.batch_size={batch}",
+                                   "train.log_every=4", "train.precision=auto"])
+        dtype = resolve_dtype(cfg.train.precision, device)
+        bare = bare_images_per_s(cfg, device, dtype)
+        loop, intervals = loop_images_per_s(cfg, seconds)
+        row = {"backbone": backbone, "size": cfg.data.image_size, "batch": batch, "precision": str(dtype),
+               "bare_images_per_s": bare, "loop_images_per_s": loop, "loop_intervals": intervals,
+               "efficiency": loop / bare}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+# --- quality at equal time -------------------------------------------------------------------------------------
+
+def bench_quality(_device, _sync, data_root, minutes):
+    from simxent.linear_eval import ProbeOptions, linear_eval
+    from simxent.train import pretrain
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = load_config("configs/cpu.yaml", [f"data.train={Path(data_root) / 'train'}", f"out={out}",
+                                               f"train.max_time={minutes * 60}", "eval.every=0"])
+        summary = pretrain(cfg, progress=False)
+        results = linear_eval(Path(out) / "checkpoints" / "last.pt", Path(data_root) / "train",
+                              Path(data_root) / "test", ProbeOptions(), random_init=True, progress=False)
+    row = {"preset": "configs/cpu.yaml", "minutes": minutes, "steps": summary["global_step"],
+           "knn_top1": results["pretrained"]["knn"]["top1"], "knn_top1_random_init": results["random_init"]["knn"]["top1"],
+           "linear_top1": results["pretrained"]["linear"]["top1"],
+           "linear_top1_random_init": results["random_init"]["linear"]["top1"]}
+    print(row, flush=True)
+    return [row]
+
+
+def markdown(results: dict) -> str:
+    lines = []
+    for section, rows in results["sections"].items():
+        lines.append(f"### {section}\n")
+        keys = list(rows[0])
+        lines.append("| " + " | ".join(keys) + " |")
+        lines.append("|" + "---|" * len(keys))
+        for row in rows:
+            lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--data", default="../shared/data/cifar10", help="CIFAR-10 image folder (train/, test/)")
+    p.add_argument("--out", default="results/benchmark", help="writes OUT.json and OUT.md")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--loop-seconds", type=float, default=75, help="training-loop time per backbone")
+    p.add_argument("--quality-minutes", type=float, default=10)
+    a = p.parse_args()
+    device = resolve_device(a.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    wanted = [s.strip() for s in a.only.split(",")]
+    unknown = set(wanted) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    runners = {
+        "loss": lambda: bench_loss(device, sync),
+        "augment": lambda: bench_augment(device, sync),
+        "knn": lambda: bench_knn(device, sync),
+        "probe": lambda: bench_probe(device, sync, a.data),
+        "pipeline": lambda: bench_pipeline(device, sync, a.data, a.loop_seconds),
+        "quality": lambda: bench_quality(device, sync, a.data, a.quality_minutes),
+    }
+    results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
+                           "threads": torch.get_num_threads(), "device": str(device),
+                           "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None,
+                           "torch": torch.__version__},
+               "sections": {}}
+    for name in SECTIONS:
+        if name in wanted:
+            print(f"== {name}", flush=True)
+            results["sections"][name] = runners[name]()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
