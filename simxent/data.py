@@ -255,5 +255,5 @@ def iterate_batches(
     for step in range(start, len(order) // batch_size):
         idx = order[step * batch_size + rank * local : step * batch_size + (rank + 1) * local]
         idx, _ = idx.sort()  # sorted reads are kinder to a memory-mapped file
-        yield step, data.images[idx].permute(0, 3, 1, 2)
+        yield step, data.images[idx.to(data.images.device)].permute(0, 3, 1, 2)
 
