@@ -166,6 +166,9 @@ def load_folder(
 ) -> ImageArray:
     """Decode every image of ``root`` at ``size`` px, or reuse the cached array of an unchanged folder.
 
+    With ``cache``, images are decoded straight into a memory-mapped file under ``cache_dir`` (disk, not
+    RAM, bounds the folder's size: N * size^2 * 3 bytes); without it, into memory.
+
     The cache is keyed by each file's relative path, byte size and modification time, so any change to
     the folder decodes it anew. Bad files are skipped with a warning naming each (``on_bad_image=skip``)
     or stop the run naming the first (``error``).
@@ -176,13 +179,14 @@ def load_folder(
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     if cache and array_path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        images = np.load(array_path, mmap_mode="r")
         good = np.asarray(meta["good"], dtype=np.int64)
+        images = np.load(array_path, mmap_mode="r")[: len(good)]
         skipped = [str(found.files[i]) for i in meta["bad"]]
     else:
-        images, good, skipped = _decode_all(found, size, workers, on_bad_image, progress)
+        images, good, skipped = _decode_all(found, size, workers, on_bad_image, progress,
+                                            into=array_path if cache else None)
         if cache:
-            _write_cache(images, good, found, array_path, meta_path)
+            _write_meta(good, found, meta_path)
     _report_skipped(skipped, found.root)
     if len(good) == 0:
         raise DataError(f"no readable images in {found.root} ({len(skipped)} files could not be read)")
@@ -203,31 +207,40 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _decode_all(found: ImageList, size: int, workers: int, on_bad_image: str, progress: bool):
+def _decode_all(found: ImageList, size: int, workers: int, on_bad_image: str, progress: bool,
+                into: Path | None = None):
+    """Decode in file order, packing the readable images at the front of the array.
+
+    With ``into``, the array is a memory-mapped file written in place and renamed to ``into`` when
+    complete, so a folder larger than memory decodes to disk and never needs to fit in RAM.
+    """
     n = len(found.files)
-    out = np.empty((n, size, size, 3), dtype=np.uint8)
-    ok = np.zeros(n, dtype=bool)
-    loader = DataLoader(
-        DecodedFiles(found.files, size, on_bad_image),
-        batch_size=64,
-        num_workers=workers,
-        collate_fn=_collate,
-    )
+    shape = (n, size, size, 3)
+    if into is None:
+        out = np.empty(shape, dtype=np.uint8)
+    else:
+        into.parent.mkdir(parents=True, exist_ok=True)
+        tmp = into.with_suffix(f".tmp{os.getpid()}.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    good = []
+    loader = DataLoader(DecodedFiles(found.files, size, on_bad_image), batch_size=64, num_workers=workers,
+                        collate_fn=_collate)
     for batch in tqdm(loader, desc=f"decoding {found.root}", unit="batch", disable=not progress, leave=False):
         for i, img in batch:
             if img is not None:
-                out[i], ok[i] = img, True
-    good = np.flatnonzero(ok)
-    bad = np.flatnonzero(~ok)
-    return out[good], good, [str(found.files[i]) for i in bad]
+                out[len(good)] = img
+                good.append(i)
+    if into is not None:
+        out.flush()
+        os.replace(tmp, into)
+    good = np.asarray(good, dtype=np.int64)
+    bad = sorted(set(range(n)) - set(good.tolist()))
+    return out[: len(good)], good, [str(found.files[i]) for i in bad]
 
 
-def _write_cache(images, good, found, array_path: Path, meta_path: Path) -> None:
-    """Write array then metadata, each through a temporary file and an atomic rename."""
-    array_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = array_path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, images)
-    os.replace(tmp, array_path)
+def _write_meta(good: np.ndarray, found: ImageList, meta_path: Path) -> None:
+    """Written after the array, through a temporary file and an atomic rename: a cache entry without its
+    metadata is never used."""
     bad = sorted(set(range(len(found.files))) - set(good.tolist()))
     tmp = meta_path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"root": str(found.root), "good": good.tolist(), "bad": bad}))

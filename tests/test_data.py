@@ -70,6 +70,9 @@ def test_corrupt_files_are_skipped_and_named(tmp_path, caplog):
     assert len(data) == 5 and len(data.skipped) == 2
     assert "skipped 2 unreadable image(s)" in caplog.text
     assert "broken.jpg" in caplog.text and "empty.png" in caplog.text
+    again = load_folder(tmp_path, 8, workers=0, progress=False)  # from the cache: the same five images
+    assert torch.equal(again.images, data.images) and again.files == data.files and len(again.skipped) == 2
+    assert torch.equal(load_folder(tmp_path, 8, workers=0, cache=False, progress=False).images, data.images)
     with pytest.raises(DataError, match="broken.jpg|empty.png"):
         load_folder(tmp_path, 8, workers=0, cache=False, on_bad_image="error", progress=False)
 
