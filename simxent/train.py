@@ -352,7 +352,8 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
         if not stopped_early:
             pos.epoch, pos.step = pos.epoch + 1, 0
         save()
-        if val is not None and (pos.epoch % cfg.eval.every == 0 or stopped_early or pos.epoch == cfg.train.epochs):
+        evaluate_now = pos.epoch % cfg.eval.every == 0 or stopped_early or pos.epoch == cfg.train.epochs
+        if val is not None and evaluate_now and stop_reason != "signal":  # a preempted run has no time to spare
             # kNN monitoring runs on rank 0 alone; the others wait.
             if main:
                 top1 = knn_monitor(net, bank, val, augment, cfg, device, dtype)
