@@ -352,8 +352,9 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
         if not stopped_early:
             pos.epoch, pos.step = pos.epoch + 1, 0
         save()
-        evaluate_now = pos.epoch % cfg.eval.every == 0 or stopped_early or pos.epoch == cfg.train.epochs
-        if val is not None and evaluate_now and stop_reason != "signal":  # a preempted run has no time to spare
+        # val is None when eval.every is 0; a preempted run has no time to spare for kNN.
+        if val is not None and stop_reason != "signal" and (
+                pos.epoch % cfg.eval.every == 0 or stopped_early or pos.epoch == cfg.train.epochs):
             # kNN monitoring runs on rank 0 alone; the others wait.
             if main:
                 top1 = knn_monitor(net, bank, val, augment, cfg, device, dtype)
