@@ -12,12 +12,13 @@ from . import dist
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data import DataError
-from .evaluate import ClassWeightError
+from .class_weights import ClassWeightError
+from .evaluate import LabelError
 from .linear_eval import ProbeOptions, format_results, linear_eval
 from .train import TrainingError, pretrain
 
 log = logging.getLogger("simxent")
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ClassWeightError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ClassWeightError, LabelError, TrainingError)
 
 
 def _run(main):
@@ -65,15 +66,18 @@ def _probe_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-batch-size", type=int, default=d.batch_size)
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
     p.add_argument("--class-weight", default=d.class_weight,
-                   help="none | balanced (n / (C * n_c)) | FILE (one weight per line, or 'class weight')")
+                   help="none | balanced (n / (C * n_c)) | effective (Cui et al. 2019, --beta) | FILE of "
+                        "'class_name weight' lines")
+    p.add_argument("--beta", type=float, default=d.beta, help="beta of effective class weights")
     p.add_argument("--knn-k", type=int, default=d.knn_k)
     p.add_argument("--knn-temperature", type=float, default=d.knn_temperature)
     p.add_argument("--seed", type=int, default=d.seed)
 
 
 def _probe_options(a) -> ProbeOptions:
-    opts = ProbeOptions(a.epochs, a.lr, a.weight_decay, a.probe_batch_size, a.label_smoothing, a.class_weight,
-                        a.knn_k, a.knn_temperature, a.seed)
+    opts = ProbeOptions(epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, batch_size=a.probe_batch_size,
+                        label_smoothing=a.label_smoothing, class_weight=a.class_weight, beta=a.beta, knn_k=a.knn_k,
+                        knn_temperature=a.knn_temperature, seed=a.seed)
     for key, ok in (("--epochs", opts.epochs >= 1), ("--lr", opts.lr > 0), ("--weight-decay", opts.weight_decay >= 0),
                     ("--probe-batch-size", opts.batch_size >= 1), ("--label-smoothing", 0 <= opts.label_smoothing < 1),
                     ("--knn-k", opts.knn_k >= 1), ("--knn-temperature", opts.knn_temperature > 0)):

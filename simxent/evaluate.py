@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Callable, Optional
 
 import faiss
@@ -128,56 +127,22 @@ def classification_report(scores: torch.Tensor, labels: torch.Tensor, classes: l
     }
 
 
-class ClassWeightError(ValueError):
-    """Class weights that do not fit the classes: wrong length, unknown name, non-positive, non-finite."""
+class LabelError(ValueError):
+    """Targets that do not fit the objective: out of range, wrong type, or one-hot where indices belong."""
 
 
-def class_weights(spec: str, labels: torch.Tensor, classes: list[str]) -> Optional[torch.Tensor]:
-    """Per-class weights for the probe's cross entropy.
-
-    - ``none``: no weights;
-    - ``balanced``: w_c = n / (C * n_c), so every class contributes equally to the loss;
-    - a file: one weight per line, either ``<weight>`` in class order or ``<class name> <weight>``.
-    """
-    C = len(classes)
-    if spec == "none":
-        return None
-    if spec == "balanced":
-        counts = torch.bincount(labels, minlength=C)
-        empty = [classes[c] for c in range(C) if counts[c] == 0]
-        if empty:
-            raise ClassWeightError(f"balanced class weights: no training images for class(es) {', '.join(empty)}")
-        return (len(labels) / (C * counts.double())).float()
-    path = Path(spec)
-    if not path.is_file():
-        raise ClassWeightError(f"--class-weight: expected none, balanced or a file; no file {path}")
-    rows = [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    try:
-        if all(len(r) == 1 for r in rows):
-            values = [float(r[0]) for r in rows]
-        elif all(len(r) == 2 for r in rows):
-            named = {name: float(w) for name, w in rows}
-            unknown = sorted(set(named) - set(classes))
-            missing = [c for c in classes if c not in named]
-            if unknown or missing:
-                raise ClassWeightError(
-                    f"{path}: class names do not match the training folder"
-                    + (f"; unknown: {', '.join(unknown)}" if unknown else "")
-                    + (f"; missing: {', '.join(missing)}" if missing else "")
-                )
-            values = [named[c] for c in classes]
-        else:
-            raise ClassWeightError(f"{path}: each line must be '<weight>' or '<class name> <weight>'")
-    except ValueError as e:
-        if isinstance(e, ClassWeightError):
-            raise
-        raise ClassWeightError(f"{path}: cannot read a number: {e}") from None
-    if len(values) != C:
-        raise ClassWeightError(f"{path}: {len(values)} weights for {C} classes ({', '.join(classes)})")
-    bad = [f"{classes[i]}={v}" for i, v in enumerate(values) if not (math.isfinite(v) and v > 0)]
-    if bad:
-        raise ClassWeightError(f"{path}: class weights must be finite and > 0, got {', '.join(bad)}")
-    return torch.tensor(values, dtype=torch.float32)
+def check_class_indices(y: torch.Tensor, num_classes: int, name: str = "labels") -> None:
+    """Multi-class targets must be a 1-d integer tensor of indices in [0, C). A (N, C) 0/1 matrix with one
+    1 per row is a one-hot encoding passed by mistake, and is named as such."""
+    if y.dim() == 2 and y.shape[1] == num_classes and ((y == 0) | (y == 1)).all() and (y.sum(1) == 1).all():
+        raise LabelError(f"{name} is a one-hot matrix of shape {tuple(y.shape)}; pass class indices "
+                         f"(e.g. {name}.argmax(1))")
+    if y.dim() != 1:
+        raise LabelError(f"{name} must be a 1-d tensor of class indices, got shape {tuple(y.shape)}")
+    if y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise LabelError(f"{name} must hold integer class indices, got {y.dtype}")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise LabelError(f"{name} must lie in [0, {num_classes - 1}], found values in [{int(y.min())}, {int(y.max())}]")
 
 
 class LinearProbe(nn.Module):
@@ -210,8 +175,7 @@ def train_linear_probe(
     """Fit a linear classifier on cached features with ``F.cross_entropy`` (optional class weights and
     label smoothing), AdamW and a cosine learning rate. ``on_epoch(epoch, probe, train_loss)`` lets the
     caller log curves."""
-    if train_y.min() < 0 or train_y.max() >= num_classes:
-        raise ValueError(f"probe labels must lie in [0, {num_classes - 1}]")
+    check_class_indices(train_y, num_classes)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     probe = LinearProbe(train_x.mean(0), train_x.std(0).clamp_min(1e-6), num_classes)

@@ -14,7 +14,8 @@ from .augment import Normalize
 from .checkpoint import load_checkpoint
 from .config import ConfigError, config_from_dict
 from .data import ImageArray, load_folder
-from .evaluate import (classification_report, class_weights, extract_features, knn_scores, train_linear_probe)
+from .class_weights import class_weights
+from .evaluate import classification_report, extract_features, knn_scores, train_linear_probe
 from .models import backbone
 from .monitor import Monitor
 from .runtime import resolve_device, resolve_dtype, seed_everything, set_threads, setup_logging
@@ -29,7 +30,8 @@ class ProbeOptions:
     weight_decay: float = 5e-4
     batch_size: int = 256
     label_smoothing: float = 0.0
-    class_weight: str = "none"  # none | balanced | FILE
+    class_weight: str = "none"  # none | balanced | effective | FILE of "class_name weight" lines
+    beta: float = 0.999  # for effective class weights (Cui et al. 2019)
     knn_k: int = 200
     knn_temperature: float = 0.1
     seed: int = 0
@@ -92,7 +94,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     train = load_folder(train_dir, cfg.data.image_size, **load)
     test = load_folder(test_dir, cfg.data.image_size, **load)
     check_same_classes(train, test, train_dir, test_dir)
-    weight = class_weights(opts.class_weight, train.labels, train.classes)
+    weight = class_weights(opts.class_weight, train.labels, train.classes, opts.beta)
     normalize = Normalize(cfg.augment.mean, cfg.augment.std)
     monitor = Monitor(out / "tb")
 

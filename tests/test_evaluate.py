@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from simxent.augment import Normalize
-from simxent.evaluate import (ClassWeightError, class_weights, classification_report, extract_features, knn_scores,
+from simxent.class_weights import ClassWeightError, class_weights, effective, rises_with_frequency
+from simxent.evaluate import (LabelError, check_class_indices, classification_report, extract_features, knn_scores,
                               topk_accuracy, train_linear_probe)
 from simxent.models import ConvNet
 
@@ -63,22 +64,64 @@ def test_balanced_weights_from_counts():
         class_weights("balanced", torch.tensor([0, 1]), ["a", "b", "c"])
 
 
-def test_weight_files(tmp_path):
+def test_weight_files_are_keyed_by_class_name(tmp_path):
     classes = ["cat", "dog"]
     labels = torch.tensor([0, 1])
     f = tmp_path / "w.txt"
-    f.write_text("2.0\n0.5\n")
-    torch.testing.assert_close(class_weights(str(f), labels, classes), torch.tensor([2.0, 0.5]))
-    f.write_text("dog 3\ncat 1\n")  # by name, in any order
+    f.write_text("# weights\ndog 3\ncat 1  # rare\n")  # by name, in any order
     torch.testing.assert_close(class_weights(str(f), labels, classes), torch.tensor([1.0, 3.0]))
-    for text, match in [("1\n2\n3\n", "3 weights for 2 classes"), ("1\n0\n", "finite and > 0"),
-                        ("1\nnan\n", "finite and > 0"), ("-1\n1\n", "finite and > 0"),
-                        ("cat 1\nbird 2\n", "unknown: bird"), ("1\nabc\n", "cannot read a number")]:
+    for text, match in [("2.0\n0.5\n", r"w.txt:1: expected '<class name> <weight>'"),
+                        ("cat 1\ndog 0\n", "finite and > 0, got dog=0"), ("cat 1\ndog nan\n", "finite and > 0"),
+                        ("cat -1\ndog 1\n", "finite and > 0"), ("cat 1\nbird 2\n", "unknown: bird; missing: dog"),
+                        ("cat 1\ndog abc\n", "w.txt:2: cannot read a number")]:
         f.write_text(text)
         with pytest.raises(ClassWeightError, match=match):
             class_weights(str(f), labels, classes)
     with pytest.raises(ClassWeightError, match="no file"):
         class_weights(str(tmp_path / "missing.txt"), labels, classes)
+
+
+def test_effective_number_weights():
+    """Cui et al. 2019: w_c proportional to (1 - b) / (1 - b^n_c), summing to C; b = 0 is uniform, b -> 1 balanced."""
+    counts = torch.tensor([1000, 100, 10])
+    b = 0.99
+    raw = torch.tensor([(1 - b) / (1 - b**n) for n in (1000, 100, 10)], dtype=torch.float64)
+    torch.testing.assert_close(effective(counts, b), raw * 3 / raw.sum())
+    torch.testing.assert_close(effective(counts, 0.0), torch.ones(3, dtype=torch.float64))
+    labels = torch.repeat_interleave(torch.arange(3), counts)
+    near_one = class_weights("effective", labels, ["a", "b", "c"], beta=0.999999)
+    torch.testing.assert_close(near_one, class_weights("balanced", labels, ["a", "b", "c"]) * 3
+                               / class_weights("balanced", labels, ["a", "b", "c"]).sum(), rtol=2e-3, atol=0)
+    with pytest.raises(ClassWeightError, match="beta must lie in"):
+        class_weights("effective", labels, ["a", "b", "c"], beta=1.0)
+
+
+def test_weight_table_and_inverted_weights_warning(tmp_path, caplog):
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    f = tmp_path / "w.txt"
+    f.write_text("common 4\nrare 1\n")
+    with caplog.at_level("INFO", logger="simxent"):
+        class_weights(str(f), labels, ["common", "rare"])
+    assert "common" in caplog.text and "8" in caplog.text and "inverted" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="simxent"):
+        class_weights("balanced", labels, ["common", "rare"])
+    assert "inverted" not in caplog.text
+    assert not rises_with_frequency(torch.ones(3), torch.tensor([5, 3, 1]))
+
+
+def test_label_checks_name_the_mistake():
+    check_class_indices(torch.tensor([0, 2, 1]), 3)
+    with pytest.raises(LabelError, match="one-hot matrix of shape \\(3, 3\\)"):
+        check_class_indices(torch.eye(3, dtype=torch.long), 3)
+    with pytest.raises(LabelError, match=r"must lie in \[0, 2\], found values in \[0, 3\]"):
+        check_class_indices(torch.tensor([0, 3]), 3)
+    with pytest.raises(LabelError, match="-1"):
+        check_class_indices(torch.tensor([-1, 0]), 3)
+    with pytest.raises(LabelError, match="integer class indices"):
+        check_class_indices(torch.tensor([0.0, 1.0]), 3)
+    with pytest.raises(LabelError, match="one-hot"):
+        train_linear_probe(torch.randn(4, 2), F.one_hot(torch.tensor([0, 1, 2, 0]), 3), 3, epochs=1, progress=False)
 
 
 def test_probe_learns_separable_features():

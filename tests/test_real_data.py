@@ -22,3 +22,37 @@ def test_cpu_preset_lifts_knn_on_cifar10(cifar, tmp_path):
     trained, untrained = results["pretrained"]["knn"]["top1"], results["random_init"]["knn"]["top1"]
     print(f"kNN top-1 after {MINUTES} min: {trained:.4f} (random init {untrained:.4f})")
     assert trained >= untrained + 0.05
+
+
+@pytest.mark.slow
+def test_balanced_weights_raise_minority_recall_on_imbalanced_cifar10(cifar, tmp_path):
+    """A 400 / 100 / 25 image subset of three CIFAR-10 classes, probed on frozen (untrained) convnet
+    features: balanced class weights must raise the recall of the rarest class on the balanced test split."""
+    import torch
+
+    from simxent.augment import Normalize
+    from simxent.class_weights import class_weights
+    from simxent.config import AugmentConfig
+    from simxent.data import load_folder
+    from simxent.evaluate import classification_report, extract_features, train_linear_probe
+    from simxent.models import backbone
+
+    sizes = {"airplane": 400, "automobile": 100, "bird": 25}
+    for split, counts in (("train", sizes), ("test", {c: 300 for c in sizes})):
+        for name, n in counts.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for f in sorted((cifar / split / name).glob("*.jpg"))[:n]:
+                (tmp_path / split / name / f.name).symlink_to(f)
+    train, test = (load_folder(tmp_path / s, 32, workers=2, progress=False) for s in ("train", "test"))
+    torch.manual_seed(0)
+    encoder, _ = backbone("convnet")
+    norm = Normalize(AugmentConfig().mean, AugmentConfig().std)
+    feats = [extract_features(encoder, d.images, norm, torch.device("cpu"), progress=False) for d in (train, test)]
+    recall = {}
+    for spec in ("none", "balanced"):
+        probe = train_linear_probe(feats[0], train.labels, 3, epochs=60, progress=False,
+                                   weight=class_weights(spec, train.labels, train.classes))
+        with torch.no_grad():
+            recall[spec] = classification_report(probe(feats[1]), test.labels, test.classes)["per_class"]["bird"]
+    print(f"bird recall: {recall}")
+    assert recall["balanced"] >= recall["none"] + 0.10

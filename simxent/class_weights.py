@@ -1,0 +1,100 @@
+"""Class weights for the probe's cross entropy, and the checks that keep them from silently going wrong.
+
+Weights are keyed by class name wherever they come from a file, so a renamed or reordered folder cannot
+swap them; every run prints the table of counts and weights and warns about a likely inverted weighting.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger("simxent")
+
+
+class ClassWeightError(ValueError):
+    """Class weights that do not fit the classes: unknown or missing name, non-positive, non-finite."""
+
+
+def balanced(counts: torch.Tensor) -> torch.Tensor:
+    """w_c = n / (C * n_c): every class contributes equally to the loss."""
+    return counts.sum() / (len(counts) * counts.double())
+
+
+def effective(counts: torch.Tensor, beta: float) -> torch.Tensor:
+    """Cui et al. 2019, inverse effective number of samples: w_c proportional to (1 - beta) / (1 - beta^n_c),
+    scaled so that the weights sum to C. beta -> 0 gives no weighting, beta -> 1 gives ``balanced``."""
+    w = (1 - beta) / (1 - torch.pow(torch.tensor(beta, dtype=torch.float64), counts.double()))
+    return w * len(counts) / w.sum()
+
+
+def from_file(path: Path, classes: list[str]) -> torch.Tensor:
+    """``<class name> <weight>`` per line (``#`` comments allowed), every class exactly once."""
+    named = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise ClassWeightError(f"{path}:{number}: expected '<class name> <weight>', got {line.strip()!r}")
+        name, value = fields
+        try:
+            named[name] = float(value)
+        except ValueError:
+            raise ClassWeightError(f"{path}:{number}: cannot read a number from {value!r}") from None
+    unknown = sorted(set(named) - set(classes))
+    missing = [c for c in classes if c not in named]
+    if unknown or missing:
+        raise ClassWeightError(f"{path}: class names do not match the training folder"
+                               + (f"; unknown: {', '.join(unknown)}" if unknown else "")
+                               + (f"; missing: {', '.join(missing)}" if missing else ""))
+    return torch.tensor([named[c] for c in classes], dtype=torch.float64)
+
+
+def class_weights(spec: str, labels: torch.Tensor, classes: list[str], beta: float = 0.999) -> Optional[torch.Tensor]:
+    """Per-class weights from ``spec``: ``none``, ``balanced``, ``effective`` (with ``beta``) or a file of
+    ``class_name weight`` lines. Errors name the class or the file line."""
+    if spec == "none":
+        return None
+    counts = torch.bincount(labels, minlength=len(classes))
+    if spec in ("balanced", "effective"):
+        empty = [classes[c] for c in range(len(classes)) if counts[c] == 0]
+        if empty:
+            raise ClassWeightError(f"{spec} class weights: no training images for class(es) {', '.join(empty)}")
+        if spec == "effective" and not 0 <= beta < 1:
+            raise ClassWeightError(f"effective class weights: beta must lie in [0, 1), got {beta}")
+        weights = balanced(counts) if spec == "balanced" else effective(counts, beta)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ClassWeightError(f"--class-weight: expected none, balanced, effective or a file; no file {path}")
+        weights = from_file(path, classes)
+    bad = [f"{c}={w:g}" for c, w in zip(classes, weights.tolist()) if not (math.isfinite(w) and w > 0)]
+    if bad:
+        raise ClassWeightError(f"class weights must be finite and > 0, got {', '.join(bad)}")
+    report(weights, counts, classes)
+    return weights.float()
+
+
+def report(weights: torch.Tensor, counts: torch.Tensor, classes: list[str]) -> None:
+    """Log the count/weight table, and warn when weights rise with class frequency: weighting the common
+    classes up is almost always an inverted weighting."""
+    width = max(len(c) for c in classes)
+    rows = "\n".join(f"  {c:<{width}}  {int(n):>8}  {w:10.4g}" for c, n, w in zip(classes, counts, weights.tolist()))
+    log.info("class weights:\n  %-*s  %8s  %10s\n%s", width, "class", "images", "weight", rows)
+    if rises_with_frequency(weights, counts):
+        log.warning("class weights rise with class frequency (the most common classes weigh most): "
+                    "is the weighting inverted? balanced weights are n / (C * n_c)")
+
+
+def rises_with_frequency(weights: torch.Tensor, counts: torch.Tensor) -> bool:
+    """Spearman correlation of weights and counts above 0.5 (classes of unequal size only)."""
+    if len(counts) < 2 or counts.min() == counts.max() or weights.min() == weights.max():
+        return False
+    rank = lambda v: v.double().argsort().argsort().double()  # noqa: E731
+    a, b = rank(weights), rank(counts)
+    a, b = a - a.mean(), b - b.mean()
+    return bool((a * b).sum() / (a.norm() * b.norm()) > 0.5)
