@@ -98,3 +98,19 @@ def rises_with_frequency(weights: torch.Tensor, counts: torch.Tensor) -> bool:
     a, b = rank(weights), rank(counts)
     a, b = a - a.mean(), b - b.mean()
     return bool((a * b).sum() / (a.norm() * b.norm()) > 0.5)
+
+
+def positive_weights(spec: str, targets: torch.Tensor, names: list[str]) -> Optional[torch.Tensor]:
+    """``pos_weight`` per label for binary and multi-label probes: ``none``, or ``balanced`` = n_neg / n_pos,
+    which weighs each label's positives as much as its negatives."""
+    if spec == "none":
+        return None
+    if spec != "balanced":
+        raise ClassWeightError(f"--class-weight {spec}: binary and multi-label probes take none or balanced")
+    positives = targets.sum(0).double()
+    empty = [n for n, p in zip(names, positives) if p == 0 or p == len(targets)]
+    if empty:
+        raise ClassWeightError(f"balanced positive weights: label(s) {', '.join(empty)} are never or always positive")
+    weights = (len(targets) - positives) / positives
+    log.info("positive weights (n_neg / n_pos): %s", ", ".join(f"{n}={w:.4g}" for n, w in zip(names, weights.tolist())))
+    return weights.float()

@@ -93,6 +93,12 @@ def linear_eval_main(argv=None) -> int:
     p.add_argument("--train", required=True, help="labelled training folder (one sub-folder per class)")
     p.add_argument("--test", required=True, help="labelled test folder with the same classes")
     _probe_parser(p)
+    p.add_argument("--objective", default="multiclass", choices=("multiclass", "binary", "multilabel"),
+                   help="multiclass: softmax cross entropy over class folders; binary: one logit over two class "
+                        "folders; multilabel: one logit per label from --train-labels/--test-labels")
+    p.add_argument("--positive-class", help="binary: the class folder that is label 1 (default: the second)")
+    p.add_argument("--train-labels", help="multilabel: CSV of 'file,label;label' rows, files relative to --train")
+    p.add_argument("--test-labels", help="multilabel: the same for --test")
     p.add_argument("--random-init", action="store_true", help="also score an untrained encoder as the baseline")
     p.add_argument("--json", help="write every figure to this JSON file")
     p.add_argument("--out", help="TensorBoard directory (default: RUN/linear_eval)")
@@ -104,7 +110,9 @@ def linear_eval_main(argv=None) -> int:
 
     def main():
         results = linear_eval(a.checkpoint, a.train, a.test, _probe_options(a), a.random_init, a.out, a.json,
-                              a.device, a.workers, not a.no_cache, not a.no_progress)
+                              a.device, a.workers, not a.no_cache, not a.no_progress, objective=a.objective,
+                              positive_class=a.positive_class, train_labels=a.train_labels,
+                              test_labels=a.test_labels)
         print(format_results(results))
         return 0
 

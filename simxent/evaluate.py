@@ -145,6 +145,23 @@ def check_class_indices(y: torch.Tensor, num_classes: int, name: str = "labels")
         raise LabelError(f"{name} must lie in [0, {num_classes - 1}], found values in [{int(y.min())}, {int(y.max())}]")
 
 
+def check_binary_targets(y: torch.Tensor, num_labels: int, name: str = "targets") -> None:
+    """Binary and multi-label targets: an (N, labels) tensor of 0 and 1."""
+    if y.dim() != 2 or y.shape[1] != num_labels:
+        raise LabelError(f"{name} must have shape (N, {num_labels}) for {num_labels} label(s), got {tuple(y.shape)}")
+    if not ((y == 0) | (y == 1)).all():
+        raise LabelError(f"{name} must hold only 0 and 1, found {sorted(set(y.unique().tolist()) - {0, 1})[:5]}")
+
+
+def probe_loss(objective: str, weight: Optional[torch.Tensor] = None, label_smoothing: float = 0.0):
+    """The probe's loss as ``loss(logits, targets)``."""
+    if objective == "multiclass":
+        return lambda logits, y: F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing)
+    if objective in ("binary", "multilabel"):
+        return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=weight)
+    raise ValueError(f"unknown probe objective '{objective}' (multiclass, binary or multilabel)")
+
+
 class LinearProbe(nn.Module):
     """Standardise features with the training set's mean and std, then one linear layer."""
 
@@ -161,7 +178,7 @@ class LinearProbe(nn.Module):
 def train_linear_probe(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
-    num_classes: int,
+    num_outputs: int,
     epochs: int = 100,
     lr: float = 1e-2,
     weight_decay: float = 5e-4,
@@ -171,14 +188,24 @@ def train_linear_probe(
     seed: int = 0,
     on_epoch: Optional[Callable[[int, LinearProbe, float], None]] = None,
     progress: bool = True,
+    objective: str = "multiclass",
 ) -> LinearProbe:
-    """Fit a linear classifier on cached features with ``F.cross_entropy`` (optional class weights and
-    label smoothing), AdamW and a cosine learning rate. ``on_epoch(epoch, probe, train_loss)`` lets the
-    caller log curves."""
-    check_class_indices(train_y, num_classes)
+    """Fit a linear classifier on cached features with AdamW and a cosine learning rate.
+
+    - ``multiclass``: ``F.cross_entropy`` over ``num_outputs`` classes, optional class ``weight`` and label
+      smoothing; targets are class indices;
+    - ``binary`` / ``multilabel``: ``F.binary_cross_entropy_with_logits`` with one logit per label
+      (``num_outputs`` = 1 for binary), ``weight`` used as ``pos_weight``; targets are 0/1, shape (N, labels).
+
+    ``on_epoch(epoch, probe, train_loss)`` lets the caller log curves."""
+    if objective == "multiclass":
+        check_class_indices(train_y, num_outputs)
+    else:
+        check_binary_targets(train_y, num_outputs)
+    loss_fn = probe_loss(objective, weight, label_smoothing)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    probe = LinearProbe(train_x.mean(0), train_x.std(0).clamp_min(1e-6), num_classes)
+    probe = LinearProbe(train_x.mean(0), train_x.std(0).clamp_min(1e-6), num_outputs)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(train_x) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
@@ -187,7 +214,7 @@ def train_linear_probe(
         total = 0.0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            loss = F.cross_entropy(probe(train_x[idx]), train_y[idx], weight=weight, label_smoothing=label_smoothing)
+            loss = loss_fn(probe(train_x[idx]), train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

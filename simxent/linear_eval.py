@@ -14,8 +14,9 @@ from .augment import Normalize
 from .checkpoint import load_checkpoint
 from .config import ConfigError, config_from_dict
 from .data import ImageArray, load_folder
-from .class_weights import class_weights
-from .evaluate import classification_report, extract_features, knn_scores, train_linear_probe
+from .class_weights import class_weights, positive_weights
+from .evaluate import classification_report, extract_features, knn_scores, probe_loss, train_linear_probe
+from .metrics import balanced_accuracy, f1_score, mean_average_precision, roc_auc
 from .models import backbone
 from .monitor import Monitor
 from .runtime import resolve_device, resolve_dtype, seed_everything, set_threads, setup_logging
@@ -48,41 +49,121 @@ def check_same_classes(train: ImageArray, test: ImageArray, train_dir, test_dir)
                           f"only in train: {only_train or '-'}; only in test: {only_test or '-'}")
 
 
-def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, normalize: Normalize, device, dtype,
-                  opts: ProbeOptions, weight: Optional[torch.Tensor], monitor: Monitor,
+@dataclass
+class Targets:
+    """What the probe predicts: class indices (multiclass) or an (N, labels) 0/1 matrix (binary, multilabel)."""
+
+    objective: str
+    names: list[str]  # classes, the positive class, or the labels
+    train: torch.Tensor
+    test: torch.Tensor
+
+
+def binary_targets(train: ImageArray, test: ImageArray, positive: Optional[str]) -> Targets:
+    """Two class folders; ``positive`` (default: the second in sorted order) is label 1."""
+    if len(train.classes) != 2:
+        raise ConfigError(f"--objective binary needs exactly 2 class folders, found {len(train.classes)}: "
+                          f"{', '.join(train.classes)}")
+    positive = positive or train.classes[1]
+    if positive not in train.classes:
+        raise ConfigError(f"--positive-class {positive!r} is not one of {', '.join(train.classes)}")
+    p = train.classes.index(positive)
+    return Targets("binary", [positive], (train.labels == p).long().unsqueeze(1), (test.labels == p).long().unsqueeze(1))
+
+
+def read_label_csv(path: str | Path, data: ImageArray, root: str | Path, names: Optional[list[str]] = None):
+    """Rows ``file,label;label;...`` with ``file`` relative to ``root``; every image needs a row. Returns the
+    (N, labels) matrix and the label names (sorted, from the training CSV unless given)."""
+    path, root = Path(path), Path(root)
+    if not path.is_file():
+        raise ConfigError(f"label file not found: {path}")
+    rows = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        if "," not in line:
+            raise ConfigError(f"{path}:{number}: expected 'file,label;label;...', got {line.strip()!r}")
+        file, labels = line.split(",", 1)
+        rows[file.strip()] = {x.strip() for x in labels.split(";") if x.strip()}
+    names = names or sorted(set().union(*rows.values()))
+    index = {n: i for i, n in enumerate(names)}
+    y = torch.zeros(len(data), len(names), dtype=torch.long)
+    missing = []
+    for i, f in enumerate(data.files):
+        rel = Path(f).relative_to(root).as_posix()
+        if rel not in rows:
+            missing.append(rel)
+            continue
+        unknown = rows[rel] - set(index)
+        if unknown:
+            raise ConfigError(f"{path}: {rel} has label(s) {sorted(unknown)} that the training labels lack")
+        for label in rows[rel]:
+            y[i, index[label]] = 1
+    if missing:
+        raise ConfigError(f"{path}: no labels for {len(missing)} image(s) of {root}, e.g. {', '.join(missing[:3])}")
+    return y, names
+
+
+def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targets: Targets, normalize: Normalize,
+                  device, dtype, opts: ProbeOptions, weight: Optional[torch.Tensor], monitor: Monitor,
                   feature_batch: int = 512, progress: bool = True) -> dict:
-    """Linear probe and kNN figures for one encoder; curves and confusion matrix go to TensorBoard."""
+    """Linear probe (and, for folder classes, kNN) figures for one encoder; curves and confusion matrices go
+    to TensorBoard."""
     encoder = encoder.to(device).to(memory_format=torch.channels_last)
     train_x = extract_features(encoder, train.images, normalize, device, feature_batch, dtype,
                                desc=f"{name}: train features", progress=progress)
     test_x = extract_features(encoder, test.images, normalize, device, feature_batch, dtype,
                               desc=f"{name}: test features", progress=progress)
-    classes = train.classes
+    multiclass = targets.objective == "multiclass"
+    loss_fn = probe_loss(targets.objective)
 
     def on_epoch(epoch, probe, train_loss):
         with torch.no_grad():
             logits = probe(test_x)
-            test_loss = torch.nn.functional.cross_entropy(logits, test.labels).item()
-            acc = (logits.argmax(1) == test.labels).float().mean().item()
-        monitor.scalars({"train_loss": train_loss, "test_loss": test_loss, "test_top1": acc}, epoch,
+            correct = logits.argmax(1) == targets.test if multiclass else (logits > 0) == targets.test.bool()
+            test_loss, acc = loss_fn(logits, targets.test).item(), correct.float().mean().item()
+        monitor.scalars({"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": acc}, epoch,
                         prefix=f"{name}/probe/")
 
-    probe = train_linear_probe(train_x, train.labels, len(classes), opts.epochs, opts.lr, opts.weight_decay,
-                               opts.batch_size, weight, opts.label_smoothing, opts.seed, on_epoch, progress)
+    probe = train_linear_probe(train_x, targets.train, len(targets.names), opts.epochs, opts.lr, opts.weight_decay,
+                               opts.batch_size, weight, opts.label_smoothing, opts.seed, on_epoch, progress,
+                               objective=targets.objective)
     with torch.no_grad():
-        linear = classification_report(probe(test_x), test.labels, classes)
-    knn = classification_report(
-        knn_scores(train_x, train.labels, test_x, len(classes), opts.knn_k, opts.knn_temperature),
-        test.labels, classes)
-    monitor.confusion(f"{name}/probe/confusion", linear["confusion"], classes)
-    monitor.confusion(f"{name}/knn/confusion", knn["confusion"], classes)
-    return {"linear": linear, "knn": knn, "feature_dim": train_x.shape[1]}
+        logits = probe(test_x)
+    result = {"feature_dim": train_x.shape[1]}
+    if multiclass:
+        linear = classification_report(logits, targets.test, targets.names)
+        linear["balanced_accuracy"] = balanced_accuracy(logits.argmax(1), targets.test, len(targets.names))
+        monitor.confusion(f"{name}/probe/confusion", linear["confusion"], targets.names)
+    elif targets.objective == "binary":
+        pred = (logits > 0).long()
+        linear = {"accuracy": (pred == targets.test).float().mean().item(),
+                  "balanced_accuracy": balanced_accuracy(pred.flatten(), targets.test.flatten(), 2),
+                  "roc_auc": roc_auc(logits, targets.test), "f1": f1_score(pred, targets.test),
+                  "positive_class": targets.names[0]}
+    else:
+        mean_ap, per_label = mean_average_precision(logits, targets.test)
+        linear = {"mAP": mean_ap, "per_label_ap": dict(zip(targets.names, per_label)),
+                  "f1_micro": f1_score(logits > 0, targets.test)}
+    result["linear"] = linear
+    if train.classes and targets.objective != "multilabel":
+        knn = classification_report(
+            knn_scores(train_x, train.labels, test_x, len(train.classes), opts.knn_k, opts.knn_temperature),
+            test.labels, train.classes)
+        monitor.confusion(f"{name}/knn/confusion", knn["confusion"], train.classes)
+        result["knn"] = knn
+    return result
 
 
 def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | Path, opts: ProbeOptions,
                 random_init: bool = False, out: Optional[str | Path] = None, json_path: Optional[str | Path] = None,
-                device: str = "auto", workers: int = 2, cache: bool = True, progress: bool = True) -> dict:
-    """Score a pretrained checkpoint (and, with ``random_init``, an untrained twin) on labelled folders."""
+                device: str = "auto", workers: int = 2, cache: bool = True, progress: bool = True,
+                objective: str = "multiclass", positive_class: Optional[str] = None,
+                train_labels: Optional[str | Path] = None, test_labels: Optional[str | Path] = None) -> dict:
+    """Score a pretrained checkpoint (and, with ``random_init``, an untrained twin) on labelled folders.
+
+    ``objective``: ``multiclass`` (class folders), ``binary`` (two class folders, ``positive_class`` is 1)
+    or ``multilabel`` (labels from ``train_labels`` / ``test_labels`` CSVs of ``file,label;label``)."""
     setup_logging()
     state = load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"])
@@ -93,8 +174,21 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     load = dict(cache=cache, cache_dir=cfg.data.cache_dir or None, workers=workers, on_bad_image=cfg.data.on_bad_image)
     train = load_folder(train_dir, cfg.data.image_size, **load)
     test = load_folder(test_dir, cfg.data.image_size, **load)
-    check_same_classes(train, test, train_dir, test_dir)
-    weight = class_weights(opts.class_weight, train.labels, train.classes, opts.beta)
+    if objective == "multilabel":
+        if not (train_labels and test_labels):
+            raise ConfigError("--objective multilabel needs --train-labels and --test-labels CSV files")
+        y_train, names = read_label_csv(train_labels, train, train_dir)
+        y_test, _ = read_label_csv(test_labels, test, test_dir, names)
+        targets = Targets("multilabel", names, y_train, y_test)
+        weight = positive_weights(opts.class_weight, y_train, names)
+    else:
+        check_same_classes(train, test, train_dir, test_dir)
+        if objective == "binary":
+            targets = binary_targets(train, test, positive_class)
+            weight = positive_weights(opts.class_weight, targets.train, targets.names)
+        else:
+            targets = Targets("multiclass", train.classes, train.labels, test.labels)
+            weight = class_weights(opts.class_weight, train.labels, train.classes, opts.beta)
     normalize = Normalize(cfg.augment.mean, cfg.augment.std)
     monitor = Monitor(out / "tb")
 
@@ -109,16 +203,18 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
         "checkpoint": str(checkpoint),
         "train": str(train_dir),
         "test": str(test_dir),
+        "objective": objective,
         "classes": train.classes,
+        "targets": targets.names,
         "train_images": len(train),
         "test_images": len(test),
         "skipped_images": train.skipped + test.skipped,
-        "class_weight": None if weight is None else dict(zip(train.classes, weight.tolist())),
+        "class_weight": None if weight is None else dict(zip(targets.names, weight.tolist())),
         "options": vars(opts),
     }
     for name, encoder in encoders.items():
-        results[name] = score_encoder(name, encoder, train, test, normalize, dev, dtype, opts, weight, monitor,
-                                      progress=progress)
+        results[name] = score_encoder(name, encoder, train, test, targets, normalize, dev, dtype, opts, weight,
+                                      monitor, progress=progress)
     monitor.close()
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
@@ -127,11 +223,14 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
 
 
 def format_results(results: dict) -> str:
-    """A small table: one row per encoder, linear and kNN top-1/top-5."""
-    rows = ["encoder       linear top-1  linear top-5  kNN top-1  kNN top-5"]
+    """A small table: one row per encoder with the objective's headline figures."""
+    objective = results.get("objective", "multiclass")
+    columns = {"multiclass": [("linear", "top1"), ("linear", "top5"), ("linear", "balanced_accuracy"),
+                              ("knn", "top1"), ("knn", "top5")],
+               "binary": [("linear", "accuracy"), ("linear", "roc_auc"), ("linear", "f1"), ("knn", "top1")],
+               "multilabel": [("linear", "mAP"), ("linear", "f1_micro")]}[objective]
+    rows = ["encoder      " + "".join(f"{f'{a} {b}':>24}" for a, b in columns)]
     for name in ("pretrained", "random_init"):
         if name in results:
-            r = results[name]
-            rows.append(f"{name:<13} {r['linear']['top1']:>12.4f}  {r['linear']['top5']:>12.4f}  "
-                        f"{r['knn']['top1']:>9.4f}  {r['knn']['top5']:>9.4f}")
+            rows.append(f"{name:<13}" + "".join(f"{results[name][a][b]:>24.4f}" for a, b in columns))
     return "\n".join(rows)

@@ -68,7 +68,7 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
     assert "pretrained" in capsys.readouterr().out
     probe = EventAccumulator(str(run / "linear_eval" / "tb"), size_guidance={"images": 0})
     probe.Reload()
-    assert "pretrained/probe/test_top1" in probe.Tags()["scalars"]
+    assert "pretrained/probe/test_accuracy" in probe.Tags()["scalars"]
     assert "pretrained/probe/confusion" in probe.Tags()["images"]
 
 
@@ -119,3 +119,49 @@ def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path
                              "--test", str(other / "test"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "only in train: ['ring']" in err and "only in test: ['donut']" in err
+
+
+def test_binary_and_multilabel_probes(shapes, tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(load_config(None, tiny(shapes, run, "train.epochs=1", "eval.every=0")), progress=False)
+    ckpt = str(run / "checkpoints" / "last.pt")
+    two = tmp_path / "two"
+    for split in ("train", "test"):
+        (two / split).mkdir(parents=True)
+        for c in ("circle", "square"):
+            (two / split / c).symlink_to(shapes / split / c, target_is_directory=True)
+    report = tmp_path / "binary.json"
+    assert linear_eval_main(["--checkpoint", ckpt, "--train", str(two / "train"), "--test", str(two / "test"),
+                             "--objective", "binary", "--positive-class", "circle", "--class-weight", "balanced",
+                             "--epochs", "3", "--knn-k", "5", "--json", str(report), "--no-progress"]) == 0
+    r = json.loads(report.read_text())
+    assert r["targets"] == ["circle"] and r["class_weight"] == {"circle": pytest.approx(1.0)}
+    assert 0 <= r["pretrained"]["linear"]["roc_auc"] <= 1 and "f1" in r["pretrained"]["linear"]
+    assert linear_eval_main(["--checkpoint", ckpt, "--train", str(shapes / "train"), "--test", str(shapes / "test"),
+                             "--objective", "binary", "--no-progress"]) == 2
+    assert "exactly 2 class folders" in capsys.readouterr().err
+
+    # multi-label: "round" for circles and rings, "straight" for squares, triangles and crosses, "ring" too
+    def write_csv(root, path):
+        rows = []
+        for f in sorted(root.rglob("*.png")):
+            shape = f.parent.name
+            labels = (["round"] if shape in ("circle", "ring") else ["straight"]) + (["ring"] if shape == "ring" else [])
+            rows.append(f"{f.relative_to(root).as_posix()},{';'.join(labels)}")
+        path.write_text("\n".join(rows) + "\n")
+    write_csv(shapes / "train", tmp_path / "train.csv")
+    write_csv(shapes / "test", tmp_path / "test.csv")
+    report = tmp_path / "multilabel.json"
+    assert linear_eval_main(["--checkpoint", ckpt, "--train", str(shapes / "train"), "--test", str(shapes / "test"),
+                             "--objective", "multilabel", "--train-labels", str(tmp_path / "train.csv"),
+                             "--test-labels", str(tmp_path / "test.csv"), "--epochs", "3", "--json", str(report),
+                             "--no-progress"]) == 0
+    r = json.loads(report.read_text())
+    assert r["targets"] == ["ring", "round", "straight"]
+    assert set(r["pretrained"]["linear"]["per_label_ap"]) == {"ring", "round", "straight"}
+    assert 0 < r["pretrained"]["linear"]["mAP"] <= 1 and "knn" not in r["pretrained"]
+    (tmp_path / "test.csv").write_text("\n".join((tmp_path / "test.csv").read_text().splitlines()[1:]) + "\n")
+    assert linear_eval_main(["--checkpoint", ckpt, "--train", str(shapes / "train"), "--test", str(shapes / "test"),
+                             "--objective", "multilabel", "--train-labels", str(tmp_path / "train.csv"),
+                             "--test-labels", str(tmp_path / "test.csv"), "--no-progress"]) == 2
+    assert "no labels for 1 image(s)" in capsys.readouterr().err
