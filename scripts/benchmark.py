@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import statistics
 import tempfile
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from simxent.augment import Normalize, ViewAugment
-from simxent.config import AugmentConfig, ModelConfig, OptimConfig, load_config
+from simxent.config import AugmentConfig, ModelConfig, load_config
 from simxent.evaluate import autocast, build_index, extract_features, knn_scores, train_linear_probe
 from simxent.loss import nt_xent
 from simxent.models import SimCLR

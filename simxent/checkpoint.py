@@ -85,9 +85,8 @@ def export_torchvision(path: str | Path, dest: str | Path) -> None:
     same name with ``strict=False`` (only ``fc`` is missing), or ``strict=True`` after replacing fc."""
     state = load_checkpoint(path)
     dest = Path(dest)
-    save = {k: v for k, v in state["encoder"].items()}
     tmp = dest.with_name(f".{dest.name}.tmp")
-    torch.save(save, tmp)
+    torch.save(state["encoder"], tmp)
     os.replace(tmp, dest)
 
 

@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from simxent.checkpoint import CheckpointError, export_torchvision, load_checkpoint, load_encoder, save_checkpoint
-from simxent.config import ModelConfig, load_config, to_dict
+from simxent.config import load_config, to_dict
 from simxent.models import backbone
 
 
