@@ -1,0 +1,34 @@
+"""The sweep runs every combination as a normal run and tabulates what it measured."""
+import json
+
+import pytest
+
+from simxent.config import ConfigError
+from simxent.demo import make_shapes
+from simxent.linear_eval import ProbeOptions
+from simxent.sweep import parse_grid, sweep
+
+
+def test_grid_parsing():
+    assert parse_grid(["loss.temperature=0.1,0.5", "optim.name=sgd,adamw"]) == {
+        "loss.temperature": [0.1, 0.5], "optim.name": ["sgd", "adamw"]}
+    with pytest.raises(ConfigError, match="expected key=value1"):
+        parse_grid(["loss.temperature"])
+
+
+def test_sweep_runs_each_combination(tmp_path):
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=4, size=16)
+    base = ["model.backbone=convnet", "model.head_hidden=16", "model.head_out=8", "data.image_size=16",
+            "data.workers=0", "train.batch_size=8", "train.epochs=1", "train.max_time=0"]
+    with pytest.raises(ConfigError, match="did you mean 'loss.temperature'"):  # checked before any run
+        sweep(None, {"loss.temprature": [0.1]}, str(shapes / "train"), str(shapes / "test"), tmp_path / "bad", 0,
+              base)
+    rows = sweep(None, {"loss.temperature": [0.1, 0.5], "train.batch_size": [8]}, str(shapes / "train"),
+                 str(shapes / "test"), tmp_path / "sweep", 0, base, ProbeOptions(epochs=2, knn_k=5), progress=False)
+    assert [r["loss.temperature"] for r in rows] == [0.1, 0.5]
+    assert all(r["steps"] == 5 for r in rows)
+    saved = json.loads((tmp_path / "sweep" / "results.json").read_text())
+    assert [r["knn_top1"] for r in saved] == [r["knn_top1"] for r in rows]
+    assert (tmp_path / "sweep" / "temperature=0.1_batch_size=8" / "checkpoints" / "last.pt").exists()
+    assert "loss.temperature" in (tmp_path / "sweep" / "results.md").read_text()
+    assert list((tmp_path / "sweep" / "hparams").rglob("events.out.tfevents.*"))
