@@ -30,6 +30,11 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(dim=1, keepdim=True)
 
 
+def _chosen(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Indices of the samples of ``x`` that an op with probability ``p`` applies to, drawn per sample."""
+    return (torch.rand(x.shape[0], device=x.device) < p).nonzero().squeeze(1)
+
+
 def _per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 1, 1, 1)
 
@@ -81,7 +86,7 @@ class ColorJitter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Jitters the chosen samples of ``x`` in place (the view pipeline owns its batch)."""
-        chosen = (torch.rand(x.shape[0], device=x.device) < self.p).nonzero().squeeze(1)
+        chosen = _chosen(x, self.p)
         out = x[chosen]
         for i in torch.randperm(4).tolist():
             lo, hi = self.ranges[i]
@@ -99,7 +104,7 @@ class RandomGrayscale(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chosen = (torch.rand(x.shape[0], device=x.device) < self.p).nonzero().squeeze(1)
+        chosen = _chosen(x, self.p)
         x[chosen] = grayscale(x[chosen]).expand(-1, 3, -1, -1)
         return x
 
@@ -112,7 +117,7 @@ class RandomHorizontalFlip(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chosen = (torch.rand(x.shape[0], device=x.device) < self.p).nonzero().squeeze(1)
+        chosen = _chosen(x, self.p)
         x[chosen] = x[chosen].flip(-1)
         return x
 

@@ -179,14 +179,14 @@ def load_folder(
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     if cache and array_path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        good = np.asarray(meta["good"], dtype=np.int64)
+        good, bad = np.asarray(meta["good"], dtype=np.int64), meta["bad"]
         images = np.load(array_path, mmap_mode="r")[: len(good)]
-        skipped = [str(found.files[i]) for i in meta["bad"]]
     else:
-        images, good, skipped = _decode_all(found, size, workers, on_bad_image, progress,
-                                            into=array_path if cache else None)
+        images, good, bad = _decode_all(found, size, workers, on_bad_image, progress,
+                                        into=array_path if cache else None)
         if cache:
-            _write_meta(good, found, meta_path)
+            _write_meta(good, bad, found, meta_path)
+    skipped = [str(found.files[i]) for i in bad]
     _report_skipped(skipped, found.root)
     if len(good) == 0:
         raise DataError(f"no readable images in {found.root} ({len(skipped)} files could not be read)")
@@ -233,15 +233,13 @@ def _decode_all(found: ImageList, size: int, workers: int, on_bad_image: str, pr
     if into is not None:
         out.flush()
         os.replace(tmp, into)
-    good = np.asarray(good, dtype=np.int64)
-    bad = sorted(set(range(n)) - set(good.tolist()))
-    return out[: len(good)], good, [str(found.files[i]) for i in bad]
+    bad = sorted(set(range(n)) - set(good))
+    return out[: len(good)], np.asarray(good, dtype=np.int64), bad
 
 
-def _write_meta(good: np.ndarray, found: ImageList, meta_path: Path) -> None:
+def _write_meta(good: np.ndarray, bad: list[int], found: ImageList, meta_path: Path) -> None:
     """Written after the array, through a temporary file and an atomic rename: a cache entry without its
     metadata is never used."""
-    bad = sorted(set(range(len(found.files))) - set(good.tolist()))
     tmp = meta_path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"root": str(found.root), "good": good.tolist(), "bad": bad}))
     os.replace(tmp, meta_path)
