@@ -29,38 +29,36 @@ class _MaskedSimilarityCrossEntropy(torch.autograd.Function):
 
         mean_i [ logsumexp_{k != self(i)} (q_i . c_k / t) - q_i . c_pos(i) / t ]   for unit rows q (M, D), c (K, D)
 
-    Forward keeps only q, c and each row's log-sum-exp, not the (M, K) probabilities autograd's
-    ``cross_entropy`` keeps, and backward recomputes the similarities. With G = (softmax - onehot(pos)) / M:
-    dq = G c / t,  dc = G^T q / t,  d(1/t) = sum(G * q c^T).
+    With G = (softmax - onehot(pos)) / M:  dq = G c / t,  dc = G^T q / t,  d(1/t) = sum(G * q c^T).
+    Forward turns the one (M, K) logit buffer into G in place and keeps it, so one (M, K) matrix lives at
+    a time (the two-block form keeps several) and backward recomputes nothing.
     """
 
     @staticmethod
     def forward(ctx, q, c, inv_t, offset: int):
-        m = q.shape[0]
-        rows = torch.arange(m, device=q.device)
-        logits = (q @ c.T).mul_(inv_t)
-        logits[rows, offset + rows] = float("-inf")
-        positive = offset + (rows + m // 2) % m
-        lse = torch.logsumexp(logits, dim=1)
-        loss = (lse - logits[rows, positive]).mean()
-        ctx.save_for_backward(q, c, inv_t, lse)
-        ctx.offset = offset
+        m, n = q.shape[0], q.shape[0] // 2
+        g = (q @ c.T).mul_(inv_t)
+        # Diagonal views, not index lists: anchor i's own column is offset + i, its positive offset + (i + n) % m.
+        own = g.diagonal(offset)
+        positives = (g[:n].diagonal(offset + n), g[n:].diagonal(offset))
+        own.fill_(float("-inf"))
+        positive_logit = torch.cat(positives)
+        row_max = g.amax(dim=1, keepdim=True)
+        row_sum = g.sub_(row_max).exp_().sum(dim=1, keepdim=True)
+        loss = (row_max.squeeze(1) + row_sum.squeeze(1).log() - positive_logit).mean()
+        g.div_(row_sum.mul_(m))  # softmax / M
+        for p in positives:
+            p.sub_(1 / m)
+        ctx.save_for_backward(q, c, inv_t, g)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        q, c, inv_t, lse = ctx.saved_tensors
-        m = q.shape[0]
-        rows = torch.arange(m, device=q.device)
-        sims = q @ c.T
-        need_t = ctx.needs_input_grad[2]
-        g = (sims * inv_t if need_t else sims.mul_(inv_t)).sub_(lse.unsqueeze(1)).exp_()  # the softmax
-        g[rows, ctx.offset + rows] = 0
-        g[rows, ctx.offset + (rows + m // 2) % m] -= 1
-        g.mul_(grad_loss / m)
-        grad_t = (g * sims).sum() if need_t else None
-        grad_q = (g @ c).mul_(inv_t) if ctx.needs_input_grad[0] else None
-        grad_c = (g.T @ q).mul_(inv_t) if ctx.needs_input_grad[1] else None
+        q, c, inv_t, g = ctx.saved_tensors
+        scale = inv_t * grad_loss
+        grad_t = (g * (q @ c.T)).sum() * grad_loss if ctx.needs_input_grad[2] else None
+        grad_q = (g @ c).mul_(scale) if ctx.needs_input_grad[0] else None
+        grad_c = (g.T @ q).mul_(scale) if ctx.needs_input_grad[1] else None
         return grad_q, grad_c, grad_t, None
 
 
