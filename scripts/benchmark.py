@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -25,7 +26,7 @@ from simxent.config import AugmentConfig, ModelConfig, load_config
 from simxent.evaluate import autocast, build_index, extract_features, knn_scores, train_linear_probe
 from simxent.loss import nt_xent
 from simxent.models import SimCLR
-from simxent.runtime import resolve_device, resolve_dtype
+from simxent.runtime import configure_device, resolve_device, resolve_dtype
 from simxent.schedule import build_optimizer
 
 SECTIONS = ("loss", "augment", "knn", "probe", "pipeline", "quality")
@@ -198,6 +199,8 @@ def bare_images_per_s(cfg, device, dtype, steps=8):
     torch.manual_seed(0)
     model = SimCLR(cfg.model).to(device).to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg.optim, 0.01)
+    if cfg.train.compile:
+        model = torch.compile(model)
     b, s = cfg.train.batch_size, cfg.data.image_size
     views = torch.randn(2 * b, 3, s, s, device=device).contiguous(memory_format=torch.channels_last)
 
@@ -228,20 +231,49 @@ def loop_images_per_s(cfg, seconds):
     return statistics.median(rates), len(rates)
 
 
-def bench_pipeline(device, _sync, data_root, seconds):
+def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
+    """``entries``: ``preset:batch[:stream][:compile]``, e.g. ``cpu:256`` or ``imagenet:256:stream``."""
     rows = []
-    for backbone, preset, batch in (("convnet", "configs/cpu.yaml", 256), ("resnet18", "configs/cifar10.yaml", 128)):
-        cfg = load_config(preset, [f"data.train={Path(data_root) / 'train'}", f"train.batch_size={batch}",
-                                   "train.log_every=4", "train.precision=auto"])
+    for entry in entries.split(","):
+        preset, batch, *flags = entry.split(":")
+        overrides = [f"data.train={Path(data_root) / 'train'}", f"train.batch_size={batch}", "train.log_every=4",
+                     "train.precision=auto", f"data.stream={'stream' in flags}", f"train.compile={'compile' in flags}"]
+        cfg = load_config(f"configs/{preset}.yaml", overrides + ([f"data.workers={workers}"] if workers else []))
         dtype = resolve_dtype(cfg.train.precision, device)
         bare = bare_images_per_s(cfg, device, dtype)
         loop, intervals = loop_images_per_s(cfg, seconds)
-        row = {"backbone": backbone, "size": cfg.data.image_size, "batch": batch, "precision": str(dtype),
-               "bare_images_per_s": bare, "loop_images_per_s": loop, "loop_intervals": intervals,
-               "efficiency": loop / bare}
+        row = {"preset": preset, "backbone": cfg.model.backbone, "size": cfg.data.image_size, "batch": int(batch),
+               "data": "stream" if cfg.data.stream else "cache", "compile": cfg.train.compile,
+               "precision": str(dtype), "bare_images_per_s": bare, "loop_images_per_s": loop,
+               "loop_intervals": intervals, "efficiency": loop / bare}
         rows.append(row)
         print(row, flush=True)
     return rows
+
+
+def _write_jpegs(job):
+    from PIL import Image
+
+    root, start, stop, width, height, classes = job
+    rng = torch.Generator().manual_seed(start)
+    for i in range(start, stop):
+        folder = Path(root) / "train" / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = torch.randint(0, 256, (height // 16, width // 16, 3), generator=rng, dtype=torch.uint8)
+        im = Image.fromarray(coarse.numpy()).resize((width, height), Image.Resampling.BICUBIC)
+        im.save(folder / f"{i:07d}.jpg", quality=90)
+
+
+def synthetic_folder(root: Path, n: int, width: int, height: int, classes: int = 10) -> Path:
+    """``root/train/class*/`` with ``n`` smooth random JPEGs: a folder to time the pipeline on a machine
+    without the data (decoding cost is what matters, not content)."""
+    import multiprocessing
+
+    chunk = 500
+    jobs = [(str(root), s, min(s + chunk, n), width, height, classes) for s in range(0, n, chunk)]
+    with multiprocessing.Pool() as pool:
+        pool.map(_write_jpegs, jobs)
+    return root
 
 
 # --- quality at equal time -------------------------------------------------------------------------------------
@@ -285,8 +317,14 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--loop-seconds", type=float, default=75, help="training-loop time per backbone")
     p.add_argument("--quality-minutes", type=float, default=10)
+    p.add_argument("--pipeline", default="cpu:256,cifar10:128",
+                   help="training loops to time, preset:batch[:stream][:compile] (presets from configs/)")
+    p.add_argument("--workers", type=int, default=0, help="data.workers for the loops (0: the preset's)")
+    p.add_argument("--synthetic", default="", metavar="N:WxH",
+                   help="time on N generated WxH JPEGs instead of --data (knn, probe, quality need real data)")
     a = p.parse_args()
     device = resolve_device(a.device)
+    configure_device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     wanted = [s.strip() for s in a.only.split(",")]
     unknown = set(wanted) - set(SECTIONS)
@@ -297,12 +335,17 @@ def main():
         "augment": lambda: bench_augment(device, sync),
         "knn": lambda: bench_knn(device, sync),
         "probe": lambda: bench_probe(device, sync, a.data),
-        "pipeline": lambda: bench_pipeline(device, sync, a.data, a.loop_seconds),
+        "pipeline": lambda: bench_pipeline(device, sync, a.data, a.loop_seconds, a.pipeline, a.workers),
         "quality": lambda: bench_quality(device, sync, a.data, a.quality_minutes),
     }
+    if a.synthetic:
+        n, size = a.synthetic.split(":")
+        width, height = (int(v) for v in size.split("x"))
+        a.data = str(synthetic_folder(Path(tempfile.mkdtemp(prefix="simxent-bench-")), int(n), width, height))
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "threads": torch.get_num_threads(), "device": str(device),
                            "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None,
+                           "cpu_count": os.cpu_count(), "data": a.synthetic or a.data,
                            "torch": torch.__version__},
                "sections": {}}
     for name in SECTIONS:

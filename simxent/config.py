@@ -28,6 +28,7 @@ class DataConfig:
     image_size: int = 32  # images are decoded to this square size (shorter side, centre crop)
     cache: bool = True  # decode once into a memory-mapped uint8 array, reused across epochs and runs
     cache_dir: str = ""  # where decoded arrays live; default: ~/.cache/simxent
+    stream: bool = False  # decode data.train every epoch in `workers` processes instead (folders too large to keep)
     workers: int = 2  # decoding processes
     on_bad_image: str = "skip"  # skip: warn, name and count unreadable files; error: stop on the first
 

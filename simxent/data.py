@@ -1,8 +1,10 @@
-"""Image folders: discovery, robust decoding, the decoded-image cache and batch iteration.
+"""Image folders: discovery, robust decoding, the decoded-image cache, streaming, and batch iteration.
 
 A folder is read once into uint8 arrays of shape (N, H, W, 3) at the training resolution (shorter side
 resized, centre crop). Random augmentation happens later, batched on the training device
 (:mod:`simxent.augment`), so decoding is the only per-image work and it is done once per folder.
+Folders too large to keep decoded stream instead (:class:`ImageStream`): the same decoding, in DataLoader
+workers, every epoch.
 """
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -138,6 +141,81 @@ class ImageArray:
     def __len__(self) -> int:
         return len(self.images)
 
+    def batches(self, batch_size: int, generator: torch.Generator, start: int = 0, rank: int = 0, world: int = 1):
+        """``(step, uint8 NCHW batch)`` for one epoch; see :func:`batch_indices`."""
+        for step, idx in batch_indices(len(self), batch_size, generator, start, rank, world):
+            yield step, self.images[idx.to(self.images.device)].permute(0, 3, 1, 2)
+
+
+class _BatchDecoder(Dataset):
+    """Decodes a list of indices into one (B, H, W, 3) uint8 batch. A bad file is replaced by the next
+    readable one in the folder, so every batch keeps its size (processes must agree on it); the bad files
+    come back with the batch to be named."""
+
+    def __init__(self, files: list[str], size: int, on_bad_image: str):
+        self.files, self.size, self.on_bad_image = files, size, on_bad_image
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, indices: list[int]):
+        out = np.empty((len(indices), self.size, self.size, 3), dtype=np.uint8)
+        bad = []
+        for j, i in enumerate(indices):
+            for k in range(i, i + len(self.files)):
+                path = self.files[k % len(self.files)]
+                try:
+                    out[j] = decode(path, self.size)
+                    break
+                except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
+                    if self.on_bad_image == "error":
+                        raise DataError(f"cannot read image {path}: {e}") from e
+                    bad.append(path)
+            else:
+                raise DataError(f"no readable images among the {len(self.files)} files of the folder")
+        return torch.from_numpy(out), bad
+
+
+@dataclass
+class ImageStream:
+    """A folder decoded batch by batch in ``workers`` DataLoader processes, every epoch: for folders whose
+    decoded array would not fit the disk or memory (ImageNet at 224 px is ~190 GB). Yields exactly the
+    batches an :class:`ImageArray` of the same folder yields, except that a bad file, found only when read,
+    is replaced by the next readable one and added to ``skipped``."""
+
+    files: list[str]
+    labels: torch.Tensor
+    classes: list[str]
+    size: int
+    workers: int = 2
+    on_bad_image: str = "skip"
+    pin_memory: bool = False  # page-locked batches, for asynchronous copies to a GPU
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def batches(self, batch_size: int, generator: torch.Generator, start: int = 0, rank: int = 0, world: int = 1):
+        """``(step, uint8 NCHW batch)`` for one epoch; see :func:`batch_indices`."""
+        steps = [(step, idx.tolist()) for step, idx in batch_indices(len(self), batch_size, generator, start, rank, world)]
+        loader = DataLoader(_BatchDecoder(self.files, self.size, self.on_bad_image), batch_size=None,
+                            sampler=[idx for _, idx in steps], num_workers=self.workers, pin_memory=self.pin_memory,
+                            prefetch_factor=4 if self.workers else None,
+                            generator=torch.Generator())  # its own seed source: the global RNG drives augmentation
+        for (step, _), (images, bad) in zip(steps, loader):
+            for path in bad:
+                if path not in self.skipped:
+                    log.warning("skipped unreadable image %s (replaced by the next readable one)", path)
+                    self.skipped.append(path)
+            yield step, images.permute(0, 3, 1, 2)
+
+
+def open_stream(root: str | Path, size: int, workers: int = 2, on_bad_image: str = "skip") -> ImageStream:
+    """An :class:`ImageStream` over every image below ``root``; nothing is decoded yet."""
+    found = find_images(root)
+    return ImageStream([str(f) for f in found.files], torch.tensor(found.labels, dtype=torch.int64),
+                       found.classes, size, workers, on_bad_image)
+
 
 def _cache_key(images: ImageList, size: int) -> str:
     h = hashlib.sha1(f"simxent-v1 {size}\n".encode())
@@ -182,6 +260,8 @@ def load_folder(
         good, bad = np.asarray(meta["good"], dtype=np.int64), meta["bad"]
         images = np.load(array_path, mmap_mode="r")[: len(good)]
     else:
+        if cache:
+            _check_disk(cache_dir, len(found.files) * size * size * 3, found.root)
         images, good, bad = _decode_all(found, size, workers, on_bad_image, progress,
                                         into=array_path if cache else None)
         if cache:
@@ -198,6 +278,15 @@ def load_folder(
         files=[str(found.files[i]) for i in good],
         skipped=skipped,
     )
+
+
+def _check_disk(cache_dir: Path, needed: int, root: Path) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(cache_dir).free
+    if needed > free:
+        raise DataError(f"decoding {root} needs {needed / 1e9:.1f} GB in the cache {cache_dir}, which has "
+                        f"{free / 1e9:.1f} GB free: set data.cache_dir to a larger disk, lower data.image_size, "
+                        f"or stream the folder with data.stream=true")
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -251,20 +340,23 @@ def _report_skipped(skipped: list[str], root: Path) -> None:
         log.warning("skipped %d unreadable image(s) in %s:\n  %s", len(skipped), root, names)
 
 
-def iterate_batches(
-    data: ImageArray, batch_size: int, generator: torch.Generator, start: int = 0, rank: int = 0, world: int = 1
-):
-    """Yield ``(step, uint8 NCHW batch)`` in a fresh random order each call (one epoch, last partial
-    batch dropped).
+def batch_indices(n: int, batch_size: int, generator: torch.Generator, start: int = 0, rank: int = 0,
+                  world: int = 1):
+    """Yield ``(step, sorted indices)`` of this process's share of each global batch of one epoch: a fresh
+    random order each call, last partial batch dropped.
 
     ``batch_size`` is the global batch: every process draws the same order and takes its own contiguous
     ``batch_size / world`` slice of each batch, so the global batches do not depend on the number of
     processes. ``start`` skips the first batches of the epoch, so a resumed run sees the same images.
     """
-    order = torch.randperm(len(data), generator=generator)
+    order = torch.randperm(n, generator=generator)
     local = batch_size // world
-    for step in range(start, len(order) // batch_size):
+    for step in range(start, n // batch_size):
         idx = order[step * batch_size + rank * local : step * batch_size + (rank + 1) * local]
-        idx, _ = idx.sort()  # sorted reads are kinder to a memory-mapped file
-        yield step, data.images[idx.to(data.images.device)].permute(0, 3, 1, 2)
+        yield step, idx.sort().values  # sorted reads are kinder to a memory-mapped file
 
+
+def iterate_batches(data: ImageArray | ImageStream, batch_size: int, generator: torch.Generator, start: int = 0,
+                    rank: int = 0, world: int = 1):
+    """Yield ``(step, uint8 NCHW batch)`` for one epoch of a decoded or a streamed folder."""
+    return data.batches(batch_size, generator, start, rank, world)

@@ -22,6 +22,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def configure_device(device: torch.device) -> None:
+    """On CUDA, let cuDNN pick the fastest convolution algorithms: training shapes never change."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 autocast pays."""
     try:

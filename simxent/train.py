@@ -26,12 +26,13 @@ from . import __version__, dist
 from .augment import ViewAugment
 from .checkpoint import load_checkpoint, newest_valid_checkpoint, save_rotating
 from .config import Config, ConfigError, save_config, to_dict
-from .data import ImageArray, iterate_batches, load_folder
+from .data import ImageArray, ImageStream, iterate_batches, load_folder, open_stream
 from .evaluate import autocast, extract_features, knn_scores, topk_accuracy
 from .loss import Temperature, contrastive_stats, nt_xent
 from .models import SimCLR
 from .monitor import Monitor
-from .runtime import resolve_device, resolve_dtype, rng_state, seed_everything, set_rng_state, set_threads, setup_logging
+from .runtime import (configure_device, resolve_device, resolve_dtype, rng_state, seed_everything, set_rng_state,
+                      set_threads, setup_logging)
 from .schedule import build_optimizer, lr_at, peak_lr
 
 log = logging.getLogger("simxent")
@@ -128,13 +129,16 @@ def knn_monitor(model: SimCLR, bank: ImageArray | None, val: ImageArray, augment
     return topk_accuracy(scores, val.labels, 1)
 
 
-def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray, ImageArray | None, ImageArray | None]:
+def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray | ImageStream, ImageArray | None, ImageArray | None]:
     """Training images, the optional labelled validation folder, and the kNN bank (train, if labelled)."""
     if not cfg.data.train:
         raise ConfigError("data.train: no image folder given (set data.train=PATH)")
     opts = dict(cache=cfg.data.cache, cache_dir=cfg.data.cache_dir or None, workers=cfg.data.workers,
                 on_bad_image=cfg.data.on_bad_image, progress=progress)
-    train = load_folder(cfg.data.train, cfg.data.image_size, **opts)
+    if cfg.data.stream:
+        train = open_stream(cfg.data.train, cfg.data.image_size, cfg.data.workers, cfg.data.on_bad_image)
+    else:
+        train = load_folder(cfg.data.train, cfg.data.image_size, **opts)
     if len(train) < cfg.train.batch_size:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} exceeds the {len(train)} readable images in {cfg.data.train}")
@@ -143,7 +147,8 @@ def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray, ImageArra
         val = load_folder(cfg.data.val, cfg.data.image_size, **opts)
         if not val.classes or (val.labels < 0).any():
             raise ConfigError(f"data.val: {cfg.data.val} needs one sub-folder per class for kNN evaluation")
-        if train.classes and (train.labels >= 0).all():
+        # A streamed train folder is too large to embed for every evaluation: leave-one-out within val.
+        if train.classes and (train.labels >= 0).all() and not cfg.data.stream:
             if train.classes != val.classes:
                 raise ConfigError(f"data.val: classes of {cfg.data.val} differ from those of {cfg.data.train}")
             bank = train
@@ -219,9 +224,12 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
     setup_logging(out / "train.log" if main else None, level=logging.INFO if main else logging.WARNING)
     dtype = resolve_dtype(cfg.train.precision, device)
     set_threads(cfg.train.threads)
+    configure_device(device)
     train, val, bank = _load_data_once(cfg, progress)
 
-    if device.type == "cuda":
+    if device.type == "cuda" and isinstance(train, ImageStream):
+        train.pin_memory = True
+    elif device.type == "cuda":
         train.images = place_on_gpu(train.images, device)
     seed_everything(cfg.train.seed)  # after loading: decoding may draw from the RNG, a cache hit does not
     net = SimCLR(cfg.model)
@@ -277,8 +285,11 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
             save_rotating(_state(cfg, net, temperature, optimizer, scaler, pos, rng), checkpoint_path(cfg).parent,
                           pos.global_step, cfg.train.keep_checkpoints)
 
-    if main and train.skipped:
-        (out / "skipped_images.txt").write_text("".join(f"{f}\n" for f in train.skipped))
+    def write_skipped():
+        if main and train.skipped:
+            (out / "skipped_images.txt").write_text("".join(f"{f}\n" for f in train.skipped))
+
+    write_skipped()  # a streamed folder finds its bad files as it reads them: written again at the end
     history = {"knn_top1": []}
     bad_steps, skipped_steps, stopped_early, stop_reason, last_loss = 0, 0, False, "", float("nan")
     while pos.epoch < cfg.train.epochs and not stopped_early:
@@ -364,6 +375,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
             dist.barrier()
         monitor.flush()
     monitor.close()
+    write_skipped()
     summary = {
         "checkpoint": str(checkpoint_path(cfg)),
         "epoch": pos.epoch,

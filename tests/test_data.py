@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from simxent.data import DataError, decode, find_images, iterate_batches, load_folder
+from simxent.data import DataError, decode, find_images, iterate_batches, load_folder, open_stream
 from tests.conftest import write_image
 
 
@@ -110,3 +110,38 @@ def test_batches_cover_epoch_and_resume_in_place(labelled_folder):
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(batches[2:], rest))
     flat = torch.cat([b for _, b in batches]).flatten(1)
     assert len({tuple(r.tolist()) for r in flat}) == 40  # no image twice in an epoch
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_yields_the_cached_batches(labelled_folder, workers):
+    """Streaming decodes in workers every epoch; each process's share of each batch equals the cache's."""
+    cached = load_folder(labelled_folder, 8, workers=0, progress=False)
+    stream = open_stream(labelled_folder, 8, workers=workers)
+    assert len(stream) == len(cached) and stream.classes == cached.classes
+    assert torch.equal(stream.labels, cached.labels)
+    for rank in (0, 1):
+        a = list(iterate_batches(cached, 10, torch.Generator().manual_seed(3), start=1, rank=rank, world=2))
+        b = list(iterate_batches(stream, 10, torch.Generator().manual_seed(3), start=1, rank=rank, world=2))
+        assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+        assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a, b))
+
+
+def test_stream_replaces_a_bad_file_and_names_it(labelled_folder, caplog):
+    bad = labelled_folder / "a" / "3.png"
+    bad.write_bytes(b"not a png")
+    stream = open_stream(labelled_folder, 8, workers=0)
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        batches = [b for _, b in iterate_batches(stream, 48, torch.Generator().manual_seed(0))]
+    assert len(batches) == 1 and batches[0].shape == (48, 3, 8, 8)  # the batch keeps its size
+    assert stream.skipped == [str(bad)] and str(bad) in caplog.text
+    strict = open_stream(labelled_folder, 8, workers=0, on_bad_image="error")
+    with pytest.raises(DataError, match="3.png"):
+        list(iterate_batches(strict, 48, torch.Generator().manual_seed(0)))
+
+
+def test_cache_that_cannot_fit_the_disk_is_refused_with_the_way_out(labelled_folder, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 100, 100))
+    with pytest.raises(DataError, match="data.stream=true"):
+        load_folder(labelled_folder, 8, cache_dir=tmp_path / "c", workers=0, progress=False)

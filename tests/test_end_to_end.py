@@ -165,3 +165,16 @@ def test_binary_and_multilabel_probes(shapes, tmp_path, capsys):
                              "--objective", "multilabel", "--train-labels", str(tmp_path / "train.csv"),
                              "--test-labels", str(tmp_path / "test.csv"), "--no-progress"]) == 2
     assert "no labels for 1 image(s)" in capsys.readouterr().err
+
+
+def test_streamed_training_equals_cached_training(shapes, tmp_path):
+    """data.stream=true decodes in workers every epoch; with the same seed it trains the very same model."""
+    cached = pretrain(load_config(None, tiny(shapes, tmp_path / "cached", "train.epochs=1", "eval.every=0")),
+                      progress=False)
+    streamed = pretrain(load_config(None, tiny(shapes, tmp_path / "streamed", "train.epochs=1", "eval.every=0",
+                                               "data.stream=true", "data.workers=2")), progress=False)
+    assert streamed["global_step"] == cached["global_step"] == 5
+    a = load_checkpoint(tmp_path / "cached" / "checkpoints" / "last.pt")["encoder"]
+    b = load_checkpoint(tmp_path / "streamed" / "checkpoints" / "last.pt")["encoder"]
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
