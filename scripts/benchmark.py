@@ -231,6 +231,23 @@ def loop_images_per_s(cfg, seconds):
     return statistics.median(rates), len(rates)
 
 
+def data_images_per_s(cfg, device, seconds=15.0):
+    """How fast the streaming workers alone deliver batches to the device (no training)."""
+    from simxent.data import open_stream
+
+    stream = open_stream(cfg.data.train, cfg.data.image_size, cfg.data.workers)
+    stream.pin_memory = device.type == "cuda"
+    batches = stream.batches(cfg.train.batch_size, torch.Generator().manual_seed(0))
+    next(batches)  # worker start-up left out
+    t, n = time.perf_counter(), 0
+    for _, x in batches:
+        x.to(device, non_blocking=True)
+        n += len(x)
+        if time.perf_counter() - t > seconds:
+            break
+    return n / (time.perf_counter() - t)
+
+
 def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
     """``entries``: ``preset:batch[:stream][:compile]``, e.g. ``cpu:256`` or ``imagenet:256:stream``."""
     rows = []
@@ -242,7 +259,8 @@ def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
         dtype = resolve_dtype(cfg.train.precision, device)
         bare = bare_images_per_s(cfg, device, dtype)
         loop, intervals = loop_images_per_s(cfg, seconds)
-        row = {"preset": preset, "backbone": cfg.model.backbone, "size": cfg.data.image_size, "batch": int(batch),
+        row = {"data_images_per_s": data_images_per_s(cfg, device)} if cfg.data.stream else {}
+        row |= {"preset": preset, "backbone": cfg.model.backbone, "size": cfg.data.image_size, "batch": int(batch),
                "data": "stream" if cfg.data.stream else "cache", "compile": cfg.train.compile,
                "precision": str(dtype), "bare_images_per_s": bare, "loop_images_per_s": loop,
                "loop_intervals": intervals, "efficiency": loop / bare}

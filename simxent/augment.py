@@ -1,15 +1,21 @@
 """SimCLR's two random views, made on whole batches on the training device.
 
 Every sample draws its own crop, flip, jitter, grayscale, blur and solarize parameters; calling the
-pipeline twice on one batch gives the two views. Crops, blur and solarize are kornia's. Colour jitter, flip
-and grayscale are written here with plain tensor ops: they follow torchvision's per-image definitions
-exactly (tested against them) and cost a fraction of kornia's generic versions, whose HSV round trip made
-colour jitter the slowest step of the whole pipeline (docs/benchmarks.md).
+pipeline twice on one batch gives the two views. Every op follows torchvision's per-image definition
+(tested against it) but works on the whole batch at once: crop and resize is one ``grid_sample``, colour
+jitter is plain tensor arithmetic instead of an HSV round trip, blur is kornia's separable Gaussian with a
+sigma per sample. Nothing reads a random draw back to the host, so on a GPU the pipeline never stalls the
+stream (kornia's generic random ops did, and made augmentation the slowest part of a GPU step:
+docs/benchmarks.md).
 """
 from __future__ import annotations
 
-import kornia.augmentation as K
+import math
+from typing import Callable, Optional
+
+import kornia
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import AugmentConfig
@@ -30,9 +36,28 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(dim=1, keepdim=True)
 
 
-def _chosen(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Indices of the samples of ``x`` that an op with probability ``p`` applies to, drawn per sample."""
-    return (torch.rand(x.shape[0], device=x.device) < p).nonzero().squeeze(1)
+def computes_subsets(device: torch.device) -> bool:
+    """Whether random ops compute only their chosen samples (CPU) or all, keeping the chosen by mask."""
+    return device.type == "cpu"
+
+
+def apply_to_some(x: torch.Tensor, p: float, fn: Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]):
+    """``fn`` on the samples of ``x`` drawn with probability ``p`` each; the others unchanged.
+
+    ``fn(samples, index)`` gets the chosen samples and their indices (None: all of them), to pick its
+    per-sample parameters. On a CPU only the chosen samples are computed. On a GPU all are and a mask
+    keeps the chosen: a data-dependent subset would need its size on the host, a sync per op.
+    """
+    chosen = torch.rand(x.shape[0], device=x.device) < p
+    if computes_subsets(x.device):
+        index = chosen.nonzero().squeeze(1)
+        x[index] = fn(x[index], index)
+        return x
+    return torch.where(chosen.view(-1, 1, 1, 1), fn(x, None), x)
+
+
+def _pick(values: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    return values if index is None else values[index]
 
 
 def _per_sample(v: torch.Tensor) -> torch.Tensor:
@@ -85,41 +110,131 @@ class ColorJitter(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Jitters the chosen samples of ``x`` in place (the view pipeline owns its batch)."""
-        chosen = _chosen(x, self.p)
-        out = x[chosen]
-        for i in torch.randperm(4).tolist():
-            lo, hi = self.ranges[i]
-            if (lo, hi) != ((0.0, 0.0) if i == 3 else (1.0, 1.0)):
-                out = self.ops[i](out, torch.empty(len(chosen), device=x.device).uniform_(lo, hi))
-        x[chosen] = out
-        return x
+        factors = [torch.empty(x.shape[0], device=x.device).uniform_(lo, hi) for lo, hi in self.ranges]
+        order = [i for i in torch.randperm(4).tolist()
+                 if self.ranges[i] != ((0.0, 0.0) if i == 3 else (1.0, 1.0))]  # skip ops that are off
+
+        def jitter(samples, index):
+            for i in order:
+                samples = self.ops[i](samples, _pick(factors[i], index))
+            return samples
+
+        return apply_to_some(x, self.p, jitter)
 
 
 class RandomGrayscale(nn.Module):
-    """Replace a sample by its luma (in all three channels) with probability p, in place."""
+    """Replace a sample by its luma (in all three channels) with probability p."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chosen = _chosen(x, self.p)
-        x[chosen] = grayscale(x[chosen]).expand(-1, 3, -1, -1)
-        return x
+        return apply_to_some(x, self.p, lambda s, _: grayscale(s).expand(-1, 3, -1, -1))
 
 
 class RandomHorizontalFlip(nn.Module):
-    """Mirror each sample with probability p, in place."""
+    """Mirror each sample with probability p."""
 
     def __init__(self, p: float):
         super().__init__()
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chosen = _chosen(x, self.p)
-        x[chosen] = x[chosen].flip(-1)
-        return x
+        return apply_to_some(x, self.p, lambda s, _: s.flip(-1))
+
+
+class RandomGaussianBlur(nn.Module):
+    """Gaussian blur with probability p, sigma uniform in ``sigma`` per sample, reflected borders (as
+    torchvision's GaussianBlur); kornia's separable filter takes one sigma per sample."""
+
+    def __init__(self, kernel: int, sigma: tuple[float, float], p: float):
+        super().__init__()
+        self.kernel, self.sigma, self.p = kernel, sigma, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sigma = torch.empty(x.shape[0], 1, device=x.device).uniform_(*self.sigma).expand(-1, 2)
+
+        def blur(samples, index):
+            return kornia.filters.gaussian_blur2d(samples, (self.kernel, self.kernel), _pick(sigma, index), "reflect")
+
+        return apply_to_some(x, self.p, blur)
+
+
+class RandomSolarize(nn.Module):
+    """With probability p, invert the pixels at or above ``threshold`` (x -> 1 - x), as torchvision does."""
+
+    def __init__(self, p: float, threshold: float = 0.5):
+        super().__init__()
+        self.p, self.threshold = p, threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_to_some(x, self.p, lambda s, _: torch.where(s >= self.threshold, 1 - s, s))
+
+
+def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+               device=None, tries: int = 10) -> torch.Tensor:
+    """``n`` random crops ``(top, left, h, w)`` drawn as torchvision's ``RandomResizedCrop.get_params``:
+
+        area ~ U(scale) * H * W,  log(aspect) ~ U(log ratio),  w = round(sqrt(area * aspect)),
+        h = round(sqrt(area / aspect)),  the first of ``tries`` draws that fits, position uniform;
+
+    and where none fits, the central crop of the largest allowed aspect ratio. All ``n`` at once."""
+    area = height * width * torch.empty(n, tries, device=device).uniform_(*scale)
+    aspect = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp_()
+    w = (area * aspect).sqrt_().round_()
+    h = (area / aspect).sqrt_().round_()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first True (0 when none fits)
+    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
+    # Central fallback, as torchvision: clamp the image's own aspect ratio into ``ratio``.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fw, fh = round(height * ratio[1]), height
+    else:
+        fw, fh = width, height
+    any_fits = fits.any(dim=1)
+    w = torch.where(any_fits, w, torch.full_like(w, fw))
+    h = torch.where(any_fits, h, torch.full_like(h, fh))
+    top = torch.where(any_fits, (torch.rand(n, device=device) * (height - h + 1)).floor_(),
+                      torch.full_like(h, (height - fh) // 2))
+    left = torch.where(any_fits, (torch.rand(n, device=device) * (width - w + 1)).floor_(),
+                       torch.full_like(w, (width - fw) // 2))
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Crop each sample to its box ``(top, left, h, w)`` and resize it bilinearly to ``size`` x ``size``, in
+    one ``grid_sample``. Output pixel j samples input x = left + (j + 1/2) w / size - 1/2 (the half-pixel
+    convention of ``F.interpolate(align_corners=False)``), clamped to [left, left + w - 1]; in grid_sample's
+    [-1, 1] coordinates that is the affine map u -> u w / W + (2 left + w) / W - 1, and likewise for rows.
+    Equal to torchvision's ``resized_crop`` (bilinear, no antialiasing) up to float rounding."""
+    n, _, height, width = x.shape
+    top, left, h, w = (v.unsqueeze(1) for v in boxes.to(x.dtype).unbind(1))
+    u = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, dtype=x.dtype, device=x.device)  # output pixel centres
+
+    def axis(start, extent, full):
+        # Clamped to the crop's own pixel centres, as interpolating the cropped image does.
+        lo, hi = (2 * start + 1) / full - 1, (2 * (start + extent) - 1) / full - 1
+        return torch.clamp(u * extent / full + (2 * start + extent) / full - 1, lo, hi)
+
+    gx, gy = axis(left, w, width), axis(top, h, height)  # (n, size) each
+    grid = torch.stack([gx.unsqueeze(1).expand(n, size, size), gy.unsqueeze(2).expand(n, size, size)], dim=3)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class RandomResizedCrop(nn.Module):
+    """torchvision's RandomResizedCrop (bilinear, no antialiasing) on a whole batch, a crop per sample."""
+
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        super().__init__()
+        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        boxes = crop_boxes(x.shape[0], x.shape[2], x.shape[3], self.scale, self.ratio, x.device)
+        return resized_crops(x, boxes, self.size)
 
 
 class ViewAugment(nn.Module):
@@ -129,7 +244,7 @@ class ViewAugment(nn.Module):
         super().__init__()
         s = cfg.jitter_strength
         ops = [
-            K.RandomResizedCrop((size, size), scale=cfg.crop_scale, resample="BILINEAR"),
+            RandomResizedCrop(size, scale=cfg.crop_scale),
             RandomHorizontalFlip(p=cfg.flip_p),
             ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=cfg.jitter_p),
             RandomGrayscale(p=cfg.grayscale_p),
@@ -137,15 +252,15 @@ class ViewAugment(nn.Module):
         blur_p = blur_probability(cfg, size)
         if blur_p > 0:
             kernel = 2 * (size // 20) + 1  # about 10% of the image side, odd
-            ops.append(K.RandomGaussianBlur((kernel, kernel), sigma=(0.1, 2.0), p=blur_p))
+            ops.append(RandomGaussianBlur(kernel, sigma=(0.1, 2.0), p=blur_p))
         if cfg.solarize_p > 0:
-            ops.append(K.RandomSolarize(thresholds=0.0, additions=0.0, p=cfg.solarize_p))
+            ops.append(RandomSolarize(p=cfg.solarize_p))
         self.ops = nn.Sequential(*[op for op in ops if getattr(op, "p", 1.0) > 0])
         self.normalize = Normalize(cfg.mean, cfg.std)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_float(images).clone()  # the ops below work in place
+        x = to_float(images)  # the crop makes a new tensor; the ops after it may work in place
         return self.normalize(self.ops(x).clamp_(0, 1))
 
 

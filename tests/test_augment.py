@@ -154,3 +154,56 @@ def test_hue_shift_is_drawn_per_call_and_keeps_value():
     a, b = jitter(x.clone()), jitter(x.clone())
     assert not torch.equal(a, b)
     torch.testing.assert_close(a.amax(1), x.amax(1))  # a hue rotation keeps each pixel's max (HSV value)
+
+
+# --- the batched crop against torchvision's RandomResizedCrop -------------------------------------------------
+
+from torchvision import transforms as T  # noqa: E402
+
+from simxent.augment import crop_boxes, resized_crops  # noqa: E402
+
+
+def test_crop_boxes_follow_torchvision_distribution():
+    """Per-sample crops (top, left, h, w) drawn all at once have torchvision's distribution: compare the
+    quantiles of 20,000 draws of each (a wrong area, ratio or position law moves them by far more)."""
+    torch.manual_seed(0)
+    ours = crop_boxes(20_000, 30, 40, (0.08, 1.0), (3 / 4, 4 / 3)).float()
+    img = torch.empty(3, 30, 40)
+    theirs = torch.tensor([T.RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(20_000)],
+                          dtype=torch.float32)
+    q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+    for column, name in enumerate(("top", "left", "h", "w")):
+        a, b = ours[:, column].quantile(q), theirs[:, column].quantile(q)
+        assert (a - b).abs().max() <= 1.0, (name, a, b)
+    assert (ours[:, 0] + ours[:, 2] <= 30).all() and (ours[:, 1] + ours[:, 3] <= 40).all() and (ours >= 0).all()
+
+
+def test_crop_boxes_fall_back_to_torchvisions_central_crop():
+    """A wide image where no allowed crop fits: the central crop of the largest allowed aspect ratio."""
+    img = torch.empty(3, 10, 40)
+    expected = T.RandomResizedCrop.get_params(img, [0.9, 1.0], [3 / 4, 4 / 3])
+    assert crop_boxes(5, 10, 40, (0.9, 1.0), (3 / 4, 4 / 3)).tolist() == [list(expected)] * 5
+
+
+def test_resized_crops_equal_torchvision_resized_crop():
+    """One grid_sample for the batch equals torchvision's per-image crop + bilinear resize, borders too."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(6, 3, 30, 40, generator=g)
+    boxes = torch.tensor([[0, 0, 30, 40], [3, 5, 10, 20], [10, 2, 20, 7], [0, 0, 5, 5], [29, 39, 1, 1], [4, 4, 26, 30]])
+    expected = torch.stack([TF.resized_crop(img, *box, [16, 16], antialias=False)
+                            for img, box in zip(x, boxes.tolist())])
+    torch.testing.assert_close(resized_crops(x, boxes, 16), expected, rtol=0, atol=1e-5)
+
+
+def test_gpu_style_masked_path_equals_the_cpu_subset_path(monkeypatch):
+    """On a GPU every sample is computed and a mask keeps the chosen; on a CPU only the chosen are. With the
+    same random draws both give the same views."""
+    import simxent.augment as A
+
+    x = images(64, 24)
+    aug = ViewAugment(AugmentConfig(blur_p=0.5, solarize_p=0.3), 16)
+    torch.manual_seed(3)
+    subset = aug(x)
+    monkeypatch.setattr(A, "computes_subsets", lambda device: False)
+    torch.manual_seed(3)
+    torch.testing.assert_close(aug(x), subset, rtol=0, atol=1e-5)
