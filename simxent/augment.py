@@ -32,8 +32,8 @@ def blur_probability(cfg: AugmentConfig, size: int) -> float:
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) -> (B, 1, H, W) luma."""
-    w = x.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
-    return (x * w).sum(dim=1, keepdim=True)
+    r, g, b = GRAY_WEIGHTS  # Python scalars: no host-to-device copy per call
+    return r * x[:, 0:1] + g * x[:, 1:2] + b * x[:, 2:3]
 
 
 def computes_subsets(device: torch.device) -> bool:
@@ -93,7 +93,8 @@ def adjust_hue(x, shift):
     differences = x.roll(-1, dims=1) - x.roll(-2, dims=1)  # g - b, b - r, r - g
     hue = differences.gather(1, argmax).div_(chroma.clamp_min(1e-12)).add_(2 * argmax)
     hue.add_(6 * shift.view(-1, 1, 1, 1) + 6)  # + 6 keeps it positive before the mod
-    k = (hue + x.new_tensor([5.0, 3.0, 1.0]).view(1, 3, 1, 1)).remainder_(6)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1 for R, G, B
+    k = (hue + n).remainder_(6)
     return maxc - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 

@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -75,12 +76,14 @@ def optimizer_params(optimizer: torch.optim.Optimizer):
     return (p for group in optimizer.param_groups for p in group["params"])
 
 
-def _rng_states() -> list[dict]:
-    """Every process's RNG state, so each resumes its own augmentation stream."""
+def _rng_states(local: Optional[dict] = None) -> list[dict]:
+    """Every process's RNG state (``local``, else the current one), so each resumes its own augmentation
+    stream."""
+    local = local or rng_state()
     if dist.world_size() == 1:
-        return [rng_state()]
+        return [local]
     states = [None] * dist.world_size()
-    torch_dist.all_gather_object(states, rng_state())
+    torch_dist.all_gather_object(states, local)
     return states
 
 
@@ -197,10 +200,14 @@ def stop_on_signals():
             signal.signal(sig, old)
 
 
-def _all_finite(tensors) -> bool:
-    """One device sync for all tensors, not one each."""
+def _finite_flag(tensors) -> torch.Tensor:
+    """Whether every element of ``tensors`` is finite, as a device boolean: no host sync."""
     flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return bool(torch.stack(flags).all()) if flags else True
+    return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+def _all_finite(tensors) -> bool:
+    return bool(_finite_flag(tensors))
 
 
 def pretrain(cfg: Config, progress: bool = True) -> dict:
@@ -276,11 +283,11 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
     log.info("%d training images, %d steps/epoch, %s on %s x%d, autocast %s, global batch %d, peak lr %.4g",
              len(train), steps_per_epoch, cfg.model.backbone, device, world, dtype, batch, peak)
 
-    def save():
+    def save(rng_before_prefetch: Optional[dict] = None):
         if not _all_finite(list(net.parameters()) + list(net.buffers())):
             raise TrainingError(f"the model holds non-finite values at step {pos.global_step}; not saving it over "
                                 f"{checkpoint_path(cfg)}")
-        rng = _rng_states()
+        rng = _rng_states(rng_before_prefetch)
         if main:
             save_rotating(_state(cfg, net, temperature, optimizer, scaler, pos, rng), checkpoint_path(cfg).parent,
                           pos.global_step, cfg.train.keep_checkpoints)
@@ -297,35 +304,50 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
         bar = tqdm(total=steps_per_epoch, initial=pos.step, desc=f"epoch {pos.epoch + 1}/{cfg.train.epochs}",
                    unit="step", disable=not (progress and main), leave=False)
         tick, seen = time.perf_counter(), 0
-        order = epoch_generator(cfg.train.seed, pos.epoch)
-        for step, x in iterate_batches(train, batch, order, start=pos.step, rank=rank, world=world):
+        batches = iterate_batches(train, batch, epoch_generator(cfg.train.seed, pos.epoch), start=pos.step,
+                                  rank=rank, world=world)
+
+        def prefetch():
+            """The next batch on the device and its two views, or None at the end of the epoch. Called while
+            the device still runs the step before, so that launching the augmentation overlaps that work. The
+            RNG state before its draws goes into checkpoints: a resumed run draws the same views."""
+            item = next(batches, None)
+            if item is None:
+                return None
+            rng = rng_state()
+            step, x = item
+            x = x.to(device, non_blocking=True)
+            return step, x, augment(x), augment(x), rng
+
+        upcoming, rng_before_prefetch = prefetch(), None
+        while upcoming is not None:
+            step, x, v1, v2, _ = upcoming
             lr = lr_at(pos.global_step, total_steps, warmup, peak, cfg.optim.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x = x.to(device, non_blocking=True)
-            v1, v2 = augment(x), augment(x)
             views = torch.cat([v1, v2])
             if cfg.train.channels_last:
                 views = views.contiguous(memory_format=torch.channels_last)
             t = temperature()
             loss, z1, z2 = step_loss(model, views, t, device, dtype)
             optimizer.zero_grad(set_to_none=True)
-            # One collective carries the global loss and the stop requests, so every process agrees on them.
+            scaler.scale(loss).backward()  # a non-finite loss gives non-finite gradients: caught below
+            if temperature.log_t.requires_grad and world > 1:
+                # DDP averages the model's gradients; the temperature lives outside it.
+                torch_dist.all_reduce(temperature.log_t.grad)
+                temperature.log_t.grad /= world
+            upcoming = prefetch()
+            # One collective and one host sync per step carry the global loss, whether every gradient is
+            # finite (fp16's grad scaler checks its own) and the stop requests, so all processes agree.
             time_up = bool(cfg.train.max_time) and time.monotonic() - started >= cfg.train.max_time
-            flags = torch.tensor([float(time_up), float(stop_requested.is_set())], device=device)
-            shared = dist.mean_over_processes(torch.cat([loss.detach().float().view(1), flags]))
-            last_loss, time_up, signalled = shared[0].item(), shared[1].item() > 0, shared[2].item() > 0
-            finite = math.isfinite(last_loss)
-            if finite:
-                scaler.scale(loss).backward()
-                if temperature.log_t.requires_grad and world > 1:
-                    # DDP averages the model's gradients; the temperature lives outside it.
-                    torch_dist.all_reduce(temperature.log_t.grad)
-                    temperature.log_t.grad /= world
-                # fp16's grad scaler skips overflowing steps itself; elsewhere a non-finite gradient is ours to catch.
-                finite = scaler.is_enabled() or bool(dist.mean_over_processes(torch.tensor(
-                    float(_all_finite(p.grad for p in optimizer_params(optimizer))), device=device)).item() == 1)
-            if finite:
+            grads_finite = _finite_flag(p.grad for p in optimizer_params(optimizer)) if not scaler.is_enabled() \
+                else torch.ones((), device=device)
+            flags = torch.stack([loss.detach().float(), grads_finite.float().to(device),
+                                 torch.tensor(float(time_up), device=device),
+                                 torch.tensor(float(stop_requested.is_set()), device=device)])
+            last_loss, finite_share, time_up, signalled = dist.mean_over_processes(flags).tolist()
+            time_up, signalled = time_up > 0, signalled > 0
+            if math.isfinite(last_loss) and finite_share == 1:
                 bad_steps = 0
                 scaler.step(optimizer)
                 scaler.update()
@@ -350,6 +372,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
             bar.update(1)
             if step == 0:
                 monitor.view_pairs("train/view_pairs", v1, v2, cfg.augment.mean, cfg.augment.std, pos.global_step)
+            rng_before_prefetch = upcoming[-1] if upcoming is not None else None
             if time_up or signalled:
                 stopped_early = True
                 stop_reason = "signal" if signalled else "max_time"
@@ -358,11 +381,12 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
                          pos.epoch, pos.step)
                 break
             if cfg.train.checkpoint_every and pos.global_step % cfg.train.checkpoint_every == 0:
-                save()
+                save(rng_before_prefetch)
         bar.close()
         if not stopped_early:
             pos.epoch, pos.step = pos.epoch + 1, 0
-        save()
+            rng_before_prefetch = None  # the epoch's batches are all used: nothing was drawn ahead
+        save(rng_before_prefetch)
         # val is None when eval.every is 0; a preempted run has no time to spare for kNN.
         if val is not None and stop_reason != "signal" and (
                 pos.epoch % cfg.eval.every == 0 or stopped_early or pos.epoch == cfg.train.epochs):
