@@ -154,10 +154,12 @@ class RandomGaussianBlur(nn.Module):
         self.kernel, self.sigma, self.p = kernel, sigma, p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        sigma = torch.empty(x.shape[0], 1, device=x.device).uniform_(*self.sigma).expand(-1, 2)
+        sigma = torch.empty(x.shape[0], 1, device=x.device).uniform_(*self.sigma)
 
         def blur(samples, index):
-            return kornia.filters.gaussian_blur2d(samples, (self.kernel, self.kernel), _pick(sigma, index), "reflect")
+            # kornia's gaussian_blur2d checks sigma > 0 on the host (a GPU sync); its parts do not.
+            kernel = kornia.filters.get_gaussian_kernel1d(self.kernel, _pick(sigma, index))
+            return kornia.filters.filter2d_separable(samples, kernel, kernel, "reflect")
 
         return apply_to_some(x, self.p, blur)
 

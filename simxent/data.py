@@ -143,8 +143,8 @@ class ImageArray:
 
     def batches(self, batch_size: int, generator: torch.Generator, start: int = 0, rank: int = 0, world: int = 1):
         """``(step, uint8 NCHW batch)`` for one epoch; see :func:`batch_indices`."""
-        for step, idx in batch_indices(len(self), batch_size, generator, start, rank, world):
-            yield step, self.images[idx.to(self.images.device)].permute(0, 3, 1, 2)
+        for step, idx in batch_indices(len(self), batch_size, generator, start, rank, world, self.images.device):
+            yield step, self.images[idx].permute(0, 3, 1, 2)
 
 
 class _BatchDecoder(Dataset):
@@ -341,15 +341,16 @@ def _report_skipped(skipped: list[str], root: Path) -> None:
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator, start: int = 0, rank: int = 0,
-                  world: int = 1):
+                  world: int = 1, device: torch.device | str = "cpu"):
     """Yield ``(step, sorted indices)`` of this process's share of each global batch of one epoch: a fresh
     random order each call, last partial batch dropped.
 
     ``batch_size`` is the global batch: every process draws the same order and takes its own contiguous
     ``batch_size / world`` slice of each batch, so the global batches do not depend on the number of
     processes. ``start`` skips the first batches of the epoch, so a resumed run sees the same images.
+    The order moves to ``device`` once per epoch, not once per batch (each copy would wait for the GPU).
     """
-    order = torch.randperm(n, generator=generator)
+    order = torch.randperm(n, generator=generator).to(device)
     local = batch_size // world
     for step in range(start, n // batch_size):
         idx = order[step * batch_size + rank * local : step * batch_size + (rank + 1) * local]

@@ -342,11 +342,13 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
             time_up = bool(cfg.train.max_time) and time.monotonic() - started >= cfg.train.max_time
             grads_finite = _finite_flag(p.grad for p in optimizer_params(optimizer)) if not scaler.is_enabled() \
                 else torch.ones((), device=device)
-            flags = torch.stack([loss.detach().float(), grads_finite.float().to(device),
-                                 torch.tensor(float(time_up), device=device),
-                                 torch.tensor(float(stop_requested.is_set()), device=device)])
-            last_loss, finite_share, time_up, signalled = dist.mean_over_processes(flags).tolist()
-            time_up, signalled = time_up > 0, signalled > 0
+            flags = torch.stack([loss.detach().float(), grads_finite.float().to(device)])
+            stops = [float(time_up), float(stop_requested.is_set())]
+            if world > 1:
+                flags = torch.cat([flags, torch.tensor(stops, device=device)])
+            shared = dist.mean_over_processes(flags).tolist()
+            last_loss, finite_share = shared[:2]
+            time_up, signalled = (v > 0 for v in (shared[2:] if world > 1 else stops))
             if math.isfinite(last_loss) and finite_share == 1:
                 bad_steps = 0
                 scaler.step(optimizer)

@@ -207,3 +207,15 @@ def test_gpu_style_masked_path_equals_the_cpu_subset_path(monkeypatch):
     monkeypatch.setattr(A, "computes_subsets", lambda device: False)
     torch.manual_seed(3)
     torch.testing.assert_close(aug(x), subset, rtol=0, atol=1e-5)
+
+
+def test_blur_equals_torchvision_gaussian_blur_with_each_samples_sigma():
+    from simxent.augment import RandomGaussianBlur
+
+    x = torch.rand(6, 3, 20, 20, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(5)
+    sigmas = torch.empty(6, 1).uniform_(0.1, 2.0)  # the module's first draw, reproduced
+    torch.manual_seed(5)
+    out = RandomGaussianBlur(7, (0.1, 2.0), p=1.0)(x.clone())
+    expected = torch.stack([TF.gaussian_blur(img, [7, 7], [s.item(), s.item()]) for img, s in zip(x, sigmas)])
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
