@@ -97,6 +97,7 @@ class EvalConfig:
     knn_k: int = 200
     knn_temperature: float = 0.1
     batch_size: int = 512
+    projector: int = 500  # data.val images shown in TensorBoard's embedding projector at the end (0 = none)
 
 
 @dataclass
@@ -306,5 +307,6 @@ def validate(cfg: Config) -> None:
     check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1")
     check(cfg.eval.every >= 0, "eval.every", ">= 0")
     check(cfg.eval.knn_k >= 1, "eval.knn_k", ">= 1")
+    check(cfg.eval.projector >= 0, "eval.projector", ">= 0")
     check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "> 0")
     check(cfg.eval.batch_size >= 1, "eval.batch_size", ">= 1")

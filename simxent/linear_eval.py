@@ -10,7 +10,9 @@ from typing import Optional
 
 import torch
 
+from . import figures as figures_lib
 from .augment import Normalize
+from .calibration import class_probabilities, per_class, reliability
 from .checkpoint import load_checkpoint
 from .config import ConfigError, config_from_dict
 from .data import ImageArray, load_folder
@@ -106,9 +108,10 @@ def read_label_csv(path: str | Path, data: ImageArray, root: str | Path, names: 
 
 def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targets: Targets, normalize: Normalize,
                   device, dtype, opts: ProbeOptions, weight: Optional[torch.Tensor], monitor: Monitor,
-                  feature_batch: int = 512, progress: bool = True) -> dict:
-    """Linear probe (and, for folder classes, kNN) figures for one encoder; curves and confusion matrices go
-    to TensorBoard."""
+                  feature_batch: int = 512, progress: bool = True, figures_dir: Optional[Path] = None) -> dict:
+    """Linear probe (and, for folder classes, kNN) figures for one encoder. Curves, per-class loss and
+    accuracy, confusion matrices and the reliability diagram go to TensorBoard and, with ``figures_dir``,
+    to PNG files there."""
     encoder = encoder.to(device).to(memory_format=torch.channels_last)
     train_x = extract_features(encoder, train.images, normalize, device, feature_batch, dtype,
                                desc=f"{name}: train features", progress=progress)
@@ -116,25 +119,35 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
                               desc=f"{name}: test features", progress=progress)
     multiclass = targets.objective == "multiclass"
     loss_fn = probe_loss(targets.objective)
+    history = {"epoch": [], "train_loss": [], "test_loss": [], "train_accuracy": [], "test_accuracy": []}
+
+    def accuracy(logits, y):
+        correct = logits.argmax(1) == y if multiclass else (logits > 0) == y.bool()
+        return correct.float().mean().item()
 
     def on_epoch(epoch, probe, train_loss):
         with torch.no_grad():
             logits = probe(test_x)
-            correct = logits.argmax(1) == targets.test if multiclass else (logits > 0) == targets.test.bool()
-            test_loss, acc = loss_fn(logits, targets.test).item(), correct.float().mean().item()
-        monitor.scalars({"train_loss": train_loss, "test_loss": test_loss, "test_accuracy": acc}, epoch,
-                        prefix=f"{name}/probe/")
+            row = {"train_loss": train_loss, "test_loss": loss_fn(logits, targets.test).item(),
+                   "train_accuracy": accuracy(probe(train_x), targets.train),
+                   "test_accuracy": accuracy(logits, targets.test)}
+        history["epoch"].append(epoch)
+        for k, v in row.items():
+            history[k].append(v)
+        monitor.scalars(row, epoch, prefix=f"{name}/probe/")
 
     probe = train_linear_probe(train_x, targets.train, len(targets.names), opts.epochs, opts.lr, opts.weight_decay,
                                opts.batch_size, weight, opts.label_smoothing, opts.seed, on_epoch, progress,
                                objective=targets.objective)
     with torch.no_grad():
         logits = probe(test_x)
-    result = {"feature_dim": train_x.shape[1]}
+    result = {"feature_dim": train_x.shape[1], "probe_history": history}
+    figures = {"probe_curves": figures_lib.probe_curves(history, f"{name}: linear probe")}
     if multiclass:
         linear = classification_report(logits, targets.test, targets.names)
         linear["balanced_accuracy"] = balanced_accuracy(logits.argmax(1), targets.test, len(targets.names))
         monitor.confusion(f"{name}/probe/confusion", linear["confusion"], targets.names)
+        figures["confusion"] = figures_lib.confusion_matrix(linear["confusion"], targets.names, f"{name}: linear probe")
     elif targets.objective == "binary":
         pred = (logits > 0).long()
         linear = {"accuracy": (pred == targets.test).float().mean().item(),
@@ -145,6 +158,17 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
         mean_ap, per_label = mean_average_precision(logits, targets.test)
         linear = {"mAP": mean_ap, "per_label_ap": dict(zip(targets.names, per_label)),
                   "f1_micro": f1_score(logits > 0, targets.test)}
+    if targets.objective != "multilabel":
+        probs = class_probabilities(logits, targets.objective)
+        linear["calibration"] = reliability(probs, targets.test)
+        linear["per_class_loss"] = per_class(logits, targets.test, targets.names, targets.objective)
+        monitor.scalars({"ece": linear["calibration"]["ece"]}, opts.epochs, prefix=f"{name}/probe/")
+        figures["reliability"] = figures_lib.reliability_diagram(linear["calibration"], name)
+        figures["per_class"] = figures_lib.per_class_bars(linear["per_class_loss"], f"{name}: linear probe")
+    for kind, fig in figures.items():
+        monitor.figure(f"{name}/probe/{kind}", fig, opts.epochs)
+        if figures_dir is not None:
+            figures_lib.save(fig, figures_dir / f"{name}_{kind}.png")
     result["linear"] = linear
     if train.classes and targets.objective != "multilabel":
         knn = classification_report(
@@ -214,7 +238,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     }
     for name, encoder in encoders.items():
         results[name] = score_encoder(name, encoder, train, test, targets, normalize, dev, dtype, opts, weight,
-                                      monitor, progress=progress)
+                                      monitor, progress=progress, figures_dir=out / "figures")
     monitor.close()
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

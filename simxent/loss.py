@@ -124,3 +124,20 @@ def contrastive_stats(z1: torch.Tensor, z2: torch.Tensor, temperature: Optional[
         "alignment": sq_dist[torch.arange(n2), positive].mean().item(),
         "uniformity": torch.log(torch.exp(-2 * sq_dist[~eye]).mean()).item(),
     }
+
+
+@torch.no_grad()
+def similarity_samples(z1: torch.Tensor, z2: torch.Tensor, max_negatives: int = 20_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarities of every positive pair (2n) and of up to ``max_negatives`` negative pairs drawn
+    at random, for plotting how the two distributions separate during training."""
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    n2 = z.shape[0]
+    positive = (torch.arange(n2, device=z.device) + n2 // 2) % n2
+    pos = (z * z[positive]).sum(dim=1)
+    # Its own generator: monitoring must not move the RNG that draws the augmentations (exact resume).
+    g = torch.Generator(device=z.device).manual_seed(0)
+    i = torch.randint(0, n2, (max_negatives,), device=z.device, generator=g)
+    j = torch.randint(0, n2, (max_negatives,), device=z.device, generator=g)
+    keep = (i != j) & (j != positive[i])
+    neg = (z[i[keep]] * z[j[keep]]).sum(dim=1)
+    return pos, neg

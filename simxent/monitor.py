@@ -1,4 +1,5 @@
-"""TensorBoard output: scalars, view-pair grids and confusion matrices, written by one process only."""
+"""TensorBoard output: scalars, histograms, figures, view-pair grids, confusion matrices and the embedding
+projector, written by one process only."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,6 +47,22 @@ class Monitor:
         header = "| true \\ pred | " + " | ".join(classes) + " |\n|" + "---|" * (len(classes) + 1) + "\n"
         rows = "\n".join(f"| {c} | " + " | ".join(str(int(x)) for x in row) + " |" for c, row in zip(classes, cm))
         self.writer.add_text(tag + "_counts", header + rows, step)
+
+    def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
+        if self.writer:
+            self.writer.add_histogram(tag, values.float().cpu(), step)
+
+    def figure(self, tag: str, fig, step: int) -> None:
+        """A matplotlib figure as an image (left open: the caller may still save it)."""
+        if self.writer:
+            self.writer.add_figure(tag, fig, step, close=False)
+
+    def embedding(self, features: torch.Tensor, labels: list[str], thumbnails: torch.Tensor, step: int,
+                  tag: str = "val") -> None:
+        """Features for TensorBoard's projector, each point labelled and drawn as its image (NCHW in [0, 1])."""
+        if self.writer:
+            self.writer.add_embedding(features.float().cpu(), metadata=labels, label_img=thumbnails.float().cpu(),
+                                      global_step=step, tag=tag)
 
     def flush(self) -> None:
         if self.writer:

@@ -1,4 +1,5 @@
-"""Grid studies: one normal run directory per combination, then a results table, JSON and TensorBoard hparams.
+"""Grid studies: one normal run directory per combination, then a results table, JSON, TensorBoard hparams
+and a plot of kNN and probe accuracy against each swept value (``sweep.png``).
 
     python scripts/sweep.py configs/cpu.yaml --grid loss.temperature=0.05,0.1,0.2,0.5,1.0 \\
         --train ../shared/data/cifar10/train --test ../shared/data/cifar10/test --minutes 2 --out runs/sweep
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
+from . import figures
 from .config import ConfigError, load_config, parse_override
 from .linear_eval import ProbeOptions, linear_eval
 from .train import pretrain
@@ -60,6 +62,7 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
                            {"hparam/knn_top1": row["knn_top1"], "hparam/linear_top1": row["linear_top1"]},
                            run_name=run_name(combo))
         write_tables(rows, out)  # after every run, so a stopped sweep keeps what it measured
+        figures.save(figures.sweep_plots(rows, list(grid)), out / "sweep.png")
     writer.close()
     return rows
 

@@ -23,13 +23,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import __version__, dist
+from . import __version__, dist, figures
 from .augment import ViewAugment
 from .checkpoint import load_checkpoint, newest_valid_checkpoint, save_rotating
 from .config import Config, ConfigError, save_config, to_dict
 from .data import ImageArray, ImageStream, iterate_batches, load_folder, open_stream
 from .evaluate import autocast, extract_features, knn_scores, topk_accuracy
-from .loss import Temperature, contrastive_stats, nt_xent
+from .loss import Temperature, contrastive_stats, nt_xent, similarity_samples
 from .models import SimCLR
 from .monitor import Monitor
 from .runtime import (configure_device, resolve_device, resolve_dtype, rng_state, seed_everything, set_rng_state,
@@ -130,6 +130,44 @@ def knn_monitor(model: SimCLR, bank: ImageArray | None, val: ImageArray, augment
     else:
         scores = knn_scores(features(bank, "kNN bank"), bank.labels, query, classes, k, t)
     return topk_accuracy(scores, val.labels, 1)
+
+
+def project_embeddings(model: SimCLR, val: ImageArray, augment: ViewAugment, cfg: Config, device, dtype,
+                       monitor: Monitor, step: int) -> None:
+    """Up to ``eval.projector`` validation images (a fixed random subset) in TensorBoard's projector:
+    their encoder features, class names and thumbnails (at most 32 px, so the sprite stays small)."""
+    n = min(cfg.eval.projector, len(val))
+    index = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    images = val.images[index.to(val.images.device)]
+    features = extract_features(model.encoder, images, augment.normalize, device, cfg.eval.batch_size, dtype,
+                                cfg.train.channels_last, desc="projector")
+    thumbs = images.permute(0, 3, 1, 2).float().div(255)
+    if thumbs.shape[-1] > 32:
+        thumbs = torch.nn.functional.interpolate(thumbs, size=(32, 32), mode="bilinear", antialias=True)
+    monitor.embedding(features, [val.classes[y] for y in val.labels[index].tolist()], thumbs, step)
+
+
+class SimilarityLog:
+    """Quantiles (10, 50, 90 %) of positive- and negative-pair similarity per logged step, kept in
+    ``similarities.json`` beside the checkpoints so that a resumed run draws the whole history."""
+
+    def __init__(self, path: Path, resume_step: Optional[int]):
+        self.path, self.rows = path, []
+        if resume_step is not None and path.is_file():
+            self.rows = [r for r in json.loads(path.read_text()) if r["step"] <= resume_step]
+
+    def add(self, step: int, pos: torch.Tensor, neg: torch.Tensor) -> None:
+        q = torch.tensor([0.1, 0.5, 0.9], device=pos.device)
+        self.rows.append({"step": step, "pos": pos.quantile(q).tolist(), "neg": neg.quantile(q).tolist()})
+
+    def write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.rows))
+        tmp.replace(self.path)
+
+    def figure(self, path: Path) -> None:
+        if self.rows:
+            figures.save(figures.similarity_over_time(self.rows), path)
 
 
 def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray | ImageStream, ImageArray | None, ImageArray | None]:
@@ -280,6 +318,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
         save_config(cfg, out / "config.yaml")
     # purge_step drops what a killed run logged after its last checkpoint: one continuous curve.
     monitor = Monitor(out / "tb", enabled=main, purge_step=pos.global_step + 1 if resume else None)
+    similarities = SimilarityLog(out / "similarities.json", pos.global_step if resume else None)
     log.info("%d training images, %d steps/epoch, %s on %s x%d, autocast %s, global batch %d, peak lr %.4g",
              len(train), steps_per_epoch, cfg.model.backbone, device, world, dtype, batch, peak)
 
@@ -289,6 +328,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
                                 f"{checkpoint_path(cfg)}")
         rng = _rng_states(rng_before_prefetch)
         if main:
+            similarities.write()
             save_rotating(_state(cfg, net, temperature, optimizer, scaler, pos, rng), checkpoint_path(cfg).parent,
                           pos.global_step, cfg.train.keep_checkpoints)
 
@@ -360,6 +400,11 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
                     tick, seen = time.perf_counter(), 0
                     monitor.scalars({"loss": last_loss, "lr": lr, "temperature": t.item(), "images_per_s": rate,
                                      **contrastive_stats(z1, z2)}, pos.global_step, prefix="train/")
+                    if main:
+                        pos_sim, neg_sim = similarity_samples(z1, z2)
+                        monitor.histogram("train/pos_sim_distribution", pos_sim, pos.global_step)
+                        monitor.histogram("train/neg_sim_distribution", neg_sim, pos.global_step)
+                        similarities.add(pos.global_step, pos_sim, neg_sim)
                     bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
             else:
                 bad_steps, skipped_steps = bad_steps + 1, skipped_steps + 1
@@ -400,6 +445,10 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
                 log.info("epoch %d: kNN top-1 %.4f", pos.epoch, top1)
             dist.barrier()
         monitor.flush()
+    if main and val is not None and cfg.eval.projector and stop_reason != "signal":
+        project_embeddings(net, val, augment, cfg, device, dtype, monitor, pos.global_step)
+    if main:
+        similarities.figure(out / "figures" / "similarities.png")
     monitor.close()
     write_skipped()
     summary = {

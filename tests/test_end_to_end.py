@@ -70,6 +70,34 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
     probe.Reload()
     assert "pretrained/probe/test_accuracy" in probe.Tags()["scalars"]
     assert "pretrained/probe/confusion" in probe.Tags()["images"]
+    assert {"pretrained/probe/reliability", "pretrained/probe/per_class", "pretrained/probe/probe_curves"} <= set(
+        probe.Tags()["images"])
+    linear = results["pretrained"]["linear"]
+    assert 0 <= linear["calibration"]["ece"] <= 1 and sum(linear["calibration"]["count"]) == 30
+    assert set(linear["per_class_loss"]) == set(results["classes"])
+    assert len(results["pretrained"]["probe_history"]["test_loss"]) == 5
+    for name in ("pretrained", "random_init"):
+        for kind in ("probe_curves", "confusion", "reliability", "per_class"):
+            png = run / "linear_eval" / "figures" / f"{name}_{kind}.png"
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def test_pretraining_shows_similarity_distributions_and_the_projector(shapes, tmp_path):
+    run = tmp_path / "run"
+    pretrain(load_config(None, tiny(shapes, run, "eval.projector=12")), progress=False)
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert {"train/pos_sim_distribution", "train/neg_sim_distribution"} <= set(acc.Tags()["histograms"])
+    assert len(acc.Histograms("train/pos_sim_distribution")) == 10  # one per logged step
+    history = json.loads((run / "similarities.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, 11))
+    assert all(-1 <= q <= 1 for h in history for q in h["pos"] + h["neg"])
+    assert (run / "figures" / "similarities.png").read_bytes()[:4] == b"\x89PNG"
+    # The projector: 12 labelled points, their class names, and a sprite of thumbnails.
+    metadata = next((run / "tb").rglob("metadata.tsv")).read_text().split()
+    assert len(metadata) == 12 and set(metadata) <= {"circle", "square", "triangle", "cross", "ring"}
+    assert next((run / "tb").rglob("sprite.png")).stat().st_size > 0
+    assert "embeddings" in (run / "tb" / "projector_config.pbtxt").read_text()
 
 
 def test_resume_continues_to_the_same_weights(shapes, tmp_path):

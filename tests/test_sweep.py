@@ -32,3 +32,15 @@ def test_sweep_runs_each_combination(tmp_path):
     assert (tmp_path / "sweep" / "temperature=0.1_batch_size=8" / "checkpoints" / "last.pt").exists()
     assert "loss.temperature" in (tmp_path / "sweep" / "results.md").read_text()
     assert list((tmp_path / "sweep" / "hparams").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sweep_plot_averages_runs_that_share_a_value():
+    from simxent.figures import sweep_plots
+
+    rows = [{"optim.name": n, "loss.temperature": t, "knn_top1": k, "linear_top1": k + 0.1}
+            for n, t, k in (("sgd", 0.1, 0.2), ("sgd", 0.5, 0.4), ("lars", 0.1, 0.6), ("lars", 0.5, 0.8))]
+    fig = sweep_plots(rows, ["optim.name", "loss.temperature"])
+    by_name, by_t = (ax.get_lines()[0].get_ydata() for ax in fig.axes[:2])
+    assert list(by_name) == pytest.approx([0.7, 0.3])  # lars, sgd (sorted), each averaged over both temperatures
+    assert list(by_t) == pytest.approx([0.4, 0.6])

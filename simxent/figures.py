@@ -1,0 +1,125 @@
+"""PNG figures (matplotlib, no display needed) of what TensorBoard also shows, for reports and papers.
+
+Each function takes plain numbers and returns a matplotlib Figure; :func:`save` writes it as a PNG.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works on servers without a display
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def probe_curves(history: dict, title: str = "") -> Figure:
+    """Train and test loss and accuracy per epoch: a test loss rising while the train loss falls is
+    over-fitting; two high, flat losses are under-fitting."""
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
+    for split, style in (("train", "-"), ("test", "--")):
+        ax_loss.plot(history["epoch"], history[f"{split}_loss"], style, label=split)
+        ax_acc.plot(history["epoch"], history[f"{split}_accuracy"], style, label=split)
+    ax_loss.set(xlabel="epoch", ylabel="cross entropy", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    return fig
+
+
+def per_class_bars(per_class: dict, title: str = "") -> Figure:
+    """Test cross entropy and accuracy of each true class."""
+    names = list(per_class)
+    loss = [per_class[n]["loss"] or 0.0 for n in names]
+    acc = [per_class[n]["accuracy"] or 0.0 for n in names]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(max(6, 0.6 * len(names) + 3), 3.5))
+    ax_loss.bar(names, loss, color="tab:red")
+    ax_loss.set(ylabel="mean cross entropy", title="loss per class")
+    ax_acc.bar(names, acc, color="tab:blue")
+    ax_acc.set(ylabel="accuracy (recall)", title="accuracy per class", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.tick_params(axis="x", rotation=60)
+    fig.suptitle(title)
+    return fig
+
+
+def confusion_matrix(cm, classes: list[str], title: str = "") -> Figure:
+    """Row-normalised confusion matrix (each true class sums to 1), counts written in the cells."""
+    import numpy as np
+
+    cm = np.asarray(cm, dtype=float)
+    rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    side = max(4.0, 0.45 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+    if len(classes) <= 20:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    return fig
+
+
+def reliability_diagram(rel: dict, title: str = "") -> Figure:
+    """Accuracy against confidence per bin (the diagonal is perfect calibration), with the ECE."""
+    bins = rel["bins"]
+    centers = [(b + 0.5) / bins for b in range(bins)]
+    acc = [a if a is not None else 0.0 for a in rel["accuracy"]]
+    conf = [c if c is not None else 0.0 for c in rel["confidence"]]
+    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True, height_ratios=(3, 1))
+    ax.bar(centers, acc, width=1 / bins, edgecolor="black", color="tab:blue", label="accuracy")
+    ax.bar(centers, [c - a for c, a in zip(conf, acc)], bottom=acc, width=1 / bins, color="tab:red", alpha=0.3,
+           label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title} ECE = {rel['ece']:.3f}".strip())
+    ax.legend(loc="upper left")
+    ax_count.bar(centers, rel["count"], width=1 / bins, color="gray")
+    ax_count.set(xlabel="confidence", ylabel="images")
+    return fig
+
+
+def similarity_over_time(history: list[dict]) -> Figure:
+    """Median and 10-90% band of positive-pair and negative-pair cosine similarity over training steps."""
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for kind, colour in (("pos", "tab:green"), ("neg", "tab:red")):
+        lo, mid, hi = ([h[kind][i] for h in history] for i in range(3))
+        ax.plot(steps, mid, color=colour, label=f"{'positive' if kind == 'pos' else 'negative'} pairs (median)")
+        ax.fill_between(steps, lo, hi, color=colour, alpha=0.2)
+    ax.set(xlabel="step", ylabel="cosine similarity", ylim=(-1, 1), title="similarity distributions (10-90%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def sweep_plots(rows: list[dict], keys: list[str], metrics=("knn_top1", "linear_top1")) -> Figure:
+    """Each metric against each swept value; runs that share a value are averaged (other keys vary)."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        values = sorted({r[key] for r in rows}, key=lambda v: (isinstance(v, str), v))
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        x = values if numeric else list(range(len(values)))
+        for metric in metrics:
+            means = [sum(r[metric] for r in rows if r[key] == v) / sum(1 for r in rows if r[key] == v) for v in values]
+            ax.plot(x, means, "o-", label=metric)
+        if numeric and min(values) > 0 and max(values) / min(values) >= 10:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(x, [str(v) for v in values])
+        ax.set(xlabel=key, ylabel="top-1 accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
