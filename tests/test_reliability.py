@@ -135,6 +135,24 @@ def test_non_finite_loss_is_skipped_then_stops_without_overwriting(shapes, tmp_p
     assert (run / "checkpoints" / "last.pt").read_bytes() != before  # the good run's checkpoint moved on
 
 
+def test_non_finite_gradient_under_a_finite_loss_is_skipped(shapes, tmp_path, monkeypatch):
+    real = simxent.train.step_loss
+    calls = {"n": 0}
+
+    def nan_gradient_once(*args):
+        loss, z1, z2 = real(*args)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            loss = loss + (z1 - z1.detach()).abs().sqrt().sum()  # adds exactly 0; its gradient is 0 * inf = NaN
+        return loss, z1, z2
+
+    monkeypatch.setattr(simxent.train, "step_loss", nan_gradient_once)
+    summary = pretrain(load_config(None, tiny(shapes, tmp_path / "run", "train.epochs=1")), progress=False)
+    assert summary["skipped_steps"] == 1 and summary["global_step"] == 4  # 5 batches, the third skipped
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["encoder"].values() if v.is_floating_point())
+
+
 def hostile_folder(root: Path) -> dict:
     """Every kind of file a scraped folder holds; returns which names must be skipped and which kept."""
     rng = np.random.default_rng(0)
