@@ -51,3 +51,30 @@ def test_lars_step_matches_formula():
     g = g * 0.001 * w0.norm() / g.norm()
     torch.testing.assert_close(w.detach(), w0 - 0.5 * g)
     torch.testing.assert_close(b.detach(), b0 - 0.5 * grads[1])
+
+
+def test_lars_on_many_tensors_over_steps_matches_a_per_tensor_loop():
+    """The foreach update equals the formula applied tensor by tensor, momentum carried over two steps,
+    a zero tensor (trust ratio 1) included."""
+    g = torch.Generator().manual_seed(1)
+    shapes = [(5, 3, 3, 3), (7,), (2, 4), (3,)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    with torch.no_grad():
+        params[3].zero_()
+    ref = [p.detach().clone() for p in params]
+    momentum = [torch.zeros_like(p) for p in ref]
+    opt = LARS([{"params": params[:3] + params[3:], "weight_decay": 0.01, "lars": True}], lr=0.3, momentum=0.9,
+               eta=0.002)
+    for _ in range(2):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        opt.step()
+        for i, grad in enumerate(grads):
+            step = grad + 0.01 * ref[i]
+            if ref[i].norm() > 0 and step.norm() > 0:
+                step = step * 0.002 * ref[i].norm() / step.norm()
+            momentum[i] = 0.9 * momentum[i] + step
+            ref[i] = ref[i] - 0.3 * momentum[i]
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r)
