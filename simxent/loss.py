@@ -30,33 +30,33 @@ class _MaskedSimilarityCrossEntropy(torch.autograd.Function):
         mean_i [ logsumexp_{k != self(i)} (q_i . c_k / t) - q_i . c_pos(i) / t ]   for unit rows q (M, D), c (K, D)
 
     With G = (softmax - onehot(pos)) / M:  dq = G c / t,  dc = G^T q / t,  d(1/t) = sum(G * q c^T).
-    Forward turns the one (M, K) logit buffer into G in place and keeps it, so one (M, K) matrix lives at
-    a time (the two-block form keeps several) and backward recomputes nothing.
+    Forward computes the log-softmax in one fused pass, turns it in place into M G and keeps that, so at
+    most two (M, K) matrices live at once (the two-block form keeps several) and backward is two matrix
+    products, recomputing nothing.
     """
 
     @staticmethod
     def forward(ctx, q, c, inv_t, offset: int):
-        m, n = q.shape[0], q.shape[0] // 2
-        g = (q @ c.T).mul_(inv_t)
+        n = q.shape[0] // 2
+        logits = (q * inv_t) @ c.T  # scaling the (M, D) side spares a pass over the (M, K) matrix
         # Diagonal views, not index lists: anchor i's own column is offset + i, its positive offset + (i + n) % m.
-        own = g.diagonal(offset)
+        logits.diagonal(offset).fill_(float("-inf"))
+        g = torch.log_softmax(logits, dim=1)  # one fused pass; the logits are freed on return
+        del logits
         positives = (g[:n].diagonal(offset + n), g[n:].diagonal(offset))
-        own.fill_(float("-inf"))
-        positive_logit = torch.cat(positives)
-        row_max = g.amax(dim=1, keepdim=True)
-        row_sum = g.sub_(row_max).exp_().sum(dim=1, keepdim=True)
-        loss = (row_max.squeeze(1) + row_sum.squeeze(1).log() - positive_logit).mean()
-        g.div_(row_sum.mul_(m))  # softmax / M
+        loss = -torch.cat(positives).mean()
+        g.exp_()  # the softmax; the masked diagonal is exactly 0
         for p in positives:
-            p.sub_(1 / m)
-        ctx.save_for_backward(q, c, inv_t, g)
+            p.sub_(1)
+        ctx.save_for_backward(q, c, inv_t, g)  # g = softmax - onehot(positive), the loss's gradient times M
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         q, c, inv_t, g = ctx.saved_tensors
-        scale = inv_t * grad_loss
-        grad_t = (g * (q @ c.T)).sum() * grad_loss if ctx.needs_input_grad[2] else None
+        m = q.shape[0]
+        scale = inv_t * grad_loss / m
+        grad_t = (g * (q @ c.T)).sum() * grad_loss / m if ctx.needs_input_grad[2] else None
         grad_q = (g @ c).mul_(scale) if ctx.needs_input_grad[0] else None
         grad_c = (g.T @ q).mul_(scale) if ctx.needs_input_grad[1] else None
         return grad_q, grad_c, grad_t, None
