@@ -89,9 +89,9 @@ def bench_loss(device, sync):
             def step():
                 z1.grad = z2.grad = None
                 fn().backward()
-            # A GPU step takes about a millisecond and varies with launch jitter: many repeats there.
-            repeats = 100 if device.type == "cuda" else 5 if n < 4096 else 3
-            row[f"{name}_ms"] = 1000 * timed(step, repeats=repeats, warmup=20 if device.type == "cuda" else 2, sync=sync)
+            # Short steps vary with launch and scheduling jitter: many repeats where they are cheap.
+            repeats = 100 if device.type == "cuda" else 40 if n < 4096 else 5
+            row[f"{name}_ms"] = 1000 * timed(step, repeats=repeats, warmup=20 if device.type == "cuda" else 3, sync=sync)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
