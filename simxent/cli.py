@@ -145,7 +145,8 @@ def demo_main(argv=None) -> int:
         results = linear_eval(Path(a.out) / "checkpoints" / "last.pt", data / "train", data / "test", ProbeOptions(),
                               random_init=True, json_path=Path(a.out) / "linear_eval.json")
         print(format_results(results))
-        print(f"figures: {Path(a.out) / 'linear_eval.json'}; curves: tensorboard --logdir {a.out}")
+        print(f"all figures: {Path(a.out) / 'linear_eval.json'}; plots: {Path(a.out) / 'linear_eval' / 'figures'}, "
+              f"{Path(a.out) / 'figures'}; TensorBoard: tensorboard --logdir {a.out}")
         return 0
 
     return _run(main)

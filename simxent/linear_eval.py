@@ -253,8 +253,10 @@ def format_results(results: dict) -> str:
                               ("knn", "top1"), ("knn", "top5")],
                "binary": [("linear", "accuracy"), ("linear", "roc_auc"), ("linear", "f1"), ("knn", "top1")],
                "multilabel": [("linear", "mAP"), ("linear", "f1_micro")]}[objective]
-    rows = ["encoder      " + "".join(f"{f'{a} {b}':>24}" for a, b in columns)]
+    names = [f"{a} {b}".replace("balanced_accuracy", "balanced acc.") for a, b in columns]
+    width = max(len(n) for n in names) + 2
+    rows = ["encoder      " + "".join(f"{n:>{width}}" for n in names)]
     for name in ("pretrained", "random_init"):
         if name in results:
-            rows.append(f"{name:<13}" + "".join(f"{results[name][a][b]:>24.4f}" for a, b in columns))
+            rows.append(f"{name:<13}" + "".join(f"{results[name][a][b]:>{width}.4f}" for a, b in columns))
     return "\n".join(rows)

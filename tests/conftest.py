@@ -6,6 +6,10 @@ from PIL import Image
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
 
+# The smallest real run: a small convnet on 16 px shape images, a batch of 16, SGD, no decoding workers.
+TINY_RUN = ["model.backbone=convnet", "model.head_hidden=32", "model.head_out=16", "data.image_size=16",
+            "data.workers=0", "train.batch_size=16", "optim.name=sgd", "optim.lr=0.1"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):

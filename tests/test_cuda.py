@@ -9,6 +9,7 @@ from simxent.config import AugmentConfig, load_config
 from simxent.demo import make_shapes
 from simxent.loss import nt_xent
 from simxent.train import pretrain
+from tests.conftest import TINY_RUN
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -45,10 +46,8 @@ def test_augmentation_never_syncs_with_the_host(size):
 
 def test_tiny_pretraining_on_cuda(tmp_path):
     shapes = make_shapes(tmp_path / "shapes", train_per_class=16, test_per_class=6, size=16)
-    cfg = load_config(None, ["model.backbone=convnet", "model.head_hidden=32", "model.head_out=16",
-                             "data.image_size=16", f"data.train={shapes / 'train'}", f"data.val={shapes / 'test'}",
-                             "data.workers=0", "train.batch_size=16", "train.epochs=2", "eval.knn_k=5",
-                             f"out={tmp_path / 'run'}"])
+    cfg = load_config(None, [*TINY_RUN, f"data.train={shapes / 'train'}", f"data.val={shapes / 'test'}",
+                             "train.epochs=2", "eval.knn_k=5", "optim.name=lars", f"out={tmp_path / 'run'}"])
     summary = pretrain(cfg, progress=False)
     assert summary["global_step"] == 10 and summary["skipped_steps"] == 0
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", map_location="cpu")

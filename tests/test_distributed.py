@@ -29,6 +29,7 @@ from simxent.demo import make_shapes
 from simxent.loss import nt_xent
 from simxent.models import SimCLR
 from simxent.train import step_loss
+from tests.conftest import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 N, WORLD = 8, 2  # images per batch, processes
@@ -111,9 +112,8 @@ def shapes(tmp_path_factory):
 def torchrun(shapes, out, *more, restarts=0):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={restarts}", str(ROOT / "scripts" / "pretrain.py"), "--no-progress",
-           "model.backbone=convnet", "model.head_hidden=32", "model.head_out=16", "data.image_size=16",
-           f"data.train={shapes / 'train'}", f"data.val={shapes / 'test'}", "data.workers=0", "eval.knn_k=5",
-           "train.batch_size=16", "train.log_every=1", "optim.name=sgd", "optim.lr=0.1", f"out={out}", *more]
+           *TINY_RUN, f"data.train={shapes / 'train'}", f"data.val={shapes / 'test'}", "eval.knn_k=5",
+           "train.log_every=1", f"out={out}", *more]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

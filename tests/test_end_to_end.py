@@ -12,6 +12,7 @@ from simxent.cli import linear_eval_main, pretrain_main
 from simxent.config import load_config
 from simxent.demo import make_shapes
 from simxent.train import pretrain
+from tests.conftest import TINY_RUN
 
 SCALARS = {"train/loss", "train/lr", "train/temperature", "train/pos_sim", "train/neg_sim", "train/top1",
            "train/alignment", "train/uniformity", "train/images_per_s", "val/knn_top1"}
@@ -23,10 +24,8 @@ def shapes(tmp_path_factory):
 
 
 def tiny(shapes, out, *more):
-    return ["model.backbone=convnet", "model.head_hidden=32", "model.head_out=16", "data.image_size=16",
-            f"data.train={shapes / 'train'}", f"data.val={shapes / 'test'}", "data.workers=0",
-            "train.batch_size=16", "train.epochs=2", "train.log_every=1", "optim.name=sgd", "optim.lr=0.1",
-            "optim.warmup_epochs=1", "eval.knn_k=5", f"out={out}", *more]
+    return [*TINY_RUN, f"data.train={shapes / 'train'}", f"data.val={shapes / 'test'}", "train.epochs=2",
+            "train.log_every=1", "optim.warmup_epochs=1", "eval.knn_k=5", f"out={out}", *more]
 
 
 def scalars(run: Path) -> dict:

@@ -21,6 +21,7 @@ from simxent.config import load_config
 from simxent.data import DataError, decode, load_folder
 from simxent.demo import make_shapes
 from simxent.train import TrainingError, pretrain
+from tests.conftest import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -31,9 +32,8 @@ def shapes(tmp_path_factory):
 
 
 def tiny(shapes, out, *more):
-    return ["model.backbone=convnet", "model.head_hidden=32", "model.head_out=16", "data.image_size=16",
-            f"data.train={shapes / 'train'}", "data.workers=0", "train.batch_size=16", "train.log_every=1",
-            "optim.name=sgd", "optim.lr=0.1", "eval.every=0", "train.precision=fp32", f"out={out}", *more]
+    return [*TINY_RUN, f"data.train={shapes / 'train'}", "train.log_every=1", "eval.every=0", "train.precision=fp32",
+            f"out={out}", *more]
 
 
 def launch(args):
