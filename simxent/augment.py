@@ -5,8 +5,8 @@ pipeline twice on one batch gives the two views. Every op follows torchvision's 
 (tested against it) but works on the whole batch at once: crop and resize is one ``grid_sample``, colour
 jitter is plain tensor arithmetic instead of an HSV round trip, blur is kornia's separable Gaussian with a
 sigma per sample. Nothing reads a random draw back to the host, so on a GPU the pipeline never stalls the
-stream (kornia's generic random ops did, and made augmentation the slowest part of a GPU step:
-docs/benchmarks.md).
+stream (the first version's index-selected subsets and kornia's host-side sigma check in its blur did,
+and made augmentation the slowest part of a GPU step: docs/benchmarks.md).
 """
 from __future__ import annotations
 
