@@ -41,8 +41,8 @@ class _MaskedSimilarityCrossEntropy(torch.autograd.Function):
         logits = (q * inv_t) @ c.T  # scaling the (M, D) side spares a pass over the (M, K) matrix
         # Diagonal views, not index lists: anchor i's own column is offset + i, its positive offset + (i + n) % m.
         logits.diagonal(offset).fill_(float("-inf"))
-        g = torch.log_softmax(logits, dim=1)  # one fused pass; the logits are freed on return
-        del logits
+        g = torch.log_softmax(logits, dim=1)  # one fused pass into a new buffer
+        del logits  # so that at most two (M, K) matrices ever live at once
         positives = (g[:n].diagonal(offset + n), g[n:].diagonal(offset))
         loss = -torch.cat(positives).mean()
         g.exp_()  # the softmax; the masked diagonal is exactly 0
