@@ -5,7 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simxent.loss import Temperature, contrastive_stats, nt_xent
+from simxent.loss import SYMMETRIC_MAX_INV_T, Temperature, contrastive_stats, nt_xent
+
+# One process on a CPU takes the symmetric form; any gather (here one that returns its input, as a single
+# process would) takes the one-matrix form that data parallelism and GPUs use. Both must be the same loss.
+FORMS = {"symmetric": {}, "one_matrix": {"gather": lambda z: z}}
 
 
 def nt_xent_reference(z1, z2, t):
@@ -22,31 +26,52 @@ def nt_xent_reference(z1, z2, t):
     return total / (2 * n)
 
 
-@pytest.mark.parametrize("n,d,t", [(2, 3, 0.5), (5, 8, 0.1), (8, 16, 1.0), (3, 128, 0.07)])
-def test_matches_formula(n, d, t):
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("n,d,t", [(1, 4, 0.5), (2, 3, 0.5), (5, 8, 0.1), (8, 16, 1.0), (3, 128, 0.07)])
+def test_matches_formula(n, d, t, form):
     g = torch.Generator().manual_seed(n * d)
     z1, z2 = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
     expected = nt_xent_reference(z1, z2, t)
-    got = nt_xent(z1.float(), z2.float(), t)
+    got = nt_xent(z1.float(), z2.float(), t, **FORMS[form])
     assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
 
 
-def test_gradient_matches_float64_autograd():
+@pytest.mark.parametrize("form", FORMS)
+def test_gradient_matches_float64_autograd(form):
     g = torch.Generator().manual_seed(0)
     z1 = torch.randn(6, 10, generator=g, dtype=torch.float64, requires_grad=True)
     z2 = torch.randn(6, 10, generator=g, dtype=torch.float64, requires_grad=True)
     nt_xent_reference(z1, z2, 0.2).backward()
     a, b = z1.detach().float().requires_grad_(), z2.detach().float().requires_grad_()
-    nt_xent(a, b, 0.2).backward()
+    nt_xent(a, b, 0.2, **FORMS[form]).backward()
     torch.testing.assert_close(a.grad.double(), z1.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(b.grad.double(), z2.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("form", FORMS)
+def test_gradcheck_float64(form):
     g = torch.Generator().manual_seed(1)
     z1 = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
     z2 = torch.randn(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda a, b: nt_xent(a, b, 0.3), (z1, z2))
+    assert torch.autograd.gradcheck(lambda a, b: nt_xent(a, b, 0.3, **FORMS[form]), (z1, z2))
+
+
+@pytest.mark.parametrize("t", [1 / SYMMETRIC_MAX_INV_T, 0.01])
+def test_low_temperatures_with_an_outlier_keep_float32_precision(t):
+    """The symmetric form's exp(S - 1/t) reaches exp(-2/t) for a view opposite to all others; at its
+    limit that must stay a normal float, and below it (t = 0.01) the one-matrix form takes over."""
+    g = torch.Generator().manual_seed(9)
+    z1 = torch.randn(6, 8, generator=g, dtype=torch.float64) * 0.1 + 1  # one tight cluster ...
+    z2 = z1 + 0.01 * torch.randn(6, 8, generator=g, dtype=torch.float64)
+    z1[0] = -z1[0]  # ... and one view opposite to it
+    z1.requires_grad_()
+    expected = nt_xent_reference(z1, z2, t)
+    (want,) = torch.autograd.grad(expected, z1)
+    a = z1.detach().float().requires_grad_()
+    got = nt_xent(a, z2.float(), t)
+    (grad,) = torch.autograd.grad(got, a)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(grad.double(), want, rtol=1e-3, atol=1e-5)
 
 
 def test_perfect_views_give_lower_loss_than_random():
@@ -67,12 +92,13 @@ def test_sharded_batch_with_gather_equals_whole_batch():
     assert (sum(losses) / 2).item() == pytest.approx(whole.item(), rel=1e-6)
 
 
-def test_learnable_temperature_gradient():
+@pytest.mark.parametrize("form", FORMS)
+def test_learnable_temperature_gradient(form):
     g = torch.Generator().manual_seed(4)
     z1, z2 = torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g, dtype=torch.float64)
     temp = Temperature(0.3, learnable=True).double()
     assert temp().item() == pytest.approx(0.3)
-    nt_xent(z1, z2, temp()).backward()
+    nt_xent(z1, z2, temp(), **FORMS[form]).backward()
     log_t = torch.tensor(math.log(0.3), dtype=torch.float64, requires_grad=True)
     nt_xent_reference(z1, z2, log_t.exp()).backward()
     assert temp.log_t.grad.item() == pytest.approx(log_t.grad.item(), rel=1e-6)
@@ -117,10 +143,11 @@ def test_equals_the_two_block_formulation_and_keeps_no_more_memory():
 
     two_block = two_block_loss()
     grads = torch.autograd.grad(two_block, (a, b))
-    ours = nt_xent(a, b, 0.2)
-    torch.testing.assert_close(ours, two_block, rtol=1e-12, atol=1e-12)
-    for mine, theirs in zip(torch.autograd.grad(ours, (a, b)), grads):
-        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
+    for form in FORMS.values():
+        ours = nt_xent(a, b, 0.2, **form)
+        torch.testing.assert_close(ours, two_block, rtol=1e-12, atol=1e-12)
+        for mine, theirs in zip(torch.autograd.grad(ours, (a, b)), grads):
+            torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-12)
 
     def saved_bytes(fn):
         storages = {}
@@ -133,4 +160,5 @@ def test_equals_the_two_block_formulation_and_keeps_no_more_memory():
             fn()
         return sum(storages.values())
 
-    assert saved_bytes(lambda: nt_xent(a, b, 0.2)) <= saved_bytes(two_block_loss)
+    for form in FORMS.values():
+        assert saved_bytes(lambda: nt_xent(a, b, 0.2, **form)) <= saved_bytes(two_block_loss)
