@@ -78,24 +78,51 @@ def saved_bytes(fn) -> int:
     return sum(seen.values()) + out.numel() * out.element_size()
 
 
+def timed_alternately(fns: dict, repeats: int, warmup: int, sync=None) -> dict:
+    """Median seconds of each ``fn()``, run in turn within every repeat, so that a machine that slows
+    down for a while (shared CPUs do) slows every candidate alike."""
+    times = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            if sync:
+                sync()
+            t = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def bench_loss(device, sync):
+    """simxent's NT-Xent (the form ``nt_xent`` picks on this device), its one-matrix form (what data
+    parallelism and GPUs use) and the two-block form, forward + backward, interleaved."""
     rows = []
     for n in (256, 1024, 4096):
         g = torch.Generator().manual_seed(n)
         z1 = torch.randn(n, 128, generator=g).to(device).requires_grad_()
         z2 = torch.randn(n, 128, generator=g).to(device).requires_grad_()
-        row = {"N": n, "D": 128}
-        for name, fn in (("simxent", lambda: nt_xent(z1, z2, 0.1)), ("two_block", lambda: nt_xent_two_block(z1, z2, 0.1))):
-            def step():
+        losses = {"simxent": lambda: nt_xent(z1, z2, 0.1),
+                  "one_matrix": lambda: nt_xent(z1, z2, 0.1, gather=lambda z: z),
+                  "two_block": lambda: nt_xent_two_block(z1, z2, 0.1)}
+
+        def step(fn):
+            def run():
                 z1.grad = z2.grad = None
                 fn().backward()
-            # Short steps vary with launch and scheduling jitter: many repeats where they are cheap.
-            repeats = 100 if device.type == "cuda" else 40 if n < 4096 else 5
-            row[f"{name}_ms"] = 1000 * timed(step, repeats=repeats, warmup=20 if device.type == "cuda" else 3, sync=sync)
+            return run
+
+        # Short steps vary with launch and scheduling jitter: many repeats where they are cheap.
+        repeats = 100 if device.type == "cuda" else 40 if n < 4096 else 7
+        medians = timed_alternately({name: step(fn) for name, fn in losses.items()}, repeats,
+                                    warmup=20 if device.type == "cuda" else 3, sync=sync)
+        row = {"N": n, "D": 128, **{f"{name}_ms": 1000 * t for name, t in medians.items()}}
+        for name, fn in losses.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
-                step()
+                step(fn)()
                 row[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
             row[f"{name}_saved_mib"] = saved_bytes(fn) / 2**20
         ours, theirs = nt_xent(z1, z2, 0.1).item(), nt_xent_two_block(z1, z2, 0.1).item()
