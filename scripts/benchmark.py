@@ -95,17 +95,48 @@ def timed_alternately(fns: dict, repeats: int, warmup: int, sync=None) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def bench_loss(device, sync):
+def loss_forms(z1, z2) -> dict:
     """simxent's NT-Xent (the form ``nt_xent`` picks on this device), its one-matrix form (what data
-    parallelism and GPUs use) and the two-block form, forward + backward, interleaved."""
+    parallelism and GPUs use) and the two-block form."""
+    return {"simxent": lambda: nt_xent(z1, z2, 0.1),
+            "one_matrix": lambda: nt_xent(z1, z2, 0.1, gather=lambda z: z),
+            "two_block": lambda: nt_xent_two_block(z1, z2, 0.1)}
+
+
+def loss_inputs(n: int, device="cpu"):
+    g = torch.Generator().manual_seed(n)
+    return [torch.randn(n, 128, generator=g).to(device).requires_grad_() for _ in range(2)]
+
+
+def _resident_kib(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def _cpu_peak_child(name: str, n: int) -> float:
+    for size in (64, n):  # the first, small step initialises the libraries' own buffers
+        z1, z2 = loss_inputs(size)
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident size, to VmRSS
+        before = _resident_kib("VmRSS")
+        loss_forms(z1, z2)[name]().backward()
+    return (_resident_kib("VmHWM") - before) / 1024
+
+
+def cpu_peak_mib(name: str, n: int) -> float:
+    """Peak resident memory of one forward + backward above what was resident before it, in a fresh
+    process whose freed memory cannot be reused (Linux): the CPU has no allocator statistics like CUDA's."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_cpu_peak_child, (name, n))
+
+
+def bench_loss(device, sync):
+    """The NT-Xent forms of ``loss_forms``, forward + backward, timed alternately; peak and saved memory."""
     rows = []
     for n in (256, 1024, 4096):
-        g = torch.Generator().manual_seed(n)
-        z1 = torch.randn(n, 128, generator=g).to(device).requires_grad_()
-        z2 = torch.randn(n, 128, generator=g).to(device).requires_grad_()
-        losses = {"simxent": lambda: nt_xent(z1, z2, 0.1),
-                  "one_matrix": lambda: nt_xent(z1, z2, 0.1, gather=lambda z: z),
-                  "two_block": lambda: nt_xent_two_block(z1, z2, 0.1)}
+        z1, z2 = loss_inputs(n, device)
+        losses = loss_forms(z1, z2)
 
         def step(fn):
             def run():
@@ -124,6 +155,8 @@ def bench_loss(device, sync):
                 base = torch.cuda.memory_allocated()
                 step(fn)()
                 row[f"{name}_peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            elif Path("/proc/self/clear_refs").exists():
+                row[f"{name}_peak_mib"] = cpu_peak_mib(name, n)
             row[f"{name}_saved_mib"] = saved_bytes(fn) / 2**20
         ours, theirs = nt_xent(z1, z2, 0.1).item(), nt_xent_two_block(z1, z2, 0.1).item()
         exact = nt_xent_two_block(z1.double(), z2.double(), 0.1).item()  # each form's float32 rounding error
