@@ -16,15 +16,11 @@ a CPU, a symmetric form that does 1.75 instead of 3 matrix products' arithmetic 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def _identity(z: torch.Tensor) -> torch.Tensor:
-    return z
 
 
 class _MaskedSimilarityCrossEntropy(torch.autograd.Function):
@@ -128,22 +124,23 @@ def nt_xent(
     z1: torch.Tensor,
     z2: torch.Tensor,
     temperature: float | torch.Tensor,
-    gather: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     rank: int = 0,
 ) -> torch.Tensor:
     """NT-Xent over the views ``z1[i] <-> z2[i]`` against every other view (all processes' with
     ``gather``): cross entropy over one (2n, 2N) cosine-similarity matrix scaled by 1/t, each anchor's own
     column masked, the other view of its image the target. Half-precision embeddings are promoted to
-    float32: the softmax needs the range. One process on a CPU with t >= 1 / SYMMETRIC_MAX_INV_T gets the
-    symmetric form; everything else the one-matrix form (the same loss, tested against each other)."""
+    float32: the softmax needs the range. Without ``gather`` (all views local), on a CPU and with
+    t >= 1 / SYMMETRIC_MAX_INV_T, the symmetric form computes it; everything else the one-matrix form
+    (the same loss, tested against each other)."""
     x = torch.cat([_at_least_float32(z1), _at_least_float32(z2)])
     inv_t = 1 / temperature if torch.is_tensor(temperature) else torch.tensor(1 / temperature)
     inv_t = inv_t.to(dtype=x.dtype, device=x.device)
     # GPUs keep the one-matrix form, the one measured there; the symmetric form was measured on CPUs only.
-    if gather is _identity and x.device.type == "cpu" and float(inv_t.detach()) <= SYMMETRIC_MAX_INV_T:
+    if gather is None and x.device.type == "cpu" and float(inv_t.detach()) <= SYMMETRIC_MAX_INV_T:
         return _SymmetricNTXent.apply(x, inv_t)
     z = F.normalize(x, dim=1)
-    return _MaskedSimilarityCrossEntropy.apply(z, gather(z), inv_t, rank * z.shape[0])
+    return _MaskedSimilarityCrossEntropy.apply(z, z if gather is None else gather(z), inv_t, rank * z.shape[0])
 
 
 class Temperature(nn.Module):

@@ -69,6 +69,8 @@ def step_loss(model: nn.Module, views: torch.Tensor, temperature: torch.Tensor, 
     with autocast(device, dtype):
         z = model(views)
     z1, z2 = z.chunk(2)
+    if dist.world_size() == 1:  # all views local: nt_xent may use its symmetric form
+        return nt_xent(z1, z2, temperature), z1, z2
     return nt_xent(z1, z2, temperature, gather=dist.gather_with_grad, rank=dist.rank()), z1, z2
 
 
