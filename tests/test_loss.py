@@ -162,3 +162,12 @@ def test_equals_the_two_block_formulation_and_keeps_no_more_memory():
 
     for form in FORMS.values():
         assert saved_bytes(lambda: nt_xent(a, b, 0.2, **form)) <= saved_bytes(two_block_loss)
+
+
+def test_a_one_process_training_step_takes_the_symmetric_form():
+    from simxent.train import step_loss
+
+    loss, _, _ = step_loss(torch.nn.Linear(8, 4), torch.randn(6, 8), torch.tensor(0.5), torch.device("cpu"), torch.bfloat16)
+    assert "Symmetric" in loss.grad_fn.name()
+    z = torch.randn(6, 4, requires_grad=True)
+    assert "Symmetric" not in nt_xent(z[:3], z[3:], 0.5, **FORMS["one_matrix"]).grad_fn.name()
