@@ -32,20 +32,26 @@ from simxent.schedule import build_optimizer
 SECTIONS = ("loss", "augment", "knn", "probe", "pipeline", "quality")
 
 
+def timed_alternately(fns: dict, repeats: int, warmup: int, sync=None) -> dict:
+    """Median seconds of each ``fn()``, run in turn within every repeat, so that a machine that slows
+    down for a while (shared CPUs do) slows every candidate alike."""
+    times = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            if sync:
+                sync()
+            t = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def timed(fn, repeats=5, warmup=2, sync=None) -> float:
     """Median seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if sync:
-            sync()
-        t = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return timed_alternately({"fn": fn}, repeats, warmup, sync)["fn"]
 
 
 # --- NT-Xent ------------------------------------------------------------------------------------------------
@@ -76,23 +82,6 @@ def saved_bytes(fn) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return sum(seen.values()) + out.numel() * out.element_size()
-
-
-def timed_alternately(fns: dict, repeats: int, warmup: int, sync=None) -> dict:
-    """Median seconds of each ``fn()``, run in turn within every repeat, so that a machine that slows
-    down for a while (shared CPUs do) slows every candidate alike."""
-    times = {name: [] for name in fns}
-    for i in range(warmup + repeats):
-        for name, fn in fns.items():
-            if sync:
-                sync()
-            t = time.perf_counter()
-            fn()
-            if sync:
-                sync()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def loss_forms(z1, z2) -> dict:
