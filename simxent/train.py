@@ -69,9 +69,8 @@ def step_loss(model: nn.Module, views: torch.Tensor, temperature: torch.Tensor, 
     with autocast(device, dtype):
         z = model(views)
     z1, z2 = z.chunk(2)
-    if dist.world_size() == 1:  # all views local: nt_xent may use its symmetric form
-        return nt_xent(z1, z2, temperature), z1, z2
-    return nt_xent(z1, z2, temperature, gather=dist.gather_with_grad, rank=dist.rank()), z1, z2
+    gather = dist.gather_with_grad if dist.world_size() > 1 else None  # None: all views local (symmetric form)
+    return nt_xent(z1, z2, temperature, gather=gather, rank=dist.rank()), z1, z2
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer):
