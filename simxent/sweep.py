@@ -21,12 +21,23 @@ from .linear_eval import ProbeOptions, linear_eval
 from .train import pretrain
 
 
+def split_values(raw: str) -> list[str]:
+    """Split ``v1,v2,...`` at the commas outside brackets, so list values such as ``[0.2,1.0]`` stay whole."""
+    values, depth, start = [], 0, 0
+    for i, ch in enumerate(raw + ","):
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            values.append(raw[start:i])
+            start = i + 1
+    return [v for v in values if v.strip()]
+
+
 def parse_grid(specs: list[str]) -> dict[str, list]:
     """``key=v1,v2,...`` -> {key: [v1, v2, ...]}, each value read as YAML like any override."""
     grid = {}
     for spec in specs:
         key, raw = spec.split("=", 1) if "=" in spec else (spec, "")
-        values = [parse_override(f"{key}={v}")[1] for v in raw.split(",") if v.strip()]
+        values = [parse_override(f"{key}={v}")[1] for v in split_values(raw)]
         if not values:
             raise ConfigError(f"--grid {spec!r}: expected key=value1,value2,...")
         grid[key.strip()] = values

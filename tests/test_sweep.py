@@ -12,6 +12,9 @@ from simxent.sweep import parse_grid, sweep
 def test_grid_parsing():
     assert parse_grid(["loss.temperature=0.1,0.5", "optim.name=sgd,adamw"]) == {
         "loss.temperature": [0.1, 0.5], "optim.name": ["sgd", "adamw"]}
+    # a comma inside brackets belongs to a list value, not to the grid
+    assert parse_grid(["augment.crop_scale=[0.2,1.0],[0.08, 1.0]"]) == {
+        "augment.crop_scale": [[0.2, 1.0], [0.08, 1.0]]}
     with pytest.raises(ConfigError, match="expected key=value1"):
         parse_grid(["loss.temperature"])
 
