@@ -23,6 +23,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .config import DataConfig
+
 log = logging.getLogger("simxent")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -278,6 +280,14 @@ def load_folder(
         files=[str(found.files[i]) for i in good],
         skipped=skipped,
     )
+
+
+def load_configured(root: str | Path, data: DataConfig, progress: bool = True, **changes) -> ImageArray:
+    """:func:`load_folder` of ``root`` with the size, cache and decoding options of a ``data`` config section;
+    ``changes`` replace some of them (``cache``, ``workers``)."""
+    opts = dict(cache=data.cache, cache_dir=data.cache_dir or None, workers=data.workers,
+                on_bad_image=data.on_bad_image, progress=progress)
+    return load_folder(root, data.image_size, **{**opts, **changes})
 
 
 def _check_disk(cache_dir: Path, needed: int, root: Path) -> None:

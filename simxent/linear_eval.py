@@ -15,7 +15,7 @@ from .augment import Normalize
 from .calibration import class_probabilities, per_class, reliability
 from .checkpoint import load_checkpoint
 from .config import ConfigError, config_from_dict
-from .data import ImageArray, load_folder
+from .data import ImageArray, load_configured
 from .class_weights import class_weights, positive_weights
 from .evaluate import classification_report, extract_features, knn_scores, probe_loss, train_linear_probe
 from .metrics import balanced_accuracy, f1_score, mean_average_precision, roc_auc
@@ -195,9 +195,8 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     dev = resolve_device(device)
     dtype = resolve_dtype(cfg.train.precision, dev)
     set_threads(cfg.train.threads)
-    load = dict(cache=cache, cache_dir=cfg.data.cache_dir or None, workers=workers, on_bad_image=cfg.data.on_bad_image)
-    train = load_folder(train_dir, cfg.data.image_size, **load)
-    test = load_folder(test_dir, cfg.data.image_size, **load)
+    train = load_configured(train_dir, cfg.data, progress, cache=cache, workers=workers)
+    test = load_configured(test_dir, cfg.data, progress, cache=cache, workers=workers)
     if objective == "multilabel":
         if not (train_labels and test_labels):
             raise ConfigError("--objective multilabel needs --train-labels and --test-labels CSV files")

@@ -44,8 +44,13 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
     return grid
 
 
+def label(value):
+    """A swept value as tables, TensorBoard's hparams and plots take it: scalars as they are, lists as text."""
+    return value if isinstance(value, (int, float, str, bool)) else json.dumps(value, separators=(",", ":"))
+
+
 def run_name(combo: dict) -> str:
-    return "_".join(f"{k.split('.')[-1]}={v}" for k, v in combo.items())
+    return "_".join(f"{k.split('.')[-1]}={label(v)}" for k, v in combo.items())
 
 
 def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: str, out: str | Path,
@@ -65,11 +70,12 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
         summary = pretrain(cfg, progress=progress)
         results = linear_eval(Path(cfg.out) / "checkpoints" / "last.pt", train_dir, test_dir, probe,
                               json_path=Path(cfg.out) / "linear_eval.json", progress=progress)
-        row = {**combo, "steps": summary["global_step"], "final_loss": summary["last_loss"],
+        shown = {k: label(v) for k, v in combo.items()}
+        row = {**shown, "steps": summary["global_step"], "final_loss": summary["last_loss"],
                "knn_top1": results["pretrained"]["knn"]["top1"], "linear_top1": results["pretrained"]["linear"]["top1"],
                "run": cfg.out}
         rows.append(row)
-        writer.add_hparams({k: v for k, v in combo.items()},
+        writer.add_hparams(shown,
                            {"hparam/knn_top1": row["knn_top1"], "hparam/linear_top1": row["linear_top1"]},
                            run_name=run_name(combo))
         write_tables(rows, out)  # after every run, so a stopped sweep keeps what it measured

@@ -26,13 +26,17 @@ def test_sweep_runs_each_combination(tmp_path):
     with pytest.raises(ConfigError, match="did you mean 'loss.temperature'"):  # checked before any run
         sweep(None, {"loss.temprature": [0.1]}, str(shapes / "train"), str(shapes / "test"), tmp_path / "bad", 0,
               base)
-    rows = sweep(None, {"loss.temperature": [0.1, 0.5], "train.batch_size": [8]}, str(shapes / "train"),
+    # a list value too: it reaches the config as a list, and the tables, hparams and plot as text
+    rows = sweep(None, {"loss.temperature": [0.1, 0.5], "augment.crop_scale": [[0.5, 1.0]]}, str(shapes / "train"),
                  str(shapes / "test"), tmp_path / "sweep", 0, base, ProbeOptions(epochs=2, knn_k=5), progress=False)
     assert [r["loss.temperature"] for r in rows] == [0.1, 0.5]
+    assert [r["augment.crop_scale"] for r in rows] == ["[0.5,1.0]"] * 2
     assert all(r["steps"] == 5 for r in rows)
     saved = json.loads((tmp_path / "sweep" / "results.json").read_text())
     assert [r["knn_top1"] for r in saved] == [r["knn_top1"] for r in rows]
-    assert (tmp_path / "sweep" / "temperature=0.1_batch_size=8" / "checkpoints" / "last.pt").exists()
+    run = tmp_path / "sweep" / "temperature=0.1_crop_scale=[0.5,1.0]"
+    assert (run / "checkpoints" / "last.pt").exists()
+    assert "crop_scale:\n  - 0.5\n  - 1.0" in (run / "config.yaml").read_text()
     assert "loss.temperature" in (tmp_path / "sweep" / "results.md").read_text()
     assert list((tmp_path / "sweep" / "hparams").rglob("events.out.tfevents.*"))
     assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
