@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     p.add_argument("--probe-epochs", type=int, default=30)
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
 
     def run():
         rows = sweep(a.config, parse_grid(a.grid), a.train, a.test, a.out, a.minutes, a.overrides,

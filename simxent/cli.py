@@ -38,7 +38,7 @@ def pretrain_main(argv=None) -> int:
     p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
                    help="an optional YAML config, then dotted.key=value overrides")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     config = [x for x in a.args if "=" not in x]
     overrides = [x for x in a.args if "=" in x]
     if len(config) > 1:
@@ -127,7 +127,7 @@ def demo_main(argv=None) -> int:
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--minutes", type=float, default=3.0, help="pretraining wall time")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     from .demo import make_shapes
 
     config = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"

@@ -36,7 +36,8 @@ def scalars(run: Path) -> dict:
 
 def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
     run = tmp_path / "run"
-    assert pretrain_main([*tiny(shapes, run), "--no-progress"]) == 0
+    args = tiny(shapes, run)
+    assert pretrain_main([*args[:2], "--no-progress", *args[2:]]) == 0  # flags may sit among the overrides
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert {"encoder", "head", "optimizer", "position", "rng", "config", "scaler", "temperature"} <= set(state)
     assert state["world_size"] == 1 and len(state["rng"]) == 1

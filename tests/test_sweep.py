@@ -51,3 +51,25 @@ def test_sweep_plot_averages_runs_that_share_a_value():
     by_name, by_t = (ax.get_lines()[0].get_ydata() for ax in fig.axes[:2])
     assert list(by_name) == pytest.approx([0.7, 0.3])  # lars, sgd (sorted), each averaged over both temperatures
     assert list(by_t) == pytest.approx([0.4, 0.6])
+
+
+def test_script_takes_overrides_after_the_options(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("sweep_script", Path(__file__).parents[1] / "scripts" / "sweep.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    seen = {}
+
+    def fake_sweep(config, grid, train, test, out, minutes, overrides, probe, progress):
+        seen.update(config=config, grid=grid, overrides=list(overrides), minutes=minutes)
+        (Path(out) / "results.md").parent.mkdir(parents=True, exist_ok=True)
+        (Path(out) / "results.md").write_text("table\n")
+        return [{}]
+
+    monkeypatch.setattr(script, "sweep", fake_sweep)
+    assert script.main(["configs/cpu.yaml", "--train", "a", "--test", "b", "--minutes", "3", "loss.temperature=0.1",
+                        "--grid", "augment.crop_scale=[0.2,1.0]", "--out", str(tmp_path), "optim.lr=0.01"]) == 0
+    assert seen == {"config": "configs/cpu.yaml", "grid": {"augment.crop_scale": [[0.2, 1.0]]},
+                    "overrides": ["loss.temperature=0.1", "optim.lr=0.01"], "minutes": 3.0}
