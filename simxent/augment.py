@@ -70,16 +70,17 @@ def adjust_brightness(x, factor):
 
 
 def adjust_contrast(x, factor):
-    """Blend with the image's mean luma: f * x + (1 - f) * mean, clipped."""
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    f = _per_sample(factor)
-    return (f * x + (1 - f) * mean).clamp_(0, 1)
+    """Blend with the image's mean luma m: m + f (x - m), clipped. m is the luma of the channel means (luma
+    is linear), so no luma image is made."""
+    r, g, b = GRAY_WEIGHTS
+    means = x.mean(dim=(2, 3))  # (B, 3): a reduction over contiguous rows, cheap where one over channels is not
+    mean = (r * means[:, 0] + g * means[:, 1] + b * means[:, 2]).view(-1, 1, 1, 1)
+    return torch.lerp(mean, x, _per_sample(factor)).clamp_(0, 1)
 
 
 def adjust_saturation(x, factor):
-    """Blend with the luma image: f * x + (1 - f) * gray, clipped."""
-    f = _per_sample(factor)
-    return (f * x + (1 - f) * grayscale(x)).clamp_(0, 1)
+    """Blend with the luma image: gray + f (x - gray), clipped."""
+    return torch.lerp(grayscale(x), x, _per_sample(factor)).clamp_(0, 1)
 
 
 def adjust_hue(x, shift):
@@ -87,12 +88,19 @@ def adjust_hue(x, shift):
 
         H = 2 i + (x[i+1] - x[i+2]) / C  for the max channel i (channels cyclic),  C = max - min,
         channel_n = max - C * clip(min(k, 4 - k), 0, 1),  k = (n + H + 6 * shift) mod 6,  n = 5, 3, 1 (R, G, B)
+
+    Max, min and the max channel come from elementwise ops on the three channel planes: a reduction over
+    the channel dimension of an NCHW tensor is several times slower on a CPU.
     """
-    maxc, argmax = x.max(dim=1, keepdim=True)  # ties go to the first channel, as in torchvision
-    chroma = maxc - x.min(dim=1, keepdim=True).values
-    differences = x.roll(-1, dims=1) - x.roll(-2, dims=1)  # g - b, b - r, r - g
-    hue = differences.gather(1, argmax).div_(chroma.clamp_min(1e-12)).add_(2 * argmax)
-    hue.add_(6 * shift.view(-1, 1, 1, 1) + 6)  # + 6 keeps it positive before the mod
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    maxc = torch.maximum(torch.maximum(r, g), b)
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    red_max = r == maxc  # ties go to red, then green, as in torchvision
+    green_max = (g == maxc) & ~red_max
+    # Sextant offset 2i + 6 (positive before the mod) and numerator x[i+1] - x[i+2] of the max channel.
+    offset = torch.where(red_max, 6.0, torch.where(green_max, 8.0, 10.0))
+    numerator = torch.where(red_max, g - b, torch.where(green_max, b - r, r - g))
+    hue = numerator.div_(chroma.clamp_min(1e-12)).add_(offset).add_(6 * shift.view(-1, 1, 1, 1))
     n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)  # 5, 3, 1 for R, G, B
     k = (hue + n).remainder_(6)
     return maxc - chroma * torch.minimum(k, 4 - k).clamp_(0, 1)
@@ -101,13 +109,19 @@ def adjust_hue(x, shift):
 class ColorJitter(nn.Module):
     """torchvision's ColorJitter per sample: brightness, contrast and saturation factors uniform in
     [max(0, 1 - a), 1 + a], hue shift uniform in [-h, h], applied in a random order, each sample jittered
-    with probability p."""
+    with probability p.
 
-    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float = 1.0):
+    ``compile=True`` compiles each op on its own (the random order stays eager: compiling the whole jitter
+    would recompile for every order), which fuses its dozen elementwise passes into one or two kernels."""
+
+    def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float = 1.0,
+                 compile: bool = False):
         super().__init__()
         self.ranges = [(max(0.0, 1 - brightness), 1 + brightness), (max(0.0, 1 - contrast), 1 + contrast),
                        (max(0.0, 1 - saturation), 1 + saturation), (-hue, hue)]
         self.ops = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
+        if compile:
+            self.ops = [torch.compile(op) for op in self.ops]
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,15 +255,16 @@ class RandomResizedCrop(nn.Module):
 
 
 class ViewAugment(nn.Module):
-    """uint8 or [0, 1] float NCHW batch -> one normalised random view per image (float32 NCHW)."""
+    """uint8 or [0, 1] float NCHW batch -> one normalised random view per image (float32 NCHW).
+    ``compile``: compile the colour ops (the bulk of the elementwise work, ColorJitter)."""
 
-    def __init__(self, cfg: AugmentConfig, size: int):
+    def __init__(self, cfg: AugmentConfig, size: int, compile: bool = False):
         super().__init__()
         s = cfg.jitter_strength
         ops = [
             RandomResizedCrop(size, scale=cfg.crop_scale),
             RandomHorizontalFlip(p=cfg.flip_p),
-            ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=cfg.jitter_p),
+            ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=cfg.jitter_p, compile=compile),
             RandomGrayscale(p=cfg.grayscale_p),
         ]
         blur_p = blur_probability(cfg, size)

@@ -81,7 +81,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 where supported, else fp32)
     channels_last: bool = True
-    compile: bool = False  # torch.compile the encoder and head (slow first steps, faster after on GPUs)
+    compile: bool = False  # torch.compile the encoder, head and colour ops (slow first steps, faster after)
     threads: int = 0  # CPU threads for torch; 0 = all cores
     log_every: int = 10  # steps between TensorBoard scalars
     resume: str = ""  # "" (start fresh) | auto (last checkpoint in `out`) | path to a checkpoint

@@ -289,7 +289,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
         model = torch.compile(model)
     torch.manual_seed(cfg.train.seed + rank)  # each process draws its own augmentations
     temperature = Temperature(cfg.loss.temperature, cfg.loss.learn_temperature).to(device)
-    augment = ViewAugment(cfg.augment, cfg.data.image_size).to(device)
+    augment = ViewAugment(cfg.augment, cfg.data.image_size, compile=cfg.train.compile).to(device)
     batch = cfg.train.batch_size
     steps_per_epoch = len(train) // batch
     total_steps = cfg.train.epochs * steps_per_epoch

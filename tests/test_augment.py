@@ -119,6 +119,7 @@ def tricky_images(n=24, size=12):
     x[1, 0], x[1, 1], x[1, 2] = 1.0, 1.0, 0.2  # r == g == max
     x[2, :, :4] = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1)
     x[3] = x[3].round()
+    x[4, 0], x[4, 1], x[4, 2] = 0.1, 0.9, 0.9  # g == b == max
     return x
 
 
@@ -154,6 +155,19 @@ def test_hue_shift_is_drawn_per_call_and_keeps_value():
     a, b = jitter(x.clone()), jitter(x.clone())
     assert not torch.equal(a, b)
     torch.testing.assert_close(a.amax(1), x.amax(1))  # a hue rotation keeps each pixel's max (HSV value)
+
+
+def test_compiled_jitter_gives_the_eager_views():
+    """``compile=True`` (train.compile) fuses each colour op; it must change the speed, not the views: same
+    seed, same factors and order, same pixels, also when p < 1 makes the CPU's subsets vary in size."""
+    x = tricky_images(n=32)
+    for seed, p in ((3, 1.0), (3, 0.5), (4, 0.5)):
+        torch.manual_seed(seed)
+        eager = ColorJitter(0.8, 0.8, 0.8, 0.2, p=p)(x.clone())
+        torch.manual_seed(seed)
+        fused = ColorJitter(0.8, 0.8, 0.8, 0.2, p=p, compile=True)(x.clone())
+        torch.testing.assert_close(fused, eager, rtol=0, atol=1e-5)
+        assert not torch.equal(eager, x)
 
 
 # --- the batched crop against torchvision's RandomResizedCrop -------------------------------------------------
