@@ -2,7 +2,7 @@
 
 Every sample draws its own crop, flip, jitter, grayscale, blur and solarize parameters; calling the
 pipeline twice on one batch gives the two views. Every op follows torchvision's per-image definition
-(tested against it) but works on the whole batch at once: crop and resize is one ``grid_sample``, colour
+(tested against it) but works on the whole batch at once: crop, resize and flip are one ``grid_sample``, colour
 jitter is plain tensor arithmetic instead of an HSV round trip, blur is kornia's separable Gaussian with a
 sigma per sample. Nothing reads a random draw back to the host, so on a GPU the pipeline never stalls the
 stream (the first version's index-selected subsets and kornia's host-side sigma check in its blur did,
@@ -148,17 +148,6 @@ class RandomGrayscale(nn.Module):
         return apply_to_some(x, self.p, lambda s, _: grayscale(s).expand(-1, 3, -1, -1))
 
 
-class RandomHorizontalFlip(nn.Module):
-    """Mirror each sample with probability p."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return apply_to_some(x, self.p, lambda s, _: s.flip(-1))
-
-
 class RandomGaussianBlur(nn.Module):
     """Gaussian blur with probability p, sigma uniform in ``sigma`` per sample, reflected borders (as
     torchvision's GaussianBlur); kornia's separable filter takes one sigma per sample."""
@@ -222,12 +211,13 @@ def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], rati
     return torch.stack([top, left, h, w], dim=1)
 
 
-def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Crop each sample to its box ``(top, left, h, w)`` and resize it bilinearly to ``size`` x ``size``, in
     one ``grid_sample``. Output pixel j samples input x = left + (j + 1/2) w / size - 1/2 (the half-pixel
     convention of ``F.interpolate(align_corners=False)``), clamped to [left, left + w - 1]; in grid_sample's
     [-1, 1] coordinates that is the affine map u -> u w / W + (2 left + w) / W - 1, and likewise for rows.
-    Equal to torchvision's ``resized_crop`` (bilinear, no antialiasing) up to float rounding."""
+    Equal to torchvision's ``resized_crop`` (bilinear, no antialiasing) up to float rounding. Samples where
+    the boolean ``flip`` is set read their columns in reverse order: a horizontal flip at no extra pass."""
     n, _, height, width = x.shape
     top, left, h, w = (v.unsqueeze(1) for v in boxes.to(x.dtype).unbind(1))
     u = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, dtype=x.dtype, device=x.device)  # output pixel centres
@@ -238,20 +228,27 @@ def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tens
         return torch.clamp(u * extent / full + (2 * start + extent) / full - 1, lo, hi)
 
     gx, gy = axis(left, w, width), axis(top, h, height)  # (n, size) each
+    if flip is not None:
+        gx = torch.where(flip.unsqueeze(1), gx.flip(1), gx)
     grid = torch.stack([gx.unsqueeze(1).expand(n, size, size), gy.unsqueeze(2).expand(n, size, size)], dim=3)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-class RandomResizedCrop(nn.Module):
-    """torchvision's RandomResizedCrop (bilinear, no antialiasing) on a whole batch, a crop per sample."""
+class RandomResizedCropFlip(nn.Module):
+    """torchvision's RandomResizedCrop (bilinear, no antialiasing) then RandomHorizontalFlip(flip_p), on a
+    whole batch, a crop and a coin per sample, in one ``grid_sample``: a separate flip would cost one more
+    pass over the views (two on a GPU, where every sample is flipped and a mask keeps the chosen)."""
 
-    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 flip_p: float = 0.5):
         super().__init__()
-        self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+        self.size, self.scale, self.ratio, self.flip_p = size, tuple(scale), tuple(ratio), flip_p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        boxes = crop_boxes(x.shape[0], x.shape[2], x.shape[3], self.scale, self.ratio, x.device)
-        return resized_crops(x, boxes, self.size)
+        n = x.shape[0]
+        boxes = crop_boxes(n, x.shape[2], x.shape[3], self.scale, self.ratio, x.device)
+        flip = torch.rand(n, device=x.device) < self.flip_p if self.flip_p > 0 else None
+        return resized_crops(x, boxes, self.size, flip)
 
 
 class ViewAugment(nn.Module):
@@ -262,8 +259,7 @@ class ViewAugment(nn.Module):
         super().__init__()
         s = cfg.jitter_strength
         ops = [
-            RandomResizedCrop(size, scale=cfg.crop_scale),
-            RandomHorizontalFlip(p=cfg.flip_p),
+            RandomResizedCropFlip(size, scale=cfg.crop_scale, flip_p=cfg.flip_p),
             ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=cfg.jitter_p, compile=compile),
             RandomGrayscale(p=cfg.grayscale_p),
         ]
@@ -283,15 +279,18 @@ class ViewAugment(nn.Module):
 
 
 class Normalize(nn.Module):
-    """(x - mean) / std per channel; used for views and for evaluation images alike."""
+    """(x - mean) / std per channel, as x * (1 / std) - mean / std: one pass instead of two. Used for views
+    and for evaluation images alike."""
 
     def __init__(self, mean, std):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1 / std)
+        self.register_buffer("shift", -mean / std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        return torch.addcmul(self.shift, x, self.scale)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -61,14 +61,16 @@ def test_grayscale_always_gives_equal_channels():
 
 
 def test_flip_probability_is_per_sample():
-    cfg = AugmentConfig(crop_scale=(1.0, 1.0), flip_p=0.5, jitter_p=0, grayscale_p=0, blur_p=0)
+    """Square full-image crops keep the geometry fixed, so each view is the image or its mirror."""
+    from simxent.augment import RandomResizedCropFlip
+
     torch.manual_seed(0)
-    aug = ViewAugment(cfg, 16)
-    aug.ops[0] = torch.nn.Identity()  # keep geometry fixed so flips can be detected exactly
-    x = images(200, 16)
-    out = denormalize(aug(x))
-    flipped = (out - to_float(x).flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-4
-    assert 60 < flipped.sum() < 140
+    x = to_float(images(200, 16))
+    out = RandomResizedCropFlip(16, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.5)(x)
+    flipped = (out - x.flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-5
+    kept = (out - x).abs().amax(dim=(1, 2, 3)) < 1e-5
+    assert torch.all(flipped ^ kept)
+    assert 70 < flipped.sum() < 130  # Binomial(200, 0.5): mean 100, sd 7
 
 
 def test_blur_default_depends_on_size():
@@ -207,6 +209,9 @@ def test_resized_crops_equal_torchvision_resized_crop():
     expected = torch.stack([TF.resized_crop(img, *box, [16, 16], antialias=False)
                             for img, box in zip(x, boxes.tolist())])
     torch.testing.assert_close(resized_crops(x, boxes, 16), expected, rtol=0, atol=1e-5)
+    flip = torch.tensor([True, False, True, True, False, True])
+    mirrored = torch.where(flip.view(-1, 1, 1, 1), TF.horizontal_flip(expected), expected)
+    torch.testing.assert_close(resized_crops(x, boxes, 16, flip), mirrored, rtol=0, atol=1e-5)
 
 
 def test_gpu_style_masked_path_equals_the_cpu_subset_path(monkeypatch):
