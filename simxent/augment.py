@@ -72,9 +72,8 @@ def adjust_brightness(x, factor):
 def adjust_contrast(x, factor):
     """Blend with the image's mean luma m: m + f (x - m), clipped. m is the luma of the channel means (luma
     is linear), so no luma image is made."""
-    r, g, b = GRAY_WEIGHTS
-    means = x.mean(dim=(2, 3))  # (B, 3): a reduction over contiguous rows, cheap where one over channels is not
-    mean = (r * means[:, 0] + g * means[:, 1] + b * means[:, 2]).view(-1, 1, 1, 1)
+    # Channel means first: a reduction over contiguous rows, cheap where one over channels is not.
+    mean = grayscale(x.mean(dim=(2, 3), keepdim=True))  # (B, 1, 1, 1)
     return torch.lerp(mean, x, _per_sample(factor)).clamp_(0, 1)
 
 
