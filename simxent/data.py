@@ -149,6 +149,20 @@ class ImageArray:
             yield step, self.images[idx].permute(0, 3, 1, 2)
 
 
+def shared_files(a: ImageArray, b: ImageArray) -> torch.Tensor:
+    """Boolean mask over ``a``'s images: the file is also one of ``b``'s. Files are told apart by device and
+    inode, so the same file reached by another spelling, a symlink or a hard link counts as shared."""
+    def identity(path):
+        try:
+            st = os.stat(path)
+        except OSError:  # gone since it was decoded: its path is all there is to compare
+            return os.path.abspath(path)
+        return st.st_dev, st.st_ino
+
+    theirs = {identity(f) for f in b.files}
+    return torch.tensor([identity(f) in theirs for f in a.files], dtype=torch.bool)
+
+
 class _BatchDecoder(Dataset):
     """Decodes a list of indices into one (B, H, W, 3) uint8 batch. A bad file is replaced by the next
     readable one in the folder, so every batch keeps its size (processes must agree on it); the bad files

@@ -15,7 +15,7 @@ from .augment import Normalize
 from .calibration import class_probabilities, per_class, reliability
 from .checkpoint import load_checkpoint
 from .config import ConfigError, config_from_dict
-from .data import ImageArray, load_configured
+from .data import ImageArray, load_configured, shared_files
 from .class_weights import class_weights, positive_weights
 from .evaluate import classification_report, extract_features, knn_scores, probe_loss, train_linear_probe
 from .metrics import balanced_accuracy, f1_score, mean_average_precision, roc_auc
@@ -49,6 +49,17 @@ def check_same_classes(train: ImageArray, test: ImageArray, train_dir, test_dir)
         only_test = sorted(set(test.classes) - set(train.classes))
         raise ConfigError(f"classes of {test_dir} differ from those of {train_dir}: "
                           f"only in train: {only_train or '-'}; only in test: {only_test or '-'}")
+
+
+def check_held_out(train: ImageArray, test: ImageArray, train_dir, test_dir) -> None:
+    """Refuse a test folder that shares images with the training folder: its scores would be training scores
+    (for kNN, each shared image would find its own copy)."""
+    shared = shared_files(test, train)
+    if shared.any():
+        example = test.files[int(shared.nonzero()[0, 0])]
+        raise ConfigError(f"{test_dir} shares {int(shared.sum())} of its {len(test)} images with {train_dir} "
+                          f"(e.g. {example}): its scores would be measured on training images; give a held-out "
+                          f"test folder")
 
 
 @dataclass
@@ -197,6 +208,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     set_threads(cfg.train.threads)
     train = load_configured(train_dir, cfg.data, progress, cache=cache, workers=workers)
     test = load_configured(test_dir, cfg.data, progress, cache=cache, workers=workers)
+    check_held_out(train, test, train_dir, test_dir)
     if objective == "multilabel":
         if not (train_labels and test_labels):
             raise ConfigError("--objective multilabel needs --train-labels and --test-labels CSV files")

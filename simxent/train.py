@@ -27,7 +27,7 @@ from . import __version__, dist, figures
 from .augment import ViewAugment
 from .checkpoint import load_checkpoint, newest_valid_checkpoint, save_rotating
 from .config import Config, ConfigError, save_config, to_dict
-from .data import ImageArray, ImageStream, iterate_batches, load_configured, open_stream
+from .data import ImageArray, ImageStream, iterate_batches, load_configured, open_stream, shared_files
 from .evaluate import autocast, extract_features, knn_scores, topk_accuracy
 from .loss import Temperature, contrastive_stats, nt_xent, similarity_samples
 from .models import SimCLR
@@ -117,7 +117,16 @@ def _resume_path(cfg: Config) -> Path | None:
     return path
 
 
-def knn_monitor(model: SimCLR, bank: ImageArray | None, val: ImageArray, augment: ViewAugment, cfg: Config,
+@dataclass
+class KnnBank:
+    """The labelled training images kNN monitoring searches: those of ``data`` where ``rows`` is set, the
+    ones that are not also in data.val (a query's own copy would be its nearest neighbour)."""
+
+    data: ImageArray
+    rows: torch.Tensor
+
+
+def knn_monitor(model: SimCLR, bank: KnnBank | None, val: ImageArray, augment: ViewAugment, cfg: Config,
                 device, dtype) -> float:
     """kNN top-1 of ``val`` against the labelled training images, or leave-one-out within ``val``."""
     def features(data, desc):
@@ -129,7 +138,9 @@ def knn_monitor(model: SimCLR, bank: ImageArray | None, val: ImageArray, augment
     if bank is None:
         scores = knn_scores(query, val.labels, query, classes, k, t, exclude_self=True)
     else:
-        scores = knn_scores(features(bank, "kNN bank"), bank.labels, query, classes, k, t)
+        # Features of every image, then the kept rows: no copy of a (possibly disk-backed) image array.
+        keys = features(bank.data, "kNN bank")[bank.rows]
+        scores = knn_scores(keys, bank.data.labels[bank.rows], query, classes, k, t)
     return topk_accuracy(scores, val.labels, 1)
 
 
@@ -171,8 +182,9 @@ class SimilarityLog:
             figures.save(figures.similarity_over_time(self.rows), path)
 
 
-def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray | ImageStream, ImageArray | None, ImageArray | None]:
-    """Training images, the optional labelled validation folder, and the kNN bank (train, if labelled)."""
+def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray | ImageStream, ImageArray | None, KnnBank | None]:
+    """Training images, the optional labelled validation folder, and the kNN bank (train's images, if
+    labelled, less any that are also in val)."""
     if not cfg.data.train:
         raise ConfigError("data.train: no image folder given (set data.train=PATH)")
     if cfg.data.stream:
@@ -191,7 +203,12 @@ def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray | ImageStr
         if train.classes and (train.labels >= 0).all() and not cfg.data.stream:
             if train.classes != val.classes:
                 raise ConfigError(f"data.val: classes of {cfg.data.val} differ from those of {cfg.data.train}")
-            bank = train
+            rows = ~shared_files(train, val)
+            if not rows.all():
+                log.warning("data.val shares %d images with data.train: %s", int((~rows).sum()),
+                            "kNN is leave-one-out within data.val" if not rows.any()
+                            else "they are left out of the kNN bank")
+            bank = KnnBank(train, rows) if rows.any() else None
     return train, val, bank
 
 

@@ -2,16 +2,20 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from simxent.checkpoint import load_checkpoint
 from simxent.cli import linear_eval_main, pretrain_main
 from simxent.config import load_config
 from simxent.demo import make_shapes
-from simxent.train import pretrain
+from simxent.augment import ViewAugment
+from simxent.models import SimCLR
+from simxent.train import KnnBank, knn_monitor, load_data, pretrain
 from tests.conftest import TINY_RUN
 
 SCALARS = {"train/loss", "train/lr", "train/temperature", "train/pos_sim", "train/neg_sim", "train/top1",
@@ -150,6 +154,47 @@ def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path
                              "--test", str(other / "test"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "only in train: ['ring']" in err and "only in test: ['donut']" in err
+    assert linear_eval_main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--train", str(shapes / "train"),
+                             "--test", str(shapes / "test" / ".." / "train"), "--no-progress"]) == 2
+    assert "shares 80 of its 80 images with" in capsys.readouterr().err
+
+
+def noise_folder(root: Path, classes: int, per_class: int, size: int = 16) -> Path:
+    """Random-noise images under arbitrary class names: nothing for kNN to find but an image's own copy."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def test_knn_monitoring_never_searches_a_bank_holding_the_query_itself(tmp_path, caplog):
+    folder = noise_folder(tmp_path / "noise", classes=2, per_class=20)
+    cfg = load_config(None, [*TINY_RUN, f"data.train={folder}", f"data.val={folder / 'c0' / '..'}",
+                             "eval.knn_k=1"])
+    train, val, bank = load_data(cfg, progress=False)
+    assert bank is None and "kNN is leave-one-out within data.val" in caplog.text
+    torch.manual_seed(0)
+    model, augment, cpu = SimCLR(cfg.model), ViewAugment(cfg.augment, 16), torch.device("cpu")
+    everything = KnnBank(train, torch.ones(len(train), dtype=torch.bool))
+    # Searching a bank that holds the queries scores 1 on noise; leave-one-out scores about chance.
+    assert knn_monitor(model, everything, val, augment, cfg, cpu, None) == 1.0
+    assert knn_monitor(model, bank, val, augment, cfg, cpu, None) < 0.8  # 0.475 when written
+
+    # A val folder sharing some files with train (through symlinks) keeps only train's other images in the bank.
+    shared = tmp_path / "val"
+    linked = []
+    for c in ("c0", "c1"):
+        (shared / c).mkdir(parents=True)
+        for i in range(5):
+            (shared / c / f"link{i}.png").symlink_to(folder / c / f"{i}.png")
+            linked.append(str(folder / c / f"{i}.png"))
+        Image.new("RGB", (16, 16), (40, 80, 120)).save(shared / c / "own.png")
+    cfg.data.val = str(shared)
+    train, val, bank = load_data(cfg, progress=False)
+    assert sorted(f for f, keep in zip(bank.data.files, bank.rows.tolist()) if not keep) == sorted(linked)
+    assert int(bank.rows.sum()) == 30 and "shares 10 images with data.train" in caplog.text
 
 
 def test_binary_and_multilabel_probes(shapes, tmp_path, capsys):
