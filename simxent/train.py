@@ -182,6 +182,18 @@ class SimilarityLog:
             figures.save(figures.similarity_over_time(self.rows), path)
 
 
+def log_step(monitor: Monitor, similarities: Optional[SimilarityLog], step: int, scalars: dict,
+             z1: torch.Tensor, z2: torch.Tensor) -> None:
+    """A logged step: ``scalars`` and the batch's contrastive statistics; with ``similarities`` (the main
+    process), the distributions of positive- and negative-pair similarity too."""
+    monitor.scalars({**scalars, **contrastive_stats(z1, z2)}, step, prefix="train/")
+    if similarities is not None:
+        pos_sim, neg_sim = similarity_samples(z1, z2)
+        monitor.histogram("train/pos_sim_distribution", pos_sim, step)
+        monitor.histogram("train/neg_sim_distribution", neg_sim, step)
+        similarities.add(step, pos_sim, neg_sim)
+
+
 def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray | ImageStream, ImageArray | None, KnnBank | None]:
     """Training images, the optional labelled validation folder, and the kNN bank (train's images, if
     labelled, less any that are also in val)."""
@@ -266,6 +278,40 @@ def _all_finite(tensors) -> bool:
     return bool(_finite_flag(tensors))
 
 
+def build_model(cfg: Config, device: torch.device, world: int) -> tuple[SimCLR, nn.Module]:
+    """The encoder + head on ``device`` (``net``, whose state is checkpointed) and what the step calls
+    (``model``: ``net`` wrapped in DDP under several processes, compiled with ``train.compile``)."""
+    net = SimCLR(cfg.model)
+    if world > 1 and cfg.train.sync_bn:
+        net = dist.convert_batchnorm(net, device)
+    net = net.to(device)
+    if cfg.train.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
+    return net, torch.compile(model) if cfg.train.compile else model
+
+
+def restore(path: Path, net: SimCLR, temperature: Temperature, optimizer, scaler, cfg: Config, device,
+            rank: int, world: int) -> Position:
+    """Load a checkpoint's weights, optimiser, scaler and this process's RNG state; returns where it stood.
+    A checkpoint written by another number of processes restarts the augmentation streams (said so)."""
+    state = load_checkpoint(path, map_location=device)
+    net.encoder.load_state_dict(state["encoder"])
+    net.head.load_state_dict(state["head"])
+    temperature.load_state_dict(state["temperature"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    pos = Position(**state["position"])
+    if len(state["rng"]) == world:
+        set_rng_state(state["rng"][rank])
+    else:
+        log.warning("checkpoint was written by %d processes, resuming with %d: augmentation streams restart",
+                    len(state["rng"]), world)
+        torch.manual_seed(cfg.train.seed + rank + 7919 * pos.global_step)
+    log.info("resumed from %s at epoch %d, step %d", path, pos.epoch, pos.step)
+    return pos
+
+
 def pretrain(cfg: Config, progress: bool = True) -> dict:
     """Run (or resume) SimCLR pretraining as configured; returns the summary also written to summary.json.
 
@@ -295,15 +341,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
     elif device.type == "cuda":
         train.images = place_on_gpu(train.images, device)
     seed_everything(cfg.train.seed)  # after loading: decoding may draw from the RNG, a cache hit does not
-    net = SimCLR(cfg.model)
-    if world > 1 and cfg.train.sync_bn:
-        net = dist.convert_batchnorm(net, device)
-    net = net.to(device)
-    if cfg.train.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
-    if cfg.train.compile:
-        model = torch.compile(model)
+    net, model = build_model(cfg, device, world)
     torch.manual_seed(cfg.train.seed + rank)  # each process draws its own augmentations
     temperature = Temperature(cfg.loss.temperature, cfg.loss.learn_temperature).to(device)
     augment = ViewAugment(cfg.augment, cfg.data.image_size, compile=cfg.train.compile).to(device)
@@ -315,23 +353,8 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
     optimizer = build_optimizer(nn.ModuleList([net, temperature]), cfg.optim, peak)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    pos = Position()
     resume = _resume_path(cfg)
-    if resume is not None:
-        state = load_checkpoint(resume, map_location=device)
-        net.encoder.load_state_dict(state["encoder"])
-        net.head.load_state_dict(state["head"])
-        temperature.load_state_dict(state["temperature"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        pos = Position(**state["position"])
-        if len(state["rng"]) == world:
-            set_rng_state(state["rng"][rank])
-        else:
-            log.warning("checkpoint was written by %d processes, resuming with %d: augmentation streams restart",
-                        len(state["rng"]), world)
-            torch.manual_seed(cfg.train.seed + rank + 7919 * pos.global_step)
-        log.info("resumed from %s at epoch %d, step %d", resume, pos.epoch, pos.step)
+    pos = restore(resume, net, temperature, optimizer, scaler, cfg, device, rank, world) if resume else Position()
     if main:
         save_config(cfg, out / "config.yaml")
     # purge_step drops what a killed run logged after its last checkpoint: one continuous curve.
@@ -416,13 +439,8 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
                 if pos.global_step % cfg.train.log_every == 0:
                     rate = seen / (time.perf_counter() - tick)
                     tick, seen = time.perf_counter(), 0
-                    monitor.scalars({"loss": last_loss, "lr": lr, "temperature": t.item(), "images_per_s": rate,
-                                     **contrastive_stats(z1, z2)}, pos.global_step, prefix="train/")
-                    if main:
-                        pos_sim, neg_sim = similarity_samples(z1, z2)
-                        monitor.histogram("train/pos_sim_distribution", pos_sim, pos.global_step)
-                        monitor.histogram("train/neg_sim_distribution", neg_sim, pos.global_step)
-                        similarities.add(pos.global_step, pos_sim, neg_sim)
+                    scalars = {"loss": last_loss, "lr": lr, "temperature": t.item(), "images_per_s": rate}
+                    log_step(monitor, similarities if main else None, pos.global_step, scalars, z1, z2)
                     bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
             else:
                 bad_steps, skipped_steps = bad_steps + 1, skipped_steps + 1
