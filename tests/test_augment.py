@@ -122,6 +122,9 @@ def tricky_images(n=24, size=12):
     x[2, :, :4] = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1)
     x[3] = x[3].round()
     x[4, 0], x[4, 1], x[4, 2] = 0.1, 0.9, 0.9  # g == b == max
+    x[5] = (x[5] * 4).round() / 4  # five levels: ties between channels everywhere
+    x[6, 1] = x[6, 0] - 1e-6  # near ties: the max channel decided by the last bits
+    x[7, 2] = x[7, 1] + 1e-6
     return x
 
 
