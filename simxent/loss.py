@@ -134,8 +134,11 @@ def nt_xent(
     t >= 1 / SYMMETRIC_MAX_INV_T, the symmetric form computes it; everything else the one-matrix form
     (the same loss, tested against each other)."""
     x = torch.cat([_at_least_float32(z1), _at_least_float32(z2)])
-    inv_t = 1 / temperature if torch.is_tensor(temperature) else torch.tensor(1 / temperature)
-    inv_t = inv_t.to(dtype=x.dtype, device=x.device)
+    if torch.is_tensor(temperature):
+        inv_t = (1 / temperature).to(dtype=x.dtype, device=x.device)
+    else:
+        # A CPU scalar works with tensors on any device; copying it to a GPU would wait for the stream.
+        inv_t = torch.tensor(1 / temperature, dtype=x.dtype)
     # GPUs keep the one-matrix form, the one measured there; the symmetric form was measured on CPUs only.
     if gather is None and x.device.type == "cpu" and float(inv_t.detach()) <= SYMMETRIC_MAX_INV_T:
         return _SymmetricNTXent.apply(x, inv_t)

@@ -30,6 +30,20 @@ def test_loss_and_gradients_on_cuda_match_float64_reference():
     torch.testing.assert_close(cb.grad.cpu().double(), ref_b.grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("temperature", [0.1, "tensor"])
+def test_loss_never_syncs_with_the_host(temperature):
+    """A float temperature copied to the GPU at every call would wait for the stream at every call."""
+    z1, z2 = (torch.randn(256, 128, device="cuda", requires_grad=True) for _ in range(2))
+    t = torch.tensor(0.1, device="cuda") if temperature == "tensor" else temperature
+    nt_xent(z1, z2, t).backward()  # first call: kernel loading, allowed to sync
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        nt_xent(z1, z2, t).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(z1.grad).all()
+
+
 @pytest.mark.parametrize("size", [32, 96])
 def test_augmentation_never_syncs_with_the_host(size):
     """A host sync inside the view pipeline would stall the GPU stream every step."""
