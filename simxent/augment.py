@@ -274,11 +274,26 @@ class ViewAugment(nn.Module):
             ops.append(RandomSolarize(p=cfg.solarize_p))
         self.ops = nn.Sequential(*[op for op in ops if getattr(op, "p", 1.0) > 0])
         self.normalize = Normalize(cfg.mean, cfg.std)
+        self.size = size
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = to_float(images)  # the crop makes a new tensor; the ops after it may work in place
         return self.normalize(self.ops(x).clamp_(0, 1))
+
+    @torch.no_grad()
+    def pair(self, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """Both views, ``[forward(images); forward(images)]`` (the same random draws in the same order), as
+        one (2B, 3, S, S) tensor, in channels_last memory if asked. The images are converted to float once
+        and each view is normalised straight into its half: no conversion, concatenation or layout pass
+        of its own."""
+        x = to_float(images)
+        n = x.shape[0]
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty(2 * n, 3, self.size, self.size, device=x.device, memory_format=fmt)
+        for half in (out[:n], out[n:]):
+            self.normalize(self.ops(x).clamp_(0, 1), out=half)
+        return out
 
 
 class Normalize(nn.Module):
@@ -292,8 +307,8 @@ class Normalize(nn.Module):
         self.register_buffer("scale", 1 / std)
         self.register_buffer("shift", -mean / std)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, x, self.scale)
+    def forward(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.addcmul(self.shift, x, self.scale, out=out)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -398,17 +398,14 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
             rng = rng_state()
             step, x = item
             x = x.to(device, non_blocking=True)
-            return step, x, augment(x), augment(x), rng
+            return step, x, augment.pair(x, cfg.train.channels_last), rng
 
         upcoming, rng_before_prefetch = prefetch(), None
         while upcoming is not None:
-            step, x, v1, v2, _ = upcoming
+            step, x, views, _ = upcoming
             lr = lr_at(pos.global_step, total_steps, warmup, peak, cfg.optim.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            views = torch.cat([v1, v2])
-            if cfg.train.channels_last:
-                views = views.contiguous(memory_format=torch.channels_last)
             t = temperature()
             loss, z1, z2 = step_loss(model, views, t, device, dtype)
             optimizer.zero_grad(set_to_none=True)
@@ -454,7 +451,8 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
             pos.step = step + 1
             bar.update(1)
             if step == 0:
-                monitor.view_pairs("train/view_pairs", v1, v2, cfg.augment.mean, cfg.augment.std, pos.global_step)
+                monitor.view_pairs("train/view_pairs", *views.chunk(2), cfg.augment.mean, cfg.augment.std,
+                                   pos.global_step)
             rng_before_prefetch = upcoming[-1] if upcoming is not None else None
             if time_up or signalled:
                 stopped_early = True
