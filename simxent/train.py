@@ -423,7 +423,8 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
             flags = torch.stack([loss.detach().float(), grads_finite.float().to(device)])
             stops = [float(time_up), float(stop_requested.is_set())]
             if world > 1:
-                flags = torch.cat([flags, torch.tensor(stops, device=device)])
+                # Filled on the device, not copied there: a blocking copy to a GPU would wait for the stream.
+                flags = torch.cat([flags, *(torch.full((1,), v, device=device) for v in stops)])
             shared = dist.mean_over_processes(flags).tolist()
             last_loss, finite_share = shared[:2]
             time_up, signalled = (v > 0 for v in (shared[2:] if world > 1 else stops))
