@@ -285,8 +285,8 @@ class ViewAugment(nn.Module):
     def pair(self, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
         """Both views, ``[forward(images); forward(images)]`` (the same random draws in the same order), as
         one (2B, 3, S, S) tensor, in channels_last memory if asked. The images are converted to float once
-        and each view is normalised straight into its half: no conversion, concatenation or layout pass
-        of its own."""
+        and each view is normalised straight into its half: no second conversion, and no concatenation or
+        layout pass."""
         x = to_float(images)
         n = x.shape[0]
         fmt = torch.channels_last if channels_last else torch.contiguous_format
