@@ -9,11 +9,11 @@ import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from simxent.augment import ViewAugment
 from simxent.checkpoint import load_checkpoint
 from simxent.cli import linear_eval_main, pretrain_main
 from simxent.config import load_config
 from simxent.demo import make_shapes
-from simxent.augment import ViewAugment
 from simxent.models import SimCLR
 from simxent.train import KnnBank, knn_monitor, load_data, pretrain
 from tests.conftest import TINY_RUN
