@@ -278,8 +278,11 @@ class ViewAugment(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = to_float(images)  # the crop makes a new tensor; the ops after it may work in place
-        return self.normalize(self.ops(x).clamp_(0, 1))
+        return self._view(to_float(images))
+
+    def _view(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # The crop makes a new tensor, so the ops after it may work in place and ``x`` serves another view.
+        return self.normalize(self.ops(x).clamp_(0, 1), out=out)
 
     @torch.no_grad()
     def pair(self, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -292,7 +295,7 @@ class ViewAugment(nn.Module):
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty(2 * n, 3, self.size, self.size, device=x.device, memory_format=fmt)
         for half in (out[:n], out[n:]):
-            self.normalize(self.ops(x).clamp_(0, 1), out=half)
+            self._view(x, out=half)
         return out
 
 
