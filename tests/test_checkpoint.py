@@ -39,6 +39,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path):
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the raw pickle below: that refusal is the point
 def test_pickled_object_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:

@@ -28,6 +28,18 @@ def test_overrides_apply_with_types(tmp_path):
     assert cfg.augment.blur_p is None and cfg.out == "runs/x"
 
 
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-4 as a string; users write it in files and overrides alike."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  weight_decay: 1e-6\n")
+    cfg = load_config(path, ["optim.lr=5E-4", "augment.crop_scale=[2e-1, 1]"])
+    assert cfg.optim.weight_decay == 1e-6 and cfg.optim.lr == 5e-4 and cfg.augment.crop_scale == (0.2, 1.0)
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
+        load_config(None, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="optim.lr: must be finite"):
+        load_config(None, ["optim.lr=infinity"])
+
+
 def test_unknown_key_in_file_suggests_nearest(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  batchsize: 32\n")
