@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,15 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 class DataError(ValueError):
     """A missing, empty or unreadable image folder or file."""
+
+
+@contextmanager
+def naming_the_key(key: str):
+    """Errors about a folder also say which setting gave it: ``data.train: image folder not found: PATH``."""
+    try:
+        yield
+    except DataError as e:
+        raise DataError(f"{key}: {e}") from e
 
 
 @dataclass
@@ -238,10 +248,10 @@ def _cache_key(images: ImageList, size: int) -> str:
     for f in images.files:
         try:
             st = f.stat()
-            size, mtime = st.st_size, st.st_mtime_ns
+            nbytes, mtime = st.st_size, st.st_mtime_ns
         except OSError:  # a dangling link or a vanished file: decoding will name it
-            size = mtime = -1
-        h.update(f"{f.relative_to(images.root)}\t{size}\t{mtime}\n".encode())
+            nbytes = mtime = -1
+        h.update(f"{f.relative_to(images.root)}\t{nbytes}\t{mtime}\n".encode())
     return h.hexdigest()[:20]
 
 

@@ -15,7 +15,7 @@ from .augment import Normalize
 from .calibration import class_probabilities, per_class, reliability
 from .checkpoint import load_checkpoint
 from .config import ConfigError, config_from_dict
-from .data import ImageArray, load_configured, shared_files
+from .data import ImageArray, load_configured, naming_the_key, shared_files
 from .class_weights import class_weights, positive_weights
 from .evaluate import classification_report, extract_features, knn_scores, probe_loss, train_linear_probe
 from .metrics import balanced_accuracy, f1_score, mean_average_precision, roc_auc
@@ -206,8 +206,10 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     dev = resolve_device(device)
     dtype = resolve_dtype(cfg.train.precision, dev)
     set_threads(cfg.train.threads)
-    train = load_configured(train_dir, cfg.data, progress, cache=cache, workers=workers)
-    test = load_configured(test_dir, cfg.data, progress, cache=cache, workers=workers)
+    with naming_the_key("--train"):
+        train = load_configured(train_dir, cfg.data, progress, cache=cache, workers=workers)
+    with naming_the_key("--test"):
+        test = load_configured(test_dir, cfg.data, progress, cache=cache, workers=workers)
     check_held_out(train, test, train_dir, test_dir)
     if objective == "multilabel":
         if not (train_labels and test_labels):

@@ -27,7 +27,8 @@ from . import __version__, dist, figures
 from .augment import ViewAugment
 from .checkpoint import load_checkpoint, newest_valid_checkpoint, save_rotating
 from .config import Config, ConfigError, save_config, to_dict
-from .data import ImageArray, ImageStream, iterate_batches, load_configured, open_stream, shared_files
+from .data import (ImageArray, ImageStream, iterate_batches, load_configured, naming_the_key, open_stream,
+                   shared_files)
 from .evaluate import autocast, extract_features, knn_scores, topk_accuracy
 from .loss import Temperature, contrastive_stats, nt_xent, similarity_samples
 from .models import SimCLR
@@ -199,16 +200,18 @@ def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray | ImageStr
     labelled, less any that are also in val)."""
     if not cfg.data.train:
         raise ConfigError("data.train: no image folder given (set data.train=PATH)")
-    if cfg.data.stream:
-        train = open_stream(cfg.data.train, cfg.data.image_size, cfg.data.workers, cfg.data.on_bad_image)
-    else:
-        train = load_configured(cfg.data.train, cfg.data, progress)
+    with naming_the_key("data.train"):
+        if cfg.data.stream:
+            train = open_stream(cfg.data.train, cfg.data.image_size, cfg.data.workers, cfg.data.on_bad_image)
+        else:
+            train = load_configured(cfg.data.train, cfg.data, progress)
     if len(train) < cfg.train.batch_size:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} exceeds the {len(train)} readable images in {cfg.data.train}")
     val = bank = None
     if cfg.data.val and cfg.eval.every > 0:
-        val = load_configured(cfg.data.val, cfg.data, progress)
+        with naming_the_key("data.val"):
+            val = load_configured(cfg.data.val, cfg.data, progress)
         if not val.classes or (val.labels < 0).any():
             raise ConfigError(f"data.val: {cfg.data.val} needs one sub-folder per class for kNN evaluation")
         # A streamed train folder is too large to embed for every evaluation: leave-one-out within val.

@@ -135,12 +135,19 @@ def test_user_errors_exit_2_with_a_message(shapes, tmp_path, capsys):
     assert pretrain_main(["train.batchsize=3"]) == 2
     assert "did you mean 'train.batch_size'" in capsys.readouterr().err
     assert pretrain_main([f"data.train={tmp_path / 'missing'}"]) == 2
-    assert "image folder not found" in capsys.readouterr().err
+    assert "data.train: image folder not found" in capsys.readouterr().err
+    assert pretrain_main(tiny(shapes, tmp_path / "r", f"data.val={tmp_path / 'no_val'}")) == 2
+    assert "data.val: image folder not found" in capsys.readouterr().err
     assert pretrain_main(tiny(shapes, tmp_path / "r", "train.batch_size=4096")) == 2
     assert "exceeds the 80 readable images" in capsys.readouterr().err
     assert linear_eval_main(["--checkpoint", str(tmp_path / "nope.pt"), "--train", str(shapes / "train"),
                              "--test", str(shapes / "test")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    pretrain_main(tiny(shapes, tmp_path / "ok", "train.epochs=1", "eval.every=0", "--no-progress"))
+    capsys.readouterr()
+    assert linear_eval_main(["--checkpoint", str(tmp_path / "ok" / "checkpoints" / "last.pt"), "--train",
+                             str(shapes / "train"), "--test", str(tmp_path / "no_test"), "--no-progress"]) == 2
+    assert "--test: image folder not found" in capsys.readouterr().err
 
 
 def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path, capsys):
