@@ -26,10 +26,10 @@ from simxent.config import AugmentConfig, ModelConfig, load_config
 from simxent.evaluate import autocast, build_index, extract_features, knn_scores, train_linear_probe
 from simxent.loss import _SymmetricNTXent, nt_xent  # the private form: timed where nt_xent does not pick it
 from simxent.models import SimCLR
-from simxent.runtime import configure_device, resolve_device, resolve_dtype
+from simxent.runtime import configure_device, cpu_supports_bf16, resolve_device, resolve_dtype
 from simxent.schedule import build_optimizer
 
-SECTIONS = ("loss", "augment", "knn", "probe", "pipeline", "quality")
+SECTIONS = ("loss", "augment", "precision", "knn", "probe", "pipeline", "quality")
 
 
 def timed_alternately(fns: dict, repeats: int, warmup: int, sync=None) -> dict:
@@ -257,7 +257,7 @@ def bench_probe(device, _sync, data_root):
 
 # --- pipeline efficiency ----------------------------------------------------------------------------------------
 
-def bare_images_per_s(cfg, device, dtype, steps=8):
+def bare_step(cfg, device, dtype):
     """Encoder + head forward, NT-Xent, backward and optimiser step on pre-made views: the floor."""
     torch.manual_seed(0)
     model = SimCLR(cfg.model).to(device).to(memory_format=torch.channels_last)
@@ -276,7 +276,30 @@ def bare_images_per_s(cfg, device, dtype, steps=8):
         opt.step()
         loss.item()
 
-    return b / timed(step, repeats=steps, warmup=2)
+    return step
+
+
+def bare_images_per_s(cfg, device, dtype, steps=8):
+    return cfg.train.batch_size / timed(bare_step(cfg, device, dtype), repeats=steps, warmup=2)
+
+
+# --- precision: what train.precision=auto chooses between ---------------------------------------------------------
+
+def bench_precision(device, sync, entries="cpu:128,cifar10:32"):
+    """The bare training step (images/s) in float32 and in bf16 autocast, timed in turn, per backbone."""
+    rows = []
+    for entry in entries.split(","):
+        preset, batch = entry.split(":")
+        cfg = load_config(f"configs/{preset}.yaml", [f"train.batch_size={batch}"])
+        steps = {str(dtype): bare_step(cfg, device, dtype) for dtype in (None, torch.bfloat16)}
+        seconds = timed_alternately(steps, repeats=3, warmup=1, sync=sync)
+        fp32, bf16 = (int(batch) / seconds[k] for k in ("None", "torch.bfloat16"))
+        row = {"preset": preset, "backbone": cfg.model.backbone, "size": cfg.data.image_size, "batch": int(batch),
+               "fp32_images_per_s": fp32, "bf16_images_per_s": bf16, "bf16_over_fp32": bf16 / fp32,
+               "auto_picks": str(resolve_dtype("auto", device))}
+        rows.append(row)
+        print(row, flush=True)
+    return rows
 
 
 def loop_images_per_s(cfg, seconds):
@@ -418,6 +441,7 @@ def main():
     runners = {
         "loss": lambda: bench_loss(device, sync),
         "augment": lambda: bench_augment(device, sync),
+        "precision": lambda: bench_precision(device, sync),
         "knn": lambda: bench_knn(device, sync),
         "probe": lambda: bench_probe(device, sync, a.data),
         "pipeline": lambda: bench_pipeline(device, sync, a.data, a.loop_seconds, a.pipeline, a.workers),
@@ -430,7 +454,8 @@ def main():
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "threads": torch.get_num_threads(), "device": str(device),
                            "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None,
-                           "cpu_count": os.cpu_count(), "data": a.synthetic or a.data,
+                           "cpu_count": os.cpu_count(), "cpu_native_bf16": cpu_supports_bf16(),
+                           "data": a.synthetic or a.data,
                            "torch": torch.__version__},
                "sections": {}}
     for name in SECTIONS:

@@ -28,13 +28,18 @@ def configure_device(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 autocast pays."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return sys.platform == "darwin"  # Apple silicon runs bf16 well
-    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+def cpu_supports_bf16(cpuinfo: Optional[str] = None) -> bool:
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX, from ``/proc/cpuinfo``'s flags),
+    where bf16 autocast pays: 2-3x float32's speed. Without them bf16 is emulated and far slower (the
+X
+    and any system without ``/proc/cpuinfo``, trains in float32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {f for line in cpuinfo.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
