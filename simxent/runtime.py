@@ -30,8 +30,8 @@ def configure_device(device: torch.device) -> None:
 
 def cpu_supports_bf16(cpuinfo: Optional[str] = None) -> bool:
     """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX, from ``/proc/cpuinfo``'s flags),
-    where bf16 autocast pays: 2-3x float32's speed. Without them bf16 is emulated and far slower (the
-X
+    where bf16 autocast pays: 2-3x float32's speed. Without them bf16 is emulated and far slower (a
+    training step 13-16x slower than float32 on an AVX2 CPU, docs/benchmarks.md), so every other CPU,
     and any system without ``/proc/cpuinfo``, trains in float32."""
     if cpuinfo is None:
         try:
