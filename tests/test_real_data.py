@@ -9,12 +9,12 @@ from simxent.train import pretrain
 MINUTES = 3.5  # of wall time for pretraining, decoding included (the issue allows at most 4)
 
 
-def symlinked_subset(split, out, per_class):
-    """The first ``per_class`` images (by name) of each class folder of ``split``, as links under ``out``."""
-    for folder in sorted(p for p in split.iterdir() if p.is_dir()):
-        (out / folder.name).mkdir(parents=True)
-        for f in sorted(folder.glob("*.jpg"))[:per_class]:
-            (out / folder.name / f.name).symlink_to(f)
+def symlinked_subset(split, out, counts: dict):
+    """The first ``counts[c]`` images (by name) of each class folder ``c`` of ``split``, as links under ``out``."""
+    for name, n in counts.items():
+        (out / name).mkdir(parents=True)
+        for f in sorted((split / name).glob("*.jpg"))[:n]:
+            (out / name / f.name).symlink_to(f)
     return out
 
 
@@ -28,7 +28,9 @@ def test_cpu_preset_lifts_knn_on_cifar10(cifar, tmp_path):
     assert load_checkpoint(ckpt)["position"]["global_step"] > 50
     # Scored on 1,000 training images per class (the kNN bank) and 200 test images per class: the whole
     # split would spend more time extracting features than pretraining took.
-    train, test = (symlinked_subset(cifar / split, tmp_path / split, n) for split, n in (("train", 1000), ("test", 200)))
+    classes = sorted(p.name for p in (cifar / "train").iterdir() if p.is_dir())
+    train, test = (symlinked_subset(cifar / split, tmp_path / split, dict.fromkeys(classes, n))
+                   for split, n in (("train", 1000), ("test", 200)))
     results = linear_eval(ckpt, train, test, ProbeOptions(epochs=1), random_init=True,
                           json_path=tmp_path / "eval.json", progress=False)
     trained, untrained = results["pretrained"]["knn"]["top1"], results["random_init"]["knn"]["top1"]
@@ -50,11 +52,8 @@ def test_balanced_weights_raise_minority_recall_on_imbalanced_cifar10(cifar, tmp
     from simxent.models import backbone
 
     sizes = {"airplane": 400, "automobile": 100, "bird": 25}
-    for split, counts in (("train", sizes), ("test", {c: 300 for c in sizes})):
-        for name, n in counts.items():
-            (tmp_path / split / name).mkdir(parents=True)
-            for f in sorted((cifar / split / name).glob("*.jpg"))[:n]:
-                (tmp_path / split / name / f.name).symlink_to(f)
+    for split, counts in (("train", sizes), ("test", dict.fromkeys(sizes, 300))):
+        symlinked_subset(cifar / split, tmp_path / split, counts)
     train, test = (load_folder(tmp_path / s, 32, workers=2, progress=False) for s in ("train", "test"))
     torch.manual_seed(0)
     encoder, _ = backbone("convnet")
