@@ -143,11 +143,6 @@ def test_user_errors_exit_2_with_a_message(shapes, tmp_path, capsys):
     assert linear_eval_main(["--checkpoint", str(tmp_path / "nope.pt"), "--train", str(shapes / "train"),
                              "--test", str(shapes / "test")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
-    pretrain_main(tiny(shapes, tmp_path / "ok", "train.epochs=1", "eval.every=0", "--no-progress"))
-    capsys.readouterr()
-    assert linear_eval_main(["--checkpoint", str(tmp_path / "ok" / "checkpoints" / "last.pt"), "--train",
-                             str(shapes / "train"), "--test", str(tmp_path / "no_test"), "--no-progress"]) == 2
-    assert "--test: image folder not found" in capsys.readouterr().err
 
 
 def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path, capsys):
@@ -164,6 +159,9 @@ def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path
     assert linear_eval_main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--train", str(shapes / "train"),
                              "--test", str(shapes / "test" / ".." / "train"), "--no-progress"]) == 2
     assert "shares 80 of its 80 images with" in capsys.readouterr().err
+    assert linear_eval_main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--train", str(shapes / "train"),
+                             "--test", str(tmp_path / "no_test"), "--no-progress"]) == 2
+    assert "--test: image folder not found" in capsys.readouterr().err
 
 
 def noise_folder(root: Path, classes: int, per_class: int, size: int = 16) -> Path:
