@@ -291,9 +291,9 @@ def bench_precision(device, sync, entries="cpu:128,cifar10:32"):
     for entry in entries.split(","):
         preset, batch = entry.split(":")
         cfg = load_config(f"configs/{preset}.yaml", [f"train.batch_size={batch}"])
-        steps = {str(dtype): bare_step(cfg, device, dtype) for dtype in (None, torch.bfloat16)}
+        steps = {"fp32": bare_step(cfg, device, None), "bf16": bare_step(cfg, device, torch.bfloat16)}
         seconds = timed_alternately(steps, repeats=3, warmup=1, sync=sync)
-        fp32, bf16 = (int(batch) / seconds[k] for k in ("None", "torch.bfloat16"))
+        fp32, bf16 = (int(batch) / seconds[k] for k in ("fp32", "bf16"))
         row = {"preset": preset, "backbone": cfg.model.backbone, "size": cfg.data.image_size, "batch": int(batch),
                "fp32_images_per_s": fp32, "bf16_images_per_s": bf16, "bf16_over_fp32": bf16 / fp32,
                "auto_picks": str(resolve_dtype("auto", device))}
