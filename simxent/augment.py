@@ -114,6 +114,11 @@ class ColorJitter(nn.Module):
     [max(0, 1 - a), 1 + a], hue shift uniform in [-h, h], applied in a random order, each sample jittered
     with probability p.
 
+    The factors are drawn per sample, the order once per call: each view then has torchvision's
+    distribution, and the two views of an image (two calls) draw their orders independently, as there;
+    only images of one batch share an order. A per-sample order would cost four times the colour work on
+    a GPU, where every op runs on every sample and a mask keeps the chosen.
+
     ``compile=True`` compiles each op on its own (the random order stays eager: compiling the whole jitter
     would recompile for every order), which fuses its dozen elementwise passes into one or two kernels."""
 

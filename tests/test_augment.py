@@ -165,6 +165,33 @@ def test_jitter_factors_are_per_sample_and_in_range():
     assert abs(jittered.item() - 0.8) < 0.03
 
 
+def test_jitter_order_is_uniform_over_the_24_permutations_and_drawn_per_call():
+    """torchvision draws the order of the four ops per image; here one order per call, which must be uniform
+    over all 24 orders and fresh at each call (the two views of a batch are two calls)."""
+    torch.manual_seed(0)
+    jitter = ColorJitter(0.8, 0.8, 0.8, 0.2, p=1.0)
+    calls = []
+
+    def recording(i):
+        def op(samples, factor):
+            calls[-1].append(i)
+            return samples
+        return op
+
+    jitter.ops = [recording(i) for i in range(4)]
+    x = torch.rand(4, 3, 2, 2)
+    for _ in range(2400):
+        calls.append([])
+        jitter(x.clone())
+    orders = [tuple(c) for c in calls]
+    assert all(sorted(o) == [0, 1, 2, 3] for o in orders)
+    counts = torch.tensor([orders.count(o) for o in set(orders)], dtype=torch.float64)
+    assert len(counts) == 24
+    chi2 = ((counts - 100) ** 2 / 100).sum().item()
+    assert chi2 < 49.7  # chi-square, 23 degrees of freedom, p = 0.001
+    assert sum(a == b for a, b in zip(orders, orders[1:])) < 2399 / 24 * 1.5  # consecutive calls independent
+
+
 def test_hue_shift_is_drawn_per_call_and_keeps_value():
     torch.manual_seed(0)
     jitter = ColorJitter(0.0, 0.0, 0.0, 0.2, p=1.0)
