@@ -10,7 +10,8 @@ from pathlib import Path
 
 from . import dist
 from .checkpoint import CheckpointError
-from .config import ConfigError, load_config
+from . import __version__
+from .config import Config, ConfigError, config_keys, format_config, load_config, preset_names
 from .data import DataError
 from .class_weights import ClassWeightError
 from .evaluate import LabelError
@@ -30,22 +31,64 @@ def _run(main):
         return 2
 
 
-def pretrain_main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="simxent-pretrain",
-        description="SimCLR pretraining. Example: simxent-pretrain configs/cpu.yaml data.train=DIR out=runs/x",
-    )
-    p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
-                   help="an optional YAML config, then dotted.key=value overrides")
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help (unless it is unset or a flag's False); the description and epilog
+    kept as written."""
+
+    def _get_help_string(self, action):
+        if not action.option_strings or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _pretrain_parser() -> argparse.ArgumentParser:
+    p = _parser("simxent-pretrain", "SimCLR pretraining. Example: simxent-pretrain cpu data.train=DIR out=runs/x",
+                epilog="Configuration keys, with their defaults and meanings (set any of them as key=value):\n\n"
+                       + format_config(Config()))
+    p.add_argument("args", nargs="*", metavar="CONFIG | key=value",
+                   help=f"an optional YAML file or preset name ({', '.join(preset_names())}), "
+                        "then dotted.key=value overrides")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (file, then overrides) as YAML with each key's meaning, and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    a = p.parse_intermixed_args(argv)
+    return p
+
+
+def _refuse_habits(p: argparse.ArgumentParser, args: list[str], unknown: list[str]) -> None:
+    """Name the spelling simxent wants for other tools' habits: ``--key=v`` and ``key value``."""
+    keys = set(config_keys())
+    for arg in unknown:
+        name = arg.lstrip("-")
+        if name.split("=", 1)[0] in keys:
+            p.error(f"'{arg}': config keys take no leading dashes; write {name if '=' in name else name + '=VALUE'}")
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    for i, arg in enumerate(args):
+        if "=" not in arg and arg in keys and not Path(arg).exists():
+            value = args[i + 1] if i + 1 < len(args) and "=" not in args[i + 1] else "VALUE"
+            p.error(f"'{arg}' is a config key: write {arg}={value} (key=value, no space)")
+
+
+def pretrain_main(argv=None) -> int:
+    p = _pretrain_parser()
+    a, unknown = p.parse_known_intermixed_args(argv)
+    _refuse_habits(p, a.args, unknown)
     config = [x for x in a.args if "=" not in x]
     overrides = [x for x in a.args if "=" in x]
     if len(config) > 1:
-        p.error(f"one config file at most, got {config}")
+        p.error(f"one config file or preset name at most, got {config}")
 
     def main():
         cfg = load_config(config[0] if config else None, overrides)
+        if a.print_config:
+            print(format_config(cfg), end="")
+            return 0
         try:
             summary = pretrain(cfg, progress=not a.no_progress)
             main_process = dist.is_main()
@@ -62,16 +105,16 @@ def _probe_parser(p: argparse.ArgumentParser) -> None:
     d = ProbeOptions()
     p.add_argument("--epochs", type=int, default=d.epochs, help="probe epochs on cached features")
     p.add_argument("--lr", type=float, default=d.lr, help="probe AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--probe-batch-size", type=int, default=d.batch_size)
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="probe AdamW weight decay")
+    p.add_argument("--probe-batch-size", type=int, default=d.batch_size, help="probe training batch")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="probe cross-entropy label smoothing")
     p.add_argument("--class-weight", default=d.class_weight,
                    help="none | balanced (n / (C * n_c)) | effective (Cui et al. 2019, --beta) | FILE of "
                         "'class_name weight' lines")
     p.add_argument("--beta", type=float, default=d.beta, help="beta of effective class weights")
-    p.add_argument("--knn-k", type=int, default=d.knn_k)
-    p.add_argument("--knn-temperature", type=float, default=d.knn_temperature)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--knn-k", type=int, default=d.knn_k, help="kNN neighbours")
+    p.add_argument("--knn-temperature", type=float, default=d.knn_temperature, help="kNN vote temperature")
+    p.add_argument("--seed", type=int, default=d.seed, help="probe initialisation and batch order")
 
 
 def _probe_options(a) -> ProbeOptions:
@@ -87,8 +130,7 @@ def _probe_options(a) -> ProbeOptions:
 
 
 def linear_eval_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="simxent-linear-eval",
-                                description="Linear probe and weighted kNN on a frozen pretrained encoder.")
+    p = _parser("simxent-linear-eval", "Linear probe and weighted kNN on a frozen pretrained encoder.")
     p.add_argument("--checkpoint", required=True, help="a simxent checkpoint (e.g. RUN/checkpoints/last.pt)")
     p.add_argument("--train", required=True, help="labelled training folder (one sub-folder per class)")
     p.add_argument("--test", required=True, help="labelled test folder with the same classes")
@@ -101,11 +143,11 @@ def linear_eval_main(argv=None) -> int:
     p.add_argument("--test-labels", help="multilabel: the same for --test")
     p.add_argument("--random-init", action="store_true", help="also score an untrained encoder as the baseline")
     p.add_argument("--json", help="write every figure to this JSON file")
-    p.add_argument("--out", help="TensorBoard directory (default: RUN/linear_eval)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--out", help="TensorBoard directory; none: RUN/linear_eval")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where features are computed")
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--no-cache", action="store_true", help="do not keep decoded images in the cache")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
 
     def main():
@@ -120,9 +162,8 @@ def linear_eval_main(argv=None) -> int:
 
 
 def demo_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="simxent-demo", description=(
-        "Draw a small labelled shape set, pretrain on it for a few minutes on the CPU, then print linear "
-        "probe and kNN accuracy beside an untrained encoder."))
+    p = _parser("simxent-demo", "Draw a small labelled shape set, pretrain on it for a few minutes on the CPU "
+                "(the packaged preset 'demo'), then print linear probe and kNN accuracy beside an untrained encoder.")
     p.add_argument("--data", default="demo_data", help="where the generated images go")
     p.add_argument("--out", default="runs/demo", help="run directory")
     p.add_argument("--minutes", type=float, default=3.0, help="pretraining wall time")
@@ -130,14 +171,12 @@ def demo_main(argv=None) -> int:
     a = p.parse_intermixed_args(argv)
     from .demo import make_shapes
 
-    config = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
-
     def main():
         data = Path(a.data)
         if not (data / "train").is_dir():
             print(f"drawing the demo image set in {data} ...")
             make_shapes(data)
-        cfg = load_config(config, [f"data.train={data / 'train'}", f"out={a.out}",
+        cfg = load_config("demo", [f"data.train={data / 'train'}", f"out={a.out}",
                                    f"train.max_time={a.minutes * 60}", *a.overrides])
         t = time.monotonic()
         pretrain(cfg)
@@ -150,3 +189,27 @@ def demo_main(argv=None) -> int:
         return 0
 
     return _run(main)
+
+
+COMMANDS = {"pretrain": pretrain_main, "linear-eval": linear_eval_main, "demo": demo_main}
+USAGE = f"""usage: python -m simxent {{{','.join(COMMANDS)}}} ... | --version
+  pretrain      as simxent-pretrain (SimCLR pretraining)
+  linear-eval   as simxent-linear-eval (linear probe and kNN on a frozen encoder)
+  demo          as simxent-demo (draw shapes, pretrain, score)
+Each command takes --help."""
+
+
+def main(argv=None) -> int:
+    """``python -m simxent COMMAND ...``: dispatch to a console script's entry point."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    if argv[:1] == ["--version"]:
+        print(f"simxent {__version__}")
+        return 0
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
+    print(USAGE, file=sys.stderr)
+    print(f"simxent: error: {f'unknown command {argv[0]!r}' if argv else 'no command given'}", file=sys.stderr)
+    return 2

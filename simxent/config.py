@@ -1,14 +1,18 @@
 """Run configuration: dataclasses read from YAML with strict keys and ``dotted.key=value`` overrides.
 
-Every key a user can set lives here, with its default and meaning. Unknown keys, wrong types and
-out-of-range values raise :class:`ConfigError` naming the key (and the nearest valid one) before any
-work starts.
+Every key a user can set lives here, with its default and meaning (the ``help`` of each field, which
+``simxent-pretrain --help``, ``--print-config`` and the README's table are made from). Unknown keys,
+wrong types and out-of-range values raise :class:`ConfigError` naming the key (and the nearest valid
+one) before any work starts. Presets ship in ``simxent/configs/`` and are named without the ``.yaml``.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
+import json
 import math
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,95 +25,105 @@ class ConfigError(ValueError):
     """A configuration mistake, reported with the offending key or file."""
 
 
+def setting(default: Any, help: str) -> Any:
+    """A config field whose meaning is data, so that --help, --print-config and the README share it."""
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str) -> Any:
+    return field(default_factory=cls, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
-    train: str = ""  # folder of images; class sub-folders optional (labels unused in pretraining)
-    val: str = ""  # labelled folder for kNN monitoring during pretraining (optional)
-    image_size: int = 32  # images are decoded to this square size (shorter side, centre crop)
-    cache: bool = True  # decode once into a memory-mapped uint8 array, reused across epochs and runs
-    cache_dir: str = ""  # where decoded arrays live; default: ~/.cache/simxent
-    stream: bool = False  # decode data.train every epoch in `workers` processes instead (folders too large to keep)
-    workers: int = 2  # decoding processes
-    on_bad_image: str = "skip"  # skip: warn, name and count unreadable files; error: stop on the first
+    train: str = setting("", "folder of images, at any depth; class sub-folders optional (labels unused)")
+    val: str = setting("", "labelled folder (one sub-folder per class) for kNN monitoring; empty: none")
+    image_size: int = setting(32, "decode size and view size in px (shorter side resized, centre crop)")
+    cache: bool = setting(True, "decode once into a memory-mapped uint8 array, reused across epochs and runs")
+    cache_dir: str = setting("", "where decoded arrays live; empty: $SIMXENT_CACHE or ~/.cache/simxent")
+    stream: bool = setting(False, "decode data.train every epoch in data.workers processes instead of caching "
+                                  "(folders too large to keep decoded)")
+    workers: int = setting(2, "decoding processes")
+    on_bad_image: str = setting("skip", "skip: warn, name and count unreadable files; error: stop on the first")
 
 
 @dataclass
 class AugmentConfig:
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range
-    flip_p: float = 0.5
-    jitter_strength: float = 1.0  # s: brightness, contrast, saturation 0.8s, hue 0.2s
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: Optional[float] = None  # None: 0.5 for images of 64 px and more, 0 below
-    solarize_p: float = 0.0
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop_scale: tuple[float, float] = setting((0.08, 1.0), "RandomResizedCrop area range")
+    flip_p: float = setting(0.5, "horizontal flip probability")
+    jitter_strength: float = setting(1.0, "s: brightness, contrast, saturation 0.8s, hue 0.2s")
+    jitter_p: float = setting(0.8, "colour-jitter probability")
+    grayscale_p: float = setting(0.2, "grayscale probability")
+    blur_p: Optional[float] = setting(None, "Gaussian blur probability; null: 0.5 from 64 px, 0 below")
+    solarize_p: float = setting(0.0, "solarize probability")
+    mean: tuple[float, float, float] = setting((0.485, 0.456, 0.406), "normalisation mean per channel (ImageNet)")
+    std: tuple[float, float, float] = setting((0.229, 0.224, 0.225), "normalisation std per channel (ImageNet)")
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"  # resnet18 | resnet34 | resnet50 | convnet
-    cifar_stem: bool = False  # 3x3 stride-1 first conv and no max-pool, for 32 px images
-    head_hidden: int = 2048
-    head_out: int = 128
-    head_layers: int = 2  # linear layers in the projection MLP (BatchNorm + ReLU between)
+    backbone: str = setting("resnet18", "resnet18, resnet34, resnet50 or convnet")
+    cifar_stem: bool = setting(False, "3x3 stride-1 first conv and no max-pool, for 32 px images")
+    head_hidden: int = setting(2048, "projection MLP hidden width")
+    head_out: int = setting(128, "projection size")
+    head_layers: int = setting(2, "linear layers in the projection MLP (BatchNorm + ReLU between)")
 
 
 @dataclass
 class LossConfig:
-    temperature: float = 0.5
-    learn_temperature: bool = False  # learn log(temperature), starting at `temperature`
+    temperature: float = setting(0.5, "NT-Xent temperature")
+    learn_temperature: bool = setting(False, "learn log(temperature), starting at loss.temperature")
 
 
 @dataclass
 class OptimConfig:
-    name: str = "lars"  # sgd | adamw | lars
-    lr: float = 0.3  # learning rate at a batch of 256, scaled by `lr_scaling`
-    lr_scaling: str = "linear"  # linear: lr*B/256 | sqrt: lr*sqrt(B/256) | none
-    weight_decay: float = 1e-6  # never applied to biases and normalisation layers
-    momentum: float = 0.9
-    warmup_epochs: float = 10.0
-    min_lr: float = 0.0  # end of the cosine decay, as a fraction of the peak lr
+    name: str = setting("lars", "sgd, adamw or lars (no decay or adaptation on biases and norms)")
+    lr: float = setting(0.3, "learning rate at a batch of 256, scaled by optim.lr_scaling")
+    lr_scaling: str = setting("linear", "linear (lr times B/256), sqrt (lr times sqrt(B/256)) or none")
+    weight_decay: float = setting(1e-6, "never applied to biases and normalisation layers")
+    momentum: float = setting(0.9, "SGD and LARS momentum")
+    warmup_epochs: float = setting(10.0, "linear warm-up, then cosine decay")
+    min_lr: float = setting(0.0, "end of the cosine decay, as a fraction of the peak lr")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 256  # the global batch over all processes: 2 * batch_size views per step
-    max_time: float = 0.0  # seconds; 0 = no limit. When reached: checkpoint, exit cleanly
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (auto: bf16 where supported, else fp32)
-    channels_last: bool = True
-    compile: bool = False  # torch.compile the encoder, head and colour ops (slow first steps, faster after)
-    threads: int = 0  # CPU threads for torch; 0 = all cores
-    log_every: int = 10  # steps between TensorBoard scalars
-    resume: str = ""  # "" (start fresh) | auto (last checkpoint in `out`) | path to a checkpoint
-    max_bad_steps: int = 5  # stop after this many non-finite losses in a row
-    checkpoint_every: int = 0  # steps between checkpoints inside an epoch (0: epoch ends only)
-    keep_checkpoints: int = 2  # step checkpoints kept beside last.pt
-    sync_bn: bool = True  # BatchNorm statistics over the global batch when several processes train
+    epochs: int = setting(100, "passes over data.train")
+    batch_size: int = setting(256, "global images per step over all processes (2x views)")
+    max_time: float = setting(0.0, "seconds; 0: no limit. When reached: checkpoint, exit cleanly")
+    seed: int = setting(0, "makes a run reproducible")
+    device: str = setting("auto", "auto, cpu or cuda")
+    precision: str = setting("auto", "auto (bf16 where supported, else fp32), bf16, fp16 (grad scaler) or fp32")
+    channels_last: bool = setting(True, "NHWC memory format")
+    compile: bool = setting(False, "torch.compile the encoder, head and colour ops (slow first steps, faster after)")
+    threads: int = setting(0, "CPU threads for torch; 0: all cores")
+    log_every: int = setting(10, "steps between TensorBoard scalars")
+    resume: str = setting("", "empty: start fresh; auto: last checkpoint in out; or a checkpoint path")
+    max_bad_steps: int = setting(5, "stop after this many non-finite losses or gradients in a row")
+    checkpoint_every: int = setting(0, "steps between checkpoints inside an epoch (0: epoch ends only)")
+    keep_checkpoints: int = setting(2, "step checkpoints kept beside last.pt")
+    sync_bn: bool = setting(True, "BatchNorm statistics over the global batch when several processes train")
 
 
 @dataclass
 class EvalConfig:
-    every: int = 1  # epochs between kNN evaluations of data.val (0 = never)
-    knn_k: int = 200
-    knn_temperature: float = 0.1
-    batch_size: int = 512
-    projector: int = 500  # data.val images shown in TensorBoard's embedding projector at the end (0 = none)
+    every: int = setting(1, "epochs between kNN evaluations of data.val (0: never)")
+    knn_k: int = setting(200, "kNN neighbours")
+    knn_temperature: float = setting(0.1, "kNN vote temperature")
+    batch_size: int = setting(512, "feature-extraction batch")
+    projector: int = setting(500, "data.val images in TensorBoard's embedding projector at the end (0: none)")
 
 
 @dataclass
 class Config:
-    out: str = "runs/simxent"  # run directory: config.yaml, checkpoints/, TensorBoard events
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: str = setting("runs/simxent", "run directory: config.yaml, checkpoints/, TensorBoard events")
+    data: DataConfig = section(DataConfig, "image folders and decoding")
+    augment: AugmentConfig = section(AugmentConfig, "the two random views")
+    model: ModelConfig = section(ModelConfig, "encoder and projection head")
+    loss: LossConfig = section(LossConfig, "NT-Xent")
+    optim: OptimConfig = section(OptimConfig, "optimiser and learning-rate schedule")
+    train: TrainConfig = section(TrainConfig, "the training loop")
+    eval: EvalConfig = section(EvalConfig, "kNN monitoring during pretraining")
 
 
 CHOICES = {
@@ -120,6 +134,96 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "bf16", "fp16", "fp32"),
 }
+# Paths an override cannot leave empty (``out=`` would write the run into the current folder); in a file or
+# a saved config, data.train "" is the unset default. data.val=, data.cache_dir= and train.resume= mean "none".
+NONEMPTY = ("out", "data.train")
+# A YAML document may use anchors and aliases, but expanded it must stay a config's size (no alias bombs).
+MAX_YAML_VALUES = 10_000
+HYDRA_PREFIXES = ("++", "+", "~")
+
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 80
+
+
+def shown(value: Any) -> str:
+    """``repr`` cut to a readable length, also for huge or deeply nested values."""
+    return _short.repr(value)
+
+
+class _Refused(yaml.YAMLError):
+    """A YAML document that parses but that simxent will not read (duplicate keys, alias bombs)."""
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values in ``node`` once every alias is expanded, memoised per node (a cycle counts as too many)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = MAX_YAML_VALUES + 1  # seen again before it is finished: a recursive alias
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys and documents whose aliases expand beyond
+    ``MAX_YAML_VALUES`` values, measured on the composed node graph before any object is built."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise _Refused(f"aliases expand to more than {MAX_YAML_VALUES} values; write the values out")
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<: *base' then 'key: value' overrides the merged key on purpose
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: the base constructor reports it
+                continue
+            if duplicate:
+                raise _Refused(f"duplicate key {shown(key)} at line {key_node.start_mark.line + 1}")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """Parse ``text`` with :class:`StrictLoader`; any refusal is one line naming ``where``."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)
+    except _Refused as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply") from None
+
+
+def preset_names() -> list[str]:
+    """The presets shipped in the package, by name: ``cpu``, ``cifar10``, ``imagenet``, ``demo``."""
+    folder = importlib.resources.files(__package__) / "configs"
+    return sorted(p.name[:-len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def read_config_file(path: str | Path) -> tuple[str, str]:
+    """(text, name for messages) of a YAML file, or of the packaged preset called ``path``."""
+    if Path(path).is_file():
+        return Path(path).read_text(encoding="utf-8"), str(path)
+    presets = preset_names()
+    if str(path) in presets:
+        resource = importlib.resources.files(__package__) / "configs" / f"{path}.yaml"
+        return resource.read_text(encoding="utf-8"), str(resource)
+    stem = Path(path).stem
+    hint = (f"; the presets ship with simxent: write '{stem}'" if stem in presets
+            else f"; presets by name: {', '.join(presets)}")
+    raise ConfigError(f"config file not found: {path}{hint}")
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -132,18 +236,18 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return _coerce(value, next(a for a in args if a is not type(None)), key)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {shown(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {shown(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {shown(value)}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -153,47 +257,59 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        raise ConfigError(f"{key}: expected a number, got {shown(value)}")
     if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if isinstance(value, str):
+            return value
+        # Converting back would be a guess: YAML has already turned 010 into 8 and 12:30 into 750.
+        raise ConfigError(f"{key}: expected text, got {shown(value)}; quote it in YAML, which reads "
+                          f"unquoted 010, 0x10, 12:30, 1e3 and yes as numbers or booleans")
     raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def describe(cfg: Any, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, value, meaning) for every key of ``cfg`` (a :class:`Config`), in declaration order."""
+    rows = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, value, f.metadata["help"]))
+    return rows
+
+
+def config_keys() -> list[str]:
+    return [key for key, _, _ in describe(Config())]
 
 
 def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-    return ConfigError(f"unknown key '{key}'{where}{hint}")
+    return ConfigError(f"unknown key {shown(key)}{where}{hint}")
 
 
-def _all_keys(obj: Any, prefix: str = "") -> list[str]:
-    keys = []
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            keys += _all_keys(value, f"{prefix}{f.name}.")
-        else:
-            keys.append(prefix + f.name)
-    return keys
+def field_type(key: str, where: str = "") -> Any:
+    """The declared type of the dotted ``key``; an unknown key or a section raises naming it."""
+    node = Config
+    for part in key.split("."):
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in hints:
+            raise _unknown(key, config_keys(), where)
+        node = hints[part]
+    if dataclasses.is_dataclass(node):
+        raise ConfigError(f"{key}{where}: is a section; set one of its keys, e.g. {key}.<name>")
+    return node
 
 
 def _set(cfg: Config, key: str, value: Any, where: str = "") -> None:
     """Set ``cfg.<dotted key> = value`` after checking the key exists and coercing the type."""
-    parts = key.split(".")
+    value = _coerce(value, field_type(key, where), key)
+    *parents, name = key.split(".")
     node = cfg
-    for i, part in enumerate(parts):
-        hints = typing.get_type_hints(type(node))
-        if part not in hints:
-            raise _unknown(key, _all_keys(cfg), where)
-        if i == len(parts) - 1:
-            if dataclasses.is_dataclass(getattr(node, part)):
-                raise ConfigError(f"{key}{where}: is a section; set one of its keys, e.g. {key}.<name>")
-            setattr(node, part, _coerce(value, hints[part], key))
-        else:
-            node = getattr(node, part)
-            if not dataclasses.is_dataclass(node):
-                raise _unknown(key, _all_keys(cfg), where)
+    for part in parents:
+        node = getattr(node, part)
+    setattr(node, name, value)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -206,36 +322,51 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _hydra_habit(text: str, key: str, raw: str) -> ConfigError | None:
+    """Hydra's ``+key=v`` (add), ``++key=v`` (add or set) and ``~key`` (delete) have no meaning here."""
+    prefix = next((p for p in HYDRA_PREFIXES if key.startswith(p)), None)
+    if prefix is None:
+        return None
+    bare = key[len(prefix):]
+    said = f"override {shown(text)}: simxent takes no Hydra '{prefix}' prefix (its keys are fixed; set them as key=value)"
+    if bare in config_keys():
+        return ConfigError(f"{said}; write {bare}={raw}")
+    close = difflib.get_close_matches(bare, config_keys(), n=1, cutoff=0.5)
+    return ConfigError(f"{said}; {shown(bare)} is not a key" + (f" (nearest: '{close[0]}')" if close else ""))
+
+
 def parse_override(text: str) -> tuple[str, Any]:
-    """Split ``dotted.key=value``; the value is read as YAML (``0.1``, ``true``, ``[0.2, 1.0]``)."""
+    """Split ``dotted.key=value`` and read the value by the key's declared type: text keys (paths,
+    names) take it verbatim (``out=010`` is the folder '010'); the others read it as YAML (``0.1``,
+    ``true``, ``null``, ``[0.2, 1.0]``)."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form dotted.key=value")
+        raise ConfigError(f"override {shown(text)} is not of the form dotted.key=value")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"override '{text}' has no key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': cannot read value: {e}") from None
-    return key, value
+        raise ConfigError(f"override {shown(text)} has no key")
+    habit = _hydra_habit(text, key, raw)
+    if habit:
+        raise habit
+    if field_type(key, " in the command-line overrides") is str:
+        if key in NONEMPTY and not raw.strip():
+            raise ConfigError(f"override {shown(text)}: empty path; give a folder ({key}=DIR)")
+        return key, raw
+    return key, read_yaml(raw, f"override {shown(text)}") if raw.strip() else ""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then ``key=value`` overrides; then validation."""
+    """Defaults, then the YAML file or preset name (if any), then ``key=value`` overrides; then validation."""
     cfg = Config()
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        text, name = read_config_file(path)
+        tree = read_yaml(text, name)
+        if tree is None:
+            tree = {}
         if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+            raise ConfigError(f"{name}: expected a mapping of keys at the top level")
         for key, value in _flatten(tree).items():
-            _set(cfg, key, value, f" in {path}")
+            _set(cfg, key, value, f" in {name}")
     for text in overrides:
         key, value = parse_override(text)
         _set(cfg, key, value, " in the command-line overrides")
@@ -252,19 +383,44 @@ def config_from_dict(tree: dict) -> Config:
     return cfg
 
 
+def _plain(v: Any) -> Any:
+    if isinstance(v, tuple):
+        return list(v)
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
 def to_dict(cfg: Config) -> dict:
     """Plain nested dict (tuples as lists) for YAML, JSON and checkpoints."""
-    def plain(v):
-        if isinstance(v, tuple):
-            return list(v)
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-    return plain(dataclasses.asdict(cfg))
+    return _plain(dataclasses.asdict(cfg))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def format_config(cfg: Config) -> str:
+    """``cfg`` as YAML that :func:`load_config` reads back, every key with its meaning as a comment.
+    Values are written as JSON (a subset of YAML) so that text stays quoted text."""
+    lines, section_name = [], None
+    for key, value, meaning in describe(cfg):
+        *parents, name = key.split(".")
+        if parents and parents[0] != section_name:
+            lines.append(f"{parents[0]}:")
+        section_name = parents[0] if parents else None
+        indent = "  " * len(parents)
+        lines.append(f"{indent}{name}: {json.dumps(_plain(value))}  # {meaning}")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table() -> str:
+    """The README's table of keys, defaults and meanings, made from the dataclasses."""
+    def default(v):
+        return v if isinstance(v, str) and v else json.dumps(_plain(v))
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+    rows += [f"| `{key}` | `{default(v)}` | {meaning} |" for key, v, meaning in describe(Config())]
+    return "\n".join(rows) + "\n"
 
 
 def validate(cfg: Config) -> None:
@@ -272,19 +428,16 @@ def validate(cfg: Config) -> None:
     flat = _flatten(to_dict(cfg))
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
-            raise ConfigError(f"{key}: '{flat[key]}' is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}: {shown(flat[key])} is not one of {', '.join(allowed)}")
 
     def check(ok: bool, key: str, rule: str):
         if not ok:
-            raise ConfigError(f"{key}: {flat[key]!r} is out of range ({rule})")
+            raise ConfigError(f"{key}: {shown(flat[key])} is out of range ({rule})")
 
-    def finite(key):
-        v = flat[key]
-        return v is None or (isinstance(v, (int, float)) and math.isfinite(v))
-
-    for key, v in flat.items():
-        if isinstance(v, float) and not finite(key):
-            raise ConfigError(f"{key}: must be finite, got {v!r}")
+    for key, v in flat.items():  # before the range checks, which NaN would pass or fail misleadingly
+        if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, list) else [v])):
+            raise ConfigError(f"{key}: must be finite, got {shown(v)}")
+    check(cfg.out.strip() != "", "out", "a folder; empty would write the run into the current directory")
     lo, hi = cfg.augment.crop_scale
     check(0 < lo <= hi <= 1, "augment.crop_scale", "0 < min <= max <= 1")
     for p in ("flip_p", "jitter_p", "grayscale_p", "solarize_p"):

@@ -1,7 +1,7 @@
 """Grid studies: one normal run directory per combination, then a results table, JSON, TensorBoard hparams
 and a plot of kNN and probe accuracy against each swept value (``sweep.png``).
 
-    python scripts/sweep.py configs/cpu.yaml --grid loss.temperature=0.05,0.1,0.2,0.5,1.0 \\
+    python scripts/sweep.py cpu --grid loss.temperature=0.05,0.1,0.2,0.5,1.0 \\
         --train ../shared/data/cifar10/train --test ../shared/data/cifar10/test --minutes 2 --out runs/sweep
 
 Every run gets the same wall time (``--minutes``, i.e. ``train.max_time``) unless the grid or the overrides set
@@ -60,7 +60,7 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
     runs = []
     for combo in combos:  # check every config before the first run starts
-        extra = [f"{k}={json.dumps(v)}" for k, v in combo.items()]
+        extra = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in combo.items()]  # text verbatim
         cfg = load_config(config, [f"data.train={train_dir}", f"train.max_time={minutes * 60}", "eval.every=0",
                                    *overrides, *extra, f"out={out / run_name(combo)}"])
         runs.append((combo, cfg))

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from simxent.config import Config, ConfigError, config_from_dict, load_config, parse_override, save_config, to_dict
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "simxent" / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
