@@ -125,3 +125,179 @@ def _keys():
             else:
                 yield prefix + k
     return list(walk(to_dict(Config())))
+
+
+# Text keys (paths and names) take an override's text as it is; read as YAML, the left column would become the
+# right: 010 -> 8 (octal), 0x10 -> 16, 12:30 -> 750 (sexagesimal), 'photos #2' -> 'photos' (a comment), yes -> True.
+VERBATIM = ["010", "0x10", "12:30", "photos #2", "yes", "1e3", "[a, b]", "null", " spaced ", "~"]
+
+
+@pytest.mark.parametrize("text", VERBATIM)
+@pytest.mark.parametrize("key", ["out", "data.train", "data.val", "data.cache_dir", "train.resume"])
+def test_text_keys_take_the_override_verbatim(key, text):
+    cfg = load_config(None, [f"{key}={text}"])
+    section, _, name = key.rpartition(".")
+    assert getattr(getattr(cfg, section) if section else cfg, name) == text
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(min_size=1, max_size=30).filter(str.strip))
+def test_property_text_overrides_are_verbatim(text):
+    assert parse_override(f"data.val={text}") == ("data.val", text)
+    assert load_config(None, [f"out={text}"]).out == text
+
+
+def test_empty_paths_name_the_key():
+    for key in ("out", "data.train"):
+        for empty in ("", "  "):
+            with pytest.raises(ConfigError, match=rf"override '{key}={empty}': empty path; give a folder \({key}=DIR\)"):
+                load_config(None, [f"{key}={empty}"])
+    cfg = load_config(None, ["data.val=", "data.cache_dir=", "train.resume="])  # explicitly "none"
+    assert (cfg.data.val, cfg.data.cache_dir, cfg.train.resume) == ("", "", "")
+
+
+@pytest.mark.parametrize("text,read_as", [("010", "8"), ("0x10", "16"), ("12:30", "750"), ("yes", "True")])
+def test_unquoted_number_for_a_text_key_in_yaml_is_refused(tmp_path, text, read_as):
+    """YAML has already turned the text into a number; converting back would be a guess, so say to quote it."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"out: {text}\n")
+    with pytest.raises(ConfigError, match=rf"out: expected text, got {read_as}; quote it in YAML"):
+        load_config(path)
+    path.write_text(f"out: '{text}'\n")
+    assert load_config(path).out == text
+
+
+def test_duplicate_keys_are_refused_with_key_and_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  epochs: 1\n  batch_size: 32\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: duplicate key 'epochs' at line 4"):
+        load_config(path)
+    path.write_text("train:\n  epochs: 1\nmodel:\n  head_out: 8\ntrain:\n  seed: 3\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: duplicate key 'train' at line 5"):
+        load_config(path)
+    # a merge key followed by an explicit key overrides the merged one on purpose: not a duplicate
+    from simxent.config import read_yaml
+    assert read_yaml("a: &x {p: 1, q: 2}\nb:\n  <<: *x\n  p: 3\n", "t") == {"a": {"p": 1, "q": 2}, "b": {"p": 3, "q": 2}}
+
+
+def _bomb(levels: int, width: int = 9) -> str:
+    """The 'billion laughs': level k is a list of ``width`` aliases of level k-1 (width**levels values)."""
+    lines = ["a0: &a0 [0.5, 0.5]"]
+    for k in range(1, levels + 1):
+        lines.append(f"a{k}: &a{k} [{', '.join([f'*a{k - 1}'] * width)}]")
+    return "\n".join(lines) + f"\naugment:\n  crop_scale: *a{levels}\n"
+
+
+def test_alias_bomb_is_refused_before_expansion(tmp_path):
+    """9**6 = 531441 lists: read as YAML it becomes a small graph of shared lists, but the wrong-type message
+    used to print its repr (megabytes; with 9 levels, gigabytes). The bomb is refused, in one short line."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_bomb(6))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}: aliases expand to more than") and len(str(e.value)) < 300
+    path.write_text(_bomb(40, width=2))  # 2**40 values: refused as fast
+    with pytest.raises(ConfigError, match="aliases expand to more than"):
+        load_config(path)
+    path.write_text("augment:\n  crop_scale: &a [0.5, *a]\n")  # a list that contains itself
+    with pytest.raises(ConfigError, match="aliases expand to more than"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="override 'augment.crop_scale="):
+        load_config(None, ["augment.crop_scale=" + "[" * 5000 + "]" * 5000])  # nested too deeply
+    path.write_text("m: &m [0.5, 1.0]\naugment:\n  crop_scale: *m\n")  # a few aliases are fine
+    with pytest.raises(ConfigError, match="unknown key 'm'"):
+        load_config(path)
+
+
+def test_huge_values_are_cut_in_messages():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["augment.crop_scale=[" + ", ".join(["1"] * 5000) + "]"])
+    assert str(e.value).startswith("augment.crop_scale: expected a list of 2 numbers") and len(str(e.value)) < 300
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.backbone=" + "x" * 10**5])
+    assert "is not one of" in str(e.value) and len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("override", ["augment.mean=[.nan,0,0]", "augment.std=[1, .inf, 1]",
+                                      "augment.crop_scale=[.nan, 1]", "augment.crop_scale=[0.5, .nan]",
+                                      "augment.blur_p=.nan", "optim.warmup_epochs=-.inf"])
+def test_non_finite_values_in_any_float_or_list_key_are_refused(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key}: must be finite, got "):
+        load_config(None, [override])
+
+
+def test_presets_by_name_are_the_packaged_files():
+    from simxent.config import preset_names
+    assert preset_names() == sorted(p.stem for p in CONFIGS) and set(preset_names()) >= {"cpu", "cifar10", "imagenet", "demo"}
+    for path in CONFIGS:
+        assert load_config(path.stem, ["data.train=x"]) == load_config(path, ["data.train=x"])
+    assert load_config("cpu").model.backbone == "convnet" and load_config("demo").train.batch_size == 128
+    with pytest.raises(ConfigError, match=r"config file not found: configs/cpu.yaml; the presets ship with simxent: write 'cpu'"):
+        load_config("configs/cpu.yaml")
+    with pytest.raises(ConfigError, match=r"config file not found: gpu; presets by name: cifar10, cpu, demo, imagenet"):
+        load_config("gpu")
+
+
+def test_a_file_wins_over_a_preset_of_the_same_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("cpu").write_text("train:\n  epochs: 3\n")
+    assert load_config("cpu").train.epochs == 3
+
+
+def _flat_defaults():
+    def walk(tree, prefix=""):
+        for k, v in tree.items():
+            yield from walk(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+    return dict(walk(to_dict(Config())))
+
+
+def _readme_table() -> list[str]:
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("| key | default | meaning |")
+    return text[start:].split("\n\n")[0].strip().splitlines()
+
+
+def test_readme_table_lists_exactly_the_keys_and_defaults_of_config():
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in _readme_table()[2:]]
+    keys = [key.strip("`") for key, _, _ in rows]
+    defaults = {key.strip("`"): default.strip("`") for key, default, _ in rows}
+    flat = _flat_defaults()
+    assert keys == list(flat)
+    for key, value in flat.items():
+        shown = defaults[key]
+        assert (shown == value) if isinstance(value, str) and value else (yaml.safe_load(shown) == value), key
+    assert all(meaning for _, _, meaning in rows)
+
+
+def test_readme_table_is_made_from_the_field_help():
+    from simxent.config import markdown_table
+    assert _readme_table() == markdown_table().strip().splitlines(), (
+        "README's configuration table differs from the dataclasses; paste the output of\n"
+        "python -c 'from simxent.config import markdown_table; print(markdown_table())'")
+
+
+def test_printed_config_reads_back_and_explains_every_key(tmp_path):
+    from simxent.config import format_config
+    cfg = load_config("cpu", ["out=010", "data.train=photos #2", "augment.blur_p=0.25", "optim.weight_decay=1e-5",
+                              "train.resume=auto"])
+    text = format_config(cfg)
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_config(tmp_path / "c.yaml") == cfg
+    import dataclasses
+    lines = [line for line in text.splitlines() if line.startswith("  ") or line.startswith("out:")]
+    helps = [f.metadata["help"] for s in (cfg, *[getattr(cfg, f.name) for f in dataclasses.fields(cfg)][1:])
+             for f in dataclasses.fields(s) if not dataclasses.is_dataclass(getattr(s, f.name))]
+    assert len(lines) == len(_flat_defaults()) == len(helps)
+    assert all(line.endswith(f"  # {h}") and h for line, h in zip(lines, helps))
+
+
+@pytest.mark.parametrize("override,match", [
+    ("+model.foo=1", r"no Hydra '\+' prefix .*'model.foo' is not a key \(nearest: 'model.head_out'\)"),
+    ("+model.head_out=1", r"no Hydra '\+' prefix .*; write model.head_out=1$"),
+    ("++train.epochs=3", r"no Hydra '\+\+' prefix .*; write train.epochs=3$"),
+    ("~loss.temperature=1", r"no Hydra '~' prefix"),
+])
+def test_hydra_prefixes_are_recognised(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])

@@ -1,0 +1,134 @@
+"""The commands' argument handling: help with every key, --version, --print-config, other tools' habits,
+``python -m simxent``, and the presets found by name from an installed wheel, outside the repository."""
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import simxent
+from simxent import cli
+from simxent.config import Config, load_config, to_dict
+from simxent.linear_eval import ProbeOptions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _flat(tree, prefix=""):
+    for k, v in tree.items():
+        yield from _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+
+
+@pytest.mark.parametrize("command,prog", [(cli.pretrain_main, "simxent-pretrain"),
+                                          (cli.linear_eval_main, "simxent-linear-eval"),
+                                          (cli.demo_main, "simxent-demo")])
+def test_version_on_every_command(command, prog, capsys):
+    with pytest.raises(SystemExit) as e:
+        command(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"{prog} {simxent.__version__}\n"
+
+
+def test_pretrain_help_lists_every_key_with_its_default_and_meaning(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        cli.pretrain_main(["--help"])
+    out = capsys.readouterr().out
+    listing = out[out.index("\nout: "):]
+    flat = dict(_flat(to_dict(Config())))
+    key_lines = [line for line in listing.splitlines() if line.startswith(("out:", "  "))]
+    assert [line.split(":")[0].strip() for line in key_lines] == [k.split(".")[-1] for k in flat]
+    assert all(line.split("  # ")[1].strip() for line in key_lines)  # a meaning on every line
+    (tmp_path / "defaults.yaml").write_text(listing)  # the listed defaults are the defaults
+    assert load_config(tmp_path / "defaults.yaml") == Config()
+    for name in ("cpu", "cifar10", "imagenet", "demo"):
+        assert name in out
+
+
+def test_linear_eval_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.linear_eval_main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    out = out[out.index("options:"):]
+    d = ProbeOptions()
+    for option, value in [("--epochs", d.epochs), ("--lr", d.lr), ("--weight-decay", d.weight_decay),
+                          ("--probe-batch-size", d.batch_size), ("--label-smoothing", d.label_smoothing),
+                          ("--knn-k", d.knn_k), ("--knn-temperature", d.knn_temperature), ("--seed", d.seed),
+                          ("--class-weight", d.class_weight), ("--workers", 2), ("--device", "auto")]:
+        help_text = out[out.index(f"{option} "):]
+        assert f"(default: {value})" in help_text[:400], option
+
+
+def test_print_config_is_the_resolved_config_and_runs_nothing(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "pretrain", lambda *a, **k: pytest.fail("--print-config must not train"))
+    args = ["cpu", "train.epochs=3", "out=010", "data.train=photos #2"]
+    assert cli.pretrain_main([*args, "--print-config"]) == 0
+    (tmp_path / "printed.yaml").write_text(capsys.readouterr().out)
+    assert load_config(tmp_path / "printed.yaml") == load_config(args[0], args[1:])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["+model.foo=1"], "simxent: error: override '+model.foo=1': simxent takes no Hydra '+' prefix"),
+    (["data.train", "data/train"], "'data.train' is a config key: write data.train=data/train (key=value, no space)"),
+    (["cpu", "train.epochs"], "'train.epochs' is a config key: write train.epochs=VALUE"),
+    (["--data.train=x"], "'--data.train=x': config keys take no leading dashes; write data.train=x"),
+    (["--train.epochs", "3"], "'--train.epochs': config keys take no leading dashes; write train.epochs=VALUE"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["a.yaml", "b.yaml"], "one config file or preset name at most"),
+    (["cpu", "out="], "simxent: error: override 'out=': empty path; give a folder (out=DIR)"),
+])
+def test_other_tools_habits_get_simxent_spelling(args, message, capsys):
+    try:
+        status = cli.pretrain_main([*args, "--print-config"])
+    except SystemExit as e:  # argparse's own errors
+        status = e.code
+    assert status == 2 and message in capsys.readouterr().err
+
+
+def test_python_m_simxent_dispatches(capsys):
+    assert cli.main(["--version"]) == 0 and capsys.readouterr().out == f"simxent {simxent.__version__}\n"
+    assert cli.main([]) == 2 and "usage: python -m simxent" in capsys.readouterr().err
+    assert cli.main(["pretrian"]) == 2 and "unknown command 'pretrian'" in capsys.readouterr().err
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "simxent", "pretrain", "demo", "data.train=x", "--print-config"],
+                         capture_output=True, text=True, env=env, cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    assert 'train: "x"' in run.stdout and "batch_size: 128" in run.stdout
+
+
+def test_wheel_ships_the_presets_and_finds_them_by_name_outside_the_repository(tmp_path):
+    """Build a wheel from a copy of the sources, install it into a fresh venv that borrows this environment's
+    dependencies (a .pth line, so no network), and resolve presets by name from another folder."""
+    src = tmp_path / "src"
+    for name in ("pyproject.toml", "README.md"):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes((REPO / name).read_bytes())
+    import shutil
+    shutil.copytree(REPO / "simxent", src / "simxent", ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(src)],
+                   check=True, env=env, cwd=tmp_path)
+    wheel = next((tmp_path / "dist").glob("simxent-*.whl"))
+    assert {f"simxent/configs/{n}.yaml" for n in ("cpu", "cifar10", "imagenet", "demo")} <= set(
+        zipfile.ZipFile(wheel).namelist())
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, env=env)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True, env=env).stdout.strip()
+    borrowed = [p for p in sys.path if p.endswith("site-packages")]
+    (Path(site) / "borrowed.pth").write_text("\n".join(borrowed) + "\n")  # plain paths: no editable simxent
+    subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "--no-index", str(wheel)],
+                   check=True, env=env)
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    check = ("import simxent, simxent.config as c; assert simxent.__file__.startswith(%r), simxent.__file__; "
+             "print(c.preset_names()); cfg = c.load_config('demo', ['data.train=shapes']); "
+             "print(cfg.model.backbone, cfg.train.batch_size, cfg.data.train)" % site)
+    run = subprocess.run([str(python), "-c", check], capture_output=True, text=True, env=env, cwd=away)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["['cifar10', 'cpu', 'demo', 'imagenet']", "convnet 128 shapes"]
+    run = subprocess.run([str(venv / "bin" / "simxent-pretrain"), "cpu", "data.train=x", "--print-config"],
+                         capture_output=True, text=True, env=env, cwd=away)
+    assert run.returncode == 0 and "backbone: \"convnet\"" in run.stdout, run.stderr
