@@ -290,7 +290,7 @@ def bench_precision(device, sync, entries="cpu:128,cifar10:32"):
     rows = []
     for entry in entries.split(","):
         preset, batch = entry.split(":")
-        cfg = load_config(f"configs/{preset}.yaml", [f"train.batch_size={batch}"])
+        cfg = load_config(preset, [f"train.batch_size={batch}"])
         steps = {"fp32": bare_step(cfg, device, None), "bf16": bare_step(cfg, device, torch.bfloat16)}
         seconds = timed_alternately(steps, repeats=3, warmup=1, sync=sync)
         fp32, bf16 = (int(batch) / seconds[k] for k in ("fp32", "bf16"))
@@ -341,7 +341,7 @@ def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
         preset, batch, *flags = entry.split(":")
         overrides = [f"data.train={Path(data_root) / 'train'}", f"train.batch_size={batch}", "train.log_every=4",
                      "train.precision=auto", f"data.stream={'stream' in flags}", f"train.compile={'compile' in flags}"]
-        cfg = load_config(f"configs/{preset}.yaml", overrides + ([f"data.workers={workers}"] if workers else []))
+        cfg = load_config(preset, overrides + ([f"data.workers={workers}"] if workers else []))
         dtype = resolve_dtype(cfg.train.precision, device)
         # The floor is timed before and after the loop and averaged: a shared machine drifts over a minute.
         before = bare_images_per_s(cfg, device, dtype)
@@ -391,12 +391,12 @@ def bench_quality(_device, _sync, data_root, minutes):
     from simxent.train import pretrain
 
     with tempfile.TemporaryDirectory() as out:
-        cfg = load_config("configs/cpu.yaml", [f"data.train={Path(data_root) / 'train'}", f"out={out}",
+        cfg = load_config("cpu", [f"data.train={Path(data_root) / 'train'}", f"out={out}",
                                                f"train.max_time={minutes * 60}", "eval.every=0"])
         summary = pretrain(cfg, progress=False)
         results = linear_eval(Path(out) / "checkpoints" / "last.pt", Path(data_root) / "train",
                               Path(data_root) / "test", ProbeOptions(), random_init=True, progress=False)
-    row = {"preset": "configs/cpu.yaml", "minutes": minutes, "steps": summary["global_step"],
+    row = {"preset": "cpu", "minutes": minutes, "steps": summary["global_step"],
            "knn_top1": results["pretrained"]["knn"]["top1"], "knn_top1_random_init": results["random_init"]["knn"]["top1"],
            "linear_top1": results["pretrained"]["linear"]["top1"],
            "linear_top1_random_init": results["random_init"]["linear"]["top1"]}
@@ -426,7 +426,7 @@ def main():
     p.add_argument("--loop-seconds", type=float, default=75, help="training-loop time per backbone")
     p.add_argument("--quality-minutes", type=float, default=10)
     p.add_argument("--pipeline", default="cpu:256,cifar10:128",
-                   help="training loops to time, preset:batch[:stream][:compile] (presets from configs/)")
+                   help="training loops to time, preset:batch[:stream][:compile] (preset names: cpu, cifar10, imagenet, demo)")
     p.add_argument("--workers", type=int, default=0, help="data.workers for the loops (0: the preset's)")
     p.add_argument("--synthetic", default="", metavar="N:WxH",
                    help="time on N generated WxH JPEGs instead of --data (knn, probe, quality need real data)")

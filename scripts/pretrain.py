@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""SimCLR pretraining: ``python scripts/pretrain.py configs/cpu.yaml data.train=DIR out=runs/x``."""
+"""SimCLR pretraining: ``python scripts/pretrain.py cpu data.train=DIR out=runs/x``."""
 import sys
 
 from simxent.cli import pretrain_main

@@ -20,7 +20,7 @@ def symlinked_subset(split, out, counts: dict):
 
 @pytest.mark.slow
 def test_cpu_preset_lifts_knn_on_cifar10(cifar, tmp_path):
-    cfg = load_config("configs/cpu.yaml", [f"data.train={cifar / 'train'}", f"out={tmp_path / 'run'}",
+    cfg = load_config("cpu", [f"data.train={cifar / 'train'}", f"out={tmp_path / 'run'}",
                                            f"train.max_time={MINUTES * 60}", "eval.every=0"])
     summary = pretrain(cfg, progress=False)
     assert summary["stopped_by_max_time"] and summary["seconds"] <= 4 * 60
