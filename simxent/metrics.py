@@ -3,8 +3,8 @@
 - multi-class: balanced accuracy, the mean of per-class recalls;
 - binary: ROC-AUC (probability that a random positive outscores a random negative, ties counting half)
   and F1 at a threshold;
-- multi-label: average precision per label, AP = mean over positives of the precision at their rank,
-  and its mean over labels (mAP).
+- multi-label: average precision per label, the step-wise area under the precision-recall curve
+  (scikit-learn's definition), and its mean over labels (mAP).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 def balanced_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     """Mean over the classes present in ``labels`` of the fraction of their images predicted right."""
-    recalls = [(pred[labels == c] == c).float().mean() for c in range(num_classes) if (labels == c).any()]
+    recalls = [(pred[labels == c] == c).double().mean() for c in range(num_classes) if (labels == c).any()]
     return torch.stack(recalls).mean().item()
 
 
@@ -34,7 +34,8 @@ def roc_auc(scores: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def f1_score(pred: torch.Tensor, targets: torch.Tensor) -> float:
-    """2 TP / (2 TP + FP + FN) over all entries (micro F1 for several labels)."""
+    """2 TP / (2 TP + FP + FN) over all entries (micro F1 for several labels). With no positives and none
+    predicted (0 / 0) every entry is right and F1 is 1 (scikit-learn's ``zero_division=1.0``)."""
     pred, targets = pred.bool(), targets.bool()
     tp = (pred & targets).sum().item()
     wrong = (pred ^ targets).sum().item()
@@ -42,13 +43,26 @@ def f1_score(pred: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean, over the positives ranked by descending score, of the precision at each one's rank."""
-    targets = targets.bool()[scores.argsort(descending=True)]
-    if not targets.any():
+    """The area under the step-wise precision-recall curve, over the distinct score thresholds t taken in
+    descending order (scikit-learn's definition):
+
+        AP = sum_t (R_t - R_{t-1}) P_t,   P_t, R_t = precision and recall of predicting score >= t.
+
+    Without ties this is the mean, over the positives, of the precision at each one's rank; images that
+    tie on a score enter together, so their order cannot change the result."""
+    scores, targets = scores.double().flatten(), targets.bool().flatten()
+    n_pos = int(targets.sum())
+    if n_pos == 0:
         return float("nan")
-    hits = targets.double().cumsum(0)
-    ranks = torch.arange(1, len(targets) + 1, dtype=torch.float64)
-    return (hits / ranks)[targets].mean().item()
+    order = scores.argsort(descending=True)
+    scores, hits = scores[order], targets[order].double().cumsum(0)
+    # The last image of each run of equal scores closes a threshold.
+    last = torch.ones(len(scores), dtype=torch.bool)
+    last[:-1] = scores[1:] != scores[:-1]
+    tp = hits[last]
+    precision = tp / (torch.arange(1, len(scores) + 1, dtype=torch.float64)[last])
+    recall_step = torch.diff(tp, prepend=tp.new_zeros(1)) / n_pos
+    return (recall_step * precision).sum().item()
 
 
 def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, list[float]]:
