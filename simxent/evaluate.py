@@ -162,17 +162,47 @@ def probe_loss(objective: str, weight: Optional[torch.Tensor] = None, label_smoo
     raise ValueError(f"unknown probe objective '{objective}' (multiclass, binary or multilabel)")
 
 
-class LinearProbe(nn.Module):
-    """Standardise features with the training set's mean and std, then one linear layer."""
+CONSTANT_FEATURE_RTOL = 1e-6
 
-    def __init__(self, mean: torch.Tensor, std: torch.Tensor, num_classes: int):
+
+def standardisation(train_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature ``mean`` and ``scale`` for z = (x - mean) / scale, fitted on the training features:
+
+        mean_j = (1/N) sum_i x_ij,    std_j = sqrt((1/N) sum_i (x_ij - mean_j)^2)    (as StandardScaler)
+        scale_j = 1      if std_j <= 1e-6 * max(|mean_j|, rms),   rms = sqrt(mean over i, j of x_ij^2)
+        scale_j = std_j  otherwise.
+
+    A feature that is (near) constant over the training images carries nothing to standardise: dividing by
+    its tiny std would multiply any test deviation by a million or more and let that one feature decide the
+    prediction. Like scikit-learn's StandardScaler it gets scale 1 (z = x - mean). The threshold differs:
+    StandardScaler only catches a variance lost in float64 rounding, while encoder features are float32
+    (often computed in bf16), whose own rounding is about 1e-7 of their magnitude; a std below a millionth
+    of the features' size (or of the feature's own mean) is treated as constant. The rule is unchanged by
+    rescaling all features. Statistics are computed in float64 so that a constant column has std exactly 0."""
+    x = train_x.double()
+    mean = x.mean(0)
+    std = x.std(0, correction=0)
+    rms = x.square().mean().sqrt()
+    constant = std <= CONSTANT_FEATURE_RTOL * torch.maximum(mean.abs(), rms)
+    scale = torch.where(constant, torch.ones_like(std), std)
+    return mean.to(train_x.dtype), scale.to(train_x.dtype)
+
+
+class LinearProbe(nn.Module):
+    """Standardise features with the training set's statistics (:func:`standardisation`), then one linear
+    layer."""
+
+    def __init__(self, mean: torch.Tensor, scale: torch.Tensor, num_classes: int):
         super().__init__()
         self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
+        self.register_buffer("scale", scale)
         self.linear = nn.Linear(len(mean), num_classes)
 
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear((x - self.mean) / self.std)
+        return self.linear(self.standardise(x))
 
 
 def train_linear_probe(
@@ -186,7 +216,7 @@ def train_linear_probe(
     weight: Optional[torch.Tensor] = None,
     label_smoothing: float = 0.0,
     seed: int = 0,
-    on_epoch: Optional[Callable[[int, LinearProbe, float], None]] = None,
+    on_epoch: Optional[Callable[[int, LinearProbe], None]] = None,
     progress: bool = True,
     objective: str = "multiclass",
 ) -> LinearProbe:
@@ -197,7 +227,8 @@ def train_linear_probe(
     - ``binary`` / ``multilabel``: ``F.binary_cross_entropy_with_logits`` with one logit per label
       (``num_outputs`` = 1 for binary), ``weight`` used as ``pos_weight``; targets are 0/1, shape (N, labels).
 
-    ``on_epoch(epoch, probe, train_loss)`` lets the caller log curves."""
+    ``on_epoch(epoch, probe)``, called after every epoch with the probe as it stands, lets the caller log
+    curves."""
     if objective == "multiclass":
         check_class_indices(train_y, num_outputs)
     else:
@@ -205,13 +236,12 @@ def train_linear_probe(
     loss_fn = probe_loss(objective, weight, label_smoothing)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    probe = LinearProbe(train_x.mean(0), train_x.std(0).clamp_min(1e-6), num_outputs)
+    probe = LinearProbe(*standardisation(train_x), num_outputs)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(train_x) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for epoch in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not progress, leave=False):
         order = torch.randperm(len(train_x), generator=generator)
-        total = 0.0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             loss = loss_fn(probe(train_x[idx]), train_y[idx])
@@ -219,7 +249,6 @@ def train_linear_probe(
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(idx)
         if on_epoch is not None:
-            on_epoch(epoch, probe, total / len(order))
+            on_epoch(epoch, probe)
     return probe.eval()

@@ -21,16 +21,21 @@ def save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def probe_curves(history: dict, title: str = "") -> Figure:
-    """Train and test loss and accuracy per epoch: a test loss rising while the train loss falls is
-    over-fitting; two high, flat losses are under-fitting."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for split, style in (("train", "-"), ("test", "--")):
-        ax_loss.plot(history["epoch"], history[f"{split}_loss"], style, label=split)
-        ax_acc.plot(history["epoch"], history[f"{split}_accuracy"], style, label=split)
-    ax_loss.set(xlabel="epoch", ylabel="cross entropy", title="loss")
+def probe_curves(history: dict, title: str = "", objective_label: str = "train objective") -> Figure:
+    """Three panels per epoch: plain cross entropy on train and test (measured alike, so a test CE rising
+    while the train CE falls is over-fitting, two high flat curves under-fitting), the training objective
+    on its own axis (class weights and label smoothing make it a different quantity), and accuracy."""
+    fig, (ax_ce, ax_obj, ax_acc) = plt.subplots(1, 3, figsize=(13, 3.5))
+    epochs = history["epoch"]
+    ax_ce.plot(epochs, history["train_ce"], "-", label="train CE")
+    ax_ce.plot(epochs, history["test_ce"], "--", label="test CE")
+    ax_obj.plot(epochs, history["train_objective"], "-", color="tab:purple", label=objective_label)
+    ax_acc.plot(epochs, history["train_accuracy"], "-", label="train")
+    ax_acc.plot(epochs, history["test_accuracy"], "--", label="test")
+    ax_ce.set(xlabel="epoch", ylabel="cross entropy", title="plain cross entropy (train and test)")
+    ax_obj.set(xlabel="epoch", ylabel="loss", title="training objective")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (ax_loss, ax_acc):
+    for ax in (ax_ce, ax_obj, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)

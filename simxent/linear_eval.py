@@ -117,6 +117,54 @@ def read_label_csv(path: str | Path, data: ImageArray, root: str | Path, names: 
     return y, names
 
 
+class ProbeCurves:
+    """A probe's per-epoch curves, each scored with the probe as it stands at the end of the epoch, on every
+    image of the split:
+
+    - ``train_ce``, ``test_ce``: plain cross entropy, -log p(true class), averaged over images (for binary
+      and multi-label probes the plain binary cross entropy, averaged over images and labels), without
+      class weights or label smoothing: the two splits measured alike, so a test CE that rises while the
+      train CE falls is over-fitting;
+    - ``train_objective``: the loss the probe minimises on the training features (class or positive
+      weights, label smoothing), which is not comparable with the test CE;
+    - ``train_accuracy``, ``test_accuracy``: top-1 (multi-class) or the fraction of labels right at logit 0.
+    """
+
+    def __init__(self, train_x: torch.Tensor, test_x: torch.Tensor, targets: Targets,
+                 weight: Optional[torch.Tensor] = None, label_smoothing: float = 0.0):
+        self.train_x, self.test_x, self.targets = train_x, test_x, targets
+        self.plain = probe_loss(targets.objective)
+        self.objective = probe_loss(targets.objective, weight, label_smoothing)
+        self.history = {k: [] for k in ("epoch", "train_ce", "test_ce", "train_objective", "train_accuracy",
+                                        "test_accuracy")}
+
+    def accuracy(self, logits: torch.Tensor, y: torch.Tensor) -> float:
+        if self.targets.objective == "multiclass":
+            return (logits.argmax(1) == y).float().mean().item()
+        return ((logits > 0) == y.bool()).float().mean().item()
+
+    @torch.no_grad()
+    def record(self, epoch: int, probe) -> dict:
+        """Append this epoch's row to ``history`` and return it."""
+        train_logits, test_logits = probe(self.train_x), probe(self.test_x)
+        y_train, y_test = self.targets.train, self.targets.test
+        row = {"train_ce": self.plain(train_logits, y_train).item(),
+               "test_ce": self.plain(test_logits, y_test).item(),
+               "train_objective": self.objective(train_logits, y_train).item(),
+               "train_accuracy": self.accuracy(train_logits, y_train),
+               "test_accuracy": self.accuracy(test_logits, y_test)}
+        self.history["epoch"].append(epoch)
+        for k, v in row.items():
+            self.history[k].append(v)
+        return row
+
+
+def objective_label(weight: Optional[torch.Tensor], label_smoothing: float, multiclass: bool) -> str:
+    """How the figure names the training objective, e.g. "train objective (weighted, smoothed)"."""
+    parts = (["weighted"] if weight is not None else []) + (["smoothed"] if multiclass and label_smoothing else [])
+    return f"train objective ({', '.join(parts)})" if parts else "train objective (= train CE)"
+
+
 def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targets: Targets, normalize: Normalize,
                   device, dtype, opts: ProbeOptions, weight: Optional[torch.Tensor], monitor: Monitor,
                   feature_batch: int = 512, progress: bool = True, figures_dir: Optional[Path] = None) -> dict:
@@ -129,31 +177,19 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
     test_x = extract_features(encoder, test.images, normalize, device, feature_batch, dtype,
                               desc=f"{name}: test features", progress=progress)
     multiclass = targets.objective == "multiclass"
-    loss_fn = probe_loss(targets.objective)
-    history = {"epoch": [], "train_loss": [], "test_loss": [], "train_accuracy": [], "test_accuracy": []}
+    curves = ProbeCurves(train_x, test_x, targets, weight, opts.label_smoothing)
 
-    def accuracy(logits, y):
-        correct = logits.argmax(1) == y if multiclass else (logits > 0) == y.bool()
-        return correct.float().mean().item()
-
-    def on_epoch(epoch, probe, train_loss):
-        with torch.no_grad():
-            logits = probe(test_x)
-            row = {"train_loss": train_loss, "test_loss": loss_fn(logits, targets.test).item(),
-                   "train_accuracy": accuracy(probe(train_x), targets.train),
-                   "test_accuracy": accuracy(logits, targets.test)}
-        history["epoch"].append(epoch)
-        for k, v in row.items():
-            history[k].append(v)
-        monitor.scalars(row, epoch, prefix=f"{name}/probe/")
+    def on_epoch(epoch, probe):
+        monitor.scalars(curves.record(epoch, probe), epoch, prefix=f"{name}/probe/")
 
     probe = train_linear_probe(train_x, targets.train, len(targets.names), opts.epochs, opts.lr, opts.weight_decay,
                                opts.batch_size, weight, opts.label_smoothing, opts.seed, on_epoch, progress,
                                objective=targets.objective)
     with torch.no_grad():
         logits = probe(test_x)
-    result = {"feature_dim": train_x.shape[1], "probe_history": history}
-    figures = {"probe_curves": figures_lib.probe_curves(history, f"{name}: linear probe")}
+    result = {"feature_dim": train_x.shape[1], "probe_history": curves.history}
+    figures = {"probe_curves": figures_lib.probe_curves(curves.history, f"{name}: linear probe",
+                                                         objective_label(weight, opts.label_smoothing, multiclass))}
     if multiclass:
         linear = classification_report(logits, targets.test, targets.names)
         linear["balanced_accuracy"] = balanced_accuracy(logits.argmax(1), targets.test, len(targets.names))

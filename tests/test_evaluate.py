@@ -4,11 +4,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.preprocessing import StandardScaler
 
+from simxent import figures
 from simxent.augment import Normalize
 from simxent.class_weights import ClassWeightError, class_weights, effective, rises_with_frequency
-from simxent.evaluate import (LabelError, check_class_indices, classification_report, extract_features, knn_scores,
-                              topk_accuracy, train_linear_probe)
+from simxent.evaluate import (LabelError, LinearProbe, check_class_indices, classification_report, extract_features,
+                              knn_scores, standardisation, topk_accuracy, train_linear_probe)
+from simxent.linear_eval import ProbeCurves, Targets, objective_label
 from simxent.models import ConvNet
 
 
@@ -133,6 +136,60 @@ def test_probe_learns_separable_features():
     assert (probe(x).argmax(1) == y).float().mean() > 0.95
 
 
+def features_with_constant_columns(n, g, constants):
+    """Ordinary features at scales from 1e-2 to 1e2, then columns fixed at ``constants``."""
+    scale, shift = torch.tensor([1e-2, 1.0, 30.0, 1e2]), torch.tensor([0.0, 2.0, -5.0, 40.0])
+    ordinary = torch.randn(n, 4, generator=g) * scale + shift
+    return torch.cat([ordinary, torch.tensor(constants).expand(n, len(constants))], dim=1)
+
+
+def test_standardisation_matches_sklearn_standard_scaler_with_constant_features():
+    """A feature constant over the training images gets scale 1, so a test value off that constant moves
+    its standardised value by the same amount, not by a million times it."""
+    g = torch.Generator().manual_seed(0)
+    train = features_with_constant_columns(50, g, [0.0, 3.7])
+    test = features_with_constant_columns(20, g, [0.0, 3.7]) + torch.tensor([0.0] * 4 + [0.01, 0.2])
+    probe = LinearProbe(*standardisation(train), 2)
+    scaler = StandardScaler().fit(train.double().numpy())
+    for x in (train, test):
+        expected = torch.from_numpy(scaler.transform(x.double().numpy())).float()
+        torch.testing.assert_close(probe.standardise(x), expected, rtol=1e-5, atol=1e-5)
+    assert probe.scale[4:].tolist() == [1.0, 1.0]
+
+
+def test_near_constant_features_get_scale_one():
+    """Below a millionth of the features' size (here a std of 1e-9 beside features of size 1 to 100) a
+    feature is constant, wherever it sits; above that it is standardised as usual."""
+    g = torch.Generator().manual_seed(1)
+    train = features_with_constant_columns(50, g, [0.0, 5.0, 0.0])
+    train[:, 4:6] += 1e-9 * torch.randn(50, 2, generator=g, dtype=torch.float64).float()
+    train[:, 6] += 1e-3 * torch.randn(50, generator=g)
+    mean, scale = standardisation(train)
+    assert scale[4:6].tolist() == [1.0, 1.0]
+    torch.testing.assert_close(scale[[0, 1, 2, 3, 6]], train[:, [0, 1, 2, 3, 6]].std(0, correction=0))
+    # Rescaling every feature changes no decision: standardised features are the same.
+    mean_small, scale_small = standardisation(train * 1e-6)
+    torch.testing.assert_close(((train * 1e-6 - mean_small) / scale_small)[:, :4], ((train - mean) / scale)[:, :4])
+    assert scale_small[4:6].tolist() == [1.0, 1.0]
+
+
+def test_a_feature_constant_in_training_cannot_take_over_the_probe():
+    """Three separable classes plus one unit that never fires on the training images but fires slightly
+    (0.05) on half the test images: those images must be classified as well as the others."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 8, generator=g) * 4
+
+    def split(n):
+        y = torch.randint(0, 3, (n,), generator=g)
+        return torch.cat([centers[y] + torch.randn(n, 8, generator=g), torch.zeros(n, 1)], dim=1), y
+
+    (train_x, train_y), (test_x, test_y) = split(300), split(200)
+    test_x[::2, 8] = 0.05
+    probe = train_linear_probe(train_x, train_y, 3, epochs=30, progress=False)
+    correct = probe(test_x).argmax(1) == test_y
+    assert correct[::2].float().mean() >= 0.95 and correct[1::2].float().mean() >= 0.95
+
+
 def test_class_weights_shift_the_probe_towards_the_weighted_class():
     """Overlapping classes, 9:1 imbalance: balanced weights raise the minority class's recall."""
     g = torch.Generator().manual_seed(0)
@@ -142,6 +199,67 @@ def test_class_weights_shift_the_probe_towards_the_weighted_class():
     weighted = train_linear_probe(x, y, 2, epochs=50, weight=class_weights("balanced", y, ["a", "b"]), progress=False)
     recall = lambda p: (p(x).argmax(1)[y == 1] == 1).float().mean()  # noqa: E731
     assert recall(weighted) > recall(plain) + 0.2
+
+
+def test_probe_curves_record_plain_cross_entropy_apart_from_the_objective():
+    """With class weights and label smoothing on, the recorded train and test CE are the plain cross entropy
+    of the probe's logits on each split (comparable with each other); the objective is recorded apart."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 6, generator=g)
+
+    def split(n):
+        y = torch.multinomial(torch.tensor([0.7, 0.2, 0.1]), n, replacement=True, generator=g)
+        return centers[y] + torch.randn(n, 6, generator=g), y
+
+    (train_x, train_y), (test_x, test_y) = split(200), split(60)
+    weight = class_weights("balanced", train_y, ["a", "b", "c"])
+    curves = ProbeCurves(train_x, test_x, Targets("multiclass", ["a", "b", "c"], train_y, test_y), weight, 0.2)
+    probe = train_linear_probe(train_x, train_y, 3, epochs=4, weight=weight, label_smoothing=0.2,
+                               on_epoch=curves.record, progress=False)
+    history = curves.history
+    assert history["epoch"] == [0, 1, 2, 3]
+    assert set(history) == {"epoch", "train_ce", "test_ce", "train_objective", "train_accuracy", "test_accuracy"}
+    with torch.no_grad():
+        train_logits, test_logits = probe(train_x), probe(test_x)
+    train_ce = F.cross_entropy(train_logits, train_y).item()
+    objective = F.cross_entropy(train_logits, train_y, weight=weight, label_smoothing=0.2).item()
+    assert history["train_ce"][-1] == pytest.approx(train_ce, rel=1e-6)
+    assert history["test_ce"][-1] == pytest.approx(F.cross_entropy(test_logits, test_y).item(), rel=1e-6)
+    assert history["train_objective"][-1] == pytest.approx(objective, rel=1e-6)
+    assert abs(objective - train_ce) > 0.05
+    assert history["test_accuracy"][-1] == pytest.approx((test_logits.argmax(1) == test_y).float().mean().item())
+
+
+def test_binary_probe_curves_record_plain_bce_apart_from_the_positive_weighted_objective():
+    g = torch.Generator().manual_seed(1)
+    train_y, test_y = ((torch.rand(n, 1, generator=g) < 0.2).long() for n in (100, 40))
+    train_x = train_y.float() + torch.randn(100, 4, generator=g)
+    test_x = test_y.float() + torch.randn(40, 4, generator=g)
+    pos_weight = torch.tensor([4.0])
+    curves = ProbeCurves(train_x, test_x, Targets("binary", ["yes"], train_y, test_y), pos_weight)
+    probe = train_linear_probe(train_x, train_y, 1, epochs=3, weight=pos_weight, on_epoch=curves.record,
+                               progress=False, objective="binary")
+    with torch.no_grad():
+        logits = probe(train_x)
+    plain = F.binary_cross_entropy_with_logits(logits, train_y.float()).item()
+    weighted = F.binary_cross_entropy_with_logits(logits, train_y.float(), pos_weight=pos_weight).item()
+    assert curves.history["train_ce"][-1] == pytest.approx(plain, rel=1e-6)
+    assert curves.history["train_objective"][-1] == pytest.approx(weighted, rel=1e-6) and weighted > plain + 0.05
+
+
+def test_probe_curve_figure_names_each_curve():
+    history = {"epoch": [0, 1], "train_ce": [1.0, 0.8], "test_ce": [1.1, 0.9], "train_objective": [1.2, 1.0],
+               "train_accuracy": [0.5, 0.6], "test_accuracy": [0.4, 0.5]}
+    label = objective_label(torch.ones(3), 0.1, multiclass=True)
+    assert label == "train objective (weighted, smoothed)"
+    fig = figures.probe_curves(history, "pretrained: linear probe", label)
+    assert [ax.get_title() for ax in fig.axes] == ["plain cross entropy (train and test)", "training objective",
+                                                   "accuracy"]
+    assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes] == [
+        ["train CE", "test CE"], ["train objective (weighted, smoothed)"], ["train", "test"]]
+    assert fig.axes[1].get_lines()[0].get_ydata().tolist() == [1.2, 1.0]
+    assert objective_label(None, 0.0, multiclass=True) == "train objective (= train CE)"
+    assert objective_label(None, 0.1, multiclass=False) == "train objective (= train CE)"  # no smoothing for BCE
 
 
 def test_feature_extraction_leaves_encoder_untouched():
