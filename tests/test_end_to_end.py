@@ -60,30 +60,63 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
     report = tmp_path / "eval.json"
     assert linear_eval_main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--train", str(shapes / "train"),
                              "--test", str(shapes / "test"), "--random-init", "--epochs", "5", "--knn-k", "5",
-                             "--class-weight", "balanced", "--json", str(report), "--no-progress"]) == 0
+                             "--class-weight", "balanced", "--label-smoothing", "0.1", "--json", str(report),
+                             "--no-progress"]) == 0
     results = json.loads(report.read_text())
     for name in ("pretrained", "random_init"):
         for scorer in ("linear", "knn"):
             r = results[name][scorer]
-            assert 0 <= r["top1"] <= r["top5"] <= 1
-            assert set(r["per_class"]) == {"circle", "square", "triangle", "cross", "ring"}
-            assert sum(map(sum, r["confusion"])) == 30
+            # Every test image counted once, under its own class (6 per class); the scores read off the matrix.
+            cm = torch.tensor(r["confusion"])
+            assert cm.sum(1).tolist() == [6] * 5
+            assert r["top1"] == pytest.approx(cm.trace().item() / 30)
+            assert r["per_class"] == pytest.approx(dict(zip(results["classes"], (cm.diag() / 6).tolist())))
+            assert r["top5"] == 1.0  # five classes: the true one is always among the top five
+        # The reported probe is the one whose last epoch the curves recorded.
+        assert results[name]["probe_history"]["test_accuracy"][-1] == pytest.approx(results[name]["linear"]["top1"])
     assert results["class_weight"] == pytest.approx({c: 1.0 for c in results["classes"]})
     assert "pretrained" in capsys.readouterr().out
     probe = EventAccumulator(str(run / "linear_eval" / "tb"), size_guidance={"images": 0})
     probe.Reload()
-    assert "pretrained/probe/test_accuracy" in probe.Tags()["scalars"]
+    assert {f"pretrained/probe/{k}" for k in ("train_ce", "test_ce", "train_objective", "test_accuracy")} <= set(
+        probe.Tags()["scalars"])
     assert "pretrained/probe/confusion" in probe.Tags()["images"]
     assert {"pretrained/probe/reliability", "pretrained/probe/per_class", "pretrained/probe/probe_curves"} <= set(
         probe.Tags()["images"])
     linear = results["pretrained"]["linear"]
     assert 0 <= linear["calibration"]["ece"] <= 1 and sum(linear["calibration"]["count"]) == 30
     assert set(linear["per_class_loss"]) == set(results["classes"])
-    assert len(results["pretrained"]["probe_history"]["test_loss"]) == 5
+    history = results["pretrained"]["probe_history"]
+    assert set(history) == {"epoch", "train_ce", "test_ce", "train_objective", "train_accuracy", "test_accuracy"}
+    assert history["epoch"] == [0, 1, 2, 3, 4]
+    # Label smoothing makes the objective a different number from the plain train CE, every epoch.
+    assert all(abs(o - ce) > 1e-3 for o, ce in zip(history["train_objective"], history["train_ce"]))
     for name in ("pretrained", "random_init"):
         for kind in ("probe_curves", "confusion", "reliability", "per_class"):
             png = run / "linear_eval" / "figures" / f"{name}_{kind}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+    # Classes that differ in colour are told apart by any encoder, pretrained for two epochs or not; images and
+    # labels out of step, or test features taken from the wrong images, would score near chance (0.25).
+    colours = colour_folder(tmp_path / "colours")
+    report = tmp_path / "colours.json"
+    assert linear_eval_main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--train", str(colours / "train"),
+                             "--test", str(colours / "test"), "--epochs", "20", "--knn-k", "5", "--json",
+                             str(report), "--no-progress"]) == 0
+    results = json.loads(report.read_text())
+    assert results["pretrained"]["linear"]["top1"] >= 0.9 and results["pretrained"]["knn"]["top1"] >= 0.9
+
+
+def colour_folder(root: Path, size: int = 16) -> Path:
+    """Four classes of noisy flat colours, 8 training and 4 test images each."""
+    rng = np.random.default_rng(0)
+    for name, rgb in (("red", (200, 40, 40)), ("green", (40, 180, 60)), ("blue", (40, 60, 200)), ("grey", (128,) * 3)):
+        for split, count in (("train", 8), ("test", 4)):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                noisy = np.clip(np.array(rgb) + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(noisy).save(root / split / name / f"{i}.png")
+    return root
 
 
 def test_pretraining_shows_similarity_distributions_and_the_projector(shapes, tmp_path):
