@@ -162,6 +162,17 @@ def probe_loss(objective: str, weight: Optional[torch.Tensor] = None, label_smoo
     raise ValueError(f"unknown probe objective '{objective}' (multiclass, binary or multilabel)")
 
 
+class ProbeDivergedError(ArithmeticError):
+    """The probe's training loss or weights became non-finite: too high a learning rate, or extreme weights."""
+
+
+def check_finite_probe(loss: float, probe: nn.Module, epoch: int, lr: float) -> None:
+    """Stop a diverging probe at once, naming the options to change, rather than score NaN logits."""
+    if not (math.isfinite(loss) and all(torch.isfinite(p).all() for p in probe.parameters())):
+        raise ProbeDivergedError(f"linear probe diverged at epoch {epoch + 1} (loss {loss:g}): lower --lr "
+                                 f"(now {lr:g}), or check --class-weight, --weight-decay and --label-smoothing")
+
+
 class LinearProbe(nn.Module):
     """Standardise features with the training set's mean and std, then one linear layer."""
 
@@ -197,7 +208,8 @@ def train_linear_probe(
     - ``binary`` / ``multilabel``: ``F.binary_cross_entropy_with_logits`` with one logit per label
       (``num_outputs`` = 1 for binary), ``weight`` used as ``pos_weight``; targets are 0/1, shape (N, labels).
 
-    ``on_epoch(epoch, probe, train_loss)`` lets the caller log curves."""
+    ``on_epoch(epoch, probe, train_loss)`` lets the caller log curves. A non-finite loss or weight stops the
+    fit with :class:`ProbeDivergedError`."""
     if objective == "multiclass":
         check_class_indices(train_y, num_outputs)
     else:
@@ -220,6 +232,7 @@ def train_linear_probe(
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
+        check_finite_probe(total, probe, epoch, lr)
         if on_epoch is not None:
             on_epoch(epoch, probe, total / len(order))
     return probe.eval()
