@@ -53,7 +53,7 @@ def check_probe_options(opts: ProbeOptions) -> None:
              ("--lr", opts.lr, 0 < opts.lr <= 1, "a number in (0, 1]"),
              ("--weight-decay", opts.weight_decay, 0 <= opts.weight_decay < math.inf, "a finite number >= 0"),
              ("--weight-decay", opts.weight_decay, opts.lr * opts.weight_decay < 1,
-              f"below 1 / --lr = {1 / opts.lr:g} (AdamW scales the weights by 1 - lr * weight_decay per step)"),
+              "below 1 / --lr (AdamW scales the weights by 1 - lr * weight_decay per step)"),
              ("--probe-batch-size", opts.batch_size, opts.batch_size >= 1, "an integer >= 1"),
              ("--label-smoothing", opts.label_smoothing, 0 <= opts.label_smoothing < 1, "a number in [0, 1)"),
              ("--beta", opts.beta, 0 <= opts.beta < 1, "a number in [0, 1)"),
