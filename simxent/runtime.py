@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -70,6 +71,29 @@ def resolve_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+class SlowStepWatch:
+    """Times training steps and warns once when one runs longer than ``limit`` seconds: ``train.max_time``,
+    SIGTERM and Ctrl-C are only seen between steps, so a stop waits for the step to end."""
+
+    limit = 60.0
+
+    def __init__(self):
+        self.started, self.warned = time.monotonic(), False
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+
+    def stop(self) -> None:
+        """Call after the step's host sync, so that the time is the step's and not its launch's."""
+        seconds = time.monotonic() - self.started
+        if seconds > self.limit and not self.warned:
+            self.warned = True
+            log.warning("a training step took %.0f s: train.max_time, SIGTERM and Ctrl-C are only seen between "
+                        "steps, so a stop waits that long; a smaller train.batch_size, data.image_size or "
+                        "model.backbone shortens it, as does train.precision=fp32 on a CPU without native bf16",
+                        seconds)
 
 
 def set_threads(threads: int) -> None:

@@ -16,7 +16,7 @@ from simxent.demo import make_shapes
 from simxent.evaluate import ProbeDivergedError, train_linear_probe
 from simxent.label_files import check_label_sets, read_label_csv
 from simxent.linear_eval import ProbeOptions, check_probe_options, default_out, feature_dtype
-from simxent.runtime import resolve_device, resolve_dtype
+from simxent.runtime import SlowStepWatch, resolve_device, resolve_dtype
 from simxent.train import pretrain
 from tests.conftest import TINY_RUN
 
@@ -155,6 +155,14 @@ def test_precision_on_a_cpu(monkeypatch, caplog):
     assert feature_dtype("fp32", cpu) is None
 
 
+def test_a_slow_training_step_is_reported(shapes_run_args, monkeypatch, caplog):
+    monkeypatch.setattr(SlowStepWatch, "limit", 0.0)  # every step counts as slow: the warning comes once
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        pretrain(load_config(None, shapes_run_args), progress=False)
+    assert caplog.text.count("a training step took") == 1
+    assert "train.max_time, SIGTERM and Ctrl-C are only seen between steps" in caplog.text
+
+
 # ---- through the commands
 
 
@@ -167,6 +175,12 @@ def run(tmp_path_factory):
                              "data.cache=false", f"out={root / 'run'}"])
     pretrain(cfg, progress=False)
     return root / "run", shapes
+
+
+@pytest.fixture
+def shapes_run_args(tmp_path):
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=4, test_per_class=1, size=16)
+    return [*TINY_RUN, f"data.train={shapes / 'train'}", "train.epochs=2", "eval.every=0", f"out={tmp_path / 'run'}"]
 
 
 def evaluate(ckpt, shapes, *more):
