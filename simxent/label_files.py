@@ -26,7 +26,7 @@ def read_rows(path: Path) -> list[tuple[int, str, set[str]]]:
     """``(line number, file, labels)`` per row; blank rows and rows starting with ``#`` are skipped. The file
     is normalised (``./a/b.png`` is ``a/b.png``); an empty label field is an image with no label."""
     rows = []
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is no file name
         reader = csv.reader(f, skipinitialspace=True)
         start = 1
         for fields in reader:

@@ -232,8 +232,12 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     setup_logging()
     check_probe_options(opts)
     dev = resolve_device(device, option="--device")
-    if objective == "multilabel" and not (train_labels and test_labels):
-        raise ConfigError("--objective multilabel needs --train-labels and --test-labels CSV files")
+    if objective == "multilabel":
+        if not (train_labels and test_labels):
+            raise ConfigError("--objective multilabel needs --train-labels and --test-labels CSV files")
+        for option, path in (("--train-labels", train_labels), ("--test-labels", test_labels)):
+            if not Path(path).is_file():
+                raise ConfigError(f"{option}: label file not found: {path}")
     state = load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"])
     out = Path(out) if out else default_out(checkpoint)

@@ -45,7 +45,7 @@ def test_label_csv_quoting_header_and_empty_rows(tmp_path, caplog):
     y, _ = read_label_csv(f, data, root, ["cat", "dog", "eel"])
     assert y.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 0]]
     # Without a header the first row is a row.
-    f.write_text('"a,b.png",cat\nsub/c.png,dog\nd.png,cat\n')
+    f.write_text('\ufeff"a,b.png",cat\nsub/c.png,dog\nd.png,cat\n', encoding="utf-8")  # with a byte-order mark
     assert read_label_csv(f, data, root)[0].tolist() == [[1, 0], [0, 1], [1, 0]]
 
 
@@ -214,6 +214,9 @@ def test_bad_options_and_outputs_stop_before_decoding(run, tmp_path, monkeypatch
     assert "--lr must be a number in (0, 1], got inf" in capsys.readouterr().err
     assert evaluate(ckpt, shapes, "--json", str(tmp_path)) == 2
     assert f"--json {tmp_path} is a folder" in capsys.readouterr().err
+    assert evaluate(ckpt, shapes, "--objective", "multilabel", "--train-labels", str(tmp_path / "none.csv"),
+                    "--test-labels", str(tmp_path / "none.csv")) == 2
+    assert "--train-labels: label file not found" in capsys.readouterr().err
     (tmp_path / "taken").write_text("")
     assert evaluate(ckpt, shapes, "--out", str(tmp_path / "taken")) == 2
     assert "--out: cannot write in" in capsys.readouterr().err
@@ -255,7 +258,8 @@ def test_multilabel_csv_with_header_and_a_label_without_test_positives(run, tmp_
                     str(tmp_path / "train.csv"), "--test-labels", str(tmp_path / "test.csv"), "--json",
                     str(report)) == 0
     assert "round have no positive test image" in capsys.readouterr().err
-    linear = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))["pretrained"]["linear"]
+    strict = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    linear = strict["pretrained"]["linear"]
     assert linear["ap_undefined"] == ["round"] and linear["per_label_ap"]["round"] is None
     assert linear["mAP"] == linear["per_label_ap"]["straight"]
     write_csv("test", lambda shape: [])
