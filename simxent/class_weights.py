@@ -33,7 +33,7 @@ def effective(counts: torch.Tensor, beta: float) -> torch.Tensor:
 
 def from_file(path: Path, classes: list[str]) -> torch.Tensor:
     """``<class name> <weight>`` per line (``#`` comments allowed), every class exactly once."""
-    named = {}
+    named, line_of = {}, {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         fields = line.split("#", 1)[0].split()
         if not fields:
@@ -41,8 +41,11 @@ def from_file(path: Path, classes: list[str]) -> torch.Tensor:
         if len(fields) != 2:
             raise ClassWeightError(f"{path}:{number}: expected '<class name> <weight>', got {line.strip()!r}")
         name, value = fields
+        if name in line_of:
+            raise ClassWeightError(f"{path}: class {name} is on lines {line_of[name]} and {number}; give each class "
+                                   f"one line")
         try:
-            named[name] = float(value)
+            named[name], line_of[name] = float(value), number
         except ValueError:
             raise ClassWeightError(f"{path}:{number}: cannot read a number from {value!r}") from None
     unknown = sorted(set(named) - set(classes))
@@ -72,11 +75,24 @@ def class_weights(spec: str, labels: torch.Tensor, classes: list[str], beta: flo
         if not path.is_file():
             raise ClassWeightError(f"--class-weight: expected none, balanced, effective or a file; no file {path}")
         weights = from_file(path, classes)
-    bad = [f"{c}={w:g}" for c, w in zip(classes, weights.tolist()) if not (math.isfinite(w) and w > 0)]
-    if bad:
-        raise ClassWeightError(f"class weights must be finite and > 0, got {', '.join(bad)}")
+    check_float32(weights, counts, classes)
     report(weights, counts, classes)
     return weights.float()
+
+
+def check_float32(weights: torch.Tensor, counts: torch.Tensor, classes: list[str]) -> None:
+    """Weights must be finite and > 0 in float32, the dtype the loss uses (1e39 becomes inf there, 1e-50
+    becomes 0), and so must sum_c n_c w_c, which bounds the weighted cross entropy's normaliser
+    sum_i w_{y_i} over any batch."""
+    as_float32 = weights.float().tolist()
+    bad = [f"{c}={w:g}" + (f" ({v:g} in float32)" if f"{v:g}" != f"{w:g}" else "")
+           for c, w, v in zip(classes, weights.tolist(), as_float32) if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise ClassWeightError(f"class weights must be finite and > 0, got {', '.join(bad)} (checked in float32, "
+                               f"the loss's dtype)")
+    total = (weights.float() * counts.float()).sum().item()
+    if not math.isfinite(total):
+        raise ClassWeightError(f"class weights times class counts sum to {total:g} in float32; scale the weights down")
 
 
 def report(weights: torch.Tensor, counts: torch.Tensor, classes: list[str]) -> None:

@@ -14,12 +14,13 @@ from . import __version__
 from .config import Config, ConfigError, config_keys, format_config, load_config, preset_names
 from .data import DataError
 from .class_weights import ClassWeightError
-from .evaluate import LabelError
-from .linear_eval import ProbeOptions, format_results, linear_eval
+from .evaluate import LabelError, ProbeDivergedError
+from .linear_eval import ProbeOptions, check_probe_options, format_results, linear_eval
 from .train import TrainingError, pretrain
 
 log = logging.getLogger("simxent")
-USER_ERRORS = (ConfigError, DataError, CheckpointError, ClassWeightError, LabelError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, ClassWeightError, LabelError, ProbeDivergedError,
+               TrainingError)
 
 
 def _run(main):
@@ -121,11 +122,7 @@ def _probe_options(a) -> ProbeOptions:
     opts = ProbeOptions(epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, batch_size=a.probe_batch_size,
                         label_smoothing=a.label_smoothing, class_weight=a.class_weight, beta=a.beta, knn_k=a.knn_k,
                         knn_temperature=a.knn_temperature, seed=a.seed)
-    for key, ok in (("--epochs", opts.epochs >= 1), ("--lr", opts.lr > 0), ("--weight-decay", opts.weight_decay >= 0),
-                    ("--probe-batch-size", opts.batch_size >= 1), ("--label-smoothing", 0 <= opts.label_smoothing < 1),
-                    ("--knn-k", opts.knn_k >= 1), ("--knn-temperature", opts.knn_temperature > 0)):
-        if not ok:
-            raise ConfigError(f"{key}: value out of range")
+    check_probe_options(opts)
     return opts
 
 
@@ -143,7 +140,8 @@ def linear_eval_main(argv=None) -> int:
     p.add_argument("--test-labels", help="multilabel: the same for --test")
     p.add_argument("--random-init", action="store_true", help="also score an untrained encoder as the baseline")
     p.add_argument("--json", help="write every figure to this JSON file")
-    p.add_argument("--out", help="TensorBoard directory; none: RUN/linear_eval")
+    p.add_argument("--out", help="folder for TensorBoard and figures; none: RUN/linear_eval for RUN/checkpoints/*.pt, "
+                                "else linear_eval beside the checkpoint")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where features are computed")
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--no-cache", action="store_true", help="do not keep decoded images in the cache")

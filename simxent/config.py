@@ -92,8 +92,10 @@ class TrainConfig:
     batch_size: int = setting(256, "global images per step over all processes (2x views)")
     max_time: float = setting(0.0, "seconds; 0: no limit. When reached: checkpoint, exit cleanly")
     seed: int = setting(0, "makes a run reproducible")
-    device: str = setting("auto", "auto, cpu or cuda")
-    precision: str = setting("auto", "auto (bf16 where supported, else fp32), bf16, fp16 (grad scaler) or fp32")
+    device: str = setting("auto", "auto, cpu or cuda (refused without a GPU)")
+    precision: str = setting("auto", "auto (bf16 where supported, else fp32), bf16 (warned on a CPU without "
+                                     "native bf16: 13-16x slower), fp16 (grad scaler; refused on a CPU: about 65x "
+                                     "slower) or fp32")
     channels_last: bool = setting(True, "NHWC memory format")
     compile: bool = setting(False, "torch.compile the encoder, head and colour ops (slow first steps, faster after)")
     threads: int = setting(0, "CPU threads for torch; 0: all cores")

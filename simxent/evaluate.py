@@ -162,6 +162,17 @@ def probe_loss(objective: str, weight: Optional[torch.Tensor] = None, label_smoo
     raise ValueError(f"unknown probe objective '{objective}' (multiclass, binary or multilabel)")
 
 
+class ProbeDivergedError(ArithmeticError):
+    """The probe's training loss or weights became non-finite: too high a learning rate, or extreme weights."""
+
+
+def check_finite_probe(loss: float, probe: nn.Module, epoch: int, lr: float) -> None:
+    """Stop a diverging probe at once, naming the options to change, rather than score NaN logits."""
+    if not (math.isfinite(loss) and all(torch.isfinite(p).all() for p in probe.parameters())):
+        raise ProbeDivergedError(f"linear probe diverged at epoch {epoch + 1} (loss {loss:g}): lower --lr "
+                                 f"(now {lr:g}), or check --class-weight, --weight-decay and --label-smoothing")
+
+
 CONSTANT_FEATURE_RTOL = 1e-6
 
 
@@ -228,7 +239,7 @@ def train_linear_probe(
       (``num_outputs`` = 1 for binary), ``weight`` used as ``pos_weight``; targets are 0/1, shape (N, labels).
 
     ``on_epoch(epoch, probe)``, called after every epoch with the probe as it stands, lets the caller log
-    curves."""
+    curves. A non-finite loss or weight stops the fit with :class:`ProbeDivergedError`."""
     if objective == "multiclass":
         check_class_indices(train_y, num_outputs)
     else:
@@ -241,7 +252,7 @@ def train_linear_probe(
     steps = epochs * math.ceil(len(train_x) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for epoch in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not progress, leave=False):
-        order = torch.randperm(len(train_x), generator=generator)
+        order, total = torch.randperm(len(train_x), generator=generator), 0.0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             loss = loss_fn(probe(train_x[idx]), train_y[idx])
@@ -249,6 +260,8 @@ def train_linear_probe(
             loss.backward()
             opt.step()
             sched.step()
+            total += loss.item() * len(idx)
+        check_finite_probe(total, probe, epoch, lr)
         if on_epoch is not None:
             on_epoch(epoch, probe)
     return probe.eval()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,10 +20,11 @@ from .config import ConfigError, config_from_dict
 from .data import ImageArray, load_configured, naming_the_key, shared_files
 from .class_weights import class_weights, positive_weights
 from .evaluate import classification_report, extract_features, knn_scores, probe_loss, train_linear_probe
+from .label_files import check_label_sets, read_label_csv
 from .metrics import balanced_accuracy, f1_score, mean_average_precision, roc_auc
 from .models import backbone
 from .monitor import Monitor
-from .runtime import resolve_device, resolve_dtype, seed_everything, set_threads, setup_logging
+from .runtime import cpu_supports_bf16, resolve_device, resolve_dtype, seed_everything, set_threads, setup_logging
 
 log = logging.getLogger("simxent")
 
@@ -38,6 +41,52 @@ class ProbeOptions:
     knn_k: int = 200
     knn_temperature: float = 0.1
     seed: int = 0
+
+
+def check_probe_options(opts: ProbeOptions) -> None:
+    """Refuse out-of-range probe options before any work, naming the command-line option.
+
+    The probe's AdamW moves each weight by about ``lr`` per step on standardised features, so an lr above 1
+    only throws the weights around; decoupled weight decay multiplies them by 1 - lr * weight_decay each
+    step, which must stay positive. Comparisons are written so that NaN fails them."""
+    rules = (("--epochs", opts.epochs, opts.epochs >= 1, "an integer >= 1"),
+             ("--lr", opts.lr, 0 < opts.lr <= 1, "a number in (0, 1]"),
+             ("--weight-decay", opts.weight_decay, 0 <= opts.weight_decay < math.inf, "a finite number >= 0"),
+             ("--weight-decay", opts.weight_decay, opts.lr * opts.weight_decay < 1,
+              "below 1 / --lr (AdamW scales the weights by 1 - lr * weight_decay per step)"),
+             ("--probe-batch-size", opts.batch_size, opts.batch_size >= 1, "an integer >= 1"),
+             ("--label-smoothing", opts.label_smoothing, 0 <= opts.label_smoothing < 1, "a number in [0, 1)"),
+             ("--beta", opts.beta, 0 <= opts.beta < 1, "a number in [0, 1)"),
+             ("--knn-k", opts.knn_k, opts.knn_k >= 1, "an integer >= 1"),
+             ("--knn-temperature", opts.knn_temperature, 0 < opts.knn_temperature < math.inf, "a finite number > 0"))
+    for option, value, ok, rule in rules:
+        if not ok:
+            raise ConfigError(f"{option} must be {rule}, got {value}")
+
+
+def default_out(checkpoint: str | Path) -> Path:
+    """Where linear evaluation writes without ``--out``: ``RUN/linear_eval`` for a checkpoint in a simxent run
+    (``RUN/checkpoints/*.pt`` beside ``RUN/config.yaml``), else ``linear_eval`` beside the checkpoint file."""
+    folder = Path(checkpoint).resolve().parent
+    run = folder.parent
+    if folder.name == "checkpoints" and (run / "config.yaml").is_file():
+        return run / "linear_eval"
+    return folder / "linear_eval"
+
+
+def check_outputs(out: Path, json_path: Optional[Path]) -> None:
+    """Make sure the results can be written before any work: ``out`` is (or can be made) a writable folder,
+    ``json_path`` a file in one."""
+    if json_path is not None and json_path.is_dir():
+        raise ConfigError(f"--json {json_path} is a folder; give a file name such as {json_path / 'eval.json'}")
+    for option, folder in (("--out", out), ("--json", json_path.parent if json_path else None)):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise ConfigError(f"{option}: cannot write in {folder}: {e.strerror or e}") from None
 
 
 def check_same_classes(train: ImageArray, test: ImageArray, train_dir, test_dir) -> None:
@@ -82,39 +131,6 @@ def binary_targets(train: ImageArray, test: ImageArray, positive: Optional[str])
         raise ConfigError(f"--positive-class {positive!r} is not one of {', '.join(train.classes)}")
     p = train.classes.index(positive)
     return Targets("binary", [positive], (train.labels == p).long().unsqueeze(1), (test.labels == p).long().unsqueeze(1))
-
-
-def read_label_csv(path: str | Path, data: ImageArray, root: str | Path, names: Optional[list[str]] = None):
-    """Rows ``file,label;label;...`` with ``file`` relative to ``root``; every image needs a row. Returns the
-    (N, labels) matrix and the label names (sorted, from the training CSV unless given)."""
-    path, root = Path(path), Path(root)
-    if not path.is_file():
-        raise ConfigError(f"label file not found: {path}")
-    rows = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip() or line.startswith("#"):
-            continue
-        if "," not in line:
-            raise ConfigError(f"{path}:{number}: expected 'file,label;label;...', got {line.strip()!r}")
-        file, labels = line.split(",", 1)
-        rows[file.strip()] = {x.strip() for x in labels.split(";") if x.strip()}
-    names = names or sorted(set().union(*rows.values()))
-    index = {n: i for i, n in enumerate(names)}
-    y = torch.zeros(len(data), len(names), dtype=torch.long)
-    missing = []
-    for i, f in enumerate(data.files):
-        rel = Path(f).relative_to(root).as_posix()
-        if rel not in rows:
-            missing.append(rel)
-            continue
-        unknown = rows[rel] - set(index)
-        if unknown:
-            raise ConfigError(f"{path}: {rel} has label(s) {sorted(unknown)} that the training labels lack")
-        for label in rows[rel]:
-            y[i, index[label]] = 1
-    if missing:
-        raise ConfigError(f"{path}: no labels for {len(missing)} image(s) of {root}, e.g. {', '.join(missing[:3])}")
-    return y, names
 
 
 class ProbeCurves:
@@ -203,7 +219,10 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
                   "positive_class": targets.names[0]}
     else:
         mean_ap, per_label = mean_average_precision(logits, targets.test)
-        linear = {"mAP": mean_ap, "per_label_ap": dict(zip(targets.names, per_label)),
+        # A label without test positives has no AP (NaN): null in the JSON, listed, and left out of mAP.
+        undefined = [n for n, ap in zip(targets.names, per_label) if ap != ap]
+        linear = {"mAP": mean_ap, "ap_undefined": undefined,
+                  "per_label_ap": {n: None if n in undefined else ap for n, ap in zip(targets.names, per_label)},
                   "f1_micro": f1_score(logits > 0, targets.test)}
     if targets.objective != "multilabel":
         probs = class_probabilities(logits, targets.objective)
@@ -226,6 +245,17 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
     return result
 
 
+def feature_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype for feature extraction: the checkpoint's ``train.precision``, except a precision a
+    CPU runs slowly (fp16, about 65x slower than float32; bf16 without native support, 13-16x), which
+    becomes ``auto`` there: the checkpoint may come from a GPU."""
+    if device.type == "cpu" and (precision == "fp16" or (precision == "bf16" and not cpu_supports_bf16())):
+        log.info("the checkpoint trained with train.precision=%s, slow on this CPU: features are extracted with "
+                 "precision auto", precision)
+        precision = "auto"
+    return resolve_dtype(precision, device)
+
+
 def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | Path, opts: ProbeOptions,
                 random_init: bool = False, out: Optional[str | Path] = None, json_path: Optional[str | Path] = None,
                 device: str = "auto", workers: int = 2, cache: bool = True, progress: bool = True,
@@ -236,11 +266,19 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     ``objective``: ``multiclass`` (class folders), ``binary`` (two class folders, ``positive_class`` is 1)
     or ``multilabel`` (labels from ``train_labels`` / ``test_labels`` CSVs of ``file,label;label``)."""
     setup_logging()
+    check_probe_options(opts)
+    dev = resolve_device(device, option="--device")
+    if objective == "multilabel":
+        if not (train_labels and test_labels):
+            raise ConfigError("--objective multilabel needs --train-labels and --test-labels CSV files")
+        for option, path in (("--train-labels", train_labels), ("--test-labels", test_labels)):
+            if not Path(path).is_file():
+                raise ConfigError(f"{option}: label file not found: {path}")
     state = load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"])
-    out = Path(out) if out else Path(checkpoint).resolve().parent.parent / "linear_eval"
-    dev = resolve_device(device)
-    dtype = resolve_dtype(cfg.train.precision, dev)
+    out = Path(out) if out else default_out(checkpoint)
+    check_outputs(out, Path(json_path) if json_path else None)
+    dtype = feature_dtype(cfg.train.precision, dev)
     set_threads(cfg.train.threads)
     with naming_the_key("--train"):
         train = load_configured(train_dir, cfg.data, progress, cache=cache, workers=workers)
@@ -248,10 +286,9 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
         test = load_configured(test_dir, cfg.data, progress, cache=cache, workers=workers)
     check_held_out(train, test, train_dir, test_dir)
     if objective == "multilabel":
-        if not (train_labels and test_labels):
-            raise ConfigError("--objective multilabel needs --train-labels and --test-labels CSV files")
         y_train, names = read_label_csv(train_labels, train, train_dir)
         y_test, _ = read_label_csv(test_labels, test, test_dir, names)
+        check_label_sets(y_test, names, train_labels, test_labels)
         targets = Targets("multilabel", names, y_train, y_test)
         weight = positive_weights(opts.class_weight, y_train, names)
     else:

@@ -4,21 +4,25 @@ from __future__ import annotations
 import logging
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from .config import ConfigError
+
 log = logging.getLogger("simxent")
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: CUDA when present, else CPU. Asking for CUDA on a machine without it is an error."""
+def resolve_device(name: str = "auto", option: str = "train.device") -> torch.device:
+    """``auto``: CUDA when present, else CPU. Asking for CUDA on a machine without it is a ConfigError naming
+    ``option``, the setting that asked (``train.device`` for pretraining, ``--device`` for linear eval)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available (use auto or cpu)")
+        raise ConfigError(f"{option}=cuda but no CUDA device is available here (use auto or cpu)")
     return torch.device(name)
 
 
@@ -46,16 +50,50 @@ def resolve_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]
     """Autocast dtype for ``precision`` (None = plain float32).
 
     auto: bf16 on CUDA devices and CPUs that support it, fp16 on older GPUs, else fp32.
+
+    fp16 on a CPU is refused (a ConfigError naming train.precision): fp16 autocast there ran a training step
+    about 65x slower than float32, so one step could take many minutes, and ``train.max_time`` and SIGTERM
+    are only seen between steps. bf16 on a CPU without native bf16 (13-16x slower) is allowed with a warning.
     """
     if precision == "fp32":
         return None
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("train.precision=fp16 on a CPU: fp16 autocast runs about 65x slower than float32 there "
+                          "(one step can take minutes, and a stop request waits for the step to end); use fp32, or "
+                          "auto (bf16 where the CPU has it natively)")
     if precision == "bf16":
+        if device.type == "cpu" and not cpu_supports_bf16():
+            log.warning("train.precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): each step runs about "
+                        "13-16x slower than float32 (docs/benchmarks.md); train.precision=auto picks float32 here")
         return torch.bfloat16
     if precision == "fp16":
         return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else None
+
+
+class SlowStepWatch:
+    """Times training steps and warns once when one runs longer than ``limit`` seconds: ``train.max_time``,
+    SIGTERM and Ctrl-C are only seen between steps, so a stop waits for the step to end."""
+
+    limit = 60.0
+
+    def __init__(self):
+        self.started, self.warned = time.monotonic(), False
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+
+    def stop(self) -> None:
+        """Call after the step's host sync, so that the time is the step's and not its launch's."""
+        seconds = time.monotonic() - self.started
+        if seconds > self.limit and not self.warned:
+            self.warned = True
+            log.warning("a training step took %.0f s: train.max_time, SIGTERM and Ctrl-C are only seen between "
+                        "steps, so a stop waits that long; a smaller train.batch_size, data.image_size or "
+                        "model.backbone shortens it, as does train.precision=fp32 on a CPU without native bf16",
+                        seconds)
 
 
 def set_threads(threads: int) -> None:

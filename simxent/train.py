@@ -33,8 +33,8 @@ from .evaluate import autocast, extract_features, knn_scores, topk_accuracy
 from .loss import Temperature, contrastive_stats, nt_xent, similarity_samples
 from .models import SimCLR
 from .monitor import Monitor
-from .runtime import (configure_device, resolve_device, resolve_dtype, rng_state, seed_everything, set_rng_state,
-                      set_threads, setup_logging)
+from .runtime import (SlowStepWatch, configure_device, resolve_device, resolve_dtype, rng_state, seed_everything,
+                      set_rng_state, set_threads, setup_logging)
 from .schedule import build_optimizer, lr_at, peak_lr
 
 log = logging.getLogger("simxent")
@@ -383,6 +383,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
     write_skipped()  # a streamed folder finds its bad files as it reads them: written again at the end
     history = {"knn_top1": []}
     bad_steps, skipped_steps, stopped_early, stop_reason, last_loss = 0, 0, False, "", float("nan")
+    slow_steps = SlowStepWatch()
     while pos.epoch < cfg.train.epochs and not stopped_early:
         model.train()
         bar = tqdm(total=steps_per_epoch, initial=pos.step, desc=f"epoch {pos.epoch + 1}/{cfg.train.epochs}",
@@ -409,6 +410,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
             lr = lr_at(pos.global_step, total_steps, warmup, peak, cfg.optim.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            slow_steps.start()
             t = temperature()
             loss, z1, z2 = step_loss(model, views, t, device, dtype)
             optimizer.zero_grad(set_to_none=True)
@@ -429,6 +431,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
                 # Filled on the device, not copied there: a blocking copy to a GPU would wait for the stream.
                 flags = torch.cat([flags, *(torch.full((1,), v, device=device) for v in stops)])
             shared = dist.mean_over_processes(flags).tolist()
+            slow_steps.stop()
             last_loss, finite_share = shared[:2]
             time_up, signalled = (v > 0 for v in (shared[2:] if world > 1 else stops))
             if math.isfinite(last_loss) and finite_share == 1:

@@ -234,8 +234,8 @@ def test_presets_by_name_are_the_packaged_files():
     for path in CONFIGS:
         assert load_config(path.stem, ["data.train=x"]) == load_config(path, ["data.train=x"])
     assert load_config("cpu").model.backbone == "convnet" and load_config("demo").train.batch_size == 128
-    with pytest.raises(ConfigError, match=r"config file not found: configs/cpu.yaml; the presets ship with simxent: write 'cpu'"):
-        load_config("configs/cpu.yaml")
+    with pytest.raises(ConfigError, match=r"config file not found: old/cpu.yaml; the presets ship with simxent: write 'cpu'"):
+        load_config("old/cpu.yaml")
     with pytest.raises(ConfigError, match=r"config file not found: gpu; presets by name: cifar10, cpu, demo, imagenet"):
         load_config("gpu")
 

@@ -1,0 +1,107 @@
+"""Multi-label targets from CSV files of ``file,label;label;...`` rows, and the checks that keep a label file
+from giving silently wrong scores.
+
+Rows are read with the ``csv`` module, so a file name holding a comma is written quoted
+(``"a,b.png",cat;dog``). A header is recognised by its file column: a first row whose file is not an image
+of the folder, while later rows name images of the folder, is a header and is skipped (said in the log).
+Every other mistake stops with a line naming the file and line: a row of some other number of fields, a
+file that is not in the folder, the same file on two lines, a label the training file lacks.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import ConfigError
+from .data import ImageArray
+
+log = logging.getLogger("simxent")
+
+
+def read_rows(path: Path) -> list[tuple[int, str, set[str]]]:
+    """``(line number, file, labels)`` per row; blank rows and rows starting with ``#`` are skipped. The file
+    is normalised (``./a/b.png`` is ``a/b.png``); an empty label field is an image with no label."""
+    rows = []
+    with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is no file name
+        reader = csv.reader(f, skipinitialspace=True)
+        start = 1
+        for fields in reader:
+            number, start = start, reader.line_num + 1  # a quoted field may span lines: report the first
+            if not fields or not "".join(fields).strip() or fields[0].lstrip().startswith("#"):
+                continue
+            if len(fields) != 2:
+                raise ConfigError(f"{path}:{number}: expected 'file,label;label;...' (2 fields; quote a file name "
+                                  f"that holds a comma), got {len(fields)} field(s): {fields!r}")
+            labels = {x.strip() for x in fields[1].split(";") if x.strip()}
+            rows.append((number, Path(fields[0].strip()).as_posix(), labels))
+    return rows
+
+
+def drop_header(rows: list, known: set[str], path: Path, root: Path) -> list:
+    """Without its first row when that row's file is not an image of ``root`` while a later row's is."""
+    if len(rows) > 1 and rows[0][1] not in known and any(file in known for _, file, _ in rows[1:]):
+        number, file, labels = rows[0]
+        log.info("%s:%d: first row (%s,%s) taken as a header: %r is not an image of %s, the later rows name "
+                 "images of it", path, number, file, ";".join(sorted(labels)), file, root)
+        return rows[1:]
+    return rows
+
+
+def read_label_csv(path: str | Path, data: ImageArray, root: str | Path, names: Optional[list[str]] = None):
+    """The (N, labels) 0/1 matrix of ``data``'s images from ``path`` and the label names (sorted, from this
+    file unless given: the training file's). ``root`` is the folder the file names are relative to; every
+    image needs exactly one row, and rows of images skipped as unreadable are ignored."""
+    path, root = Path(path), Path(root)
+    if not path.is_file():
+        raise ConfigError(f"label file not found: {path}")
+    images = [Path(f).relative_to(root).as_posix() for f in data.files]
+    unreadable = {Path(f).relative_to(root).as_posix() for f in data.skipped}
+    rows = drop_header(read_rows(path), set(images) | unreadable, path, root)
+    labels, line_of = {}, {}
+    for number, file, row_labels in rows:
+        if file in line_of:
+            raise ConfigError(f"{path}: {file} is labelled on lines {line_of[file]} and {number}; give each image "
+                              f"one row")
+        if file not in unreadable and file not in images:
+            raise ConfigError(f"{path}:{number}: {file} is not an image of {root}")
+        line_of[file] = number
+        if file not in unreadable:
+            labels[file] = row_labels
+    names = names if names is not None else sorted(set().union(*labels.values()))
+    index = {n: i for i, n in enumerate(names)}
+    for file, row_labels in labels.items():
+        if row_labels - set(index):
+            raise ConfigError(f"{path}:{line_of[file]}: {file} has label(s) {sorted(row_labels - set(index))} "
+                              f"that the training labels lack")
+    missing = [f for f in images if f not in labels]
+    if missing:
+        raise ConfigError(f"{path}: no labels for {len(missing)} image(s) of {root}, e.g. {', '.join(missing[:3])}")
+    y = torch.zeros(len(images), len(names), dtype=torch.long)
+    for i, file in enumerate(images):
+        y[i, [index[n] for n in labels[file]]] = 1
+    return y, names
+
+
+def check_label_sets(y_test: torch.Tensor, names: list[str], train_path, test_path) -> list[str]:
+    """Refuse label sets that leave every score undefined; return the labels whose AP is undefined.
+
+    AP_j = mean over label j's test positives of the precision at their rank: a label with no positive in
+    the test set has none, so its AP is undefined; it is reported as such and left out of mAP. With no
+    test positive at all, mAP is undefined and so is micro F1 = 2 TP / (2 TP + FP + FN) when the probe
+    predicts no positive either: refused. (Every label has a training positive: the names are those of
+    the training file's rows.)"""
+    if not names:
+        raise ConfigError(f"{train_path}: no image has a label; a multi-label probe needs at least one label")
+    undefined = [n for n, p in zip(names, y_test.sum(0).tolist()) if p == 0]
+    if len(undefined) == len(names):
+        raise ConfigError(f"{test_path}: no test image has any label ({', '.join(names)}): average precision, "
+                          f"mAP and micro F1 are undefined")
+    if undefined:
+        log.warning("%s: label(s) %s have no positive test image: their average precision is undefined "
+                    "(reported as null) and mAP is the mean over the other %d label(s)", test_path,
+                    ", ".join(undefined), len(names) - len(undefined))
+    return undefined

@@ -1,0 +1,268 @@
+"""What linear evaluation reads before it scores: label files, class weights, probe options, device and
+precision, and where it writes. Each mistake stops with one line naming the file, line or option."""
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from simxent.class_weights import ClassWeightError, class_weights
+from simxent.cli import linear_eval_main, pretrain_main
+from simxent.config import ConfigError, load_config
+from simxent.data import ImageArray
+from simxent.demo import make_shapes
+from simxent.evaluate import ProbeDivergedError, train_linear_probe
+from simxent.label_files import check_label_sets, read_label_csv
+from simxent.linear_eval import ProbeOptions, check_probe_options, default_out, feature_dtype
+from simxent.runtime import SlowStepWatch, resolve_device, resolve_dtype
+from simxent.train import pretrain
+from tests.conftest import TINY_RUN
+
+
+def fake_folder(root: Path, names: list[str], skipped=()) -> ImageArray:
+    """An ImageArray whose files are ``root/name``: label parsing reads only the file names."""
+    files = [str(root / n) for n in names]
+    return ImageArray(torch.zeros(len(files), 2, 2, 3, dtype=torch.uint8), torch.full((len(files),), -1), [],
+                      files, [str(root / n) for n in skipped])
+
+
+# ---- multi-label CSV files
+
+
+def test_label_csv_quoting_header_and_empty_rows(tmp_path, caplog):
+    root = tmp_path / "imgs"
+    data = fake_folder(root, ["a,b.png", "sub/c.png", "d.png"])
+    f = tmp_path / "labels.csv"
+    f.write_text('file,labels\n"a,b.png",cat;dog\n./sub/c.png, dog\n\n# a comment\nd.png,\n')
+    with caplog.at_level(logging.INFO, logger="simxent"):
+        y, names = read_label_csv(f, data, root)
+    assert names == ["cat", "dog"]  # the header's "labels" is no label
+    assert y.tolist() == [[1, 1], [0, 1], [0, 0]]
+    assert "labels.csv:1: first row (file,labels) taken as a header" in caplog.text
+    # A test file is read against the training names; a header there is recognised the same way.
+    y, _ = read_label_csv(f, data, root, ["cat", "dog", "eel"])
+    assert y.tolist() == [[1, 1, 0], [0, 1, 0], [0, 0, 0]]
+    # Without a header the first row is a row.
+    f.write_text('\ufeff"a,b.png",cat\nsub/c.png,dog\nd.png,cat\n', encoding="utf-8")  # with a byte-order mark
+    assert read_label_csv(f, data, root)[0].tolist() == [[1, 0], [0, 1], [1, 0]]
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a.png,cat\nb.png,dog\na.png,dog\n", r"a.png is labelled on lines 1 and 3"),
+    ("a.png,cat\nb.png,dog\nzz.png,dog\n", r"labels.csv:3: zz.png is not an image of"),
+    ("a.png,cat\nb,x.png,dog\n", r"labels.csv:2: expected 'file,label;label;...' .*quote.*3 field"),
+    ("a.png,cat\nb.png\n", r"labels.csv:2: expected .*1 field"),
+    ("a.png,cat\n", r"no labels for 1 image\(s\) .* b.png"),
+])
+def test_label_csv_mistakes_name_the_line(tmp_path, text, match):
+    root = tmp_path / "imgs"
+    f = tmp_path / "labels.csv"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        read_label_csv(f, fake_folder(root, ["a.png", "b.png"]), root)
+
+
+def test_label_csv_unknown_test_label_and_unreadable_images(tmp_path):
+    root = tmp_path / "imgs"
+    f = tmp_path / "test.csv"
+    f.write_text("a.png,cat\nb.png,eel\n")
+    with pytest.raises(ConfigError, match=r"test.csv:2: b.png has label\(s\) \['eel'\] that the training labels lack"):
+        read_label_csv(f, fake_folder(root, ["a.png", "b.png"]), root, ["cat"])
+    # A row for an image skipped as unreadable is no mistake; its labels do not count.
+    y, names = read_label_csv(f, fake_folder(root, ["a.png"], skipped=["b.png"]), root)
+    assert names == ["cat"] and y.tolist() == [[1]]
+
+
+def test_label_sets_with_undefined_metrics(tmp_path, caplog):
+    names = ["cat", "dog"]
+    with pytest.raises(ConfigError, match="train.csv: no image has a label"):
+        check_label_sets(torch.zeros(3, 0, dtype=torch.long), [], "train.csv", "test.csv")
+    with pytest.raises(ConfigError, match="test.csv: no test image has any label .* mAP and micro F1 are undefined"):
+        check_label_sets(torch.zeros(3, 2, dtype=torch.long), names, "train.csv", "test.csv")
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        assert check_label_sets(torch.tensor([[1, 0], [1, 0]]), names, "train.csv", "test.csv") == ["dog"]
+    assert "dog have no positive test image: their average precision is undefined" in caplog.text
+    assert check_label_sets(torch.tensor([[1, 0], [0, 1]]), names, "train.csv", "test.csv") == []
+
+
+# ---- class weights and the probe's numbers
+
+
+@pytest.mark.parametrize("text, match", [
+    ("cat 1e39\ndog 1\n", r"cat=1e\+39 \(inf in float32\)"),
+    ("cat 1\ndog 1e-50\n", r"dog=1e-50 \(0 in float32\)"),
+    ("cat 3e38\ndog 3e38\n", r"sum to inf in float32"),
+    ("cat 1\ndog 2\n# again\ncat 3\n", r"class cat is on lines 1 and 4"),
+])
+def test_weight_files_checked_in_float32_and_once_per_class(tmp_path, text, match):
+    f = tmp_path / "w.txt"
+    f.write_text(text)
+    with pytest.raises(ClassWeightError, match=match):
+        class_weights(str(f), torch.tensor([0, 1]), ["cat", "dog"])
+
+
+@pytest.mark.parametrize("field, value, option", [
+    ("lr", float("inf"), "--lr"), ("lr", 1e30, "--lr"), ("lr", float("nan"), "--lr"), ("lr", 0.0, "--lr"),
+    ("weight_decay", float("inf"), "--weight-decay"), ("weight_decay", float("nan"), "--weight-decay"),
+    ("weight_decay", -1.0, "--weight-decay"), ("weight_decay", 100.0, "--weight-decay"),  # lr * wd >= 1
+    ("label_smoothing", float("nan"), "--label-smoothing"), ("label_smoothing", 1.0, "--label-smoothing"),
+    ("epochs", 0, "--epochs"), ("beta", float("inf"), "--beta"), ("knn_temperature", float("inf"), "--knn-temperature"),
+    ("batch_size", 0, "--probe-batch-size"), ("knn_k", 0, "--knn-k"),
+])
+def test_probe_options_are_checked_naming_the_option(field, value, option):
+    check_probe_options(ProbeOptions())
+    check_probe_options(ProbeOptions(lr=1.0, weight_decay=0.5, label_smoothing=0.1))
+    with pytest.raises(ConfigError, match=f"^{option} must be"):
+        check_probe_options(ProbeOptions(**{field: value}))
+
+
+def test_diverging_probe_stops_with_a_message():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+    with pytest.raises(ProbeDivergedError, match=r"diverged at epoch 1 .*lower --lr \(now 1e\+30\)"):
+        train_linear_probe(x, y, 3, epochs=3, lr=1e30, batch_size=16, progress=False)
+    with pytest.raises(ProbeDivergedError, match="diverged"):
+        train_linear_probe(x, (y == 0).long().unsqueeze(1), 1, epochs=3, lr=float("inf"), progress=False,
+                           objective="binary")
+    train_linear_probe(x, y, 3, epochs=3, lr=1.0, batch_size=16, progress=False)  # high but stable
+
+
+# ---- device and precision
+
+
+def test_cuda_without_a_gpu_names_the_option(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^train.device=cuda but no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match=r"^--device=cuda but no CUDA device"):
+        resolve_device("cuda", option="--device")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_precision_on_a_cpu(monkeypatch, caplog):
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="train.precision=fp16 on a CPU: .*65x slower"):
+        resolve_dtype("fp16", cpu)
+    monkeypatch.setattr("simxent.runtime.cpu_supports_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        assert resolve_dtype("bf16", cpu) is torch.bfloat16
+    assert "train.precision=bf16 on a CPU without native bf16" in caplog.text
+    # Linear evaluation cannot change the checkpoint's precision: on a CPU it falls back to auto.
+    monkeypatch.setattr("simxent.linear_eval.cpu_supports_bf16", lambda: False)
+    assert feature_dtype("fp16", cpu) is None and feature_dtype("bf16", cpu) is None
+    assert feature_dtype("fp32", cpu) is None
+
+
+def test_a_slow_training_step_is_reported(shapes_run_args, monkeypatch, caplog):
+    monkeypatch.setattr(SlowStepWatch, "limit", 0.0)  # every step counts as slow: the warning comes once
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        pretrain(load_config(None, shapes_run_args), progress=False)
+    assert caplog.text.count("a training step took") == 1
+    assert "train.max_time, SIGTERM and Ctrl-C are only seen between steps" in caplog.text
+
+
+# ---- through the commands
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A one-step pretraining run on 20 shape images, and the shapes."""
+    root = tmp_path_factory.mktemp("inputs")
+    shapes = make_shapes(root / "shapes", train_per_class=4, test_per_class=2, size=16)
+    cfg = load_config(None, [*TINY_RUN, f"data.train={shapes / 'train'}", "train.epochs=1", "eval.every=0",
+                             "data.cache=false", f"out={root / 'run'}"])
+    pretrain(cfg, progress=False)
+    return root / "run", shapes
+
+
+@pytest.fixture
+def shapes_run_args(tmp_path):
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=4, test_per_class=1, size=16)
+    return [*TINY_RUN, f"data.train={shapes / 'train'}", "train.epochs=2", "eval.every=0", f"out={tmp_path / 'run'}"]
+
+
+def evaluate(ckpt, shapes, *more):
+    return linear_eval_main(["--checkpoint", str(ckpt), "--train", str(shapes / "train"), "--test",
+                             str(shapes / "test"), "--epochs", "2", "--knn-k", "3", "--workers", "0",
+                             "--no-progress", *more])
+
+
+def test_device_and_precision_errors_exit_2_naming_the_option(run, tmp_path, monkeypatch, capsys):
+    run_dir, shapes = run
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert evaluate(run_dir / "checkpoints" / "last.pt", shapes, "--device", "cuda") == 2
+    err = capsys.readouterr().err
+    assert "--device=cuda but no CUDA device" in err and "train.device" not in err
+    base = [*TINY_RUN, f"data.train={shapes / 'train'}", "train.epochs=1", f"out={tmp_path / 'r'}"]
+    assert pretrain_main([*base, "train.device=cuda"]) == 2
+    assert "train.device=cuda but no CUDA device" in capsys.readouterr().err
+    assert pretrain_main([*base, "train.device=cpu", "train.precision=fp16"]) == 2
+    assert "train.precision=fp16 on a CPU" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_bad_options_and_outputs_stop_before_decoding(run, tmp_path, monkeypatch, capsys):
+    run_dir, shapes = run
+
+    def no_decoding(*a, **k):
+        raise AssertionError("images decoded before the options were checked")
+    monkeypatch.setattr("simxent.linear_eval.load_configured", no_decoding)
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    assert evaluate(ckpt, shapes, "--lr", "inf") == 2
+    assert "--lr must be a number in (0, 1], got inf" in capsys.readouterr().err
+    assert evaluate(ckpt, shapes, "--json", str(tmp_path)) == 2
+    assert f"--json {tmp_path} is a folder" in capsys.readouterr().err
+    assert evaluate(ckpt, shapes, "--objective", "multilabel", "--train-labels", str(tmp_path / "none.csv"),
+                    "--test-labels", str(tmp_path / "none.csv")) == 2
+    assert "--train-labels: label file not found" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("")
+    assert evaluate(ckpt, shapes, "--out", str(tmp_path / "taken")) == 2
+    assert "--out: cannot write in" in capsys.readouterr().err
+
+
+def test_diverging_probe_exits_2(run, monkeypatch, capsys):
+    run_dir, shapes = run
+    for module in ("simxent.cli", "simxent.linear_eval"):  # let an lr through that the checks refuse
+        monkeypatch.setattr(f"{module}.check_probe_options", lambda opts: None)
+    assert evaluate(run_dir / "checkpoints" / "last.pt", shapes, "--lr", "1e30") == 2
+    assert "simxent: error: linear probe diverged at epoch" in capsys.readouterr().err
+
+
+def test_outputs_go_beside_a_loose_checkpoint(run, tmp_path, monkeypatch):
+    run_dir, shapes = run
+    here = tmp_path / "here"
+    (here / "checkpoints").mkdir(parents=True)  # a folder named checkpoints, but no run around it
+    shutil.copy(run_dir / "checkpoints" / "last.pt", here / "model.pt")
+    monkeypatch.chdir(here)
+    assert evaluate("model.pt", shapes) == 0
+    assert (here / "linear_eval" / "figures").is_dir() and any((here / "linear_eval" / "tb").iterdir())
+    assert not [p.name for p in tmp_path.iterdir() if p.name not in ("here", "cache")]  # nothing in the parent
+    assert default_out(run_dir / "checkpoints" / "last.pt") == run_dir / "linear_eval"
+    assert default_out(here / "model.pt") == here / "linear_eval"
+    assert default_out(here / "checkpoints" / "x.pt") == here / "checkpoints" / "linear_eval"
+
+
+def test_multilabel_csv_with_header_and_a_label_without_test_positives(run, tmp_path, capsys):
+    run_dir, shapes = run
+
+    def write_csv(split, labels_of):
+        rows = ["file,labels"] + [f'"{f.relative_to(shapes / split).as_posix()}",{";".join(labels_of(f.parent.name))}'
+                                  for f in sorted((shapes / split).rglob("*.png"))]
+        (tmp_path / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    write_csv("train", lambda shape: ["round"] if shape in ("circle", "ring") else ["straight"])
+    write_csv("test", lambda shape: ["straight"] if shape not in ("circle", "ring") else [])
+    report = tmp_path / "r.json"
+    assert evaluate(run_dir / "checkpoints" / "last.pt", shapes, "--objective", "multilabel", "--train-labels",
+                    str(tmp_path / "train.csv"), "--test-labels", str(tmp_path / "test.csv"), "--json",
+                    str(report)) == 0
+    assert "round have no positive test image" in capsys.readouterr().err
+    strict = json.loads(report.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    linear = strict["pretrained"]["linear"]
+    assert linear["ap_undefined"] == ["round"] and linear["per_label_ap"]["round"] is None
+    assert linear["mAP"] == linear["per_label_ap"]["straight"]
+    write_csv("test", lambda shape: [])
+    assert evaluate(run_dir / "checkpoints" / "last.pt", shapes, "--objective", "multilabel", "--train-labels",
+                    str(tmp_path / "train.csv"), "--test-labels", str(tmp_path / "test.csv")) == 2
+    assert "no test image has any label" in capsys.readouterr().err
