@@ -4,11 +4,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from simxent.checkpoint import load_checkpoint
 from simxent.config import LEARNT_TEMPERATURE_RANGE, LossConfig, ModelConfig, OptimConfig, load_config
 from simxent.loss import Temperature, nt_xent
 from simxent.models import SimCLR
+from simxent.demo import make_shapes
 from simxent.schedule import LARS, build_optimizer, lr_at, param_groups, peak_lr, set_lr
+from simxent.train import pretrain
+from tests.conftest import TINY_RUN
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -135,7 +140,8 @@ def test_learnt_temperature_stays_in_range_and_the_loss_falls_at_every_presets_l
     for (lr, start), preset in preset_settings(batch).items():
         temperatures, losses = train_with_learnt_temperature(name, lr, start, batch)
         where = f"{name} at {preset}'s lr {lr:.4g}"
-        assert lo < min(temperatures) and max(temperatures) < hi, f"{where}: t in [{min(temperatures)}, {max(temperatures)}]"
+        low, high = min(temperatures), max(temperatures)
+        assert lo < low and high < hi, f"{where}: t in [{low}, {high}]"
         assert sum(losses[-10:]) < sum(losses[:10]), f"{where}: loss {losses[:10]} ... {losses[-10:]}"
 
 
@@ -163,3 +169,22 @@ def train_with_learnt_temperature(name: str, lr: float, start: float, batch: int
         temperatures.append(t.item())
         losses.append(loss.item())
     return temperatures, losses
+
+
+def test_pretraining_gives_the_learnt_temperature_its_own_lr(tmp_path):
+    """Through the real run: with loss.temperature_lr=0 the logged t stays at its start while the encoder
+    trains at lr 0.1 (in the encoder's groups it would move), and the checkpoint keeps its group."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    run = tmp_path / "run"
+    pretrain(load_config(None, [*TINY_RUN, f"data.train={shapes / 'train'}", "train.epochs=1", "train.log_every=1",
+                                "eval.every=0", "eval.projector=0", f"out={run}", "loss.learn_temperature=true",
+                                "loss.temperature=0.3", "loss.temperature_lr=0"]), progress=False)
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    logged = [e.value for e in acc.Scalars("train/temperature")]
+    assert len(logged) == 2 and logged == pytest.approx([0.3, 0.3], rel=1e-6)
+    assert all(e.value > 0 for e in acc.Scalars("train/lr"))
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    group = state["optimizer"]["param_groups"][-1]
+    assert group["temperature"] and group["weight_decay"] == 0 and group["lr"] == 0
+    assert state["temperature"]["log_t"].item() == pytest.approx(math.log(0.3))
