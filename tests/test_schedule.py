@@ -1,21 +1,19 @@
 """Learning-rate rule and schedule, parameter groups, and LARS against its formula."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from simxent.checkpoint import load_checkpoint
-from simxent.config import LEARNT_TEMPERATURE_RANGE, LossConfig, ModelConfig, OptimConfig, load_config
+from simxent.config import (LEARNT_TEMPERATURE_RANGE, LossConfig, ModelConfig, OptimConfig, load_config,
+                            preset_names)
+from simxent.demo import make_shapes
 from simxent.loss import Temperature, nt_xent
 from simxent.models import SimCLR
-from simxent.demo import make_shapes
 from simxent.schedule import LARS, build_optimizer, lr_at, param_groups, peak_lr, set_lr
 from simxent.train import pretrain
 from tests.conftest import TINY_RUN
-
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
 def test_scaling_rules():
@@ -112,9 +110,9 @@ def preset_settings(batch: int) -> dict[tuple[float, float], str]:
     """Every preset's (peak lr under its own scaling rule at the test's batch, temperature), named by one
     preset that has it (cpu and demo share theirs)."""
     settings = {}
-    for path in sorted(CONFIGS.glob("*.yaml")):
-        cfg = load_config(path)
-        settings.setdefault((peak_lr(cfg.optim, batch), cfg.loss.temperature), path.stem)
+    for name in preset_names():
+        cfg = load_config(name)
+        settings.setdefault((peak_lr(cfg.optim, batch), cfg.loss.temperature), name)
     return settings
 
 
