@@ -82,10 +82,11 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def temperature_group(temperature: nn.Module, lr: float) -> list[dict]:
-    """A learnt temperature's own group: its own absolute lr (not scaled with the batch), no weight decay
-    and no LARS trust ratio. In the biases' group it would take the encoder's lr, which under SGD and
-    LARS drives t to 1e-4 or 1e10 within some 20 steps. Empty for a fixed temperature."""
+def temperature_group(temperature: nn.Module) -> list[dict]:
+    """A learnt temperature's own group (its lr is set apart from the encoder's, absolute, not scaled with
+    the batch): no weight decay and no LARS trust ratio. In the biases' group it would take the encoder's
+    lr, which under SGD and LARS at the presets' rates drives t below 0.005 within a few hundred steps,
+    or far above 1. Empty for a fixed temperature."""
     params = [p for p in temperature.parameters() if p.requires_grad]
     return [{"params": params, "weight_decay": 0.0, "lars": False, "temperature": True}] if params else []
 
@@ -95,7 +96,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, temperature: 
     """``model``'s SimCLR groups at ``lr``, and a learnt ``temperature`` in its group at ``temperature_lr``."""
     groups = param_groups(model, cfg.weight_decay)
     if temperature is not None:
-        groups += temperature_group(temperature, temperature_lr)
+        groups += temperature_group(temperature)
     for g in groups:
         g["lr"] = temperature_lr if g.get("temperature") else lr
     if cfg.name == "lars":
