@@ -21,6 +21,12 @@ from typing import Any, Optional
 import yaml
 
 
+# The range a learnt temperature is kept in (simxent.loss.Temperature). 0.01 is CLIP's bound (logit scale
+# <= 100); the loss's gradients grow as 1/t below it. At 1 the logits span only [-1, 1], the softmax over
+# 2N - 1 candidates is nearly flat and little is learnt. SimCLR's temperature study spans 0.05 to 1.
+LEARNT_TEMPERATURE_RANGE = (0.01, 1.0)
+
+
 class ConfigError(ValueError):
     """A configuration mistake, reported with the offending key or file."""
 
@@ -71,8 +77,11 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    temperature: float = setting(0.5, "NT-Xent temperature")
-    learn_temperature: bool = setting(False, "learn log(temperature), starting at loss.temperature")
+    temperature: float = setting(0.5, "NT-Xent temperature (if learnt, its start: in [0.01, 1])")
+    learn_temperature: bool = setting(False, "learn log(temperature), starting at loss.temperature, kept in "
+                                             "[0.01, 1]")
+    temperature_lr: float = setting(1e-3, "the learnt log(temperature)'s own lr: not batch-scaled, same warm-up "
+                                          "and cosine, no weight decay or LARS adaptation")
 
 
 @dataclass
@@ -453,6 +462,10 @@ def validate(cfg: Config) -> None:
     check(cfg.model.head_hidden >= 1, "model.head_hidden", ">= 1")
     check(cfg.model.head_out >= 1, "model.head_out", ">= 1")
     check(cfg.loss.temperature > 0, "loss.temperature", "> 0")
+    lo, hi = LEARNT_TEMPERATURE_RANGE
+    check(not cfg.loss.learn_temperature or lo <= cfg.loss.temperature <= hi, "loss.temperature",
+          f"in [{lo}, {hi}] with loss.learn_temperature=true")
+    check(cfg.loss.temperature_lr >= 0, "loss.temperature_lr", ">= 0")
     check(cfg.optim.lr >= 0, "optim.lr", ">= 0")
     check(cfg.optim.weight_decay >= 0, "optim.weight_decay", ">= 0")
     check(0 <= cfg.optim.momentum < 1, "optim.momentum", "[0, 1)")

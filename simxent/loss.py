@@ -12,15 +12,32 @@ the anchors' own block starts at ``rank * 2n``.
 
 Two exact forms of it: the one-matrix form (any number of processes, any device) and, for one process on
 a CPU, a symmetric form that does 1.75 instead of 3 matrix products' arithmetic (forward and backward).
+Both run in float32 (or float64) whatever the autocast state: at t = 0.05, logits up to 20 rounded to
+bf16's 8 bits lose the loss altogether.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .config import LEARNT_TEMPERATURE_RANGE
+
+
+def _without_autocast(backward):
+    """Run an autograd Function's backward outside autocast: a ``loss.backward()`` called inside an
+    autocast region would otherwise run its products in half precision."""
+
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        with torch.autocast(grads[0].device.type, enabled=False):
+            return backward(ctx, *grads)
+
+    return wrapped
 
 
 class _MaskedSimilarityCrossEntropy(torch.autograd.Function):
@@ -51,6 +68,7 @@ class _MaskedSimilarityCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_loss):
         q, c, inv_t, g = ctx.saved_tensors
         m = q.shape[0]
@@ -102,6 +120,7 @@ class _SymmetricNTXent(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_loss):
         z, norm, inv_t, e_top, e_c, r_a, r_b = ctx.saved_tensors
         n = z.shape[0] // 2
@@ -130,27 +149,41 @@ def nt_xent(
     """NT-Xent over the views ``z1[i] <-> z2[i]`` against every other view (all processes' with
     ``gather``): cross entropy over one (2n, 2N) cosine-similarity matrix scaled by 1/t, each anchor's own
     column masked, the other view of its image the target. Half-precision embeddings are promoted to
-    float32: the softmax needs the range. Without ``gather`` (all views local), on a CPU and with
-    t >= 1 / SYMMETRIC_MAX_INV_T, the symmetric form computes it; everything else the one-matrix form
-    (the same loss, tested against each other)."""
-    x = torch.cat([_at_least_float32(z1), _at_least_float32(z2)])
-    if torch.is_tensor(temperature):
-        inv_t = (1 / temperature).to(dtype=x.dtype, device=x.device)
-    else:
-        # A CPU scalar works with tensors on any device; copying it to a GPU would wait for the stream.
-        inv_t = torch.tensor(1 / temperature, dtype=x.dtype)
-    # GPUs keep the one-matrix form, the one measured there; the symmetric form was measured on CPUs only.
-    if gather is None and x.device.type == "cpu" and float(inv_t.detach()) <= SYMMETRIC_MAX_INV_T:
-        return _SymmetricNTXent.apply(x, inv_t)
-    z = F.normalize(x, dim=1)
-    return _MaskedSimilarityCrossEntropy.apply(z, z if gather is None else gather(z), inv_t, rank * z.shape[0])
+    float32 and autocast is off inside (also in backward): the softmax needs the range. Without ``gather``
+    (all views local), on a CPU and with t >= 1 / SYMMETRIC_MAX_INV_T, the symmetric form computes it;
+    everything else the one-matrix form (the same loss, tested against each other)."""
+    if z1.ndim != 2 or z1.shape != z2.shape:
+        raise ValueError(f"nt_xent: z1 and z2 must be (n, d) with the same shape (row i of each are the two "
+                         f"views of image i), got z1 {tuple(z1.shape)} and z2 {tuple(z2.shape)}")
+    with torch.autocast(z1.device.type, enabled=False):
+        x = torch.cat([_at_least_float32(z1), _at_least_float32(z2)])
+        if torch.is_tensor(temperature):
+            inv_t = (1 / temperature.to(dtype=x.dtype)).to(device=x.device)
+        else:
+            # A CPU scalar works with tensors on any device; copying it to a GPU would wait for the stream.
+            inv_t = torch.tensor(1 / temperature, dtype=x.dtype)
+        # GPUs keep the one-matrix form, the one measured there; the symmetric form was measured on CPUs only.
+        if gather is None and x.device.type == "cpu" and float(inv_t.detach()) <= SYMMETRIC_MAX_INV_T:
+            return _SymmetricNTXent.apply(x, inv_t)
+        z = F.normalize(x, dim=1)
+        return _MaskedSimilarityCrossEntropy.apply(z, z if gather is None else gather(z), inv_t, rank * z.shape[0])
 
 
 class Temperature(nn.Module):
-    """A fixed temperature, or a learnable one kept positive as exp(log t)."""
+    """A fixed temperature, or a learnable one, t = exp(log t), kept in LEARNT_TEMPERATURE_RANGE.
+
+    The learnable log t is projected onto [log 0.01, log 1] in place at every call, before it is used
+    (CLIP's training clamps its logit scale the same way after each step). So t never leaves the range,
+    and at a bound the gradient is the plain one: a step outwards is undone at the next call, a step
+    inwards moves t off the bound. A clamp inside the graph instead would give zero gradient beyond the
+    bound, and a parameter carried past it by momentum would stay stuck there.
+    """
 
     def __init__(self, value: float, learnable: bool = False):
         super().__init__()
+        lo, hi = LEARNT_TEMPERATURE_RANGE
+        if learnable and not lo <= value <= hi:
+            raise ValueError(f"a learnt temperature starts in [{lo}, {hi}], got {value}")
         log_t = torch.tensor(math.log(value))
         if learnable:
             self.log_t = nn.Parameter(log_t)
@@ -158,6 +191,9 @@ class Temperature(nn.Module):
             self.register_buffer("log_t", log_t)
 
     def forward(self) -> torch.Tensor:
+        if self.log_t.requires_grad:
+            with torch.no_grad():
+                self.log_t.clamp_(*(math.log(b) for b in LEARNT_TEMPERATURE_RANGE))
         return self.log_t.exp()
 
 

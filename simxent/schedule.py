@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -81,8 +82,23 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def temperature_group(temperature: nn.Module) -> list[dict]:
+    """A learnt temperature's own group (its lr is set apart from the encoder's, absolute, not scaled with
+    the batch): no weight decay and no LARS trust ratio. In the biases' group it would take the encoder's
+    lr, which under SGD and LARS at the presets' rates drives t below 0.005 within a few hundred steps,
+    or far above 1. Empty for a fixed temperature."""
+    params = [p for p in temperature.parameters() if p.requires_grad]
+    return [{"params": params, "weight_decay": 0.0, "lars": False, "temperature": True}] if params else []
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, temperature: Optional[nn.Module] = None,
+                    temperature_lr: float = 0.0) -> torch.optim.Optimizer:
+    """``model``'s SimCLR groups at ``lr``, and a learnt ``temperature`` in its group at ``temperature_lr``."""
     groups = param_groups(model, cfg.weight_decay)
+    if temperature is not None:
+        groups += temperature_group(temperature)
+    for g in groups:
+        g["lr"] = temperature_lr if g.get("temperature") else lr
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum)
     for g in groups:
@@ -90,3 +106,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, fraction: float, peak: float, temperature_lr: float) -> float:
+    """Every group at ``fraction`` (from :func:`lr_at` with peak 1) of its peak: ``peak`` for the encoder
+    and head, ``temperature_lr`` for the temperature's group, which so follows the same warm-up and
+    cosine. Returns the encoder's lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = fraction * (temperature_lr if group.get("temperature") else peak)
+    return fraction * peak

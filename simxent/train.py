@@ -35,7 +35,7 @@ from .models import SimCLR
 from .monitor import Monitor
 from .runtime import (SlowStepWatch, configure_device, resolve_device, resolve_dtype, rng_state, seed_everything,
                       set_rng_state, set_threads, setup_logging)
-from .schedule import build_optimizer, lr_at, peak_lr
+from .schedule import build_optimizer, lr_at, peak_lr, set_lr
 
 log = logging.getLogger("simxent")
 
@@ -353,7 +353,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
     total_steps = cfg.train.epochs * steps_per_epoch
     warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
     peak = peak_lr(cfg.optim, batch)
-    optimizer = build_optimizer(nn.ModuleList([net, temperature]), cfg.optim, peak)
+    optimizer = build_optimizer(net, cfg.optim, peak, temperature, cfg.loss.temperature_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     resume = _resume_path(cfg)
@@ -407,9 +407,8 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
         upcoming, rng_before_prefetch = prefetch(), None
         while upcoming is not None:
             step, x, views, _ = upcoming
-            lr = lr_at(pos.global_step, total_steps, warmup, peak, cfg.optim.min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            fraction = lr_at(pos.global_step, total_steps, warmup, 1.0, cfg.optim.min_lr)
+            lr = set_lr(optimizer, fraction, peak, cfg.loss.temperature_lr)
             slow_steps.start()
             t = temperature()
             loss, z1, z2 = step_loss(model, views, t, device, dtype)

@@ -63,6 +63,7 @@ def test_unknown_override_and_section():
     ("loss.temperature=0", "loss.temperature.*out of range"),
     ("loss.temperature=-1", "loss.temperature.*out of range"),
     ("optim.lr=-0.1", "optim.lr.*out of range"),
+    ("loss.temperature_lr=-0.001", "loss.temperature_lr.*out of range"),
     ("augment.crop_scale=[0.0, 1.0]", "augment.crop_scale.*out of range"),
     ("augment.crop_scale=[0.5, 1.5]", "augment.crop_scale.*out of range"),
     ("augment.crop_scale=0.5", "augment.crop_scale: expected a list of 2"),
@@ -74,6 +75,12 @@ def test_unknown_override_and_section():
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_a_learnt_temperature_starts_inside_its_range():
+    with pytest.raises(ConfigError, match=r"loss.temperature: 2.0 is out of range \(in \[0.01, 1.0\] with "):
+        load_config(None, ["loss.learn_temperature=true", "loss.temperature=2.0"])
+    assert load_config(None, ["loss.temperature=2.0"]).loss.temperature == 2.0  # a fixed one: any t > 0
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -1,10 +1,12 @@
 """NT-Xent against a loop written from the formula, and its gradient against float64 autograd."""
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from simxent.config import LEARNT_TEMPERATURE_RANGE
 from simxent.loss import SYMMETRIC_MAX_INV_T, Temperature, contrastive_stats, nt_xent
 
 # One process on a CPU takes the symmetric form; any gather (here one that returns its input, as a single
@@ -171,3 +173,68 @@ def test_a_one_process_training_step_takes_the_symmetric_form():
     assert "Symmetric" in loss.grad_fn.name()
     z = torch.randn(6, 4, requires_grad=True)
     assert "Symmetric" not in nt_xent(z[:3], z[3:], 0.5, **FORMS["one_matrix"]).grad_fn.name()
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_inside_bf16_autocast_the_loss_and_gradients_stay_float32(form):
+    """At t = 0.05 logits reach 20, where bf16 keeps steps of 0.125: a loss computed in bf16 comes out
+    near 0 or negative. Called, and differentiated, inside a CPU autocast region, the loss must equal its
+    float32 value and a float64 reference, gradients (the temperature's included) too."""
+    g = torch.Generator().manual_seed(10)
+    z1 = torch.randn(8, 16, generator=g, dtype=torch.float64)
+    z2 = z1 + 1.5 * torch.randn(8, 16, generator=g, dtype=torch.float64)  # a loss near 1 at t = 0.05
+    ref_inputs = [z1.clone().requires_grad_(), z2.clone().requires_grad_(), torch.tensor(0.05, dtype=torch.float64,
+                                                                                          requires_grad=True)]
+    expected = nt_xent_reference(*ref_inputs)
+    expected.backward()
+
+    def float32_loss_and_grads(autocast: bool):
+        inputs = [x.detach().float().requires_grad_() for x in ref_inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = nt_xent(*inputs, **FORMS[form])
+            loss.backward()
+        return loss, [x.grad for x in inputs]
+
+    plain, plain_grads = float32_loss_and_grads(autocast=False)
+    inside, inside_grads = float32_loss_and_grads(autocast=True)
+    assert inside.dtype == torch.float32
+    assert inside.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert inside.item() == pytest.approx(expected.item(), rel=1e-5)
+    for mine, flat, want in zip(inside_grads, plain_grads, (x.grad for x in ref_inputs)):
+        assert mine.dtype == torch.float32
+        torch.testing.assert_close(mine, flat, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine.double(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("shapes", [((4, 8), (3, 8)), ((4, 8), (4, 6)), ((8,), (8,))])
+def test_views_of_different_shapes_are_refused(shapes, form):
+    """Row i of z1 and of z2 are the two views of image i: a mismatch would pair the wrong rows."""
+    z1, z2 = torch.randn(shapes[0]), torch.randn(shapes[1])
+    both = re.escape(f"z1 {tuple(z1.shape)} and z2 {tuple(z2.shape)}")
+    with pytest.raises(ValueError, match=both):
+        nt_xent(z1, z2, 0.5, **FORMS[form])
+
+
+def test_learnt_temperature_is_projected_into_its_range_and_moves_off_a_bound():
+    lo, hi = LEARNT_TEMPERATURE_RANGE
+    temp = Temperature(0.5, learnable=True)
+    for outside, bound in ((1e-4, lo), (3.6e10, hi)):
+        with torch.no_grad():
+            temp.log_t.fill_(math.log(outside))
+        assert temp().item() == pytest.approx(bound, rel=1e-6)
+        assert temp.log_t.item() == pytest.approx(math.log(bound))  # the parameter itself, not only t
+    # At the lower bound: a loss that wants t smaller still has its plain gradient d(t)/d(log t) = t; the
+    # step outwards is undone at the next call, while a loss that wants t larger moves t off the bound.
+    opt = torch.optim.SGD(temp.parameters(), lr=1.0)
+    for sign, moved_off in ((1, False), (-1, True)):
+        with torch.no_grad():
+            temp.log_t.fill_(math.log(lo))
+        opt.zero_grad()
+        (sign * temp()).backward()
+        assert temp.log_t.grad.item() == pytest.approx(sign * lo)
+        opt.step()
+        assert (temp().item() > lo * (1 + 1e-6)) is moved_off
+    with pytest.raises(ValueError, match="learnt temperature"):
+        Temperature(2.0, learnable=True)
+    assert Temperature(2.0)().item() == pytest.approx(2.0)  # a fixed temperature is the user's to choose

@@ -3,11 +3,17 @@ import math
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from simxent.config import OptimConfig
+from simxent.checkpoint import load_checkpoint
+from simxent.config import (LEARNT_TEMPERATURE_RANGE, LossConfig, ModelConfig, OptimConfig, load_config,
+                            preset_names)
+from simxent.demo import make_shapes
+from simxent.loss import Temperature, nt_xent
 from simxent.models import SimCLR
-from simxent.config import ModelConfig
-from simxent.schedule import LARS, build_optimizer, lr_at, param_groups, peak_lr
+from simxent.schedule import LARS, build_optimizer, lr_at, param_groups, peak_lr, set_lr
+from simxent.train import pretrain
+from tests.conftest import TINY_RUN
 
 
 def test_scaling_rules():
@@ -78,3 +84,105 @@ def test_lars_on_many_tensors_over_steps_matches_a_per_tensor_loop():
             ref[i] = ref[i] - 0.3 * momentum[i]
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.detach(), r)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lars"])
+def test_learnt_temperature_has_its_own_group(name):
+    """Its own lr, no weight decay, no LARS trust ratio: one step moves log t by exactly -lr * grad."""
+    model = SimCLR(ModelConfig(backbone="convnet", head_hidden=16))
+    temp = Temperature(0.5, learnable=True)
+    opt = build_optimizer(model, OptimConfig(name=name, weight_decay=0.1), 0.3, temp, temperature_lr=0.005)
+    *encoder_groups, group = opt.param_groups
+    assert group["params"] == [temp.log_t] and group["weight_decay"] == 0 and group["lr"] == 0.005
+    assert not group.get("lars") and [g["lr"] for g in encoder_groups] == [0.3, 0.3]
+    assert len(build_optimizer(model, OptimConfig(name=name), 0.3, Temperature(0.5), 0.005).param_groups) == 2
+    assert set_lr(opt, 0.25, 0.3, 0.005) == pytest.approx(0.075)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.075, 0.075, 0.00125])
+    before = temp.log_t.item()
+    temp.log_t.grad = torch.tensor(-2.0)
+    opt.step()
+    # AdamW's first step is lr * sign(grad) (bias-corrected m / sqrt(v)); SGD's and LARS's is lr * grad.
+    moved = 0.00125 * (-1.0 if name == "adamw" else -2.0)
+    assert temp.log_t.item() == pytest.approx(before - moved, rel=1e-5)
+
+
+def preset_settings(batch: int) -> dict[tuple[float, float], str]:
+    """Every preset's (peak lr under its own scaling rule at the test's batch, temperature), named by one
+    preset that has it (cpu and demo share theirs)."""
+    settings = {}
+    for name in preset_names():
+        cfg = load_config(name)
+        settings.setdefault((peak_lr(cfg.optim, batch), cfg.loss.temperature), name)
+    return settings
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny products: one thread is some 20 times faster than two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])
+def test_learnt_temperature_stays_in_range_and_the_loss_falls_at_every_presets_lr(name):
+    """200 steps of a small encoder on two noisy views of random points, the temperature learnt in its
+    group at the default loss.temperature_lr, warm-up and cosine as in training. In the biases' group,
+    SGD and LARS at cifar10's and imagenet's rates took t below 0.005 within the run. Here t stays strictly
+    inside the range: the group alone keeps it sane, the projection onto the range is only a safety net
+    (tested in test_loss)."""
+    lo, hi = LEARNT_TEMPERATURE_RANGE
+    batch = 32
+    for (lr, start), preset in preset_settings(batch).items():
+        temperatures, losses = train_with_learnt_temperature(name, lr, start, batch)
+        where = f"{name} at {preset}'s lr {lr:.4g}"
+        low, high = min(temperatures), max(temperatures)
+        assert lo < low and high < hi, f"{where}: t in [{low}, {high}]"
+        assert sum(losses[-10:]) < sum(losses[:10]), f"{where}: loss {losses[:10]} ... {losses[-10:]}"
+
+
+def train_with_learnt_temperature(name: str, lr: float, start: float, batch: int, steps: int = 200, dim: int = 16):
+    """The temperature used and the loss at every step of a small MLP trained with NT-Xent on two noisy
+    views of 256 fixed random points, through build_optimizer and set_lr as in training (20 warm-up steps)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(256, dim, generator=g)
+    net = torch.nn.Sequential(torch.nn.Linear(dim, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
+                              torch.nn.Linear(64, 16))
+    temp = Temperature(start, learnable=True)
+    temperature_lr = LossConfig().temperature_lr
+    opt = build_optimizer(net, OptimConfig(name=name, weight_decay=1e-6), lr, temp, temperature_lr)
+    temperatures, losses = [], []
+    for step in range(steps):
+        set_lr(opt, lr_at(step, steps, 20, 1.0), lr, temperature_lr)
+        x = points[torch.randint(0, len(points), (batch,), generator=g)]
+        views = torch.cat([x + 0.3 * torch.randn(x.shape, generator=g) for _ in range(2)])
+        t = temp()
+        loss = nt_xent(*net(views).chunk(2), t)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        temperatures.append(t.item())
+        losses.append(loss.item())
+    return temperatures, losses
+
+
+def test_pretraining_gives_the_learnt_temperature_its_own_lr(tmp_path):
+    """Through the real run: with loss.temperature_lr=0 the logged t stays at its start while the encoder
+    trains at lr 0.1 (in the encoder's groups it would move), and the checkpoint keeps its group."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    run = tmp_path / "run"
+    pretrain(load_config(None, [*TINY_RUN, f"data.train={shapes / 'train'}", "train.epochs=1", "train.log_every=1",
+                                "eval.every=0", "eval.projector=0", f"out={run}", "loss.learn_temperature=true",
+                                "loss.temperature=0.3", "loss.temperature_lr=0"]), progress=False)
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    logged = [e.value for e in acc.Scalars("train/temperature")]
+    assert len(logged) == 2 and logged == pytest.approx([0.3, 0.3], rel=1e-6)
+    assert all(e.value > 0 for e in acc.Scalars("train/lr"))
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    group = state["optimizer"]["param_groups"][-1]
+    assert group["temperature"] and group["weight_decay"] == 0 and group["lr"] == 0
+    assert state["temperature"]["log_t"].item() == pytest.approx(math.log(0.3))
