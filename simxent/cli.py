@@ -137,6 +137,8 @@ def linear_eval_main(argv=None) -> int:
     p.add_argument("--image-size", type=int,
                    help=f"decode size in px, 8 to {MAX_IMAGE_SIZE} (default: the checkpoint's data.image_size; "
                         f"32 with --backbone)")
+    p.add_argument("--precision", choices=CHOICES["train.precision"],
+                   help="feature precision (default: the checkpoint's train.precision; auto with --backbone)")
     p.add_argument("--cache-dir", help="decoded-image cache (default: $SIMXENT_CACHE or ~/.cache/simxent)")
     p.add_argument("--train", required=True, help="labelled training folder (one sub-folder per class)")
     p.add_argument("--test", required=True, help="labelled test folder with the same classes")
@@ -162,7 +164,7 @@ def linear_eval_main(argv=None) -> int:
                               a.device, a.workers, not a.no_cache, not a.no_progress, objective=a.objective,
                               positive_class=a.positive_class, train_labels=a.train_labels,
                               test_labels=a.test_labels, backbone_name=a.backbone, cifar_stem=a.cifar_stem,
-                              image_size=a.image_size, cache_dir=a.cache_dir)
+                              image_size=a.image_size, cache_dir=a.cache_dir, precision=a.precision)
         print(format_results(results))
         return 0
 

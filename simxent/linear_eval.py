@@ -287,14 +287,14 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
                 objective: str = "multiclass", positive_class: Optional[str] = None,
                 train_labels: Optional[str | Path] = None, test_labels: Optional[str | Path] = None,
                 backbone_name: Optional[str] = None, cifar_stem: bool = False, image_size: Optional[int] = None,
-                cache_dir: Optional[str | Path] = None) -> dict:
+                cache_dir: Optional[str | Path] = None, precision: Optional[str] = None) -> dict:
     """Score a pretrained checkpoint (and, with ``random_init``, an untrained twin) on labelled folders.
 
     ``objective``: ``multiclass`` (class folders), ``binary`` (two class folders, ``positive_class`` is 1)
     or ``multilabel`` (labels from ``train_labels`` / ``test_labels`` CSVs of ``file,label;label``).
     ``backbone_name`` scores a plain state dict instead (see :func:`encoder_to_score`). Images are decoded
     at ``image_size`` (default: the checkpoint's) into ``cache_dir`` (default: $SIMXENT_CACHE or
-    ~/.cache/simxent)."""
+    ~/.cache/simxent); features are computed in ``precision`` (default: the checkpoint's)."""
     setup_logging()
     check_probe_options(opts)
     dev = resolve_device(device, option="--device")
@@ -307,7 +307,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     pretrained, cfg = encoder_to_score(checkpoint, backbone_name, cifar_stem, image_size)
     out = Path(out) if out else default_out(checkpoint)
     check_outputs(out, Path(json_path) if json_path else None)
-    dtype = feature_dtype(cfg.train.precision, dev)
+    dtype = feature_dtype(precision or cfg.train.precision, dev)
     data = DataConfig(image_size=cfg.data.image_size, cache=cache, cache_dir=str(cache_dir or ""), workers=workers)
     with naming_the_key("--train"):
         train = load_configured(train_dir, data, progress)
