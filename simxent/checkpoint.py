@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, read with ``weights_only=True``.
+"""Checkpoints: written atomically, read with ``weights_only=True``; encoders rebuilt from checkpoints and
+plain state dicts, and exported in forms that load without simxent.
 
 A checkpoint is a dict of tensors and plain values only (state dicts, the config as a dict, RNG states
 as tensors), so the safe unpickler can read all of it and a crafted file cannot run code.
@@ -12,8 +13,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from .config import CHOICES, Config, ConfigError, config_from_saved
 
 FORMAT_VERSION = 1
+ENCODER_KEYS = ("model.backbone", "model.cifar_stem")  # all that rebuilds an encoder
+CLASSIFIER_PREFIX = "fc."  # torchvision ResNets' classifier, absent from simxent's encoders
 log = logging.getLogger("simxent")
 
 
@@ -44,13 +50,13 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         os.close(dir_fd)
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Read a checkpoint with the safe unpickler; refuse files that carry arbitrary objects."""
+def read_weights_file(path: str | Path, map_location="cpu"):
+    """Whatever ``path`` holds, read with the safe unpickler: tensors and plain values only."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it holds objects other than tensors and plain values "
@@ -58,36 +64,119 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Read a simxent checkpoint with the safe unpickler; refuse files that carry arbitrary objects."""
+    state = read_weights_file(path, map_location)
     if not isinstance(state, dict) or "format_version" not in state:
-        raise CheckpointError(f"{path} is not a simxent checkpoint (no format_version)")
-    if state["format_version"] > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format {state['format_version']}; this simxent reads up to {FORMAT_VERSION}"
-        )
+        raise CheckpointError(f"{path} is not a simxent checkpoint (no format_version); to score a plain "
+                              f"state dict, name its architecture: simxent-linear-eval --backbone NAME")
+    version = state["format_version"]
+    if type(version) is not int or version < 1:  # bool is an int subclass: refused too
+        raise CheckpointError(f"{path}: format_version is {version!r}, not a positive integer; the file is damaged "
+                              f"or was not written by simxent")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {version}; this simxent reads up to {FORMAT_VERSION}")
     return state
 
 
-def load_encoder(path: str | Path, map_location="cpu"):
+def saved_config(state: dict, path: str | Path, keys=ENCODER_KEYS) -> Config:
+    """The ``keys`` of a checkpoint's saved config (see :func:`config_from_saved`): by default only what
+    rebuilds the encoder. Nothing else in a checkpoint is trusted."""
+    tree = state.get("config")
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{path} has no saved config, so the architecture of its encoder is unknown")
+    return config_from_saved(tree, keys, f"{path}, saved config")
+
+
+def fit_weights(module: nn.Module, weights, source: str | Path, arch: str) -> nn.Module:
+    """``module.load_state_dict(weights)``, strict, with one line naming a few missing, unexpected and
+    mis-shaped keys instead of PyTorch's list of all of them. A classifier (``fc.*``) is left out first:
+    the encoders end at the pooled features."""
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
+        raise CheckpointError(f"{source}: expected a state dict (parameter names to tensors), got {type(weights).__name__}")
+    weights = {k: v for k, v in weights.items() if not k.startswith(CLASSIFIER_PREFIX)}
+    own = module.state_dict()
+    problems = {
+        "missing": [k for k in own if k not in weights],
+        "unexpected": [k for k in weights if k not in own],
+        "wrong shape": [f"{k} {list(weights[k].shape)} (model: {list(own[k].shape)})"
+                        for k in own if k in weights and weights[k].shape != own[k].shape],
+    }
+    found = [f"{len(v)} {what} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for what, v in problems.items() if v]
+    if found:
+        raise CheckpointError(f"{source}: weights do not fit {arch}: {'; '.join(found)}")
+    module.load_state_dict(weights)
+    return module
+
+
+def fitted_backbone(name: str, cifar_stem: bool, weights, source: str | Path) -> nn.Module:
+    """Encoder ``name`` (see :func:`simxent.models.backbone`) holding ``weights``; eval mode."""
+    from .models import backbone  # here, so that `import simxent` does not import torchvision
+
+    encoder, _ = backbone(name, cifar_stem)
+    arch = name + (" with the CIFAR stem" if cifar_stem else "")
+    return fit_weights(encoder, weights, source, arch).eval()
+
+
+def checkpoint_encoder(state: dict, cfg: Config, path: str | Path) -> nn.Module:
+    """The encoder of a loaded checkpoint, built from ``cfg`` (its saved config) and checked against the
+    shapes of its weights; eval mode."""
+    if "encoder" not in state:
+        raise CheckpointError(f"{path} holds no encoder weights")
+    return fitted_backbone(cfg.model.backbone, cfg.model.cifar_stem, state["encoder"], path)
+
+
+def load_encoder(path: str | Path, map_location="cpu") -> nn.Module:
     """The pretrained encoder of a simxent checkpoint as a ready ``nn.Module`` (eval mode), mapping an
-    image batch normalised with the run's ``augment.mean``/``augment.std`` to pooled features."""
-    from .config import config_from_dict
-    from .models import backbone
+    image batch normalised with the run's ``augment.mean``/``augment.std`` to pooled features.
 
+    Only ``model.backbone`` and ``model.cifar_stem`` are read from the saved config, so checkpoints of
+    older and newer simxent versions load as long as those two keep their meaning."""
     state = load_checkpoint(path, map_location)
-    cfg = config_from_dict(state["config"])
-    encoder, _ = backbone(cfg.model.backbone, cfg.model.cifar_stem)
-    encoder.load_state_dict(state["encoder"])
-    return encoder.eval()
+    return checkpoint_encoder(state, saved_config(state, path), path)
 
 
-def export_torchvision(path: str | Path, dest: str | Path) -> None:
-    """Write the encoder as a plain state dict: for ResNets, loadable by the torchvision model of the
-    same name with ``strict=False`` (only ``fc`` is missing), or ``strict=True`` after replacing fc."""
+def load_backbone(path: str | Path, name: str, cifar_stem: bool = False, map_location="cpu") -> nn.Module:
+    """An encoder ``name`` with the weights of a plain state dict: a torchvision model's ``state_dict()``
+    (its ``fc`` classifier, if present, is ignored), a ResNet file from :func:`export_torchvision`, or a
+    backbone trained by another tool with torchvision's parameter names. Eval mode."""
+    weights = read_weights_file(path, map_location)
+    if isinstance(weights, dict) and "format_version" in weights:
+        raise CheckpointError(f"{path} is a simxent checkpoint: leave out --backbone, its config names the architecture")
+    if name not in CHOICES["model.backbone"]:
+        raise ConfigError(f"--backbone: '{name}' is not one of {', '.join(CHOICES['model.backbone'])}")
+    return fitted_backbone(name, cifar_stem, weights, path)
+
+
+def export_torchvision(path: str | Path, dest: str | Path) -> str:
+    """Write the encoder of checkpoint ``path`` to ``dest`` in a form that loads without simxent, and return
+    that form's name.
+
+    ResNets: ``"state_dict"``, a plain state dict for the torchvision model of the same name, without
+    ``fc`` (set ``model.fc = nn.Identity()`` to load it with ``strict=True``); with the CIFAR stem, first
+    replace ``conv1`` by a 3x3 stride-1 convolution and ``maxpool`` by ``nn.Identity()``. The convnet
+    matches no torchvision model, so it is written as ``"exported_program"``: a ``torch.export`` graph with
+    its weights, any batch and image size, loaded by ``torch.export.load(dest).module()``.
+    """
     state = load_checkpoint(path)
+    cfg = saved_config(state, path)
+    encoder = checkpoint_encoder(state, cfg, path)
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    torch.save(state["encoder"], tmp)
+    if cfg.model.backbone == "convnet":
+        # torch.export rather than TorchScript, which torch 2.14 deprecates (jit.script, jit.save, jit.load)
+        dynamic = torch.export.Dim.DYNAMIC
+        program = torch.export.export(encoder, (torch.zeros(2, 3, 32, 32),),
+                                      dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic},))
+        torch.export.save(program, tmp)
+        kind = "exported_program"
+    else:
+        torch.save(encoder.state_dict(), tmp)
+        kind = "state_dict"
     os.replace(tmp, dest)
+    return kind
 
 
 def save_rotating(state: dict, folder: str | Path, step: int, keep: int) -> Path:

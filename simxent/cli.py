@@ -11,7 +11,7 @@ from pathlib import Path
 from . import dist
 from .checkpoint import CheckpointError
 from . import __version__
-from .config import Config, ConfigError, config_keys, format_config, load_config, preset_names
+from .config import CHOICES, MAX_IMAGE_SIZE, Config, ConfigError, config_keys, format_config, load_config, preset_names
 from .data import DataError
 from .class_weights import ClassWeightError
 from .evaluate import LabelError, ProbeDivergedError
@@ -128,7 +128,18 @@ def _probe_options(a) -> ProbeOptions:
 
 def linear_eval_main(argv=None) -> int:
     p = _parser("simxent-linear-eval", "Linear probe and weighted kNN on a frozen pretrained encoder.")
-    p.add_argument("--checkpoint", required=True, help="a simxent checkpoint (e.g. RUN/checkpoints/last.pt)")
+    p.add_argument("--checkpoint", required=True,
+                   help="a simxent checkpoint (e.g. RUN/checkpoints/last.pt), or with --backbone a plain state dict")
+    p.add_argument("--backbone", choices=CHOICES["model.backbone"],
+                   help="score a plain state dict of this architecture (a torchvision model's, an export, another "
+                        "tool's) instead of a simxent checkpoint")
+    p.add_argument("--cifar-stem", action="store_true", help="with --backbone: a ResNet with the 3x3 CIFAR stem")
+    p.add_argument("--image-size", type=int,
+                   help=f"decode size in px, 8 to {MAX_IMAGE_SIZE} (default: the checkpoint's data.image_size; "
+                        f"32 with --backbone)")
+    p.add_argument("--precision", choices=CHOICES["train.precision"],
+                   help="feature precision (default: the checkpoint's train.precision; auto with --backbone)")
+    p.add_argument("--cache-dir", help="decoded-image cache (default: $SIMXENT_CACHE or ~/.cache/simxent)")
     p.add_argument("--train", required=True, help="labelled training folder (one sub-folder per class)")
     p.add_argument("--test", required=True, help="labelled test folder with the same classes")
     _probe_parser(p)
@@ -152,7 +163,8 @@ def linear_eval_main(argv=None) -> int:
         results = linear_eval(a.checkpoint, a.train, a.test, _probe_options(a), a.random_init, a.out, a.json,
                               a.device, a.workers, not a.no_cache, not a.no_progress, objective=a.objective,
                               positive_class=a.positive_class, train_labels=a.train_labels,
-                              test_labels=a.test_labels)
+                              test_labels=a.test_labels, backbone_name=a.backbone, cifar_stem=a.cifar_stem,
+                              image_size=a.image_size, cache_dir=a.cache_dir, precision=a.precision)
         print(format_results(results))
         return 0
 

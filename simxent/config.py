@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib.resources
 import json
+import logging
 import math
 import reprlib
 import typing
@@ -25,6 +26,8 @@ import yaml
 # <= 100); the loss's gradients grow as 1/t below it. At 1 the logits span only [-1, 1], the softmax over
 # 2N - 1 candidates is nearly flat and little is learnt. SimCLR's temperature study spans 0.05 to 1.
 LEARNT_TEMPERATURE_RANGE = (0.01, 1.0)
+MAX_IMAGE_SIZE = 1024  # px; every image is decoded at this size, N * size^2 * 3 bytes in all
+log = logging.getLogger("simxent")
 
 
 class ConfigError(ValueError):
@@ -44,7 +47,7 @@ def section(cls: type, help: str) -> Any:
 class DataConfig:
     train: str = setting("", "folder of images, at any depth; class sub-folders optional (labels unused)")
     val: str = setting("", "labelled folder (one sub-folder per class) for kNN monitoring; empty: none")
-    image_size: int = setting(32, "decode size and view size in px (shorter side resized, centre crop)")
+    image_size: int = setting(32, "decode size and view size in px, 8 to 1024 (shorter side resized, centre crop)")
     cache: bool = setting(True, "decode once into a memory-mapped uint8 array, reused across epochs and runs")
     cache_dir: str = setting("", "where decoded arrays live; empty: $SIMXENT_CACHE or ~/.cache/simxent")
     stream: bool = setting(False, "decode data.train every epoch in data.workers processes instead of caching "
@@ -402,6 +405,32 @@ def _plain(v: Any) -> Any:
     return v
 
 
+def config_from_saved(tree: dict, keys: typing.Iterable[str], where: str) -> Config:
+    """The ``keys`` of a config saved by any simxent version, each checked like a user's setting; every
+    other setting keeps its default.
+
+    Reading only what is needed keeps old checkpoints loadable when a later version renames or drops an
+    unrelated key: keys this version does not know are named in a warning and skipped. A needed key that
+    is missing keeps its default, except ``model.backbone``, which names the architecture. Errors are one
+    line that starts with ``where``.
+    """
+    flat = _flatten(tree)
+    unknown = sorted(set(flat) - set(config_keys()))
+    if unknown:
+        log.warning("%s: ignoring keys this simxent version does not know: %s", where, ", ".join(unknown))
+    cfg = Config()
+    try:
+        if "model.backbone" in keys and "model.backbone" not in flat:
+            raise ConfigError("model.backbone is missing; it names the encoder's architecture")
+        for key in keys:
+            if key in flat:
+                _set(cfg, key, flat[key])
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg
+
+
 def to_dict(cfg: Config) -> dict:
     """Plain nested dict (tuples as lists) for YAML, JSON and checkpoints."""
     return _plain(dataclasses.asdict(cfg))
@@ -456,7 +485,7 @@ def validate(cfg: Config) -> None:
     check(cfg.augment.blur_p is None or 0 <= cfg.augment.blur_p <= 1, "augment.blur_p", "[0, 1] or null")
     check(cfg.augment.jitter_strength >= 0, "augment.jitter_strength", ">= 0")
     check(all(s > 0 for s in cfg.augment.std), "augment.std", "> 0")
-    check(cfg.data.image_size >= 8, "data.image_size", ">= 8")
+    check(8 <= cfg.data.image_size <= MAX_IMAGE_SIZE, "data.image_size", f"8 to {MAX_IMAGE_SIZE}")
     check(cfg.data.workers >= 0, "data.workers", ">= 0")
     check(cfg.model.head_layers >= 1, "model.head_layers", ">= 1")
     check(cfg.model.head_hidden >= 1, "model.head_hidden", ">= 1")

@@ -15,8 +15,8 @@ import torch
 from . import figures as figures_lib
 from .augment import Normalize
 from .calibration import class_probabilities, per_class, reliability
-from .checkpoint import load_checkpoint
-from .config import ConfigError, config_from_dict
+from .checkpoint import ENCODER_KEYS, checkpoint_encoder, load_backbone, load_checkpoint, saved_config
+from .config import MAX_IMAGE_SIZE, Config, ConfigError, DataConfig
 from .data import ImageArray, load_configured, naming_the_key, shared_files
 from .class_weights import class_weights, positive_weights
 from .evaluate import classification_report, extract_features, knn_scores, probe_loss, train_linear_probe
@@ -24,7 +24,7 @@ from .label_files import check_label_sets, read_label_csv
 from .metrics import balanced_accuracy, f1_score, mean_average_precision, roc_auc
 from .models import backbone
 from .monitor import Monitor
-from .runtime import cpu_supports_bf16, resolve_device, resolve_dtype, seed_everything, set_threads, setup_logging
+from .runtime import cpu_supports_bf16, resolve_device, resolve_dtype, seed_everything, setup_logging
 
 log = logging.getLogger("simxent")
 
@@ -256,15 +256,45 @@ def feature_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]
     return resolve_dtype(precision, device)
 
 
+def encoder_to_score(checkpoint: str | Path, backbone_name: Optional[str] = None, cifar_stem: bool = False,
+                     image_size: Optional[int] = None) -> tuple[torch.nn.Module, Config]:
+    """The encoder to score and the settings that go with it: architecture, input normalisation, precision
+    and image size; every other setting is the default.
+
+    From a simxent checkpoint, only those keys of its saved config are read and checked (data folders, cache
+    and machine settings are the command line's); ``image_size``, when given, replaces the saved one unread.
+    From a plain state dict (``backbone_name``): ImageNet normalisation and ``image_size`` (default 32)."""
+    if image_size is not None and not 8 <= image_size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"--image-size: {image_size} is out of range (8 to {MAX_IMAGE_SIZE})")
+    if backbone_name:
+        encoder = load_backbone(checkpoint, backbone_name, cifar_stem)
+        cfg = Config()
+        cfg.model.backbone, cfg.model.cifar_stem = backbone_name, cifar_stem
+    else:
+        if cifar_stem:
+            raise ConfigError("--cifar-stem goes with --backbone; a simxent checkpoint's config says whether it has one")
+        state = load_checkpoint(checkpoint)
+        keys = ENCODER_KEYS + ("augment.mean", "augment.std", "train.precision")
+        cfg = saved_config(state, checkpoint, keys + (() if image_size else ("data.image_size",)))
+        encoder = checkpoint_encoder(state, cfg, checkpoint)
+    cfg.data.image_size = image_size or cfg.data.image_size
+    return encoder, cfg
+
+
 def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | Path, opts: ProbeOptions,
                 random_init: bool = False, out: Optional[str | Path] = None, json_path: Optional[str | Path] = None,
                 device: str = "auto", workers: int = 2, cache: bool = True, progress: bool = True,
                 objective: str = "multiclass", positive_class: Optional[str] = None,
-                train_labels: Optional[str | Path] = None, test_labels: Optional[str | Path] = None) -> dict:
+                train_labels: Optional[str | Path] = None, test_labels: Optional[str | Path] = None,
+                backbone_name: Optional[str] = None, cifar_stem: bool = False, image_size: Optional[int] = None,
+                cache_dir: Optional[str | Path] = None, precision: Optional[str] = None) -> dict:
     """Score a pretrained checkpoint (and, with ``random_init``, an untrained twin) on labelled folders.
 
     ``objective``: ``multiclass`` (class folders), ``binary`` (two class folders, ``positive_class`` is 1)
-    or ``multilabel`` (labels from ``train_labels`` / ``test_labels`` CSVs of ``file,label;label``)."""
+    or ``multilabel`` (labels from ``train_labels`` / ``test_labels`` CSVs of ``file,label;label``).
+    ``backbone_name`` scores a plain state dict instead (see :func:`encoder_to_score`). Images are decoded
+    at ``image_size`` (default: the checkpoint's) into ``cache_dir`` (default: $SIMXENT_CACHE or
+    ~/.cache/simxent); features are computed in ``precision`` (default: the checkpoint's)."""
     setup_logging()
     check_probe_options(opts)
     dev = resolve_device(device, option="--device")
@@ -274,16 +304,15 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
         for option, path in (("--train-labels", train_labels), ("--test-labels", test_labels)):
             if not Path(path).is_file():
                 raise ConfigError(f"{option}: label file not found: {path}")
-    state = load_checkpoint(checkpoint)
-    cfg = config_from_dict(state["config"])
+    pretrained, cfg = encoder_to_score(checkpoint, backbone_name, cifar_stem, image_size)
     out = Path(out) if out else default_out(checkpoint)
     check_outputs(out, Path(json_path) if json_path else None)
-    dtype = feature_dtype(cfg.train.precision, dev)
-    set_threads(cfg.train.threads)
+    dtype = feature_dtype(precision or cfg.train.precision, dev)
+    data = DataConfig(image_size=cfg.data.image_size, cache=cache, cache_dir=str(cache_dir or ""), workers=workers)
     with naming_the_key("--train"):
-        train = load_configured(train_dir, cfg.data, progress, cache=cache, workers=workers)
+        train = load_configured(train_dir, data, progress)
     with naming_the_key("--test"):
-        test = load_configured(test_dir, cfg.data, progress, cache=cache, workers=workers)
+        test = load_configured(test_dir, data, progress)
     check_held_out(train, test, train_dir, test_dir)
     if objective == "multilabel":
         y_train, names = read_label_csv(train_labels, train, train_dir)
@@ -302,15 +331,15 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     normalize = Normalize(cfg.augment.mean, cfg.augment.std)
     monitor = Monitor(out / "tb")
 
-    encoders = {}
-    pretrained, _ = backbone(cfg.model.backbone, cfg.model.cifar_stem)
-    pretrained.load_state_dict(state["encoder"])
-    encoders["pretrained"] = pretrained
+    encoders = {"pretrained": pretrained}
     if random_init:
         seed_everything(opts.seed)
         encoders["random_init"], _ = backbone(cfg.model.backbone, cfg.model.cifar_stem)
     results = {
         "checkpoint": str(checkpoint),
+        "backbone": cfg.model.backbone,
+        "cifar_stem": cfg.model.cifar_stem,
+        "image_size": cfg.data.image_size,
         "train": str(train_dir),
         "test": str(test_dir),
         "objective": objective,
