@@ -21,6 +21,7 @@ from torch import nn
 from .config import AugmentConfig
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision rounds it
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 
 
 def blur_probability(cfg: AugmentConfig, size: int) -> float:
@@ -274,7 +275,7 @@ class RandomResizedCropFlip(nn.Module):
     ``sizes`` (B, 2), when given, holds each image's true (height, width) inside a larger padded batch
     (images stored top-left): crops are drawn over that extent only, so padding is never read."""
 
-    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = CROP_RATIO,
                  flip_p: float = 0.5):
         super().__init__()
         self.size, self.scale, self.ratio, self.flip_p = size, tuple(scale), tuple(ratio), flip_p

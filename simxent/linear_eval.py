@@ -260,13 +260,17 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
                 random_init: bool = False, out: Optional[str | Path] = None, json_path: Optional[str | Path] = None,
                 device: str = "auto", workers: int = 2, cache: bool = True, progress: bool = True,
                 objective: str = "multiclass", positive_class: Optional[str] = None,
-                train_labels: Optional[str | Path] = None, test_labels: Optional[str | Path] = None) -> dict:
+                train_labels: Optional[str | Path] = None, test_labels: Optional[str | Path] = None,
+                crop_ratio: float = 0.875) -> dict:
     """Score a pretrained checkpoint (and, with ``random_init``, an untrained twin) on labelled folders.
 
     ``objective``: ``multiclass`` (class folders), ``binary`` (two class folders, ``positive_class`` is 1)
-    or ``multilabel`` (labels from ``train_labels`` / ``test_labels`` CSVs of ``file,label;label``)."""
+    or ``multilabel`` (labels from ``train_labels`` / ``test_labels`` CSVs of ``file,label;label``).
+    Images larger than the view are evaluated at the centre ``crop_ratio`` (see :func:`simxent.data.decode_eval`)."""
     setup_logging()
     check_probe_options(opts)
+    if not 0 < crop_ratio <= 1:
+        raise ConfigError(f"--crop-ratio: {crop_ratio} is out of range ((0, 1])")
     dev = resolve_device(device, option="--device")
     if objective == "multilabel":
         if not (train_labels and test_labels):
@@ -281,9 +285,9 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     dtype = feature_dtype(cfg.train.precision, dev)
     set_threads(cfg.train.threads)
     with naming_the_key("--train"):
-        train = load_configured(train_dir, cfg.data, progress, cache=cache, workers=workers)
+        train = load_configured(train_dir, cfg.data, progress, cache=cache, workers=workers, crop_ratio=crop_ratio)
     with naming_the_key("--test"):
-        test = load_configured(test_dir, cfg.data, progress, cache=cache, workers=workers)
+        test = load_configured(test_dir, cfg.data, progress, cache=cache, workers=workers, crop_ratio=crop_ratio)
     check_held_out(train, test, train_dir, test_dir)
     if objective == "multilabel":
         y_train, names = read_label_csv(train_labels, train, train_dir)
