@@ -202,8 +202,12 @@ def decode_views(path: str | Path, size: int, scale: tuple[float, float],
         sx, sy = im.size[0] / width, im.size[1] / height
         views = np.empty((2, size, size, 3), dtype=np.uint8)
         for view, (top, left, h, w) in zip(views, boxes.tolist()):
-            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            view[:] = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
+            if (sx, sy) == (1, 1):  # full size: crop, then resize, as torchvision's resized_crop
+                crop = im.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BILINEAR)
+            else:  # the box in the reduced image's coordinates, fractional
+                box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+                crop = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+            view[:] = np.asarray(crop, dtype=np.uint8)
         return views, boxes
 
 
