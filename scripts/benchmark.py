@@ -362,9 +362,10 @@ def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
 def _write_jpegs(job):
     from PIL import Image
 
-    root, start, stop, width, height, classes = job
+    root, start, stop, shapes, classes = job
     rng = torch.Generator().manual_seed(start)
     for i in range(start, stop):
+        width, height = shapes[i % len(shapes)]
         folder = Path(root) / "train" / f"class{i % classes}"
         folder.mkdir(parents=True, exist_ok=True)
         coarse = torch.randint(0, 256, (height // 16, width // 16, 3), generator=rng, dtype=torch.uint8)
@@ -372,13 +373,13 @@ def _write_jpegs(job):
         im.save(folder / f"{i:07d}.jpg", quality=90)
 
 
-def synthetic_folder(root: Path, n: int, width: int, height: int, classes: int = 10) -> Path:
-    """``root/train/class*/`` with ``n`` smooth random JPEGs: a folder to time the pipeline on a machine
-    without the data (decoding cost is what matters, not content)."""
+def synthetic_folder(root: Path, n: int, shapes: list[tuple[int, int]], classes: int = 10) -> Path:
+    """``root/train/class*/`` with ``n`` smooth random JPEGs, of the (width, height) ``shapes`` in turn: a
+    folder to time the pipeline on a machine without the data (decoding cost is what matters, not content)."""
     import multiprocessing
 
     chunk = 500
-    jobs = [(str(root), s, min(s + chunk, n), width, height, classes) for s in range(0, n, chunk)]
+    jobs = [(str(root), s, min(s + chunk, n), shapes, classes) for s in range(0, n, chunk)]
     with multiprocessing.Pool() as pool:
         pool.map(_write_jpegs, jobs)
     return root
@@ -429,7 +430,8 @@ def main():
                    help="training loops to time, preset:batch[:stream][:compile] (preset names: cpu, cifar10, imagenet, demo)")
     p.add_argument("--workers", type=int, default=0, help="data.workers for the loops (0: the preset's)")
     p.add_argument("--synthetic", default="", metavar="N:WxH",
-                   help="time on N generated WxH JPEGs instead of --data (knn, probe, quality need real data)")
+                   help="time on N generated WxH JPEGs (several: WxH+WxH, in turn) instead of --data (knn, probe, "
+                        "quality need real data)")
     a = p.parse_args()
     device = resolve_device(a.device)
     configure_device(device)
@@ -448,9 +450,9 @@ def main():
         "quality": lambda: bench_quality(device, sync, a.data, a.quality_minutes),
     }
     if a.synthetic:
-        n, size = a.synthetic.split(":")
-        width, height = (int(v) for v in size.split("x"))
-        a.data = str(synthetic_folder(Path(tempfile.mkdtemp(prefix="simxent-bench-")), int(n), width, height))
+        n, sizes = a.synthetic.split(":")
+        shapes = [tuple(int(v) for v in size.split("x")) for size in sizes.split("+")]
+        a.data = str(synthetic_folder(Path(tempfile.mkdtemp(prefix="simxent-bench-")), int(n), shapes))
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "threads": torch.get_num_threads(), "device": str(device),
                            "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None,

@@ -21,6 +21,7 @@ from torch import nn
 from .config import AugmentConfig
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision rounds it
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
 
 
 def blur_probability(cfg: AugmentConfig, size: int) -> float:
@@ -186,37 +187,61 @@ class RandomSolarize(nn.Module):
         return apply_to_some(x, self.p, lambda s, _: torch.where(s >= self.threshold, 1 - s, s))
 
 
-def crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-               device=None, tries: int = 10) -> torch.Tensor:
+def crop_boxes(n: int, height: int | torch.Tensor, width: int | torch.Tensor, scale: tuple[float, float],
+               ratio: tuple[float, float], device=None, tries: int = 10,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``n`` random crops ``(top, left, h, w)`` drawn as torchvision's ``RandomResizedCrop.get_params``:
 
         area ~ U(scale) * H * W,  log(aspect) ~ U(log ratio),  w = round(sqrt(area * aspect)),
         h = round(sqrt(area / aspect)),  the first of ``tries`` draws that fits, position uniform;
 
-    and where none fits, the central crop of the largest allowed aspect ratio. All ``n`` at once."""
-    area = height * width * torch.empty(n, tries, device=device).uniform_(*scale)
-    aspect = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp_()
+    and where none fits, the central crop of the largest allowed aspect ratio. All ``n`` at once.
+    ``height`` and ``width`` are one image size for all, or (n,) tensors: each sample's own image (the
+    true extent of an image stored top-left in a larger padded array). ``generator``: the random source
+    (default the global one)."""
+    per_sample = isinstance(height, torch.Tensor)
+    if per_sample:
+        height, width = (v.to(device=device, dtype=torch.float32).view(n, 1) for v in (height, width))
+    area = height * width * torch.empty(n, tries, device=device).uniform_(*scale, generator=generator)
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.empty(n, tries, device=device).uniform_(*log_ratio, generator=generator).exp_()
     w = (area * aspect).sqrt_().round_()
     h = (area / aspect).sqrt_().round_()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.int().argmax(dim=1, keepdim=True)  # index of the first True (0 when none fits)
     w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    # Central fallback, as torchvision: clamp the image's own aspect ratio into ``ratio``.
+    if per_sample:
+        height, width = height.squeeze(1), width.squeeze(1)
+        fh, fw = _central_fallback_tensor(height, width, ratio)
+    else:
+        fh, fw = _central_fallback(height, width, ratio)
+        fh, fw = torch.full_like(h, fh), torch.full_like(w, fw)
+    any_fits = fits.any(dim=1)
+    w, h = torch.where(any_fits, w, fw), torch.where(any_fits, h, fh)
+    top = torch.where(any_fits, (torch.rand(n, device=device, generator=generator) * (height - h + 1)).floor_(),
+                      ((height - fh) / 2).floor())
+    left = torch.where(any_fits, (torch.rand(n, device=device, generator=generator) * (width - w + 1)).floor_(),
+                       ((width - fw) / 2).floor())
+    return torch.stack([top, left, h, w], dim=1)
+
+
+def _central_fallback(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """torchvision's fallback crop ``(h, w)``: the whole image, its aspect ratio clamped into ``ratio``."""
     in_ratio = width / height
     if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fw, fh = round(height * ratio[1]), height
-    else:
-        fw, fh = width, height
-    any_fits = fits.any(dim=1)
-    w = torch.where(any_fits, w, torch.full_like(w, fw))
-    h = torch.where(any_fits, h, torch.full_like(h, fh))
-    top = torch.where(any_fits, (torch.rand(n, device=device) * (height - h + 1)).floor_(),
-                      torch.full_like(h, (height - fh) // 2))
-    left = torch.where(any_fits, (torch.rand(n, device=device) * (width - w + 1)).floor_(),
-                       torch.full_like(w, (width - fw) // 2))
-    return torch.stack([top, left, h, w], dim=1)
+        return round(width / ratio[0]), width
+    if in_ratio > ratio[1]:
+        return height, round(height * ratio[1])
+    return height, width
+
+
+def _central_fallback_tensor(height: torch.Tensor, width: torch.Tensor, ratio: tuple[float, float]):
+    """:func:`_central_fallback` per sample, in float64 so that rounding matches Python's."""
+    h64, w64 = height.double(), width.double()
+    in_ratio = w64 / h64
+    fh = torch.where(in_ratio < ratio[0], (w64 / ratio[0]).round(), h64)
+    fw = torch.where(in_ratio > ratio[1], (h64 * ratio[1]).round(), w64)
+    return fh.to(height.dtype), fw.to(width.dtype)
 
 
 def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -245,18 +270,46 @@ def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: Optiona
 class RandomResizedCropFlip(nn.Module):
     """torchvision's RandomResizedCrop (bilinear, no antialiasing) then RandomHorizontalFlip(flip_p), on a
     whole batch, a crop and a coin per sample, in one ``grid_sample``: a separate flip would cost one more
-    pass over the views (two on a GPU, where every sample is flipped and a mask keeps the chosen)."""
+    pass over the views (two on a GPU, where every sample is flipped and a mask keeps the chosen).
 
-    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ``sizes`` (B, 2), when given, holds each image's true (height, width) inside a larger padded batch
+    (images stored top-left): crops are drawn over that extent only, so padding is never read."""
+
+    def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float] = CROP_RATIO,
                  flip_p: float = 0.5):
         super().__init__()
         self.size, self.scale, self.ratio, self.flip_p = size, tuple(scale), tuple(ratio), flip_p
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
         n = x.shape[0]
-        boxes = crop_boxes(n, x.shape[2], x.shape[3], self.scale, self.ratio, x.device)
+        height, width = (x.shape[2], x.shape[3]) if sizes is None else sizes.unbind(1)
+        boxes = crop_boxes(n, height, width, self.scale, self.ratio, x.device)
         flip = torch.rand(n, device=x.device) < self.flip_p if self.flip_p > 0 else None
         return resized_crops(x, boxes, self.size, flip)
+
+
+class RandomFlip(nn.Module):
+    """Horizontal flip with probability p per sample: for crops already taken (and resized) elsewhere."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return apply_to_some(x, self.p, lambda s, _: s.flip(3))
+
+
+def blur_sigma(size: int) -> tuple[float, float]:
+    """SimCLR's sigma range, (0.1, 2.0) px at 224 px, scaled to a ``size`` px view: the same blur relative
+    to the image at every size."""
+    return 0.1 * size / 224, 2.0 * size / 224
+
+
+def blur_kernel(size: int) -> int:
+    """An odd kernel of about 10 % of the side (SimCLR's), and at least 3 sigma each side of the centre so
+    that the widest blur is not truncated."""
+    radius = max(size // 20, math.ceil(3 * blur_sigma(size)[1]))
+    return 2 * radius + 1
 
 
 class ViewAugment(nn.Module):
@@ -266,41 +319,49 @@ class ViewAugment(nn.Module):
     def __init__(self, cfg: AugmentConfig, size: int, compile: bool = False):
         super().__init__()
         s = cfg.jitter_strength
+        self.crop = RandomResizedCropFlip(size, scale=cfg.crop_scale, flip_p=cfg.flip_p)
+        self.flip = RandomFlip(cfg.flip_p)
         ops = [
-            RandomResizedCropFlip(size, scale=cfg.crop_scale, flip_p=cfg.flip_p),
             ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=cfg.jitter_p, compile=compile),
             RandomGrayscale(p=cfg.grayscale_p),
         ]
         blur_p = blur_probability(cfg, size)
         if blur_p > 0:
-            kernel = 2 * (size // 20) + 1  # about 10% of the image side, odd
-            ops.append(RandomGaussianBlur(kernel, sigma=(0.1, 2.0), p=blur_p))
+            ops.append(RandomGaussianBlur(blur_kernel(size), sigma=blur_sigma(size), p=blur_p))
         if cfg.solarize_p > 0:
             ops.append(RandomSolarize(p=cfg.solarize_p))
-        self.ops = nn.Sequential(*[op for op in ops if getattr(op, "p", 1.0) > 0])
+        self.ops = nn.Sequential(*[op for op in ops if op.p > 0])  # the colour ops, after the crop
         self.normalize = Normalize(cfg.mean, cfg.std)
         self.size = size
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._view(to_float(images))
+    def forward(self, images: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._view(self.crop(to_float(images), sizes))
 
     def _view(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # The crop makes a new tensor, so the ops after it may work in place and ``x`` serves another view.
+        """The colour ops and normalisation of cropped views ``x``, which they may change in place."""
         return self.normalize(self.ops(x).clamp_(0, 1), out=out)
 
     @torch.no_grad()
-    def pair(self, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    def pair(self, images: torch.Tensor, channels_last: bool = False, sizes: Optional[torch.Tensor] = None,
+             cropped: bool = False) -> torch.Tensor:
         """Both views, ``[forward(images); forward(images)]`` (the same random draws in the same order), as
         one (2B, 3, S, S) tensor, in channels_last memory if asked. The images are converted to float once
         and each view is normalised straight into its half: no second conversion, and no concatenation or
-        layout pass."""
+        layout pass. ``sizes``: each image's true (h, w) in a padded batch (see RandomResizedCropFlip).
+
+        ``cropped=True``: ``images`` (2B, 3, S, S) are the two views' crops already taken and resized (first
+        B: view 1): each half is only flipped, then coloured as above."""
         x = to_float(images)
-        n = x.shape[0]
+        if cropped and x is images:
+            x = x.clone()  # the flip and colour ops work in place on the crops: never on the caller's tensor
+        n = x.shape[0] // 2 if cropped else x.shape[0]
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty(2 * n, 3, self.size, self.size, device=x.device, memory_format=fmt)
-        for half in (out[:n], out[n:]):
-            self._view(x, out=half)
+        for i, half in enumerate((out[:n], out[n:])):
+            # The crop makes a new tensor, so the colour ops may work in place and ``x`` serves the other view.
+            views = self.flip(x[i * n : (i + 1) * n]) if cropped else self.crop(x, sizes)
+            self._view(views, out=half)
         return out
 
 

@@ -156,6 +156,8 @@ def linear_eval_main(argv=None) -> int:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where features are computed")
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--no-cache", action="store_true", help="do not keep decoded images in the cache")
+    p.add_argument("--crop-ratio", type=float, default=0.875,
+                   help="images larger than the view: shorter side to size / ratio, then the centre crop")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
 
@@ -164,7 +166,8 @@ def linear_eval_main(argv=None) -> int:
                               a.device, a.workers, not a.no_cache, not a.no_progress, objective=a.objective,
                               positive_class=a.positive_class, train_labels=a.train_labels,
                               test_labels=a.test_labels, backbone_name=a.backbone, cifar_stem=a.cifar_stem,
-                              image_size=a.image_size, cache_dir=a.cache_dir, precision=a.precision)
+                              image_size=a.image_size, cache_dir=a.cache_dir, precision=a.precision,
+                              crop_ratio=a.crop_ratio)
         print(format_results(results))
         return 0
 

@@ -47,7 +47,10 @@ def section(cls: type, help: str) -> Any:
 class DataConfig:
     train: str = setting("", "folder of images, at any depth; class sub-folders optional (labels unused)")
     val: str = setting("", "labelled folder (one sub-folder per class) for kNN monitoring; empty: none")
-    image_size: int = setting(32, "decode size and view size in px, 8 to 1024 (shorter side resized, centre crop)")
+    image_size: int = setting(32, "view size in px, 8 to 1024; images no larger are decoded to it (shorter side, "
+                                  "centre crop)")
+    decode_size: Optional[int] = setting(None, "longer side of cached images larger than the view; "
+                                               "null: 1.5 x data.image_size")
     cache: bool = setting(True, "decode once into a memory-mapped uint8 array, reused across epochs and runs")
     cache_dir: str = setting("", "where decoded arrays live; empty: $SIMXENT_CACHE or ~/.cache/simxent")
     stream: bool = setting(False, "decode data.train every epoch in data.workers processes instead of caching "
@@ -63,7 +66,8 @@ class AugmentConfig:
     jitter_strength: float = setting(1.0, "s: brightness, contrast, saturation 0.8s, hue 0.2s")
     jitter_p: float = setting(0.8, "colour-jitter probability")
     grayscale_p: float = setting(0.2, "grayscale probability")
-    blur_p: Optional[float] = setting(None, "Gaussian blur probability; null: 0.5 from 64 px, 0 below")
+    blur_p: Optional[float] = setting(None, "Gaussian blur probability; null: 0.5 from 64 px, 0 below. Sigma in "
+                                          "[0.1, 2.0] x image_size / 224 (SimCLR's at 224 px), kernel about 10 % of the side")
     solarize_p: float = setting(0.0, "solarize probability")
     mean: tuple[float, float, float] = setting((0.485, 0.456, 0.406), "normalisation mean per channel (ImageNet)")
     std: tuple[float, float, float] = setting((0.229, 0.224, 0.225), "normalisation std per channel (ImageNet)")
@@ -126,6 +130,8 @@ class EvalConfig:
     knn_temperature: float = setting(0.1, "kNN vote temperature")
     batch_size: int = setting(512, "feature-extraction batch")
     projector: int = setting(500, "data.val images in TensorBoard's embedding projector at the end (0: none)")
+    crop_ratio: float = setting(0.875, "evaluation images larger than the view: shorter side to "
+                                       "data.image_size / crop_ratio, then the centre crop")
 
 
 @dataclass
@@ -486,6 +492,8 @@ def validate(cfg: Config) -> None:
     check(cfg.augment.jitter_strength >= 0, "augment.jitter_strength", ">= 0")
     check(all(s > 0 for s in cfg.augment.std), "augment.std", "> 0")
     check(8 <= cfg.data.image_size <= MAX_IMAGE_SIZE, "data.image_size", f"8 to {MAX_IMAGE_SIZE}")
+    check(cfg.data.decode_size is None or cfg.data.decode_size >= cfg.data.image_size, "data.decode_size",
+          ">= data.image_size, or null")
     check(cfg.data.workers >= 0, "data.workers", ">= 0")
     check(cfg.model.head_layers >= 1, "model.head_layers", ">= 1")
     check(cfg.model.head_hidden >= 1, "model.head_hidden", ">= 1")
@@ -513,3 +521,4 @@ def validate(cfg: Config) -> None:
     check(cfg.eval.projector >= 0, "eval.projector", ">= 0")
     check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "> 0")
     check(cfg.eval.batch_size >= 1, "eval.batch_size", ">= 1")
+    check(0 < cfg.eval.crop_ratio <= 1, "eval.crop_ratio", "(0, 1]")

@@ -1,22 +1,28 @@
 """Image folders: discovery, robust decoding, the decoded-image cache, streaming, and batch iteration.
 
-A folder is read once into uint8 arrays of shape (N, H, W, 3) at the training resolution (shorter side
-resized, centre crop). Random augmentation happens later, batched on the training device
+A folder is read once into a uint8 array (N, H, W, 3) (:class:`Layout`): a folder of images no larger than
+the view as size x size squares (shorter side resized, centre crop); any other folder for training with each
+image's longer side at ``decode_size``, aspect ratio kept, stored top-left and its true size recorded, so
+that crops are drawn over the whole photograph; for evaluation, the ImageNet protocol (shorter side to
+size / crop_ratio, centre crop). Random augmentation happens later, batched on the training device
 (:mod:`simxent.augment`), so decoding is the only per-image work and it is done once per folder.
-Folders too large to keep decoded stream instead (:class:`ImageStream`): the same decoding, in DataLoader
-workers, every epoch.
+Folders too large to keep decoded stream instead (:class:`ImageStream`): decoded in DataLoader workers
+every epoch, where the crops of images larger than the view are taken from the full-resolution image.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -24,6 +30,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from .augment import CROP_RATIO, crop_boxes
 from .config import DataConfig
 
 log = logging.getLogger("simxent")
@@ -104,32 +111,121 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode(path: str | Path, size: int) -> np.ndarray:
-    """Decode one file to a (size, size, 3) uint8 array: EXIF rotation, RGB, shorter side to ``size``,
-    centre crop. Raises OSError, ValueError or PIL's errors on an unreadable file."""
+@contextmanager
+def _open_image(path: str | Path):
+    """PIL's lazy image (header read, pixels not yet): a decompression bomb fails instead of warning."""
     with warnings.catch_warnings():
         # A decompression bomb must fail, not warn; other PIL warnings are noise here.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger
-            im = ImageOps.exif_transpose(im)
-            im = _to_rgb(im)
-            im = ImageOps.fit(im, (size, size), Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
+            yield im
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    return _to_rgb(ImageOps.exif_transpose(im))
+
+
+def image_extent(path: str | Path) -> tuple[int, int]:
+    """``(height, width)`` of the upright image (EXIF rotation applied), from its header alone."""
+    with _open_image(path) as im:
+        return image_extent_of(im)
+
+
+def decode(path: str | Path, size: int) -> np.ndarray:
+    """Decode one file to a (size, size, 3) uint8 array: EXIF rotation, RGB, shorter side to ``size``,
+    centre crop. Raises OSError, ValueError or PIL's errors on an unreadable file."""
+    with _open_image(path) as im:
+        im.draft("RGB", (size, size))  # JPEG: decode at reduced scale when much larger
+        im = ImageOps.fit(_upright(im), (size, size), Image.Resampling.BICUBIC)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def decode_within(path: str | Path, side: int) -> np.ndarray:
+    """Decode one file to (h, w, 3) uint8 with its aspect ratio: the longer side at ``side`` px, or the
+    original size when smaller (never enlarged)."""
+    with _open_image(path) as im:
+        scale = min(1.0, side / max(im.size))
+        im.draft("RGB", tuple(max(1, math.ceil(v * scale)) for v in im.size))
+        im = _upright(im)
+        w, h = im.size
+        scale = min(1.0, side / max(w, h))
+        if scale < 1:
+            im = im.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def decode_eval(path: str | Path, size: int, crop_ratio: float) -> np.ndarray:
+    """The evaluation transform, to (size, size, 3) uint8: an image larger than the view (either side above
+    ``size``) has its shorter side resized to R = round(size / crop_ratio) (bilinear, antialiased; the
+    longer side to int(R * long / short)) and the central size x size kept, as torchvision's
+    ``Resize(R)`` then ``CenterCrop(size)`` on a PIL image; any other image is decoded as by :func:`decode`."""
+    if max(image_extent(path)) <= size:
+        return decode(path, size)
+    with _open_image(path) as im:
+        short = round(size / crop_ratio)
+        im.draft("RGB", (short, short))
+        im = _upright(im)
+        w, h = im.size
+        new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        im = im.resize(new, Image.Resampling.BILINEAR)
+        top, left = int(round((new[1] - size) / 2)), int(round((new[0] - size) / 2))
+        return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def image_extent_of(im: Image.Image) -> tuple[int, int]:
+    """:func:`image_extent` of an open image."""
+    w, h = im.size
+    turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap the sides
+    return (w, h) if turned else (h, w)
+
+
+def view_boxes(height: int, width: int, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+    """The two views' crop boxes ``(top, left, h, w)`` over a ``height`` x ``width`` image, (2, 4) int64,
+    drawn as torchvision's RandomResizedCrop (:func:`simxent.augment.crop_boxes`)."""
+    return crop_boxes(2, height, width, scale, CROP_RATIO, generator=generator).long()
+
+
+def decode_views(path: str | Path, size: int, scale: tuple[float, float],
+                 generator: torch.Generator) -> tuple[np.ndarray, torch.Tensor]:
+    """Two random crops of one file, each resized to (size, size, 3) uint8 (PIL bilinear, antialiased), and
+    their boxes over the upright original image (see :func:`view_boxes`).
+
+    The boxes are drawn over the original size, read from the header; a JPEG is then decoded at the
+    largest reduction (1/2, 1/4, 1/8) that still leaves each box at least ``size`` px on its shorter side."""
+    with _open_image(path) as im:
+        height, width = image_extent_of(im)
+        boxes = view_boxes(height, width, scale, generator)
+        reduction = boxes[:, 2:].min().item() / size
+        if reduction >= 2:
+            im.draft("RGB", tuple(math.ceil(v / reduction) for v in im.size))
+        im = _upright(im)
+        sx, sy = im.size[0] / width, im.size[1] / height
+        views = np.empty((2, size, size, 3), dtype=np.uint8)
+        for view, (top, left, h, w) in zip(views, boxes.tolist()):
+            if (sx, sy) == (1, 1):  # full size: crop, then resize, as torchvision's resized_crop
+                crop = im.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BILINEAR)
+            else:  # the box in the reduced image's coordinates, fractional
+                box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+                crop = im.resize((size, size), Image.Resampling.BILINEAR, box=box)
+            view[:] = np.asarray(crop, dtype=np.uint8)
+        return views, boxes
 
 
 class DecodedFiles(Dataset):
-    """Dataset over files that yields ``(index, HWC uint8 array or None)``; None marks a bad file."""
+    """Dataset over files that yields ``(index, HWC uint8 array or None)``; None marks a bad file.
+    ``decoder(path)`` makes the array (:func:`decode` at ``size`` when not given)."""
 
-    def __init__(self, files: list[Path], size: int, on_bad_image: str = "skip"):
-        self.files, self.size, self.on_bad_image = files, size, on_bad_image
+    def __init__(self, files: list[Path], size: int, on_bad_image: str = "skip",
+                 decoder: Optional[Callable[[Path], np.ndarray]] = None):
+        self.files, self.on_bad_image = files, on_bad_image
+        self.decoder = decoder or partial(decode, size=size)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
         try:
-            return i, decode(self.files[i], self.size)
+            return i, self.decoder(self.files[i])
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
             if self.on_bad_image == "error":
                 raise DataError(f"cannot read image {self.files[i]}: {e}") from e
@@ -141,22 +237,46 @@ def _collate(items):
 
 
 @dataclass
+class Batch:
+    """One process's share of a training batch, for :meth:`simxent.augment.ViewAugment.pair`.
+
+    ``images`` uint8 NCHW are whole images (B, 3, S, S); or, with ``sizes`` (B, 2), images of true
+    (height, width) stored top-left in a padded (B, 3, D, D); or, with ``cropped``, the two views' crops
+    already taken (2B, 3, S, S), view 1 first."""
+
+    images: torch.Tensor
+    sizes: Optional[torch.Tensor] = None
+    cropped: bool = False
+
+    def __len__(self) -> int:
+        return len(self.images) // 2 if self.cropped else len(self.images)
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        sizes = None if self.sizes is None else self.sizes.to(device, non_blocking=non_blocking)
+        return Batch(self.images.to(device, non_blocking=non_blocking), sizes, self.cropped)
+
+
+@dataclass
 class ImageArray:
-    """A decoded folder: ``images`` (N, H, W, 3) uint8 and ``labels`` (N,) int64, bad files removed."""
+    """A decoded folder: ``images`` (N, H, W, 3) uint8 and ``labels`` (N,) int64, bad files removed.
+    ``sizes`` (N, 2) int64: each image's true (height, width) where images are stored top-left in a larger
+    padded array (:class:`Layout` ``padded``); None where every image fills it."""
 
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
     files: list[str]
     skipped: list[str]
+    sizes: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def batches(self, batch_size: int, generator: torch.Generator, start: int = 0, rank: int = 0, world: int = 1):
-        """``(step, uint8 NCHW batch)`` for one epoch; see :func:`batch_indices`."""
+        """``(step, Batch)`` for one epoch; see :func:`batch_indices`."""
         for step, idx in batch_indices(len(self), batch_size, generator, start, rank, world, self.images.device):
-            yield step, self.images[idx].permute(0, 3, 1, 2)
+            sizes = None if self.sizes is None else self.sizes[idx.to(self.sizes.device)]
+            yield step, Batch(self.images[idx].permute(0, 3, 1, 2), sizes)
 
 
 def shared_files(a: ImageArray, b: ImageArray) -> torch.Tensor:
@@ -174,24 +294,38 @@ def shared_files(a: ImageArray, b: ImageArray) -> torch.Tensor:
 
 
 class _BatchDecoder(Dataset):
-    """Decodes a list of indices into one (B, H, W, 3) uint8 batch. A bad file is replaced by the next
+    """Decodes ``(indices, seed)`` into one batch: (B, S, S, 3) uint8 squares when every image is no larger
+    than the view (S px each side), else (2B, S, S, 3), both views' crops of each image (view 1 first)
+    drawn over its full size by a generator seeded with ``seed``. A bad file is replaced by the next
     readable one in the folder, so every batch keeps its size (processes must agree on it); the bad files
     come back with the batch to be named."""
 
-    def __init__(self, files: list[str], size: int, on_bad_image: str):
-        self.files, self.size, self.on_bad_image = files, size, on_bad_image
+    def __init__(self, files: list[str], size: int, on_bad_image: str, crop_scale: tuple[float, float]):
+        self.files, self.size, self.on_bad_image, self.crop_scale = files, size, on_bad_image, crop_scale
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, indices: list[int]):
-        out = np.empty((len(indices), self.size, self.size, 3), dtype=np.uint8)
+    def _larger_than_view(self, path: str) -> bool:
+        try:
+            return max(image_extent(path)) > self.size
+        except Exception:  # noqa: BLE001 - an unreadable file is found and named when decoded
+            return False
+
+    def __getitem__(self, item: tuple[list[int], int]):
+        indices, seed = item
+        cropped = any(self._larger_than_view(self.files[i]) for i in indices)
+        generator = torch.Generator().manual_seed(seed)
+        out = np.empty((2 if cropped else 1, len(indices), self.size, self.size, 3), dtype=np.uint8)
         bad = []
         for j, i in enumerate(indices):
             for k in range(i, i + len(self.files)):
                 path = self.files[k % len(self.files)]
                 try:
-                    out[j] = decode(path, self.size)
+                    if cropped:
+                        out[:, j] = decode_views(path, self.size, self.crop_scale, generator)[0]
+                    else:
+                        out[0, j] = decode(path, self.size)
                     break
                 except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
                     if self.on_bad_image == "error":
@@ -199,15 +333,25 @@ class _BatchDecoder(Dataset):
                     bad.append(path)
             else:
                 raise DataError(f"no readable images among the {len(self.files)} files of the folder")
-        return torch.from_numpy(out), bad
+        return torch.from_numpy(out).flatten(0, 1), cropped, bad
+
+
+def crop_seed(base: int, step: int, rank: int) -> int:
+    """The seed of one streamed batch's crops: a function of the epoch's ``base`` seed, the step and the
+    process, so a resumed run (or any number of workers) draws the same crops."""
+    return int(np.random.SeedSequence([base, step, rank]).generate_state(1)[0])
 
 
 @dataclass
 class ImageStream:
     """A folder decoded batch by batch in ``workers`` DataLoader processes, every epoch: for folders whose
-    decoded array would not fit the disk or memory (ImageNet at 224 px is ~190 GB). Yields exactly the
-    batches an :class:`ImageArray` of the same folder yields, except that a bad file, found only when read,
-    is replaced by the next readable one and added to ``skipped``."""
+    decoded array would not fit the disk or memory (ImageNet at 224 px is ~190 GB).
+
+    A batch of images no larger than the view (``size``) is exactly the batch an :class:`ImageArray` of the
+    same folder yields. A batch holding a larger image comes as both views' crops (``Batch.cropped``): each
+    image's two boxes are drawn over its full size (torchvision's RandomResizedCrop, ``crop_scale``) by the
+    worker, from a seed drawn from the epoch's generator, and only the boxes are resized. A bad file,
+    found only when read, is replaced by the next readable one and added to ``skipped``."""
 
     files: list[str]
     labels: torch.Tensor
@@ -217,34 +361,70 @@ class ImageStream:
     on_bad_image: str = "skip"
     pin_memory: bool = False  # page-locked batches, for asynchronous copies to a GPU
     skipped: list[str] = field(default_factory=list)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def batches(self, batch_size: int, generator: torch.Generator, start: int = 0, rank: int = 0, world: int = 1):
-        """``(step, uint8 NCHW batch)`` for one epoch; see :func:`batch_indices`."""
+        """``(step, Batch)`` for one epoch; see :func:`batch_indices`."""
         steps = [(step, idx.tolist()) for step, idx in batch_indices(len(self), batch_size, generator, start, rank, world)]
-        loader = DataLoader(_BatchDecoder(self.files, self.size, self.on_bad_image), batch_size=None,
-                            sampler=[idx for _, idx in steps], num_workers=self.workers, pin_memory=self.pin_memory,
+        base = int(torch.randint(2**62, (1,), generator=generator))  # after the order: the order is unchanged
+        decoder = _BatchDecoder(self.files, self.size, self.on_bad_image, self.crop_scale)
+        loader = DataLoader(decoder, batch_size=None, sampler=[(idx, crop_seed(base, step, rank)) for step, idx in steps],
+                            num_workers=self.workers, pin_memory=self.pin_memory,
                             prefetch_factor=4 if self.workers else None,
                             generator=torch.Generator())  # its own seed source: the global RNG drives augmentation
-        for (step, _), (images, bad) in zip(steps, loader):
+        for (step, _), (images, cropped, bad) in zip(steps, loader):
             for path in bad:
                 if path not in self.skipped:
                     log.warning("skipped unreadable image %s (replaced by the next readable one)", path)
                     self.skipped.append(path)
-            yield step, images.permute(0, 3, 1, 2)
+            yield step, Batch(images.permute(0, 3, 1, 2), cropped=cropped)
 
 
-def open_stream(root: str | Path, size: int, workers: int = 2, on_bad_image: str = "skip") -> ImageStream:
+def open_stream(root: str | Path, size: int, workers: int = 2, on_bad_image: str = "skip",
+                crop_scale: tuple[float, float] = (0.08, 1.0)) -> ImageStream:
     """An :class:`ImageStream` over every image below ``root``; nothing is decoded yet."""
     found = find_images(root)
     return ImageStream([str(f) for f in found.files], torch.tensor(found.labels, dtype=torch.int64),
-                       found.classes, size, workers, on_bad_image)
+                       found.classes, size, workers, on_bad_image, crop_scale=crop_scale)
 
 
-def _cache_key(images: ImageList, size: int) -> str:
-    h = hashlib.sha1(f"simxent-v1 {size}\n".encode())
+@dataclass(frozen=True)
+class Layout:
+    """How a folder's decoded array holds its images, (N, side, side, 3) uint8:
+
+    - ``square``: every image at ``size`` x ``size``, shorter side resized and centre crop (:func:`decode`);
+      the layout of a folder whose images are all no larger than the view.
+    - ``padded``: for training on larger images, each image's longer side at ``side`` px or its own size if
+      smaller (:func:`decode_within`), aspect ratio kept, stored top-left; the true sizes are recorded.
+    - ``eval``: the evaluation transform (:func:`decode_eval` with ``crop_ratio``) at ``size`` px."""
+
+    kind: str
+    size: int
+    side: int
+    crop_ratio: float = 0.0
+
+    def key(self) -> str:
+        return f"{self.kind} {self.size} {self.side} {self.crop_ratio:g}"
+
+    def decoder(self) -> Callable[[Path], np.ndarray]:
+        if self.kind == "padded":
+            return partial(decode_within, side=self.side)
+        if self.kind == "eval":
+            return partial(decode_eval, size=self.size, crop_ratio=self.crop_ratio)
+        return partial(decode, size=self.size)
+
+
+def decode_side(size: int, decode_size: Optional[int] = None) -> int:
+    """``data.decode_size``, or by default 1.5 x the view: a 3:2 photograph's shorter side then still holds
+    the view's pixels."""
+    return decode_size or round(1.5 * size)
+
+
+def _cache_key(images: ImageList, layout: Layout) -> str:
+    h = hashlib.sha1(f"simxent-v2 {layout.key()}\n".encode())
     for f in images.files:
         try:
             st = f.stat()
@@ -259,6 +439,24 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SIMXENT_CACHE", Path.home() / ".cache" / "simxent"))
 
 
+def _extents(paths: list[Path]) -> list[Optional[tuple[int, int]]]:
+    """Each file's :func:`image_extent`, None for one that cannot be read (decoding names it later)."""
+    out = []
+    for path in paths:
+        try:
+            out.append(image_extent(path))
+        except Exception:  # noqa: BLE001 - any failure is a bad file
+            out.append(None)
+    return out
+
+
+def all_within_view(found: ImageList, size: int, workers: int) -> bool:
+    """Whether every readable image of the folder is no larger than ``size`` on either side (headers only)."""
+    loader = DataLoader(found.files, batch_size=256, num_workers=workers,
+                        collate_fn=_extents)
+    return all(max(e) <= size for batch in loader for e in batch if e is not None)
+
+
 def load_folder(
     root: str | Path,
     size: int,
@@ -267,31 +465,38 @@ def load_folder(
     workers: int = 2,
     on_bad_image: str = "skip",
     progress: bool = True,
+    decode_size: Optional[int] = None,
+    crop_ratio: Optional[float] = None,
 ) -> ImageArray:
-    """Decode every image of ``root`` at ``size`` px, or reuse the cached array of an unchanged folder.
+    """Decode every image of ``root`` for ``size`` px views, or reuse the cached array of an unchanged folder.
 
-    With ``cache``, images are decoded straight into a memory-mapped file under ``cache_dir`` (disk, not
-    RAM, bounds the folder's size: N * size^2 * 3 bytes); without it, into memory.
+    A folder whose images are all no larger than ``size`` is stored ``square`` (:class:`Layout`); any other
+    is stored ``padded`` at ``decode_side(size, decode_size)`` for training, or with the evaluation
+    transform when ``crop_ratio`` is given. With ``cache``, images are decoded straight into a memory-mapped
+    file under ``cache_dir`` (disk, not RAM, bounds the folder's size: N * side^2 * 3 bytes); without it,
+    into memory.
 
-    The cache is keyed by each file's relative path, byte size and modification time, so any change to
-    the folder decodes it anew. Bad files are skipped with a warning naming each (``on_bad_image=skip``)
-    or stop the run naming the first (``error``).
+    The cache is keyed by the layout and each file's relative path, byte size and modification time, so
+    any change to the folder decodes it anew. Bad files are skipped with a warning naming each
+    (``on_bad_image=skip``) or stop the run naming the first (``error``).
     """
     found = find_images(root)
-    key = _cache_key(found, size) if cache else ""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-    if cache and array_path.exists() and meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        good, bad = np.asarray(meta["good"], dtype=np.int64), meta["bad"]
-        images = np.load(array_path, mmap_mode="r")[: len(good)]
+    square = Layout("square", size, size)
+    larger = Layout("eval", size, size, crop_ratio) if crop_ratio else \
+        Layout("padded", size, decode_side(size, decode_size))
+    hit = _read_cache(found, (square, larger), cache_dir) if cache else None
+    if hit is None:
+        layout = square if all_within_view(found, size, workers) else larger
+        array_path = cache_dir / f"{_cache_key(found, layout)}.npy"
+        if cache:
+            _check_disk(cache_dir, len(found.files) * layout.side**2 * 3, found.root)
+        images, good, bad, sizes = _decode_all(found, layout, workers, on_bad_image, progress,
+                                               into=array_path if cache else None)
+        if cache:
+            _write_meta(good, bad, sizes, found, array_path.with_suffix(".json"))
     else:
-        if cache:
-            _check_disk(cache_dir, len(found.files) * size * size * 3, found.root)
-        images, good, bad = _decode_all(found, size, workers, on_bad_image, progress,
-                                        into=array_path if cache else None)
-        if cache:
-            _write_meta(good, bad, found, meta_path)
+        images, good, bad, sizes = hit
     skipped = [str(found.files[i]) for i in bad]
     _report_skipped(skipped, found.root)
     if len(good) == 0:
@@ -303,14 +508,27 @@ def load_folder(
         classes=found.classes,
         files=[str(found.files[i]) for i in good],
         skipped=skipped,
+        sizes=None if sizes is None else torch.as_tensor(np.asarray(sizes, dtype=np.int64).reshape(-1, 2)),
     )
+
+
+def _read_cache(found: ImageList, layouts: tuple[Layout, ...], cache_dir: Path):
+    """``(images, good, bad, sizes)`` of the first layout the cache holds for this folder, else None."""
+    for layout in layouts:
+        key = _cache_key(found, layout)
+        array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+        if array_path.exists() and meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            good = np.asarray(meta["good"], dtype=np.int64)
+            return np.load(array_path, mmap_mode="r")[: len(good)], good, meta["bad"], meta["sizes"]
+    return None
 
 
 def load_configured(root: str | Path, data: DataConfig, progress: bool = True, **changes) -> ImageArray:
     """:func:`load_folder` of ``root`` with the size, cache and decoding options of a ``data`` config section;
-    ``changes`` replace some of them (``cache``, ``workers``)."""
+    ``changes`` replace some of them (``cache``, ``workers``) or add ``crop_ratio`` (evaluation images)."""
     opts = dict(cache=data.cache, cache_dir=data.cache_dir or None, workers=data.workers,
-                on_bad_image=data.on_bad_image, progress=progress)
+                on_bad_image=data.on_bad_image, progress=progress, decode_size=data.decode_size)
     return load_folder(root, data.image_size, **{**opts, **changes})
 
 
@@ -330,41 +548,44 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _decode_all(found: ImageList, size: int, workers: int, on_bad_image: str, progress: bool,
+def _decode_all(found: ImageList, layout: Layout, workers: int, on_bad_image: str, progress: bool,
                 into: Path | None = None):
-    """Decode in file order, packing the readable images at the front of the array.
+    """Decode in file order, packing the readable images at the front of the array; returns the array,
+    the indices of the good and the bad files, and (``padded`` layout) each good image's (h, w).
 
     With ``into``, the array is a memory-mapped file written in place and renamed to ``into`` when
     complete, so a folder larger than memory decodes to disk and never needs to fit in RAM.
     """
     n = len(found.files)
-    shape = (n, size, size, 3)
+    shape = (n, layout.side, layout.side, 3)
     if into is None:
-        out = np.empty(shape, dtype=np.uint8)
+        out = np.zeros(shape, dtype=np.uint8)  # zeros: the padding of a padded layout is defined
     else:
         into.parent.mkdir(parents=True, exist_ok=True)
         tmp = into.with_suffix(f".tmp{os.getpid()}.npy")
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-    good = []
-    loader = DataLoader(DecodedFiles(found.files, size, on_bad_image), batch_size=64, num_workers=workers,
-                        collate_fn=_collate)
+    good, sizes = [], []
+    loader = DataLoader(DecodedFiles(found.files, layout.size, on_bad_image, layout.decoder()), batch_size=64,
+                        num_workers=workers, collate_fn=_collate)
     for batch in tqdm(loader, desc=f"decoding {found.root}", unit="batch", disable=not progress, leave=False):
         for i, img in batch:
             if img is not None:
-                out[len(good)] = img
+                h, w = img.shape[:2]
+                out[len(good), :h, :w] = img
                 good.append(i)
+                sizes.append((h, w))
     if into is not None:
         out.flush()
         os.replace(tmp, into)
     bad = sorted(set(range(n)) - set(good))
-    return out[: len(good)], np.asarray(good, dtype=np.int64), bad
+    return out[: len(good)], np.asarray(good, dtype=np.int64), bad, sizes if layout.kind == "padded" else None
 
 
-def _write_meta(good: np.ndarray, bad: list[int], found: ImageList, meta_path: Path) -> None:
+def _write_meta(good: np.ndarray, bad: list[int], sizes: Optional[list], found: ImageList, meta_path: Path) -> None:
     """Written after the array, through a temporary file and an atomic rename: a cache entry without its
-    metadata is never used."""
+    metadata is never used. ``sizes``: each good image's true (h, w) in a padded layout, else None."""
     tmp = meta_path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"root": str(found.root), "good": good.tolist(), "bad": bad}))
+    tmp.write_text(json.dumps({"root": str(found.root), "good": good.tolist(), "bad": bad, "sizes": sizes}))
     os.replace(tmp, meta_path)
 
 
@@ -393,5 +614,5 @@ def batch_indices(n: int, batch_size: int, generator: torch.Generator, start: in
 
 def iterate_batches(data: ImageArray | ImageStream, batch_size: int, generator: torch.Generator, start: int = 0,
                     rank: int = 0, world: int = 1):
-    """Yield ``(step, uint8 NCHW batch)`` for one epoch of a decoded or a streamed folder."""
+    """Yield ``(step, Batch)`` for one epoch of a decoded or a streamed folder."""
     return data.batches(batch_size, generator, start, rank, world)

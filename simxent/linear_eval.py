@@ -287,16 +287,20 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
                 objective: str = "multiclass", positive_class: Optional[str] = None,
                 train_labels: Optional[str | Path] = None, test_labels: Optional[str | Path] = None,
                 backbone_name: Optional[str] = None, cifar_stem: bool = False, image_size: Optional[int] = None,
-                cache_dir: Optional[str | Path] = None, precision: Optional[str] = None) -> dict:
+                cache_dir: Optional[str | Path] = None, precision: Optional[str] = None,
+                crop_ratio: float = 0.875) -> dict:
     """Score a pretrained checkpoint (and, with ``random_init``, an untrained twin) on labelled folders.
 
     ``objective``: ``multiclass`` (class folders), ``binary`` (two class folders, ``positive_class`` is 1)
     or ``multilabel`` (labels from ``train_labels`` / ``test_labels`` CSVs of ``file,label;label``).
     ``backbone_name`` scores a plain state dict instead (see :func:`encoder_to_score`). Images are decoded
     at ``image_size`` (default: the checkpoint's) into ``cache_dir`` (default: $SIMXENT_CACHE or
-    ~/.cache/simxent); features are computed in ``precision`` (default: the checkpoint's)."""
+    ~/.cache/simxent); features are computed in ``precision`` (default: the checkpoint's). Images larger
+    than the view are evaluated at the centre ``crop_ratio`` (see :func:`simxent.data.decode_eval`)."""
     setup_logging()
     check_probe_options(opts)
+    if not 0 < crop_ratio <= 1:
+        raise ConfigError(f"--crop-ratio: {crop_ratio} is out of range ((0, 1])")
     dev = resolve_device(device, option="--device")
     if objective == "multilabel":
         if not (train_labels and test_labels):
@@ -310,9 +314,9 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     dtype = feature_dtype(precision or cfg.train.precision, dev)
     data = DataConfig(image_size=cfg.data.image_size, cache=cache, cache_dir=str(cache_dir or ""), workers=workers)
     with naming_the_key("--train"):
-        train = load_configured(train_dir, data, progress)
+        train = load_configured(train_dir, data, progress, crop_ratio=crop_ratio)
     with naming_the_key("--test"):
-        test = load_configured(test_dir, data, progress)
+        test = load_configured(test_dir, data, progress, crop_ratio=crop_ratio)
     check_held_out(train, test, train_dir, test_dir)
     if objective == "multilabel":
         y_train, names = read_label_csv(train_labels, train, train_dir)

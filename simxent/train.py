@@ -202,7 +202,8 @@ def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray | ImageStr
         raise ConfigError("data.train: no image folder given (set data.train=PATH)")
     with naming_the_key("data.train"):
         if cfg.data.stream:
-            train = open_stream(cfg.data.train, cfg.data.image_size, cfg.data.workers, cfg.data.on_bad_image)
+            train = open_stream(cfg.data.train, cfg.data.image_size, cfg.data.workers, cfg.data.on_bad_image,
+                                cfg.augment.crop_scale)
         else:
             train = load_configured(cfg.data.train, cfg.data, progress)
     if len(train) < cfg.train.batch_size:
@@ -211,19 +212,23 @@ def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray | ImageStr
     val = bank = None
     if cfg.data.val and cfg.eval.every > 0:
         with naming_the_key("data.val"):
-            val = load_configured(cfg.data.val, cfg.data, progress)
+            val = load_configured(cfg.data.val, cfg.data, progress, crop_ratio=cfg.eval.crop_ratio)
         if not val.classes or (val.labels < 0).any():
             raise ConfigError(f"data.val: {cfg.data.val} needs one sub-folder per class for kNN evaluation")
         # A streamed train folder is too large to embed for every evaluation: leave-one-out within val.
         if train.classes and (train.labels >= 0).all() and not cfg.data.stream:
             if train.classes != val.classes:
                 raise ConfigError(f"data.val: classes of {cfg.data.val} differ from those of {cfg.data.train}")
-            rows = ~shared_files(train, val)
+            bank_images = train
+            if train.sizes is not None:  # padded for training crops: the bank needs the evaluation transform
+                with naming_the_key("data.train"):
+                    bank_images = load_configured(cfg.data.train, cfg.data, progress, crop_ratio=cfg.eval.crop_ratio)
+            rows = ~shared_files(bank_images, val)
             if not rows.all():
                 log.warning("data.val shares %d images with data.train: %s", int((~rows).sum()),
                             "kNN is leave-one-out within data.val" if not rows.any()
                             else "they are left out of the kNN bank")
-            bank = KnnBank(train, rows) if rows.any() else None
+            bank = KnnBank(bank_images, rows) if rows.any() else None
     return train, val, bank
 
 
@@ -343,6 +348,8 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
         train.pin_memory = True
     elif device.type == "cuda":
         train.images = place_on_gpu(train.images, device)
+        if train.sizes is not None:
+            train.sizes = train.sizes.to(train.images.device)  # indexed by the batch order, on that device
     seed_everything(cfg.train.seed)  # after loading: decoding may draw from the RNG, a cache hit does not
     net, model = build_model(cfg, device, world)
     torch.manual_seed(cfg.train.seed + rank)  # each process draws its own augmentations
@@ -402,7 +409,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
             rng = rng_state()
             step, x = item
             x = x.to(device, non_blocking=True)
-            return step, x, augment.pair(x, cfg.train.channels_last), rng
+            return step, x, augment.pair(x.images, cfg.train.channels_last, x.sizes, x.cropped), rng
 
         upcoming, rng_before_prefetch = prefetch(), None
         while upcoming is not None:

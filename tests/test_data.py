@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from simxent.data import DataError, decode, find_images, iterate_batches, load_folder, open_stream
+from simxent.data import (DataError, decode, decode_within, find_images, iterate_batches, load_folder,
+                          open_stream)
 from tests.conftest import write_image
 
 
@@ -94,47 +95,56 @@ def test_cache_equals_direct_decode_and_follows_changes(tmp_path):
     again = load_folder(root, 12, cache_dir=cache, workers=2, progress=False)
     assert torch.equal(direct.images, first.images) and torch.equal(first.images, again.images)
     assert len(list(cache.glob("*.npy"))) == 1  # reused, not re-decoded
-    expected = np.stack([decode(root / "c" / f"{i}.png", 12) for i in range(6)])
-    assert np.array_equal(again.images.numpy(), expected)
+    # 24 x 20 images for 12 px views: longer side at decode_side(12) = 18, aspect kept, stored top-left.
+    assert again.images.shape == (6, 18, 18, 3) and again.sizes.tolist() == [[15, 18]] * 6
+    expected = np.stack([decode_within(root / "c" / f"{i}.png", 18) for i in range(6)])
+    assert np.array_equal(again.images[:, :15, :18].numpy(), expected)
+    assert not again.images[:, 15:].any()
+    # For 24 px views no image is larger than the view: squares, as decode() makes them, no sizes.
+    square = load_folder(root, 24, cache_dir=cache, workers=0, progress=False)
+    assert square.sizes is None
+    assert np.array_equal(square.images.numpy(), np.stack([decode(root / "c" / f"{i}.png", 24) for i in range(6)]))
+    assert len(list(cache.glob("*.npy"))) == 2
     write_image(root / "c" / "new.png", seed=99)
     changed = load_folder(root, 12, cache_dir=cache, workers=0, progress=False)
-    assert len(changed) == 7 and len(list(cache.glob("*.npy"))) == 2
+    assert len(changed) == 7 and len(list(cache.glob("*.npy"))) == 3
 
 
 def test_batches_cover_epoch_and_resume_in_place(labelled_folder):
-    data = load_folder(labelled_folder, 8, workers=0, progress=False)
+    data = load_folder(labelled_folder, 16, workers=0, progress=False)
     batches = list(iterate_batches(data, 10, torch.Generator().manual_seed(1)))
-    assert [s for s, _ in batches] == [0, 1, 2, 3] and batches[0][1].shape == (10, 3, 8, 8)
+    assert [s for s, _ in batches] == [0, 1, 2, 3] and batches[0][1].images.shape == (10, 3, 16, 16)
     rest = list(iterate_batches(data, 10, torch.Generator().manual_seed(1), start=2))
     assert [s for s, _ in rest] == [2, 3]
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(batches[2:], rest))
-    flat = torch.cat([b for _, b in batches]).flatten(1)
+    assert all(torch.equal(a.images, b.images) for (_, a), (_, b) in zip(batches[2:], rest))
+    flat = torch.cat([b.images for _, b in batches]).flatten(1)
     assert len({tuple(r.tolist()) for r in flat}) == 40  # no image twice in an epoch
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_stream_yields_the_cached_batches(labelled_folder, workers):
-    """Streaming decodes in workers every epoch; each process's share of each batch equals the cache's."""
-    cached = load_folder(labelled_folder, 8, workers=0, progress=False)
-    stream = open_stream(labelled_folder, 8, workers=workers)
+    """Streaming decodes in workers every epoch; each process's share of each batch equals the cache's
+    (images no larger than the view: squares, cropped on the device)."""
+    cached = load_folder(labelled_folder, 16, workers=0, progress=False)
+    stream = open_stream(labelled_folder, 16, workers=workers)
     assert len(stream) == len(cached) and stream.classes == cached.classes
     assert torch.equal(stream.labels, cached.labels)
     for rank in (0, 1):
         a = list(iterate_batches(cached, 10, torch.Generator().manual_seed(3), start=1, rank=rank, world=2))
         b = list(iterate_batches(stream, 10, torch.Generator().manual_seed(3), start=1, rank=rank, world=2))
         assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
-        assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a, b))
+        assert all(torch.equal(x.images, y.images) and not y.cropped for (_, x), (_, y) in zip(a, b))
 
 
 def test_stream_replaces_a_bad_file_and_names_it(labelled_folder, caplog):
     bad = labelled_folder / "a" / "3.png"
     bad.write_bytes(b"not a png")
-    stream = open_stream(labelled_folder, 8, workers=0)
+    stream = open_stream(labelled_folder, 16, workers=0)
     with caplog.at_level(logging.WARNING, logger="simxent"):
-        batches = [b for _, b in iterate_batches(stream, 48, torch.Generator().manual_seed(0))]
-    assert len(batches) == 1 and batches[0].shape == (48, 3, 8, 8)  # the batch keeps its size
+        batches = [b.images for _, b in iterate_batches(stream, 48, torch.Generator().manual_seed(0))]
+    assert len(batches) == 1 and batches[0].shape == (48, 3, 16, 16)  # the batch keeps its size
     assert stream.skipped == [str(bad)] and str(bad) in caplog.text
-    strict = open_stream(labelled_folder, 8, workers=0, on_bad_image="error")
+    strict = open_stream(labelled_folder, 16, workers=0, on_bad_image="error")
     with pytest.raises(DataError, match="3.png"):
         list(iterate_batches(strict, 48, torch.Generator().manual_seed(0)))
 
