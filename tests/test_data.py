@@ -144,6 +144,8 @@ def test_stream_replaces_a_bad_file_and_names_it(labelled_folder, caplog):
         batches = [b.images for _, b in iterate_batches(stream, 48, torch.Generator().manual_seed(0))]
     assert len(batches) == 1 and batches[0].shape == (48, 3, 16, 16)  # the batch keeps its size
     assert stream.skipped == [str(bad)] and str(bad) in caplog.text
+    assert stream.reasons == {str(bad): "UnidentifiedImageError: cannot identify image file"}
+    assert "cannot identify image file" in caplog.text  # the reason, in the warning too
     strict = open_stream(labelled_folder, 16, workers=0, on_bad_image="error")
     with pytest.raises(DataError, match="3.png"):
         list(iterate_batches(strict, 48, torch.Generator().manual_seed(0)))
