@@ -1,18 +1,18 @@
-"""Command-line entry points: ``simxent-pretrain``, ``simxent-linear-eval`` and ``simxent-demo``."""
+"""Command-line entry points: ``simxent-pretrain``, ``simxent-linear-eval``, ``simxent-demo`` and
+``simxent-cache``."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 
-from . import dist
+from . import cache_admin, dist
 from .checkpoint import CheckpointError
 from . import __version__
 from .config import CHOICES, MAX_IMAGE_SIZE, Config, ConfigError, config_keys, format_config, load_config, preset_names
-from .data import DataError
+from .data import DataError, default_cache_dir
 from .class_weights import ClassWeightError
 from .evaluate import LabelError, ProbeDivergedError
 from .linear_eval import ProbeOptions, check_probe_options, format_results, linear_eval
@@ -76,6 +76,23 @@ def _refuse_habits(p: argparse.ArgumentParser, args: list[str], unknown: list[st
             p.error(f"'{arg}' is a config key: write {arg}={value} (key=value, no space)")
 
 
+def format_summary(summary: dict, out: Path) -> str:
+    """A few lines for the console at the end of pretraining; every figure is in ``out/summary.json``."""
+    stop = (" (stopped by train.max_time)" if summary["stopped_by_max_time"]
+            else " (stopped by a signal)" if summary["stopped_by_signal"] else "")
+    knn = summary.get("knn_top1") or []
+    lines = [f"checkpoint: {summary['checkpoint']}",
+             f"trained: {summary['epoch']} epoch(s), {summary['global_step']} steps in "
+             f"{summary['seconds']:.0f} s{stop}",
+             f"final loss: {summary['last_loss']:.4f}"]
+    if knn:
+        lines.append(f"kNN top-1: {knn[-1]['top1']:.4f} (epoch {knn[-1]['epoch']})")
+    if summary.get("skipped_images"):
+        lines.append(f"skipped images: {len(summary['skipped_images'])} (listed in {out / 'skipped_images.txt'})")
+    lines.append(f"summary: {out / 'summary.json'}; TensorBoard: tensorboard --logdir {out / 'tb'}")
+    return "\n".join(lines)
+
+
 def pretrain_main(argv=None) -> int:
     p = _pretrain_parser()
     a, unknown = p.parse_known_intermixed_args(argv)
@@ -96,7 +113,7 @@ def pretrain_main(argv=None) -> int:
         finally:
             dist.cleanup()
         if main_process:
-            print(json.dumps({k: v for k, v in summary.items() if k != "skipped_images"}, indent=2))
+            print(format_summary(summary, Path(cfg.out)))
         return 0
 
     return _run(main)
@@ -204,11 +221,40 @@ def demo_main(argv=None) -> int:
     return _run(main)
 
 
-COMMANDS = {"pretrain": pretrain_main, "linear-eval": linear_eval_main, "demo": demo_main}
+def cache_main(argv=None) -> int:
+    p = _parser("simxent-cache", "See and clear the decoded-image cache ($SIMXENT_CACHE, else ~/.cache/simxent).")
+    p.add_argument("--dir", help="the cache folder (a run's data.cache_dir); default: $SIMXENT_CACHE or "
+                                 "~/.cache/simxent")
+    commands = p.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="each entry's key, size on disk, age and source folder")
+    clear = commands.add_parser("clear", help="delete entries by key, or all of them with --all (never a file "
+                                              "a running decoder is writing)")
+    clear.add_argument("keys", nargs="*", metavar="KEY", help="entries to delete (from simxent-cache list)")
+    clear.add_argument("--all", action="store_true", help="every entry")
+    a = p.parse_args(argv)
+    if a.command == "clear" and a.all == bool(a.keys):
+        p.error("clear takes KEY... or --all (one of them)")
+    cache_dir = Path(a.dir) if a.dir else default_cache_dir()
+
+    def main():
+        if a.command == "list":
+            print(cache_admin.format_listing(cache_dir))
+            return 0
+        removed, freed, in_use = cache_admin.clear(cache_dir, None if a.all else a.keys)
+        print(f"removed {len(removed)} file(s), {cache_admin.human_bytes(freed)}, from {cache_dir}")
+        for t in in_use:
+            print(f"kept {t.path.name}: process {t.pid} is writing it")
+        return 0
+
+    return _run(main)
+
+
+COMMANDS = {"pretrain": pretrain_main, "linear-eval": linear_eval_main, "demo": demo_main, "cache": cache_main}
 USAGE = f"""usage: python -m simxent {{{','.join(COMMANDS)}}} ... | --version
   pretrain      as simxent-pretrain (SimCLR pretraining)
   linear-eval   as simxent-linear-eval (linear probe and kNN on a frozen encoder)
   demo          as simxent-demo (draw shapes, pretrain, score)
+  cache         as simxent-cache (list or clear the decoded-image cache)
 Each command takes --help."""
 
 

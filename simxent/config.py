@@ -115,7 +115,7 @@ class TrainConfig:
     channels_last: bool = setting(True, "NHWC memory format")
     compile: bool = setting(False, "torch.compile the encoder, head and colour ops (slow first steps, faster after)")
     threads: int = setting(0, "CPU threads for torch; 0: all cores")
-    log_every: int = setting(10, "steps between TensorBoard scalars")
+    log_every: int = setting(10, "steps between TensorBoard scalars (and the last step of a run)")
     resume: str = setting("", "empty: start fresh; auto: last checkpoint in out; or a checkpoint path")
     max_bad_steps: int = setting(5, "stop after this many non-finite losses or gradients in a row")
     checkpoint_every: int = setting(0, "steps between checkpoints inside an epoch (0: epoch ends only)")

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from .augment import CROP_RATIO, crop_boxes
 from .config import DataConfig
+from .runtime import show_progress_bars
 
 log = logging.getLogger("simxent")
 
@@ -211,9 +212,23 @@ def decode_views(path: str | Path, size: int, scale: tuple[float, float],
         return views, boxes
 
 
+def bad_image_reason(e: BaseException, path: str | Path) -> str:
+    """Why a file could not be decoded, in one short line: the exception's class and the first line of its
+    message, without the file's name (it is given beside the reason):
+    ``UnidentifiedImageError: cannot identify image file``, ``OSError: image file is truncated ...``."""
+    message = str(e).splitlines()[0] if str(e) else ""
+    for name in (repr(str(path)), str(path)):
+        message = message.replace(name, "")
+    message = " ".join(message.split()).rstrip(" :")
+    if len(message) > 120:
+        message = message[:117] + "..."
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__
+
+
 class DecodedFiles(Dataset):
-    """Dataset over files that yields ``(index, HWC uint8 array or None)``; None marks a bad file.
-    ``decoder(path)`` makes the array (:func:`decode` at ``size`` when not given)."""
+    """Dataset over files that yields ``(index, HWC uint8 array or None, reason or None)``; an array of None
+    marks a bad file and the reason says why. ``decoder(path)`` makes the array (:func:`decode` at ``size``
+    when not given)."""
 
     def __init__(self, files: list[Path], size: int, on_bad_image: str = "skip",
                  decoder: Optional[Callable[[Path], np.ndarray]] = None):
@@ -225,11 +240,11 @@ class DecodedFiles(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, self.decoder(self.files[i])
+            return i, self.decoder(self.files[i]), None
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
             if self.on_bad_image == "error":
                 raise DataError(f"cannot read image {self.files[i]}: {e}") from e
-            return i, None
+            return i, None, bad_image_reason(e, self.files[i])
 
 
 def _collate(items):
@@ -258,9 +273,10 @@ class Batch:
 
 @dataclass
 class ImageArray:
-    """A decoded folder: ``images`` (N, H, W, 3) uint8 and ``labels`` (N,) int64, bad files removed.
-    ``sizes`` (N, 2) int64: each image's true (height, width) where images are stored top-left in a larger
-    padded array (:class:`Layout` ``padded``); None where every image fills it."""
+    """A decoded folder: ``images`` (N, H, W, 3) uint8 and ``labels`` (N,) int64, bad files removed and
+    named in ``skipped``, with why each could not be read in ``reasons``. ``sizes`` (N, 2) int64: each
+    image's true (height, width) where images are stored top-left in a larger padded array (:class:`Layout`
+    ``padded``); None where every image fills it."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -268,6 +284,7 @@ class ImageArray:
     files: list[str]
     skipped: list[str]
     sizes: Optional[torch.Tensor] = None
+    reasons: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -298,7 +315,7 @@ class _BatchDecoder(Dataset):
     than the view (S px each side), else (2B, S, S, 3), both views' crops of each image (view 1 first)
     drawn over its full size by a generator seeded with ``seed``. A bad file is replaced by the next
     readable one in the folder, so every batch keeps its size (processes must agree on it); the bad files
-    come back with the batch to be named."""
+    come back with the batch to be named, each with the reason it could not be read."""
 
     def __init__(self, files: list[str], size: int, on_bad_image: str, crop_scale: tuple[float, float]):
         self.files, self.size, self.on_bad_image, self.crop_scale = files, size, on_bad_image, crop_scale
@@ -330,7 +347,7 @@ class _BatchDecoder(Dataset):
                 except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
                     if self.on_bad_image == "error":
                         raise DataError(f"cannot read image {path}: {e}") from e
-                    bad.append(path)
+                    bad.append((path, bad_image_reason(e, path)))
             else:
                 raise DataError(f"no readable images among the {len(self.files)} files of the folder")
         return torch.from_numpy(out).flatten(0, 1), cropped, bad
@@ -351,7 +368,8 @@ class ImageStream:
     same folder yields. A batch holding a larger image comes as both views' crops (``Batch.cropped``): each
     image's two boxes are drawn over its full size (torchvision's RandomResizedCrop, ``crop_scale``) by the
     worker, from a seed drawn from the epoch's generator, and only the boxes are resized. A bad file,
-    found only when read, is replaced by the next readable one and added to ``skipped``."""
+    found only when read, is replaced by the next readable one and added to ``skipped`` (why, to
+    ``reasons``)."""
 
     files: list[str]
     labels: torch.Tensor
@@ -362,6 +380,7 @@ class ImageStream:
     pin_memory: bool = False  # page-locked batches, for asynchronous copies to a GPU
     skipped: list[str] = field(default_factory=list)
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    reasons: dict[str, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -376,10 +395,11 @@ class ImageStream:
                             prefetch_factor=4 if self.workers else None,
                             generator=torch.Generator())  # its own seed source: the global RNG drives augmentation
         for (step, _), (images, cropped, bad) in zip(steps, loader):
-            for path in bad:
+            for path, reason in bad:
                 if path not in self.skipped:
-                    log.warning("skipped unreadable image %s (replaced by the next readable one)", path)
+                    log.warning("skipped unreadable image %s (%s; replaced by the next readable one)", path, reason)
                     self.skipped.append(path)
+                    self.reasons[path] = reason
             yield step, Batch(images.permute(0, 3, 1, 2), cropped=cropped)
 
 
@@ -497,8 +517,9 @@ def load_folder(
             _write_meta(good, bad, sizes, found, array_path.with_suffix(".json"))
     else:
         images, good, bad, sizes = hit
-    skipped = [str(found.files[i]) for i in bad]
-    _report_skipped(skipped, found.root)
+    skipped = [str(found.files[i]) for i in sorted(bad)]
+    reasons = {str(found.files[i]): bad[i] for i in sorted(bad)}
+    _report_skipped(reasons, found.root)
     if len(good) == 0:
         raise DataError(f"no readable images in {found.root} ({len(skipped)} files could not be read)")
     labels = torch.as_tensor(np.asarray(found.labels, dtype=np.int64)[good])
@@ -509,18 +530,22 @@ def load_folder(
         files=[str(found.files[i]) for i in good],
         skipped=skipped,
         sizes=None if sizes is None else torch.as_tensor(np.asarray(sizes, dtype=np.int64).reshape(-1, 2)),
+        reasons=reasons,
     )
 
 
 def _read_cache(found: ImageList, layouts: tuple[Layout, ...], cache_dir: Path):
-    """``(images, good, bad, sizes)`` of the first layout the cache holds for this folder, else None."""
+    """``(images, good, bad, sizes)`` of the first layout the cache holds for this folder, else None;
+    ``bad`` maps each unreadable file's index to its reason."""
     for layout in layouts:
         key = _cache_key(found, layout)
         array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
         if array_path.exists() and meta_path.exists():
             meta = json.loads(meta_path.read_text())
             good = np.asarray(meta["good"], dtype=np.int64)
-            return np.load(array_path, mmap_mode="r")[: len(good)], good, meta["bad"], meta["sizes"]
+            bad = {i: "unreadable" for i in meta["bad"]}  # metadata written without reasons
+            bad.update({int(i): r for i, r in meta.get("reasons", {}).items()})
+            return np.load(array_path, mmap_mode="r")[: len(good)], good, bad, meta["sizes"]
     return None
 
 
@@ -551,7 +576,8 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
 def _decode_all(found: ImageList, layout: Layout, workers: int, on_bad_image: str, progress: bool,
                 into: Path | None = None):
     """Decode in file order, packing the readable images at the front of the array; returns the array,
-    the indices of the good and the bad files, and (``padded`` layout) each good image's (h, w).
+    the indices of the good files, ``{index: reason}`` of the bad ones, and (``padded`` layout) each good
+    image's (h, w).
 
     With ``into``, the array is a memory-mapped file written in place and renamed to ``into`` when
     complete, so a folder larger than memory decodes to disk and never needs to fit in RAM.
@@ -564,35 +590,41 @@ def _decode_all(found: ImageList, layout: Layout, workers: int, on_bad_image: st
         into.parent.mkdir(parents=True, exist_ok=True)
         tmp = into.with_suffix(f".tmp{os.getpid()}.npy")
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-    good, sizes = [], []
+    good, sizes, bad = [], [], {}
     loader = DataLoader(DecodedFiles(found.files, layout.size, on_bad_image, layout.decoder()), batch_size=64,
                         num_workers=workers, collate_fn=_collate)
-    for batch in tqdm(loader, desc=f"decoding {found.root}", unit="batch", disable=not progress, leave=False):
-        for i, img in batch:
+    bars = show_progress_bars(progress)
+    for batch in tqdm(loader, desc=f"decoding {found.root}", unit="batch", disable=not bars, leave=False):
+        for i, img, reason in batch:
             if img is not None:
                 h, w = img.shape[:2]
                 out[len(good), :h, :w] = img
                 good.append(i)
                 sizes.append((h, w))
+            else:
+                bad[i] = reason
     if into is not None:
         out.flush()
         os.replace(tmp, into)
-    bad = sorted(set(range(n)) - set(good))
     return out[: len(good)], np.asarray(good, dtype=np.int64), bad, sizes if layout.kind == "padded" else None
 
 
-def _write_meta(good: np.ndarray, bad: list[int], sizes: Optional[list], found: ImageList, meta_path: Path) -> None:
+def _write_meta(good: np.ndarray, bad: dict[int, str], sizes: Optional[list], found: ImageList,
+                meta_path: Path) -> None:
     """Written after the array, through a temporary file and an atomic rename: a cache entry without its
-    metadata is never used. ``sizes``: each good image's true (h, w) in a padded layout, else None."""
+    metadata is never used. ``bad``: each unreadable file's index and reason; ``sizes``: each good image's
+    true (h, w) in a padded layout, else None."""
     tmp = meta_path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"root": str(found.root), "good": good.tolist(), "bad": bad, "sizes": sizes}))
+    tmp.write_text(json.dumps({"root": str(found.root), "good": good.tolist(), "bad": sorted(bad),
+                               "reasons": {str(i): r for i, r in sorted(bad.items())}, "sizes": sizes}))
     os.replace(tmp, meta_path)
 
 
-def _report_skipped(skipped: list[str], root: Path) -> None:
-    if skipped:
-        names = "\n  ".join(skipped[:20]) + ("\n  ..." if len(skipped) > 20 else "")
-        log.warning("skipped %d unreadable image(s) in %s:\n  %s", len(skipped), root, names)
+def _report_skipped(reasons: dict[str, str], root: Path) -> None:
+    """One warning naming up to 20 skipped files, each with why it could not be read."""
+    if reasons:
+        lines = [f"{f} ({r})" for f, r in list(reasons.items())[:20]] + (["..."] if len(reasons) > 20 else [])
+        log.warning("skipped %d unreadable image(s) in %s:\n  %s", len(reasons), root, "\n  ".join(lines))
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator, start: int = 0, rank: int = 0,

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .augment import Normalize, to_float
+from .runtime import show_progress_bars
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -40,7 +41,8 @@ def extract_features(
     encoder.eval()
     normalize = normalize.to(device)
     out = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+    bars = show_progress_bars(progress)
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not bars, leave=False):
         x = images[start : start + batch_size].permute(0, 3, 1, 2).to(device, non_blocking=True)
         x = normalize(to_float(x))
         if channels_last:
@@ -251,7 +253,8 @@ def train_linear_probe(
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(train_x) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for epoch in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not progress, leave=False):
+    for epoch in tqdm(range(epochs), desc="linear probe", unit="epoch", disable=not show_progress_bars(progress),
+                      leave=False):
         order, total = torch.randperm(len(train_x), generator=generator), 0.0
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]

@@ -1,12 +1,15 @@
-"""TensorBoard output: scalars, histograms, figures, view-pair grids, confusion matrices and the embedding
-projector, written by one process only."""
+"""TensorBoard output: scalars, histograms, figures, view-pair grids, confusion matrices, the embedding
+projector, the run's config and its hyperparameters, written by one process only."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from torchvision.utils import make_grid
+
+from . import figures
 
 
 class Monitor:
@@ -34,16 +37,12 @@ class Monitor:
         self.writer.add_image(tag, grid, step)
 
     def confusion(self, tag: str, cm: torch.Tensor | list, classes: list[str], step: int = 0) -> None:
-        """Row-normalised confusion matrix as a heat-map image, plus the counts as a markdown table."""
+        """Row-normalised confusion matrix drawn with its axes and class names
+        (:func:`simxent.figures.confusion_matrix`), plus the counts as a markdown table."""
         if not self.writer:
             return
         cm = torch.as_tensor(cm, dtype=torch.float32)
-        rates = cm / cm.sum(dim=1, keepdim=True).clamp_min(1)
-        cell = max(4, 256 // len(classes))
-        heat = rates.repeat_interleave(cell, 0).repeat_interleave(cell, 1)
-        # white (0) -> dark blue (1)
-        img = torch.stack([1 - heat, 1 - 0.7 * heat, 1 - 0.3 * heat])
-        self.writer.add_image(tag, img, step)
+        self.writer.add_figure(tag, figures.confusion_matrix(cm.numpy(), classes, tag), step)
         header = "| true \\ pred | " + " | ".join(classes) + " |\n|" + "---|" * (len(classes) + 1) + "\n"
         rows = "\n".join(f"| {c} | " + " | ".join(str(int(x)) for x in row) + " |" for c, row in zip(classes, cm))
         self.writer.add_text(tag + "_counts", header + rows, step)
@@ -63,6 +62,22 @@ class Monitor:
         if self.writer:
             self.writer.add_embedding(features.float().cpu(), metadata=labels, label_img=thumbnails.float().cpu(),
                                       global_step=step, tag=tag)
+
+    def config_text(self, config_yaml: str, step: int = 0) -> None:
+        """The resolved config, in the TEXT tab (indented: markdown shows it as a code block)."""
+        if self.writer:
+            self.writer.add_text("config", "".join(f"    {line}\n" for line in config_yaml.splitlines()), step)
+
+    def hparams(self, hparams: dict, metrics: dict, step: int) -> None:
+        """``hparams`` and final ``metrics`` for the HPARAMS tab, in this run's own event file: each run
+        directory is one row there, so runs compare side by side (SummaryWriter.add_hparams would write them
+        to a new sub-folder instead). The metrics are also scalars, which is where the tab reads them."""
+        if not self.writer:
+            return
+        for summary in hparams_summaries(hparams, metrics):
+            self.writer.file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, step)
 
     def flush(self) -> None:
         if self.writer:

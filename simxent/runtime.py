@@ -10,6 +10,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .config import ConfigError
 
@@ -121,8 +122,24 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def stderr_is_terminal() -> bool:
+    """Whether ``sys.stderr`` is a terminal: progress bars redraw themselves with carriage returns, which
+    a log file or a pipe would keep as clutter."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
+
+
+def show_progress_bars(progress: bool) -> bool:
+    """Bars only when asked for and stderr is a terminal; elsewhere runs log plain periodic lines."""
+    return progress and stderr_is_terminal()
+
+
 class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is when a message comes (pytest and notebooks replace it)."""
+    """Writes to whatever ``sys.stderr`` is when a message comes (pytest and notebooks replace it), through
+    ``tqdm.write``: an active progress bar is cleared first and redrawn after, so a message never lands on
+    the bar's line."""
 
     @property
     def stream(self):
@@ -131,6 +148,13 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, _):
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging's own policy: report, never raise from a handler
+            self.handleError(record)
 
 
 def setup_logging(log_file: Optional[Path] = None, level: int = logging.INFO) -> None:

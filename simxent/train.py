@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import __version__, dist, figures
 from .augment import ViewAugment
 from .checkpoint import load_checkpoint, newest_valid_checkpoint, save_rotating
-from .config import Config, ConfigError, save_config, to_dict
+from .config import Config, ConfigError, format_config, save_config, to_dict
 from .data import (ImageArray, ImageStream, iterate_batches, load_configured, naming_the_key, open_stream,
                    shared_files)
 from .evaluate import autocast, extract_features, knn_scores, topk_accuracy
@@ -34,7 +34,7 @@ from .loss import Temperature, contrastive_stats, nt_xent, similarity_samples
 from .models import SimCLR
 from .monitor import Monitor
 from .runtime import (SlowStepWatch, configure_device, resolve_device, resolve_dtype, rng_state, seed_everything,
-                      set_rng_state, set_threads, setup_logging)
+                      set_rng_state, set_threads, setup_logging, show_progress_bars)
 from .schedule import build_optimizer, lr_at, peak_lr, set_lr
 
 log = logging.getLogger("simxent")
@@ -183,6 +183,31 @@ class SimilarityLog:
             figures.save(figures.similarity_over_time(self.rows), path)
 
 
+def skipped_records(data: ImageArray | ImageStream) -> list[dict]:
+    """``{"file", "reason"}`` of each file that could not be read, as skipped_images.txt and summary.json
+    list them."""
+    return [{"file": f, "reason": data.reasons.get(f, "unreadable")} for f in data.skipped]
+
+
+def hparams(cfg: Config) -> dict:
+    """The config flattened to ``section.key: value`` for TensorBoard's HPARAMS tab, which takes numbers,
+    booleans and text only: lists become their JSON text, null the text ``null``."""
+    flat = {}
+    for section, values in to_dict(cfg).items():
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            name = f"{section}.{key}" if key else section
+            flat[name] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return flat
+
+
+def final_metrics(loss: float, knn: list[dict]) -> dict:
+    """What the HPARAMS tab compares runs by: the last step's loss and, with data.val, the last kNN top-1."""
+    metrics = {"final/loss": loss}
+    if knn:
+        metrics["final/knn_top1"] = knn[-1]["top1"]
+    return metrics
+
+
 def log_step(monitor: Monitor, similarities: Optional[SimilarityLog], step: int, scalars: dict,
              z1: torch.Tensor, z2: torch.Tensor) -> None:
     """A logged step: ``scalars`` and the batch's contrastive statistics; with ``similarities`` (the main
@@ -218,7 +243,10 @@ def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray | ImageStr
         # A streamed train folder is too large to embed for every evaluation: leave-one-out within val.
         if train.classes and (train.labels >= 0).all() and not cfg.data.stream:
             if train.classes != val.classes:
-                raise ConfigError(f"data.val: classes of {cfg.data.val} differ from those of {cfg.data.train}")
+                only_train = sorted(set(train.classes) - set(val.classes))
+                only_val = sorted(set(val.classes) - set(train.classes))
+                raise ConfigError(f"data.val: classes of {cfg.data.val} differ from those of {cfg.data.train}: "
+                                  f"only in data.train: {only_train or '-'}; only in data.val: {only_val or '-'}")
             bank_images = train
             if train.sizes is not None:  # padded for training crops: the bank needs the evaluation transform
                 with naming_the_key("data.train"):
@@ -230,6 +258,35 @@ def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray | ImageStr
                             else "they are left out of the kNN bank")
             bank = KnnBank(bank_images, rows) if rows.any() else None
     return train, val, bank
+
+
+def warn_dropped_images(n: int, batch: int, share: float = 0.1) -> None:
+    """Each epoch takes ``n // batch`` full batches of a fresh random order and leaves out the other
+    ``n mod batch`` images; warn once when that is more than ``share`` of the folder."""
+    dropped = n % batch
+    if dropped > share * n:
+        log.warning("train.batch_size=%d: each epoch runs %d step(s) over %d of the %d images and leaves out a "
+                    "random %d (%.0f%%); a train.batch_size that divides %d, or a smaller one, uses more of them",
+                    batch, n // batch, n - dropped, n, dropped, 100 * dropped / n, n)
+
+
+class PlainProgress:
+    """Progress where no bar is drawn (stderr is not a terminal, or bars are off): an INFO line with epoch,
+    step, loss and images/s at the first logged step, then at a logged step (every ``train.log_every``)
+    once ``every_s`` seconds have passed since the previous line, and at the run's last step."""
+
+    every_s = 30.0
+
+    def __init__(self, enabled: bool, epochs: int, steps_per_epoch: int):
+        self.enabled, self.epochs, self.steps_per_epoch, self.last = enabled, epochs, steps_per_epoch, None
+
+    def update(self, pos: Position, loss: float, images_per_s: float, final: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (self.last is not None and not final and now - self.last < self.every_s):
+            return
+        self.last = now
+        log.info("epoch %d/%d step %d/%d (global step %d): loss %.4f, %.0f images/s", pos.epoch + 1, self.epochs,
+                 pos.step + 1, self.steps_per_epoch, pos.global_step, loss, images_per_s)
 
 
 def place_on_gpu(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -372,6 +429,11 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
     similarities = SimilarityLog(out / "similarities.json", pos.global_step if resume else None)
     log.info("%d training images, %d steps/epoch, %s on %s x%d, autocast %s, global batch %d, peak lr %.4g",
              len(train), steps_per_epoch, cfg.model.backbone, device, world, dtype, batch, peak)
+    if main:
+        warn_dropped_images(len(train), batch)
+        monitor.config_text(format_config(cfg))
+    bars = show_progress_bars(progress) and main
+    plain = PlainProgress(main and not bars, cfg.train.epochs, steps_per_epoch)
 
     def save(rng_before_prefetch: Optional[dict] = None):
         if not _all_finite(list(net.parameters()) + list(net.buffers())):
@@ -385,7 +447,8 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
 
     def write_skipped():
         if main and train.skipped:
-            (out / "skipped_images.txt").write_text("".join(f"{f}\n" for f in train.skipped))
+            # One JSON record per line: a name holding a newline stays one entry.
+            (out / "skipped_images.txt").write_text("".join(json.dumps(r) + "\n" for r in skipped_records(train)))
 
     write_skipped()  # a streamed folder finds its bad files as it reads them: written again at the end
     history = {"knn_top1": []}
@@ -394,7 +457,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
     while pos.epoch < cfg.train.epochs and not stopped_early:
         model.train()
         bar = tqdm(total=steps_per_epoch, initial=pos.step, desc=f"epoch {pos.epoch + 1}/{cfg.train.epochs}",
-                   unit="step", disable=not (progress and main), leave=False)
+                   unit="step", disable=not bars, leave=False)
         tick, seen = time.perf_counter(), 0
         batches = iterate_batches(train, batch, epoch_generator(cfg.train.seed, pos.epoch), start=pos.step,
                                   rank=rank, world=world)
@@ -446,12 +509,14 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
                 scaler.update()
                 pos.global_step += 1
                 seen += len(x) * world
-                if pos.global_step % cfg.train.log_every == 0:
+                final = pos.global_step == total_steps or time_up or signalled  # a short run still logs
+                if pos.global_step % cfg.train.log_every == 0 or final:
                     rate = seen / (time.perf_counter() - tick)
                     tick, seen = time.perf_counter(), 0
                     scalars = {"loss": last_loss, "lr": lr, "temperature": t.item(), "images_per_s": rate}
                     log_step(monitor, similarities if main else None, pos.global_step, scalars, z1, z2)
                     bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
+                    plain.update(Position(pos.epoch, step, pos.global_step), last_loss, rate, final)
             else:
                 bad_steps, skipped_steps = bad_steps + 1, skipped_steps + 1
                 optimizer.zero_grad(set_to_none=True)
@@ -496,6 +561,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
         project_embeddings(net, val, augment, cfg, device, dtype, monitor, pos.global_step)
     if main:
         similarities.figure(out / "figures" / "similarities.png")
+        monitor.hparams(hparams(cfg), final_metrics(last_loss, history["knn_top1"]), pos.global_step)
     monitor.close()
     write_skipped()
     summary = {
@@ -508,7 +574,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
         "skipped_steps": skipped_steps,
         "last_loss": last_loss,
         "seconds": time.monotonic() - started,
-        "skipped_images": train.skipped,
+        "skipped_images": skipped_records(train),
         **history,
     }
     if main:

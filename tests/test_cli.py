@@ -23,7 +23,8 @@ def _flat(tree, prefix=""):
 
 @pytest.mark.parametrize("command,prog", [(cli.pretrain_main, "simxent-pretrain"),
                                           (cli.linear_eval_main, "simxent-linear-eval"),
-                                          (cli.demo_main, "simxent-demo")])
+                                          (cli.demo_main, "simxent-demo"),
+                                          (cli.cache_main, "simxent-cache")])
 def test_version_on_every_command(command, prog, capsys):
     with pytest.raises(SystemExit) as e:
         command(["--version"])

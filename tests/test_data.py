@@ -144,9 +144,29 @@ def test_stream_replaces_a_bad_file_and_names_it(labelled_folder, caplog):
         batches = [b.images for _, b in iterate_batches(stream, 48, torch.Generator().manual_seed(0))]
     assert len(batches) == 1 and batches[0].shape == (48, 3, 16, 16)  # the batch keeps its size
     assert stream.skipped == [str(bad)] and str(bad) in caplog.text
+    assert stream.reasons == {str(bad): "UnidentifiedImageError: cannot identify image file"}
+    assert "cannot identify image file" in caplog.text  # the reason, in the warning too
     strict = open_stream(labelled_folder, 16, workers=0, on_bad_image="error")
     with pytest.raises(DataError, match="3.png"):
         list(iterate_batches(strict, 48, torch.Generator().manual_seed(0)))
+
+
+def test_reasons_survive_the_padded_cache_and_the_cropped_stream(tmp_path):
+    """Images larger than the view: the padded layout's reasons are written to and read back from the cache
+    metadata beside the true sizes, and the stream's cropped batches name the same file for the same reason."""
+    for i in range(4):
+        write_image(tmp_path / "img" / "a" / f"{i}.png", size=(24, 16), seed=i)
+    bad = tmp_path / "img" / "a" / "bad.png"
+    bad.write_bytes(b"not a png")
+    expected = {str(bad): "UnidentifiedImageError: cannot identify image file"}
+    data = load_folder(tmp_path / "img", 8, workers=0, progress=False)
+    again = load_folder(tmp_path / "img", 8, workers=0, progress=False)  # from the cache
+    assert data.sizes is not None and torch.equal(again.sizes, data.sizes)
+    assert data.reasons == again.reasons == expected and again.skipped == [str(bad)]
+    stream = open_stream(tmp_path / "img", 8, workers=0)
+    (_, batch), = iterate_batches(stream, 5, torch.Generator().manual_seed(0))
+    assert batch.cropped and batch.images.shape == (10, 3, 8, 8)
+    assert stream.reasons == expected
 
 
 def test_cache_that_cannot_fit_the_disk_is_refused_with_the_way_out(labelled_folder, tmp_path, monkeypatch):

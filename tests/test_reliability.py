@@ -204,9 +204,17 @@ def test_hostile_images_are_skipped_by_name_and_the_rest_trains(tmp_path):
                                           "data.image_size=16", f"data.train={folder}", "train.batch_size=4",
                                           "train.epochs=1", "eval.every=0", f"out={tmp_path / 'run'}"]),
                        progress=False)
-    assert {Path(f).name for f in summary["skipped_images"]} == expect["skipped"]
-    listed = (tmp_path / "run" / "skipped_images.txt").read_text().split()
-    assert {Path(f).name for f in listed} == expect["skipped"]
+    # Why each file was skipped, in the words of the error PIL or the OS raised on opening it.
+    reasons = {Path(f).name: r for f, r in data.reasons.items()}
+    assert set(reasons) == expect["skipped"]
+    for name, words in (("truncated.jpg", "OSError: image file is truncated"),
+                        ("text.jpg", "UnidentifiedImageError: cannot identify image file"),
+                        ("zero.jpg", "cannot identify image file"), ("bomb.png", "decompression bomb"),
+                        ("dangling.jpg", "FileNotFoundError"), ("bad_crc.png", "Error")):
+        assert words in reasons[name] and str(folder) not in reasons[name], (name, reasons[name])
+    assert {Path(r["file"]).name: r["reason"] for r in summary["skipped_images"]} == reasons
+    listed = [json.loads(line) for line in (tmp_path / "run" / "skipped_images.txt").read_text().splitlines()]
+    assert {Path(r["file"]).name: r["reason"] for r in listed} == reasons
     # EXIF orientation is applied: the stored 30x10 photo decodes as its 10x30 upright view.
     with Image.open(folder / "exif_rotated.jpg") as im:
         upright = im.convert("RGB").transpose(Image.Transpose.ROTATE_270)

@@ -1,0 +1,62 @@
+"""simxent-cache: the decoded-image cache's entries listed with their sizes, and cleared without touching a
+file that a running decoder writes."""
+import os
+import subprocess
+import sys
+
+from simxent.cli import cache_main, main
+from simxent.data import load_folder
+from tests.conftest import write_image
+
+
+def disk_bytes(*paths):
+    return sum(os.stat(p).st_blocks * 512 for p in paths)
+
+
+def two_entries(tmp_path):
+    """The cache of two real folders, a live decoder's temporary array and a dead one's."""
+    cache = tmp_path / "cache"
+    keys = []
+    for name, n in (("small", 3), ("large", 9)):
+        for i in range(n):
+            write_image(tmp_path / name / f"{i}.png", seed=i)
+        load_folder(tmp_path / name, 16, cache_dir=cache, workers=0, progress=False)
+        keys.append(max(cache.glob("*.npy"), key=os.path.getmtime).stem)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live = cache / f"{keys[0]}0000.tmp{os.getpid()}.npy"
+    gone = cache / f"{keys[0]}1111.tmp{int(dead.stdout)}.npy"
+    for path in (live, gone):
+        path.write_bytes(b"\0" * 5000)
+    return cache, keys, live, gone
+
+
+def test_list_names_each_entry_with_its_folder_and_size(tmp_path, capsys):
+    cache, (small, large), live, gone = two_entries(tmp_path)
+    assert cache_main(["--dir", str(cache), "list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in out if line.split()[0] in (small, large)}
+    assert rows[small].endswith(str(tmp_path / "small")) and rows[large].endswith(str(tmp_path / "large"))
+    # size on disk, as du counts it: the array and its metadata
+    for key in (small, large):
+        size = disk_bytes(cache / f"{key}.npy", cache / f"{key}.json")
+        assert f"{size / 1000:.1f} kB" in rows[key], (rows[key], size)
+    assert any(live.name in line and f"being written by process {os.getpid()}" in line for line in out)
+    assert any(gone.name in line and "left by the ended process" in line for line in out)
+    assert out[-1].startswith("2 entries")
+
+
+def test_clear_by_key_then_all_keeps_a_live_writers_file(tmp_path, capsys):
+    cache, (small, large), live, gone = two_entries(tmp_path)
+    assert cache_main(["--dir", str(cache), "clear", small]) == 0
+    assert sorted(p.name for p in cache.iterdir()) == sorted([f"{large}.npy", f"{large}.json", live.name, gone.name])
+    assert main(["cache", "--dir", str(cache), "clear", "--all"]) == 0
+    assert [p.name for p in cache.iterdir()] == [live.name]
+    assert f"kept {live.name}: process {os.getpid()} is writing it" in capsys.readouterr().out
+
+
+def test_clear_refuses_an_unknown_key_and_deletes_nothing(tmp_path, capsys):
+    cache, (small, large), _, _ = two_entries(tmp_path)
+    before = sorted(cache.iterdir())
+    assert cache_main(["--dir", str(cache), "clear", small, "feedbeef"]) == 2
+    assert "no cache entry feedbeef" in capsys.readouterr().err
+    assert sorted(cache.iterdir()) == before
