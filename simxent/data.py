@@ -1,5 +1,9 @@
 """Image folders: discovery, robust decoding, the decoded-image cache, streaming, and batch iteration.
 
+A source of training images is a folder (:func:`find_images`), a text file listing image paths
+(:func:`read_image_list`) or a user's Dataset of images (:func:`dataset_images`); each becomes an
+:class:`ImageList`, and everything below reads an ImageList the same way.
+
 A folder is read once into a uint8 array (N, H, W, 3) (:class:`Layout`): a folder of images no larger than
 the view as size x size squares (shorter side resized, centre crop); any other folder for training with each
 image's longer side at ``decode_size``, aspect ratio kept, stored top-left and its true size recorded, so
@@ -54,12 +58,22 @@ def naming_the_key(key: str):
 
 @dataclass
 class ImageList:
-    """The files of a folder and, when it has class sub-folders, their labels (-1 when unlabelled)."""
+    """The files of a folder and, when it has class sub-folders, their labels (-1 when unlabelled).
 
-    root: Path
-    files: list[Path]
+    ``kind``: ``folder``; ``list`` (the files a text file names, ``root`` being that file; unlabelled); or
+    ``dataset`` (``files`` are :class:`DatasetItem`, unlabelled), whose decoded array is cached under
+    ``cache_name`` (with the dataset's length) and kept in memory only when it has none."""
+
+    root: Path | str
+    files: list
     labels: list[int]
     classes: list[str]
+    kind: str = "folder"
+    cache_name: Optional[str] = None
+
+    @property
+    def cacheable(self) -> bool:
+        return self.kind != "dataset" or bool(self.cache_name)
 
     @property
     def labelled(self) -> bool:
@@ -97,6 +111,97 @@ def find_images(root: str | Path) -> ImageList:
     return ImageList(root, files, labels, classes)
 
 
+def read_image_list(path: str | Path) -> ImageList:
+    """The images a text file lists, one path per line, relative to the file's folder or absolute; blank
+    lines and lines starting with ``#`` are skipped, spaces around a path ignored. Unlabelled. A listed
+    path that is missing or unreadable is a bad file, found and named when decoded."""
+    path = Path(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise DataError(f"{path} is an image: give a folder of images or a text file listing image paths")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a text file of image paths (byte {e.start} is not UTF-8)") from None
+    except OSError as e:
+        raise DataError(f"cannot read the image list {path}: {e.strerror}") from None
+    entries = (line.strip() for line in text.splitlines())
+    files = [path.parent / entry for entry in entries if entry and not entry.startswith("#")]
+    if not files:
+        raise DataError(f"no image paths listed in {path} (one path per line; # starts a comment)")
+    return ImageList(path, files, [-1] * len(files), [], kind="list")
+
+
+class DatasetItem:
+    """Item ``index`` of a user's Dataset of images, standing where a file's path stands (:func:`_open_image`
+    opens it); named ``NAME[index]`` in messages and lists of skipped images."""
+
+    def __init__(self, dataset, index: int, name: str):
+        self.dataset, self.index, self.name = dataset, index, name
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.index}]"
+
+    __repr__ = __str__
+
+    def open(self) -> Image.Image:
+        return item_image(self.dataset[self.index])
+
+
+def item_image(item) -> Image.Image:
+    """A Dataset item as a PIL image of its own (decoding may change it; the user's object stays as it was).
+
+    The item is a PIL image, or uint8 pixels (tensor or numpy array): CHW with 1, 3 or 4 channels (torch's
+    layout, checked first), HWC, or 2-D grey. A tuple or list is read by its first element, so an
+    ``(image, label)`` dataset serves as it is. The pixels are taken as given: EXIF orientation is dropped."""
+    if isinstance(item, (tuple, list)) and item:
+        item = item[0]
+    if isinstance(item, Image.Image):
+        im = item.copy()
+        im.getexif().pop(0x0112, None)  # Orientation: the dataset's pixels are already the image it means
+        return im
+    if isinstance(item, (torch.Tensor, np.ndarray)):
+        return _pixels_image(torch.as_tensor(item))
+    raise TypeError(f"the item is a {type(item).__name__}, not a PIL image or uint8 pixels")
+
+
+def _pixels_image(x: torch.Tensor) -> Image.Image:
+    if x.dtype != torch.uint8:
+        raise TypeError(f"the item is a {x.dtype} tensor: give uint8 pixels (0 to 255)")
+    if x.ndim == 3 and x.shape[0] in (1, 3, 4):
+        x = x.permute(1, 2, 0)  # CHW -> HWC
+    if x.ndim == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
+    if not (x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (3, 4))) or 0 in x.shape:
+        raise TypeError(f"the item's pixels have shape {tuple(x.shape)}: give CHW or HWC with 1, 3 or 4 channels")
+    return Image.fromarray(x.cpu().contiguous().numpy())
+
+
+def dataset_images(dataset, cache_name: Optional[str] = None) -> ImageList:
+    """A user's Dataset of images (any object with ``__len__`` and ``__getitem__``; see :func:`item_image`)
+    as an unlabelled :class:`ImageList`. Items are read when decoded, in ``data.workers`` processes, and
+    must be the same for the same index (a resumed run reads them again). ``cache_name`` keys the decoded
+    array in the cache, with the dataset's length: change it when the items change."""
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise DataError(f"a {type(dataset).__name__} is not a dataset of images (it has no length)") from None
+    name = cache_name or type(dataset).__name__
+    if n == 0:
+        raise DataError(f"the dataset {name} is empty")
+    files = [DatasetItem(dataset, i, name) for i in range(n)]
+    return ImageList(f"dataset {name}", files, [-1] * n, [], kind="dataset", cache_name=cache_name)
+
+
+def find_source(source: str | Path | ImageList) -> ImageList:
+    """The images of ``source``: an :class:`ImageList` as it is; a path to a file, the images it lists
+    (:func:`read_image_list`); any other path, the images below that folder (:func:`find_images`)."""
+    if isinstance(source, ImageList):
+        return source
+    if Path(source).is_file():
+        return read_image_list(source)
+    return find_images(source)
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """RGB from any PIL mode: grey, palette, CMYK, 16-bit; transparency composited onto white."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -114,7 +219,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 @contextmanager
 def _open_image(path: str | Path):
-    """PIL's lazy image (header read, pixels not yet): a decompression bomb fails instead of warning."""
+    """PIL's lazy image (header read, pixels not yet): a decompression bomb fails instead of warning. A
+    :class:`DatasetItem` gives its item's image."""
+    if isinstance(path, DatasetItem):
+        yield path.open()
+        return
     with warnings.catch_warnings():
         # A decompression bomb must fail, not warn; other PIL warnings are noise here.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -347,7 +456,7 @@ class _BatchDecoder(Dataset):
                 except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
                     if self.on_bad_image == "error":
                         raise DataError(f"cannot read image {path}: {e}") from e
-                    bad.append((path, bad_image_reason(e, path)))
+                    bad.append((str(path), bad_image_reason(e, path)))
             else:
                 raise DataError(f"no readable images among the {len(self.files)} files of the folder")
         return torch.from_numpy(out).flatten(0, 1), cropped, bad
@@ -403,11 +512,12 @@ class ImageStream:
             yield step, Batch(images.permute(0, 3, 1, 2), cropped=cropped)
 
 
-def open_stream(root: str | Path, size: int, workers: int = 2, on_bad_image: str = "skip",
+def open_stream(root: str | Path | ImageList, size: int, workers: int = 2, on_bad_image: str = "skip",
                 crop_scale: tuple[float, float] = (0.08, 1.0)) -> ImageStream:
-    """An :class:`ImageStream` over every image below ``root``; nothing is decoded yet."""
-    found = find_images(root)
-    return ImageStream([str(f) for f in found.files], torch.tensor(found.labels, dtype=torch.int64),
+    """An :class:`ImageStream` over every image of a source (:func:`find_source`); nothing is decoded yet."""
+    found = find_source(root)
+    files = found.files if found.kind == "dataset" else [str(f) for f in found.files]
+    return ImageStream(files, torch.tensor(found.labels, dtype=torch.int64),
                        found.classes, size, workers, on_bad_image, crop_scale=crop_scale)
 
 
@@ -444,14 +554,20 @@ def decode_side(size: int, decode_size: Optional[int] = None) -> int:
 
 
 def _cache_key(images: ImageList, layout: Layout) -> str:
+    """The layout and each file's path (relative to a folder, absolute from a list), size and modification
+    time; for a dataset, its cache name and length."""
     h = hashlib.sha1(f"simxent-v2 {layout.key()}\n".encode())
+    if images.kind == "dataset":
+        h.update(f"dataset\t{images.cache_name}\t{len(images.files)}\n".encode())
+        return h.hexdigest()[:20]
     for f in images.files:
         try:
             st = f.stat()
             nbytes, mtime = st.st_size, st.st_mtime_ns
         except OSError:  # a dangling link or a vanished file: decoding will name it
             nbytes = mtime = -1
-        h.update(f"{f.relative_to(images.root)}\t{nbytes}\t{mtime}\n".encode())
+        name = f.relative_to(images.root) if images.kind == "folder" else os.path.abspath(f)
+        h.update(f"{name}\t{nbytes}\t{mtime}\n".encode())
     return h.hexdigest()[:20]
 
 
@@ -478,7 +594,7 @@ def all_within_view(found: ImageList, size: int, workers: int) -> bool:
 
 
 def load_folder(
-    root: str | Path,
+    root: str | Path | ImageList,
     size: int,
     cache: bool = True,
     cache_dir: str | Path | None = None,
@@ -489,6 +605,8 @@ def load_folder(
     crop_ratio: Optional[float] = None,
 ) -> ImageArray:
     """Decode every image of ``root`` for ``size`` px views, or reuse the cached array of an unchanged folder.
+    ``root`` may also be a list file or an :class:`ImageList` (:func:`find_source`); a dataset without a
+    cache name is decoded into memory.
 
     A folder whose images are all no larger than ``size`` is stored ``square`` (:class:`Layout`); any other
     is stored ``padded`` at ``decode_side(size, decode_size)`` for training, or with the evaluation
@@ -500,7 +618,8 @@ def load_folder(
     any change to the folder decodes it anew. Bad files are skipped with a warning naming each
     (``on_bad_image=skip``) or stop the run naming the first (``error``).
     """
-    found = find_images(root)
+    found = find_source(root)
+    cache = cache and found.cacheable
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     square = Layout("square", size, size)
     larger = Layout("eval", size, size, crop_ratio) if crop_ratio else \
@@ -549,7 +668,7 @@ def _read_cache(found: ImageList, layouts: tuple[Layout, ...], cache_dir: Path):
     return None
 
 
-def load_configured(root: str | Path, data: DataConfig, progress: bool = True, **changes) -> ImageArray:
+def load_configured(root: str | Path | ImageList, data: DataConfig, progress: bool = True, **changes) -> ImageArray:
     """:func:`load_folder` of ``root`` with the size, cache and decoding options of a ``data`` config section;
     ``changes`` replace some of them (``cache``, ``workers``) or add ``crop_ratio`` (evaluation images)."""
     opts = dict(cache=data.cache, cache_dir=data.cache_dir or None, workers=data.workers,

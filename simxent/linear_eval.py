@@ -281,7 +281,8 @@ def encoder_to_score(checkpoint: str | Path, backbone_name: Optional[str] = None
     return encoder, cfg
 
 
-def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | Path, opts: ProbeOptions,
+def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | Path,
+                opts: Optional[ProbeOptions] = None,
                 random_init: bool = False, out: Optional[str | Path] = None, json_path: Optional[str | Path] = None,
                 device: str = "auto", workers: int = 2, cache: bool = True, progress: bool = True,
                 objective: str = "multiclass", positive_class: Optional[str] = None,
@@ -289,7 +290,8 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
                 backbone_name: Optional[str] = None, cifar_stem: bool = False, image_size: Optional[int] = None,
                 cache_dir: Optional[str | Path] = None, precision: Optional[str] = None,
                 crop_ratio: float = 0.875) -> dict:
-    """Score a pretrained checkpoint (and, with ``random_init``, an untrained twin) on labelled folders.
+    """Score a pretrained checkpoint (and, with ``random_init``, an untrained twin) on labelled folders, with
+    the probe's ``opts`` (default :class:`ProbeOptions`); returns every figure (``--json``'s content).
 
     ``objective``: ``multiclass`` (class folders), ``binary`` (two class folders, ``positive_class`` is 1)
     or ``multilabel`` (labels from ``train_labels`` / ``test_labels`` CSVs of ``file,label;label``).
@@ -298,6 +300,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     ~/.cache/simxent); features are computed in ``precision`` (default: the checkpoint's). Images larger
     than the view are evaluated at the centre ``crop_ratio`` (see :func:`simxent.data.decode_eval`)."""
     setup_logging()
+    opts = opts or ProbeOptions()
     check_probe_options(opts)
     if not 0 < crop_ratio <= 1:
         raise ConfigError(f"--crop-ratio: {crop_ratio} is out of range ((0, 1])")

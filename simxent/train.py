@@ -27,8 +27,8 @@ from . import __version__, dist, figures
 from .augment import ViewAugment
 from .checkpoint import load_checkpoint, newest_valid_checkpoint, save_rotating
 from .config import Config, ConfigError, format_config, save_config, to_dict
-from .data import (ImageArray, ImageStream, iterate_batches, load_configured, naming_the_key, open_stream,
-                   shared_files)
+from .data import (ImageArray, ImageStream, dataset_images, iterate_batches, load_configured, naming_the_key,
+                   open_stream, shared_files)
 from .evaluate import autocast, extract_features, knn_scores, topk_accuracy
 from .loss import Temperature, contrastive_stats, nt_xent, similarity_samples
 from .models import SimCLR
@@ -220,20 +220,26 @@ def log_step(monitor: Monitor, similarities: Optional[SimilarityLog], step: int,
         similarities.add(step, pos_sim, neg_sim)
 
 
-def load_data(cfg: Config, progress: bool = True) -> tuple[ImageArray | ImageStream, ImageArray | None, KnnBank | None]:
-    """Training images, the optional labelled validation folder, and the kNN bank (train's images, if
-    labelled, less any that are also in val)."""
-    if not cfg.data.train:
+def load_data(cfg: Config, progress: bool = True, dataset=None, cache_name: Optional[str] = None
+              ) -> tuple[ImageArray | ImageStream, ImageArray | None, KnnBank | None]:
+    """Training images (data.train, or ``dataset``: see :func:`pretrain`), the optional labelled validation
+    folder, and the kNN bank (train's images, if labelled, less any that are also in val)."""
+    if dataset is not None and cfg.data.train:
+        raise ConfigError(f"data.train: {cfg.data.train} is set and a dataset is given as pretrain(train=...): "
+                          f"give one of them")
+    if dataset is None and not cfg.data.train:
         raise ConfigError("data.train: no image folder given (set data.train=PATH)")
-    with naming_the_key("data.train"):
+    key = "data.train" if dataset is None else "pretrain(train=...)"
+    with naming_the_key(key):
+        source = cfg.data.train if dataset is None else dataset_images(dataset, cache_name)
         if cfg.data.stream:
-            train = open_stream(cfg.data.train, cfg.data.image_size, cfg.data.workers, cfg.data.on_bad_image,
+            train = open_stream(source, cfg.data.image_size, cfg.data.workers, cfg.data.on_bad_image,
                                 cfg.augment.crop_scale)
         else:
-            train = load_configured(cfg.data.train, cfg.data, progress)
+            train = load_configured(source, cfg.data, progress)
     if len(train) < cfg.train.batch_size:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} exceeds the {len(train)} readable images in {cfg.data.train}")
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train)} readable images in "
+                          f"{cfg.data.train or key}")
     val = bank = None
     if cfg.data.val and cfg.eval.every > 0:
         with naming_the_key("data.val"):
@@ -298,11 +304,11 @@ def place_on_gpu(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.pin_memory()
 
 
-def _load_data_once(cfg: Config, progress: bool):
+def _load_data_once(cfg: Config, progress: bool, dataset, cache_name: Optional[str]):
     """Rank 0 decodes (and fills the cache) first; the other processes then read the cache."""
     if not dist.is_main():
         dist.barrier()
-    data = load_data(cfg, progress and dist.is_main())
+    data = load_data(cfg, progress and dist.is_main(), dataset, cache_name)
     if dist.is_main():
         dist.barrier()
     return data
@@ -377,15 +383,18 @@ def restore(path: Path, net: SimCLR, temperature: Temperature, optimizer, scaler
     return pos
 
 
-def pretrain(cfg: Config, progress: bool = True) -> dict:
+def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optional[str] = None) -> dict:
     """Run (or resume) SimCLR pretraining as configured; returns the summary also written to summary.json.
 
+    ``train``: a Dataset of images (PIL images or uint8 tensors, see :func:`simxent.data.item_image`) to
+    train on instead of ``data.train``, which must then be empty. It is decoded like a folder: into the
+    cache under ``cache_name`` (with its length), or into memory every run without one.
     Stops at ``train.epochs``, at ``train.max_time`` or on SIGTERM/SIGINT, always with a checkpoint."""
     with stop_on_signals() as stop_requested:
-        return _pretrain(cfg, progress, stop_requested)
+        return _pretrain(cfg, progress, stop_requested, train, cache_name)
 
 
-def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> dict:
+def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, dataset, cache_name) -> dict:
     started = time.monotonic()
     device = dist.init(resolve_device(cfg.train.device))
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
@@ -399,7 +408,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event) -> d
     dtype = resolve_dtype(cfg.train.precision, device)
     set_threads(cfg.train.threads)
     configure_device(device)
-    train, val, bank = _load_data_once(cfg, progress)
+    train, val, bank = _load_data_once(cfg, progress, dataset, cache_name)
 
     if device.type == "cuda" and isinstance(train, ImageStream):
         train.pin_memory = True

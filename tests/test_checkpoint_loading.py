@@ -1,5 +1,6 @@
 """Reading encoders: old checkpoints, tolerant saved configs, malformed files, plain state dicts scored with
 ``--backbone``, and exports that load without simxent."""
+import importlib
 import json
 import logging
 import lzma
@@ -14,7 +15,6 @@ import torch
 import torchvision
 from torch import nn
 
-import simxent.linear_eval as linear_eval_module
 from simxent.checkpoint import CheckpointError, export_torchvision, load_backbone, load_encoder, save_checkpoint
 from simxent.cli import linear_eval_main
 from simxent.config import ConfigError, load_config, preset_names, to_dict
@@ -22,6 +22,7 @@ from simxent.models import backbone
 from tests.fixtures.make_checkpoint_v1 import probe_images
 
 ROOT = Path(__file__).resolve().parents[1]
+linear_eval_module = importlib.import_module("simxent.linear_eval")  # simxent.linear_eval is the function
 FIXTURES = ROOT / "tests" / "fixtures"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -1,5 +1,6 @@
 """What linear evaluation reads before it scores: label files, class weights, probe options, device and
 precision, and where it writes. Each mistake stops with one line naming the file, line or option."""
+import importlib
 import json
 import logging
 import shutil
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from simxent import cli
 from simxent.class_weights import ClassWeightError, class_weights
 from simxent.cli import linear_eval_main, pretrain_main
 from simxent.config import ConfigError, load_config
@@ -19,6 +21,8 @@ from simxent.linear_eval import ProbeOptions, check_probe_options, default_out, 
 from simxent.runtime import SlowStepWatch, resolve_device, resolve_dtype
 from simxent.train import pretrain
 from tests.conftest import TINY_RUN
+
+linear_eval_module = importlib.import_module("simxent.linear_eval")  # simxent.linear_eval is the function
 
 
 def fake_folder(root: Path, names: list[str], skipped=()) -> ImageArray:
@@ -150,7 +154,7 @@ def test_precision_on_a_cpu(monkeypatch, caplog):
         assert resolve_dtype("bf16", cpu) is torch.bfloat16
     assert "train.precision=bf16 on a CPU without native bf16" in caplog.text
     # Linear evaluation cannot change the checkpoint's precision: on a CPU it falls back to auto.
-    monkeypatch.setattr("simxent.linear_eval.cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(linear_eval_module, "cpu_supports_bf16", lambda: False)
     assert feature_dtype("fp16", cpu) is None and feature_dtype("bf16", cpu) is None
     assert feature_dtype("fp32", cpu) is None
 
@@ -208,7 +212,7 @@ def test_bad_options_and_outputs_stop_before_decoding(run, tmp_path, monkeypatch
 
     def no_decoding(*a, **k):
         raise AssertionError("images decoded before the options were checked")
-    monkeypatch.setattr("simxent.linear_eval.load_configured", no_decoding)
+    monkeypatch.setattr(linear_eval_module, "load_configured", no_decoding)
     ckpt = run_dir / "checkpoints" / "last.pt"
     assert evaluate(ckpt, shapes, "--lr", "inf") == 2
     assert "--lr must be a number in (0, 1], got inf" in capsys.readouterr().err
@@ -224,8 +228,8 @@ def test_bad_options_and_outputs_stop_before_decoding(run, tmp_path, monkeypatch
 
 def test_diverging_probe_exits_2(run, monkeypatch, capsys):
     run_dir, shapes = run
-    for module in ("simxent.cli", "simxent.linear_eval"):  # let an lr through that the checks refuse
-        monkeypatch.setattr(f"{module}.check_probe_options", lambda opts: None)
+    for module in (cli, linear_eval_module):  # let an lr through that the checks refuse
+        monkeypatch.setattr(module, "check_probe_options", lambda opts: None)
     assert evaluate(run_dir / "checkpoints" / "last.pt", shapes, "--lr", "1e30") == 2
     assert "simxent: error: linear probe diverged at epoch" in capsys.readouterr().err
 

@@ -36,10 +36,19 @@ def tiny(shapes, out, *more):
             f"out={out}", *more]
 
 
-def launch(args):
+PRETRAIN = [str(ROOT / "scripts" / "pretrain.py"), "--no-progress"]  # the command line's pretraining
+
+
+def launch(args, command=PRETRAIN):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--no-progress", *args],
+    return subprocess.Popen([sys.executable, *command, *args],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def run_to_the_end(args, command=PRETRAIN) -> None:
+    proc = launch(args, command)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
 
 
 def wait_for_step(path: Path, step: int, proc, timeout=120):
@@ -54,30 +63,39 @@ def wait_for_step(path: Path, step: int, proc, timeout=120):
     raise AssertionError(f"the run never reached step {step}")
 
 
-def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(shapes, tmp_path):
-    run = tmp_path / "killed"
-    args = tiny(shapes, run, "train.epochs=12", "train.checkpoint_every=1", "train.keep_checkpoints=3")
-    reference = tmp_path / "reference"  # the same command, uninterrupted (same threads, same kernels)
-    uninterrupted = launch([*args, f"out={reference}"])
-    _, err = uninterrupted.communicate(timeout=300)
-    assert uninterrupted.returncode == 0, err
-    kill_at = random.Random(os.getpid()).randint(3, 40)
-    proc = launch(args)
+def kill_then_resume(args, run: Path, steps: int, command=PRETRAIN) -> dict:
+    """Start the run ``args`` (``out=run``, ``steps`` steps in all), SIGKILL it at a random step, resume it
+    with ``train.resume=auto`` to the end; returns its last checkpoint."""
+    kill_at = random.Random(os.getpid()).randint(3, steps * 2 // 3)
+    proc = launch(args, command)
     wait_for_step(run / "checkpoints" / "last.pt", kill_at, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = load_checkpoint(run / "checkpoints" / "last.pt")["position"]["global_step"]
-    assert killed_at < 60, "the run finished before it was killed"
-    resumed = launch([*args, "train.resume=auto"])
+    assert killed_at < steps, "the run finished before it was killed"
+    resumed = launch([*args, "train.resume=auto"], command)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert "resumed from" in err
-    a = load_checkpoint(reference / "checkpoints" / "last.pt")
-    b = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert b["position"] == a["position"] == {"epoch": 12, "step": 0, "global_step": 60}
+    return load_checkpoint(run / "checkpoints" / "last.pt")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    """The encoder and head of two checkpoints agree to float32 round-off."""
     for part in ("encoder", "head"):
         for key, value in a[part].items():
             torch.testing.assert_close(b[part][key], value, rtol=0, atol=1e-6, msg=lambda m: f"{part}.{key}: {m}")
+
+
+def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(shapes, tmp_path):
+    run = tmp_path / "killed"
+    args = tiny(shapes, run, "train.epochs=12", "train.checkpoint_every=1", "train.keep_checkpoints=3")
+    reference = tmp_path / "reference"  # the same command, uninterrupted (same threads, same kernels)
+    run_to_the_end([*args, f"out={reference}"])
+    b = kill_then_resume(args, run, 60)
+    a = load_checkpoint(reference / "checkpoints" / "last.pt")
+    assert b["position"] == a["position"] == {"epoch": 12, "step": 0, "global_step": 60}
+    assert_same_weights(a, b)
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 61))  # one curve, no step twice

@@ -1,0 +1,50 @@
+"""The public Python API: what ``import simxent`` offers, and the README's Python example, run as written."""
+import inspect
+import re
+from pathlib import Path
+
+import torch
+
+import simxent
+from simxent.checkpoint import load_checkpoint
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_example() -> str:
+    """The first ``python`` block of the README's "## Python" section; it says it is the runnable one."""
+    section = README.read_text().split("\n## Python\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert code.startswith("# runnable example"), "the Python section's first block is not the runnable example"
+    return code
+
+
+def test_the_public_names_are_the_working_functions():
+    from simxent import augment, checkpoint, config, loss, train
+    import importlib
+    probe = importlib.import_module("simxent.linear_eval")
+    assert set(simxent.__all__) == {"Config", "ProbeOptions", "ViewAugment", "export_torchvision", "linear_eval",
+                                    "load_config", "load_encoder", "nt_xent", "pretrain", "__version__"}
+    assert simxent.pretrain is train.pretrain and simxent.linear_eval is probe.linear_eval
+    assert simxent.ViewAugment is augment.ViewAugment and simxent.nt_xent is loss.nt_xent
+    assert simxent.load_encoder is checkpoint.load_encoder and simxent.Config is config.Config
+    # From Python, everything after the checkpoint and the two folders has a default.
+    params = list(inspect.signature(simxent.linear_eval).parameters.values())
+    assert [p.name for p in params[:3]] == ["checkpoint", "train_dir", "test_dir"]
+    assert all(p.default is not inspect.Parameter.empty for p in params[3:])
+
+
+def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the example writes photos/ and runs/ where it runs
+    namespace = {"__name__": "__main__"}
+    exec(compile(readme_example(), f"{README}:Python", "exec"), namespace)
+    assert namespace["summary"]["global_step"] == 2 * 64 // 16
+    results = namespace["results"]["pretrained"]
+    assert results["linear"]["top1"] == 1.0  # dark against light noise: any encoder tells them apart
+    assert "NT-Xent of the trained encoder's features" in capsys.readouterr().out
+    folder_run = load_checkpoint(tmp_path / "runs/example/checkpoints/last.pt")
+    dataset_run = load_checkpoint(tmp_path / "runs/from-dataset/checkpoints/last.pt")
+    assert dataset_run["position"] == folder_run["position"]
+    # The Dataset holds the folder's images in its order: the same run, to the same weights.
+    for key, value in folder_run["encoder"].items():
+        torch.testing.assert_close(dataset_run["encoder"][key], value, rtol=0, atol=1e-6)
