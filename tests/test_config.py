@@ -71,6 +71,11 @@ def test_unknown_override_and_section():
     ("model.cifar_stem=maybe", "model.cifar_stem: expected true or false"),
     ("optim.lr=.nan", "optim.lr: must be finite"),
     ("train.batch_size", "not of the form"),
+    ("augment.views=1", "augment.views.*out of range"),
+    ("augment.small_views=-1", "augment.small_views.*out of range"),
+    ("augment.small_crop_scale=[0.5, 0.4]", "augment.small_crop_scale.*out of range"),
+    ("augment.small_size=64", r"augment.small_size.*out of range \(null or in \[8, data.image_size = 32\]\)"),
+    ("loss.positives=classes", "loss.positives: 'classes' is not one of views, labels"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
