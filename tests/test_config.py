@@ -314,3 +314,11 @@ def test_printed_config_reads_back_and_explains_every_key(tmp_path):
 def test_hydra_prefixes_are_recognised(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_streaming_takes_two_full_size_views_only():
+    """Streamed images larger than the view are cropped in the decoding workers, two crops per image."""
+    for extra in ("augment.views=3", "augment.small_views=2"):
+        with pytest.raises(ConfigError, match="data.stream=true makes two full-size views per image"):
+            load_config(None, ["data.stream=true", extra])
+    assert load_config(None, ["data.stream=false", "augment.views=3", "augment.small_views=2"]).augment.views == 3

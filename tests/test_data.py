@@ -193,4 +193,4 @@ def test_batch_labels_follow_the_batches():
         pairs = list(zip(batches, ys, strict=True))
         assert len(pairs) == 4
         for (_, x), y in pairs:
-            assert y.tolist() == labels[x[:, 0, 0, 0].long()].tolist()
+            assert y.tolist() == labels[x.images[:, 0, 0, 0].long()].tolist()
