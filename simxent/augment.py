@@ -1,7 +1,8 @@
-"""SimCLR's two random views, made on whole batches on the training device.
+"""SimCLR's random views, made on whole batches on the training device.
 
 Every sample draws its own crop, flip, jitter, grayscale, blur and solarize parameters; calling the
-pipeline twice on one batch gives the two views. Every op follows torchvision's per-image definition
+pipeline twice on one batch gives two views (``views(images, n)`` makes n; multi-crop's small views come
+from a second pipeline at the small size). Every op follows torchvision's per-image definition
 (tested against it) but works on the whole batch at once: crop, resize and flip are one ``grid_sample``, colour
 jitter is plain tensor arithmetic instead of an HSV round trip, blur is kornia's separable Gaussian with a
 sigma per sample. Nothing reads a random draw back to the host, so on a GPU the pipeline never stalls the
@@ -29,6 +30,11 @@ def blur_probability(cfg: AugmentConfig, size: int) -> float:
     if cfg.blur_p is not None:
         return cfg.blur_p
     return 0.5 if size >= 64 else 0.0
+
+
+def small_view_size(cfg: AugmentConfig, size: int) -> int:
+    """Multi-crop's small views: ``augment.small_size``, or half the view size (at least 8 px)."""
+    return cfg.small_size if cfg.small_size is not None else max(8, size // 2)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -345,23 +351,30 @@ class ViewAugment(nn.Module):
     @torch.no_grad()
     def pair(self, images: torch.Tensor, channels_last: bool = False, sizes: Optional[torch.Tensor] = None,
              cropped: bool = False) -> torch.Tensor:
-        """Both views, ``[forward(images); forward(images)]`` (the same random draws in the same order), as
-        one (2B, 3, S, S) tensor, in channels_last memory if asked. The images are converted to float once
-        and each view is normalised straight into its half: no second conversion, and no concatenation or
-        layout pass. ``sizes``: each image's true (h, w) in a padded batch (see RandomResizedCropFlip).
+        """Both views, ``[forward(images); forward(images)]``: ``views(images, 2, ...)``."""
+        return self.views(images, 2, channels_last, sizes, cropped)
 
-        ``cropped=True``: ``images`` (2B, 3, S, S) are the two views' crops already taken and resized (first
-        B: view 1): each half is only flipped, then coloured as above."""
+    @torch.no_grad()
+    def views(self, images: torch.Tensor, n_views: int, channels_last: bool = False,
+              sizes: Optional[torch.Tensor] = None, cropped: bool = False) -> torch.Tensor:
+        """``n_views`` views, ``[forward(images); ...]`` (the same random draws in the same order), as one
+        (n_views B, 3, S, S) tensor, in channels_last memory if asked. The images are converted to float
+        once and each view is normalised straight into its slice: no second conversion, and no
+        concatenation or layout pass. ``sizes``: each image's true (h, w) in a padded batch (see
+        RandomResizedCropFlip).
+
+        ``cropped=True``: ``images`` (n_views B, 3, S, S) are the views' crops already taken and resized
+        (first B: view 1, ...): each slice is only flipped, then coloured as above."""
         x = to_float(images)
         if cropped and x is images:
             x = x.clone()  # the flip and colour ops work in place on the crops: never on the caller's tensor
-        n = x.shape[0] // 2 if cropped else x.shape[0]
+        n = x.shape[0] // n_views if cropped else x.shape[0]
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        out = torch.empty(2 * n, 3, self.size, self.size, device=x.device, memory_format=fmt)
-        for i, half in enumerate((out[:n], out[n:])):
-            # The crop makes a new tensor, so the colour ops may work in place and ``x`` serves the other view.
-            views = self.flip(x[i * n : (i + 1) * n]) if cropped else self.crop(x, sizes)
-            self._view(views, out=half)
+        out = torch.empty(n_views * n, 3, self.size, self.size, device=x.device, memory_format=fmt)
+        for i, view in enumerate(out.split(n)):
+            # The crop makes a new tensor, so the colour ops may work in place and ``x`` serves the other views.
+            crops = self.flip(x[i * n : (i + 1) * n]) if cropped else self.crop(x, sizes)
+            self._view(crops, out=view)
         return out
 
 

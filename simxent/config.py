@@ -71,6 +71,10 @@ class AugmentConfig:
     solarize_p: float = setting(0.0, "solarize probability")
     mean: tuple[float, float, float] = setting((0.485, 0.456, 0.406), "normalisation mean per channel (ImageNet)")
     std: tuple[float, float, float] = setting((0.229, 0.224, 0.225), "normalisation std per channel (ImageNet)")
+    views: int = setting(2, "full-size views per image (>= 2)")
+    small_views: int = setting(0, "extra small views per image (multi-crop, as SwAV), at augment.small_size")
+    small_size: Optional[int] = setting(None, "small views' size in px; null: half of data.image_size")
+    small_crop_scale: tuple[float, float] = setting((0.05, 0.4), "RandomResizedCrop area range of the small views")
 
 
 @dataclass
@@ -89,6 +93,9 @@ class LossConfig:
                                              "[0.01, 1]")
     temperature_lr: float = setting(1e-3, "the learnt log(temperature)'s own lr: not batch-scaled, same warm-up "
                                           "and cosine, no weight decay or LARS adaptation")
+    positives: str = setting("views", "views: an anchor's positives are its image's other views (self-supervised); "
+                                      "labels: every other view of its class (supervised contrastive, needs class "
+                                      "sub-folders in data.train)")
 
 
 @dataclass
@@ -105,7 +112,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = setting(100, "passes over data.train")
-    batch_size: int = setting(256, "global images per step over all processes (2x views)")
+    batch_size: int = setting(256, "global images per step over all processes (each in augment.views + "
+                                     "augment.small_views views)")
     max_time: float = setting(0.0, "seconds; 0: no limit. When reached: checkpoint, exit cleanly")
     seed: int = setting(0, "makes a run reproducible")
     device: str = setting("auto", "auto, cpu or cuda (refused without a GPU)")
@@ -138,7 +146,7 @@ class EvalConfig:
 class Config:
     out: str = setting("runs/simxent", "run directory: config.yaml, checkpoints/, TensorBoard events")
     data: DataConfig = section(DataConfig, "image folders and decoding")
-    augment: AugmentConfig = section(AugmentConfig, "the two random views")
+    augment: AugmentConfig = section(AugmentConfig, "the random views")
     model: ModelConfig = section(ModelConfig, "encoder and projection head")
     loss: LossConfig = section(LossConfig, "NT-Xent")
     optim: OptimConfig = section(OptimConfig, "optimiser and learning-rate schedule")
@@ -149,6 +157,7 @@ class Config:
 CHOICES = {
     "data.on_bad_image": ("skip", "error"),
     "model.backbone": ("resnet18", "resnet34", "resnet50", "convnet"),
+    "loss.positives": ("views", "labels"),
     "optim.name": ("sgd", "adamw", "lars"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -490,10 +499,21 @@ def validate(cfg: Config) -> None:
         check(0 <= flat[f"augment.{p}"] <= 1, f"augment.{p}", "a probability in [0, 1]")
     check(cfg.augment.blur_p is None or 0 <= cfg.augment.blur_p <= 1, "augment.blur_p", "[0, 1] or null")
     check(cfg.augment.jitter_strength >= 0, "augment.jitter_strength", ">= 0")
+    check(cfg.augment.views >= 2, "augment.views", ">= 2")
+    check(cfg.augment.small_views >= 0, "augment.small_views", ">= 0")
+    lo, hi = cfg.augment.small_crop_scale
+    check(0 < lo <= hi <= 1, "augment.small_crop_scale", "0 < min <= max <= 1")
     check(all(s > 0 for s in cfg.augment.std), "augment.std", "> 0")
     check(8 <= cfg.data.image_size <= MAX_IMAGE_SIZE, "data.image_size", f"8 to {MAX_IMAGE_SIZE}")
     check(cfg.data.decode_size is None or cfg.data.decode_size >= cfg.data.image_size, "data.decode_size",
           ">= data.image_size, or null")
+    check(cfg.augment.small_size is None or 8 <= cfg.augment.small_size <= cfg.data.image_size,
+          "augment.small_size", f"null or in [8, data.image_size = {cfg.data.image_size}]")
+    if cfg.data.stream and (cfg.augment.views, cfg.augment.small_views) != (2, 0):
+        # The decoding workers crop a streamed image larger than the view themselves, two crops per image.
+        raise ConfigError(f"augment.views={cfg.augment.views}, augment.small_views={cfg.augment.small_views}: "
+                          f"data.stream=true makes two full-size views per image (set augment.views=2, "
+                          f"augment.small_views=0, or data.stream=false)")
     check(cfg.data.workers >= 0, "data.workers", ">= 0")
     check(cfg.model.head_layers >= 1, "model.head_layers", ">= 1")
     check(cfg.model.head_hidden >= 1, "model.head_hidden", ">= 1")

@@ -14,6 +14,14 @@ Two exact forms of it: the one-matrix form (any number of processes, any device)
 a CPU, a symmetric form that does 1.75 instead of 3 matrix products' arithmetic (forward and backward).
 Both run in float32 (or float64) whatever the autocast state: at t = 0.05, logits up to 20 rounded to
 bf16's 8 bits lose the loss altogether.
+
+With V views per image (multi-crop), or with class labels (supervised contrastive learning, Khosla et al.
+2020), an anchor has several positives P(i): the other views of its image, or every other view of its
+class. ``multi_view_nt_xent`` is the multi-positive cross entropy over all other views A(i),
+
+    L = -(1/|I|) sum_{i in I} (1/|P(i)|) sum_{p in P(i)} log( exp(s_ip / t) / sum_{a in A(i)} exp(s_ia / t) ),
+
+I the anchors with at least one positive; at V = 2 without labels it is NT-Xent above.
 """
 from __future__ import annotations
 
@@ -135,8 +143,49 @@ class _SymmetricNTXent(torch.autograd.Function):
         return dz.sub_(z * along).div_(norm), grad_t
 
 
+class _MultiPositiveCrossEntropy(torch.autograd.Function):
+    """The multi-positive cross entropy over masked similarity logits s = q c^T / t, fused:
+
+        L = scale * sum_{i: P(i) not empty} [ logsumexp_{k != self(i)} s_ik - sum_k W_ik s_ik ]
+
+    for unit rows q (M, D), c (K, D) and W_ik = 1/|P(i)| on i's positives (0 elsewhere, a row of zeros for
+    an anchor without positives). With G_ik = scale (softmax_ik - W_ik) on the anchors that count (0 on the
+    others): dq = G c / t, dc = G^T q / t, d(1/t) = sum(G * q c^T), as in the one-positive form.
+    """
+
+    @staticmethod
+    def forward(ctx, q, c, inv_t, offset: int, weights, scale):
+        logits = (q * inv_t) @ c.T
+        positives = logits.flatten() @ weights.flatten()  # sum_i sum_k W_ik s_ik: a dot product, no (M, K) copy
+        logits.diagonal(offset).fill_(float("-inf"))
+        lse = torch.logsumexp(logits, dim=1)
+        counts = (weights.sum(dim=1) > 0).to(q.dtype)  # 1 for anchors with a positive, 0 for the others
+        loss = ((lse * counts).sum() - positives) * scale
+        g = logits.sub_(lse[:, None]).exp_().sub_(weights)  # softmax - W, in place: one (M, K) matrix kept
+        g.mul_((counts * scale)[:, None])
+        ctx.save_for_backward(q, c, inv_t, g)
+        return loss
+
+    @staticmethod
+    @_without_autocast
+    def backward(ctx, grad_loss):
+        q, c, inv_t, g = ctx.saved_tensors
+        grad_t = (g * (q @ c.T)).sum() * grad_loss if ctx.needs_input_grad[2] else None
+        grad_q = (g @ c).mul_(inv_t * grad_loss) if ctx.needs_input_grad[0] else None
+        grad_c = (g.T @ q).mul_(inv_t * grad_loss) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_c, grad_t, None, None, None
+
+
 def _at_least_float32(z: torch.Tensor) -> torch.Tensor:
     return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
+def _inverse_temperature(temperature: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """1/t in ``like``'s dtype; a learnt t keeps its graph."""
+    if torch.is_tensor(temperature):
+        return (1 / temperature.to(dtype=like.dtype)).to(device=like.device)
+    # A CPU scalar works with tensors on any device; copying it to a GPU would wait for the stream.
+    return torch.tensor(1 / temperature, dtype=like.dtype)
 
 
 def nt_xent(
@@ -157,16 +206,70 @@ def nt_xent(
                          f"views of image i), got z1 {tuple(z1.shape)} and z2 {tuple(z2.shape)}")
     with torch.autocast(z1.device.type, enabled=False):
         x = torch.cat([_at_least_float32(z1), _at_least_float32(z2)])
-        if torch.is_tensor(temperature):
-            inv_t = (1 / temperature.to(dtype=x.dtype)).to(device=x.device)
-        else:
-            # A CPU scalar works with tensors on any device; copying it to a GPU would wait for the stream.
-            inv_t = torch.tensor(1 / temperature, dtype=x.dtype)
+        inv_t = _inverse_temperature(temperature, x)
         # GPUs keep the one-matrix form, the one measured there; the symmetric form was measured on CPUs only.
         if gather is None and x.device.type == "cpu" and float(inv_t.detach()) <= SYMMETRIC_MAX_INV_T:
             return _SymmetricNTXent.apply(x, inv_t)
         z = F.normalize(x, dim=1)
         return _MaskedSimilarityCrossEntropy.apply(z, z if gather is None else gather(z), inv_t, rank * z.shape[0])
+
+
+def positive_weights(groups: torch.Tensor, all_groups: torch.Tensor, offset: int, dtype) -> torch.Tensor:
+    """W (M, K): W_ik = 1/|P(i)| where candidate k is one of anchor i's positives (same group, k not i
+    itself, i's own column being ``offset + i``), else 0."""
+    same = (groups[:, None] == all_groups[None, :]).to(dtype)
+    same.diagonal(offset).zero_()
+    return same.div_(same.sum(dim=1, keepdim=True).clamp_min_(1))
+
+
+def anchors_with_positives(all_groups: torch.Tensor) -> torch.Tensor:
+    """|I|: how many of the (global) views share their group with another view. Sorted counts, so that
+    on a GPU nothing waits for the host."""
+    ordered = all_groups.sort().values
+    count = torch.searchsorted(ordered, all_groups, right=True) - torch.searchsorted(ordered, all_groups)
+    return (count > 1).sum()
+
+
+def multi_view_nt_xent(
+    z: torch.Tensor,
+    n_views: int,
+    temperature: float | torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    rank: int = 0,
+) -> torch.Tensor:
+    """The multi-positive NT-Xent of ``n_views`` views per image (module docstring), for ``z`` (V n, D) in
+    view-major order: rows ``v n .. v n + n - 1`` are view v of images 0 .. n-1.
+
+    Positives: the other views of the same image, or with ``labels`` (n,) every other view whose image
+    has the same label. Candidates: every other view, all processes' with ``gather`` (applied to the
+    projections and to the group of each view; every process holds n images). An anchor without
+    positives (labels, V = 1, a class seen once) is left out of the mean; with none at all the loss is 0.
+    The local loss is scaled so that its mean over processes is the global loss. At V = 2 without labels
+    this is :func:`nt_xent` itself (its faster forms).
+    """
+    if z.ndim != 2 or n_views < 1 or z.shape[0] % n_views:
+        raise ValueError(f"multi_view_nt_xent: z must be (n_views * n, d), got {tuple(z.shape)} for "
+                         f"n_views={n_views}")
+    n = z.shape[0] // n_views
+    if labels is None and n_views == 1:
+        raise ValueError("multi_view_nt_xent: one view per image has no positives without labels")
+    if labels is not None and tuple(labels.shape) != (n,):
+        raise ValueError(f"multi_view_nt_xent: labels must be ({n},), one per image, got {tuple(labels.shape)}")
+    if labels is None and n_views == 2:
+        return nt_xent(z[:n], z[n:], temperature, gather=gather, rank=rank)
+    # A view's group: its image's label, or its image's index in the global batch.
+    groups = labels if labels is not None else torch.arange(n, device=z.device) + rank * n
+    groups = groups.to(z.device).repeat(n_views)
+    with torch.autocast(z.device.type, enabled=False):
+        q = F.normalize(_at_least_float32(z), dim=1)
+        inv_t = _inverse_temperature(temperature, q)
+        c, all_groups = (q, groups) if gather is None else (gather(q), gather(groups))
+        offset = rank * q.shape[0]
+        weights = positive_weights(groups, all_groups, offset, q.dtype)
+        world = c.shape[0] // q.shape[0]
+        scale = world / anchors_with_positives(all_groups).clamp_min(1).to(q.dtype)
+        return _MultiPositiveCrossEntropy.apply(q, c, inv_t, offset, weights, scale)
 
 
 class Temperature(nn.Module):

@@ -78,5 +78,9 @@ class SimCLR(nn.Module):
         self.encoder, self.feature_dim = backbone(cfg.backbone, cfg.cifar_stem)
         self.head = ProjectionHead(self.feature_dim, cfg.head_hidden, cfg.head_out, cfg.head_layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """z = g(f(x)); for a list of batches (views at several sizes), each one's z, concatenated: one
+        forward call, so that DDP sees every use of a parameter in one graph."""
+        if isinstance(x, (list, tuple)):
+            return torch.cat([self.head(self.encoder(v)) for v in x])
         return self.head(self.encoder(x))

@@ -1,4 +1,4 @@
-"""The pretraining loop: two views, encoder + head, NT-Xent, one optimiser step; checkpoints, logs, kNN.
+"""The pretraining loop: V views, encoder + head, NT-Xent, one optimiser step; checkpoints, logs, kNN.
 
 One code path serves one process and many (torchrun): in a single process the distributed helpers are
 the identity. Under torchrun, ``train.batch_size`` is the global batch, each process holds its slice,
@@ -6,6 +6,7 @@ NT-Xent sees every process's embeddings as negatives, and only rank 0 writes log
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,13 +25,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import __version__, dist, figures
-from .augment import ViewAugment
+from .augment import ViewAugment, small_view_size
 from .checkpoint import load_checkpoint, newest_valid_checkpoint, save_rotating
 from .config import Config, ConfigError, format_config, save_config, to_dict
-from .data import (ImageArray, ImageStream, dataset_images, iterate_batches, load_configured, naming_the_key,
-                   open_stream, shared_files)
+from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images, find_images, iterate_batches,
+                   load_configured, naming_the_key, open_stream, shared_files)
 from .evaluate import autocast, extract_features, knn_scores, topk_accuracy
-from .loss import Temperature, contrastive_stats, nt_xent, similarity_samples
+from .loss import Temperature, contrastive_stats, multi_view_nt_xent, similarity_samples
 from .models import SimCLR
 from .monitor import Monitor
 from .runtime import (SlowStepWatch, configure_device, resolve_device, resolve_dtype, rng_state, seed_everything,
@@ -62,16 +63,51 @@ def checkpoint_path(cfg: Config) -> Path:
     return Path(cfg.out) / "checkpoints" / "last.pt"
 
 
-def step_loss(model: nn.Module, views: torch.Tensor, temperature: torch.Tensor, device, dtype):
-    """NT-Xent of this process's views ``[v1; v2]`` against the views of every process.
+def step_loss(model: nn.Module, views: torch.Tensor | list[torch.Tensor], temperature: torch.Tensor, device, dtype,
+              n_views: int = 2, labels: Optional[torch.Tensor] = None):
+    """NT-Xent of this process's ``n_views`` views per image against the views of every process.
 
-    Returns the local loss (its mean over processes is the global NT-Xent) and the local projections.
+    ``views`` is one view-major batch ``[v1; v2; ...]``, or a list of them at several resolutions (the
+    full-size views, then multi-crop's small ones): the model projects each and concatenates.
+    ``labels`` (one per image) make every view of a class a positive (supervised contrastive).
+    Returns the local loss (its mean over processes is the global loss) and the first two views'
+    projections, for monitoring.
     """
     with autocast(device, dtype):
         z = model(views)
-    z1, z2 = z.chunk(2)
+    n = z.shape[0] // n_views
     gather = dist.gather_with_grad if dist.world_size() > 1 else None  # None: all views local (symmetric form)
-    return nt_xent(z1, z2, temperature, gather=gather, rank=dist.rank()), z1, z2
+    loss = multi_view_nt_xent(z, n_views, temperature, labels=labels, gather=gather, rank=dist.rank())
+    return loss, z[:n], z[n:2 * n]
+
+
+def batch_labels(data: ImageArray | ImageStream, batch_size: int, generator: torch.Generator, start: int = 0,
+                 rank: int = 0, world: int = 1):
+    """The labels of the batches :func:`iterate_batches` yields for an equally seeded ``generator`` (both
+    draw the same :func:`batch_indices`)."""
+    for _, idx in batch_indices(len(data), batch_size, generator, start, rank, world):
+        yield data.labels[idx]
+
+
+class MultiViewAugment:
+    """Each batch's views: ``augment.views`` at full size and, for multi-crop, ``augment.small_views`` at
+    the small size with their own crop scale. Returns one tensor, or [full, small]."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        aug = cfg.augment
+        self.full = ViewAugment(aug, cfg.data.image_size, compile=cfg.train.compile).to(device)
+        small_cfg = dataclasses.replace(aug, crop_scale=aug.small_crop_scale)
+        self.small = ViewAugment(small_cfg, small_view_size(aug, cfg.data.image_size),
+                                 compile=cfg.train.compile).to(device) if aug.small_views else None
+        self.n_full, self.n_small, self.channels_last = aug.views, aug.small_views, cfg.train.channels_last
+        self.n_views = self.n_full + self.n_small
+
+    def __call__(self, batch: Batch) -> torch.Tensor | list[torch.Tensor]:
+        full = self.full.views(batch.images, self.n_full, self.channels_last, batch.sizes, batch.cropped)
+        if self.small is None:
+            return full
+        # Never a cropped (streamed) batch: config refuses small views with data.stream.
+        return [full, self.small.views(batch.images, self.n_small, self.channels_last, batch.sizes)]
 
 
 def optimizer_params(optimizer: torch.optim.Optimizer):
@@ -230,6 +266,12 @@ def load_data(cfg: Config, progress: bool = True, dataset=None, cache_name: Opti
     if dataset is None and not cfg.data.train:
         raise ConfigError("data.train: no image folder given (set data.train=PATH)")
     key = "data.train" if dataset is None else "pretrain(train=...)"
+    if cfg.loss.positives == "labels":
+        with naming_the_key(key):
+            labelled = dataset is None and find_images(cfg.data.train).labelled
+        if not labelled:
+            raise ConfigError(f"loss.positives=labels: {key} needs a folder with one sub-folder per class, every "
+                              f"image in one (or set loss.positives=views)")
     with naming_the_key(key):
         source = cfg.data.train if dataset is None else dataset_images(dataset, cache_name)
         if cfg.data.stream:
@@ -420,7 +462,8 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
     net, model = build_model(cfg, device, world)
     torch.manual_seed(cfg.train.seed + rank)  # each process draws its own augmentations
     temperature = Temperature(cfg.loss.temperature, cfg.loss.learn_temperature).to(device)
-    augment = ViewAugment(cfg.augment, cfg.data.image_size, compile=cfg.train.compile).to(device)
+    make_views = MultiViewAugment(cfg, device)
+    augment = make_views.full
     batch = cfg.train.batch_size
     steps_per_epoch = len(train) // batch
     total_steps = cfg.train.epochs * steps_per_epoch
@@ -436,8 +479,9 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
     # purge_step drops what a killed run logged after its last checkpoint: one continuous curve.
     monitor = Monitor(out / "tb", enabled=main, purge_step=pos.global_step + 1 if resume else None)
     similarities = SimilarityLog(out / "similarities.json", pos.global_step if resume else None)
-    log.info("%d training images, %d steps/epoch, %s on %s x%d, autocast %s, global batch %d, peak lr %.4g",
-             len(train), steps_per_epoch, cfg.model.backbone, device, world, dtype, batch, peak)
+    log.info("%d training images, %d steps/epoch, %s on %s x%d, autocast %s, global batch %d x %d views, "
+             "peak lr %.4g", len(train), steps_per_epoch, cfg.model.backbone, device, world, dtype, batch,
+             make_views.n_views, peak)
     if main:
         warn_dropped_images(len(train), batch)
         monitor.config_text(format_config(cfg))
@@ -470,9 +514,11 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
         tick, seen = time.perf_counter(), 0
         batches = iterate_batches(train, batch, epoch_generator(cfg.train.seed, pos.epoch), start=pos.step,
                                   rank=rank, world=world)
+        labels = batch_labels(train, batch, epoch_generator(cfg.train.seed, pos.epoch), start=pos.step, rank=rank,
+                              world=world) if cfg.loss.positives == "labels" else None
 
         def prefetch():
-            """The next batch on the device and its two views, or None at the end of the epoch. Called while
+            """The next batch on the device, its views and labels, or None at the end of the epoch. Called while
             the device still runs the step before, so that launching the augmentation overlaps that work. The
             RNG state before its draws goes into checkpoints: a resumed run draws the same views."""
             item = next(batches, None)
@@ -481,16 +527,17 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
             rng = rng_state()
             step, x = item
             x = x.to(device, non_blocking=True)
-            return step, x, augment.pair(x.images, cfg.train.channels_last, x.sizes, x.cropped), rng
+            y = next(labels).to(device, non_blocking=True) if labels is not None else None
+            return step, x, make_views(x), y, rng
 
         upcoming, rng_before_prefetch = prefetch(), None
         while upcoming is not None:
-            step, x, views, _ = upcoming
+            step, x, views, y, _ = upcoming
             fraction = lr_at(pos.global_step, total_steps, warmup, 1.0, cfg.optim.min_lr)
             lr = set_lr(optimizer, fraction, peak, cfg.loss.temperature_lr)
             slow_steps.start()
             t = temperature()
-            loss, z1, z2 = step_loss(model, views, t, device, dtype)
+            loss, z1, z2 = step_loss(model, views, t, device, dtype, make_views.n_views, y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # a non-finite loss gives non-finite gradients: caught below
             if temperature.log_t.requires_grad and world > 1:
@@ -538,8 +585,9 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
             pos.step = step + 1
             bar.update(1)
             if step == 0:
-                monitor.view_pairs("train/view_pairs", *views.chunk(2), cfg.augment.mean, cfg.augment.std,
-                                   pos.global_step)
+                full = views[0] if isinstance(views, list) else views
+                monitor.view_pairs("train/view_pairs", full[:len(x)], full[len(x):2 * len(x)], cfg.augment.mean,
+                                   cfg.augment.std, pos.global_step)
             rng_before_prefetch = upcoming[-1] if upcoming is not None else None
             if time_up or signalled:
                 stopped_early = True

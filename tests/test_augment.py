@@ -34,14 +34,15 @@ def test_two_calls_give_different_views():
     assert (v1 - v2).abs().flatten(1).amax(1).min() > 0.05
 
 
+@pytest.mark.parametrize("n_views", [2, 3])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_pair_is_two_calls_in_one_tensor(channels_last):
-    """What training uses: both views from the same draws as two calls, written into one batch."""
+def test_views_are_n_calls_in_one_tensor(channels_last, n_views):
+    """What training uses: the views from the same draws as n calls, written into one batch."""
     aug, x = ViewAugment(AugmentConfig(blur_p=0.5), 48), images(8, 56)
     torch.manual_seed(3)
-    expected = torch.cat([aug(x), aug(x)])
+    expected = torch.cat([aug(x) for _ in range(n_views)])
     torch.manual_seed(3)
-    views = aug.pair(x, channels_last)
+    views = aug.pair(x, channels_last) if n_views == 2 else aug.views(x, n_views, channels_last)
     torch.testing.assert_close(views, expected, rtol=0, atol=0)
     assert views.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 

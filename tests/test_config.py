@@ -71,6 +71,11 @@ def test_unknown_override_and_section():
     ("model.cifar_stem=maybe", "model.cifar_stem: expected true or false"),
     ("optim.lr=.nan", "optim.lr: must be finite"),
     ("train.batch_size", "not of the form"),
+    ("augment.views=1", "augment.views.*out of range"),
+    ("augment.small_views=-1", "augment.small_views.*out of range"),
+    ("augment.small_crop_scale=[0.5, 0.4]", "augment.small_crop_scale.*out of range"),
+    ("augment.small_size=64", r"augment.small_size.*out of range \(null or in \[8, data.image_size = 32\]\)"),
+    ("loss.positives=classes", "loss.positives: 'classes' is not one of views, labels"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -309,3 +314,11 @@ def test_printed_config_reads_back_and_explains_every_key(tmp_path):
 def test_hydra_prefixes_are_recognised(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_streaming_takes_two_full_size_views_only():
+    """Streamed images larger than the view are cropped in the decoding workers, two crops per image."""
+    for extra in ("augment.views=3", "augment.small_views=2"):
+        with pytest.raises(ConfigError, match="data.stream=true makes two full-size views per image"):
+            load_config(None, ["data.stream=true", extra])
+    assert load_config(None, ["data.stream=false", "augment.views=3", "augment.small_views=2"]).augment.views == 3

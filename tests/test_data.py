@@ -175,3 +175,22 @@ def test_cache_that_cannot_fit_the_disk_is_refused_with_the_way_out(labelled_fol
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 100, 100))
     with pytest.raises(DataError, match="data.stream=true"):
         load_folder(labelled_folder, 8, cache_dir=tmp_path / "c", workers=0, progress=False)
+
+
+def test_batch_labels_follow_the_batches():
+    """Supervised contrastive training reads each batch's labels beside its images: for every process and
+    a resumed epoch, the labels are those of the images the batch holds."""
+    from simxent.data import ImageArray
+    from simxent.train import batch_labels
+
+    n = 50
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 2, 2, 3).contiguous()  # pixel = index
+    labels = torch.tensor([(7 * i) % 5 for i in range(n)])
+    data = ImageArray(images, labels, list("abcde"), [f"{i}.png" for i in range(n)], [])
+    for rank in range(2):
+        batches = iterate_batches(data, 10, torch.Generator().manual_seed(4), start=1, rank=rank, world=2)
+        ys = batch_labels(data, 10, torch.Generator().manual_seed(4), start=1, rank=rank, world=2)
+        pairs = list(zip(batches, ys, strict=True))
+        assert len(pairs) == 4
+        for (_, x), y in pairs:
+            assert y.tolist() == labels[x.images[:, 0, 0, 0].long()].tolist()

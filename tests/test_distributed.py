@@ -2,7 +2,8 @@
 
 - equivalence: two processes, each holding half of a batch, give the loss, the encoder and head gradients
   (after DDP's averaging) and the weights after a few SGD steps of one process holding all of it, with
-  BatchNorm over the global batch and with BatchNorm in eval mode;
+  BatchNorm over the global batch and with BatchNorm in eval mode, and with five views of two sizes
+  (multi-crop) and positives by label;
 - torchrun: a 2-process pretraining run writes one set of logs and a checkpoint that linear evaluation
   reads; a worker killed mid-run under --max-restarts 1 is restarted and the job completes from its
   checkpoint.
@@ -26,7 +27,7 @@ from simxent import dist
 from simxent.checkpoint import load_checkpoint
 from simxent.config import ModelConfig
 from simxent.demo import make_shapes
-from simxent.loss import nt_xent
+from simxent.loss import multi_view_nt_xent, nt_xent
 from simxent.models import SimCLR
 from simxent.train import step_loss
 from tests.conftest import TINY_RUN
@@ -41,16 +42,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def batches(steps):
+LABELS = torch.tensor([0, 1, 2, 0, 1, 1, 2, 0])  # classes spread over both processes' halves
+
+
+def batches(steps, multi_crop=False):
+    """Two views per image at 8 px, or (multi-crop) three at 8 px and two at 4 px."""
     g = torch.Generator().manual_seed(42)
-    return [torch.randn(2 * N, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(steps)]
+    if not multi_crop:
+        return [torch.randn(2 * N, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(steps)]
+    return [[torch.randn(v * N, 3, s, s, generator=g, dtype=torch.float64) for v, s in ((3, 8), (2, 4))]
+            for _ in range(steps)]
 
 
 def local_views(views, rank):
-    """This process's share of ``[v1; v2]``: its slice of the images, both views."""
+    """This process's share of ``[v1; v2; ...]`` (or of each such batch in a list): its slice of the
+    images, every view."""
+    if isinstance(views, list):
+        return [local_views(v, rank) for v in views]
     n = N // WORLD
-    v1, v2 = views[:N], views[N:]
-    return torch.cat([v1[rank * n : (rank + 1) * n], v2[rank * n : (rank + 1) * n]])
+    return torch.cat([v[rank * n : (rank + 1) * n] for v in views.split(N)])
 
 
 def _worker(rank, port, mode, steps):
@@ -61,22 +71,26 @@ def _worker(rank, port, mode, steps):
         torch.manual_seed(0)
         reference = SimCLR(ModelConfig(backbone="convnet", head_hidden=32, head_out=16)).double()
         net = copy.deepcopy(reference)
-        if mode == "sync_bn":
+        if mode != "eval_bn":
             net = dist.convert_batchnorm(net, torch.device("cpu"))
         ddp = DistributedDataParallel(net)
         for m in (reference, ddp):
-            m.train(mode == "sync_bn")
+            m.train(mode != "eval_bn")
         opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        for step, views in enumerate(batches(steps)):
+        multi_crop = mode == "multi_crop_labels"
+        n_views, n = (5, N // WORLD) if multi_crop else (2, N // WORLD)
+        labels = LABELS[rank * n : (rank + 1) * n] if multi_crop else None
+        for step, views in enumerate(batches(steps, multi_crop)):
             # One process holding the whole batch: plain BatchNorm, no gather.
             z = reference(views)
-            ref_loss = nt_xent(*z.chunk(2), 0.5)
+            ref_loss = (multi_view_nt_xent(z, n_views, 0.5, labels=LABELS) if multi_crop
+                        else nt_xent(*z.chunk(2), 0.5))
             opt_ref.zero_grad()
             ref_loss.backward()
             # This process's half, through the training loop's own loss function.
             loss, _, _ = step_loss(ddp, local_views(views, rank), torch.tensor(0.5, dtype=torch.float64),
-                                   torch.device("cpu"), None)
+                                   torch.device("cpu"), None, n_views, labels)
             opt.zero_grad()
             loss.backward()
             global_loss = dist.mean_over_processes(loss).item()
@@ -92,7 +106,7 @@ def _worker(rank, port, mode, steps):
         torch_dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["sync_bn", "eval_bn"])
+@pytest.mark.parametrize("mode", ["sync_bn", "eval_bn", "multi_crop_labels"])
 def test_two_processes_equal_one(mode):
     mp.spawn(_worker, args=(free_port(), mode, 3), nprocs=WORLD, join=True)
 

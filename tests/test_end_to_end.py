@@ -16,7 +16,7 @@ from simxent.config import load_config
 from simxent.demo import make_shapes
 from simxent.models import SimCLR
 from simxent.train import KnnBank, knn_monitor, load_data, pretrain
-from tests.conftest import TINY_RUN
+from tests.conftest import TINY_RUN, write_image
 
 SCALARS = {"train/loss", "train/lr", "train/temperature", "train/pos_sim", "train/neg_sim", "train/top1",
            "train/alignment", "train/uniformity", "train/images_per_s", "val/knn_top1"}
@@ -311,3 +311,45 @@ def test_compiled_training_follows_the_eager_run(shapes, tmp_path):
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=0)
     for name in eager_w:
         torch.testing.assert_close(compiled_w[name], eager_w[name], rtol=1e-3, atol=1e-4)
+
+
+def test_multi_crop_supervised_pretraining_resumes_exactly(shapes, tmp_path, monkeypatch):
+    """Three full-size and two small views per image, positives by class: the step hands the loss all five
+    views' projections and each image's label, logs as a two-view run does, and a run stopped after one
+    step and resumed ends at the uninterrupted run's weights."""
+    import simxent.train
+
+    calls = []
+    real = simxent.train.multi_view_nt_xent
+
+    def spy(z, n_views, temperature, labels=None, **kw):
+        calls.append((z.shape[0], n_views, None if labels is None else labels.tolist()))
+        return real(z, n_views, temperature, labels=labels, **kw)
+
+    monkeypatch.setattr(simxent.train, "multi_view_nt_xent", spy)
+    multi = ("augment.views=3", "augment.small_views=2", "loss.positives=labels", "eval.every=0", "train.device=cpu",
+             "train.epochs=1")
+    full = pretrain(load_config(None, tiny(shapes, tmp_path / "full", *multi)), progress=False)
+    assert full["global_step"] == 5 and torch.isfinite(torch.tensor(full["last_loss"]))
+    assert all(rows == 5 * 16 and v == 5 and len(y) == 16 and set(y) <= set(range(5)) for rows, v, y in calls)
+    logged = scalars(tmp_path / "full")
+    assert SCALARS - {"val/knn_top1"} <= set(logged)
+    cut = pretrain(load_config(None, tiny(shapes, tmp_path / "cut", *multi, "train.max_time=0.001")), progress=False)
+    assert cut["global_step"] == 1
+    pretrain(load_config(None, tiny(shapes, tmp_path / "cut", *multi, "train.resume=auto")), progress=False)
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    for part in ("encoder", "head"):
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=1e-6)
+
+
+def test_supervised_positives_need_a_labelled_train_folder(tmp_path, capsys):
+    flat = tmp_path / "flat"
+    for i in range(20):
+        write_image(flat / f"{i}.png", seed=i)
+    run = tmp_path / "run"
+    assert pretrain_main([*TINY_RUN, f"data.train={flat}", "loss.positives=labels", f"out={run}"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.positives=labels: data.train" in err and "one sub-folder per" in err
+    assert not (run / "checkpoints").exists()

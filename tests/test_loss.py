@@ -238,3 +238,176 @@ def test_learnt_temperature_is_projected_into_its_range_and_moves_off_a_bound():
     with pytest.raises(ValueError, match="learnt temperature"):
         Temperature(2.0, learnable=True)
     assert Temperature(2.0)().item() == pytest.approx(2.0)  # a fixed temperature is the user's to choose
+
+
+# --- several views per image, and labels (supervised contrastive) ---------------------------------------
+
+def multi_positive_reference(z, groups, t):
+    """The multi-positive cross entropy as a loop, from its formula: for each anchor i with positives
+    P(i) = {p != i: same group}, -(1/|P(i)|) sum_p log( exp(s_ip/t) / sum_{a != i} exp(s_ia/t) ), averaged
+    over the anchors that have positives."""
+    sim = lambda a, b: torch.dot(z[a], z[b]) / (z[a].norm() * z[b].norm())  # noqa: E731
+    total, anchors = 0.0, 0
+    for i in range(len(z)):
+        positives = [p for p in range(len(z)) if p != i and groups[p] == groups[i]]
+        if not positives:
+            continue
+        denominator = sum(torch.exp(sim(i, a) / t) for a in range(len(z)) if a != i)
+        total = total - sum(torch.log(torch.exp(sim(i, p) / t) / denominator) for p in positives) / len(positives)
+        anchors += 1
+    return total / anchors
+
+
+def view_groups(n, n_views, labels=None):
+    """The group of each row of a view-major (V n, D) batch: its image's index, or its image's label."""
+    return (list(range(n)) if labels is None else list(labels)) * n_views
+
+
+LABELS = [0, 1, 0, 2, 1, 0]  # six images of three classes, each class at least twice
+
+
+@pytest.mark.parametrize("labelled", [False, True], ids=["views", "labels"])
+@pytest.mark.parametrize("n_views", [2, 3, 6])
+def test_multi_view_matches_the_formula_loop(n_views, labelled):
+    from simxent.loss import multi_view_nt_xent
+
+    n, t = len(LABELS), 0.3
+    g = torch.Generator().manual_seed(20 + n_views)
+    z = torch.randn(n_views * n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor(LABELS) if labelled else None
+    log_t = torch.tensor(math.log(t), dtype=torch.float64, requires_grad=True)
+    expected = multi_positive_reference(z, view_groups(n, n_views, labels), log_t.exp())
+    want_z, want_t = torch.autograd.grad(expected, (z, log_t))
+    for form in FORMS.values():
+        mine_z = z.detach().clone().requires_grad_()
+        mine_t = log_t.detach().clone().requires_grad_()
+        got = multi_view_nt_xent(mine_z, n_views, mine_t.exp(), labels=labels, **form)
+        got_z, got_t = torch.autograd.grad(got, (mine_z, mine_t))
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got_z, want_z, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got_t, want_t, rtol=1e-6, atol=1e-6)
+        # In float32 too, as training runs it.
+        z32 = z.detach().float().requires_grad_()
+        got32 = multi_view_nt_xent(z32, n_views, t, labels=labels, **form)
+        (grad32,) = torch.autograd.grad(got32, z32)
+        assert got32.item() == pytest.approx(expected.item(), rel=1e-5)
+        torch.testing.assert_close(grad32.double(), want_z, rtol=1e-4, atol=1e-6)
+
+
+def test_two_views_without_labels_is_nt_xent_and_the_general_form_agrees():
+    """At V = 2 the multi-view loss is today's NT-Xent (its own fast forms); the general multi-positive
+    form, reached with labels that are all distinct (each image its own class), gives the same loss."""
+    from simxent.loss import multi_view_nt_xent
+
+    g = torch.Generator().manual_seed(21)
+    z = torch.randn(12, 16, generator=g, requires_grad=True)
+    plain = nt_xent(z[:6], z[6:], 0.2)
+    (want,) = torch.autograd.grad(plain, z)
+    same = multi_view_nt_xent(z, 2, 0.2)
+    assert same.grad_fn.name() == plain.grad_fn.name() and same.item() == plain.item()
+    general = multi_view_nt_xent(z, 2, 0.2, labels=torch.arange(6))
+    assert "MultiPositive" in general.grad_fn.name()
+    (grad,) = torch.autograd.grad(general, z)
+    assert general.item() == pytest.approx(plain.item(), rel=1e-6)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)
+
+
+def test_anchors_without_positives_are_left_out():
+    """One view per image with labels: a class seen once has no positive; its anchor is left out of the
+    mean (not a 0/0), and with no positives at all the loss is 0 with zero gradients."""
+    from simxent.loss import multi_view_nt_xent
+
+    g = torch.Generator().manual_seed(22)
+    z = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 0, 2, 0])  # classes 1 and 2 appear once
+    expected = multi_positive_reference(z, labels.tolist(), 0.5)
+    (want,) = torch.autograd.grad(expected, z)
+    got = multi_view_nt_xent(z, 1, 0.5, labels=labels)
+    (grad,) = torch.autograd.grad(got, z)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, want, rtol=1e-6, atol=1e-6)
+    alone = multi_view_nt_xent(z, 1, 0.5, labels=torch.arange(5))
+    (grad,) = torch.autograd.grad(alone, z)
+    assert alone.item() == 0 and not grad.any()
+    with pytest.raises(ValueError, match="no positives without labels"):
+        multi_view_nt_xent(z, 1, 0.5)
+    with pytest.raises(ValueError, match=r"\(n_views \* n, d\)"):
+        multi_view_nt_xent(z, 2, 0.5)
+    with pytest.raises(ValueError, match="labels must be"):
+        multi_view_nt_xent(z, 5, 0.5, labels=labels)
+
+
+def shard(z, n_views, world, rank):
+    """Process ``rank``'s rows of a view-major (V N, D) batch: its slice of the images, every view."""
+    n = z.shape[0] // n_views // world
+    return torch.cat([view[rank * n:(rank + 1) * n] for view in z.chunk(n_views)])
+
+
+@pytest.mark.parametrize("labelled", [False, True], ids=["views", "labels"])
+def test_multi_view_sharded_with_gather_equals_whole_batch(labelled):
+    """Two 'processes' in one: with the gathered candidates and groups, the mean of the local losses is
+    the loss of one process holding everything (the loop at 3 views)."""
+    from simxent.loss import multi_view_nt_xent
+
+    g = torch.Generator().manual_seed(23)
+    z = torch.randn(3 * 6, 8, generator=g, dtype=torch.float64)
+    labels = torch.tensor(LABELS) if labelled else None
+    expected = multi_positive_reference(z, view_groups(6, 3, labels), 0.4)
+    shards = [F.normalize(shard(z, 3, 2, r), dim=1) for r in range(2)]
+    label_shards = [None, None] if labels is None else [labels[:3], labels[3:]]
+    groups = [torch.arange(3).repeat(3) + 3 * r if labels is None else label_shards[r].repeat(3) for r in range(2)]
+
+    def gather(t):
+        return torch.cat(shards) if t.is_floating_point() else torch.cat(groups)
+
+    losses = [multi_view_nt_xent(shard(z, 3, 2, r), 3, 0.4, labels=label_shards[r], gather=gather, rank=r)
+              for r in range(2)]
+    assert (sum(losses) / 2).item() == pytest.approx(expected.item(), rel=1e-9)
+
+
+def _multi_view_worker(rank, port, world, cases):
+    import os
+
+    import torch.distributed as torch_dist
+
+    from simxent import dist
+    from simxent.loss import multi_view_nt_xent
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        for n_views, labels, z, expected, want in cases:
+            mine = shard(z, n_views, world, rank).requires_grad_()
+            n = len(z) // n_views // world
+            local_labels = None if labels is None else labels[rank * n:(rank + 1) * n]
+            loss = multi_view_nt_xent(mine, n_views, 0.3, labels=local_labels, gather=dist.gather_with_grad,
+                                      rank=rank)
+            loss.backward()
+            assert abs(dist.mean_over_processes(loss).item() - expected) < 1e-6, (n_views, labels)
+            # The gather's backward sums every process's gradient: world times the mean loss's gradient.
+            torch.testing.assert_close(mine.grad, world * shard(want, n_views, world, rank), rtol=1e-6, atol=1e-6)
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_multi_view_across_two_processes_matches_the_formula_loop():
+    """Two gloo processes, each holding half the images (all their views): the mean of their losses and
+    each one's gradients match the formula loop over the whole batch, for V = 2, 3, 6, with and without
+    labels."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    cases = []
+    for n_views in (2, 3, 6):
+        for labels in (None, torch.tensor(LABELS)):
+            g = torch.Generator().manual_seed(24 + n_views)
+            z = torch.randn(n_views * 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+            expected = multi_positive_reference(z, view_groups(6, n_views, labels), 0.3)
+            (want,) = torch.autograd.grad(expected, z)
+            cases.append((n_views, labels, z.detach(), expected.item(), want))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_multi_view_worker, args=(port, 2, cases), nprocs=2, join=True)
