@@ -23,7 +23,7 @@ import torch
 import torchvision
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, shown
 
 # Where torchvision keeps each family's classifier. Its last Linear (SqueezeNet: its 1x1 convolution)
 # becomes an Identity in place, so any pooling after it stays and parameter names do not move.
@@ -97,7 +97,8 @@ def user_function(spec: str) -> Callable[[], nn.Module]:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # the user's module may fail in any way while importing; say how
-        raise ConfigError(f"model.backbone: cannot import {module_name} ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"model.backbone: cannot import {shown(module_name)} "
+                          f"({type(e).__name__}: {shown(str(e))})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(f"model.backbone: {module_name} has no function {attr!r}")
