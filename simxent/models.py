@@ -13,16 +13,15 @@ The feature size D is found once, by one forward of a blank image at ``data.imag
 """
 from __future__ import annotations
 
-import collections
 import functools
 import importlib
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torchvision
 from torch import nn
 
+from .checkpoint import CheckpointError, fit_weights, read_weights_file
 from .config import ConfigError, ModelConfig, shown
 
 # Where torchvision keeps each family's classifier. Its last Linear (SqueezeNet: its 1x1 convolution)
@@ -184,7 +183,7 @@ def backbone(name: str, cifar_stem: bool = False, image_size: int = 32) -> tuple
     return net, feature_size(net, name, image_size)
 
 
-def _left_out(encoder: nn.Module, key: str) -> bool:
+def left_out(encoder: nn.Module, key: str) -> bool:
     """Whether ``key`` of a torchvision model's state dict belongs to a part the encoder leaves out: the
     classifier (an Identity here) or the auxiliary classifiers of GoogLeNet and Inception (None here)."""
     node = encoder
@@ -197,42 +196,18 @@ def _left_out(encoder: nn.Module, key: str) -> bool:
     return False
 
 
-def _read_weights(path: str) -> dict:
-    """The encoder state dict in ``path``: a plain state dict, or a simxent checkpoint's ``encoder``."""
-    if not Path(path).is_file():
-        raise ConfigError(f"model.weights: file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickled objects (refused by weights_only), truncated or foreign files
-        raise ConfigError(f"model.weights: cannot read {path} as tensors only ({str(e).splitlines()[0]})") from None
-    if isinstance(state, dict) and "format_version" in state:
-        state = state.get("encoder")
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise ConfigError(f"model.weights: {path} is neither a state dict (names to tensors) nor a simxent checkpoint")
-    return state
-
-
-def fit_weights(encoder: nn.Module, weights: dict, source: str, arch: str) -> None:
-    """Copy ``weights`` into ``encoder``, strictly except for the parts of a full torchvision model that the
-    encoder leaves out; a misfit is one line naming a few missing, unexpected and mis-shaped keys."""
-    kept = collections.OrderedDict((k, v) for k, v in weights.items() if not _left_out(encoder, k))
-    kept._metadata = getattr(weights, "_metadata", {})  # layer versions, which some models (MNASNet) read
-    own = encoder.state_dict()
-    problems = {
-        "missing": [k for k in own if k not in kept],
-        "unexpected": [k for k in kept if k not in own],
-        "wrong shape": [f"{k} {list(kept[k].shape)} (model: {list(own[k].shape)})"
-                        for k in own if k in kept and kept[k].shape != own[k].shape],
-    }
-    found = [f"{len(v)} {what} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})" for what, v in problems.items() if v]
-    if found:
-        raise ConfigError(f"model.weights: {source} does not fit {arch}: {'; '.join(found)}")
-    encoder.load_state_dict(kept)
-
-
 def load_weights(encoder: nn.Module, path: str, arch: str) -> None:
-    """Start ``encoder`` from the weights in ``path`` (``model.weights``; see :func:`fit_weights`)."""
-    fit_weights(encoder, _read_weights(path), path, arch)
+    """Start ``encoder`` from ``model.weights``: a plain state dict (a full torchvision model's too, see
+    :func:`~simxent.checkpoint.fit_weights`) or a simxent checkpoint's encoder. Errors name the key."""
+    try:
+        weights = read_weights_file(path)
+        if isinstance(weights, dict) and "format_version" in weights:
+            if "encoder" not in weights:
+                raise CheckpointError(f"{path} holds no encoder weights")
+            weights = weights["encoder"]
+        fit_weights(encoder, weights, path, arch)
+    except CheckpointError as e:
+        raise ConfigError(f"model.weights: {e}") from None
 
 
 class ProjectionHead(nn.Sequential):

@@ -11,12 +11,12 @@ import torch
 import torchvision
 from torch import nn
 
-from simxent.checkpoint import export_torchvision, load_checkpoint, load_encoder
+from simxent.checkpoint import export_torchvision, fit_weights, load_checkpoint, load_encoder
 from simxent.cli import pretrain_main
 from simxent.config import ConfigError, ModelConfig, load_config
 from simxent.demo import make_shapes
 from simxent.loss import nt_xent
-from simxent.models import SimCLR, backbone, families, fit_weights, markdown_backbones
+from simxent.models import SimCLR, backbone, families, markdown_backbones
 from simxent.train import pretrain
 from tests.conftest import TINY_RUN
 
@@ -179,17 +179,17 @@ def test_user_backbone_must_give_pooled_features(user_module):
 def test_weights_that_do_not_fit_are_named_in_one_line(tmp_path):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
     stem = ModelConfig(backbone="resnet18", cifar_stem=True, weights=str(tmp_path / "r18.pth"))
-    with pytest.raises(ConfigError, match=r"model.weights: .*r18.pth does not fit resnet18 with the CIFAR stem: "
+    with pytest.raises(ConfigError, match=r"model.weights: .*r18.pth: weights do not fit resnet18 with the CIFAR stem: "
                                           r"1 wrong shape \(conv1.weight \[64, 3, 7, 7\] \(model: \[64, 3, 3, 3\]\)\)$"):
         SimCLR(stem)
-    with pytest.raises(ConfigError, match=r"does not fit resnet34: \d+ missing \(layer1.2.conv1.weight, .*, \.\.\.\)$"):
+    with pytest.raises(ConfigError, match=r"do not fit resnet34: \d+ missing \(layer1.2.conv1.weight, .*, \.\.\.\)$"):
         SimCLR(ModelConfig(backbone="resnet34", weights=str(tmp_path / "r18.pth")))
-    with pytest.raises(ConfigError, match="does not fit convnet: .* missing .*; .* unexpected"):
+    with pytest.raises(ConfigError, match="do not fit convnet: .* missing .*; .* unexpected"):
         SimCLR(ModelConfig(backbone="convnet", weights=str(tmp_path / "r18.pth")))
-    with pytest.raises(ConfigError, match="model.weights: file not found"):
+    with pytest.raises(ConfigError, match="model.weights: checkpoint not found: .*none.pth"):
         SimCLR(ModelConfig(backbone="convnet", weights=str(tmp_path / "none.pth")))
     torch.save([1, 2], tmp_path / "list.pth")
-    with pytest.raises(ConfigError, match="model.weights: .*list.pth is neither a state dict"):
+    with pytest.raises(ConfigError, match="model.weights: .*list.pth: expected a state dict"):
         SimCLR(ModelConfig(backbone="convnet", weights=str(tmp_path / "list.pth")))
 
 
@@ -197,7 +197,7 @@ def test_weights_that_do_not_fit_are_named_in_one_line(tmp_path):
 def test_weights_holding_objects_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"conv.weight": torch.zeros(1), "payload": Path("x")}, path)
-    with pytest.raises(ConfigError, match="model.weights: cannot read .*evil.pth as tensors only"):
+    with pytest.raises(ConfigError, match="model.weights: refusing to load .*evil.pth"):
         SimCLR(ModelConfig(backbone="convnet", weights=str(path)))
 
 
@@ -210,7 +210,7 @@ def test_backbone_typo_and_misfit_weights_exit_2_through_the_command(tmp_path, c
     args = [*TINY_RUN, f"data.train={folder}", f"out={tmp_path / 'b'}", f"model.weights={tmp_path / 'r18.pth'}"]
     assert pretrain_main(["--no-progress", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("simxent: error: model.weights: ") and "does not fit convnet" in err[0]
+    assert len(err) == 1 and err[0].startswith("simxent: error: model.weights: ") and "do not fit convnet" in err[0]
 
 
 def test_docs_list_every_backbone():
