@@ -19,7 +19,8 @@ from torch import nn
 from .config import Config, ConfigError, ModelConfig, check_backbone, config_from_saved
 
 FORMAT_VERSION = 1
-ENCODER_KEYS = ("model.backbone", "model.cifar_stem", "data.image_size")  # all that rebuilds an encoder (ViTs: the size)
+# All that rebuilds an encoder: ViTs and MaxViT are built for one image size.
+ENCODER_KEYS = ("model.backbone", "model.cifar_stem", "data.image_size")
 log = logging.getLogger("simxent")
 
 

@@ -168,7 +168,8 @@ def user_module(tmp_path, monkeypatch):
 def test_user_backbone_must_give_pooled_features(user_module):
     net, dim = backbone(f"{user_module}:small", image_size=16)
     assert dim == 8 and net(torch.zeros(3, 3, 16, 16)).shape == (3, 8) and net.training
-    with pytest.raises(ConfigError, match=r"must map images \(B, 3, H, W\) to features \(B, D\); it gave \[1, 8, 14, 14\]"):
+    with pytest.raises(ConfigError, match=r"must map images \(B, 3, H, W\) to features \(B, D\); "
+                                          r"it gave \[1, 8, 14, 14\]"):
         backbone(f"{user_module}:feature_map", image_size=16)
     with pytest.raises(ConfigError, match="returned int, not an nn.Module"):
         backbone(f"{user_module}:not_a_module")
@@ -179,8 +180,9 @@ def test_user_backbone_must_give_pooled_features(user_module):
 def test_weights_that_do_not_fit_are_named_in_one_line(tmp_path):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
     stem = ModelConfig(backbone="resnet18", cifar_stem=True, weights=str(tmp_path / "r18.pth"))
-    with pytest.raises(ConfigError, match=r"model.weights: .*r18.pth: weights do not fit resnet18 with the CIFAR stem: "
-                                          r"1 wrong shape \(conv1.weight \[64, 3, 7, 7\] \(model: \[64, 3, 3, 3\]\)\)$"):
+    with pytest.raises(ConfigError, match=r"model.weights: .*r18.pth: weights do not fit resnet18 with the CIFAR "
+                                          r"stem: 1 wrong shape \(conv1.weight \[64, 3, 7, 7\] "
+                                          r"\(model: \[64, 3, 3, 3\]\)\)$"):
         SimCLR(stem)
     with pytest.raises(ConfigError, match=r"do not fit resnet34: \d+ missing \(layer1.2.conv1.weight, .*, \.\.\.\)$"):
         SimCLR(ModelConfig(backbone="resnet34", weights=str(tmp_path / "r18.pth")))
