@@ -260,7 +260,7 @@ def bench_probe(device, _sync, data_root):
 def bare_step(cfg, device, dtype):
     """Encoder + head forward, NT-Xent, backward and optimiser step on pre-made views: the floor."""
     torch.manual_seed(0)
-    model = SimCLR(cfg.model).to(device).to(memory_format=torch.channels_last)
+    model = SimCLR(cfg.model, cfg.data.image_size).to(device).to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg.optim, 0.01)
     if cfg.train.compile:
         model = torch.compile(model)

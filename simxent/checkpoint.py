@@ -6,6 +6,7 @@ as tensors), so the safe unpickler can read all of it and a crafted file cannot 
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import pickle
@@ -15,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import CHOICES, Config, ConfigError, config_from_saved
+from .config import Config, ConfigError, ModelConfig, check_backbone, config_from_saved
 
 FORMAT_VERSION = 1
-ENCODER_KEYS = ("model.backbone", "model.cifar_stem")  # all that rebuilds an encoder
-CLASSIFIER_PREFIX = "fc."  # torchvision ResNets' classifier, absent from simxent's encoders
+# All that rebuilds an encoder: ViTs and MaxViT are built for one image size.
+ENCODER_KEYS = ("model.backbone", "model.cifar_stem", "data.image_size")
 log = logging.getLogger("simxent")
 
 
@@ -92,11 +93,16 @@ def saved_config(state: dict, path: str | Path, keys=ENCODER_KEYS) -> Config:
 
 def fit_weights(module: nn.Module, weights, source: str | Path, arch: str) -> nn.Module:
     """``module.load_state_dict(weights)``, strict, with one line naming a few missing, unexpected and
-    mis-shaped keys instead of PyTorch's list of all of them. A classifier (``fc.*``) is left out first:
-    the encoders end at the pooled features."""
+    mis-shaped keys instead of PyTorch's list of all of them. The parts of a full torchvision model that an
+    encoder leaves out (its classifier, auxiliary classifiers) are dropped first: encoders end at the pooled
+    features."""
+    from .models import left_out  # here, so that `import simxent` does not import torchvision
+
     if not isinstance(weights, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
         raise CheckpointError(f"{source}: expected a state dict (parameter names to tensors), got {type(weights).__name__}")
-    weights = {k: v for k, v in weights.items() if not k.startswith(CLASSIFIER_PREFIX)}
+    kept = collections.OrderedDict((k, v) for k, v in weights.items() if not left_out(module, k))
+    kept._metadata = getattr(weights, "_metadata", {})  # layer versions, which some models (MNASNet) read
+    weights = kept
     own = module.state_dict()
     problems = {
         "missing": [k for k in own if k not in weights],
@@ -111,11 +117,12 @@ def fit_weights(module: nn.Module, weights, source: str | Path, arch: str) -> nn
     return module
 
 
-def fitted_backbone(name: str, cifar_stem: bool, weights, source: str | Path) -> nn.Module:
-    """Encoder ``name`` (see :func:`simxent.models.backbone`) holding ``weights``; eval mode."""
+def fitted_backbone(name: str, cifar_stem: bool, weights, source: str | Path, image_size: int = 32) -> nn.Module:
+    """Encoder ``name`` (see :func:`simxent.models.backbone`) for ``image_size`` px images, holding ``weights``;
+    eval mode."""
     from .models import backbone  # here, so that `import simxent` does not import torchvision
 
-    encoder, _ = backbone(name, cifar_stem)
+    encoder, _ = backbone(name, cifar_stem, image_size)
     arch = name + (" with the CIFAR stem" if cifar_stem else "")
     return fit_weights(encoder, weights, source, arch).eval()
 
@@ -125,38 +132,42 @@ def checkpoint_encoder(state: dict, cfg: Config, path: str | Path) -> nn.Module:
     shapes of its weights; eval mode."""
     if "encoder" not in state:
         raise CheckpointError(f"{path} holds no encoder weights")
-    return fitted_backbone(cfg.model.backbone, cfg.model.cifar_stem, state["encoder"], path)
+    return fitted_backbone(cfg.model.backbone, cfg.model.cifar_stem, state["encoder"], path, cfg.data.image_size)
 
 
 def load_encoder(path: str | Path, map_location="cpu") -> nn.Module:
     """The pretrained encoder of a simxent checkpoint as a ready ``nn.Module`` (eval mode), mapping an
     image batch normalised with the run's ``augment.mean``/``augment.std`` to pooled features.
 
-    Only ``model.backbone`` and ``model.cifar_stem`` are read from the saved config, so checkpoints of
-    older and newer simxent versions load as long as those two keep their meaning."""
+    Only ``model.backbone``, ``model.cifar_stem`` and ``data.image_size`` are read from the saved config, so
+    checkpoints of older and newer simxent versions load as long as those keep their meaning."""
     state = load_checkpoint(path, map_location)
     return checkpoint_encoder(state, saved_config(state, path), path)
 
 
-def load_backbone(path: str | Path, name: str, cifar_stem: bool = False, map_location="cpu") -> nn.Module:
-    """An encoder ``name`` with the weights of a plain state dict: a torchvision model's ``state_dict()``
-    (its ``fc`` classifier, if present, is ignored), a ResNet file from :func:`export_torchvision`, or a
-    backbone trained by another tool with torchvision's parameter names. Eval mode."""
+def load_backbone(path: str | Path, name: str, cifar_stem: bool = False, map_location="cpu",
+                  image_size: int = 32) -> nn.Module:
+    """An encoder ``name`` (any ``model.backbone``) with the weights of a plain state dict: a torchvision
+    model's ``state_dict()`` (its classifier, if present, is ignored), a file from :func:`export_torchvision`,
+    or a backbone trained by another tool with torchvision's parameter names. Eval mode."""
     weights = read_weights_file(path, map_location)
     if isinstance(weights, dict) and "format_version" in weights:
         raise CheckpointError(f"{path} is a simxent checkpoint: leave out --backbone, its config names the architecture")
-    if name not in CHOICES["model.backbone"]:
-        raise ConfigError(f"--backbone: '{name}' is not one of {', '.join(CHOICES['model.backbone'])}")
-    return fitted_backbone(name, cifar_stem, weights, path)
+    try:
+        check_backbone(ModelConfig(backbone=name, cifar_stem=cifar_stem))
+    except ConfigError as e:
+        raise ConfigError(f"--backbone: {e}") from None
+    return fitted_backbone(name, cifar_stem, weights, path, image_size)
 
 
 def export_torchvision(path: str | Path, dest: str | Path) -> str:
     """Write the encoder of checkpoint ``path`` to ``dest`` in a form that loads without simxent, and return
     that form's name.
 
-    ResNets: ``"state_dict"``, a plain state dict for the torchvision model of the same name, without
-    ``fc`` (set ``model.fc = nn.Identity()`` to load it with ``strict=True``); with the CIFAR stem, first
-    replace ``conv1`` by a 3x3 stride-1 convolution and ``maxpool`` by ``nn.Identity()``. The convnet
+    torchvision backbones: ``"state_dict"``, a plain state dict for the torchvision model of the same name,
+    without the classifier's last layer (ResNets: set ``model.fc = nn.Identity()`` to load it with
+    ``strict=True``; with the CIFAR stem, first replace ``conv1`` by a 3x3 stride-1 convolution and
+    ``maxpool`` by ``nn.Identity()``); a ``package.module:function`` backbone's state dict likewise. The convnet
     matches no torchvision model, so it is written as ``"exported_program"``: a ``torch.export`` graph with
     its weights, any batch and image size, loaded by ``torch.export.load(dest).module()``.
     """

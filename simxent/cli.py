@@ -147,9 +147,9 @@ def linear_eval_main(argv=None) -> int:
     p = _parser("simxent-linear-eval", "Linear probe and weighted kNN on a frozen pretrained encoder.")
     p.add_argument("--checkpoint", required=True,
                    help="a simxent checkpoint (e.g. RUN/checkpoints/last.pt), or with --backbone a plain state dict")
-    p.add_argument("--backbone", choices=CHOICES["model.backbone"],
-                   help="score a plain state dict of this architecture (a torchvision model's, an export, another "
-                        "tool's) instead of a simxent checkpoint")
+    p.add_argument("--backbone",
+                   help="score a plain state dict of this architecture (any model.backbone name: docs/backbones.md; "
+                        "a torchvision model's, an export, another tool's) instead of a simxent checkpoint")
     p.add_argument("--cifar-stem", action="store_true", help="with --backbone: a ResNet with the 3x3 CIFAR stem")
     p.add_argument("--image-size", type=int,
                    help=f"decode size in px, 8 to {MAX_IMAGE_SIZE} (default: the checkpoint's data.image_size; "

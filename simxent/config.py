@@ -79,8 +79,12 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = setting("resnet18", "resnet18, resnet34, resnet50 or convnet")
-    cifar_stem: bool = setting(False, "3x3 stride-1 first conv and no max-pool, for 32 px images")
+    backbone: str = setting("resnet18", "convnet, any torchvision classification model (resnet50, convnext_tiny, "
+                                        "vit_b_16, ...: docs/backbones.md) or package.module:function")
+    cifar_stem: bool = setting(False, "3x3 stride-1 first conv and no max-pool, for 32 px images (ResNet family; "
+                                      "the convnet always has it)")
+    weights: str = setting("", "start the encoder from a state dict (torchvision's, classifier keys ignored) or "
+                               "a simxent checkpoint; empty: random")
     head_hidden: int = setting(2048, "projection MLP hidden width")
     head_out: int = setting(128, "projection size")
     head_layers: int = setting(2, "linear layers in the projection MLP (BatchNorm + ReLU between)")
@@ -156,7 +160,6 @@ class Config:
 
 CHOICES = {
     "data.on_bad_image": ("skip", "error"),
-    "model.backbone": ("resnet18", "resnet34", "resnet50", "convnet"),
     "loss.positives": ("views", "labels"),
     "optim.name": ("sgd", "adamw", "lars"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
@@ -312,9 +315,14 @@ def config_keys() -> list[str]:
     return [key for key, _, _ in describe(Config())]
 
 
+def did_you_mean(word: str, options: typing.Sequence[str]) -> str:
+    """``"; did you mean 'x'?"`` for the option nearest to ``word``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
 def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    hint = did_you_mean(key, valid) or f"; valid keys: {', '.join(valid)}"
     return ConfigError(f"unknown key {shown(key)}{where}{hint}")
 
 
@@ -478,12 +486,33 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def check_backbone(model: ModelConfig) -> None:
+    """``model.backbone`` is ``convnet``, a torchvision classification model or an importable
+    ``package.module:function``; ``model.cifar_stem`` is set only where it applies."""
+    from .models import backbone_names, has_cifar_stem, user_function  # here: models imports this module
+
+    name = model.backbone
+    if ":" in name:
+        module, _, function = name.partition(":")
+        if not all(part.isidentifier() for part in module.split(".") + [function]):
+            raise ConfigError(f"model.backbone: {shown(name)} is not of the form package.module:function")
+        user_function(name)
+    elif name not in backbone_names():
+        raise ConfigError(f"model.backbone: {shown(name)} is not a backbone{did_you_mean(name, backbone_names())} "
+                          f"(convnet, a torchvision classification model as listed in docs/backbones.md, or "
+                          f"package.module:function)")
+    if model.cifar_stem and not has_cifar_stem(name):
+        raise ConfigError(f"model.cifar_stem: applies to ResNet-family backbones (resnet*, resnext*, wide_resnet*), "
+                          f"not {name}; set model.cifar_stem=false")
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks; each error names its key."""
     flat = _flatten(to_dict(cfg))
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {shown(flat[key])} is not one of {', '.join(allowed)}")
+    check_backbone(cfg.model)
 
     def check(ok: bool, key: str, rule: str):
         if not ok:

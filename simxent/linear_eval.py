@@ -267,17 +267,20 @@ def encoder_to_score(checkpoint: str | Path, backbone_name: Optional[str] = None
     if image_size is not None and not 8 <= image_size <= MAX_IMAGE_SIZE:
         raise ConfigError(f"--image-size: {image_size} is out of range (8 to {MAX_IMAGE_SIZE})")
     if backbone_name:
-        encoder = load_backbone(checkpoint, backbone_name, cifar_stem)
         cfg = Config()
         cfg.model.backbone, cfg.model.cifar_stem = backbone_name, cifar_stem
+        cfg.data.image_size = image_size or cfg.data.image_size
+        encoder = load_backbone(checkpoint, backbone_name, cifar_stem, image_size=cfg.data.image_size)
     else:
         if cifar_stem:
             raise ConfigError("--cifar-stem goes with --backbone; a simxent checkpoint's config says whether it has one")
         state = load_checkpoint(checkpoint)
         keys = ENCODER_KEYS + ("augment.mean", "augment.std", "train.precision")
-        cfg = saved_config(state, checkpoint, keys + (() if image_size else ("data.image_size",)))
+        if image_size:  # replaces the saved size unread (a ViT's weights then say whether they fit it)
+            keys = tuple(k for k in keys if k != "data.image_size")
+        cfg = saved_config(state, checkpoint, keys)
+        cfg.data.image_size = image_size or cfg.data.image_size
         encoder = checkpoint_encoder(state, cfg, checkpoint)
-    cfg.data.image_size = image_size or cfg.data.image_size
     return encoder, cfg
 
 
@@ -341,7 +344,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     encoders = {"pretrained": pretrained}
     if random_init:
         seed_everything(opts.seed)
-        encoders["random_init"], _ = backbone(cfg.model.backbone, cfg.model.cifar_stem)
+        encoders["random_init"], _ = backbone(cfg.model.backbone, cfg.model.cifar_stem, cfg.data.image_size)
     results = {
         "checkpoint": str(checkpoint),
         "backbone": cfg.model.backbone,

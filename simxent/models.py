@@ -1,15 +1,33 @@
 """Encoders and the projection head.
 
-:func:`backbone` is the one contract: it returns ``(module, feature_dim)`` where the module maps an
-image batch to pooled features, so no caller ever replaces a classifier layer.
+:func:`backbone` is the one contract (timm's ``num_classes=0``): it returns ``(module, feature_dim)`` where
+the module maps an image batch (B, 3, H, W) to pooled features (B, feature_dim), so no caller ever replaces
+a classifier layer. ``model.backbone`` names one of three kinds of encoder:
+
+- ``convnet``: simxent's CPU-sized encoder;
+- any torchvision classification model (:func:`torchvision_names`), random weights, classifier removed;
+- ``package.module:function``: a function of no arguments returning an ``nn.Module`` that maps
+  (B, 3, H, W) to (B, D).
+
+The feature size D is found once, by one forward of a blank image at ``data.image_size``.
 """
 from __future__ import annotations
+
+import functools
+import importlib
+from typing import Callable
 
 import torch
 import torchvision
 from torch import nn
 
-from .config import ModelConfig
+from .checkpoint import CheckpointError, fit_weights, read_weights_file
+from .config import ConfigError, ModelConfig, shown
+
+# Where torchvision keeps each family's classifier. Its last Linear (SqueezeNet: its 1x1 convolution)
+# becomes an Identity in place, so any pooling after it stays and parameter names do not move.
+CLASSIFIER_NAMES = ("fc", "classifier", "heads", "head")
+CIFAR_STEM_FAMILY = "resnet"  # torchvision's resnet module: ResNets, ResNeXts and wide ResNets
 
 
 def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -39,23 +57,157 @@ class ConvNet(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
 
-def backbone(name: str, cifar_stem: bool = False) -> tuple[nn.Module, int]:
-    """An encoder from images to pooled features, and the feature size.
+@functools.cache
+def torchvision_names() -> tuple[str, ...]:
+    """Every torchvision classification model, by the name ``torchvision.models.get_model`` takes."""
+    return tuple(torchvision.models.list_models(module=torchvision.models))
 
-    ResNets come from torchvision with random weights; ``cifar_stem`` swaps the 7x7/2 convolution and
-    the max-pool for one 3x3/1 convolution, which keeps 32 px images from shrinking to 1x1 too early.
+
+def backbone_names() -> tuple[str, ...]:
+    """The names ``model.backbone`` accepts besides ``package.module:function``."""
+    return ("convnet",) + torchvision_names()
+
+
+def family(name: str) -> str:
+    """The torchvision module that builds ``name`` (``resnet`` for resnet50, resnext50_32x4d and
+    wide_resnet50_2; ``vision_transformer`` for vit_b_16); ``convnet`` for simxent's own."""
+    if name == "convnet":
+        return name
+    return torchvision.models.get_model_builder(name).__module__.rsplit(".", 1)[-1]
+
+
+def families() -> dict[str, list[str]]:
+    """Backbone names grouped by :func:`family`, in the order of :func:`backbone_names`."""
+    groups: dict[str, list[str]] = {}
+    for name in backbone_names():
+        groups.setdefault(family(name), []).append(name)
+    return groups
+
+
+def has_cifar_stem(name: str) -> bool:
+    """Whether ``model.cifar_stem`` applies: the ResNet family (conv1 + maxpool), and the convnet, whose
+    first convolution is always 3x3 stride 1 (the setting changes nothing there)."""
+    return name == "convnet" or (name in torchvision_names() and family(name) == CIFAR_STEM_FAMILY)
+
+
+def user_function(spec: str) -> Callable[[], nn.Module]:
+    """The function named by ``package.module:function``; errors name ``model.backbone``."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # the user's module may fail in any way while importing; say how
+        raise ConfigError(f"model.backbone: cannot import {shown(module_name)} "
+                          f"({type(e).__name__}: {shown(str(e))})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError(f"model.backbone: {module_name} has no function {attr!r}")
+    return fn
+
+
+def _builder_kwargs(name: str, image_size: int) -> dict:
+    """What some builders need beyond ``weights=None``: no auxiliary classifiers (GoogLeNet, Inception
+    add them to the output in training mode), and the image size that ViT's position embeddings and
+    MaxViT's attention grids are made for."""
+    kind = family(name)
+    if kind in ("googlenet", "inception"):
+        return {"aux_logits": False, "init_weights": True}
+    if kind == "vision_transformer":
+        return {"image_size": image_size}
+    if kind == "maxvit":
+        return {"input_size": (image_size, image_size)}
+    return {}
+
+
+def _drop_classifier(net: nn.Module) -> None:
+    """Replace the classifier's last Linear (SqueezeNet: last conv) by an Identity, in place."""
+    attr = next(a for a in CLASSIFIER_NAMES if isinstance(getattr(net, a, None), nn.Module))
+    head = getattr(net, attr)
+    path = [n for n, m in head.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    if not path:
+        setattr(net, attr, nn.Identity())
+    else:
+        *parents, last = path.split(".")
+        setattr(head.get_submodule(".".join(parents)), last, nn.Identity())
+
+
+def _torchvision_backbone(name: str, cifar_stem: bool, image_size: int) -> nn.Module:
+    try:
+        net = torchvision.models.get_model(name, weights=None, **_builder_kwargs(name, image_size))
+    except (ValueError, AssertionError, RuntimeError) as e:
+        raise ConfigError(f"model.backbone: {name} cannot be built for {image_size} px images "
+                          f"(data.image_size): {str(e).splitlines()[0]}") from None
+    if cifar_stem:  # 3x3/1 instead of 7x7/2 + max-pool: 32 px images do not shrink to 1x1 too early
+        net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    _drop_classifier(net)
+    return net
+
+
+def feature_size(net: nn.Module, name: str, image_size: int) -> int:
+    """D of the (1, D) features of one blank image, in eval mode without gradients; the module's mode
+    is restored. Errors name ``model.backbone``."""
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(1, 3, image_size, image_size))
+    except Exception as e:  # a shape error deep in any model: one line instead of its traceback
+        raise ConfigError(f"model.backbone: {name} cannot encode {image_size} px images (data.image_size): "
+                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    finally:
+        net.train(was_training)
+    if not torch.is_tensor(out) or out.dim() != 2:
+        got = list(out.shape) if torch.is_tensor(out) else type(out).__name__
+        raise ConfigError(f"model.backbone: {name} must map images (B, 3, H, W) to features (B, D); "
+                          f"it gave {got} for a batch of 1 (pool and flatten inside the module)")
+    return out.shape[1]
+
+
+def backbone(name: str, cifar_stem: bool = False, image_size: int = 32) -> tuple[nn.Module, int]:
+    """An encoder from images to pooled features, and the feature size (see the module docstring).
+
+    ``cifar_stem`` (ResNet family) swaps the 7x7/2 convolution and the max-pool for one 3x3/1
+    convolution. ``image_size`` is the side of the images the encoder will see: ViTs are built for it.
     """
     if name == "convnet":
         return ConvNet(), ConvNet.widths[-1]
-    if name not in ("resnet18", "resnet34", "resnet50"):
-        raise ValueError(f"unknown backbone '{name}' (choose resnet18, resnet34, resnet50 or convnet)")
-    net = getattr(torchvision.models, name)(weights=None)
-    if cifar_stem:
-        net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    dim = net.fc.in_features
-    net.fc = nn.Identity()
-    return net, dim
+    if ":" in name:
+        net = user_function(name)()
+        if not isinstance(net, nn.Module):
+            raise ConfigError(f"model.backbone: {name} returned {type(net).__name__}, not an nn.Module")
+    elif name in torchvision_names():
+        net = _torchvision_backbone(name, cifar_stem, image_size)
+    else:
+        raise ConfigError(f"model.backbone: unknown backbone {name!r} (convnet, a torchvision classification "
+                          f"model or package.module:function)")
+    return net, feature_size(net, name, image_size)
+
+
+def left_out(encoder: nn.Module, key: str) -> bool:
+    """Whether ``key`` of a torchvision model's state dict belongs to a part the encoder leaves out: the
+    classifier (an Identity here) or the auxiliary classifiers of GoogLeNet and Inception (None here)."""
+    node = encoder
+    for part in key.split(".")[:-1]:
+        node = getattr(node, part, "absent")
+        if node is None or isinstance(node, nn.Identity):
+            return True
+        if not isinstance(node, nn.Module):
+            return False
+    return False
+
+
+def load_weights(encoder: nn.Module, path: str, arch: str) -> None:
+    """Start ``encoder`` from ``model.weights``: a plain state dict (a full torchvision model's too, see
+    :func:`~simxent.checkpoint.fit_weights`) or a simxent checkpoint's encoder. Errors name the key."""
+    try:
+        weights = read_weights_file(path)
+        if isinstance(weights, dict) and "format_version" in weights:
+            if "encoder" not in weights:
+                raise CheckpointError(f"{path} holds no encoder weights")
+            weights = weights["encoder"]
+        fit_weights(encoder, weights, path, arch)
+    except CheckpointError as e:
+        raise ConfigError(f"model.weights: {e}") from None
 
 
 class ProjectionHead(nn.Sequential):
@@ -71,11 +223,15 @@ class ProjectionHead(nn.Sequential):
 
 
 class SimCLR(nn.Module):
-    """Encoder f and projection head g; ``forward`` returns the projections z = g(f(x))."""
+    """Encoder f and projection head g; ``forward`` returns the projections z = g(f(x)).
 
-    def __init__(self, cfg: ModelConfig):
+    The encoder starts from ``cfg.weights`` when set (a resumed run then loads its checkpoint over them)."""
+
+    def __init__(self, cfg: ModelConfig, image_size: int = 32):
         super().__init__()
-        self.encoder, self.feature_dim = backbone(cfg.backbone, cfg.cifar_stem)
+        self.encoder, self.feature_dim = backbone(cfg.backbone, cfg.cifar_stem, image_size)
+        if cfg.weights:
+            load_weights(self.encoder, cfg.weights, cfg.backbone + (" with the CIFAR stem" if cfg.cifar_stem else ""))
         self.head = ProjectionHead(self.feature_dim, cfg.head_hidden, cfg.head_out, cfg.head_layers)
 
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
@@ -84,3 +240,10 @@ class SimCLR(nn.Module):
         if isinstance(x, (list, tuple)):
             return torch.cat([self.head(self.encoder(v)) for v in x])
         return self.head(self.encoder(x))
+
+
+def markdown_backbones() -> str:
+    """The table in docs/backbones.md: every name ``model.backbone`` accepts, by :func:`family`."""
+    rows = ["| family | `model.backbone` |", "| --- | --- |"]
+    rows += [f"| {kind} | {', '.join(f'`{n}`' for n in names)} |" for kind, names in families().items()]
+    return "\n".join(rows) + "\n"

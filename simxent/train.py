@@ -394,7 +394,7 @@ def _all_finite(tensors) -> bool:
 def build_model(cfg: Config, device: torch.device, world: int) -> tuple[SimCLR, nn.Module]:
     """The encoder + head on ``device`` (``net``, whose state is checkpointed) and what the step calls
     (``model``: ``net`` wrapped in DDP under several processes, compiled with ``train.compile``)."""
-    net = SimCLR(cfg.model)
+    net = SimCLR(cfg.model, cfg.data.image_size)
     if world > 1 and cfg.train.sync_bn:
         net = dist.convert_batchnorm(net, device)
     net = net.to(device)

@@ -84,7 +84,7 @@ def test_unknown_and_unneeded_saved_keys_do_not_stop_loading(tmp_path, caplog):
 
 @pytest.mark.parametrize("model, message", [
     ({"cifar_stem": False}, "model.backbone is missing"),
-    ({"backbone": "vgg11"}, "model.backbone: 'vgg11' is not one of"),
+    ({"backbone": "resnet9"}, "model.backbone: 'resnet9' is not a backbone"),
     ({"backbone": "resnet18", "cifar_stem": "yes"}, "model.cifar_stem: expected true or false"),
 ])
 def test_what_rebuilds_the_encoder_is_checked_strictly(tmp_path, model, message):

@@ -67,7 +67,7 @@ def test_unknown_override_and_section():
     ("augment.crop_scale=[0.0, 1.0]", "augment.crop_scale.*out of range"),
     ("augment.crop_scale=[0.5, 1.5]", "augment.crop_scale.*out of range"),
     ("augment.crop_scale=0.5", "augment.crop_scale: expected a list of 2"),
-    ("model.backbone=resnet9", "model.backbone: 'resnet9' is not one of"),
+    ("model.backbone=resnet9", "model.backbone: 'resnet9' is not a backbone; did you mean"),
     ("model.cifar_stem=maybe", "model.cifar_stem: expected true or false"),
     ("optim.lr=.nan", "optim.lr: must be finite"),
     ("train.batch_size", "not of the form"),
@@ -228,7 +228,10 @@ def test_huge_values_are_cut_in_messages():
     assert str(e.value).startswith("augment.crop_scale: expected a list of 2 numbers") and len(str(e.value)) < 300
     with pytest.raises(ConfigError) as e:
         load_config(None, ["model.backbone=" + "x" * 10**5])
-    assert "is not one of" in str(e.value) and len(str(e.value)) < 300
+    assert "is not a backbone" in str(e.value) and len(str(e.value)) < 300
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.backbone=" + "x" * 10**5 + ":build"])
+    assert "cannot import" in str(e.value) and len(str(e.value)) < 300
 
 
 @pytest.mark.parametrize("override", ["augment.mean=[.nan,0,0]", "augment.std=[1, .inf, 1]",
