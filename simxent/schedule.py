@@ -73,8 +73,9 @@ class TimeBudget:
         total = planned_steps(done, rate, max_time - elapsed, epoch_plan.total)
         warmup = min(epoch_plan.warmup, floor(BUDGET_WARMUP_SHARE * total))
 
-    and the cosine ends on the last planned step. The plan never changes after that: it is saved in
-    checkpoints (:meth:`state_dict`) and a resumed run follows it. ``max_time <= 0`` means no budget:
+    and the cosine ends on the last planned step (a budget that allows every epoch keeps ``epoch_plan``).
+    The plan never changes after that: it is saved in checkpoints (:meth:`state_dict`) and a resumed run
+    follows it. ``max_time <= 0`` means no budget:
     ``epoch_plan`` is the plan from the start. ``agree`` makes every process fix the same total.
     """
 
@@ -108,8 +109,11 @@ class TimeBudget:
         return True
 
     def fix(self, total: int) -> None:
-        warmup = min(self.plan.warmup, math.floor(BUDGET_WARMUP_SHARE * total))
-        self.plan, self.fixed, self.budgeted = StepPlan(total, warmup, max(total - 1, warmup)), True, True
+        """Fix the plan at ``total`` steps; a budget that allows all the epochs keeps their schedule."""
+        if total < self.epoch_steps:
+            warmup = min(self.plan.warmup, math.floor(BUDGET_WARMUP_SHARE * total))
+            self.plan = StepPlan(total, warmup, max(total - 1, warmup))
+        self.fixed, self.budgeted = True, True
 
     def finished(self, global_step: int) -> bool:
         """Whether a budget plan shorter than the epochs has run all its steps (one as long as the epochs
@@ -117,7 +121,7 @@ class TimeBudget:
         return self.budgeted and self.plan.total < self.epoch_steps and global_step >= self.plan.total
 
     def state_dict(self) -> Optional[dict]:
-        """The fixed budget plan for checkpoints; None for epochs or a plan not yet fixed."""
+        """The fixed plan for checkpoints; None without a budget or before the plan is fixed."""
         return vars(self.plan).copy() if self.budgeted else None
 
     def load_state_dict(self, state: Optional[dict]) -> None:
