@@ -68,7 +68,8 @@ class TimeBudget:
 
     Until it is fixed the lr follows ``epoch_plan`` (epochs x steps per epoch); its warm-up starts at 0,
     so the first steps are small whatever the plan. The rate is timed over ``measure`` steps after
-    ``skip`` (first steps pay for caches, allocation, compilation); then
+    ``skip`` (first steps pay for caches, allocation, compilation), or over fewer (one at least) when
+    they would take more than ``window_share`` of the budget (slow steps, short budgets); then
 
         total = planned_steps(done, rate, max_time - elapsed, epoch_plan.total)
         warmup = min(epoch_plan.warmup, floor(BUDGET_WARMUP_SHARE * total))
@@ -79,7 +80,7 @@ class TimeBudget:
     ``epoch_plan`` is the plan from the start. ``agree`` makes every process fix the same total.
     """
 
-    skip, measure = 3, 10
+    skip, measure, window_share = 3, 10, 0.05
 
     def __init__(self, epoch_plan: StepPlan, max_time: float, started: float,
                  clock: Callable[[], float] = time.monotonic, agree: Callable[[int], int] = int):
@@ -97,12 +98,13 @@ class TimeBudget:
         if self.fixed:
             return False
         self.seen += 1
-        if self.seen == self.skip:
-            self.window_start = self.clock()
-        if self.seen < self.skip + self.measure:
-            return False
         now = self.clock()
-        self.rate = self.measure / max(now - self.window_start, 1e-9)
+        if self.seen == self.skip:
+            self.window_start = now
+        measured = self.seen - self.skip
+        if measured < 1 or (measured < self.measure and now - self.window_start < self.window_share * self.max_time):
+            return False
+        self.rate = measured / max(now - self.window_start, 1e-9)
         self.remaining = self.max_time - (now - self.started)
         total = self.agree(planned_steps(global_step, self.rate, self.remaining, self.epoch_steps))
         self.fix(total)

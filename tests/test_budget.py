@@ -47,19 +47,28 @@ def run_steps(budget: TimeBudget, clock: FakeClock, steps: int, seconds_per_step
 
 def test_plan_is_the_measured_rate_times_the_time_left_since_the_run_started():
     """5 s of decoding, then 0.5 s a step: the plan is fixed once, after steps 4..13 are timed (2 steps/s),
-    from the 60 s budget less the 11.5 s spent: 13 + floor(2 * 48.5) = 110 steps; warm-up 11 (10 %)."""
+    from the 200 s budget less the 11.5 s spent: 13 + floor(2 * 188.5) = 390 steps; warm-up 39 (10 %)."""
     clock = FakeClock(100.0 + 5.0)
-    budget = TimeBudget(StepPlan(1000, 50, 1000), max_time=60, started=100.0, clock=clock)
+    budget = TimeBudget(StepPlan(1000, 50, 1000), max_time=200, started=100.0, clock=clock)
     before = [budget.fraction(s, 0.1) for s in range(13)]
     assert before == [lr_at(s, 1000, 50, 1.0, 0.1) for s in range(13)]  # the epochs' warm-up until then
     assert run_steps(budget, clock, 40, 0.5) == [13]
-    assert budget.rate == pytest.approx(2.0) and budget.remaining == pytest.approx(48.5)
-    assert budget.plan == StepPlan(13 + math.floor(2.0 * 48.5), 11, 109)
-    assert budget.state_dict() == {"total": 110, "warmup": 11, "decay_end": 109}
-    lrs = [budget.fraction(s, 0.1) for s in range(110)]
-    assert lrs == pytest.approx([cosine(s, 11, 109, 0.1) for s in range(110)], abs=1e-12)
-    assert lrs[10] == 1.0 and lrs[-1] == pytest.approx(0.1)  # the last planned step runs at min_lr
-    assert not budget.finished(109) and budget.finished(110)
+    assert budget.rate == pytest.approx(2.0) and budget.remaining == pytest.approx(188.5)
+    assert budget.plan == StepPlan(13 + math.floor(2.0 * 188.5), 39, 389)
+    assert budget.state_dict() == {"total": 390, "warmup": 39, "decay_end": 389}
+    lrs = [budget.fraction(s, 0.1) for s in range(390)]
+    assert lrs == pytest.approx([cosine(s, 39, 389, 0.1) for s in range(390)], abs=1e-12)
+    assert lrs[38] == 1.0 and lrs[-1] == pytest.approx(0.1)  # the last planned step runs at min_lr
+    assert not budget.finished(389) and budget.finished(390)
+
+
+def test_slow_steps_are_timed_over_5_percent_of_the_budget():
+    """20 s a step in a 120-second budget: steps 1-3 skipped, then step 4 alone (over 6 s = 5 %) gives the
+    rate, 0.05 steps/s, with 120 - 2 - 80 s left: 4 + floor(0.05 * 38) = 5 steps, no warm-up."""
+    clock = FakeClock(2.0)
+    budget = TimeBudget(StepPlan(390, 8, 390), max_time=120, started=0.0, clock=clock)
+    assert run_steps(budget, clock, 6, 20.0) == [4]
+    assert budget.rate == pytest.approx(0.05) and budget.plan == StepPlan(4 + math.floor(0.05 * 38.0), 0, 4)
 
 
 def test_plan_formula_and_a_budget_that_allows_every_epoch():
@@ -82,7 +91,7 @@ def test_without_max_time_the_epoch_schedule_is_unchanged():
     assert budget.state_dict() is None and not budget.finished(10_000)
     restored = TimeBudget(StepPlan(200, 20, 200), max_time=0, started=0.0)
     restored.load_state_dict({"total": 110, "warmup": 11, "decay_end": 109})  # a recorded plan wins
-    assert restored.plan == StepPlan(110, 11, 109) and restored.finished(110)
+    assert restored.plan == StepPlan(110, 11, 109) and restored.finished(110) and not restored.finished(109)
 
 
 @pytest.fixture
