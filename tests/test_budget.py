@@ -16,7 +16,8 @@ from simxent.checkpoint import load_checkpoint
 from simxent.config import load_config
 from simxent.demo import make_shapes
 from simxent.schedule import StepPlan, TimeBudget, lr_at, planned_steps
-from simxent.train import pretrain
+from simxent.train import pretrain, time_budget
+from tests.test_distributed import free_port
 from tests.test_reliability import ROOT, launch, tiny, wait_for_step
 
 
@@ -191,3 +192,22 @@ def test_sigkill_after_the_plan_then_resume_keeps_it_and_equals_uninterrupted(sh
         for key, value in a[part].items():
             torch.testing.assert_close(b[part][key], value, rtol=0, atol=1e-6, msg=lambda m: f"{part}.{key}: {m}")
     assert json.loads((tmp_path / "killed" / "summary.json").read_text())["planned_steps"] == PLANNED
+
+
+def _agree_worker(rank, port, world, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        budget = time_budget(load_config(None, ["train.max_time=60", "train.epochs=10"]), 100, 0.0,
+                             torch.device("cpu"))
+        results[rank] = budget.agree(5 + 10 * rank)  # each process measured its own rate
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_process_fixes_the_same_plan():
+    """Under torchrun each process times its own steps; the plan is the floor of their mean (5 and 15
+    planned steps: 10 on both), so all stop on the same step."""
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_agree_worker, args=(free_port(), 2, results), nprocs=2)
+    assert dict(results) == {0: 10, 1: 10}
