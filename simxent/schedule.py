@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -29,6 +31,104 @@ def lr_at(step: int, total: int, warmup: int, peak: float, min_fraction: float =
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return peak * (min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@dataclass
+class StepPlan:
+    """A schedule's length: the run takes ``total`` steps, warms up over ``warmup`` and its cosine reaches
+    min_lr at step ``decay_end`` (``total`` for epochs, so the last step runs just above it; ``total - 1``
+    for a time budget, whose last step runs at min_lr)."""
+
+    total: int
+    warmup: int
+    decay_end: int
+
+    def fraction(self, step: int, min_fraction: float) -> float:
+        """The lr at ``step`` as a fraction of the peak (:func:`lr_at` with peak 1)."""
+        return lr_at(step, self.decay_end, self.warmup, 1.0, min_fraction)
+
+
+# A budget's warm-up takes at most this share of its steps: 10 epochs of warm-up in a 2-minute run would
+# leave no time for the decay.
+BUDGET_WARMUP_SHARE = 0.1
+
+
+def planned_steps(done: int, rate: float, remaining: float, epoch_steps: int) -> int:
+    """Steps a time budget allows: those ``done``, then ``rate`` steps/s over the ``remaining`` seconds,
+    never more than the epochs ask for:
+
+        total = min(epoch_steps, done + floor(rate * remaining))
+    """
+    return min(epoch_steps, done + math.floor(rate * max(0.0, remaining)))
+
+
+class TimeBudget:
+    """The step plan of a run with a time budget (``max_time`` seconds from ``started``, a ``clock``
+    reading taken when the run began, so decoding counts), fixed once from the measured step rate.
+
+    Until it is fixed the lr follows ``epoch_plan`` (epochs x steps per epoch); its warm-up starts at 0,
+    so the first steps are small whatever the plan. The rate is timed over ``measure`` steps after
+    ``skip`` (first steps pay for caches, allocation, compilation), or over fewer (one at least) when
+    they would take more than ``window_share`` of the budget (slow steps, short budgets); then
+
+        total = planned_steps(done, rate, max_time - elapsed, epoch_plan.total)
+        warmup = min(epoch_plan.warmup, floor(BUDGET_WARMUP_SHARE * total))
+
+    and the cosine ends on the last planned step (a budget that allows every epoch keeps ``epoch_plan``).
+    The plan never changes after that: it is saved in checkpoints (:meth:`state_dict`) and a resumed run
+    follows it. ``max_time <= 0`` means no budget:
+    ``epoch_plan`` is the plan from the start. ``agree`` makes every process fix the same total.
+    """
+
+    skip, measure, window_share = 3, 10, 0.05
+
+    def __init__(self, epoch_plan: StepPlan, max_time: float, started: float,
+                 clock: Callable[[], float] = time.monotonic, agree: Callable[[int], int] = int):
+        self.plan, self.epoch_steps = epoch_plan, epoch_plan.total
+        self.max_time, self.started, self.clock, self.agree = max_time, started, clock, agree
+        self.fixed, self.budgeted = max_time <= 0, False
+        self.seen, self.window_start = 0, 0.0
+        self.rate, self.remaining = float("nan"), float("nan")
+
+    def fraction(self, step: int, min_fraction: float) -> float:
+        return self.plan.fraction(step, min_fraction)
+
+    def step_done(self, global_step: int) -> bool:
+        """Count a finished step (``global_step`` done in all); returns True when it fixed the plan."""
+        if self.fixed:
+            return False
+        self.seen += 1
+        now = self.clock()
+        if self.seen == self.skip:
+            self.window_start = now
+        measured = self.seen - self.skip
+        if measured < 1 or (measured < self.measure and now - self.window_start < self.window_share * self.max_time):
+            return False
+        self.rate = measured / max(now - self.window_start, 1e-9)
+        self.remaining = self.max_time - (now - self.started)
+        total = self.agree(planned_steps(global_step, self.rate, self.remaining, self.epoch_steps))
+        self.fix(total)
+        return True
+
+    def fix(self, total: int) -> None:
+        """Fix the plan at ``total`` steps; a budget that allows all the epochs keeps their schedule."""
+        if total < self.epoch_steps:
+            warmup = min(self.plan.warmup, math.floor(BUDGET_WARMUP_SHARE * total))
+            self.plan = StepPlan(total, warmup, max(total - 1, warmup))
+        self.fixed, self.budgeted = True, True
+
+    def finished(self, global_step: int) -> bool:
+        """Whether a budget plan shorter than the epochs has run all its steps (one as long as the epochs
+        ends with them)."""
+        return self.budgeted and self.plan.total < self.epoch_steps and global_step >= self.plan.total
+
+    def state_dict(self) -> Optional[dict]:
+        """The fixed plan for checkpoints; None without a budget or before the plan is fixed."""
+        return vars(self.plan).copy() if self.budgeted else None
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if state is not None:
+            self.plan, self.fixed, self.budgeted = StepPlan(**state), True, True
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

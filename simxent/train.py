@@ -36,7 +36,7 @@ from .models import SimCLR
 from .monitor import Monitor
 from .runtime import (SlowStepWatch, configure_device, resolve_device, resolve_dtype, rng_state, seed_everything,
                       set_rng_state, set_threads, setup_logging, show_progress_bars)
-from .schedule import build_optimizer, lr_at, peak_lr, set_lr
+from .schedule import StepPlan, TimeBudget, build_optimizer, peak_lr, set_lr
 
 log = logging.getLogger("simxent")
 
@@ -405,10 +405,14 @@ def build_model(cfg: Config, device: torch.device, world: int) -> tuple[SimCLR, 
 
 
 def restore(path: Path, net: SimCLR, temperature: Temperature, optimizer, scaler, cfg: Config, device,
-            rank: int, world: int) -> Position:
-    """Load a checkpoint's weights, optimiser, scaler and this process's RNG state; returns where it stood.
-    A checkpoint written by another number of processes restarts the augmentation streams (said so)."""
+            rank: int, world: int, budget: Optional[TimeBudget] = None) -> Position:
+    """Load a checkpoint's weights, optimiser, scaler, this process's RNG state and a time budget's fixed
+    step plan; returns where it stood. A checkpoint written by another number of processes restarts the
+    augmentation streams (said so)."""
     state = load_checkpoint(path, map_location=device)
+    if budget is not None and state.get("schedule"):
+        budget.load_state_dict(state["schedule"])
+        log.info("following the time budget's plan saved in the checkpoint: %d steps", budget.plan.total)
     net.encoder.load_state_dict(state["encoder"])
     net.head.load_state_dict(state["head"])
     temperature.load_state_dict(state["temperature"])
@@ -423,6 +427,21 @@ def restore(path: Path, net: SimCLR, temperature: Temperature, optimizer, scaler
         torch.manual_seed(cfg.train.seed + rank + 7919 * pos.global_step)
     log.info("resumed from %s at epoch %d, step %d", path, pos.epoch, pos.step)
     return pos
+
+
+def time_budget(cfg: Config, steps_per_epoch: int, started: float, device: torch.device) -> TimeBudget:
+    """The run's step plan: ``train.epochs`` x ``steps_per_epoch``, or with ``train.max_time`` (and
+    ``train.budget_schedule``) the steps that fit the time left, fixed once from the measured step rate and
+    the same on every process (the mean of their estimates)."""
+    total = cfg.train.epochs * steps_per_epoch
+    epochs = StepPlan(total, round(cfg.optim.warmup_epochs * steps_per_epoch), total)
+
+    def agree(steps: int) -> int:
+        return math.floor(dist.mean_over_processes(torch.tensor(float(steps), dtype=torch.float64,
+                                                                device=device)).item())
+
+    max_time = cfg.train.max_time if cfg.train.budget_schedule else 0.0
+    return TimeBudget(epochs, max_time, started, agree=agree)
 
 
 def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optional[str] = None) -> dict:
@@ -466,14 +485,14 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
     augment = make_views.full
     batch = cfg.train.batch_size
     steps_per_epoch = len(train) // batch
-    total_steps = cfg.train.epochs * steps_per_epoch
-    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    budget = time_budget(cfg, steps_per_epoch, started, device)
     peak = peak_lr(cfg.optim, batch)
     optimizer = build_optimizer(net, cfg.optim, peak, temperature, cfg.loss.temperature_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     resume = _resume_path(cfg)
-    pos = restore(resume, net, temperature, optimizer, scaler, cfg, device, rank, world) if resume else Position()
+    pos = restore(resume, net, temperature, optimizer, scaler, cfg, device, rank, world, budget) if resume \
+        else Position()
     if main:
         save_config(cfg, out / "config.yaml")
     # purge_step drops what a killed run logged after its last checkpoint: one continuous curve.
@@ -495,8 +514,8 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
         rng = _rng_states(rng_before_prefetch)
         if main:
             similarities.write()
-            save_rotating(_state(cfg, net, temperature, optimizer, scaler, pos, rng), checkpoint_path(cfg).parent,
-                          pos.global_step, cfg.train.keep_checkpoints)
+            state = {**_state(cfg, net, temperature, optimizer, scaler, pos, rng), "schedule": budget.state_dict()}
+            save_rotating(state, checkpoint_path(cfg).parent, pos.global_step, cfg.train.keep_checkpoints)
 
     def write_skipped():
         if main and train.skipped:
@@ -507,7 +526,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
     history = {"knn_top1": []}
     bad_steps, skipped_steps, stopped_early, stop_reason, last_loss = 0, 0, False, "", float("nan")
     slow_steps = SlowStepWatch()
-    while pos.epoch < cfg.train.epochs and not stopped_early:
+    while pos.epoch < cfg.train.epochs and not stopped_early and not budget.finished(pos.global_step):
         model.train()
         bar = tqdm(total=steps_per_epoch, initial=pos.step, desc=f"epoch {pos.epoch + 1}/{cfg.train.epochs}",
                    unit="step", disable=not bars, leave=False)
@@ -533,7 +552,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
         upcoming, rng_before_prefetch = prefetch(), None
         while upcoming is not None:
             step, x, views, y, _ = upcoming
-            fraction = lr_at(pos.global_step, total_steps, warmup, 1.0, cfg.optim.min_lr)
+            fraction = budget.fraction(pos.global_step, cfg.optim.min_lr)
             lr = set_lr(optimizer, fraction, peak, cfg.loss.temperature_lr)
             slow_steps.start()
             t = temperature()
@@ -564,8 +583,12 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
                 scaler.step(optimizer)
                 scaler.update()
                 pos.global_step += 1
+                if budget.step_done(pos.global_step):
+                    log.info("train.max_time=%gs: %d steps planned (%.3g steps/s, %.0f s left), warm-up %d, the "
+                             "cosine ends on the last", cfg.train.max_time, budget.plan.total, budget.rate,
+                             budget.remaining, budget.plan.warmup)
                 seen += len(x) * world
-                final = pos.global_step == total_steps or time_up or signalled  # a short run still logs
+                final = pos.global_step == budget.plan.total or time_up or signalled  # a short run still logs
                 if pos.global_step % cfg.train.log_every == 0 or final:
                     rate = seen / (time.perf_counter() - tick)
                     tick, seen = time.perf_counter(), 0
@@ -589,11 +612,13 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
                 monitor.view_pairs("train/view_pairs", full[:len(x)], full[len(x):2 * len(x)], cfg.augment.mean,
                                    cfg.augment.std, pos.global_step)
             rng_before_prefetch = upcoming[-1] if upcoming is not None else None
-            if time_up or signalled:
+            planned_end = budget.finished(pos.global_step)
+            if time_up or signalled or planned_end:
                 stopped_early = True
                 stop_reason = "signal" if signalled else "max_time"
-                log.info("%s at epoch %d step %d: checkpointing and stopping",
-                         "stop requested" if signalled else f"train.max_time={cfg.train.max_time:g}s reached",
+                why = (f"train.max_time={cfg.train.max_time:g}s reached" if time_up
+                       else f"the time budget's {budget.plan.total} planned steps done")
+                log.info("%s at epoch %d step %d: checkpointing and stopping", "stop requested" if signalled else why,
                          pos.epoch, pos.step)
                 break
             if cfg.train.checkpoint_every and pos.global_step % cfg.train.checkpoint_every == 0:
@@ -626,7 +651,8 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
         "epoch": pos.epoch,
         "global_step": pos.global_step,
         "world_size": world,
-        "stopped_by_max_time": stop_reason == "max_time",
+        "stopped_by_max_time": stop_reason == "max_time",  # at the deadline or at the end of the budget's plan
+        "planned_steps": budget.plan.total if budget.budgeted else None,
         "stopped_by_signal": stop_reason == "signal",
         "skipped_steps": skipped_steps,
         "last_loss": last_loss,

@@ -1,0 +1,213 @@
+"""A time budget is the schedule's length: the plan from the measured rate, its lr, resume, the switch."""
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import simxent.schedule
+from simxent.checkpoint import load_checkpoint
+from simxent.config import load_config
+from simxent.demo import make_shapes
+from simxent.schedule import StepPlan, TimeBudget, lr_at, planned_steps
+from simxent.train import pretrain, time_budget
+from tests.test_distributed import free_port
+from tests.test_reliability import ROOT, launch, tiny, wait_for_step
+
+
+def cosine(step: int, warmup: int, end: int, m: float) -> float:
+    """The schedule written out: linear warm-up to 1, then cosine from 1 at ``warmup`` to ``m`` at ``end``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (end - warmup))))
+
+
+class FakeClock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run_steps(budget: TimeBudget, clock: FakeClock, steps: int, seconds_per_step: float) -> list[int]:
+    """Steps 1..``steps`` each taking ``seconds_per_step``; returns the global steps at which the plan was fixed."""
+    fixed_at = []
+    for step in range(1, steps + 1):
+        clock.now += seconds_per_step
+        if budget.step_done(step):
+            fixed_at.append(step)
+    return fixed_at
+
+
+def test_plan_is_the_measured_rate_times_the_time_left_since_the_run_started():
+    """5 s of decoding, then 0.5 s a step: the plan is fixed once, after steps 4..13 are timed (2 steps/s),
+    from the 200 s budget less the 11.5 s spent: 13 + floor(2 * 188.5) = 390 steps; warm-up 39 (10 %)."""
+    clock = FakeClock(100.0 + 5.0)
+    budget = TimeBudget(StepPlan(1000, 50, 1000), max_time=200, started=100.0, clock=clock)
+    before = [budget.fraction(s, 0.1) for s in range(13)]
+    assert before == [lr_at(s, 1000, 50, 1.0, 0.1) for s in range(13)]  # the epochs' warm-up until then
+    assert run_steps(budget, clock, 40, 0.5) == [13]
+    assert budget.rate == pytest.approx(2.0) and budget.remaining == pytest.approx(188.5)
+    assert budget.plan == StepPlan(13 + math.floor(2.0 * 188.5), 39, 389)
+    assert budget.state_dict() == {"total": 390, "warmup": 39, "decay_end": 389}
+    lrs = [budget.fraction(s, 0.1) for s in range(390)]
+    assert lrs == pytest.approx([cosine(s, 39, 389, 0.1) for s in range(390)], abs=1e-12)
+    assert lrs[38] == 1.0 and lrs[-1] == pytest.approx(0.1)  # the last planned step runs at min_lr
+    assert not budget.finished(389) and budget.finished(390)
+
+
+def test_slow_steps_are_timed_over_5_percent_of_the_budget():
+    """20 s a step in a 120-second budget: steps 1-3 skipped, then step 4 alone (over 6 s = 5 %) gives the
+    rate, 0.05 steps/s, with 120 - 2 - 80 s left: 4 + floor(0.05 * 38) = 5 steps, no warm-up."""
+    clock = FakeClock(2.0)
+    budget = TimeBudget(StepPlan(390, 8, 390), max_time=120, started=0.0, clock=clock)
+    assert run_steps(budget, clock, 6, 20.0) == [4]
+    assert budget.rate == pytest.approx(0.05) and budget.plan == StepPlan(4 + math.floor(0.05 * 38.0), 0, 4)
+
+
+def test_plan_formula_and_a_budget_that_allows_every_epoch():
+    assert planned_steps(13, 2.0, 48.5, 1000) == 110
+    assert planned_steps(13, 2.0, 48.5, 60) == 60
+    assert planned_steps(13, 2.0, -4.0, 1000) == 13  # already past the deadline: no more steps
+    clock = FakeClock(0.0)
+    budget = TimeBudget(StepPlan(60, 50, 60), max_time=600, started=0.0, clock=clock)
+    run_steps(budget, clock, 20, 0.5)
+    # The epochs' own schedule, not a capped warm-up; the run ends with its epochs, not as a cut budget.
+    assert budget.plan == StepPlan(60, 50, 60) and not budget.finished(60)
+    assert budget.state_dict() == {"total": 60, "warmup": 50, "decay_end": 60}
+
+
+def test_without_max_time_the_epoch_schedule_is_unchanged():
+    clock = FakeClock(0.0)
+    budget = TimeBudget(StepPlan(200, 20, 200), max_time=0, started=0.0, clock=clock)
+    assert run_steps(budget, clock, 200, 0.5) == []
+    assert [budget.fraction(s, 0.0) for s in range(200)] == [lr_at(s, 200, 20, 1.0) for s in range(200)]
+    assert budget.state_dict() is None and not budget.finished(10_000)
+    restored = TimeBudget(StepPlan(200, 20, 200), max_time=0, started=0.0)
+    restored.load_state_dict({"total": 110, "warmup": 11, "decay_end": 109})  # a recorded plan wins
+    assert restored.plan == StepPlan(110, 11, 109) and restored.finished(110) and not restored.finished(109)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny products: one thread is far faster than two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes"), train_per_class=16, test_per_class=4, size=16)
+
+
+PLANNED = 24  # steps forced on the plan below (5 steps an epoch, 200 epochs: 1,000 steps by epochs)
+PEAK = 0.1 * 16 / 256  # TINY_RUN's lr at its batch of 16 (linear scaling)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_with_a_budget_follows_its_plan_to_min_lr_and_stops(shapes, tmp_path, monkeypatch):
+    """The real loop with the planner's answer spied on and set to 24 steps: the plan is asked for after
+    step 13 with the measured rate and the time left, the logged lr follows warm-up (2 = 10 % of 24, not
+    the epochs' 50) and cosine to min_lr at step 24, and the run stops there, annealed, with the plan saved."""
+    asked = []
+
+    def spy(done, rate, remaining, epoch_steps):
+        asked.append((done, rate, remaining, epoch_steps))
+        return min(PLANNED, planned_steps(done, rate, remaining, epoch_steps))
+
+    monkeypatch.setattr(simxent.schedule, "planned_steps", spy)
+    run = tmp_path / "run"
+    summary = pretrain(load_config(None, tiny(shapes, run, "train.epochs=200", "train.max_time=600",
+                                              "optim.min_lr=0.1")), progress=False)
+    [(done, rate, remaining, epoch_steps)] = asked
+    assert done == 13 and rate > 0 and 0 < remaining < 600 and epoch_steps == 1000
+    assert summary["global_step"] == PLANNED == summary["planned_steps"] and summary["stopped_by_max_time"]
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["schedule"] == {"total": PLANNED, "warmup": 2, "decay_end": PLANNED - 1}
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    lrs = {e.step: e.value for e in events.Scalars("train/lr")}  # logged at step s + 1 for step s
+    assert sorted(lrs) == list(range(1, PLANNED + 1))
+    early = [PEAK * lr_at(s, 1000, 50, 1.0, 0.1) for s in range(13)]  # the epochs' warm-up until the plan
+    late = [PEAK * cosine(s, 2, PLANNED - 1, 0.1) for s in range(13, PLANNED)]
+    assert [lrs[s + 1] for s in range(PLANNED)] == pytest.approx(early + late, rel=1e-6)
+    assert lrs[PLANNED] == pytest.approx(PEAK * 0.1)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_budget_schedule_false_keeps_the_epoch_schedule(shapes, tmp_path):
+    run = tmp_path / "run"
+    summary = pretrain(load_config(None, tiny(shapes, run, "train.epochs=3", "train.max_time=600",
+                                              "train.budget_schedule=false")), progress=False)
+    assert summary["planned_steps"] is None and summary["global_step"] == 15
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["schedule"] is None
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs == pytest.approx([PEAK * lr_at(s, 15, 50, 1.0) for s in range(15)], rel=1e-6)
+
+
+def launch_with_plan(args, steps: int):
+    """scripts/pretrain.py's command with the planner's answer fixed at ``steps``, in the environment of
+    tests.test_reliability.launch: a plan that does not hang on the machine's speed, so two runs share it."""
+    code = (f"import sys, simxent.schedule as s; s.planned_steps = lambda *a: min({steps}, a[-1]); "
+            "from simxent.cli import pretrain_main; sys.exit(pretrain_main())")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-c", code, "--no-progress", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_after_the_plan_then_resume_keeps_it_and_equals_uninterrupted(shapes, tmp_path):
+    """Killed at a random step after the plan (24 steps) was fixed, then resumed by the plain command,
+    which would plan 1,000 steps (the epochs, in 600 s) were it to measure again: it follows the saved
+    plan and ends with the weights of the same run uninterrupted."""
+    args = tiny(shapes, tmp_path / "killed", "train.epochs=200", "train.max_time=600", "train.checkpoint_every=1")
+    reference = launch_with_plan([*args, f"out={tmp_path / 'reference'}"], PLANNED)
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+    proc = launch_with_plan(args, PLANNED)
+    wait_for_step(tmp_path / "killed" / "checkpoints" / "last.pt", random.Random().randint(14, 20), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")
+    assert killed["schedule"]["total"] == PLANNED and killed["position"]["global_step"] < PLANNED
+    resumed = launch([*args, "train.resume=auto"])
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"following the time budget's plan saved in the checkpoint: {PLANNED} steps" in err
+    a = load_checkpoint(tmp_path / "reference" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")
+    assert a["position"]["global_step"] == b["position"]["global_step"] == PLANNED
+    assert a["schedule"] == b["schedule"]
+    for part in ("encoder", "head"):
+        for key, value in a[part].items():
+            torch.testing.assert_close(b[part][key], value, rtol=0, atol=1e-6, msg=lambda m: f"{part}.{key}: {m}")
+    assert json.loads((tmp_path / "killed" / "summary.json").read_text())["planned_steps"] == PLANNED
+
+
+def _agree_worker(rank, port, world, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        budget = time_budget(load_config(None, ["train.max_time=60", "train.epochs=10"]), 100, 0.0,
+                             torch.device("cpu"))
+        results[rank] = budget.agree(5 + 10 * rank)  # each process measured its own rate
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_process_fixes_the_same_plan():
+    """Under torchrun each process times its own steps; the plan is the floor of their mean (5 and 15
+    planned steps: 10 on both), so all stop on the same step."""
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_agree_worker, args=(free_port(), 2, results), nprocs=2)
+    assert dict(results) == {0: 10, 1: 10}
