@@ -254,9 +254,9 @@ def embed_main(argv=None) -> int:
                    help="a simxent checkpoint (e.g. RUN/checkpoints/last.pt), or with --backbone a plain state dict")
     p.add_argument("--images", required=True, help="folder of images, at any depth")
     p.add_argument("--out", required=True, help="folder for embeddings.npy, names.json, index.faiss, meta.json")
-    p.add_argument("--backbone", choices=CHOICES["model.backbone"],
-                   help="embed with a plain state dict of this architecture (ImageNet normalisation) instead of a "
-                        "simxent checkpoint")
+    p.add_argument("--backbone",
+                   help="embed with a plain state dict of this architecture (any model.backbone name: "
+                        "docs/backbones.md; ImageNet normalisation) instead of a simxent checkpoint")
     p.add_argument("--cifar-stem", action="store_true", help="with --backbone: a ResNet with the 3x3 CIFAR stem")
     p.add_argument("--image-size", type=int,
                    help=f"decode size in px, 8 to {MAX_IMAGE_SIZE} (default: the checkpoint's data.image_size; "
