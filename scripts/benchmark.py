@@ -29,7 +29,7 @@ from simxent.models import SimCLR
 from simxent.runtime import configure_device, cpu_supports_bf16, resolve_device, resolve_dtype
 from simxent.schedule import build_optimizer
 
-SECTIONS = ("loss", "augment", "precision", "knn", "probe", "pipeline", "quality")
+SECTIONS = ("loss", "augment", "precision", "knn", "embed", "search", "probe", "pipeline", "quality")
 
 
 def timed_alternately(fns: dict, repeats: int, warmup: int, sync=None) -> dict:
@@ -228,6 +228,78 @@ def bench_knn(_device, _sync):
     row["ivf_recall_at_10"] = float(sum(len(set(a) & set(b)) for a, b in zip(exact.tolist(), approx.tolist())) / exact.size)
     print(row, flush=True)
     return [row]
+
+
+# --- embeddings and similar-image search -----------------------------------------------------------------------
+
+def bench_embed(device, _sync, data_root, images: int = 2000) -> list:
+    """Images/s of simxent.embed on ``images`` CIFAR-10 test images (decoded beforehand) per backbone, in
+    float32; and of the whole simxent-embed (decoding without cache, convnet, flat index, files)."""
+    from simxent.checkpoint import save_checkpoint
+    from simxent.config import to_dict
+    from simxent.data import load_folder
+    from simxent.models import backbone
+    from simxent.search import EmbedOptions, embed, embed_folder
+
+    decoded = load_folder(Path(data_root) / "test", 32, progress=False).images[:images]
+    rows = []
+    # ResNet-18 on a quarter of the images: at 32 px with the CIFAR stem it costs ~10x the convnet per image.
+    for name, cifar_stem, count in (("convnet", False, images), ("resnet18", True, images // 4)):
+        encoder = backbone(name, cifar_stem)[0].to(device).to(memory_format=torch.channels_last)
+        embed(encoder, decoded[:64])  # warm-up
+        seconds = timed(lambda: embed(encoder, decoded[:count]), repeats=2, warmup=0)
+        rows.append({"what": f"simxent.embed, {name}{' (CIFAR stem)' if cifar_stem else ''}, 32 px",
+                     "images": count, "images_per_s": count / seconds})
+        print(rows[-1], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        for i, f in enumerate(sorted((Path(data_root) / "test").rglob("*.jpg"))[::5][:images]):
+            (folder / f.parent.name).mkdir(parents=True, exist_ok=True)
+            (folder / f.parent.name / f.name).symlink_to(f.resolve())
+        save_checkpoint({"config": to_dict(load_config("cpu")), "encoder": backbone("convnet")[0].state_dict()},
+                        Path(tmp) / "c.pt")
+        opts = EmbedOptions(device=str(device), cache=False, workers=2, progress=False)
+        seconds = timed(lambda: embed_folder(Path(tmp) / "c.pt", folder, Path(tmp) / "out", opts), repeats=2,
+                        warmup=0)
+        rows.append({"what": "simxent-embed --no-cache (decode, convnet, index, files)", "images": images,
+                     "images_per_s": images / seconds})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def search_vectors(n: int, dim: int, clustered: bool, g: torch.Generator):
+    """``n`` unit vectors: Gaussian, or around 1,000 centres (as features of similar images are)."""
+    x = torch.randn(n, dim, generator=g)
+    if clustered:
+        x = torch.randn(1000, dim, generator=g)[torch.randint(0, 1000, (n,), generator=g)] + 0.5 * x
+    return F.normalize(x, dim=1).numpy()
+
+
+def bench_search(_device, _sync, n: int = 50_000, dim: int = 512, k: int = 10) -> list:
+    """On n random unit vectors, flat and IVF (simxent.search.build_search_index, nprobe 16): build time
+    (for IVF with its recall measurement), per-query latency (200 queries one at a time), IVF recall@k, and
+    the time of ``--duplicates 0.9`` over all n. Clustered vectors are like features; Gaussian ones are
+    IVF's worst case."""
+    from simxent.search import build_search_index, duplicate_pairs
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for clustered, kinds in ((True, ("flat", "ivf")), (False, ("ivf",))):
+        vectors = search_vectors(n, dim, clustered, g)
+        queries = vectors[:: n // 200][:200]
+        for kind in kinds:
+            t = time.perf_counter()
+            index, described = build_search_index(vectors, ivf_above=n if kind == "flat" else 1)
+            build = time.perf_counter() - t
+            latency = timed(lambda: [index.search(q[None], k) for q in queries], repeats=3, warmup=1) / len(queries)
+            t = time.perf_counter()
+            pairs = len(duplicate_pairs(index, vectors, 0.9))
+            rows.append({"vectors": f"{n} x {dim}, {'clustered' if clustered else 'Gaussian'}", "index": kind,
+                         "build_s": build, "query_ms": 1e3 * latency,
+                         f"recall_at_{k}": described.get("recall", {}).get("value", 1.0),
+                         "duplicates_0.9_s": time.perf_counter() - t, "pairs": pairs})
+            print(rows[-1], flush=True)
+    return rows
 
 
 # --- linear probe ---------------------------------------------------------------------------------------------
@@ -445,6 +517,8 @@ def main():
         "augment": lambda: bench_augment(device, sync),
         "precision": lambda: bench_precision(device, sync),
         "knn": lambda: bench_knn(device, sync),
+        "embed": lambda: bench_embed(device, sync, a.data),
+        "search": lambda: bench_search(device, sync),
         "probe": lambda: bench_probe(device, sync, a.data),
         "pipeline": lambda: bench_pipeline(device, sync, a.data, a.loop_seconds, a.pipeline, a.workers),
         "quality": lambda: bench_quality(device, sync, a.data, a.quality_minutes),

@@ -1,4 +1,4 @@
-"""``python -m simxent pretrain|linear-eval|demo ...``, as the console scripts."""
+"""``python -m simxent pretrain|linear-eval|demo|embed|search ...``, as the console scripts."""
 import sys
 
 from .cli import main

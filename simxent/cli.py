@@ -1,8 +1,9 @@
-"""Command-line entry points: ``simxent-pretrain``, ``simxent-linear-eval``, ``simxent-demo`` and
-``simxent-cache``."""
+"""Command-line entry points: ``simxent-pretrain``, ``simxent-linear-eval``, ``simxent-demo``,
+``simxent-cache``, ``simxent-embed`` and ``simxent-search``."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -16,6 +17,7 @@ from .data import DataError, default_cache_dir
 from .class_weights import ClassWeightError
 from .evaluate import LabelError, ProbeDivergedError
 from .linear_eval import ProbeOptions, check_probe_options, format_results, linear_eval
+from .search import EmbedOptions, duplicate_pairs, embed_folder, read_store, search_files
 from .train import TrainingError, pretrain
 
 log = logging.getLogger("simxent")
@@ -244,17 +246,107 @@ def cache_main(argv=None) -> int:
         print(f"removed {len(removed)} file(s), {cache_admin.human_bytes(freed)}, from {cache_dir}")
         for t in in_use:
             print(f"kept {t.path.name}: process {t.pid} is writing it")
+def embed_main(argv=None) -> int:
+    d = EmbedOptions()
+    p = _parser("simxent-embed", "Write the L2-normalised embeddings of every image in a folder, their file names "
+                "and a FAISS index, for simxent-search.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a simxent checkpoint (e.g. RUN/checkpoints/last.pt), or with --backbone a plain state dict")
+    p.add_argument("--images", required=True, help="folder of images, at any depth")
+    p.add_argument("--out", required=True, help="folder for embeddings.npy, names.json, index.faiss, meta.json")
+    p.add_argument("--backbone",
+                   help="embed with a plain state dict of this architecture (any model.backbone name: "
+                        "docs/backbones.md; ImageNet normalisation) instead of a simxent checkpoint")
+    p.add_argument("--cifar-stem", action="store_true", help="with --backbone: a ResNet with the 3x3 CIFAR stem")
+    p.add_argument("--image-size", type=int,
+                   help=f"decode size in px, 8 to {MAX_IMAGE_SIZE} (default: the checkpoint's data.image_size; "
+                        f"32 with --backbone)")
+    p.add_argument("--crop-ratio", type=float, default=d.crop_ratio,
+                   help="images larger than the view: shorter side to size / ratio, then the centre crop")
+    p.add_argument("--ivf-above", type=int, default=d.ivf_above,
+                   help="an IVF index (approximate; its recall@10 against exact search goes to meta.json) above "
+                        "this many images, else exact search")
+    p.add_argument("--nprobe", type=int, default=d.nprobe, help="IVF lists searched per query")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per encoder batch")
+    p.add_argument("--projector", type=int, default=d.projector,
+                   help="show this many images (evenly spaced) in TensorBoard's projector, OUT/projector; 0: none")
+    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"), help="where the encoder runs")
+    p.add_argument("--workers", type=int, default=d.workers, help="image decoding processes")
+    p.add_argument("--cache-dir", help="decoded-image cache (default: $SIMXENT_CACHE or ~/.cache/simxent)")
+    p.add_argument("--no-cache", action="store_true", help="do not keep decoded images in the cache")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+
+    def main():
+        opts = EmbedOptions(a.image_size, a.crop_ratio, a.backbone, a.cifar_stem, a.device, a.workers,
+                            not a.no_cache, a.cache_dir, a.batch_size, a.ivf_above, a.nprobe, a.projector,
+                            not a.no_progress)
+        meta = embed_folder(a.checkpoint, a.images, a.out, opts)
+        index = meta["index"]
+        recall = f", recall@{index['recall']['k']} {index['recall']['value']:.4f}" if index["type"] == "ivf" else ""
+        print(f"{meta['count']} images embedded ({meta['dim']} dims, {index['type']} index{recall}) in {a.out}")
+        if meta["skipped"]:
+            print(f"{len(meta['skipped'])} unreadable file(s) skipped:\n  " + "\n  ".join(meta["skipped"]))
         return 0
 
     return _run(main)
 
 
-COMMANDS = {"pretrain": pretrain_main, "linear-eval": linear_eval_main, "demo": demo_main, "cache": cache_main}
+def search_main(argv=None) -> int:
+    p = _parser("simxent-search", "The most similar images of a folder embedded by simxent-embed, with their cosine "
+                "similarity; or its near-duplicate pairs.")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files to look up")
+    p.add_argument("--index", required=True, help="a folder written by simxent-embed --out")
+    p.add_argument("--k", type=int, default=10, help="neighbours per image")
+    p.add_argument("--duplicates", type=float, metavar="THRESHOLD",
+                   help="list every pair of the folder's images with cosine similarity >= THRESHOLD (in (-1, 1])")
+    p.add_argument("--checkpoint", help="the encoder for IMAGE (default: the checkpoint in the index's meta.json)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text lines")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    if not a.images and a.duplicates is None:
+        p.error("give IMAGE files to look up, or --duplicates THRESHOLD")
+
+    def main():
+        if a.k < 1:
+            raise ConfigError(f"--k must be >= 1, got {a.k}")
+        if a.duplicates is not None and not -1 < a.duplicates <= 1:
+            raise ConfigError(f"--duplicates must be in (-1, 1], got {a.duplicates}")
+        store = read_store(a.index)
+        results = {}
+        if a.images:
+            results["neighbours"] = search_files(store, a.images, a.k, a.checkpoint)
+        if a.duplicates is not None:
+            pairs = duplicate_pairs(store.index, store.vectors, a.duplicates, progress=not a.no_progress)
+            results["duplicates"] = [{"a": store.names[i], "b": store.names[j], "similarity": s} for i, j, s in pairs]
+        print(json.dumps(results, indent=2, ensure_ascii=False) if a.json else format_search(results))
+        return 0
+
+    return _run(main)
+
+
+def format_search(results: dict) -> str:
+    """Text lines: each query, then its neighbours as ``similarity<TAB>name``; then duplicate pairs as
+    ``similarity<TAB>name<TAB>name`` (--json for names holding tabs or line breaks)."""
+    lines = []
+    for found in results.get("neighbours", []):
+        lines.append(found["query"])
+        lines += [f"  {n['similarity']:.6f}\t{n['name']}" for n in found["neighbours"]]
+    if "duplicates" in results:
+        lines.append(f"{len(results['duplicates'])} near-duplicate pair(s)")
+        lines += [f"{d['similarity']:.6f}\t{d['a']}\t{d['b']}" for d in results["duplicates"]]
+    return "\n".join(lines)
+
+
+COMMANDS = {"pretrain": pretrain_main, "linear-eval": linear_eval_main, "demo": demo_main, "cache": cache_main,
+            "embed": embed_main, "search": search_main}
 USAGE = f"""usage: python -m simxent {{{','.join(COMMANDS)}}} ... | --version
   pretrain      as simxent-pretrain (SimCLR pretraining)
   linear-eval   as simxent-linear-eval (linear probe and kNN on a frozen encoder)
   demo          as simxent-demo (draw shapes, pretrain, score)
   cache         as simxent-cache (list or clear the decoded-image cache)
+  embed         as simxent-embed (embeddings and a FAISS index of a folder)
+  search        as simxent-search (similar images, near-duplicate pairs)
 Each command takes --help."""
 
 

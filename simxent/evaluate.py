@@ -107,6 +107,19 @@ def build_index(vectors: np.ndarray, kind: str = "flat", nprobe: int = 16):
     return index
 
 
+def recall_against_exact(index, vectors: np.ndarray, queries: np.ndarray, k: int) -> float:
+    """recall@k of an approximate ``index`` over ``vectors``: the fraction of each query's exact k nearest
+    (largest inner product, by brute force) that the index returns among its own k, averaged over queries:
+
+        recall@k = (1 / |Q|) sum over q of |A_k(q) & E_k(q)| / k
+    """
+    k = min(k, len(vectors))
+    _, exact = build_index(vectors, "flat").search(queries, k)
+    _, found = index.search(queries, k)
+    hits = [len(set(e) & set(f)) for e, f in zip(exact.tolist(), found.tolist())]
+    return float(np.mean(hits)) / k
+
+
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     k = min(k, scores.shape[1])
     return scores.topk(k, dim=1).indices.eq(labels.unsqueeze(1)).any(dim=1).float().mean().item()

@@ -20,14 +20,15 @@ def readme_example() -> str:
 
 
 def test_the_public_names_are_the_working_functions():
-    from simxent import augment, checkpoint, config, loss, train
+    from simxent import augment, checkpoint, config, loss, search, train
     import importlib
     probe = importlib.import_module("simxent.linear_eval")
-    assert set(simxent.__all__) == {"Config", "ProbeOptions", "ViewAugment", "export_torchvision", "linear_eval",
-                                    "load_config", "load_encoder", "nt_xent", "pretrain", "__version__"}
+    assert set(simxent.__all__) == {"Config", "ProbeOptions", "ViewAugment", "embed", "export_torchvision",
+                                    "linear_eval", "load_config", "load_encoder", "nt_xent", "pretrain", "__version__"}
     assert simxent.pretrain is train.pretrain and simxent.linear_eval is probe.linear_eval
     assert simxent.ViewAugment is augment.ViewAugment and simxent.nt_xent is loss.nt_xent
     assert simxent.load_encoder is checkpoint.load_encoder and simxent.Config is config.Config
+    assert simxent.embed is search.embed
     # From Python, everything after the checkpoint and the two folders has a default.
     params = list(inspect.signature(simxent.linear_eval).parameters.values())
     assert [p.name for p in params[:3]] == ["checkpoint", "train_dir", "test_dir"]

@@ -1,0 +1,290 @@
+"""Embeddings of an image folder, similar-image search and near-duplicate pairs.
+
+An image's embedding is its frozen encoder's feature vector, L2-normalised,
+
+    e(x) = f(x) / ||f(x)||_2,
+
+so the inner product of two embeddings is their cosine similarity. :func:`embed_folder` writes a folder's
+embeddings, their file names and a FAISS inner-product index into one directory:
+
+    embeddings.npy   float32 (N, D), one unit row per readable image, in the order of names.json
+    names.json       the N file names, relative to the image folder (JSON holds any name, newlines too)
+    index.faiss      the index over the rows (faiss.write_index): exact (flat), or IVF above a size
+    meta.json        checkpoint, decoding (image size, crop ratio, normalisation), count, index type and,
+                     for IVF, its recall@k against exact search; the skipped files
+
+:func:`nearest` finds the rows most similar to query embeddings; :func:`duplicate_pairs` lists the pairs
+of rows whose cosine similarity reaches a threshold.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import __version__
+from .augment import Normalize
+from .config import AugmentConfig, ConfigError, DataConfig, EvalConfig
+from .data import DataError, ImageArray, decode_eval, load_configured, naming_the_key
+from .evaluate import build_index, extract_features, recall_against_exact
+from .linear_eval import encoder_to_score
+from .monitor import Monitor
+from .runtime import resolve_device, setup_logging
+
+log = logging.getLogger("simxent")
+
+EMBEDDINGS, NAMES, INDEX, META = "embeddings.npy", "names.json", "index.faiss", "meta.json"
+IVF_ABOVE = 100_000  # rows; exact search stays fast below (docs/benchmarks.md, "Embeddings and search")
+NPROBE = 16
+RECALL_K = 10
+RECALL_QUERIES = 1000
+CROP_RATIO = EvalConfig().crop_ratio  # images larger than the view: shorter side to size / ratio, centre crop
+
+
+@torch.no_grad()
+def embed(encoder: nn.Module, images, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
+          batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+    """L2-normalised embeddings (N, D), float32 on the CPU, of uint8 images (N, H, W, 3) (a tensor or a
+    numpy array, such as :class:`simxent.data.ImageArray`'s ``images``):
+
+        e_i = f(x_i) / ||f(x_i)||_2,   x_i = (image_i / 255 - mean) / std   per channel,
+
+    with the encoder in eval mode on its own device. ``mean`` and ``std`` default to the training
+    default (ImageNet's); a checkpoint's own are ``augment.mean`` and ``augment.std``. Computed in float32:
+    a near-duplicate threshold such as 0.999 needs more digits than bf16's three."""
+    images = images if torch.is_tensor(images) else torch.from_numpy(np.ascontiguousarray(images))
+    if images.dim() != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
+        raise ValueError(f"embed wants uint8 images of shape (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    defaults = AugmentConfig()
+    normalize = Normalize(mean or defaults.mean, std or defaults.std)
+    device = next(encoder.parameters()).device
+    features = extract_features(encoder, images, normalize, device, batch_size, None, desc="embedding",
+                                progress=progress)
+    return F.normalize(features, dim=1)
+
+
+@dataclass
+class Encoding:
+    """What turns an image file into an embedding: an encoder (eval mode), the evaluation transform it is
+    fed (``image_size``, ``crop_ratio``: :func:`simxent.data.decode_eval`) and its input normalisation."""
+
+    encoder: nn.Module
+    backbone: str
+    cifar_stem: bool
+    image_size: int
+    crop_ratio: float
+    mean: list[float]
+    std: list[float]
+
+    def embed_files(self, paths: Sequence[str | Path]) -> np.ndarray:
+        """Embeddings (len(paths), D) of image files, each decoded as :func:`load_folder` decodes a folder
+        for evaluation; a file that cannot be read is a DataError naming it."""
+        images = np.stack([decode_image(p, self.image_size, self.crop_ratio) for p in paths])
+        return embed(self.encoder, images, self.mean, self.std).numpy()
+
+
+def load_encoding(checkpoint: str | Path, image_size: Optional[int] = None, crop_ratio: float = CROP_RATIO,
+                  backbone_name: Optional[str] = None, cifar_stem: bool = False) -> Encoding:
+    """The encoder of a simxent checkpoint with its normalisation and its ``data.image_size`` (unless
+    ``image_size`` replaces it), or of a plain state dict of architecture ``backbone_name`` with ImageNet
+    normalisation (see :func:`simxent.linear_eval.encoder_to_score`)."""
+    if not 0 < crop_ratio <= 1:
+        raise ConfigError(f"--crop-ratio: {crop_ratio} is out of range ((0, 1])")
+    encoder, cfg = encoder_to_score(checkpoint, backbone_name, cifar_stem, image_size)
+    return Encoding(encoder, cfg.model.backbone, cfg.model.cifar_stem, cfg.data.image_size, crop_ratio,
+                    list(cfg.augment.mean), list(cfg.augment.std))
+
+
+def decode_image(path: str | Path, image_size: int, crop_ratio: float) -> np.ndarray:
+    """One file through the evaluation transform (:func:`simxent.data.decode_eval`), (size, size, 3) uint8."""
+    try:
+        return decode_eval(path, image_size, crop_ratio)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
+        raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def recall_query_rows(n: int, count: int = RECALL_QUERIES) -> np.ndarray:
+    """The rows that measure an IVF index's recall: ``count`` evenly spaced rows (all when n <= count)."""
+    return np.unique(np.linspace(0, n - 1, min(n, count)).round().astype(np.int64))
+
+
+def build_search_index(vectors: np.ndarray, ivf_above: int = IVF_ABOVE, nprobe: int = NPROBE,
+                       k: int = RECALL_K) -> tuple[faiss.Index, dict]:
+    """An exact inner-product index (``flat``) up to ``ivf_above`` rows; above, an inverted-file index
+    (``ivf``, :func:`simxent.evaluate.build_index`), whose recall@k against exact search is measured with
+    the rows of :func:`recall_query_rows` as queries. Returns the index and its description for meta.json."""
+    if len(vectors) <= ivf_above:
+        return build_index(vectors, "flat"), {"type": "flat"}
+    index = build_index(vectors, "ivf", nprobe)
+    queries = vectors[recall_query_rows(len(vectors))]
+    recall = recall_against_exact(index, vectors, queries, k)
+    log.info("IVF index over %d rows (%d lists, nprobe %d): recall@%d %.4f against exact search",
+             len(vectors), index.nlist, index.nprobe, k, recall)
+    return index, {"type": "ivf", "nlist": index.nlist, "nprobe": index.nprobe,
+                   "recall": {"k": min(k, len(vectors)), "queries": len(queries), "value": recall}}
+
+
+@dataclass
+class EmbeddingStore:
+    """A folder written by :func:`embed_folder`, read back."""
+
+    vectors: np.ndarray
+    names: list[str]
+    index: faiss.Index
+    meta: dict
+
+
+def write_store(out: Path, store: EmbeddingStore) -> None:
+    """The four files of ``store`` in ``out``; meta.json last, so a folder with it is complete."""
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / EMBEDDINGS, store.vectors)
+    (out / NAMES).write_text(json.dumps(store.names, ensure_ascii=False))
+    faiss.write_index(store.index, str(out / INDEX))
+    (out / META).write_text(json.dumps(store.meta, indent=2))
+
+
+def read_store(folder: str | Path) -> EmbeddingStore:
+    """Read a folder written by :func:`embed_folder`; a missing or inconsistent file is a DataError naming it."""
+    folder = Path(folder)
+    for name in (META, EMBEDDINGS, NAMES, INDEX):
+        if not (folder / name).is_file():
+            raise DataError(f"--index: {folder / name} not found; make the folder with simxent-embed")
+    meta = json.loads((folder / META).read_text())
+    vectors = np.load(folder / EMBEDDINGS)
+    names = json.loads((folder / NAMES).read_text())
+    index = faiss.read_index(str(folder / INDEX))
+    if meta["index"]["type"] == "ivf":
+        faiss.extract_index_ivf(index).nprobe = meta["index"]["nprobe"]
+    if not len(names) == len(vectors) == index.ntotal == meta["count"]:
+        raise DataError(f"--index: {folder} is inconsistent: {len(vectors)} embeddings, {len(names)} names, "
+                        f"{index.ntotal} indexed, count {meta['count']} in {META}; run simxent-embed again")
+    return EmbeddingStore(vectors, names, index, meta)
+
+
+def nearest(store: EmbeddingStore, queries: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
+    """For each query embedding, its ``k`` most similar rows as (name, cosine similarity), most similar
+    first."""
+    sims, idx = store.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(store.names)))
+    return [[(store.names[j], float(s)) for j, s in zip(row_idx, row_sims) if j >= 0]
+            for row_idx, row_sims in zip(idx.tolist(), sims.tolist())]
+
+
+def duplicate_pairs(index: faiss.Index, vectors: np.ndarray, threshold: float, batch: int = 1024,
+                    progress: bool = False) -> list[tuple[int, int, float]]:
+    """Every pair of rows (i, j), i < j, with cos(e_i, e_j) = e_i . e_j >= ``threshold``, each once, most
+    similar first: a FAISS range search of every row. Exact on a flat index; an IVF index finds a pair when
+    either row's probed lists hold the other."""
+    # Range search keeps similarities strictly above the radius: step just below the threshold, filter after.
+    radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+    found = {}
+    for start in tqdm(range(0, len(vectors), batch), desc="duplicates", unit="batch", disable=not progress,
+                      leave=False):
+        lims, sims, idx = index.range_search(np.ascontiguousarray(vectors[start:start + batch]), radius)
+        rows = start + np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
+        keep = (idx != rows) & (sims >= threshold)
+        for i, j, s in zip(rows[keep].tolist(), idx[keep].tolist(), sims[keep].tolist()):
+            found[min(i, j), max(i, j)] = s
+    return sorted(((i, j, s) for (i, j), s in found.items()), key=lambda p: (-p[2], p[0], p[1]))
+
+
+@dataclass
+class EmbedOptions:
+    """Settings of :func:`embed_folder` beyond its folders; each names its command-line option."""
+
+    image_size: Optional[int] = None  # --image-size; None: the checkpoint's data.image_size (32 with --backbone)
+    crop_ratio: float = CROP_RATIO
+    backbone: Optional[str] = None  # --backbone: a plain state dict of this architecture
+    cifar_stem: bool = False
+    device: str = "auto"
+    workers: int = 2
+    cache: bool = True
+    cache_dir: Optional[str] = None
+    batch_size: int = 256
+    ivf_above: int = IVF_ABOVE
+    nprobe: int = NPROBE
+    projector: int = 0  # rows shown in TensorBoard's projector (DIR2/projector); 0: none
+    progress: bool = True
+
+    def check(self) -> None:
+        rules = (("--workers", self.workers, self.workers >= 0, ">= 0"),
+                 ("--batch-size", self.batch_size, self.batch_size >= 1, ">= 1"),
+                 ("--ivf-above", self.ivf_above, self.ivf_above >= 1, ">= 1"),
+                 ("--nprobe", self.nprobe, self.nprobe >= 1, ">= 1"),
+                 ("--projector", self.projector, self.projector >= 0, ">= 0"))
+        for option, value, ok, rule in rules:
+            if not ok:
+                raise ConfigError(f"{option} must be {rule}, got {value}")
+
+
+def embed_folder(checkpoint: str | Path, images_dir: str | Path, out: str | Path,
+                 opts: Optional[EmbedOptions] = None) -> dict:
+    """Embed every readable image below ``images_dir`` with the encoder of ``checkpoint`` and write the
+    embeddings, names, index and meta.json into ``out`` (see the module's docstring). Unreadable files
+    are skipped, named in the log and listed in meta.json. Returns meta.json's content."""
+    setup_logging()
+    opts = opts or EmbedOptions()
+    opts.check()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    device = resolve_device(opts.device, option="--device")
+    enc = load_encoding(checkpoint, opts.image_size, opts.crop_ratio, opts.backbone, opts.cifar_stem)
+    decoding = DataConfig(image_size=enc.image_size, cache=opts.cache, cache_dir=opts.cache_dir or "",
+                          workers=opts.workers)
+    with naming_the_key("--images"):
+        data = load_configured(images_dir, decoding, opts.progress, crop_ratio=enc.crop_ratio)
+    encoder = enc.encoder.to(device).to(memory_format=torch.channels_last)
+    vectors = embed(encoder, data.images, enc.mean, enc.std, opts.batch_size, opts.progress).numpy()
+    index, described = build_search_index(vectors, opts.ivf_above, opts.nprobe)
+    root = Path(images_dir)
+    meta = {"simxent_version": __version__, "checkpoint": str(Path(checkpoint).resolve()),
+            "backbone": enc.backbone, "cifar_stem": enc.cifar_stem, "plain_state_dict": bool(opts.backbone),
+            "images": str(root.resolve()), "image_size": enc.image_size, "crop_ratio": enc.crop_ratio,
+            "mean": enc.mean, "std": enc.std, "count": len(vectors), "dim": int(vectors.shape[1]),
+            "index": described, "skipped": data.skipped}
+    names = [str(Path(f).relative_to(root)) for f in data.files]
+    write_store(out, EmbeddingStore(vectors, names, index, meta))
+    if opts.projector:
+        write_projector(out / "projector", vectors, names, data, opts.projector)
+    return meta
+
+
+def write_projector(folder: Path, vectors: np.ndarray, names: list[str], data: ImageArray, count: int) -> None:
+    """``count`` evenly spaced rows in TensorBoard's projector (``tensorboard --logdir folder``), each
+    labelled by its file name and drawn as its image (at most 32 px, so the sprite stays small)."""
+    rows = recall_query_rows(len(vectors), count)
+    thumbs = data.images[torch.from_numpy(rows)].permute(0, 3, 1, 2).float().div(255)
+    if thumbs.shape[-1] > 32:
+        thumbs = F.interpolate(thumbs, size=(32, 32), mode="bilinear", antialias=True)
+    # The projector's metadata is one line per point: tabs and line breaks in a name become spaces.
+    labels = [names[i].translate({9: " ", 10: " ", 13: " "}) for i in rows.tolist()]
+    monitor = Monitor(folder)
+    monitor.embedding(torch.from_numpy(vectors[rows]), labels, thumbs, 0, tag="embeddings")
+    monitor.close()
+
+
+def search_files(store: EmbeddingStore, paths: Sequence[str | Path], k: int = 10,
+                 checkpoint: Optional[str | Path] = None) -> list[dict]:
+    """The ``k`` nearest rows of each image file, decoded and embedded as the store's folder was: with its
+    image size, crop ratio and normalisation from meta.json, and the encoder of ``checkpoint`` (default:
+    meta.json's; a plain state dict of meta.json's architecture if the folder was embedded from one)."""
+    meta = store.meta
+    plain = meta["plain_state_dict"]
+    enc = load_encoding(checkpoint or meta["checkpoint"], meta["image_size"], meta["crop_ratio"],
+                        meta["backbone"] if plain else None, meta["cifar_stem"] and plain)
+    enc.mean, enc.std = meta["mean"], meta["std"]
+    queries = enc.embed_files(paths)
+    if queries.shape[1] != meta["dim"]:
+        raise ConfigError(f"--checkpoint: its encoder gives {queries.shape[1]} features, the index holds "
+                          f"{meta['dim']}: give the checkpoint the folder was embedded with")
+    return [{"query": str(p), "neighbours": [{"name": n, "similarity": s} for n, s in found]}
+            for p, found in zip(paths, nearest(store, queries, k))]

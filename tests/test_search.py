@@ -1,0 +1,264 @@
+"""Embeddings and similar-image search: ``simxent.embed`` against a hand-written forward pass, the files of
+``simxent-embed``, nearest neighbours and duplicate pairs against brute-force numpy, the IVF index's recall
+against an independent computation, bad files, and the issue's check on real CIFAR-10 images."""
+import json
+import shutil
+
+import faiss
+import numpy as np
+import pytest
+import torch
+
+import simxent
+from simxent import cli
+from simxent.checkpoint import save_checkpoint
+from simxent.config import load_config, to_dict
+from simxent.data import decode, decode_eval
+from simxent.evaluate import recall_against_exact
+from simxent.models import backbone
+from simxent.search import build_search_index, duplicate_pairs, read_store
+
+from conftest import TINY_RUN, write_image
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def tiny_checkpoint(path, size=16):
+    """A convnet checkpoint with non-default normalisation, so that using the wrong one shows."""
+    cfg = load_config(None, [*TINY_RUN, f"data.image_size={size}", f"augment.mean={list(MEAN)}",
+                             f"augment.std={list(STD)}"])
+    torch.manual_seed(0)
+    encoder, _ = backbone("convnet")
+    save_checkpoint({"config": to_dict(cfg), "encoder": encoder.state_dict()}, path)
+    return path
+
+
+def reference_embeddings(encoder, images: np.ndarray) -> np.ndarray:
+    """The formula in float64: x = (image / 255 - mean) / std, e = f(x) / ||f(x)||."""
+    x = (images.astype(np.float64) / 255 - np.array(MEAN)) / np.array(STD)
+    with torch.no_grad():
+        f = encoder.double().eval()(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+
+def brute_force_topk(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    sims = queries.astype(np.float64) @ vectors.astype(np.float64).T
+    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """A folder of 40 images in two sub-folders, one byte copy of an image, and one corrupt file;
+    its embeddings written by simxent-embed."""
+    root = tmp_path_factory.mktemp("search")
+    folder = root / "images"
+    for i in range(40):
+        write_image(folder / ("a" if i % 2 else "b") / f"{i}.png", seed=1000 + i)
+    shutil.copyfile(folder / "a" / "7.png", folder / "b" / "copy of 7.png")
+    (folder / "a" / "broken.png").write_bytes(b"not an image")
+    ckpt = tiny_checkpoint(root / "c.pt")
+    out = root / "embedded"
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(out), "--workers", "0",
+                           "--cache-dir", str(root / "cache"), "--no-progress", "--projector", "8"]) == 0
+    return folder, ckpt, out
+
+
+def test_embed_is_the_normalised_encoder_output():
+    torch.manual_seed(1)
+    encoder, _ = backbone("convnet")
+    images = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    got = simxent.embed(encoder.eval(), images, MEAN, STD)
+    assert got.dtype == torch.float32 and got.shape == (5, backbone("convnet")[1])
+    np.testing.assert_allclose(got.numpy(), reference_embeddings(encoder, images), atol=1e-5)
+
+
+def test_embed_writes_normalised_embeddings_names_and_meta(embedded):
+    folder, ckpt, out = embedded
+    store = read_store(out)
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*.png") if p.name != "broken.png")
+    assert sorted(store.names) == files and len(store.names) == 41
+    assert store.vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(store.vectors, axis=1), 1, atol=1e-6)
+    images = np.stack([decode(folder / n, 16) for n in store.names])
+    np.testing.assert_allclose(store.vectors, reference_embeddings(simxent.load_encoder(ckpt), images), atol=1e-5)
+    meta = store.meta
+    assert (meta["count"], meta["image_size"], meta["mean"], meta["std"]) == (41, 16, list(MEAN), list(STD))
+    assert meta["index"] == {"type": "flat"} and meta["skipped"] == [str(folder / "a" / "broken.png")]
+    assert sum(1 for _ in next((out / "projector").rglob("metadata.tsv")).open()) == 8
+
+
+def test_each_image_finds_itself_first_at_similarity_one(embedded, capsys):
+    folder, _, out = embedded
+    store = read_store(out)
+    queries = [str(folder / n) for n in store.names[:12]]
+    assert cli.search_main(["--index", str(out), "--k", "5", "--json", *queries]) == 0
+    found = json.loads(capsys.readouterr().out)["neighbours"]
+    order = brute_force_topk(store.vectors, store.vectors[:12], 5)
+    for q, (name, row) in enumerate(zip(store.names[:12], found)):
+        twins = {"a/7.png", "b/copy of 7.png"}
+        assert row["neighbours"][0]["name"] in ({name} | (twins if name in twins else set()))
+        assert abs(row["neighbours"][0]["similarity"] - 1) < 1e-5
+        # the rest as brute force over the stored embeddings (ties of the byte copy aside)
+        assert {n["name"] for n in row["neighbours"]} == {store.names[j] for j in order[q]}
+
+
+def test_text_output_names_query_and_neighbours(embedded, capsys):
+    folder, _, out = embedded
+    assert cli.search_main(["--index", str(out), "--k", "2", str(folder / "a" / "3.png")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(folder / "a" / "3.png") and len(lines) == 3
+    sim, name = lines[1].split("\t")
+    assert name.strip() == "a/3.png" and abs(float(sim) - 1) < 1e-5
+
+
+def test_duplicates_finds_the_planted_copy_only(embedded, capsys):
+    _, _, out = embedded
+    store = read_store(out)
+    assert cli.search_main(["--index", str(out), "--duplicates", "0.999", "--json", "--no-progress"]) == 0
+    pairs = json.loads(capsys.readouterr().out)["duplicates"]
+    assert [{p["a"], p["b"]} for p in pairs] == [{"a/7.png", "b/copy of 7.png"}]
+    assert pairs[0]["similarity"] >= 0.999
+    # Every pair at a lower threshold, against brute force: each once, none missed, none extra.
+    sims = store.vectors.astype(np.float64) @ store.vectors.T.astype(np.float64)
+    threshold = float(np.quantile(sims[np.triu_indices(len(sims), 1)], 0.9))
+    upper = list(zip(*np.triu_indices(len(sims), 1)))
+    expected = {(i, j) for i, j in upper if sims[i, j] >= threshold}
+    at_threshold = {(i, j) for i, j in upper if abs(sims[i, j] - threshold) < 1e-6}  # float32 may round either way
+    found = duplicate_pairs(store.index, store.vectors, threshold)
+    got = {(i, j) for i, j, _ in found}
+    assert len(got) == len(found) and got ^ expected <= at_threshold and len(expected) > 10
+    assert [s for *_, s in found] == sorted((s for *_, s in found), reverse=True)
+
+
+def test_ivf_recall_in_meta_matches_brute_force(tmp_path):
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((2000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    index, described = build_search_index(vectors, ivf_above=100, nprobe=2, k=10)
+    assert described["type"] == "ivf" and described["nprobe"] == 2 and described["nlist"] > 2
+    queries = vectors[np.unique(np.linspace(0, 1999, 1000).round().astype(int))]
+    exact = brute_force_topk(vectors, queries, 10)
+    _, approx = index.search(queries, 10)
+    expected = np.mean([len(set(e) & set(a)) / 10 for e, a in zip(exact, approx)])
+    assert described["recall"] == {"k": 10, "queries": len(queries), "value": pytest.approx(expected)}
+    assert 0.2 < expected < 1  # two of many lists miss some neighbours: the measurement has something to find
+    assert recall_against_exact(build_search_index(vectors)[0], vectors, queries, 10) == 1.0
+
+
+def test_ivf_index_from_the_command_line_agrees_with_brute_force(tmp_path, capsys):
+    """160 images make an IVF index of 4 lists when forced by --ivf-above: probing every list finds what
+    exact search finds; probing one, the recall written to meta.json is the brute-force one."""
+    folder = tmp_path / "images"
+    for i in range(160):
+        write_image(folder / f"{i:03d}.png", seed=5000 + i)
+    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    stores = {}
+    for nprobe in (64, 1):
+        out = tmp_path / f"nprobe{nprobe}"
+        assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(out), "--workers",
+                               "0", "--ivf-above", "100", "--nprobe", str(nprobe), "--no-progress"]) == 0
+        stores[nprobe] = read_store(out)
+        assert isinstance(stores[nprobe].index, faiss.IndexIVFFlat) and stores[nprobe].meta["index"]["nlist"] == 4
+    vectors = stores[1].vectors
+    exact = brute_force_topk(vectors, vectors, 10)
+    sims = vectors.astype(np.float64) @ vectors.T.astype(np.float64)
+    all_lists_sims, all_lists = stores[64].index.search(vectors, 10)
+    np.testing.assert_allclose(all_lists_sims, np.take_along_axis(sims, exact, 1), atol=1e-5)
+    np.testing.assert_array_equal(all_lists[:, 0], np.arange(160))
+    assert stores[64].meta["index"]["recall"]["value"] == 1.0
+    _, one_list = stores[1].index.search(vectors, 10)
+    expected = np.mean([len(set(e) & set(a)) / 10 for e, a in zip(exact, one_list)])
+    assert stores[1].meta["index"]["recall"] == {"k": 10, "queries": 160, "value": pytest.approx(expected)}
+    assert expected < 1, expected  # one list of four misses neighbours: the measurement has something to find
+    capsys.readouterr()
+
+
+def test_larger_images_take_the_evaluation_transform_for_folder_and_query(tmp_path, capsys):
+    """Photographs larger than the view: the folder and a query image both go through decode_eval (shorter
+    side to size / crop_ratio, centre crop), so each still finds itself at similarity 1."""
+    folder = tmp_path / "photos"
+    for i in range(6):
+        write_image(folder / f"{i}.png", size=(40, 28), seed=300 + i)
+    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    encoder = simxent.load_encoder(ckpt)
+    for ratio in ("0.5", "1.0"):
+        out = tmp_path / f"ratio{ratio}"
+        assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(out), "--workers",
+                               "0", "--crop-ratio", ratio, "--no-progress"]) == 0
+        store = read_store(out)
+        assert store.meta["crop_ratio"] == float(ratio)
+        images = np.stack([decode_eval(folder / n, 16, float(ratio)) for n in store.names])
+        np.testing.assert_allclose(store.vectors, reference_embeddings(encoder, images), atol=1e-5)
+        capsys.readouterr()
+        assert cli.search_main(["--index", str(out), "--k", "1", "--json", str(folder / "4.png")]) == 0
+        best = json.loads(capsys.readouterr().out)["neighbours"][0]["neighbours"][0]
+        assert best["name"] == "4.png" and abs(best["similarity"] - 1) < 1e-5
+    assert not np.allclose(read_store(tmp_path / "ratio0.5").vectors, read_store(tmp_path / "ratio1.0").vectors)
+
+
+def test_plain_state_dict_with_backbone(embedded, tmp_path, capsys):
+    folder, ckpt, _ = embedded
+    weights = tmp_path / "convnet.pth"
+    torch.save(simxent.load_encoder(ckpt).state_dict(), weights)
+    out = tmp_path / "plain"
+    assert cli.embed_main(["--checkpoint", str(weights), "--backbone", "convnet", "--image-size", "16", "--images",
+                           str(folder), "--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    meta = read_store(out).meta
+    assert (meta["backbone"], meta["plain_state_dict"], meta["mean"]) == ("convnet", True, [0.485, 0.456, 0.406])
+    capsys.readouterr()
+    assert cli.search_main(["--index", str(out), "--k", "1", "--json", str(folder / "a" / "9.png")]) == 0
+    best = json.loads(capsys.readouterr().out)["neighbours"][0]["neighbours"][0]
+    assert best["name"] == "a/9.png" and abs(best["similarity"] - 1) < 1e-5
+
+
+def test_bad_inputs_are_one_line_naming_them(embedded, tmp_path, capsys):
+    folder, ckpt, out = embedded
+    capsys.readouterr()
+    assert cli.search_main(["--index", str(out), str(folder / "a" / "broken.png")]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert cli.search_main(["--index", str(tmp_path), str(folder / "a" / "3.png")]) == 2
+    assert "meta.json not found" in capsys.readouterr().err
+    assert cli.search_main(["--index", str(out), "--duplicates", "1.5"]) == 2
+    assert "--duplicates" in capsys.readouterr().err
+    assert cli.search_main(["--index", str(out), "--k", "0", str(folder / "a" / "3.png")]) == 2
+    assert "--k" in capsys.readouterr().err
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(tmp_path / "none"), "--out",
+                           str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "--images" in capsys.readouterr().err
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(tmp_path / "o"),
+                           "--nprobe", "0"]) == 2
+    assert "--nprobe" in capsys.readouterr().err
+
+
+def test_python_m_simxent_dispatches_embed_and_search(embedded, capsys):
+    folder, _, out = embedded
+    assert cli.main(["search", "--index", str(out), "--k", "1", str(folder / "b" / "0.png")]) == 0
+    assert "b/0.png" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_cifar10_subset_finds_itself_and_a_planted_duplicate(cifar, tmp_path, capsys):
+    """The issue's check on 500 CIFAR-10 test images (50 a class; the whole folder takes minutes on 2 cores)."""
+    folder = tmp_path / "cifar"
+    for class_dir in sorted((cifar / "test").iterdir()):
+        (folder / class_dir.name).mkdir(parents=True)
+        for f in sorted(class_dir.iterdir())[:50]:
+            (folder / class_dir.name / f.name).symlink_to(f.resolve())
+    planted = sorted((folder / "cat").iterdir())[0]
+    shutil.copyfile(planted, folder / "dog" / "planted_copy.jpg")
+    ckpt = tiny_checkpoint(tmp_path / "c.pt", size=32)
+    out = tmp_path / "embedded"
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(out),
+                           "--no-progress"]) == 0
+    store = read_store(out)
+    assert store.meta["count"] == 501
+    queries = [str(folder / n) for n in store.names]
+    capsys.readouterr()
+    assert cli.search_main(["--index", str(out), "--k", "1", "--json", *queries]) == 0
+    for name, row in zip(store.names, json.loads(capsys.readouterr().out)["neighbours"]):
+        best = row["neighbours"][0]
+        assert abs(best["similarity"] - 1) < 1e-5
+        assert best["name"] == name or {best["name"], name} == {f"cat/{planted.name}", "dog/planted_copy.jpg"}
+    assert cli.search_main(["--index", str(out), "--duplicates", "0.999", "--json", "--no-progress"]) == 0
+    pairs = json.loads(capsys.readouterr().out)["duplicates"]
+    assert {f"cat/{planted.name}", "dog/planted_copy.jpg"} in [{p["a"], p["b"]} for p in pairs]
