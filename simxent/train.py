@@ -514,7 +514,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, held
     out = Path(cfg.out)
     if main:  # only the main process writes in out (and nothing before it holds the lock)
         run_id, resume, resumed = _claim_out(cfg, held, device)
-    if cfg.data.cache and not cfg.data.stream:
+    if cfg.data.cache and (cfg.data.val or not cfg.data.stream):  # data.val is always decoded into the cache
         writable_folder(cfg.data.cache_dir or default_cache_dir(), "data.cache_dir")
     setup_logging(out / "train.log" if main else None, level=logging.INFO if main else logging.WARNING)
     dtype = resolve_dtype(cfg.train.precision, device)
