@@ -209,7 +209,7 @@ def test_read_only_out_is_one_line(shapes, tmp_path, capsys):
     assert status == 2 and "is not writable" in error_line(err)
 
 
-def test_skipped_images_are_listed_one_json_string_per_line(shapes, tmp_path, capsys):
+def test_skipped_images_are_listed_one_json_record_per_line(shapes, tmp_path, capsys):
     folder = tmp_path / "images"
     folder.mkdir()
     for f in (shapes / "train" / "circle").iterdir():
@@ -221,4 +221,4 @@ def test_skipped_images_are_listed_one_json_string_per_line(shapes, tmp_path, ca
     status, err = run(tiny(shapes, out, f"data.train={folder}", "train.batch_size=4"), capsys)
     assert status == 0, err
     lines = (out / "skipped_images.txt").read_text().splitlines()
-    assert sorted(Path(json.loads(line)).name for line in lines) == sorted(odd)
+    assert sorted(Path(json.loads(line)["file"]).name for line in lines) == sorted(odd)
