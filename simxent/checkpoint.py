@@ -7,16 +7,18 @@ as tensors), so the safe unpickler can read all of it and a crafted file cannot 
 from __future__ import annotations
 
 import collections
+import io
 import logging
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .config import Config, ConfigError, ModelConfig, check_backbone, config_from_saved
+
+from .files import is_disk_full, reserve, temp_path
 
 FORMAT_VERSION = 1
 # All that rebuilds an encoder: ViTs and MaxViT are built for one image size.
@@ -30,19 +32,30 @@ class CheckpointError(RuntimeError):
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write ``state`` so that ``path`` always holds either the old file or the complete new one:
-    temporary file in the same directory, flush + fsync, then an atomic ``os.replace``."""
+    serialise in memory, reserve the bytes in a temporary file of the same folder (named after its writer,
+    so concurrent writers never collide), write, flush + fsync, then an atomic ``os.replace``.
+
+    Serialising first costs one copy of the state in memory; in exchange a full disk is a plain ENOSPC
+    with the size it needed (torch writing to a file reports it as an opaque ``unexpected pos``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"format_version": FORMAT_VERSION, **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
+    data = buffer.getbuffer()
+    tmp = temp_path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+        with open(tmp, "xb") as f:
+            reserve(f.fileno(), len(data))
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(e):
+            raise CheckpointError(f"no space left to write checkpoint {path} ({len(data) / 1e6:.1f} MB needed); "
+                                  f"the previous checkpoint is intact: free space in {path.parent}") from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -190,30 +203,44 @@ def export_torchvision(path: str | Path, dest: str | Path) -> str:
     return kind
 
 
-def save_rotating(state: dict, folder: str | Path, step: int, keep: int) -> Path:
-    """Write ``step-<step>.pt`` atomically, point ``last.pt`` at it (an atomically replaced hard link, so
-    no second copy is written), and delete all but the newest ``keep`` step files."""
+def step_file_name(step: int, run_id: str) -> str:
+    """``step-<step>-<run id>.pt``: zero-padded, so names sort by step within a run."""
+    return f"step-{step:09d}-{run_id}.pt" if run_id else f"step-{step:09d}.pt"
+
+
+def step_files(folder: str | Path, run_id: str | None = None) -> list[Path]:
+    """The step checkpoints in ``folder``, oldest first: of run ``run_id`` only, or all when None."""
+    pattern = f"step-*-{run_id}.pt" if run_id else "step-*.pt"
+    return sorted(Path(folder).glob(pattern))
+
+
+def save_rotating(state: dict, folder: str | Path, step: int, keep: int, run_id: str = "") -> Path:
+    """Write ``step-<step>-<run_id>.pt`` atomically, point ``last.pt`` at it (an atomically replaced hard
+    link, so no second copy is written), and delete all but the newest ``keep`` step files of this run:
+    another run's files are never touched."""
     folder = Path(folder)
-    path = folder / f"step-{step:09d}.pt"
-    save_checkpoint(state, path)
-    link = folder / ".last.pt.tmp"
-    link.unlink(missing_ok=True)
+    path = folder / step_file_name(step, run_id)
+    save_checkpoint({**state, "run_id": run_id}, path)
+    link = temp_path(folder / "last.pt")
     os.link(path, link)
     os.replace(link, folder / "last.pt")
-    for old in sorted(folder.glob("step-*.pt"))[:-keep]:
+    for old in step_files(folder, run_id)[:-keep]:
         old.unlink(missing_ok=True)
     return path
 
 
-def newest_valid_checkpoint(folder: str | Path) -> Path | None:
-    """``last.pt`` if it loads, else the newest step file that does; None when there is none."""
+def newest_valid_checkpoint(folder: str | Path, run_id: str | None = None) -> Path | None:
+    """``last.pt`` if it loads, else the newest step file that does; None when there is none. With
+    ``run_id``, only checkpoints of that run count."""
     folder = Path(folder)
-    candidates = [folder / "last.pt"] + sorted(folder.glob("step-*.pt"), reverse=True)
+    candidates = [folder / "last.pt"] + step_files(folder, run_id)[::-1]
     for path in candidates:
         if path.is_file():
             try:
-                load_checkpoint(path)
-                return path
+                state = load_checkpoint(path)
             except CheckpointError as e:
                 log.warning("skipping unreadable checkpoint: %s", e)
+                continue
+            if run_id is None or state.get("run_id") == run_id:
+                return path
     return None

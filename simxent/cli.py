@@ -208,7 +208,8 @@ def demo_main(argv=None) -> int:
         if not (data / "train").is_dir():
             print(f"drawing the demo image set in {data} ...")
             make_shapes(data)
-        cfg = load_config("demo", [f"data.train={data / 'train'}", f"out={a.out}",
+        # The demo's folder is the demo's own: running it again replaces the previous demo run.
+        cfg = load_config("demo", [f"data.train={data / 'train'}", f"out={a.out}", "train.overwrite=true",
                                    f"train.max_time={a.minutes * 60}", *a.overrides])
         t = time.monotonic()
         pretrain(cfg)

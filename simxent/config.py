@@ -133,6 +133,7 @@ class TrainConfig:
     threads: int = setting(0, "CPU threads for torch; 0: all cores")
     log_every: int = setting(10, "steps between TensorBoard scalars (and the last step of a run)")
     resume: str = setting("", "empty: start fresh; auto: last checkpoint in out; or a checkpoint path")
+    overwrite: bool = setting(False, "a fresh run clears the run out holds instead of refusing to start")
     max_bad_steps: int = setting(5, "stop after this many non-finite losses or gradients in a row")
     checkpoint_every: int = setting(0, "steps between checkpoints inside an epoch (0: epoch ends only)")
     keep_checkpoints: int = setting(2, "step checkpoints kept beside last.pt")

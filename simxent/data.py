@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,9 +38,11 @@ from tqdm import tqdm
 from .augment import CROP_RATIO, crop_boxes
 from .config import DataConfig
 from .runtime import show_progress_bars
+from .files import is_disk_full, remove_dead_temp_files, reserve, temp_path
 
 log = logging.getLogger("simxent")
 
+IRREGULAR = "not a regular file (FIFO, device or socket): never opened"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
@@ -68,6 +71,7 @@ class ImageList:
     files: list
     labels: list[int]
     classes: list[str]
+    irregular: list[Path] = field(default_factory=list)  # image-named FIFOs, devices, sockets: never opened
     kind: str = "folder"
     cache_name: Optional[str] = None
 
@@ -85,13 +89,16 @@ def find_images(root: str | Path) -> ImageList:
 
     The first-level sub-folder of a file names its class; files directly under ``root`` are unlabelled.
     Symbolic links are followed, each real directory once, so a link loop cannot recurse forever.
+    Only regular files (after following links) are taken: reading a FIFO named ``x.jpg`` would block
+    forever. The others are named in one warning and kept in ``irregular``; a dangling link stays in
+    ``files``, so that decoding names it as unreadable.
     """
     root = Path(root)
     if not root.exists():
         raise DataError(f"image folder not found: {root}")
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
-    files, seen = [], set()
+    files, irregular, seen = [], [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
@@ -101,14 +108,29 @@ def find_images(root: str | Path) -> ImageList:
         dirnames.sort()
         for name in sorted(filenames):
             if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                files.append(Path(dirpath) / name)
+                path = Path(dirpath) / name
+                (files if _regular_or_missing(path) else irregular).append(path)
+    _report_irregular(irregular, root)
     if not files:
         raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     top = [f.relative_to(root).parts for f in files]
     classes = sorted({p[0] for p in top if len(p) > 1})
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[p[0]] if len(p) > 1 else -1 for p in top]
-    return ImageList(root, files, labels, classes)
+    return ImageList(root, files, labels, classes, irregular=irregular)
+
+
+def _regular_or_missing(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # dangling or unreadable: decoding reports it by name
+        return True
+
+
+def _report_irregular(irregular: list[Path], root: Path) -> None:
+    if irregular:
+        log.warning("skipped %d image-named file(s) in %s that are not regular files (FIFO, device, socket): %s",
+                    len(irregular), root, ", ".join(json.dumps(str(p)) for p in irregular))
 
 
 def read_image_list(path: str | Path) -> ImageList:
@@ -228,7 +250,31 @@ def _open_image(path: str | Path):
         # A decompression bomb must fail, not warn; other PIL warnings are noise here.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
+            _check_jpeg_length(im, path)
             yield im
+
+
+# Arithmetic-coded JPEG frames (SOF9-11, SOF13-15): their scans can be shorter than the bound below.
+_ARITHMETIC_SOF = tuple(bytes([0xFF, m]) for m in (0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def _check_jpeg_length(im: Image.Image, path) -> None:
+    """Refuse a JPEG too short to hold the image its header declares. libjpeg fills a scan that ends early
+    with grey and only warns, so a truncated file would pass as a grey image. A Huffman-coded scan spends
+    at least one bit on each 8x8 block of the first component (its DC difference), so a whole image needs
+    at least ceil(W/8) * ceil(H/8) / 8 bytes."""
+    if im.format != "JPEG":
+        return
+    w, h = im.size
+    nbytes = os.path.getsize(path)
+    if nbytes * 8 >= -(-w // 8) * -(-h // 8):
+        return
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    sos = head.find(b"\xff\xda")
+    if sos < 0 or any(m in head[:sos] for m in _ARITHMETIC_SOF):
+        return  # header longer than we read, or arithmetic coding: the bound does not apply
+    raise OSError(f"truncated JPEG: {nbytes} bytes cannot hold the {w}x{h} image its header declares")
 
 
 def _upright(im: Image.Image) -> Image.Image:
@@ -518,7 +564,9 @@ def open_stream(root: str | Path | ImageList, size: int, workers: int = 2, on_ba
     found = find_source(root)
     files = found.files if found.kind == "dataset" else [str(f) for f in found.files]
     return ImageStream(files, torch.tensor(found.labels, dtype=torch.int64),
-                       found.classes, size, workers, on_bad_image, crop_scale=crop_scale)
+                       found.classes, size, workers, on_bad_image, crop_scale=crop_scale,
+                       skipped=[str(f) for f in found.irregular],
+                       reasons={str(f): IRREGULAR for f in found.irregular})
 
 
 @dataclass(frozen=True)
@@ -636,9 +684,10 @@ def load_folder(
             _write_meta(good, bad, sizes, found, array_path.with_suffix(".json"))
     else:
         images, good, bad, sizes = hit
-    skipped = [str(found.files[i]) for i in sorted(bad)]
-    reasons = {str(found.files[i]): bad[i] for i in sorted(bad)}
-    _report_skipped(reasons, found.root)
+    reasons = {**{str(f): IRREGULAR for f in found.irregular},  # named by discovery's own warning
+               **{str(found.files[i]): bad[i] for i in sorted(bad)}}
+    skipped = list(reasons)
+    _report_skipped({str(found.files[i]): bad[i] for i in sorted(bad)}, found.root)
     if len(good) == 0:
         raise DataError(f"no readable images in {found.root} ({len(skipped)} files could not be read)")
     labels = torch.as_tensor(np.asarray(found.labels, dtype=np.int64)[good])
@@ -677,7 +726,15 @@ def load_configured(root: str | Path | ImageList, data: DataConfig, progress: bo
 
 
 def _check_disk(cache_dir: Path, needed: int, root: Path) -> None:
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    """The cache folder exists, is writable and has room for ``needed`` bytes; what dead decoders left
+    there is removed first (see :mod:`simxent.files`: a live decoder's file is never touched)."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the image cache folder {cache_dir}: {e.strerror} (set data.cache_dir)") from None
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        raise DataError(f"the image cache folder {cache_dir} is not writable (set data.cache_dir)")
+    remove_dead_temp_files(cache_dir)
     free = shutil.disk_usage(cache_dir).free
     if needed > free:
         raise DataError(f"decoding {root} needs {needed / 1e9:.1f} GB in the cache {cache_dir}, which has "
@@ -703,12 +760,40 @@ def _decode_all(found: ImageList, layout: Layout, workers: int, on_bad_image: st
     """
     n = len(found.files)
     shape = (n, layout.side, layout.side, 3)
-    if into is None:
-        out = np.zeros(shape, dtype=np.uint8)  # zeros: the padding of a padded layout is defined
-    else:
-        into.parent.mkdir(parents=True, exist_ok=True)
-        tmp = into.with_suffix(f".tmp{os.getpid()}.npy")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+    if into is None:  # zeros: the padding of a padded layout is defined (a new file reads as zeros too)
+        return _decode_into(np.zeros(shape, dtype=np.uint8), found, layout, workers, on_bad_image, progress)
+    into.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(into, ".npy")
+    try:
+        out = _reserved_memmap(tmp, shape)
+        decoded = _decode_into(out, found, layout, workers, on_bad_image, progress)
+        out.flush()
+        os.replace(tmp, into)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted decode leaves no full-size array behind
+    return decoded
+
+
+def _reserved_memmap(path: Path, shape: tuple) -> np.ndarray:
+    """A new ``.npy`` memory map whose every byte is allocated on disk: a sparse map would die of SIGBUS
+    when the disk fills under it; this stops at once, naming the folder and the bytes needed."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    nbytes = path.stat().st_size
+    try:
+        with open(path, "r+b") as f:
+            reserve(f.fileno(), nbytes)
+    except OSError as e:
+        if is_disk_full(e):
+            raise DataError(f"no space left in the image cache {path.parent}: the decoded folder needs "
+                            f"{nbytes:,} bytes ({nbytes / 1e9:.2f} GB); set data.cache_dir to a larger disk "
+                            f"or stream the folder with data.stream=true") from None
+        raise
+    return out
+
+
+def _decode_into(out: np.ndarray, found: ImageList, layout: Layout, workers: int, on_bad_image: str,
+                 progress: bool):
+    """Fill ``out`` in file order with the readable images, packed at the front (see :func:`_decode_all`)."""
     good, sizes, bad = [], [], {}
     loader = DataLoader(DecodedFiles(found.files, layout.size, on_bad_image, layout.decoder()), batch_size=64,
                         num_workers=workers, collate_fn=_collate)
@@ -722,9 +807,6 @@ def _decode_all(found: ImageList, layout: Layout, workers: int, on_bad_image: st
                 sizes.append((h, w))
             else:
                 bad[i] = reason
-    if into is not None:
-        out.flush()
-        os.replace(tmp, into)
     return out[: len(good)], np.asarray(good, dtype=np.int64), bad, sizes if layout.kind == "padded" else None
 
 
@@ -733,7 +815,7 @@ def _write_meta(good: np.ndarray, bad: dict[int, str], sizes: Optional[list], fo
     """Written after the array, through a temporary file and an atomic rename: a cache entry without its
     metadata is never used. ``bad``: each unreadable file's index and reason; ``sizes``: each good image's
     true (h, w) in a padded layout, else None."""
-    tmp = meta_path.with_suffix(f".tmp{os.getpid()}")
+    tmp = temp_path(meta_path)
     tmp.write_text(json.dumps({"root": str(found.root), "good": good.tolist(), "bad": sorted(bad),
                                "reasons": {str(i): r for i, r in sorted(bad.items())}, "sizes": sizes}))
     os.replace(tmp, meta_path)

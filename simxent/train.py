@@ -13,7 +13,7 @@ import math
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -28,12 +28,13 @@ from . import __version__, dist, figures
 from .augment import ViewAugment, small_view_size
 from .checkpoint import load_checkpoint, newest_valid_checkpoint, save_rotating
 from .config import Config, ConfigError, format_config, save_config, to_dict
-from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images, find_images, iterate_batches,
-                   load_configured, naming_the_key, open_stream, shared_files)
+from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images, default_cache_dir, find_images,
+                   iterate_batches, load_configured, naming_the_key, open_stream, shared_files)
 from .evaluate import autocast, extract_features, knn_scores, topk_accuracy
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, similarity_samples
 from .models import SimCLR
 from .monitor import Monitor
+from .rundir import claim, recorded_run_id, run_lock, writable_folder
 from .runtime import (SlowStepWatch, configure_device, resolve_device, resolve_dtype, rng_state, seed_everything,
                       set_rng_state, set_threads, setup_logging, show_progress_bars)
 from .schedule import StepPlan, TimeBudget, build_optimizer, peak_lr, set_lr
@@ -146,8 +147,8 @@ def _resume_path(cfg: Config) -> Path | None:
         resume = "auto"  # a worker torchrun restarted after a failure continues from the last checkpoint
     if not resume:
         return None
-    if resume == "auto":
-        return newest_valid_checkpoint(checkpoint_path(cfg).parent)
+    if resume == "auto":  # the newest checkpoint of the run the folder holds, never another run's
+        return newest_valid_checkpoint(checkpoint_path(cfg).parent, recorded_run_id(Path(cfg.out)))
     path = Path(resume)
     if not path.is_file():
         raise ConfigError(f"train.resume: checkpoint not found: {path}")
@@ -404,20 +405,44 @@ def build_model(cfg: Config, device: torch.device, world: int) -> tuple[SimCLR, 
     return net, torch.compile(model) if cfg.train.compile else model
 
 
-def restore(path: Path, net: SimCLR, temperature: Temperature, optimizer, scaler, cfg: Config, device,
+# What a checkpoint's weights depend on: resuming with another value cannot continue that run.
+SHAPE_KEYS = ("model.backbone", "model.cifar_stem", "model.head_hidden", "model.head_out", "model.head_layers",
+              "data.image_size")
+
+
+def check_resumable(state: dict, cfg: Config, path: Path) -> None:
+    """One line naming the first setting of SHAPE_KEYS in which the checkpoint and this run differ."""
+    saved, ours = state.get("config", {}), to_dict(cfg)
+    for key in SHAPE_KEYS:
+        section, name = key.split(".")
+        theirs, mine = saved.get(section, {}).get(name, ours[section][name]), ours[section][name]
+        if theirs != mine:
+            raise ConfigError(f"train.resume: checkpoint {path} was trained with {key}={json.dumps(theirs)}, "
+                              f"this run has {json.dumps(mine)}")
+
+
+def _load_states(state: dict, path: Path, parts: dict) -> None:
+    """``part.load_state_dict(state[name])`` for each part; a mismatch that slipped past
+    :func:`check_resumable` is one line naming the checkpoint, not a page of tensor shapes."""
+    for name, part in parts.items():
+        try:
+            part.load_state_dict(state[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
+            detail = next((line for line in lines if "mismatch" in line or "key" in line.lower()), lines[0])
+            raise ConfigError(f"train.resume: checkpoint {path} does not fit this run's {name}: {detail}") from None
+
+
+def restore(path: Path, state: dict, net: SimCLR, temperature: Temperature, optimizer, scaler, cfg: Config,
             rank: int, world: int, budget: Optional[TimeBudget] = None) -> Position:
     """Load a checkpoint's weights, optimiser, scaler, this process's RNG state and a time budget's fixed
     step plan; returns where it stood. A checkpoint written by another number of processes restarts the
     augmentation streams (said so)."""
-    state = load_checkpoint(path, map_location=device)
     if budget is not None and state.get("schedule"):
         budget.load_state_dict(state["schedule"])
         log.info("following the time budget's plan saved in the checkpoint: %d steps", budget.plan.total)
-    net.encoder.load_state_dict(state["encoder"])
-    net.head.load_state_dict(state["head"])
-    temperature.load_state_dict(state["temperature"])
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    _load_states(state, path, {"encoder": net.encoder, "head": net.head, "temperature": temperature,
+                               "optimizer": optimizer, "scaler": scaler})
     pos = Position(**state["position"])
     if len(state["rng"]) == world:
         set_rng_state(state["rng"][rank])
@@ -451,11 +476,35 @@ def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optiona
     train on instead of ``data.train``, which must then be empty. It is decoded like a folder: into the
     cache under ``cache_name`` (with its length), or into memory every run without one.
     Stops at ``train.epochs``, at ``train.max_time`` or on SIGTERM/SIGINT, always with a checkpoint."""
-    with stop_on_signals() as stop_requested:
-        return _pretrain(cfg, progress, stop_requested, train, cache_name)
+    with stop_on_signals() as stop_requested, ExitStack() as held:
+        return _pretrain(cfg, progress, stop_requested, held, train, cache_name)
 
 
-def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, dataset, cache_name) -> dict:
+def _resume_state(cfg: Config, device) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume and its state, checked to fit this run before any data is decoded."""
+    path = _resume_path(cfg)
+    if path is None:
+        return None, None
+    state = load_checkpoint(path, map_location=device)
+    check_resumable(state, cfg, path)
+    return path, state
+
+
+def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, dict | None]:
+    """The main process locks ``out`` for the run's life (``held``), checks that this run may write there
+    (see :mod:`simxent.rundir`) and returns the run id and what to resume."""
+    out = writable_folder(cfg.out, "out")
+    held.enter_context(run_lock(out))
+    resume, state = _resume_state(cfg, device)
+    resumed_id = state.get("run_id") if state else None
+    if state is None and dist.restarted_by_torchrun():
+        resumed_id = recorded_run_id(out)  # restarted before its first checkpoint: the folder is its own
+    run_id = claim(out, resumed_id, state is not None or dist.restarted_by_torchrun(), cfg.train.overwrite)
+    return run_id, resume, state
+
+
+def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, held: ExitStack, dataset,
+              cache_name) -> dict:
     started = time.monotonic()
     device = dist.init(resolve_device(cfg.train.device))
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
@@ -463,13 +512,17 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must divide by the "
                           f"{world} processes")
     out = Path(cfg.out)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+    if main:  # only the main process writes in out (and nothing before it holds the lock)
+        run_id, resume, resumed = _claim_out(cfg, held, device)
+    if cfg.data.cache and (cfg.data.val or not cfg.data.stream):  # data.val is always decoded into the cache
+        writable_folder(cfg.data.cache_dir or default_cache_dir(), "data.cache_dir")
     setup_logging(out / "train.log" if main else None, level=logging.INFO if main else logging.WARNING)
     dtype = resolve_dtype(cfg.train.precision, device)
     set_threads(cfg.train.threads)
     configure_device(device)
     train, val, bank = _load_data_once(cfg, progress, dataset, cache_name)
+    if not main:  # after the main process has claimed out
+        resume, resumed = _resume_state(cfg, device)
 
     if device.type == "cuda" and isinstance(train, ImageStream):
         train.pin_memory = True
@@ -490,9 +543,9 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
     optimizer = build_optimizer(net, cfg.optim, peak, temperature, cfg.loss.temperature_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    resume = _resume_path(cfg)
-    pos = restore(resume, net, temperature, optimizer, scaler, cfg, device, rank, world, budget) if resume \
+    pos = restore(resume, resumed, net, temperature, optimizer, scaler, cfg, rank, world, budget) if resume \
         else Position()
+    del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go
     if main:
         save_config(cfg, out / "config.yaml")
     # purge_step drops what a killed run logged after its last checkpoint: one continuous curve.
@@ -515,7 +568,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
         if main:
             similarities.write()
             state = {**_state(cfg, net, temperature, optimizer, scaler, pos, rng), "schedule": budget.state_dict()}
-            save_rotating(state, checkpoint_path(cfg).parent, pos.global_step, cfg.train.keep_checkpoints)
+            save_rotating(state, checkpoint_path(cfg).parent, pos.global_step, cfg.train.keep_checkpoints, run_id)
 
     def write_skipped():
         if main and train.skipped:
@@ -648,6 +701,7 @@ def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, data
     write_skipped()
     summary = {
         "checkpoint": str(checkpoint_path(cfg)),
+        "run_id": run_id if main else None,
         "epoch": pos.epoch,
         "global_step": pos.global_step,
         "world_size": world,

@@ -1,0 +1,86 @@
+"""Files that several writers may share: temporary names that carry their writer, removal of what dead
+writers left, and disk space reserved before it is filled.
+
+A temporary file is named ``.<final name>.<pid>@<host>.<random>.tmp``: unique per writer and per call, so
+concurrent writers never collide, and it says who wrote it. A leftover is removed only when its writer
+ran on this host and its process no longer exists (``os.kill(pid, 0)``): a live writer's file is never
+touched, and a pid reused by an unrelated process only delays the clean-up until that process ends.
+Files of other hosts (a folder shared over the network) are left alone, since their pids mean nothing here.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import secrets
+import socket
+from pathlib import Path
+
+log = logging.getLogger("simxent")
+
+HOST = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "localhost"
+_TEMP = re.compile(r"\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)\.\w+\.tmp(\.npy)?$")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def writer_tag() -> str:
+    """``<pid>@<host>`` of this process."""
+    return f"{os.getpid()}@{HOST}"
+
+
+def temp_path(final: Path, suffix: str = "") -> Path:
+    """A fresh temporary name beside ``final`` (not created): ``.<name>.<pid>@<host>.<random>.tmp<suffix>``."""
+    return final.with_name(f".{final.name}.{writer_tag()}.{secrets.token_hex(4)}.tmp{suffix}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def dead_writer(name: str) -> bool:
+    """Whether ``name`` is a temporary file of this host whose writing process is gone."""
+    m = _TEMP.search(name)
+    return bool(m) and m["host"] == HOST and not pid_alive(int(m["pid"]))
+
+
+def remove_dead_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files that dead writers of this host left in ``folder``; returns them."""
+    removed = []
+    try:
+        names = [e.name for e in os.scandir(folder) if e.is_file(follow_symlinks=False)]
+    except OSError:  # no folder yet: nothing left behind
+        return removed
+    for name in names:
+        if dead_writer(name):
+            (folder / name).unlink(missing_ok=True)
+            removed.append(folder / name)
+    if removed:
+        log.info("removed %d temporary file(s) that dead processes left in %s", len(removed), folder)
+    return removed
+
+
+def reserve(fd: int, nbytes: int) -> None:
+    """Allocate the file's first ``nbytes`` bytes now (``posix_fallocate``), so that a full disk is an
+    ENOSPC here and not a SIGBUS later, when a sparse memory map touches a page the disk cannot hold.
+    Where the call or the filesystem cannot reserve (macOS, some network filesystems) this does nothing
+    and writes report a full disk themselves."""
+    fallocate = getattr(os, "posix_fallocate", None)
+    if fallocate is None or nbytes <= 0:
+        return
+    try:
+        fallocate(fd, 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in DISK_FULL

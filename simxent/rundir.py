@@ -1,0 +1,125 @@
+"""The run folder (``out``): one run at a time, one run per folder.
+
+- A run holds an exclusive ``flock`` on ``OUT/.simxent.lock`` for its whole life. The kernel drops it when
+  the process ends, however it ends (a SIGKILL leaves no stale lock); the file names the holder, so a
+  second run stops at once saying who holds the folder.
+- Every run has an id (``OUT/run.json``, and in each of its checkpoints and step-file names). Resuming and
+  rotation only ever consider files of that id.
+- A fresh run refuses a folder that holds another run's checkpoints or TensorBoard events, unless
+  ``train.overwrite=true``, which first clears the files a run writes there (nothing else).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from .config import ConfigError
+from .files import HOST, remove_dead_temp_files, temp_path
+
+log = logging.getLogger("simxent")
+
+LOCK_FILE = ".simxent.lock"
+RUN_FILE = "run.json"
+# Everything a pretraining run (and the linear evaluation it defaults to) writes in its folder.
+RUN_ENTRIES = ("checkpoints", "tb", "figures", "linear_eval", "train.log", "summary.json", "config.yaml",
+               "similarities.json", "skipped_images.txt", RUN_FILE)
+
+
+def writable_folder(path: str | Path, key: str) -> Path:
+    """Create the folder ``path`` if needed; one line naming ``key`` when it is a file or cannot be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key}: {path} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot create the folder {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}: the folder {path} is not writable")
+    return path
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        h = json.loads(lock_path.read_text())
+        return f"pid {h['pid']} on {h['host']}, started {h['started']}"
+    except (OSError, ValueError, KeyError, TypeError):  # the holder is still writing its name
+        return "holder not yet named"
+
+
+@contextmanager
+def run_lock(out: Path):
+    """Hold the exclusive lock on ``out`` for the ``with`` block; ConfigError naming the holder if taken."""
+    lock_path = out / LOCK_FILE
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"out: {out} is in use by another run ({_holder(lock_path)}); wait for it to "
+                              f"end or choose another out") from None
+        holder = {"pid": os.getpid(), "host": HOST, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock; the file stays (unlinking a lock file races with its next taker)
+
+
+def holds_run(out: Path) -> bool:
+    """Whether ``out`` holds a run's progress: a checkpoint or TensorBoard events."""
+    tb = out / "tb"
+    return any((out / "checkpoints").glob("*.pt")) or (tb.is_dir() and any(tb.rglob("events.out.tfevents.*")))
+
+
+def recorded_run_id(out: Path) -> str | None:
+    """The id of the run ``out`` holds, or None (no run yet, or one written before runs had ids)."""
+    try:
+        return json.loads((out / RUN_FILE).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def record_run_id(out: Path, run_id: str) -> None:
+    tmp = temp_path(out / RUN_FILE)
+    tmp.write_text(json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    os.replace(tmp, out / RUN_FILE)
+
+
+def clear_run(out: Path) -> None:
+    """Delete what a run wrote in ``out`` (RUN_ENTRIES); other files in the folder stay."""
+    for name in RUN_ENTRIES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    log.warning("train.overwrite=true: cleared the previous run in %s", out)
+
+
+def claim(out: Path, resumed_id: str | None, resuming: bool, overwrite: bool) -> str:
+    """Make ``out`` this run's folder (call under :func:`run_lock`); returns the run id.
+
+    ``resuming`` with ``resumed_id``, the id in the checkpoint being resumed (None for one written before
+    runs had ids). A folder holding another run is refused unless ``overwrite`` clears it first."""
+    for folder in (out, out / "checkpoints"):
+        remove_dead_temp_files(folder)  # under the lock: whoever wrote them in this folder is gone
+    held = recorded_run_id(out)
+    own = resuming and (held is None or held == resumed_id)
+    if holds_run(out) and not own:
+        if not overwrite:
+            what = f"run {held}" if held else "another run"
+            raise ConfigError(f"out: {out} holds {what} (checkpoints or TensorBoard events): set train.resume=auto "
+                              f"to continue it, train.overwrite=true to replace it, or choose another out")
+        clear_run(out)
+    run_id = resumed_id if resuming and resumed_id else uuid.uuid4().hex[:12]
+    if run_id != held:
+        record_run_id(out, run_id)
+    return run_id

@@ -1,0 +1,224 @@
+"""The run folder: one run at a time, one run per folder, resumable only with a model that fits, no
+temporary files left by dead writers, a full disk or an unusable folder reported in one line."""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from simxent.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_rotating
+from simxent.cli import pretrain_main
+from simxent.demo import make_shapes
+from tests.conftest import TINY_RUN
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes"), train_per_class=16, test_per_class=4, size=16)
+
+
+def tiny(shapes, out, *more):
+    return ["--no-progress", *TINY_RUN, f"data.train={shapes / 'train'}", "eval.every=0", "train.precision=fp32",
+            f"out={out}", "train.epochs=1", *more]
+
+
+def run(args, capsys):
+    """pretrain_main's exit status and what it printed to stderr."""
+    status = pretrain_main(args)
+    return status, capsys.readouterr().err
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("simxent: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_second_run_in_a_busy_folder_stops_naming_the_holder(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = tiny(shapes, out, "train.epochs=500")
+    first = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "pretrain.py"), *args], cwd=ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "last.pt").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()
+        status, err = run(tiny(shapes, out, "train.resume=auto"), capsys)
+        assert status == 2 and f"in use by another run (pid {first.pid} on " in error_line(err)
+        status, err = run(tiny(shapes, out, "train.overwrite=true"), capsys)  # overwriting a live run: no
+        assert status == 2 and "in use by another run" in error_line(err)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # The kernel dropped the dead run's lock: resuming it needs no clean-up.
+    status, err = run(tiny(shapes, out, "train.resume=auto", "train.epochs=2"), capsys)
+    assert status == 0, err
+    assert "resumed from" in err
+
+
+def test_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(tiny(shapes, out), capsys)[0] == 0
+    first = load_checkpoint(out / "checkpoints" / "last.pt")["run_id"]
+    (out / "notes.txt").write_text("mine")
+    status, err = run(tiny(shapes, out), capsys)
+    assert status == 2 and f"holds run {first}" in error_line(err) and "train.overwrite=true" in err
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["run_id"] == first  # untouched
+    assert run(tiny(shapes, out, "train.overwrite=true", "train.keep_checkpoints=1"), capsys)[0] == 0
+    second = load_checkpoint(out / "checkpoints" / "last.pt")["run_id"]
+    assert second != first
+    assert [p.name for p in (out / "checkpoints").glob("step-*.pt")] == [f"step-000000005-{second}.pt"]
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # the old run's curve is gone
+    assert (out / "notes.txt").read_text() == "mine"  # overwrite clears a run's files, nothing else
+
+
+def test_resume_and_rotation_only_touch_files_of_their_own_run(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(tiny(shapes, out, "train.epochs=2", "train.keep_checkpoints=2"), capsys)[0] == 0
+    folder = out / "checkpoints"
+    own = load_checkpoint(folder / "last.pt")
+    # Another run's file with a higher step, named the way an older simxent named step files.
+    save_checkpoint({**own, "run_id": "another0run", "position": {"epoch": 99, "step": 0, "global_step": 999}},
+                    folder / "step-000000999.pt")
+    torn = folder / "torn"  # last.pt torn (a new file: last.pt is a hard link to the newest step file)
+    torn.write_bytes((folder / "last.pt").read_bytes()[:64])
+    os.replace(torn, folder / "last.pt")  # resume=auto falls back to the step files
+    status, err = run(tiny(shapes, out, "train.epochs=3", "train.resume=auto", "train.keep_checkpoints=2"), capsys)
+    assert status == 0, err
+    state = load_checkpoint(folder / "last.pt")
+    assert state["run_id"] == own["run_id"] and state["position"]["global_step"] == 15  # resumed at 10, not 999
+    assert (folder / "step-000000999.pt").exists()  # rotation never deletes another run's file
+    assert sorted(p.name for p in folder.glob(f"step-*-{own['run_id']}.pt")) == [
+        f"step-000000010-{own['run_id']}.pt", f"step-000000015-{own['run_id']}.pt"]
+
+
+def test_concurrent_rotating_saves_never_collide(tmp_path):
+    """Two writers (two run ids) saving into one folder at once: unique temporary names, no crash, and each
+    run keeps its own newest files."""
+    errors = []
+
+    def writer(run_id):
+        try:
+            for step in range(150):
+                save_rotating({"x": torch.tensor([step])}, tmp_path, step, keep=2, run_id=run_id)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=writer, args=(r,)) for r in ("aaaa", "bbbb")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    for r in ("aaaa", "bbbb"):
+        assert sorted(p.name for p in tmp_path.glob(f"step-*-{r}.pt")) == [f"step-000000148-{r}.pt",
+                                                                            f"step-000000149-{r}.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["x"].item() == 149
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_resume_with_a_model_that_does_not_fit_is_one_line(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(tiny(shapes, out), capsys)[0] == 0
+    for change, message in (("model.backbone=resnet18", "model.backbone=\"convnet\", this run has \"resnet18\""),
+                            ("model.head_out=8", "model.head_out=16, this run has 8"),
+                            ("data.image_size=24", "data.image_size=16, this run has 24")):
+        status, err = run(tiny(shapes, out, "train.resume=auto", "train.epochs=2", change), capsys)
+        assert status == 2 and "was trained with " + message in error_line(err), err
+        assert "Traceback" not in err
+    # A checkpoint whose config says one head size and whose tensors hold another: caught at load_state_dict.
+    path = out / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    state["config"]["model"]["head_out"] = 8
+    save_checkpoint(state, tmp_path / "odd.pt")
+    status, err = run(tiny(shapes, tmp_path / "other", f"train.resume={tmp_path / 'odd.pt'}", "model.head_out=8",
+                           "train.epochs=2"), capsys)
+    assert status == 2 and "does not fit this run's head: size mismatch" in error_line(err), err
+
+
+def _leave_a_torn_checkpoint(path: Path) -> None:
+    """A process that dies (SIGKILL) in the middle of writing ``path``."""
+    code = ("import os, signal, torch; from simxent.checkpoint import save_checkpoint\n"
+            "os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"save_checkpoint({{'x': torch.zeros(1000)}}, {str(path)!r})\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def test_temporary_checkpoints_of_dead_writers_are_removed_at_start(shapes, tmp_path, capsys):
+    from simxent.files import temp_path
+
+    folder = tmp_path / "run" / "checkpoints"
+    _leave_a_torn_checkpoint(folder / "step-000000007-dead.pt")
+    left = list(folder.glob(".*.tmp"))
+    assert len(left) == 1 and left[0].stat().st_size > 0
+    live = temp_path(folder / "step-000000001-live.pt")  # named after this (living) process
+    live.write_bytes(b"being written")
+    status, err = run(tiny(shapes, tmp_path / "run"), capsys)
+    assert status == 0, err
+    assert not left[0].exists() and live.exists()
+
+
+def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(shapes, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert run(tiny(shapes, out), capsys)[0] == 0
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    status, err = run(tiny(shapes, out, "train.resume=auto", "train.epochs=2"), capsys)
+    line = error_line(err)
+    assert status == 2 and "no space left to write checkpoint" in line and "MB needed" in line
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    with pytest.raises(CheckpointError, match="previous checkpoint is intact"):
+        save_checkpoint({"x": torch.ones(3)}, tmp_path / "c.pt")
+    assert not (tmp_path / "c.pt").exists() and not list(tmp_path.glob(".c.pt.*"))
+
+
+def test_unusable_out_or_cache_folder_is_one_line(shapes, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for args, message in ((tiny(shapes, a_file), f"out: {a_file} exists and is not a folder"),
+                          (tiny(shapes, a_file / "run"), f"out: cannot create the folder {a_file / 'run'}"),
+                          (tiny(shapes, tmp_path / "r", f"data.cache_dir={a_file}"),
+                           f"data.cache_dir: {a_file} exists and is not a folder")):
+        status, err = run(args, capsys)
+        assert status == 2 and message in error_line(err), err
+        assert "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes in read-only folders")
+def test_read_only_out_is_one_line(shapes, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    status, err = run(tiny(shapes, locked), capsys)
+    assert status == 2 and "is not writable" in error_line(err)
+
+
+def test_skipped_images_are_listed_one_json_record_per_line(shapes, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for f in (shapes / "train" / "circle").iterdir():
+        os.symlink(f, folder / f.name)
+    odd = ["bad\nname.png", "broken.png"]
+    for name in odd:
+        (folder / name).write_bytes(b"not an image")
+    out = tmp_path / "run"
+    status, err = run(tiny(shapes, out, f"data.train={folder}", "train.batch_size=4"), capsys)
+    assert status == 0, err
+    lines = (out / "skipped_images.txt").read_text().splitlines()
+    assert sorted(Path(json.loads(line)["file"]).name for line in lines) == sorted(odd)
