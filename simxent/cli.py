@@ -247,6 +247,11 @@ def cache_main(argv=None) -> int:
         print(f"removed {len(removed)} file(s), {cache_admin.human_bytes(freed)}, from {cache_dir}")
         for t in in_use:
             print(f"kept {t.path.name}: process {t.pid} is writing it")
+        return 0
+
+    return _run(main)
+
+
 def embed_main(argv=None) -> int:
     d = EmbedOptions()
     p = _parser("simxent-embed", "Write the L2-normalised embeddings of every image in a folder, their file names "
