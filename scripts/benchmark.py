@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from simxent.augment import Normalize, ViewAugment
 from simxent.config import AugmentConfig, ModelConfig, load_config
 from simxent.evaluate import autocast, build_index, extract_features, knn_scores, train_linear_probe
-from simxent.loss import _SymmetricNTXent, nt_xent  # the private form: timed where nt_xent does not pick it
+from simxent.loss import nt_xent, symmetric_nt_xent  # the symmetric form: timed where nt_xent does not pick it
 from simxent.models import SimCLR
 from simxent.runtime import configure_device, cpu_supports_bf16, resolve_device, resolve_dtype
 from simxent.schedule import build_optimizer
@@ -93,7 +93,7 @@ def loss_forms(z1, z2) -> dict:
              "two_block": lambda: nt_xent_two_block(z1, z2, 0.1)}
     if z1.device.type != "cpu":
         inv_t = torch.tensor(10.0, device=z1.device)
-        forms["symmetric"] = lambda: _SymmetricNTXent.apply(torch.cat([z1, z2]), inv_t)
+        forms["symmetric"] = lambda: symmetric_nt_xent(torch.cat([z1, z2]), inv_t)
     return forms
 
 

@@ -3,7 +3,7 @@
 import argparse
 import sys
 
-from simxent.cli import _run
+from simxent.cli import report_user_errors
 from simxent.linear_eval import ProbeOptions
 from simxent.sweep import parse_grid, sweep
 
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
         print((__import__("pathlib").Path(a.out) / "results.md").read_text())
         return 0 if rows else 1
 
-    return _run(run)
+    return report_user_errors(run)
 
 
 if __name__ == "__main__":

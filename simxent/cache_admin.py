@@ -1,9 +1,9 @@
 """Seeing and clearing the decoded-image cache (``simxent-cache list|clear``).
 
 An entry of the cache folder is a decoded array ``KEY.npy`` and its metadata ``KEY.json`` (which names the
-source folder). A decoder writes each under a temporary name that carries its process id (``KEY.tmp<pid>.npy``
-and ``KEY.tmp<pid>``, or ``.KEY.npy.<pid>@<host>.<random>.tmp.npy``) and renames it when done. Clearing never
-removes the temporary file of a process that still runs, or of another host: that decoder is filling it.
+source folder). A decoder writes each under a temporary name that carries its process and host
+(``.KEY.npy.<pid>@<host>.<random>.tmp.npy`` and ``.KEY.json.<pid>@<host>.<random>.tmp``, from
+:func:`simxent.files.temp_path`) and renames it when done. Clearing never removes the temporary file of a process that still runs, or of another host: that decoder is filling it.
 Removing a finished entry while a run reads it is safe: the run's memory map keeps the data until it closes.
 """
 from __future__ import annotations
@@ -11,16 +11,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import DataError
+from .files import HOST, pid_alive
 
 _ENTRY = re.compile(r"^(?P<key>[\w-]+)\.(npy|json)$")
-_TEMPS = (re.compile(r"^(?P<key>[\w-]+)\.tmp(?P<pid>\d+)(\.npy)?$"),
-          re.compile(r"^\.(?P<key>[\w-]+)\.(npy|json)\.(?P<pid>\d+)@(?P<host>[\w-]+)\.\w+\.tmp(\.npy)?$"))
+_WRITER = r"(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)\.\w+"  # files.temp_path's <pid>@<host>.<random>
+_TEMPS = (re.compile(rf"^\.(?P<key>[\w-]+)\.npy\.{_WRITER}\.tmp\.npy$"),  # an array being decoded
+          re.compile(rf"^\.(?P<key>[\w-]+)\.json\.{_WRITER}\.tmp$"))  # its metadata
 
 
 @dataclass
@@ -54,13 +55,9 @@ def _temp_file(path: Path) -> TempFile | None:
     for pattern in _TEMPS:
         m = pattern.match(path.name)
         if m:
-            here = m.groupdict().get("host") in (None, _host())
-            return TempFile(path, m["key"], int(m["pid"]), not here or pid_alive(int(m["pid"])))
+            pid = int(m["pid"])
+            return TempFile(path, m["key"], pid, m["host"] != HOST or pid_alive(pid))
     return None
-
-
-def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "localhost"
 
 
 def _disk_bytes(path: Path) -> int:
@@ -70,17 +67,6 @@ def _disk_bytes(path: Path) -> int:
     except OSError:
         return 0
     return st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (signal 0 checks without sending anything)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
 
 
 def scan(cache_dir: Path) -> tuple[list[CacheEntry], list[TempFile]]:

@@ -109,7 +109,7 @@ def fit_weights(module: nn.Module, weights, source: str | Path, arch: str) -> nn
     mis-shaped keys instead of PyTorch's list of all of them. The parts of a full torchvision model that an
     encoder leaves out (its classifier, auxiliary classifiers) are dropped first: encoders end at the pooled
     features."""
-    from .models import left_out  # here, so that `import simxent` does not import torchvision
+    from .models import left_out  # here: simxent.models imports this module
 
     if not isinstance(weights, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
         raise CheckpointError(f"{source}: expected a state dict (parameter names to tensors), got {type(weights).__name__}")
@@ -133,7 +133,7 @@ def fit_weights(module: nn.Module, weights, source: str | Path, arch: str) -> nn
 def fitted_backbone(name: str, cifar_stem: bool, weights, source: str | Path, image_size: int = 32) -> nn.Module:
     """Encoder ``name`` (see :func:`simxent.models.backbone`) for ``image_size`` px images, holding ``weights``;
     eval mode."""
-    from .models import backbone  # here, so that `import simxent` does not import torchvision
+    from .models import backbone  # here: simxent.models imports this module
 
     encoder, _ = backbone(name, cifar_stem, image_size)
     arch = name + (" with the CIFAR stem" if cifar_stem else "")

@@ -25,8 +25,9 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, ClassWeightError, LabelE
                TrainingError)
 
 
-def _run(main):
-    """Turn the errors a user can fix into one clear line and exit status 2, not a traceback."""
+def report_user_errors(main):
+    """``main()``'s exit status; an error a user can fix (USER_ERRORS) becomes one line on stderr and exit
+    status 2, not a traceback."""
     try:
         return main()
     except USER_ERRORS as e:
@@ -118,7 +119,7 @@ def pretrain_main(argv=None) -> int:
             print(format_summary(summary, Path(cfg.out)))
         return 0
 
-    return _run(main)
+    return report_user_errors(main)
 
 
 def _probe_parser(p: argparse.ArgumentParser) -> None:
@@ -190,7 +191,7 @@ def linear_eval_main(argv=None) -> int:
         print(format_results(results))
         return 0
 
-    return _run(main)
+    return report_user_errors(main)
 
 
 def demo_main(argv=None) -> int:
@@ -221,7 +222,7 @@ def demo_main(argv=None) -> int:
               f"{Path(a.out) / 'figures'}; TensorBoard: tensorboard --logdir {a.out}")
         return 0
 
-    return _run(main)
+    return report_user_errors(main)
 
 
 def cache_main(argv=None) -> int:
@@ -247,6 +248,11 @@ def cache_main(argv=None) -> int:
         print(f"removed {len(removed)} file(s), {cache_admin.human_bytes(freed)}, from {cache_dir}")
         for t in in_use:
             print(f"kept {t.path.name}: process {t.pid} is writing it")
+        return 0
+
+    return report_user_errors(main)
+
+
 def embed_main(argv=None) -> int:
     d = EmbedOptions()
     p = _parser("simxent-embed", "Write the L2-normalised embeddings of every image in a folder, their file names "
@@ -290,7 +296,7 @@ def embed_main(argv=None) -> int:
             print(f"{len(meta['skipped'])} unreadable file(s) skipped:\n  " + "\n  ".join(meta["skipped"]))
         return 0
 
-    return _run(main)
+    return report_user_errors(main)
 
 
 def search_main(argv=None) -> int:
@@ -323,7 +329,7 @@ def search_main(argv=None) -> int:
         print(json.dumps(results, indent=2, ensure_ascii=False) if a.json else format_search(results))
         return 0
 
-    return _run(main)
+    return report_user_errors(main)
 
 
 def format_search(results: dict) -> str:

@@ -511,6 +511,22 @@ def check_backbone(model: ModelConfig) -> None:
                           f"not {name}; set model.cifar_stem=false")
 
 
+def check_streaming(cfg: Config) -> None:
+    """Refuse the settings that streaming (``data.stream=true``) cannot honour."""
+    if not cfg.data.stream:
+        return
+    if (cfg.augment.views, cfg.augment.small_views) != (2, 0):
+        # The decoding workers crop a streamed image larger than the view themselves, two crops per image.
+        raise ConfigError(f"augment.views={cfg.augment.views}, augment.small_views={cfg.augment.small_views}: "
+                          f"data.stream=true makes two full-size views per image (set augment.views=2, "
+                          f"augment.small_views=0, or data.stream=false)")
+    if cfg.loss.positives == "labels":
+        # A streamed bad file is replaced by the next readable one, possibly of another class, while the
+        # batch keeps the first file's label: supervised positives would silently pair the wrong images.
+        raise ConfigError("loss.positives=labels: needs data.stream=false (a streamed bad file is replaced by "
+                          "another image whose class may differ from the label the batch keeps)")
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks; each error names its key."""
     flat = _flatten(to_dict(cfg))
@@ -543,11 +559,7 @@ def validate(cfg: Config) -> None:
           ">= data.image_size, or null")
     check(cfg.augment.small_size is None or 8 <= cfg.augment.small_size <= cfg.data.image_size,
           "augment.small_size", f"null or in [8, data.image_size = {cfg.data.image_size}]")
-    if cfg.data.stream and (cfg.augment.views, cfg.augment.small_views) != (2, 0):
-        # The decoding workers crop a streamed image larger than the view themselves, two crops per image.
-        raise ConfigError(f"augment.views={cfg.augment.views}, augment.small_views={cfg.augment.small_views}: "
-                          f"data.stream=true makes two full-size views per image (set augment.views=2, "
-                          f"augment.small_views=0, or data.stream=false)")
+    check_streaming(cfg)
     check(cfg.data.workers >= 0, "data.workers", ">= 0")
     check(cfg.model.head_layers >= 1, "model.head_layers", ">= 1")
     check(cfg.model.head_hidden >= 1, "model.head_hidden", ">= 1")

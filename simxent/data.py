@@ -408,7 +408,7 @@ def _collate(items):
 
 @dataclass
 class Batch:
-    """One process's share of a training batch, for :meth:`simxent.augment.ViewAugment.pair`.
+    """One process's share of a training batch, for :meth:`simxent.augment.ViewAugment.views`.
 
     ``images`` uint8 NCHW are whole images (B, 3, S, S); or, with ``sizes`` (B, 2), images of true
     (height, width) stored top-left in a padded (B, 3, D, D); or, with ``cropped``, the two views' crops

@@ -25,6 +25,18 @@ log = logging.getLogger("simxent")
 def read_rows(path: Path) -> list[tuple[int, str, set[str]]]:
     """``(line number, file, labels)`` per row; blank rows and rows starting with ``#`` are skipped. The file
     is normalised (``./a/b.png`` is ``a/b.png``); an empty label field is an image with no label."""
+    try:
+        return parse_rows(path)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 label file (byte {e.start} is not UTF-8)") from None
+    except csv.Error as e:  # e.g. a field over csv's size limit
+        raise ConfigError(f"{path}: not a readable CSV label file ({e})") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read the label file {path}: {e.strerror}") from None
+
+
+def parse_rows(path: Path) -> list[tuple[int, str, set[str]]]:
+    """:func:`read_rows` without turning the csv and decoding errors into messages."""
     rows = []
     with path.open(newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's byte-order mark is no file name
         reader = csv.reader(f, skipinitialspace=True)
@@ -51,15 +63,27 @@ def drop_header(rows: list, known: set[str], path: Path, root: Path) -> list:
     return rows
 
 
+def image_name(file: str | Path, base: Path) -> str:
+    """How a label file names ``file``: its path relative to ``base``, or as it is when not below ``base``
+    (an absolute path in an image list)."""
+    try:
+        return Path(file).relative_to(base).as_posix()
+    except ValueError:
+        return Path(file).as_posix()
+
+
 def read_label_csv(path: str | Path, data: ImageArray, root: str | Path, names: Optional[list[str]] = None):
     """The (N, labels) 0/1 matrix of ``data``'s images from ``path`` and the label names (sorted, from this
-    file unless given: the training file's). ``root`` is the folder the file names are relative to; every
-    image needs exactly one row, and rows of images skipped as unreadable are ignored."""
+    file unless given: the training file's). ``root`` is the image folder, or the image list (a text file)
+    ``data`` was read from; file names are relative to the folder, or written as in the list (relative to
+    its folder, or absolute). Every image needs exactly one row; rows of images skipped as unreadable are
+    ignored."""
     path, root = Path(path), Path(root)
     if not path.is_file():
         raise ConfigError(f"label file not found: {path}")
-    images = [Path(f).relative_to(root).as_posix() for f in data.files]
-    unreadable = {Path(f).relative_to(root).as_posix() for f in data.skipped}
+    base = root.parent if root.is_file() else root  # a list's entries are relative to the list's folder
+    images = [image_name(f, base) for f in data.files]
+    unreadable = {image_name(f, base) for f in data.skipped}
     rows = drop_header(read_rows(path), set(images) | unreadable, path, root)
     labels, line_of = {}, {}
     for number, file, row_labels in rows:

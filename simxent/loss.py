@@ -209,9 +209,17 @@ def nt_xent(
         inv_t = _inverse_temperature(temperature, x)
         # GPUs keep the one-matrix form, the one measured there; the symmetric form was measured on CPUs only.
         if gather is None and x.device.type == "cpu" and float(inv_t.detach()) <= SYMMETRIC_MAX_INV_T:
-            return _SymmetricNTXent.apply(x, inv_t)
+            return symmetric_nt_xent(x, inv_t)
         z = F.normalize(x, dim=1)
         return _MaskedSimilarityCrossEntropy.apply(z, z if gather is None else gather(z), inv_t, rank * z.shape[0])
+
+
+def symmetric_nt_xent(x: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor:
+    """NT-Xent of the 2n local views ``x = [z1; z2]`` (rows need not be normalised) at inverse temperature
+    ``inv_t`` (a 0-d tensor of ``x``'s dtype, with a gradient when learnt), by the symmetric form, which
+    computes 3/4 of S = z z^T / t. Requires 1/t <= SYMMETRIC_MAX_INV_T (exp(S - 1/t) must not underflow);
+    :func:`nt_xent` picks it by itself on a CPU."""
+    return _SymmetricNTXent.apply(x, inv_t)
 
 
 def positive_weights(groups: torch.Tensor, all_groups: torch.Tensor, offset: int, dtype) -> torch.Tensor:

@@ -6,6 +6,7 @@ import sys
 
 from simxent.cli import cache_main, main
 from simxent.data import load_folder
+from simxent.files import HOST, temp_path
 from tests.conftest import write_image
 
 
@@ -23,8 +24,8 @@ def two_entries(tmp_path):
         load_folder(tmp_path / name, 16, cache_dir=cache, workers=0, progress=False)
         keys.append(max(cache.glob("*.npy"), key=os.path.getmtime).stem)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    live = cache / f"{keys[0]}0000.tmp{os.getpid()}.npy"
-    gone = cache / f"{keys[0]}1111.tmp{int(dead.stdout)}.npy"
+    live = temp_path(cache / f"{keys[0]}0000.npy", ".npy")  # named as the decoder names its array
+    gone = cache / f".{keys[0]}1111.json.{int(dead.stdout)}@{HOST}.0123abcd.tmp"
     for path in (live, gone):
         path.write_bytes(b"\0" * 5000)
     return cache, keys, live, gone

@@ -325,3 +325,12 @@ def test_streaming_takes_two_full_size_views_only():
         with pytest.raises(ConfigError, match="data.stream=true makes two full-size views per image"):
             load_config(None, ["data.stream=true", extra])
     assert load_config(None, ["data.stream=false", "augment.views=3", "augment.small_views=2"]).augment.views == 3
+
+
+def test_streaming_refuses_supervised_positives():
+    """A streamed bad file is replaced by another image whose label may differ, so labels-as-positives needs
+    the cache; the message names both keys."""
+    with pytest.raises(ConfigError, match=r"loss.positives=labels: needs data.stream=false"):
+        load_config(None, ["data.stream=true", "loss.positives=labels"])
+    assert load_config(None, ["data.stream=false", "loss.positives=labels"]).loss.positives == "labels"
+    assert load_config(None, ["data.stream=true", "loss.positives=views"]).data.stream

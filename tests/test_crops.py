@@ -154,10 +154,10 @@ def test_images_no_larger_than_the_view_keep_the_square_layout(tmp_path):
     assert all(np.array_equal(img.numpy(), decode(tmp_path / "f" / f"{i}.png", 16)) for i, img in enumerate(data.images))
 
 
-def large_folder(root, n=8):
+def large_folder(root, n=8, seed=0):
     for i in range(n):
         w, h = (60, 40) if i % 2 else (30, 60)
-        smooth_image(root / f"c{i % 2}" / f"{i}.jpg", w, h, i, quality=90)
+        smooth_image(root / f"c{i % 2}" / f"{i}.jpg", w, h, seed + i, quality=90)
     return root
 
 
@@ -218,16 +218,33 @@ def test_blur_scales_with_the_view(size):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_training_on_large_non_square_photographs(tmp_path, stream):
+def test_training_on_large_non_square_photographs(tmp_path, monkeypatch, stream):
     """A folder of 3:2 and 1:2 JPEGs larger than the view trains through the cache and the stream, with kNN
-    monitoring on evaluation-transformed images of the same labelled folder."""
+    monitoring of a separate labelled folder; from the cache, the kNN bank is the training folder decoded
+    with the evaluation transform (centre crops, no padding), while a streamed run is leave-one-out in val."""
+    import json
+
+    from simxent import train as train_module
     from simxent.config import load_config
-    from simxent.train import pretrain
     from tests.conftest import TINY_RUN
 
-    root = large_folder(tmp_path / "photos", 32)
-    cfg = load_config(None, [*TINY_RUN, f"data.train={root}", f"data.val={root}", f"data.stream={str(stream).lower()}",
+    banks = []
+    knn_monitor = train_module.knn_monitor
+
+    def spy(model, bank, *args, **kwargs):
+        banks.append(bank)
+        return knn_monitor(model, bank, *args, **kwargs)
+    monkeypatch.setattr(train_module, "knn_monitor", spy)
+    root, val = large_folder(tmp_path / "photos", 32), large_folder(tmp_path / "val", 8, seed=100)
+    cfg = load_config(None, [*TINY_RUN, f"data.train={root}", f"data.val={val}", f"data.stream={str(stream).lower()}",
                              "train.epochs=1", "eval.knn_k=5", "eval.projector=0", f"out={tmp_path / 'run'}"])
-    summary = pretrain(cfg, progress=False)
+    summary = train_module.pretrain(cfg, progress=False)
     assert summary["global_step"] == 2 and np.isfinite(summary["last_loss"])
-    assert len(summary["knn_top1"]) == 1
+    if stream:
+        assert banks == [None]
+    else:
+        (bank,) = banks
+        assert len(bank.data) == 32 and bool(bank.rows.all()) and bank.data.sizes is None
+        assert bank.data.images.shape[1:] == (16, 16, 3)
+    (knn,) = json.loads((tmp_path / "run" / "summary.json").read_text())["knn_top1"]
+    assert isinstance(knn["top1"], float) and 0 <= knn["top1"] <= 1

@@ -3,6 +3,7 @@ precision, and where it writes. Each mistake stops with one line naming the file
 import importlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -77,6 +78,36 @@ def test_label_csv_unknown_test_label_and_unreadable_images(tmp_path):
     # A row for an image skipped as unreadable is no mistake; its labels do not count.
     y, names = read_label_csv(f, fake_folder(root, ["a.png"], skipped=["b.png"]), root)
     assert names == ["cat"] and y.tolist() == [[1]]
+
+
+def test_label_csv_of_an_image_list_names_files_as_the_list_does(tmp_path):
+    """A list source's root is its text file: rows name images relative to the list's folder, or absolute."""
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    listing = lists / "train.txt"
+    elsewhere = tmp_path / "other" / "c.png"
+    listing.write_text(f"a.png\n./sub/b.png\n../up.png\n{elsewhere}\n")
+    data = fake_folder(lists, ["a.png", "sub/b.png", "../up.png"])
+    data.files.append(str(elsewhere))
+    f = tmp_path / "labels.csv"
+    f.write_text(f"a.png,cat\nsub/b.png,dog\n../up.png,cat;dog\n{elsewhere},\n")
+    y, names = read_label_csv(f, data, listing)
+    assert names == ["cat", "dog"] and y.tolist() == [[1, 0], [0, 1], [1, 1], [0, 0]]
+    f.write_text("a.png,cat\nsub/b.png,dog\n../up.png,cat\nc.png,dog\n")
+    with pytest.raises(ConfigError, match=r"labels.csv:4: c.png is not an image of .*train.txt"):
+        read_label_csv(f, data, listing)
+
+
+def test_label_csv_that_is_not_text_or_csv_is_one_line(tmp_path):
+    root = tmp_path / "imgs"
+    data = fake_folder(root, ["a.png"])
+    f = tmp_path / "labels.csv"
+    f.write_bytes(b"a.png,caf\xe9\n")  # Latin-1, not UTF-8
+    with pytest.raises(ConfigError, match=r"labels.csv: not a UTF-8 label file \(byte 9"):
+        read_label_csv(f, data, root)
+    f.write_text("a.png," + "x" * 200_000 + "\n")
+    with pytest.raises(ConfigError, match=r"labels.csv: not a readable CSV label file \(field larger"):
+        read_label_csv(f, data, root)
 
 
 def test_label_sets_with_undefined_metrics(tmp_path, caplog):
@@ -270,3 +301,22 @@ def test_multilabel_csv_with_header_and_a_label_without_test_positives(run, tmp_
     assert evaluate(run_dir / "checkpoints" / "last.pt", shapes, "--objective", "multilabel", "--train-labels",
                     str(tmp_path / "train.csv"), "--test-labels", str(tmp_path / "test.csv")) == 2
     assert "no test image has any label" in capsys.readouterr().err
+
+
+def test_multilabel_on_image_lists(run, tmp_path):
+    """--train and --test may be image lists; the label files name the images as the lists do."""
+    run_dir, shapes = run
+    for split in ("train", "test"):
+        files = sorted((shapes / split).rglob("*.png"))
+        (tmp_path / f"{split}.txt").write_text("".join(f"{os.path.relpath(f, tmp_path)}\n" for f in files))
+        (tmp_path / f"{split}.csv").write_text("".join(
+            f"{os.path.relpath(f, tmp_path)},{'round' if f.parent.name in ('circle', 'ring') else 'straight'}\n"
+            for f in files))
+    report = tmp_path / "r.json"
+    assert linear_eval_main(["--checkpoint", str(run_dir / "checkpoints" / "last.pt"), "--train",
+                             str(tmp_path / "train.txt"), "--test", str(tmp_path / "test.txt"), "--epochs", "2",
+                             "--knn-k", "3", "--workers", "0", "--no-progress", "--objective", "multilabel",
+                             "--train-labels", str(tmp_path / "train.csv"), "--test-labels",
+                             str(tmp_path / "test.csv"), "--json", str(report)]) == 0
+    linear = json.loads(report.read_text())["pretrained"]["linear"]
+    assert set(linear["per_label_ap"]) == {"round", "straight"} and 0 <= linear["mAP"] <= 1

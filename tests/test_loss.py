@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from simxent.config import LEARNT_TEMPERATURE_RANGE
-from simxent.loss import SYMMETRIC_MAX_INV_T, Temperature, contrastive_stats, nt_xent
+from simxent.loss import SYMMETRIC_MAX_INV_T, Temperature, contrastive_stats, nt_xent, symmetric_nt_xent
 
 # One process on a CPU takes the symmetric form; any gather (here one that returns its input, as a single
 # process would) takes the one-matrix form that data parallelism and GPUs use. Both must be the same loss.
@@ -36,6 +36,20 @@ def test_matches_formula(n, d, t, form):
     expected = nt_xent_reference(z1, z2, t)
     got = nt_xent(z1.float(), z2.float(), t, **FORMS[form])
     assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+
+
+def test_public_symmetric_form_matches_formula_and_its_temperature_gradient():
+    """symmetric_nt_xent on [z1; z2] at 1/t: the formula's loss, and d/d(1/t) from float64 autograd."""
+    g = torch.Generator().manual_seed(7)
+    z1, z2 = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(5, 8, generator=g, dtype=torch.float64)
+    inv_t = torch.tensor(1 / 0.2, dtype=torch.float64, requires_grad=True)
+    reference = nt_xent_reference(z1, z2, 1 / inv_t)
+    (expected,) = torch.autograd.grad(reference, inv_t)
+    inv_t32 = inv_t.detach().float().requires_grad_()
+    got = symmetric_nt_xent(torch.cat([z1, z2]).float(), inv_t32)
+    got.backward()
+    assert got.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert inv_t32.grad.item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize("form", FORMS)
