@@ -30,7 +30,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import figures
 from .config import ConfigError, load_config, parse_override
-from .data import DataError, find_images
+from .data import DataError, find_images, naming_the_key
 from .linear_eval import ProbeOptions, linear_eval
 from .train import pretrain
 
@@ -101,7 +101,8 @@ def link_files(root: Path, files: list[Path], dest: Path) -> None:
 def carve_validation(train_dir: str | Path, dest: str | Path, opts: SweepOptions) -> dict:
     """Split the labelled ``train_dir`` into DEST/train and DEST/val (see :func:`stratified_split`); the
     counts per class go to DEST/split.json and are returned."""
-    found = find_images(train_dir)
+    with naming_the_key("--train"):
+        found = find_images(train_dir)
     if not found.labelled:
         raise DataError(f"--train: {train_dir}: a validation split is carved by class, so it needs one "
                         f"sub-folder per class with every image inside one")

@@ -80,6 +80,8 @@ def test_carve_links_the_originals(tmp_path):
     write_image(tmp_path / "flat" / "x.png")
     with pytest.raises(DataError, match="one sub-folder per class"):
         carve_validation(tmp_path / "flat", tmp_path / "bad", SweepOptions())
+    with pytest.raises(DataError, match="^--train: image folder not found: .*missing"):
+        carve_validation(tmp_path / "missing", tmp_path / "bad", SweepOptions())
 
 
 BASE = ["model.backbone=convnet", "model.head_hidden=16", "model.head_out=8", "data.image_size=16",
