@@ -1,24 +1,131 @@
-"""Grid studies: one normal run directory per combination, then a results table, JSON, TensorBoard hparams
-and a plot of kNN and probe accuracy against each swept value (``sweep.png``).
+"""Grid studies that choose on a validation split and report the test split once.
 
-    python scripts/sweep.py cpu --grid loss.temperature=0.05,0.1,0.2,0.5,1.0 \\
-        --train ../shared/data/cifar10/train --test ../shared/data/cifar10/test --minutes 2 --out runs/sweep
+    python scripts/sweep.py cpu train.epochs=2 --grid loss.temperature=0.1,0.2,0.5 --seeds 2 \\
+        --train ../shared/data/cifar10/train --test ../shared/data/cifar10/test --val-fraction 0.1 --out runs/sweep
 
-Every run gets the same wall time (``--minutes``, i.e. ``train.max_time``) unless the grid or the overrides set
-epochs instead, so the table compares settings at equal cost.
+The training folder is split once, stratified by class and seeded (``--split-seed``), into a train part and a
+validation part, written as folders of symbolic links under ``OUT/split/`` (no image is copied). Every
+combination of the grid is pretrained ``--seeds`` times (``train.seed`` = 0, 1, ...) on the train part only,
+and scored by kNN and a linear probe fitted on the train part and measured on the validation part. The setting
+with the best mean validation score (``--choose-by``) is chosen, and only its runs are then scored on the test
+folder. Outputs: a normal run directory per run, ``results.md``, ``results.json``, TensorBoard hparams and
+``sweep.png`` (validation accuracy against each swept value, averaged over seeds and the other keys).
+
+Every run gets the same step budget (the config's ``train.epochs`` over the same train part), or the same wall
+time with ``minutes`` > 0 (``train.max_time``); equal steps are the fair budget on a shared machine.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import math
+import os
+import shutil
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 from . import figures
 from .config import ConfigError, load_config, parse_override
+from .data import DataError, find_images, naming_the_key
 from .linear_eval import ProbeOptions, linear_eval
 from .train import pretrain
+
+METRICS = ("knn_top1", "linear_top1")
+
+
+@dataclass
+class SweepOptions:
+    minutes: float = 0.0  # wall time per run; 0: the config's train.epochs is the budget (equal steps)
+    seeds: int = 1  # runs per setting, train.seed = 0 .. seeds - 1
+    val_fraction: float = 0.1  # of the (subset of the) training folder, per class
+    split_seed: int = 0  # the same split for every run, so settings are compared on the same images
+    subset: int = 0  # use a stratified subset of this many training images first; 0: all
+    choose_by: str = "knn_top1"  # knn_top1 | linear_top1, mean over seeds on the validation part
+
+    def check(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        if self.seeds < 1:
+            raise ConfigError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.subset < 0 or self.minutes < 0:
+            raise ConfigError("--subset and --minutes must be >= 0")
+        if self.choose_by not in METRICS:
+            raise ConfigError(f"--choose-by must be one of {', '.join(METRICS)}, got {self.choose_by!r}")
+
+
+def allocate(counts: list[int], total: int) -> list[int]:
+    """Share ``total`` images among classes of sizes ``counts`` in proportion (largest remainder).
+
+    Class c gets floor(total * n_c / N), and the images still unassigned go to the classes with the largest
+    remainders, so every share is within one image of its exact value total * n_c / N and they sum to total.
+    """
+    n = sum(counts)
+    shares = [total * c // n for c in counts]
+    by_remainder = sorted(range(len(counts)), key=lambda i: (-(total * counts[i] % n), i))
+    for i in by_remainder[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def stratified_split(labels: list[int], val_fraction: float, seed: int, subset: int = 0) -> tuple[list, list]:
+    """Sorted indices of a train part and a validation part of images with these class labels.
+
+    Each class's images are shuffled by one generator seeded with ``seed``. With ``subset`` > 0 the first
+    allocate(counts, subset) of each class are kept, else all; the validation part takes the first
+    allocate(kept, round(val_fraction * kept images)) of each class's kept images, the train part the rest.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    members = [rng.permutation(np.flatnonzero(labels == c)) for c in sorted(set(labels.tolist()))]
+    kept = allocate([len(m) for m in members], subset) if subset else [len(m) for m in members]
+    n_val = allocate(kept, round(val_fraction * sum(kept)))
+    train = sorted(int(i) for m, k, v in zip(members, kept, n_val) for i in m[v:k])
+    val = sorted(int(i) for m, v in zip(members, n_val) for i in m[:v])
+    return train, val
+
+
+def link_files(root: Path, files: list[Path], dest: Path) -> None:
+    """``dest/<path relative to root>``: a symbolic link to each file's real path, so no image is copied."""
+    if dest.exists():
+        shutil.rmtree(dest)  # removes the links, never what they point to
+    for f in files:
+        link = dest / f.relative_to(root)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.realpath(f), link)
+
+
+def carve_validation(train_dir: str | Path, dest: str | Path, opts: SweepOptions) -> dict:
+    """Split the labelled ``train_dir`` into DEST/train and DEST/val (see :func:`stratified_split`); the
+    counts per class go to DEST/split.json and are returned."""
+    with naming_the_key("--train"):
+        found = find_images(train_dir)
+    if not found.labelled:
+        raise DataError(f"--train: {train_dir}: a validation split is carved by class, so it needs one "
+                        f"sub-folder per class with every image inside one")
+    if opts.subset > len(found.files):
+        raise ConfigError(f"--subset {opts.subset} is more than the {len(found.files)} images of {train_dir}")
+    parts = dict(zip(("train", "val"), stratified_split(found.labels, opts.val_fraction, opts.split_seed,
+                                                         opts.subset)))
+    counts = {name: [0] * len(found.classes) for name in parts}
+    for name, part in parts.items():
+        for i in part:
+            counts[name][found.labels[i]] += 1
+        if 0 in counts[name]:
+            missing = found.classes[counts[name].index(0)]
+            raise ConfigError(f"--val-fraction {opts.val_fraction:g}: the {name} part of {train_dir} would have no "
+                              f"image of class {missing!r}; use a fraction that leaves each class both parts")
+    dest = Path(dest)
+    for name, part in parts.items():
+        link_files(found.root, [found.files[i] for i in part], dest / name)
+    split = {"train_dir": str(train_dir), "val_fraction": opts.val_fraction, "split_seed": opts.split_seed,
+             "subset": opts.subset, "classes": found.classes, "train_per_class": counts["train"],
+             "val_per_class": counts["val"], "train_images": len(parts["train"]), "val_images": len(parts["val"])}
+    (dest / "split.json").write_text(json.dumps(split, indent=2))
+    return split
 
 
 def split_values(raw: str) -> list[str]:
@@ -53,42 +160,132 @@ def run_name(combo: dict) -> str:
     return "_".join(f"{k.split('.')[-1]}={label(v)}" for k, v in combo.items())
 
 
-def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: str, out: str | Path,
-          minutes: float, overrides: list[str] = (), probe: ProbeOptions = ProbeOptions(), progress: bool = True) -> list[dict]:
-    """Run every combination of ``grid``; returns one row per run (also in OUT/results.json and .md)."""
-    out = Path(out)
-    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+def plan_runs(config: str | None, grid: dict[str, list], out: Path, opts: SweepOptions, overrides) -> list:
+    """``(combo, seed, config)`` for every combination and seed, each pretraining on OUT/split/train; every
+    config is built (and so checked) before the first run starts."""
     runs = []
-    for combo in combos:  # check every config before the first run starts
+    for values in itertools.product(*grid.values()):
+        combo = dict(zip(grid, values))
         extra = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in combo.items()]  # text verbatim
-        cfg = load_config(config, [f"data.train={train_dir}", f"train.max_time={minutes * 60}", "eval.every=0",
-                                   *overrides, *extra, f"out={out / run_name(combo)}"])
-        runs.append((combo, cfg))
-    rows = []
+        for seed in range(opts.seeds):
+            cfg = load_config(config, [f"data.train={out / 'split' / 'train'}", f"train.max_time={opts.minutes * 60}",
+                                       "eval.every=0", *overrides, f"train.seed={seed}", *extra,
+                                       f"out={out / run_name(combo) / f'seed={seed}'}"])
+            runs.append((combo, seed, cfg))
+    return runs
+
+
+def evaluate_run(run: Path, train_dir: Path, eval_dir: str | Path, probe: ProbeOptions, name: str,
+                 progress: bool) -> dict:
+    """kNN and linear-probe top-1 of a run's frozen encoder, fitted on ``train_dir``, measured on ``eval_dir``
+    (details in RUN/<name>_eval.json and RUN/<name>_eval/)."""
+    results = linear_eval(run / "checkpoints" / "last.pt", train_dir, eval_dir, probe, out=run / f"{name}_eval",
+                          json_path=run / f"{name}_eval.json", progress=progress)
+    return {"knn_top1": results["pretrained"]["knn"]["top1"], "linear_top1": results["pretrained"]["linear"]["top1"]}
+
+
+def summarise(rows: list[dict], keys: list[str]) -> list[dict]:
+    """One row per setting: mean and standard deviation (n - 1) over its seeds of each validation score."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    settings = []
+    for values, runs in groups.items():
+        row = {**dict(zip(keys, values)), "seeds": len(runs)}
+        for m in METRICS:
+            scores = [r[f"val_{m}"] for r in runs]
+            row[f"val_{m}_mean"] = statistics.fmean(scores)
+            row[f"val_{m}_sd"] = statistics.stdev(scores) if len(scores) > 1 else 0.0
+        settings.append(row)
+    return settings
+
+
+def choose(settings: list[dict], choose_by: str) -> dict:
+    """The setting with the best mean validation score (the first in grid order on a tie).
+
+    With several seeds, settings whose mean is within 2 * s * sqrt(2 / n) of the chosen one are marked
+    ``within_noise`` (s: the seed-to-seed standard deviation pooled over settings, n: seeds per setting; about
+    two standard errors of a difference of two means)."""
+    key = f"val_{choose_by}_mean"
+    best = max(settings, key=lambda s: s[key])
+    n = best["seeds"]
+    margin = None
+    if n > 1:
+        pooled = math.sqrt(statistics.fmean(s[f"val_{choose_by}_sd"] ** 2 for s in settings))
+        margin = 2 * pooled * math.sqrt(2 / n)
+    for s in settings:
+        s["within_noise"] = None if margin is None else best[key] - s[key] <= margin
+    return {"setting": best, "criterion": f"mean validation {choose_by} over {n} seed(s)", "noise_margin": margin}
+
+
+def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: str, out: str | Path,
+          opts: SweepOptions = SweepOptions(), overrides: list[str] = (), probe: ProbeOptions = ProbeOptions(),
+          progress: bool = True) -> dict:
+    """Run every combination and seed, choose on the validation part, score the test folder for the chosen
+    setting's runs only; returns what OUT/results.json holds."""
+    opts.check()
+    out = Path(out)
+    runs = plan_runs(config, grid, out, opts, overrides)
+    split = carve_validation(train_dir, out / "split", opts)
+    train_part, val_part = out / "split" / "train", out / "split" / "val"
+    results = {"split": split, "budget": budget_text(opts, runs[0][2]), "runs": []}
     writer = SummaryWriter(str(out / "hparams"))
-    for combo, cfg in runs:
+    for combo, seed, cfg in runs:
         summary = pretrain(cfg, progress=progress)
-        results = linear_eval(Path(cfg.out) / "checkpoints" / "last.pt", train_dir, test_dir, probe,
-                              json_path=Path(cfg.out) / "linear_eval.json", progress=progress)
+        scores = evaluate_run(Path(cfg.out), train_part, val_part, probe, "val", progress)
         shown = {k: label(v) for k, v in combo.items()}
-        row = {**shown, "steps": summary["global_step"], "final_loss": summary["last_loss"],
-               "knn_top1": results["pretrained"]["knn"]["top1"], "linear_top1": results["pretrained"]["linear"]["top1"],
-               "run": cfg.out}
-        rows.append(row)
-        writer.add_hparams(shown,
-                           {"hparam/knn_top1": row["knn_top1"], "hparam/linear_top1": row["linear_top1"]},
-                           run_name=run_name(combo))
-        write_tables(rows, out)  # after every run, so a stopped sweep keeps what it measured
-        figures.save(figures.sweep_plots(rows, list(grid)), out / "sweep.png")
+        results["runs"].append({**shown, "seed": seed, "steps": summary["global_step"],
+                                "final_loss": summary["last_loss"], **{f"val_{m}": scores[m] for m in METRICS},
+                                "run": cfg.out})
+        writer.add_hparams({**shown, "seed": seed}, {f"hparam/val_{m}": scores[m] for m in METRICS},
+                           run_name=f"{run_name(combo)}_seed={seed}")
+        write_results(results, out)  # after every run, so a stopped sweep keeps what it measured
+        figures.save(figures.sweep_plots(results["runs"], list(grid), [f"val_{m}" for m in METRICS]),
+                     out / "sweep.png")
     writer.close()
-    return rows
+    results["settings"] = summarise(results["runs"], list(grid))
+    results["chosen"] = choose(results["settings"], opts.choose_by)
+    chosen = {k: results["chosen"]["setting"][k] for k in grid}
+    tests = [{"seed": r["seed"], **evaluate_run(Path(r["run"]), train_part, test_dir, probe, "test", progress)}
+             for r in results["runs"] if {k: r[k] for k in grid} == chosen]
+    results["chosen"]["test"] = tests
+    results["chosen"]["test_mean"] = {m: statistics.fmean(t[m] for t in tests) for m in METRICS}
+    write_results(results, out)
+    return results
 
 
-def write_tables(rows: list[dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
-    keys = [k for k in rows[0] if k != "run"]
+def budget_text(opts: SweepOptions, cfg) -> str:
+    if opts.minutes:
+        return f"{opts.minutes:g} minutes of wall time per run"
+    return f"{cfg.train.epochs} epochs of the train part per run (batch {cfg.train.batch_size})"
+
+
+def markdown_table(rows: list[dict], keys: list[str]) -> list[str]:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
-              for r in rows]
+    return lines + ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
+                    for r in rows]
+
+
+def write_results(results: dict, out: Path) -> None:
+    """OUT/results.json (everything) and OUT/results.md (the split, the runs, the settings, the choice and its
+    test score), as far as the sweep has got."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    s = results["split"]
+    subset = f" (a stratified subset of {s['subset']})" if s["subset"] else ""
+    lines = [f"Split of {s['train_dir']}{subset}: {s['train_images']} train / {s['val_images']} validation images, "
+             f"stratified over {len(s['classes'])} classes, validation fraction {s['val_fraction']:g}, split seed "
+             f"{s['split_seed']}. Budget: {results['budget']}.", "", "## Runs (scored on the validation part)", ""]
+    lines += markdown_table(results["runs"], [k for k in results["runs"][0] if k != "run"])
+    if "chosen" in results:
+        chosen = results["chosen"]
+        lines += ["", "## Settings (mean and standard deviation over seeds, validation part)", ""]
+        lines += markdown_table(results["settings"], list(results["settings"][0]))
+        margin = chosen["noise_margin"]
+        noise = "" if margin is None else f"; settings within {margin:.4f} of it are within run-to-run noise"
+        shown = ", ".join(f"{k}={v}" for k, v in chosen["setting"].items() if not k.startswith(("val_", "seeds",
+                                                                                                  "within")))
+        lines += ["", f"Chosen: {shown}, by {chosen['criterion']}{noise}.", "",
+                  "## Test folder (the chosen setting only, scored once per seed)", ""]
+        lines += markdown_table(chosen["test"] + [{"seed": "mean", **chosen["test_mean"]}], ["seed", *METRICS])
     (out / "results.md").write_text("\n".join(lines) + "\n")

@@ -1,12 +1,21 @@
-"""The sweep runs every combination as a normal run and tabulates what it measured."""
+"""The sweep carves a stratified, seeded validation split, chooses on it, and scores the test folder once for
+the chosen setting."""
+import importlib.util
 import json
+import os
+from collections import Counter
+from pathlib import Path
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
+import simxent.sweep as sweep_module
 from simxent.config import ConfigError
+from simxent.data import DataError
 from simxent.demo import make_shapes
 from simxent.linear_eval import ProbeOptions
-from simxent.sweep import parse_grid, sweep
+from simxent.sweep import SweepOptions, allocate, carve_validation, parse_grid, stratified_split, sweep
+from tests.conftest import write_image
 
 
 def test_grid_parsing():
@@ -19,27 +28,110 @@ def test_grid_parsing():
         parse_grid(["loss.temperature"])
 
 
-def test_sweep_runs_each_combination(tmp_path):
+@settings(max_examples=60, deadline=None)
+@given(counts=st.lists(st.integers(1, 60), min_size=1, max_size=8), data=st.data())
+def test_allocate_is_proportional_to_within_one(counts, data):
+    total = data.draw(st.integers(0, sum(counts)))
+    shares = allocate(counts, total)
+    assert sum(shares) == total
+    for share, n in zip(shares, counts):
+        assert abs(share - total * n / sum(counts)) < 1  # the exact share, from the formula
+
+
+def labels_of(counts):
+    return [c for c, n in enumerate(counts) for _ in range(n)]
+
+
+@pytest.mark.parametrize("subset", [0, 120])
+def test_split_is_stratified_disjoint_and_seeded(subset):
+    counts = [37, 50, 13, 100, 21]
+    labels = labels_of(counts)
+    train, val = stratified_split(labels, 0.1, seed=3, subset=subset)
+    assert not set(train) & set(val)
+    kept = subset or len(labels)
+    assert len(train) + len(val) == kept and len(val) == round(0.1 * kept)
+    if not subset:
+        assert sorted(train + val) == list(range(len(labels)))
+    per_class_val, per_class_kept = Counter(labels[i] for i in val), Counter(labels[i] for i in train + val)
+    for c, n in enumerate(counts):
+        assert abs(per_class_kept[c] - kept * n / len(labels)) < 1
+        assert abs(per_class_val[c] - len(val) * per_class_kept[c] / kept) < 1
+    assert stratified_split(labels, 0.1, seed=3, subset=subset) == (train, val)
+    assert stratified_split(labels, 0.1, seed=4, subset=subset)[1] != val
+
+
+def test_carve_links_the_originals(tmp_path):
+    src = tmp_path / "train"
+    for c, n in (("a", 12), ("b", 8)):
+        for i in range(n):
+            write_image(src / c / f"{i}.png", seed=i)
+    split = carve_validation(src, tmp_path / "split", SweepOptions(val_fraction=0.25, split_seed=1))
+    assert split["val_per_class"] == [3, 2] and split["train_per_class"] == [9, 6]
+    parts = {name: sorted((tmp_path / "split" / name).rglob("*.png")) for name in ("train", "val")}
+    assert all(p.is_symlink() for ps in parts.values() for p in ps)  # nothing copied
+    real = {name: {os.path.realpath(p) for p in ps} for name, ps in parts.items()}
+    assert not real["train"] & real["val"]
+    assert real["train"] | real["val"] == {os.path.realpath(p) for p in src.rglob("*.png")}
+    for name, ps in parts.items():  # each link keeps its class folder and name
+        assert all(p.relative_to(tmp_path / "split" / name) == Path(os.path.realpath(p)).relative_to(src.resolve())
+                   for p in ps)
+    with pytest.raises(ConfigError, match="no image of class 'b'"):  # 1 validation image, and a has more
+        carve_validation(src, tmp_path / "bad", SweepOptions(val_fraction=0.05))
+    write_image(tmp_path / "flat" / "x.png")
+    with pytest.raises(DataError, match="one sub-folder per class"):
+        carve_validation(tmp_path / "flat", tmp_path / "bad", SweepOptions())
+    with pytest.raises(DataError, match="^--train: image folder not found: .*missing"):
+        carve_validation(tmp_path / "missing", tmp_path / "bad", SweepOptions())
+
+
+BASE = ["model.backbone=convnet", "model.head_hidden=16", "model.head_out=8", "data.image_size=16",
+        "data.workers=0", "train.batch_size=8", "train.epochs=1", "optim.name=sgd", "optim.lr=0.1"]
+
+
+def test_sweep_chooses_on_validation_and_scores_test_once(tmp_path, monkeypatch):
     shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=4, size=16)
-    base = ["model.backbone=convnet", "model.head_hidden=16", "model.head_out=8", "data.image_size=16",
-            "data.workers=0", "train.batch_size=8", "train.epochs=1", "train.max_time=0"]
     with pytest.raises(ConfigError, match="did you mean 'loss.temperature'"):  # checked before any run
-        sweep(None, {"loss.temprature": [0.1]}, str(shapes / "train"), str(shapes / "test"), tmp_path / "bad", 0,
-              base)
+        sweep(None, {"loss.temprature": [0.1]}, str(shapes / "train"), str(shapes / "test"), tmp_path / "bad",
+              overrides=BASE)
+    scored = []
+    real_linear_eval = sweep_module.linear_eval
+
+    def spy(checkpoint, train_dir, eval_dir, *args, **kwargs):
+        scored.append((Path(checkpoint).parents[1], Path(train_dir), Path(eval_dir)))
+        return real_linear_eval(checkpoint, train_dir, eval_dir, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "linear_eval", spy)
+    out = tmp_path / "sweep"
     # a list value too: it reaches the config as a list, and the tables, hparams and plot as text
-    rows = sweep(None, {"loss.temperature": [0.1, 0.5], "augment.crop_scale": [[0.5, 1.0]]}, str(shapes / "train"),
-                 str(shapes / "test"), tmp_path / "sweep", 0, base, ProbeOptions(epochs=2, knn_k=5), progress=False)
-    assert [r["loss.temperature"] for r in rows] == [0.1, 0.5]
-    assert [r["augment.crop_scale"] for r in rows] == ["[0.5,1.0]"] * 2
-    assert all(r["steps"] == 5 for r in rows)
-    saved = json.loads((tmp_path / "sweep" / "results.json").read_text())
-    assert [r["knn_top1"] for r in saved] == [r["knn_top1"] for r in rows]
-    run = tmp_path / "sweep" / "temperature=0.1_crop_scale=[0.5,1.0]"
-    assert (run / "checkpoints" / "last.pt").exists()
-    assert "crop_scale:\n  - 0.5\n  - 1.0" in (run / "config.yaml").read_text()
-    assert "loss.temperature" in (tmp_path / "sweep" / "results.md").read_text()
-    assert list((tmp_path / "sweep" / "hparams").rglob("events.out.tfevents.*"))
-    assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    results = sweep(None, {"loss.temperature": [0.1, 0.5], "augment.crop_scale": [[0.5, 1.0]]},
+                    str(shapes / "train"), str(shapes / "test"), out, SweepOptions(seeds=2, val_fraction=0.25),
+                    BASE, ProbeOptions(epochs=2, knn_k=5), progress=False)
+    runs = results["runs"]
+    assert [(r["loss.temperature"], r["seed"]) for r in runs] == [(0.1, 0), (0.1, 1), (0.5, 0), (0.5, 1)]
+    assert all(r["augment.crop_scale"] == "[0.5,1.0]" for r in runs)
+    assert all(r["steps"] == 30 // 8 for r in runs)  # 40 images, 10 held out: one epoch of the 30 others
+    run = out / "temperature=0.1_crop_scale=[0.5,1.0]" / "seed=1"
+    config = (run / "config.yaml").read_text()
+    assert "crop_scale:\n  - 0.5\n  - 1.0" in config and "seed: 1" in config and str(out / "split" / "train") in config
+    # the choice: the best mean validation kNN top-1 over the two seeds, recomputed here from the runs
+    mean = {t: sum(r["val_knn_top1"] for r in runs if r["loss.temperature"] == t) / 2 for t in (0.1, 0.5)}
+    best = max(mean, key=mean.get)  # the first in grid order on a tie, as the sweep does
+    assert results["chosen"]["setting"]["loss.temperature"] == best
+    # every run is scored on the validation part; the test folder only for the chosen setting's two runs
+    assert [s for s in scored if s[2] == out / "split" / "val"] == [
+        (Path(r["run"]), out / "split" / "train", out / "split" / "val") for r in runs]
+    tested = [s[0] for s in scored if s[2] == shapes / "test"]
+    assert tested == [Path(r["run"]) for r in runs if r["loss.temperature"] == best]
+    assert len(scored) == 6
+    test_knn = [json.loads((t / "test_eval.json").read_text())["pretrained"]["knn"]["top1"] for t in tested]
+    assert [t["knn_top1"] for t in results["chosen"]["test"]] == test_knn
+    assert results["chosen"]["test_mean"]["knn_top1"] == pytest.approx(sum(test_knn) / 2)
+    assert json.loads((out / "results.json").read_text()) == results
+    md = (out / "results.md").read_text()
+    assert f"Chosen: loss.temperature={best}, augment.crop_scale=[0.5,1.0], by mean validation knn_top1" in md
+    assert "30 train / 10 validation images" in md
+    assert list((out / "hparams").rglob("events.out.tfevents.*"))
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sweep_plot_averages_runs_that_share_a_value():
@@ -53,23 +145,34 @@ def test_sweep_plot_averages_runs_that_share_a_value():
     assert list(by_t) == pytest.approx([0.4, 0.6])
 
 
-def test_script_takes_overrides_after_the_options(tmp_path, monkeypatch):
-    import importlib.util
-    from pathlib import Path
-
+def load_script():
     spec = importlib.util.spec_from_file_location("sweep_script", Path(__file__).parents[1] / "scripts" / "sweep.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_script_takes_overrides_after_the_options(tmp_path, monkeypatch):
+    script = load_script()
     seen = {}
 
-    def fake_sweep(config, grid, train, test, out, minutes, overrides, probe, progress):
-        seen.update(config=config, grid=grid, overrides=list(overrides), minutes=minutes)
+    def fake_sweep(config, grid, train, test, out, opts, overrides, probe, progress):
+        seen.update(config=config, grid=grid, overrides=list(overrides), opts=opts)
         (Path(out) / "results.md").parent.mkdir(parents=True, exist_ok=True)
         (Path(out) / "results.md").write_text("table\n")
-        return [{}]
+        return {}
 
     monkeypatch.setattr(script, "sweep", fake_sweep)
-    assert script.main(["configs/cpu.yaml", "--train", "a", "--test", "b", "--minutes", "3", "loss.temperature=0.1",
-                        "--grid", "augment.crop_scale=[0.2,1.0]", "--out", str(tmp_path), "optim.lr=0.01"]) == 0
+    assert script.main(["configs/cpu.yaml", "--train", "a", "--test", "b", "--seeds", "3", "loss.temperature=0.1",
+                        "--grid", "augment.crop_scale=[0.2,1.0]", "--out", str(tmp_path), "optim.lr=0.01",
+                        "--val-fraction", "0.2", "--subset", "100"]) == 0
     assert seen == {"config": "configs/cpu.yaml", "grid": {"augment.crop_scale": [[0.2, 1.0]]},
-                    "overrides": ["loss.temperature=0.1", "optim.lr=0.01"], "minutes": 3.0}
+                    "overrides": ["loss.temperature=0.1", "optim.lr=0.01"],
+                    "opts": SweepOptions(seeds=3, val_fraction=0.2, subset=100)}
+
+
+def test_script_refuses_a_bad_fraction_in_one_line(tmp_path, capsys):
+    assert load_script().main(["--grid", "loss.temperature=0.1", "--train", str(tmp_path), "--test", str(tmp_path),
+                               "--val-fraction", "1.5", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--val-fraction must be between 0 and 1" in err
