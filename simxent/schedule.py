@@ -164,12 +164,13 @@ class TimeBudget:
             self.plan, self.fixed, self.budgeted = StepPlan(**state), True, True
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, leave_out: tuple = ()) -> list[dict]:
     """Biases and normalisation parameters (every 1-d tensor) get no weight decay and, under LARS,
-    no trust-ratio adaptation, as in SimCLR."""
+    no trust-ratio adaptation, as in SimCLR. Parameters in ``leave_out`` (by identity) are left out."""
     decay, plain = [], []
+    left_out = {id(p) for p in leave_out}
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in left_out:
             (plain if p.ndim <= 1 else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "lars": True},
@@ -226,9 +227,12 @@ def temperature_group(temperature: nn.Module) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, temperature: Optional[nn.Module] = None,
                     temperature_lr: float = 0.0) -> torch.optim.Optimizer:
-    """``model``'s SimCLR groups at ``lr``, and a learnt ``temperature`` in its group at ``temperature_lr``."""
-    groups = param_groups(model, cfg.weight_decay)
-    if temperature is not None:
+    """``model``'s SimCLR groups at ``lr``, and a learnt ``temperature`` (a submodule of ``model`` or not) in
+    its own group at ``temperature_lr``."""
+    if temperature is None:
+        groups = param_groups(model, cfg.weight_decay)
+    else:
+        groups = param_groups(model, cfg.weight_decay, tuple(temperature.parameters()))
         groups += temperature_group(temperature)
     for g in groups:
         g["lr"] = temperature_lr if g.get("temperature") else lr
