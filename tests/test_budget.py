@@ -11,6 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import simxent.dist
 import simxent.schedule
 from simxent.checkpoint import load_checkpoint
 from simxent.config import load_config
@@ -242,3 +243,39 @@ def test_every_process_fixes_the_same_plan():
     results = torch.multiprocessing.Manager().dict()
     torch.multiprocessing.spawn(_agree_worker, args=(free_port(), 2, results), nprocs=2)
     assert dict(results) == {0: 10, 1: 10}
+
+
+SECONDS_PER_STEP = {0: 0.4, 1: 0.6}  # rank 1's clock closes the 5 s timing window (5 % of 100 s) a step earlier
+
+
+def _shared_window_worker(rank, port, world, results):
+    """The loop's use of a budget: each process asks its own clock whether the timing window is done, the
+    answers travel in the step's agreement with the loss, and every process counts the step with them."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        budget = time_budget(load_config(None, ["train.max_time=100", "train.epochs=10"]), 100, 0.0,
+                             torch.device("cpu"))
+        budget.clock = clock = FakeClock(0.0)
+        fixed_at, losses = [], []
+        for step in range(1, 30):
+            clock.now += SECONDS_PER_STEP[rank]
+            loss, window = simxent.dist.agree([torch.tensor(float(rank)), budget.window_done()], torch.device("cpu"))
+            losses.append(loss)
+            if budget.step_done(step, window > 0):
+                fixed_at.append(step)
+        results[rank] = (fixed_at, budget.plan.total, set(losses))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_processes_whose_clocks_disagree_fix_the_plan_on_the_same_step():
+    """Rank 1 (0.6 s a step) sees its timing window end after step 12, rank 0 (0.4 s) after step 13: the
+    shared flag makes both fix the plan after step 12, each from its own rate over steps 4-12 and time
+    left, at the floor of the mean of their plans (one process deciding alone called the plan's
+    all_reduce on its own and paired it with the other's next collective)."""
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_shared_window_worker, args=(free_port(), 2, results), nprocs=2)
+    plans = [planned_steps(12, 9 / (9 * spd), 100 - 12 * spd, 1000) for spd in SECONDS_PER_STEP.values()]
+    expected = math.floor(sum(plans) / 2)
+    assert dict(results) == {0: ([12], expected, {0.5}), 1: ([12], expected, {0.5})}
