@@ -473,7 +473,7 @@ def train_step(run: Run, batch: Drawn, draw_ahead: Callable[[], None], stop_requ
     draw_ahead()
     time_up = bool(cfg.train.max_time) and time.monotonic() - run.started >= cfg.train.max_time
     grads = (p.grad for group in optimizer.param_groups for p in group["params"])
-    finite = torch.ones(()) if scaler.is_enabled() else finite_flag(grads)
+    finite = torch.ones((), device=run.device) if scaler.is_enabled() else finite_flag(grads)
     shared = dist.agree([loss, finite, time_up, stop_requested.is_set(), run.budget.window_done()], run.device)
     run.slow_steps.stop()
     loss_mean, finite_share, time_up_share, signal_share, window_share = shared
