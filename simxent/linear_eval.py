@@ -321,6 +321,17 @@ def eval_targets(objective: str, train: ImageArray, test: ImageArray, train_dir,
     return targets, class_weights(opts.class_weight, train.labels, train.classes, opts.beta)
 
 
+def load_eval_folders(train_dir, test_dir, data: DataConfig, progress: bool, crop_ratio: float
+                      ) -> tuple[ImageArray, ImageArray]:
+    """The --train and --test folders decoded for evaluation, checked to share no image."""
+    with naming_the_key("--train"):
+        train = load_configured(train_dir, data, progress, crop_ratio=crop_ratio)
+    with naming_the_key("--test"):
+        test = load_configured(test_dir, data, progress, crop_ratio=crop_ratio)
+    check_held_out(train, test, train_dir, test_dir)
+    return train, test
+
+
 def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | Path,
                 opts: Optional[ProbeOptions] = None,
                 random_init: bool = False, out: Optional[str | Path] = None, json_path: Optional[str | Path] = None,
@@ -348,16 +359,11 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     check_outputs(out, Path(json_path) if json_path else None)
     dtype = feature_dtype(precision or cfg.train.precision, dev)
     data = DataConfig(image_size=cfg.data.image_size, cache=cache, cache_dir=str(cache_dir or ""), workers=workers)
-    with naming_the_key("--train"):
-        train = load_configured(train_dir, data, progress, crop_ratio=crop_ratio)
-    with naming_the_key("--test"):
-        test = load_configured(test_dir, data, progress, crop_ratio=crop_ratio)
-    check_held_out(train, test, train_dir, test_dir)
+    train, test = load_eval_folders(train_dir, test_dir, data, progress, crop_ratio)
     targets, weight = eval_targets(objective, train, test, train_dir, test_dir, opts, positive_class, train_labels,
                                    test_labels)
     normalize = Normalize(cfg.augment.mean, cfg.augment.std)
     monitor = Monitor(out / "tb")
-
     encoders = {"pretrained": pretrained}
     if random_init:
         seed_everything(opts.seed)
