@@ -23,10 +23,10 @@ import torch.nn.functional as F
 
 from simxent.augment import Normalize, ViewAugment
 from simxent.config import AugmentConfig, ModelConfig, load_config
-from simxent.evaluate import autocast, build_index, extract_features, knn_scores, train_linear_probe
+from simxent.evaluate import build_index, extract_features, knn_scores, train_linear_probe
 from simxent.loss import nt_xent, symmetric_nt_xent  # the symmetric form: timed where nt_xent does not pick it
 from simxent.models import SimCLR
-from simxent.runtime import configure_device, cpu_supports_bf16, resolve_device, resolve_dtype
+from simxent.runtime import autocast, configure_device, cpu_supports_bf16, resolve_device, resolve_dtype
 from simxent.schedule import build_optimizer
 
 SECTIONS = ("loss", "augment", "precision", "knn", "embed", "search", "probe", "pipeline", "quality")

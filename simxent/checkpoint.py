@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import collections
 import io
+import json
 import logging
 import os
 import pickle
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import nn
 
-from .config import Config, ConfigError, ModelConfig, check_backbone, config_from_saved
-
+from . import __version__, dist
+from .config import Config, ConfigError, ModelConfig, check_backbone, config_from_saved, to_dict
 from .files import is_disk_full, reserve, temp_path
 
 FORMAT_VERSION = 1
@@ -244,3 +247,112 @@ def newest_valid_checkpoint(folder: str | Path, run_id: str | None = None) -> Pa
             if run_id is None or state.get("run_id") == run_id:
                 return path
     return None
+
+
+# --- A training run's state: what train.py checkpoints and resumes from ---------------------------------
+
+@dataclass
+class Position:
+    """Where the run stands: ``epoch`` and ``step`` inside it (the next step to run), ``global_step``."""
+
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+
+
+def rng_state() -> dict:
+    """Every RNG the training loop draws from, as tensors (safe for ``weights_only`` loading)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(cfg: Config, net: nn.Module, optimizer, scaler, pos: Position, rng: Optional[dict],
+                   schedule: Optional[dict]) -> dict:
+    """A run's checkpoint: config, weights (encoder, head and temperature apart, so that an encoder loads
+    alone), optimiser, grad scaler, position, time-budget plan and every process's RNG state (``rng``:
+    this one's as it was before the batch drawn ahead, else its current state). Every process calls it:
+    the RNG states are gathered."""
+    return {
+        "simxent_version": __version__,
+        "config": to_dict(cfg),
+        "world_size": dist.world_size(),
+        "encoder": net.encoder.state_dict(),
+        "head": net.head.state_dict(),
+        "temperature": net.temperature.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "position": asdict(pos),
+        "rng": dist.gather_objects(rng or rng_state()),
+        "schedule": schedule,
+    }
+
+
+# What a checkpoint's weights depend on: resuming with another value cannot continue that run.
+SHAPE_KEYS = ("model.backbone", "model.cifar_stem", "model.head_hidden", "model.head_out", "model.head_layers",
+              "data.image_size")
+
+
+def check_resumable(state: dict, cfg: Config, path: Path) -> None:
+    """One line naming the first setting of SHAPE_KEYS in which the checkpoint and this run differ."""
+    saved, ours = state.get("config", {}), to_dict(cfg)
+    for key in SHAPE_KEYS:
+        section, name = key.split(".")
+        theirs, mine = saved.get(section, {}).get(name, ours[section][name]), ours[section][name]
+        if theirs != mine:
+            raise ConfigError(f"train.resume: checkpoint {path} was trained with {key}={json.dumps(theirs)}, "
+                              f"this run has {json.dumps(mine)}")
+
+
+
+def load_parts(state: dict, path: Path, parts: dict) -> None:
+    """``part.load_state_dict(state[name])`` for each part; a mismatch is one line naming the checkpoint
+    and train.resume, not a page of tensor shapes."""
+    for name, part in parts.items():
+        try:
+            part.load_state_dict(state[name])
+        except (RuntimeError, ValueError, KeyError) as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
+            detail = next((line for line in lines if "mismatch" in line or "key" in line.lower()), lines[0])
+            raise ConfigError(f"train.resume: checkpoint {path} does not fit this run's {name}: {detail}") from None
+
+
+def fit_temperature_group(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """``saved`` (an optimiser state dict) made to fit ``optimizer`` when the two differ only in the
+    learnt temperature's group (the last, marked ``temperature``): a checkpoint of a fixed temperature
+    resumed with a learnt one gains that group, fresh; the other way round it loses it. Else unchanged."""
+    groups, ours = saved["param_groups"], optimizer.param_groups
+    if len(groups) + 1 == len(ours) and ours[-1].get("temperature"):
+        next_id = sum(len(g["params"]) for g in groups)
+        fresh = {k: v for k, v in ours[-1].items() if k != "params"}
+        ids = list(range(next_id, next_id + len(ours[-1]["params"])))
+        return {**saved, "param_groups": [*groups, {**fresh, "params": ids}]}
+    if len(groups) == len(ours) + 1 and groups[-1].get("temperature"):
+        dropped = set(groups[-1]["params"])
+        return {"state": {k: v for k, v in saved["state"].items() if k not in dropped}, "param_groups": groups[:-1]}
+    return saved
+
+
+def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler, seed: int) -> Position:
+    """Load a checkpoint's weights, optimiser, scaler and this process's RNG state; returns where it stood.
+    A checkpoint written by another number of processes restarts the augmentation streams (said so)."""
+    state = {**state, "optimizer": fit_temperature_group(state["optimizer"], optimizer)}
+    load_parts(state, path, {"encoder": net.encoder, "head": net.head, "temperature": net.temperature,
+                             "optimizer": optimizer, "scaler": scaler})
+    pos = Position(**state["position"])
+    rank, world = dist.rank(), dist.world_size()
+    if len(state["rng"]) == world:
+        set_rng_state(state["rng"][rank])
+    else:
+        log.warning("checkpoint was written by %d processes, resuming with %d: augmentation streams restart",
+                    len(state["rng"]), world)
+        torch.manual_seed(seed + rank + 7919 * pos.global_step)
+    log.info("resumed from %s at epoch %d, step %d", path, pos.epoch, pos.step)
+    return pos

@@ -534,57 +534,74 @@ def validate(cfg: Config) -> None:
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {shown(flat[key])} is not one of {', '.join(allowed)}")
     check_backbone(cfg.model)
-
-    def check(ok: bool, key: str, rule: str):
-        if not ok:
-            raise ConfigError(f"{key}: {shown(flat[key])} is out of range ({rule})")
-
     for key, v in flat.items():  # before the range checks, which NaN would pass or fail misleadingly
         if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, list) else [v])):
             raise ConfigError(f"{key}: must be finite, got {shown(v)}")
-    check(cfg.out.strip() != "", "out", "a folder; empty would write the run into the current directory")
-    lo, hi = cfg.augment.crop_scale
-    check(0 < lo <= hi <= 1, "augment.crop_scale", "0 < min <= max <= 1")
-    for p in ("flip_p", "jitter_p", "grayscale_p", "solarize_p"):
-        check(0 <= flat[f"augment.{p}"] <= 1, f"augment.{p}", "a probability in [0, 1]")
-    check(cfg.augment.blur_p is None or 0 <= cfg.augment.blur_p <= 1, "augment.blur_p", "[0, 1] or null")
-    check(cfg.augment.jitter_strength >= 0, "augment.jitter_strength", ">= 0")
-    check(cfg.augment.views >= 2, "augment.views", ">= 2")
-    check(cfg.augment.small_views >= 0, "augment.small_views", ">= 0")
-    lo, hi = cfg.augment.small_crop_scale
-    check(0 < lo <= hi <= 1, "augment.small_crop_scale", "0 < min <= max <= 1")
-    check(all(s > 0 for s in cfg.augment.std), "augment.std", "> 0")
-    check(8 <= cfg.data.image_size <= MAX_IMAGE_SIZE, "data.image_size", f"8 to {MAX_IMAGE_SIZE}")
-    check(cfg.data.decode_size is None or cfg.data.decode_size >= cfg.data.image_size, "data.decode_size",
-          ">= data.image_size, or null")
-    check(cfg.augment.small_size is None or 8 <= cfg.augment.small_size <= cfg.data.image_size,
-          "augment.small_size", f"null or in [8, data.image_size = {cfg.data.image_size}]")
+    refuse_out_of_range(flat, data_and_augment_rules(cfg))
     check_streaming(cfg)
-    check(cfg.data.workers >= 0, "data.workers", ">= 0")
-    check(cfg.model.head_layers >= 1, "model.head_layers", ">= 1")
-    check(cfg.model.head_hidden >= 1, "model.head_hidden", ">= 1")
-    check(cfg.model.head_out >= 1, "model.head_out", ">= 1")
-    check(cfg.loss.temperature > 0, "loss.temperature", "> 0")
+    refuse_out_of_range(flat, training_rules(cfg))
+
+
+def refuse_out_of_range(flat: dict, rules: list[tuple[bool, str, str]]) -> None:
+    """One line naming the first key whose rule does not hold, with its value (``flat``) and the rule."""
+    for ok, key, rule in rules:
+        if not ok:
+            raise ConfigError(f"{key}: {shown(flat[key])} is out of range ({rule})")
+
+
+def data_and_augment_rules(cfg: Config) -> list[tuple[bool, str, str]]:
+    """``(holds, key, rule)`` for out, data and augment, in the order they are reported."""
+    aug, lo, hi = cfg.augment, *cfg.augment.crop_scale
+    small_lo, small_hi = aug.small_crop_scale
+    return [
+        (cfg.out.strip() != "", "out", "a folder; empty would write the run into the current directory"),
+        (0 < lo <= hi <= 1, "augment.crop_scale", "0 < min <= max <= 1"),
+        *((0 <= getattr(aug, p) <= 1, f"augment.{p}", "a probability in [0, 1]")
+          for p in ("flip_p", "jitter_p", "grayscale_p", "solarize_p")),
+        (aug.blur_p is None or 0 <= aug.blur_p <= 1, "augment.blur_p", "[0, 1] or null"),
+        (aug.jitter_strength >= 0, "augment.jitter_strength", ">= 0"),
+        (aug.views >= 2, "augment.views", ">= 2"),
+        (aug.small_views >= 0, "augment.small_views", ">= 0"),
+        (0 < small_lo <= small_hi <= 1, "augment.small_crop_scale", "0 < min <= max <= 1"),
+        (all(s > 0 for s in aug.std), "augment.std", "> 0"),
+        (8 <= cfg.data.image_size <= MAX_IMAGE_SIZE, "data.image_size", f"8 to {MAX_IMAGE_SIZE}"),
+        (cfg.data.decode_size is None or cfg.data.decode_size >= cfg.data.image_size, "data.decode_size",
+         ">= data.image_size, or null"),
+        (aug.small_size is None or 8 <= aug.small_size <= cfg.data.image_size, "augment.small_size",
+         f"null or in [8, data.image_size = {cfg.data.image_size}]"),
+    ]
+
+
+def training_rules(cfg: Config) -> list[tuple[bool, str, str]]:
+    """``(holds, key, rule)`` for data.workers, model, loss, optim, train and eval, in the order they are
+    reported."""
     lo, hi = LEARNT_TEMPERATURE_RANGE
-    check(not cfg.loss.learn_temperature or lo <= cfg.loss.temperature <= hi, "loss.temperature",
-          f"in [{lo}, {hi}] with loss.learn_temperature=true")
-    check(cfg.loss.temperature_lr >= 0, "loss.temperature_lr", ">= 0")
-    check(cfg.optim.lr >= 0, "optim.lr", ">= 0")
-    check(cfg.optim.weight_decay >= 0, "optim.weight_decay", ">= 0")
-    check(0 <= cfg.optim.momentum < 1, "optim.momentum", "[0, 1)")
-    check(cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0")
-    check(0 <= cfg.optim.min_lr <= 1, "optim.min_lr", "[0, 1]")
-    check(cfg.train.epochs >= 1, "train.epochs", ">= 1")
-    check(cfg.train.batch_size >= 2, "train.batch_size", ">= 2")
-    check(cfg.train.max_time >= 0, "train.max_time", ">= 0")
-    check(cfg.train.threads >= 0, "train.threads", ">= 0")
-    check(cfg.train.log_every >= 1, "train.log_every", ">= 1")
-    check(cfg.train.max_bad_steps >= 1, "train.max_bad_steps", ">= 1")
-    check(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0")
-    check(cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1")
-    check(cfg.eval.every >= 0, "eval.every", ">= 0")
-    check(cfg.eval.knn_k >= 1, "eval.knn_k", ">= 1")
-    check(cfg.eval.projector >= 0, "eval.projector", ">= 0")
-    check(cfg.eval.knn_temperature > 0, "eval.knn_temperature", "> 0")
-    check(cfg.eval.batch_size >= 1, "eval.batch_size", ">= 1")
-    check(0 < cfg.eval.crop_ratio <= 1, "eval.crop_ratio", "(0, 1]")
+    return [
+        (cfg.data.workers >= 0, "data.workers", ">= 0"),
+        (cfg.model.head_layers >= 1, "model.head_layers", ">= 1"),
+        (cfg.model.head_hidden >= 1, "model.head_hidden", ">= 1"),
+        (cfg.model.head_out >= 1, "model.head_out", ">= 1"),
+        (cfg.loss.temperature > 0, "loss.temperature", "> 0"),
+        (not cfg.loss.learn_temperature or lo <= cfg.loss.temperature <= hi, "loss.temperature",
+         f"in [{lo}, {hi}] with loss.learn_temperature=true"),
+        (cfg.loss.temperature_lr >= 0, "loss.temperature_lr", ">= 0"),
+        (cfg.optim.lr >= 0, "optim.lr", ">= 0"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay", ">= 0"),
+        (0 <= cfg.optim.momentum < 1, "optim.momentum", "[0, 1)"),
+        (cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0"),
+        (0 <= cfg.optim.min_lr <= 1, "optim.min_lr", "[0, 1]"),
+        (cfg.train.epochs >= 1, "train.epochs", ">= 1"),
+        (cfg.train.batch_size >= 2, "train.batch_size", ">= 2"),
+        (cfg.train.max_time >= 0, "train.max_time", ">= 0"),
+        (cfg.train.threads >= 0, "train.threads", ">= 0"),
+        (cfg.train.log_every >= 1, "train.log_every", ">= 1"),
+        (cfg.train.max_bad_steps >= 1, "train.max_bad_steps", ">= 1"),
+        (cfg.train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1"),
+        (cfg.eval.every >= 0, "eval.every", ">= 0"),
+        (cfg.eval.knn_k >= 1, "eval.knn_k", ">= 1"),
+        (cfg.eval.projector >= 0, "eval.projector", ">= 0"),
+        (cfg.eval.knn_temperature > 0, "eval.knn_temperature", "> 0"),
+        (cfg.eval.batch_size >= 1, "eval.batch_size", ">= 1"),
+        (0 < cfg.eval.crop_ratio <= 1, "eval.crop_ratio", "(0, 1]"),
+    ]

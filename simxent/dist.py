@@ -93,6 +93,29 @@ def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
     return value / world_size()
 
 
+def agree(values: list, device: torch.device) -> list[float]:
+    """The mean over processes of each of ``values`` (0-d tensors, booleans or numbers) in one collective
+    and one host sync: the training step's loss, finite flag, stop requests and time budget's flag.
+
+    A flag's mean is above 0 when any process raised it and 1 when all did."""
+    # Numbers are filled on the device, not copied there: a blocking copy to a GPU would wait for the stream.
+    stacked = torch.cat([v.detach().float().reshape(1).to(device) if torch.is_tensor(v)
+                         else torch.full((1,), float(v), device=device) for v in values])
+    if world_size() > 1:
+        dist.all_reduce(stacked)
+        stacked /= world_size()
+    return stacked.tolist()
+
+
+def gather_objects(local) -> list:
+    """Every process's ``local`` (picklable), in rank order; ``[local]`` in a single process."""
+    if world_size() == 1:
+        return [local]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, local)
+    return gathered
+
+
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose statistics span the global batch on any device (torch's SyncBatchNorm is
     GPU-only). Mean and variance are all-reduced with gradients, in two passes for accuracy:

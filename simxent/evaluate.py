@@ -5,7 +5,6 @@ Both scorers work on features extracted once; the probe never runs the encoder a
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 from typing import Callable, Optional
 
 import faiss
@@ -16,12 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .augment import Normalize, to_float
-from .runtime import show_progress_bars
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    """Autocast context for ``dtype`` (bf16/fp16) on ``device``; a no-op for fp32 (``None``)."""
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+from .runtime import autocast, show_progress_bars
 
 
 @torch.no_grad()

@@ -181,6 +181,38 @@ def objective_label(weight: Optional[torch.Tensor], label_smoothing: float, mult
     return f"train objective ({', '.join(parts)})" if parts else "train objective (= train CE)"
 
 
+def probe_report(name: str, logits: torch.Tensor, targets: Targets, monitor: Monitor, step: int,
+                 figures: dict) -> dict:
+    """The probe's test figures for its objective (accuracy and confusion, ROC AUC and F1, or mAP), and
+    calibration and per-class loss where classes exclude each other; adds their plots to ``figures``."""
+    if targets.objective == "multiclass":
+        linear = classification_report(logits, targets.test, targets.names)
+        linear["balanced_accuracy"] = balanced_accuracy(logits.argmax(1), targets.test, len(targets.names))
+        monitor.confusion(f"{name}/probe/confusion", linear["confusion"], targets.names)
+        figures["confusion"] = figures_lib.confusion_matrix(linear["confusion"], targets.names, f"{name}: linear probe")
+    elif targets.objective == "binary":
+        pred = (logits > 0).long()
+        linear = {"accuracy": (pred == targets.test).float().mean().item(),
+                  "balanced_accuracy": balanced_accuracy(pred.flatten(), targets.test.flatten(), 2),
+                  "roc_auc": roc_auc(logits, targets.test), "f1": f1_score(pred, targets.test),
+                  "positive_class": targets.names[0]}
+    else:
+        mean_ap, per_label = mean_average_precision(logits, targets.test)
+        # A label without test positives has no AP (NaN): null in the JSON, listed, and left out of mAP.
+        undefined = [n for n, ap in zip(targets.names, per_label) if ap != ap]
+        linear = {"mAP": mean_ap, "ap_undefined": undefined,
+                  "per_label_ap": {n: None if n in undefined else ap for n, ap in zip(targets.names, per_label)},
+                  "f1_micro": f1_score(logits > 0, targets.test)}
+    if targets.objective != "multilabel":
+        probs = class_probabilities(logits, targets.objective)
+        linear["calibration"] = reliability(probs, targets.test)
+        linear["per_class_loss"] = per_class(logits, targets.test, targets.names, targets.objective)
+        monitor.scalars({"ece": linear["calibration"]["ece"]}, step, prefix=f"{name}/probe/")
+        figures["reliability"] = figures_lib.reliability_diagram(linear["calibration"], name)
+        figures["per_class"] = figures_lib.per_class_bars(linear["per_class_loss"], f"{name}: linear probe")
+    return linear
+
+
 def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targets: Targets, normalize: Normalize,
                   device, dtype, opts: ProbeOptions, weight: Optional[torch.Tensor], monitor: Monitor,
                   feature_batch: int = 512, progress: bool = True, figures_dir: Optional[Path] = None) -> dict:
@@ -206,31 +238,7 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
     result = {"feature_dim": train_x.shape[1], "probe_history": curves.history}
     figures = {"probe_curves": figures_lib.probe_curves(curves.history, f"{name}: linear probe",
                                                          objective_label(weight, opts.label_smoothing, multiclass))}
-    if multiclass:
-        linear = classification_report(logits, targets.test, targets.names)
-        linear["balanced_accuracy"] = balanced_accuracy(logits.argmax(1), targets.test, len(targets.names))
-        monitor.confusion(f"{name}/probe/confusion", linear["confusion"], targets.names)
-        figures["confusion"] = figures_lib.confusion_matrix(linear["confusion"], targets.names, f"{name}: linear probe")
-    elif targets.objective == "binary":
-        pred = (logits > 0).long()
-        linear = {"accuracy": (pred == targets.test).float().mean().item(),
-                  "balanced_accuracy": balanced_accuracy(pred.flatten(), targets.test.flatten(), 2),
-                  "roc_auc": roc_auc(logits, targets.test), "f1": f1_score(pred, targets.test),
-                  "positive_class": targets.names[0]}
-    else:
-        mean_ap, per_label = mean_average_precision(logits, targets.test)
-        # A label without test positives has no AP (NaN): null in the JSON, listed, and left out of mAP.
-        undefined = [n for n, ap in zip(targets.names, per_label) if ap != ap]
-        linear = {"mAP": mean_ap, "ap_undefined": undefined,
-                  "per_label_ap": {n: None if n in undefined else ap for n, ap in zip(targets.names, per_label)},
-                  "f1_micro": f1_score(logits > 0, targets.test)}
-    if targets.objective != "multilabel":
-        probs = class_probabilities(logits, targets.objective)
-        linear["calibration"] = reliability(probs, targets.test)
-        linear["per_class_loss"] = per_class(logits, targets.test, targets.names, targets.objective)
-        monitor.scalars({"ece": linear["calibration"]["ece"]}, opts.epochs, prefix=f"{name}/probe/")
-        figures["reliability"] = figures_lib.reliability_diagram(linear["calibration"], name)
-        figures["per_class"] = figures_lib.per_class_bars(linear["per_class_loss"], f"{name}: linear probe")
+    linear = probe_report(name, logits, targets, monitor, opts.epochs, figures)
     for kind, fig in figures.items():
         monitor.figure(f"{name}/probe/{kind}", fig, opts.epochs)
         if figures_dir is not None:
@@ -284,6 +292,46 @@ def encoder_to_score(checkpoint: str | Path, backbone_name: Optional[str] = None
     return encoder, cfg
 
 
+def check_eval_options(opts: ProbeOptions, crop_ratio: float, objective: str, train_labels, test_labels) -> None:
+    """One line naming the option of :func:`linear_eval` that is out of range or names no file."""
+    check_probe_options(opts)
+    if not 0 < crop_ratio <= 1:
+        raise ConfigError(f"--crop-ratio: {crop_ratio} is out of range ((0, 1])")
+    if objective == "multilabel":
+        if not (train_labels and test_labels):
+            raise ConfigError("--objective multilabel needs --train-labels and --test-labels CSV files")
+        for option, path in (("--train-labels", train_labels), ("--test-labels", test_labels)):
+            if not Path(path).is_file():
+                raise ConfigError(f"{option}: label file not found: {path}")
+
+
+def eval_targets(objective: str, train: ImageArray, test: ImageArray, train_dir, test_dir, opts: ProbeOptions,
+                 positive_class: Optional[str], train_labels, test_labels) -> tuple[Targets, Optional[torch.Tensor]]:
+    """The probe's targets for ``objective`` and its class (or positive-label) weights."""
+    if objective == "multilabel":
+        y_train, names = read_label_csv(train_labels, train, train_dir)
+        y_test, _ = read_label_csv(test_labels, test, test_dir, names)
+        check_label_sets(y_test, names, train_labels, test_labels)
+        return Targets("multilabel", names, y_train, y_test), positive_weights(opts.class_weight, y_train, names)
+    check_same_classes(train, test, train_dir, test_dir)
+    if objective == "binary":
+        targets = binary_targets(train, test, positive_class)
+        return targets, positive_weights(opts.class_weight, targets.train, targets.names)
+    targets = Targets("multiclass", train.classes, train.labels, test.labels)
+    return targets, class_weights(opts.class_weight, train.labels, train.classes, opts.beta)
+
+
+def load_eval_folders(train_dir, test_dir, data: DataConfig, progress: bool, crop_ratio: float
+                      ) -> tuple[ImageArray, ImageArray]:
+    """The --train and --test folders decoded for evaluation, checked to share no image."""
+    with naming_the_key("--train"):
+        train = load_configured(train_dir, data, progress, crop_ratio=crop_ratio)
+    with naming_the_key("--test"):
+        test = load_configured(test_dir, data, progress, crop_ratio=crop_ratio)
+    check_held_out(train, test, train_dir, test_dir)
+    return train, test
+
+
 def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | Path,
                 opts: Optional[ProbeOptions] = None,
                 random_init: bool = False, out: Optional[str | Path] = None, json_path: Optional[str | Path] = None,
@@ -304,43 +352,18 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     than the view are evaluated at the centre ``crop_ratio`` (see :func:`simxent.data.decode_eval`)."""
     setup_logging()
     opts = opts or ProbeOptions()
-    check_probe_options(opts)
-    if not 0 < crop_ratio <= 1:
-        raise ConfigError(f"--crop-ratio: {crop_ratio} is out of range ((0, 1])")
+    check_eval_options(opts, crop_ratio, objective, train_labels, test_labels)
     dev = resolve_device(device, option="--device")
-    if objective == "multilabel":
-        if not (train_labels and test_labels):
-            raise ConfigError("--objective multilabel needs --train-labels and --test-labels CSV files")
-        for option, path in (("--train-labels", train_labels), ("--test-labels", test_labels)):
-            if not Path(path).is_file():
-                raise ConfigError(f"{option}: label file not found: {path}")
     pretrained, cfg = encoder_to_score(checkpoint, backbone_name, cifar_stem, image_size)
     out = Path(out) if out else default_out(checkpoint)
     check_outputs(out, Path(json_path) if json_path else None)
     dtype = feature_dtype(precision or cfg.train.precision, dev)
     data = DataConfig(image_size=cfg.data.image_size, cache=cache, cache_dir=str(cache_dir or ""), workers=workers)
-    with naming_the_key("--train"):
-        train = load_configured(train_dir, data, progress, crop_ratio=crop_ratio)
-    with naming_the_key("--test"):
-        test = load_configured(test_dir, data, progress, crop_ratio=crop_ratio)
-    check_held_out(train, test, train_dir, test_dir)
-    if objective == "multilabel":
-        y_train, names = read_label_csv(train_labels, train, train_dir)
-        y_test, _ = read_label_csv(test_labels, test, test_dir, names)
-        check_label_sets(y_test, names, train_labels, test_labels)
-        targets = Targets("multilabel", names, y_train, y_test)
-        weight = positive_weights(opts.class_weight, y_train, names)
-    else:
-        check_same_classes(train, test, train_dir, test_dir)
-        if objective == "binary":
-            targets = binary_targets(train, test, positive_class)
-            weight = positive_weights(opts.class_weight, targets.train, targets.names)
-        else:
-            targets = Targets("multiclass", train.classes, train.labels, test.labels)
-            weight = class_weights(opts.class_weight, train.labels, train.classes, opts.beta)
+    train, test = load_eval_folders(train_dir, test_dir, data, progress, crop_ratio)
+    targets, weight = eval_targets(objective, train, test, train_dir, test_dir, opts, positive_class, train_labels,
+                                   test_labels)
     normalize = Normalize(cfg.augment.mean, cfg.augment.std)
     monitor = Monitor(out / "tb")
-
     encoders = {"pretrained": pretrained}
     if random_init:
         seed_everything(opts.seed)

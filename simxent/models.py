@@ -23,6 +23,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, fit_weights, read_weights_file
 from .config import ConfigError, ModelConfig, shown
+from .loss import Temperature
 
 # Where torchvision keeps each family's classifier. Its last Linear (SqueezeNet: its 1x1 convolution)
 # becomes an Identity in place, so any pooling after it stays and parameter names do not move.
@@ -225,10 +226,13 @@ class ProjectionHead(nn.Sequential):
 class SimCLR(nn.Module):
     """Encoder f and projection head g; ``forward`` returns the projections z = g(f(x)).
 
-    The encoder starts from ``cfg.weights`` when set (a resumed run then loads its checkpoint over them)."""
+    The encoder starts from ``cfg.weights`` when set (a resumed run then loads its checkpoint over them).
+    ``temperature`` (a :class:`~simxent.loss.Temperature`, fixed at 0.5 by default) is the NT-Xent's t; as
+    a submodule, a learnt one has its gradient averaged by DDP with the others'."""
 
-    def __init__(self, cfg: ModelConfig, image_size: int = 32):
+    def __init__(self, cfg: ModelConfig, image_size: int = 32, temperature: Temperature | None = None):
         super().__init__()
+        self.temperature = temperature if temperature is not None else Temperature(0.5)
         self.encoder, self.feature_dim = backbone(cfg.backbone, cfg.cifar_stem, image_size)
         if cfg.weights:
             load_weights(self.encoder, cfg.weights, cfg.backbone + (" with the CIFAR stem" if cfg.cifar_stem else ""))

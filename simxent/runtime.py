@@ -5,6 +5,7 @@ import logging
 import random
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +16,11 @@ from tqdm import tqdm
 from .config import ConfigError
 
 log = logging.getLogger("simxent")
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """Autocast context for ``dtype`` (bf16/fp16) on ``device``; a no-op for fp32 (``None``)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def resolve_device(name: str = "auto", option: str = "train.device") -> torch.device:
@@ -106,20 +112,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Every RNG the training loop draws from, as tensors (safe for ``weights_only`` loading)."""
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def stderr_is_terminal() -> bool:

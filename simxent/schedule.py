@@ -37,14 +37,25 @@ def lr_at(step: int, total: int, warmup: int, peak: float, min_fraction: float =
 class StepPlan:
     """A schedule's length: the run takes ``total`` steps, warms up over ``warmup`` and its cosine reaches
     min_lr at step ``decay_end`` (``total`` for epochs, so the last step runs just above it; ``total - 1``
-    for a time budget, whose last step runs at min_lr)."""
+    for a time budget, whose last step runs at min_lr).
+
+    A plan fixed mid-warm-up (a time budget's) goes on from where the lr stands: its warm-up is the line
+    from ``start_fraction`` at step ``start_step`` to 1 at ``warmup``,
+
+        f(s) = f0 + (1 - f0) * (s + 1 - s0) / (warmup - s0)        for s0 <= s < warmup
+    """
 
     total: int
     warmup: int
     decay_end: int
+    start_step: int = 0
+    start_fraction: float = 0.0
 
     def fraction(self, step: int, min_fraction: float) -> float:
-        """The lr at ``step`` as a fraction of the peak (:func:`lr_at` with peak 1)."""
+        """The lr at ``step`` as a fraction of the peak (:func:`lr_at` with peak 1, after the warm-up)."""
+        if self.start_step and step < self.warmup:
+            f0 = self.start_fraction
+            return f0 + (1 - f0) * (step + 1 - self.start_step) / (self.warmup - self.start_step)
         return lr_at(step, self.decay_end, self.warmup, 1.0, min_fraction)
 
 
@@ -93,27 +104,49 @@ class TimeBudget:
     def fraction(self, step: int, min_fraction: float) -> float:
         return self.plan.fraction(step, min_fraction)
 
-    def step_done(self, global_step: int) -> bool:
-        """Count a finished step (``global_step`` done in all); returns True when it fixed the plan."""
+    def window_done(self) -> bool:
+        """Whether this process's clock says that the step now ending closes the timing window. Under
+        several processes each one's answer goes into the step's agreement (:func:`simxent.dist.agree`),
+        so that all of them fix the plan on the same step: see :meth:`step_done`."""
         if self.fixed:
             return False
+        measured = self.seen + 1 - self.skip
+        return measured >= self.measure or (
+            measured >= 1 and self.clock() - self.window_start >= self.window_share * self.max_time)
+
+    def step_done(self, global_step: int, window_done: Optional[bool] = None) -> bool:
+        """Count a finished step (``global_step`` done in all); returns True when it fixed the plan.
+
+        ``window_done``: whether any process's :meth:`window_done` said so for this step (None: ask this
+        process's clock alone). All processes then call ``agree`` together and fix the mean plan."""
+        if self.fixed:
+            return False
+        done = self.window_done() if window_done is None else window_done
         self.seen += 1
         now = self.clock()
         if self.seen == self.skip:
             self.window_start = now
-        measured = self.seen - self.skip
-        if measured < 1 or (measured < self.measure and now - self.window_start < self.window_share * self.max_time):
+        if not done or self.seen <= self.skip:  # the step count is the same on every process
             return False
-        self.rate = measured / max(now - self.window_start, 1e-9)
+        self.rate = (self.seen - self.skip) / max(now - self.window_start, 1e-9)
         self.remaining = self.max_time - (now - self.started)
-        total = self.agree(planned_steps(global_step, self.rate, self.remaining, self.epoch_steps))
-        self.fix(total)
+        self.fix(self.agree(planned_steps(global_step, self.rate, self.remaining, self.epoch_steps)), global_step)
         return True
 
-    def fix(self, total: int) -> None:
-        """Fix the plan at ``total`` steps; a budget that allows all the epochs keeps their schedule."""
-        if total < self.epoch_steps:
-            warmup = min(self.plan.warmup, math.floor(BUDGET_WARMUP_SHARE * total))
+    def fix(self, total: int, done: int = 0) -> None:
+        """Fix the plan at ``total`` steps, ``done`` of them run; a budget that allows all the epochs keeps
+        their schedule. A shorter plan warms up over ``BUDGET_WARMUP_SHARE`` of its steps, at most the epochs'
+        warm-up; fixed inside the epochs' warm-up, its lr climbs on from the last step's, never faster than
+        the planned warm-up's slope 1 / warmup (so that warm-up may end a little later)."""
+        if total >= self.epoch_steps:
+            self.fixed, self.budgeted = True, True
+            return
+        warmup = min(self.plan.warmup, math.floor(BUDGET_WARMUP_SHARE * total))
+        f0 = self.plan.fraction(done - 1, 0.0) if done else 0.0
+        if warmup and 0 < done < self.plan.warmup and f0 < 1:
+            end = max(warmup, done + math.ceil((1 - f0) * warmup))
+            self.plan = StepPlan(total, end, max(total - 1, end), done, f0)
+        else:
             self.plan = StepPlan(total, warmup, max(total - 1, warmup))
         self.fixed, self.budgeted = True, True
 
@@ -131,12 +164,13 @@ class TimeBudget:
             self.plan, self.fixed, self.budgeted = StepPlan(**state), True, True
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, leave_out: tuple = ()) -> list[dict]:
     """Biases and normalisation parameters (every 1-d tensor) get no weight decay and, under LARS,
-    no trust-ratio adaptation, as in SimCLR."""
+    no trust-ratio adaptation, as in SimCLR. Parameters in ``leave_out`` (by identity) are left out."""
     decay, plain = [], []
+    left_out = {id(p) for p in leave_out}
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in left_out:
             (plain if p.ndim <= 1 else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "lars": True},
@@ -193,9 +227,12 @@ def temperature_group(temperature: nn.Module) -> list[dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, temperature: Optional[nn.Module] = None,
                     temperature_lr: float = 0.0) -> torch.optim.Optimizer:
-    """``model``'s SimCLR groups at ``lr``, and a learnt ``temperature`` in its group at ``temperature_lr``."""
-    groups = param_groups(model, cfg.weight_decay)
-    if temperature is not None:
+    """``model``'s SimCLR groups at ``lr``, and a learnt ``temperature`` (a submodule of ``model`` or not) in
+    its own group at ``temperature_lr``."""
+    if temperature is None:
+        groups = param_groups(model, cfg.weight_decay)
+    else:
+        groups = param_groups(model, cfg.weight_decay, tuple(temperature.parameters()))
         groups += temperature_group(temperature)
     for g in groups:
         g["lr"] = temperature_lr if g.get("temperature") else lr

@@ -16,27 +16,27 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
-import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import __version__, dist, figures
+from . import dist, figures
 from .augment import ViewAugment, small_view_size
-from .checkpoint import load_checkpoint, newest_valid_checkpoint, save_rotating
+from .checkpoint import (Position, check_resumable, load_checkpoint, newest_valid_checkpoint, restore_training,
+                         rng_state, save_rotating, training_state)
 from .config import Config, ConfigError, format_config, save_config, to_dict
 from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images, default_cache_dir, find_images,
                    iterate_batches, load_configured, naming_the_key, open_stream, shared_files)
-from .evaluate import autocast, extract_features, knn_scores, topk_accuracy
+from .evaluate import extract_features, knn_scores, topk_accuracy
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, similarity_samples
 from .models import SimCLR
 from .monitor import Monitor
 from .rundir import claim, recorded_run_id, run_lock, writable_folder
-from .runtime import (SlowStepWatch, configure_device, resolve_device, resolve_dtype, rng_state, seed_everything,
-                      set_rng_state, set_threads, setup_logging, show_progress_bars)
+from .runtime import (SlowStepWatch, autocast, configure_device, resolve_device, resolve_dtype, seed_everything,
+                      set_threads, setup_logging, show_progress_bars)
 from .schedule import StepPlan, TimeBudget, build_optimizer, peak_lr, set_lr
 
 log = logging.getLogger("simxent")
@@ -44,15 +44,6 @@ log = logging.getLogger("simxent")
 
 class TrainingError(RuntimeError):
     """The run cannot go on (for example, the loss stayed non-finite)."""
-
-
-@dataclass
-class Position:
-    """Where the run stands: ``epoch`` and ``step`` inside it (the next step to run), ``global_step``."""
-
-    epoch: int = 0
-    step: int = 0
-    global_step: int = 0
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -109,36 +100,6 @@ class MultiViewAugment:
             return full
         # Never a cropped (streamed) batch: config refuses small views with data.stream.
         return [full, self.small.views(batch.images, self.n_small, self.channels_last, batch.sizes)]
-
-
-def optimizer_params(optimizer: torch.optim.Optimizer):
-    return (p for group in optimizer.param_groups for p in group["params"])
-
-
-def _rng_states(local: Optional[dict] = None) -> list[dict]:
-    """Every process's RNG state (``local``, else the current one), so each resumes its own augmentation
-    stream."""
-    local = local or rng_state()
-    if dist.world_size() == 1:
-        return [local]
-    states = [None] * dist.world_size()
-    torch_dist.all_gather_object(states, local)
-    return states
-
-
-def _state(cfg, model, temperature, optimizer, scaler, pos: Position, rng: list[dict]) -> dict:
-    return {
-        "simxent_version": __version__,
-        "config": to_dict(cfg),
-        "world_size": dist.world_size(),
-        "encoder": model.encoder.state_dict(),
-        "head": model.head.state_dict(),
-        "temperature": temperature.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "position": {"epoch": pos.epoch, "step": pos.step, "global_step": pos.global_step},
-        "rng": rng,
-    }
 
 
 def _resume_path(cfg: Config) -> Path | None:
@@ -347,6 +308,18 @@ def place_on_gpu(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.pin_memory()
 
 
+def on_device(train: ImageArray | ImageStream, device: torch.device) -> ImageArray | ImageStream:
+    """``train`` as the loop reads it fastest on ``device``: a new object, ``train`` is left as it is. On a
+    GPU a decoded array goes there (or into pinned memory) and a stream pins its batches."""
+    if device.type != "cuda":
+        return train
+    if isinstance(train, ImageStream):
+        return dataclasses.replace(train, pin_memory=True)
+    images = place_on_gpu(train.images, device)
+    sizes = train.sizes.to(images.device) if train.sizes is not None else None  # indexed by the batch order
+    return dataclasses.replace(train, images=images, sizes=sizes)
+
+
 def _load_data_once(cfg: Config, progress: bool, dataset, cache_name: Optional[str]):
     """Rank 0 decodes (and fills the cache) first; the other processes then read the cache."""
     if not dist.is_main():
@@ -380,7 +353,7 @@ def stop_on_signals():
             signal.signal(sig, old)
 
 
-def _finite_flag(tensors) -> torch.Tensor:
+def finite_flag(tensors) -> torch.Tensor:
     """Whether every element of ``tensors`` is finite, as a device boolean: no host sync. The norm of all of
     them is finite exactly then (short of an overflow, itself a broken step), and foreach kernels compute it
     in a few launches rather than two per tensor."""
@@ -388,14 +361,288 @@ def _finite_flag(tensors) -> torch.Tensor:
     return torch.isfinite(torch.nn.utils.get_total_norm(tensors)) if tensors else torch.tensor(True)
 
 
-def _all_finite(tensors) -> bool:
-    return bool(_finite_flag(tensors))
+@dataclass
+class Run:
+    """What :func:`setup_run` builds and the loop works with. ``net`` is the SimCLR module (its state is
+    checkpointed), ``model`` what the step calls (``net`` under DDP and/or torch.compile)."""
+
+    cfg: Config
+    device: torch.device
+    dtype: Optional[torch.dtype]
+    main: bool
+    run_id: Optional[str]
+    started: float
+    train: ImageArray | ImageStream
+    val: Optional[ImageArray]
+    bank: Optional[KnnBank]
+    net: SimCLR
+    model: nn.Module
+    views: MultiViewAugment
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    peak: float
+    budget: TimeBudget
+    monitor: Monitor
+    similarities: SimilarityLog
+    pos: Position
+    bars: bool
+    plain: PlainProgress
+    slow_steps: SlowStepWatch = dataclasses.field(default_factory=SlowStepWatch)
+    bad_steps: int = 0  # non-finite steps in a row
+    skipped_steps: int = 0
+    last_loss: float = float("nan")
+    knn_top1: list = dataclasses.field(default_factory=list)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train) // self.cfg.train.batch_size
+
+
+@dataclass
+class Drawn:
+    """A batch on the device with its views and labels, and the RNG state from before its views were drawn
+    (what a checkpoint taken while it waits records, so that a resumed run draws the same views)."""
+
+    step: int
+    images: torch.Tensor
+    views: torch.Tensor | list[torch.Tensor]
+    labels: Optional[torch.Tensor]
+    rng: dict
+
+
+class EpochBatches:
+    """The batches of the epoch ``run.pos`` stands in, from its step on, one drawn ahead (``ahead``; None
+    after the last): :func:`train_step` draws the next while the device still runs the step, so that
+    launching the augmentation overlaps that work."""
+
+    def __init__(self, run: Run):
+        cfg, pos = run.cfg, run.pos
+        world, rank, size = dist.world_size(), dist.rank(), cfg.train.batch_size
+        self.batches = iterate_batches(run.train, size, epoch_generator(cfg.train.seed, pos.epoch), start=pos.step,
+                                       rank=rank, world=world)
+        self.labels = batch_labels(run.train, size, epoch_generator(cfg.train.seed, pos.epoch), start=pos.step,
+                                   rank=rank, world=world) if cfg.loss.positives == "labels" else None
+        self.device, self.make_views = run.device, run.views
+        self.ahead: Optional[Drawn] = None
+        self.draw_next()
+
+    def draw_next(self) -> None:
+        item = next(self.batches, None)
+        if item is None:
+            self.ahead = None
+            return
+        rng = rng_state()
+        step, x = item
+        x = x.to(self.device, non_blocking=True)
+        y = next(self.labels).to(self.device, non_blocking=True) if self.labels is not None else None
+        self.ahead = Drawn(step, x, self.make_views(x), y, rng)
+
+
+@dataclass
+class StepResult:
+    """A step as every process agreed on it (:func:`simxent.dist.agree`): the global ``loss``, whether the
+    optimiser stepped (all losses and gradients finite), and the stop requests."""
+
+    loss: float
+    applied: bool
+    time_up: bool
+    signalled: bool
+    lr: float
+    temperature: float
+    z1: torch.Tensor
+    z2: torch.Tensor
+
+
+def train_step(run: Run, batch: Drawn, draw_ahead: Callable[[], None], stop_requested: threading.Event
+               ) -> StepResult:
+    """One optimiser step on ``batch``: lr from the plan, NT-Xent, backward, then (after ``draw_ahead``) one
+    collective and one host sync carry the global loss, whether every gradient is finite (fp16's grad
+    scaler checks its own), the stop requests and the time budget's "timing window done", so that all
+    processes agree; the optimiser steps only when everything was finite."""
+    cfg, pos, optimizer, scaler = run.cfg, run.pos, run.optimizer, run.scaler
+    lr = set_lr(optimizer, run.budget.fraction(pos.global_step, cfg.optim.min_lr), run.peak, cfg.loss.temperature_lr)
+    run.slow_steps.start()
+    t = run.net.temperature()
+    loss, z1, z2 = step_loss(run.model, batch.views, t, run.device, run.dtype, run.views.n_views, batch.labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()  # a non-finite loss gives non-finite gradients: caught below
+    draw_ahead()
+    time_up = bool(cfg.train.max_time) and time.monotonic() - run.started >= cfg.train.max_time
+    grads = (p.grad for group in optimizer.param_groups for p in group["params"])
+    finite = torch.ones((), device=run.device) if scaler.is_enabled() else finite_flag(grads)
+    shared = dist.agree([loss, finite, time_up, stop_requested.is_set(), run.budget.window_done()], run.device)
+    run.slow_steps.stop()
+    loss_mean, finite_share, time_up_share, signal_share, window_share = shared
+    applied = math.isfinite(loss_mean) and finite_share == 1
+    if applied:
+        scaler.step(optimizer)
+        scaler.update()
+        pos.global_step += 1
+        if run.budget.step_done(pos.global_step, window_share > 0):
+            log.info("train.max_time=%gs: %d steps planned (%.3g steps/s, %.0f s left), warm-up %d, the cosine "
+                     "ends on the last", cfg.train.max_time, run.budget.plan.total, run.budget.rate,
+                     run.budget.remaining, run.budget.plan.warmup)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_mean, applied, time_up_share > 0, signal_share > 0, lr, t.item(), z1, z2)
+
+
+class Throughput:
+    """Images per second over the steps since the last reading."""
+
+    def __init__(self):
+        self.tick, self.seen = time.perf_counter(), 0
+
+    def add(self, images: int) -> None:
+        self.seen += images
+
+    def read(self) -> float:
+        now = time.perf_counter()
+        rate, self.tick, self.seen = self.seen / (now - self.tick), now, 0
+        return rate
+
+
+def record_step(run: Run, batch: Drawn, result: StepResult, meter: Throughput, bar) -> None:
+    """Log an applied step (every ``train.log_every`` and the last), or count a skipped one: too many
+    non-finite steps in a row end the run without overwriting its checkpoint."""
+    pos, cfg = run.pos, run.cfg
+    if not result.applied:
+        run.bad_steps, run.skipped_steps = run.bad_steps + 1, run.skipped_steps + 1
+        log.warning("non-finite loss or gradient at step %d (%d in a row): step skipped", pos.global_step,
+                    run.bad_steps)
+        if run.bad_steps >= cfg.train.max_bad_steps:
+            raise TrainingError(f"loss or gradients were non-finite for {run.bad_steps} steps in a row; stopping "
+                                f"without overwriting {checkpoint_path(cfg)} (lower optim.lr or use "
+                                f"train.precision=fp32)")
+        return
+    run.bad_steps, run.last_loss = 0, result.loss
+    meter.add(len(batch.images) * dist.world_size())
+    final = pos.global_step == run.budget.plan.total or result.time_up or result.signalled  # a short run logs
+    if pos.global_step % cfg.train.log_every == 0 or final:
+        rate = meter.read()
+        scalars = {"loss": result.loss, "lr": result.lr, "temperature": result.temperature, "images_per_s": rate}
+        log_step(run.monitor, run.similarities if run.main else None, pos.global_step, scalars, result.z1,
+                 result.z2)
+        bar.set_postfix(loss=f"{result.loss:.3f}", img_s=f"{rate:.0f}")
+        run.plain.update(Position(pos.epoch, batch.step, pos.global_step), result.loss, rate, final)
+
+
+def stop_reason(run: Run, result: StepResult) -> Optional[str]:
+    """"signal" or "max_time" (the deadline, or the end of the time budget's plan) when the run stops after
+    this step; None to go on."""
+    planned_end = run.budget.finished(run.pos.global_step)
+    if not (result.time_up or result.signalled or planned_end):
+        return None
+    why = (f"train.max_time={run.cfg.train.max_time:g}s reached" if result.time_up
+           else f"the time budget's {run.budget.plan.total} planned steps done")
+    log.info("%s at epoch %d step %d: checkpointing and stopping", "stop requested" if result.signalled else why,
+             run.pos.epoch, run.pos.step)
+    return "signal" if result.signalled else "max_time"
+
+
+def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
+    """The rest of the epoch ``run.pos`` stands in, then a checkpoint and, when due, kNN monitoring; returns
+    why the run stops early (:func:`stop_reason`), or None at the epoch's end."""
+    cfg, pos = run.cfg, run.pos
+    run.model.train()
+    bar = tqdm(total=run.steps_per_epoch, initial=pos.step, desc=f"epoch {pos.epoch + 1}/{cfg.train.epochs}",
+               unit="step", disable=not run.bars, leave=False)
+    meter, batches, reason = Throughput(), EpochBatches(run), None
+    while batches.ahead is not None and reason is None:
+        batch = batches.ahead
+        result = train_step(run, batch, batches.draw_next, stop_requested)
+        record_step(run, batch, result, meter, bar)
+        pos.step = batch.step + 1
+        bar.update(1)
+        if batch.step == 0:
+            full = batch.views[0] if isinstance(batch.views, list) else batch.views
+            n = len(batch.images)
+            run.monitor.view_pairs("train/view_pairs", full[:n], full[n:2 * n], cfg.augment.mean, cfg.augment.std,
+                                   pos.global_step)
+        reason = stop_reason(run, result)
+        if reason is None and cfg.train.checkpoint_every and pos.global_step % cfg.train.checkpoint_every == 0:
+            save(run, batches.ahead)
+    bar.close()
+    if reason is None:
+        pos.epoch, pos.step = pos.epoch + 1, 0
+    save(run, batches.ahead)  # None at the epoch's end: nothing was drawn ahead
+    # val is None when eval.every is 0; a preempted run has no time to spare for kNN.
+    if run.val is not None and reason != "signal" and (
+            pos.epoch % cfg.eval.every == 0 or reason or pos.epoch == cfg.train.epochs):
+        monitor_knn(run)
+    run.monitor.flush()
+    return reason
+
+
+def save(run: Run, ahead: Optional[Drawn]) -> None:
+    """Checkpoint the run (every process takes part; the main one writes), with the RNG state from before
+    the batch ``ahead`` was drawn, if one was."""
+    net = run.net
+    if not bool(finite_flag(list(net.parameters()) + list(net.buffers()))):
+        raise TrainingError(f"the model holds non-finite values at step {run.pos.global_step}; not saving it over "
+                            f"{checkpoint_path(run.cfg)}")
+    state = training_state(run.cfg, net, run.optimizer, run.scaler, run.pos, ahead.rng if ahead else None,
+                           run.budget.state_dict())
+    if run.main:
+        run.similarities.write()
+        save_rotating(state, checkpoint_path(run.cfg).parent, run.pos.global_step, run.cfg.train.keep_checkpoints,
+                      run.run_id)
+
+
+def monitor_knn(run: Run) -> None:
+    """kNN top-1 of data.val on rank 0 (the others wait), logged and kept for the summary."""
+    if run.main:
+        top1 = knn_monitor(run.net, run.bank, run.val, run.views.full, run.cfg, run.device, run.dtype)
+        run.knn_top1.append({"epoch": run.pos.epoch, "step": run.pos.global_step, "top1": top1})
+        run.monitor.scalars({"knn_top1": top1}, run.pos.global_step, prefix="val/")
+        log.info("epoch %d: kNN top-1 %.4f", run.pos.epoch, top1)
+    dist.barrier()
+
+
+def write_skipped(run: Run) -> None:
+    """skipped_images.txt: one JSON record per line, so that a name holding a newline stays one entry."""
+    if run.main and run.train.skipped:
+        (run.out / "skipped_images.txt").write_text("".join(json.dumps(r) + "\n" for r in skipped_records(run.train)))
+
+
+def finish(run: Run, reason: Optional[str]) -> dict:
+    """Projector, figures, HPARAMS and skipped_images.txt; returns the summary (rank 0 writes summary.json)."""
+    cfg, pos = run.cfg, run.pos
+    if run.main and run.val is not None and cfg.eval.projector and reason != "signal":
+        project_embeddings(run.net, run.val, run.views.full, cfg, run.device, run.dtype, run.monitor, pos.global_step)
+    if run.main:
+        run.similarities.figure(run.out / "figures" / "similarities.png")
+        run.monitor.hparams(hparams(cfg), final_metrics(run.last_loss, run.knn_top1), pos.global_step)
+    run.monitor.close()
+    write_skipped(run)  # a streamed folder finds its bad files as it reads them
+    summary = {
+        "checkpoint": str(checkpoint_path(cfg)),
+        "run_id": run.run_id,
+        "epoch": pos.epoch,
+        "global_step": pos.global_step,
+        "world_size": dist.world_size(),
+        "stopped_by_max_time": reason == "max_time",  # at the deadline or at the end of the budget's plan
+        "planned_steps": run.budget.plan.total if run.budget.budgeted else None,
+        "stopped_by_signal": reason == "signal",
+        "skipped_steps": run.skipped_steps,
+        "last_loss": run.last_loss,
+        "seconds": time.monotonic() - run.started,
+        "skipped_images": skipped_records(run.train),
+        "knn_top1": run.knn_top1,
+    }
+    if run.main:
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def build_model(cfg: Config, device: torch.device, world: int) -> tuple[SimCLR, nn.Module]:
     """The encoder + head on ``device`` (``net``, whose state is checkpointed) and what the step calls
     (``model``: ``net`` wrapped in DDP under several processes, compiled with ``train.compile``)."""
-    net = SimCLR(cfg.model, cfg.data.image_size)
+    net = SimCLR(cfg.model, cfg.data.image_size, Temperature(cfg.loss.temperature, cfg.loss.learn_temperature))
     if world > 1 and cfg.train.sync_bn:
         net = dist.convert_batchnorm(net, device)
     net = net.to(device)
@@ -403,55 +650,6 @@ def build_model(cfg: Config, device: torch.device, world: int) -> tuple[SimCLR, 
         net = net.to(memory_format=torch.channels_last)
     model = DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None) if world > 1 else net
     return net, torch.compile(model) if cfg.train.compile else model
-
-
-# What a checkpoint's weights depend on: resuming with another value cannot continue that run.
-SHAPE_KEYS = ("model.backbone", "model.cifar_stem", "model.head_hidden", "model.head_out", "model.head_layers",
-              "data.image_size")
-
-
-def check_resumable(state: dict, cfg: Config, path: Path) -> None:
-    """One line naming the first setting of SHAPE_KEYS in which the checkpoint and this run differ."""
-    saved, ours = state.get("config", {}), to_dict(cfg)
-    for key in SHAPE_KEYS:
-        section, name = key.split(".")
-        theirs, mine = saved.get(section, {}).get(name, ours[section][name]), ours[section][name]
-        if theirs != mine:
-            raise ConfigError(f"train.resume: checkpoint {path} was trained with {key}={json.dumps(theirs)}, "
-                              f"this run has {json.dumps(mine)}")
-
-
-def _load_states(state: dict, path: Path, parts: dict) -> None:
-    """``part.load_state_dict(state[name])`` for each part; a mismatch that slipped past
-    :func:`check_resumable` is one line naming the checkpoint, not a page of tensor shapes."""
-    for name, part in parts.items():
-        try:
-            part.load_state_dict(state[name])
-        except (RuntimeError, ValueError, KeyError) as e:
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
-            detail = next((line for line in lines if "mismatch" in line or "key" in line.lower()), lines[0])
-            raise ConfigError(f"train.resume: checkpoint {path} does not fit this run's {name}: {detail}") from None
-
-
-def restore(path: Path, state: dict, net: SimCLR, temperature: Temperature, optimizer, scaler, cfg: Config,
-            rank: int, world: int, budget: Optional[TimeBudget] = None) -> Position:
-    """Load a checkpoint's weights, optimiser, scaler, this process's RNG state and a time budget's fixed
-    step plan; returns where it stood. A checkpoint written by another number of processes restarts the
-    augmentation streams (said so)."""
-    if budget is not None and state.get("schedule"):
-        budget.load_state_dict(state["schedule"])
-        log.info("following the time budget's plan saved in the checkpoint: %d steps", budget.plan.total)
-    _load_states(state, path, {"encoder": net.encoder, "head": net.head, "temperature": temperature,
-                               "optimizer": optimizer, "scaler": scaler})
-    pos = Position(**state["position"])
-    if len(state["rng"]) == world:
-        set_rng_state(state["rng"][rank])
-    else:
-        log.warning("checkpoint was written by %d processes, resuming with %d: augmentation streams restart",
-                    len(state["rng"]), world)
-        torch.manual_seed(cfg.train.seed + rank + 7919 * pos.global_step)
-    log.info("resumed from %s at epoch %d, step %d", path, pos.epoch, pos.step)
-    return pos
 
 
 def time_budget(cfg: Config, steps_per_epoch: int, started: float, device: torch.device) -> TimeBudget:
@@ -467,17 +665,6 @@ def time_budget(cfg: Config, steps_per_epoch: int, started: float, device: torch
 
     max_time = cfg.train.max_time if cfg.train.budget_schedule else 0.0
     return TimeBudget(epochs, max_time, started, agree=agree)
-
-
-def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optional[str] = None) -> dict:
-    """Run (or resume) SimCLR pretraining as configured; returns the summary also written to summary.json.
-
-    ``train``: a Dataset of images (PIL images or uint8 tensors, see :func:`simxent.data.item_image`) to
-    train on instead of ``data.train``, which must then be empty. It is decoded like a folder: into the
-    cache under ``cache_name`` (with its length), or into memory every run without one.
-    Stops at ``train.epochs``, at ``train.max_time`` or on SIGTERM/SIGINT, always with a checkpoint."""
-    with stop_on_signals() as stop_requested, ExitStack() as held:
-        return _pretrain(cfg, progress, stop_requested, held, train, cache_name)
 
 
 def _resume_state(cfg: Config, device) -> tuple[Path | None, dict | None]:
@@ -503,217 +690,84 @@ def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, 
     return run_id, resume, state
 
 
-def _pretrain(cfg: Config, progress: bool, stop_requested: threading.Event, held: ExitStack, dataset,
-              cache_name) -> dict:
-    started = time.monotonic()
+def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optional[str] = None) -> dict:
+    """Run (or resume) SimCLR pretraining as configured; returns the summary also written to summary.json.
+
+    ``train``: a Dataset of images (PIL images or uint8 tensors, see :func:`simxent.data.item_image`) to
+    train on instead of ``data.train``, which must then be empty. It is decoded like a folder: into the
+    cache under ``cache_name`` (with its length), or into memory every run without one.
+    Stops at ``train.epochs``, at ``train.max_time`` or on SIGTERM/SIGINT, always with a checkpoint."""
+    with stop_on_signals() as stop_requested, ExitStack() as held:
+        run = setup_run(cfg, progress, held, train, cache_name)
+        reason = None
+        while reason is None and run.pos.epoch < cfg.train.epochs and not run.budget.finished(run.pos.global_step):
+            reason = train_epoch(run, stop_requested)
+        return finish(run, reason)
+
+
+def open_run(cfg: Config, held: ExitStack) -> tuple[torch.device, Optional[str], Path | None, dict | None]:
+    """Join the process group, claim ``out`` (main process; see :func:`_claim_out`) and set up logging;
+    returns the device, the run id and what to resume (the other processes read it later)."""
     device = dist.init(resolve_device(cfg.train.device))
-    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
-    if cfg.train.batch_size % world:
+    if cfg.train.batch_size % dist.world_size():
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must divide by the "
-                          f"{world} processes")
-    out = Path(cfg.out)
-    if main:  # only the main process writes in out (and nothing before it holds the lock)
+                          f"{dist.world_size()} processes")
+    run_id, resume, resumed = None, None, None
+    if dist.is_main():  # only the main process writes in out (and nothing before it holds the lock)
         run_id, resume, resumed = _claim_out(cfg, held, device)
     if cfg.data.cache and (cfg.data.val or not cfg.data.stream):  # data.val is always decoded into the cache
         writable_folder(cfg.data.cache_dir or default_cache_dir(), "data.cache_dir")
-    setup_logging(out / "train.log" if main else None, level=logging.INFO if main else logging.WARNING)
+    main = dist.is_main()
+    setup_logging(Path(cfg.out) / "train.log" if main else None, level=logging.INFO if main else logging.WARNING)
+    return device, run_id, resume, resumed
+
+
+def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name: Optional[str]) -> Run:
+    """Everything a run needs, built in order: process group and ``out``, data, model, optimiser, time budget,
+    and the state of a resumed checkpoint; the config, TensorBoard and skipped_images.txt written."""
+    started = time.monotonic()
+    device, run_id, resume, resumed = open_run(cfg, held)
     dtype = resolve_dtype(cfg.train.precision, device)
     set_threads(cfg.train.threads)
     configure_device(device)
     train, val, bank = _load_data_once(cfg, progress, dataset, cache_name)
-    if not main:  # after the main process has claimed out
+    if not dist.is_main():  # after the main process has claimed out
         resume, resumed = _resume_state(cfg, device)
-
-    if device.type == "cuda" and isinstance(train, ImageStream):
-        train.pin_memory = True
-    elif device.type == "cuda":
-        train.images = place_on_gpu(train.images, device)
-        if train.sizes is not None:
-            train.sizes = train.sizes.to(train.images.device)  # indexed by the batch order, on that device
     seed_everything(cfg.train.seed)  # after loading: decoding may draw from the RNG, a cache hit does not
-    net, model = build_model(cfg, device, world)
-    torch.manual_seed(cfg.train.seed + rank)  # each process draws its own augmentations
-    temperature = Temperature(cfg.loss.temperature, cfg.loss.learn_temperature).to(device)
-    make_views = MultiViewAugment(cfg, device)
-    augment = make_views.full
-    batch = cfg.train.batch_size
-    steps_per_epoch = len(train) // batch
-    budget = time_budget(cfg, steps_per_epoch, started, device)
+    net, model = build_model(cfg, device, dist.world_size())
+    torch.manual_seed(cfg.train.seed + dist.rank())  # each process draws its own augmentations
+    batch, steps_per_epoch = cfg.train.batch_size, len(train) // cfg.train.batch_size
     peak = peak_lr(cfg.optim, batch)
-    optimizer = build_optimizer(net, cfg.optim, peak, temperature, cfg.loss.temperature_lr)
+    budget = time_budget(cfg, steps_per_epoch, started, device)
+    optimizer = build_optimizer(net, cfg.optim, peak, net.temperature, cfg.loss.temperature_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    pos = restore(resume, resumed, net, temperature, optimizer, scaler, cfg, rank, world, budget) if resume \
-        else Position()
+    pos = Position()
+    if resume:
+        if resumed.get("schedule"):
+            budget.load_state_dict(resumed["schedule"])
+            log.info("following the time budget's plan saved in the checkpoint: %d steps", budget.plan.total)
+        pos = restore_training(resume, resumed, net, optimizer, scaler, cfg.train.seed)
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go
-    if main:
-        save_config(cfg, out / "config.yaml")
+    main, out = dist.is_main(), Path(cfg.out)
     # purge_step drops what a killed run logged after its last checkpoint: one continuous curve.
     monitor = Monitor(out / "tb", enabled=main, purge_step=pos.global_step + 1 if resume else None)
-    similarities = SimilarityLog(out / "similarities.json", pos.global_step if resume else None)
-    log.info("%d training images, %d steps/epoch, %s on %s x%d, autocast %s, global batch %d x %d views, "
-             "peak lr %.4g", len(train), steps_per_epoch, cfg.model.backbone, device, world, dtype, batch,
-             make_views.n_views, peak)
-    if main:
-        warn_dropped_images(len(train), batch)
-        monitor.config_text(format_config(cfg))
     bars = show_progress_bars(progress) and main
-    plain = PlainProgress(main and not bars, cfg.train.epochs, steps_per_epoch)
+    run = Run(cfg, device, dtype, main, run_id, started, on_device(train, device), val, bank, net, model,
+              MultiViewAugment(cfg, device), optimizer, scaler, peak, budget, monitor,
+              SimilarityLog(out / "similarities.json", pos.global_step if resume else None), pos, bars,
+              PlainProgress(main and not bars, cfg.train.epochs, steps_per_epoch))
+    announce(run)
+    return run
 
-    def save(rng_before_prefetch: Optional[dict] = None):
-        if not _all_finite(list(net.parameters()) + list(net.buffers())):
-            raise TrainingError(f"the model holds non-finite values at step {pos.global_step}; not saving it over "
-                                f"{checkpoint_path(cfg)}")
-        rng = _rng_states(rng_before_prefetch)
-        if main:
-            similarities.write()
-            state = {**_state(cfg, net, temperature, optimizer, scaler, pos, rng), "schedule": budget.state_dict()}
-            save_rotating(state, checkpoint_path(cfg).parent, pos.global_step, cfg.train.keep_checkpoints, run_id)
 
-    def write_skipped():
-        if main and train.skipped:
-            # One JSON record per line: a name holding a newline stays one entry.
-            (out / "skipped_images.txt").write_text("".join(json.dumps(r) + "\n" for r in skipped_records(train)))
-
-    write_skipped()  # a streamed folder finds its bad files as it reads them: written again at the end
-    history = {"knn_top1": []}
-    bad_steps, skipped_steps, stopped_early, stop_reason, last_loss = 0, 0, False, "", float("nan")
-    slow_steps = SlowStepWatch()
-    while pos.epoch < cfg.train.epochs and not stopped_early and not budget.finished(pos.global_step):
-        model.train()
-        bar = tqdm(total=steps_per_epoch, initial=pos.step, desc=f"epoch {pos.epoch + 1}/{cfg.train.epochs}",
-                   unit="step", disable=not bars, leave=False)
-        tick, seen = time.perf_counter(), 0
-        batches = iterate_batches(train, batch, epoch_generator(cfg.train.seed, pos.epoch), start=pos.step,
-                                  rank=rank, world=world)
-        labels = batch_labels(train, batch, epoch_generator(cfg.train.seed, pos.epoch), start=pos.step, rank=rank,
-                              world=world) if cfg.loss.positives == "labels" else None
-
-        def prefetch():
-            """The next batch on the device, its views and labels, or None at the end of the epoch. Called while
-            the device still runs the step before, so that launching the augmentation overlaps that work. The
-            RNG state before its draws goes into checkpoints: a resumed run draws the same views."""
-            item = next(batches, None)
-            if item is None:
-                return None
-            rng = rng_state()
-            step, x = item
-            x = x.to(device, non_blocking=True)
-            y = next(labels).to(device, non_blocking=True) if labels is not None else None
-            return step, x, make_views(x), y, rng
-
-        upcoming, rng_before_prefetch = prefetch(), None
-        while upcoming is not None:
-            step, x, views, y, _ = upcoming
-            fraction = budget.fraction(pos.global_step, cfg.optim.min_lr)
-            lr = set_lr(optimizer, fraction, peak, cfg.loss.temperature_lr)
-            slow_steps.start()
-            t = temperature()
-            loss, z1, z2 = step_loss(model, views, t, device, dtype, make_views.n_views, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()  # a non-finite loss gives non-finite gradients: caught below
-            if temperature.log_t.requires_grad and world > 1:
-                # DDP averages the model's gradients; the temperature lives outside it.
-                torch_dist.all_reduce(temperature.log_t.grad)
-                temperature.log_t.grad /= world
-            upcoming = prefetch()
-            # One collective and one host sync per step carry the global loss, whether every gradient is
-            # finite (fp16's grad scaler checks its own) and the stop requests, so all processes agree.
-            time_up = bool(cfg.train.max_time) and time.monotonic() - started >= cfg.train.max_time
-            grads_finite = _finite_flag(p.grad for p in optimizer_params(optimizer)) if not scaler.is_enabled() \
-                else torch.ones((), device=device)
-            flags = torch.stack([loss.detach().float(), grads_finite.float().to(device)])
-            stops = [float(time_up), float(stop_requested.is_set())]
-            if world > 1:
-                # Filled on the device, not copied there: a blocking copy to a GPU would wait for the stream.
-                flags = torch.cat([flags, *(torch.full((1,), v, device=device) for v in stops)])
-            shared = dist.mean_over_processes(flags).tolist()
-            slow_steps.stop()
-            last_loss, finite_share = shared[:2]
-            time_up, signalled = (v > 0 for v in (shared[2:] if world > 1 else stops))
-            if math.isfinite(last_loss) and finite_share == 1:
-                bad_steps = 0
-                scaler.step(optimizer)
-                scaler.update()
-                pos.global_step += 1
-                if budget.step_done(pos.global_step):
-                    log.info("train.max_time=%gs: %d steps planned (%.3g steps/s, %.0f s left), warm-up %d, the "
-                             "cosine ends on the last", cfg.train.max_time, budget.plan.total, budget.rate,
-                             budget.remaining, budget.plan.warmup)
-                seen += len(x) * world
-                final = pos.global_step == budget.plan.total or time_up or signalled  # a short run still logs
-                if pos.global_step % cfg.train.log_every == 0 or final:
-                    rate = seen / (time.perf_counter() - tick)
-                    tick, seen = time.perf_counter(), 0
-                    scalars = {"loss": last_loss, "lr": lr, "temperature": t.item(), "images_per_s": rate}
-                    log_step(monitor, similarities if main else None, pos.global_step, scalars, z1, z2)
-                    bar.set_postfix(loss=f"{last_loss:.3f}", img_s=f"{rate:.0f}")
-                    plain.update(Position(pos.epoch, step, pos.global_step), last_loss, rate, final)
-            else:
-                bad_steps, skipped_steps = bad_steps + 1, skipped_steps + 1
-                optimizer.zero_grad(set_to_none=True)
-                log.warning("non-finite loss or gradient at step %d (%d in a row): step skipped",
-                            pos.global_step, bad_steps)
-                if bad_steps >= cfg.train.max_bad_steps:
-                    raise TrainingError(
-                        f"loss or gradients were non-finite for {bad_steps} steps in a row; stopping without "
-                        f"overwriting {checkpoint_path(cfg)} (lower optim.lr or use train.precision=fp32)")
-            pos.step = step + 1
-            bar.update(1)
-            if step == 0:
-                full = views[0] if isinstance(views, list) else views
-                monitor.view_pairs("train/view_pairs", full[:len(x)], full[len(x):2 * len(x)], cfg.augment.mean,
-                                   cfg.augment.std, pos.global_step)
-            rng_before_prefetch = upcoming[-1] if upcoming is not None else None
-            planned_end = budget.finished(pos.global_step)
-            if time_up or signalled or planned_end:
-                stopped_early = True
-                stop_reason = "signal" if signalled else "max_time"
-                why = (f"train.max_time={cfg.train.max_time:g}s reached" if time_up
-                       else f"the time budget's {budget.plan.total} planned steps done")
-                log.info("%s at epoch %d step %d: checkpointing and stopping", "stop requested" if signalled else why,
-                         pos.epoch, pos.step)
-                break
-            if cfg.train.checkpoint_every and pos.global_step % cfg.train.checkpoint_every == 0:
-                save(rng_before_prefetch)
-        bar.close()
-        if not stopped_early:
-            pos.epoch, pos.step = pos.epoch + 1, 0
-            rng_before_prefetch = None  # the epoch's batches are all used: nothing was drawn ahead
-        save(rng_before_prefetch)
-        # val is None when eval.every is 0; a preempted run has no time to spare for kNN.
-        if val is not None and stop_reason != "signal" and (
-                pos.epoch % cfg.eval.every == 0 or stopped_early or pos.epoch == cfg.train.epochs):
-            # kNN monitoring runs on rank 0 alone; the others wait.
-            if main:
-                top1 = knn_monitor(net, bank, val, augment, cfg, device, dtype)
-                history["knn_top1"].append({"epoch": pos.epoch, "step": pos.global_step, "top1": top1})
-                monitor.scalars({"knn_top1": top1}, pos.global_step, prefix="val/")
-                log.info("epoch %d: kNN top-1 %.4f", pos.epoch, top1)
-            dist.barrier()
-        monitor.flush()
-    if main and val is not None and cfg.eval.projector and stop_reason != "signal":
-        project_embeddings(net, val, augment, cfg, device, dtype, monitor, pos.global_step)
-    if main:
-        similarities.figure(out / "figures" / "similarities.png")
-        monitor.hparams(hparams(cfg), final_metrics(last_loss, history["knn_top1"]), pos.global_step)
-    monitor.close()
-    write_skipped()
-    summary = {
-        "checkpoint": str(checkpoint_path(cfg)),
-        "run_id": run_id if main else None,
-        "epoch": pos.epoch,
-        "global_step": pos.global_step,
-        "world_size": world,
-        "stopped_by_max_time": stop_reason == "max_time",  # at the deadline or at the end of the budget's plan
-        "planned_steps": budget.plan.total if budget.budgeted else None,
-        "stopped_by_signal": stop_reason == "signal",
-        "skipped_steps": skipped_steps,
-        "last_loss": last_loss,
-        "seconds": time.monotonic() - started,
-        "skipped_images": skipped_records(train),
-        **history,
-    }
-    if main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+def announce(run: Run) -> None:
+    """The run's opening lines: train.log, config.yaml, TensorBoard's config text, skipped_images.txt."""
+    cfg, batch = run.cfg, run.cfg.train.batch_size
+    log.info("%d training images, %d steps/epoch, %s on %s x%d, autocast %s, global batch %d x %d views, "
+             "peak lr %.4g", len(run.train), run.steps_per_epoch, cfg.model.backbone, run.device,
+             dist.world_size(), run.dtype, batch, run.views.n_views, run.peak)
+    if run.main:
+        save_config(cfg, run.out / "config.yaml")
+        warn_dropped_images(len(run.train), batch)
+        run.monitor.config_text(format_config(cfg))
+    write_skipped(run)  # a streamed folder finds its bad files as it reads them: written again at the end

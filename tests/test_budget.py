@@ -11,6 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import simxent.dist
 import simxent.schedule
 from simxent.checkpoint import load_checkpoint
 from simxent.config import load_config
@@ -46,21 +47,45 @@ def run_steps(budget: TimeBudget, clock: FakeClock, steps: int, seconds_per_step
     return fixed_at
 
 
+def ramp(step: int, start: int, f0: float, end: int) -> float:
+    """A warm-up that goes on from ``f0`` at ``start`` to 1 at ``end``, written out."""
+    return f0 + (1 - f0) * (step + 1 - start) / (end - start)
+
+
 def test_plan_is_the_measured_rate_times_the_time_left_since_the_run_started():
     """5 s of decoding, then 0.5 s a step: the plan is fixed once, after steps 4..13 are timed (2 steps/s),
-    from the 200 s budget less the 11.5 s spent: 13 + floor(2 * 188.5) = 390 steps; warm-up 39 (10 %)."""
+    from the 200 s budget less the 11.5 s spent: 13 + floor(2 * 188.5) = 390 steps; warm-up 39 (10 %),
+    taken on from the epochs' warm-up (13/50 after step 13) at slope 1/39: 1 at step 13 + ceil(0.74 * 39)."""
     clock = FakeClock(100.0 + 5.0)
     budget = TimeBudget(StepPlan(1000, 50, 1000), max_time=200, started=100.0, clock=clock)
     before = [budget.fraction(s, 0.1) for s in range(13)]
     assert before == [lr_at(s, 1000, 50, 1.0, 0.1) for s in range(13)]  # the epochs' warm-up until then
     assert run_steps(budget, clock, 40, 0.5) == [13]
     assert budget.rate == pytest.approx(2.0) and budget.remaining == pytest.approx(188.5)
-    assert budget.plan == StepPlan(13 + math.floor(2.0 * 188.5), 39, 389)
-    assert budget.state_dict() == {"total": 390, "warmup": 39, "decay_end": 389}
-    lrs = [budget.fraction(s, 0.1) for s in range(390)]
-    assert lrs == pytest.approx([cosine(s, 39, 389, 0.1) for s in range(390)], abs=1e-12)
-    assert lrs[38] == 1.0 and lrs[-1] == pytest.approx(0.1)  # the last planned step runs at min_lr
+    assert budget.plan == StepPlan(13 + math.floor(2.0 * 188.5), 42, 389, 13, 13 / 50)
+    assert budget.state_dict() == {"total": 390, "warmup": 42, "decay_end": 389, "start_step": 13,
+                                   "start_fraction": 13 / 50}
+    lrs = before + [budget.fraction(s, 0.1) for s in range(13, 390)]
+    expected = before + [ramp(s, 13, 0.26, 42) for s in range(13, 42)] + [cosine(s, 42, 389, 0.1)
+                                                                          for s in range(42, 390)]
+    assert lrs == pytest.approx(expected, abs=1e-12)
+    assert lrs[41] == 1.0 and lrs[-1] == pytest.approx(0.1)  # the last planned step runs at min_lr
+    assert max(b - a for a, b in zip(lrs, lrs[1:])) <= 1 / 39 + 1e-12  # never steeper than the planned warm-up
     assert not budget.finished(389) and budget.finished(390)
+
+
+@pytest.mark.parametrize("fixed_at, epoch_warmup, total", [(13, 50, 24), (13, 50, 390), (5, 8, 60), (40, 50, 100),
+                                                           (13, 14, 200), (30, 20, 200)])
+def test_the_lr_never_jumps_when_the_plan_is_fixed(fixed_at, epoch_warmup, total):
+    """Fixed at any step, the lr of consecutive steps rises by at most the planned warm-up's slope
+    1 / warmup (warmup = 10 % of the plan, at most the epochs'), reaches the peak, and ends at min_lr."""
+    budget = TimeBudget(StepPlan(1000, epoch_warmup, 1000), max_time=100, started=0.0)
+    before = [budget.fraction(s, 0.1) for s in range(fixed_at)]
+    budget.fix(total, fixed_at)
+    lrs = before + [budget.fraction(s, 0.1) for s in range(fixed_at, total)]
+    slope = 1 / min(epoch_warmup, math.floor(0.1 * total))  # the planned warm-up
+    assert max(b - a for a, b in zip(lrs, lrs[1:])) <= slope + 1e-12
+    assert max(lrs) == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
 
 
 def test_slow_steps_are_timed_over_5_percent_of_the_budget():
@@ -81,7 +106,7 @@ def test_plan_formula_and_a_budget_that_allows_every_epoch():
     run_steps(budget, clock, 20, 0.5)
     # The epochs' own schedule, not a capped warm-up; the run ends with its epochs, not as a cut budget.
     assert budget.plan == StepPlan(60, 50, 60) and not budget.finished(60)
-    assert budget.state_dict() == {"total": 60, "warmup": 50, "decay_end": 60}
+    assert budget.state_dict() == {"total": 60, "warmup": 50, "decay_end": 60, "start_step": 0, "start_fraction": 0}
 
 
 def test_without_max_time_the_epoch_schedule_is_unchanged():
@@ -116,8 +141,9 @@ PEAK = 0.1 * 16 / 256  # TINY_RUN's lr at its batch of 16 (linear scaling)
 @pytest.mark.usefixtures("one_thread")
 def test_a_run_with_a_budget_follows_its_plan_to_min_lr_and_stops(shapes, tmp_path, monkeypatch):
     """The real loop with the planner's answer spied on and set to 24 steps: the plan is asked for after
-    step 13 with the measured rate and the time left, the logged lr follows warm-up (2 = 10 % of 24, not
-    the epochs' 50) and cosine to min_lr at step 24, and the run stops there, annealed, with the plan saved.
+    step 13 with the measured rate and the time left, the logged lr climbs on from the epochs' warm-up at
+    the slope of the planned one (2 = 10 % of 24, not the epochs' 50) and follows the cosine to min_lr at
+    step 24, and the run stops there, annealed, with the plan saved.
     The rate is always timed over the full 10 steps (no share of the budget cuts the window short), so
     when the plan is fixed does not depend on how fast this machine runs a step."""
     asked = []
@@ -135,13 +161,16 @@ def test_a_run_with_a_budget_follows_its_plan_to_min_lr_and_stops(shapes, tmp_pa
     assert done == 13 and rate > 0 and 0 < remaining < 600 and epoch_steps == 1000
     assert summary["global_step"] == PLANNED == summary["planned_steps"] and summary["stopped_by_max_time"]
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert state["schedule"] == {"total": PLANNED, "warmup": 2, "decay_end": PLANNED - 1}
+    assert state["schedule"] == {"total": PLANNED, "warmup": 15, "decay_end": PLANNED - 1, "start_step": 13,
+                                 "start_fraction": 13 / 50}
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
     lrs = {e.step: e.value for e in events.Scalars("train/lr")}  # logged at step s + 1 for step s
     assert sorted(lrs) == list(range(1, PLANNED + 1))
     early = [PEAK * lr_at(s, 1000, 50, 1.0, 0.1) for s in range(13)]  # the epochs' warm-up until the plan
-    late = [PEAK * cosine(s, 2, PLANNED - 1, 0.1) for s in range(13, PLANNED)]
+    # From 13/50 on to the peak in ceil(0.74 * 2) = 2 steps (slope <= 1/2), then the cosine.
+    late = [PEAK * ramp(s, 13, 13 / 50, 15) for s in (13, 14)] + [PEAK * cosine(s, 15, PLANNED - 1, 0.1)
+                                                                   for s in range(15, PLANNED)]
     assert [lrs[s + 1] for s in range(PLANNED)] == pytest.approx(early + late, rel=1e-6)
     assert lrs[PLANNED] == pytest.approx(PEAK * 0.1)
 
@@ -214,3 +243,39 @@ def test_every_process_fixes_the_same_plan():
     results = torch.multiprocessing.Manager().dict()
     torch.multiprocessing.spawn(_agree_worker, args=(free_port(), 2, results), nprocs=2)
     assert dict(results) == {0: 10, 1: 10}
+
+
+SECONDS_PER_STEP = {0: 0.4, 1: 0.6}  # rank 1's clock closes the 5 s timing window (5 % of 100 s) a step earlier
+
+
+def _shared_window_worker(rank, port, world, results):
+    """The loop's use of a budget: each process asks its own clock whether the timing window is done, the
+    answers travel in the step's agreement with the loss, and every process counts the step with them."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        budget = time_budget(load_config(None, ["train.max_time=100", "train.epochs=10"]), 100, 0.0,
+                             torch.device("cpu"))
+        budget.clock = clock = FakeClock(0.0)
+        fixed_at, losses = [], []
+        for step in range(1, 30):
+            clock.now += SECONDS_PER_STEP[rank]
+            loss, window = simxent.dist.agree([torch.tensor(float(rank)), budget.window_done()], torch.device("cpu"))
+            losses.append(loss)
+            if budget.step_done(step, window > 0):
+                fixed_at.append(step)
+        results[rank] = (fixed_at, budget.plan.total, set(losses))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_processes_whose_clocks_disagree_fix_the_plan_on_the_same_step():
+    """Rank 1 (0.6 s a step) sees its timing window end after step 12, rank 0 (0.4 s) after step 13: the
+    shared flag makes both fix the plan after step 12, each from its own rate over steps 4-12 and time
+    left, at the floor of the mean of their plans (one process deciding alone called the plan's
+    all_reduce on its own and paired it with the other's next collective)."""
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_shared_window_worker, args=(free_port(), 2, results), nprocs=2)
+    plans = [planned_steps(12, 9 / (9 * spd), 100 - 12 * spd, 1000) for spd in SECONDS_PER_STEP.values()]
+    expected = math.floor(sum(plans) / 2)
+    assert dict(results) == {0: ([12], expected, {0.5}), 1: ([12], expected, {0.5})}

@@ -76,3 +76,55 @@ def test_load_encoder_and_torchvision_export(tmp_path):
     net = torchvision.models.resnet18()
     missing, unexpected = net.load_state_dict(torch.load(tmp_path / "r18.pth", weights_only=True), strict=False)
     assert set(missing) == {"fc.weight", "fc.bias"} and not unexpected
+
+
+def optimiser_after_a_step(learn_temperature: bool):
+    """An SGD with momentum over a tiny SimCLR, as pretraining builds it, after one step on a fixed batch."""
+    from simxent.config import ModelConfig, OptimConfig
+    from simxent.loss import Temperature
+    from simxent.models import SimCLR
+    from simxent.schedule import build_optimizer
+
+    torch.manual_seed(0)
+    net = SimCLR(ModelConfig(backbone="convnet", head_hidden=8, head_out=4), 16, Temperature(0.5, learn_temperature))
+    opt = build_optimizer(net, OptimConfig(name="sgd"), 0.1, net.temperature, 0.01)
+    (net(torch.rand(4, 3, 16, 16)).sum() / net.temperature()).backward()
+    opt.step()
+    return net, opt
+
+
+@pytest.mark.parametrize("saved_learnt", [False, True])
+def test_an_optimiser_state_without_or_with_a_temperature_group_fits_the_other(saved_learnt):
+    """A checkpoint of a fixed temperature (2 groups) resumed with a learnt one (3), and the other way round:
+    the SimCLR groups keep their momentum, the temperature's group starts fresh or is dropped."""
+    from simxent.checkpoint import fit_temperature_group
+
+    _, saved_opt = optimiser_after_a_step(saved_learnt)
+    saved = saved_opt.state_dict()
+    net, opt = optimiser_after_a_step(not saved_learnt)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(saved)  # torch's own refusal
+    opt.load_state_dict(fit_temperature_group(saved, opt))
+    assert len(opt.param_groups) == 3 - saved_learnt and opt.param_groups[0]["lr"] == 0.1
+    for p, q in zip(saved_opt.param_groups[0]["params"], opt.param_groups[0]["params"]):
+        torch.testing.assert_close(opt.state[q]["momentum_buffer"], saved_opt.state[p]["momentum_buffer"])
+    if not saved_learnt:
+        assert opt.param_groups[2]["params"] == [net.temperature.log_t] and opt.param_groups[2]["lr"] == 0.01
+        assert net.temperature.log_t not in opt.state
+
+
+def test_a_fixed_temperature_run_resumes_with_a_learnt_one(tmp_path):
+    """The real loop: one epoch at a fixed temperature, then resumed with loss.learn_temperature=true, whose
+    temperature moves from 0.5 while the position carries on."""
+    from simxent.demo import make_shapes
+    from simxent.train import pretrain
+    from tests.conftest import TINY_RUN
+
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    args = [*TINY_RUN, f"data.train={shapes / 'train'}", "eval.every=0", "train.precision=fp32", f"out={tmp_path / 'run'}"]
+    pretrain(load_config(None, [*args, "train.epochs=1"]), progress=False)
+    summary = pretrain(load_config(None, [*args, "train.epochs=2", "loss.learn_temperature=true",
+                                          "loss.temperature_lr=0.1", "train.resume=auto"]), progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert summary["global_step"] == 2 * (40 // 16) and len(state["optimizer"]["param_groups"]) == 3
+    assert state["temperature"]["log_t"].exp().item() != pytest.approx(0.5, abs=1e-6)
