@@ -14,13 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .evaluate import objective_named
+
 
 def class_probabilities(logits: torch.Tensor, objective: str = "multiclass") -> torch.Tensor:
     """(N, C) probabilities: softmax for multi-class, (1 - p, p) for a binary probe's one logit."""
-    if objective == "binary":
-        p = torch.sigmoid(logits.float().reshape(-1))
-        return torch.stack([1 - p, p], dim=1)
-    return torch.softmax(logits.float(), dim=1)
+    return objective_named(objective).probabilities(logits)
 
 
 def reliability(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> dict:
@@ -50,7 +49,7 @@ def per_class(logits: torch.Tensor, targets: torch.Tensor, names: list[str], obj
     losses = F.nll_loss(probs.clamp_min(1e-12).log(), targets, reduction="none")
     correct = (probs.argmax(1) == targets).float()
     out = {}
-    for c, name in enumerate(names if objective == "multiclass" else ["negative", names[0]]):
+    for c, name in enumerate(objective_named(objective).outcomes(names)):
         mask = targets == c
         n = int(mask.sum())
         out[name] = {"images": n, "loss": losses[mask].mean().item() if n else None,

@@ -5,6 +5,7 @@ Both scorers work on features extracted once; the probe never runs the encoder a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import faiss
@@ -15,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .augment import Normalize, to_float
+from .metrics import balanced_accuracy, f1_score, mean_average_precision, roc_auc
 from .runtime import autocast, show_progress_bars
 
 
@@ -162,13 +164,104 @@ def check_binary_targets(y: torch.Tensor, num_labels: int, name: str = "targets"
         raise LabelError(f"{name} must hold only 0 and 1, found {sorted(set(y.unique().tolist()) - {0, 1})[:5]}")
 
 
+def softmax_loss(weight: Optional[torch.Tensor] = None, label_smoothing: float = 0.0):
+    """Cross entropy over exclusive classes, -sum_c w_c q_c log softmax(z)_c averaged with the class weights
+    w (``F.cross_entropy``), q the one-hot target smoothed to (1 - s) onehot + s / C."""
+    return lambda logits, y: F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing)
+
+
+def sigmoid_loss(weight: Optional[torch.Tensor] = None, label_smoothing: float = 0.0):
+    """Binary cross entropy per label, -(w y log sigma(z) + (1 - y) log(1 - sigma(z))) averaged over images
+    and labels, w the positive weight; label smoothing does not apply to it."""
+    return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=weight)
+
+
+def softmax_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.float(), dim=1)
+
+
+def sigmoid_pair_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """A binary probe's one logit z read as the two-class distribution (1 - sigma(z), sigma(z))."""
+    p = torch.sigmoid(logits.float().reshape(-1))
+    return torch.stack([1 - p, p], dim=1)
+
+
+def multiclass_metrics(logits: torch.Tensor, y: torch.Tensor, names: list[str]) -> dict:
+    """Top-1/top-5, per-class accuracy, confusion matrix and balanced accuracy."""
+    report = classification_report(logits, y, names)
+    report["balanced_accuracy"] = balanced_accuracy(logits.argmax(1), y, len(names))
+    return report
+
+
+def binary_metrics(logits: torch.Tensor, y: torch.Tensor, names: list[str]) -> dict:
+    """Accuracy and balanced accuracy at logit 0, ROC AUC and F1 of the positive class ``names[0]``."""
+    pred = (logits > 0).long()
+    return {"accuracy": (pred == y).float().mean().item(),
+            "balanced_accuracy": balanced_accuracy(pred.flatten(), y.flatten(), 2),
+            "roc_auc": roc_auc(logits, y), "f1": f1_score(pred, y), "positive_class": names[0]}
+
+
+def multilabel_metrics(logits: torch.Tensor, y: torch.Tensor, names: list[str]) -> dict:
+    """mAP over the labels that have test positives, each label's AP, and micro F1 at logit 0."""
+    mean_ap, per_label = mean_average_precision(logits, y)
+    # A label without test positives has no AP (NaN): null in the JSON, listed, and left out of mAP.
+    undefined = [n for n, ap in zip(names, per_label) if ap != ap]
+    return {"mAP": mean_ap, "ap_undefined": undefined,
+            "per_label_ap": {n: None if n in undefined else ap for n, ap in zip(names, per_label)},
+            "f1_micro": f1_score(logits > 0, y)}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a linear probe predicts and how it is scored. ``exclusive``: each image has exactly one class, so
+    the probe gives a distribution over classes (``probabilities``, per-class loss, calibration) and kNN
+    on the class folders applies; ``outcomes(names)`` names those classes. ``outputs`` = len(names) logits
+    in every case (binary: the positive class only). ``columns``: the results table's (section, key)."""
+
+    name: str
+    exclusive: bool
+    smoothing: bool  # label smoothing applies to the loss
+    check_targets: Callable[[torch.Tensor, int], None]
+    loss: Callable  # loss(weight, label_smoothing) -> loss(logits, targets)
+    predict: Callable[[torch.Tensor], torch.Tensor]  # logits -> class indices, or 0/1 per label
+    metrics: Callable[[torch.Tensor, torch.Tensor, list], dict]
+    columns: tuple
+    probabilities: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    outcomes: Callable[[list], list] = lambda names: names
+
+    def accuracy(self, logits: torch.Tensor, y: torch.Tensor) -> float:
+        """Top-1 for exclusive classes, else the fraction of (image, label) pairs right at logit 0."""
+        return (self.predict(logits) == y.long()).float().mean().item()
+
+
+OBJECTIVES = {
+    "multiclass": Objective(
+        "multiclass", exclusive=True, smoothing=True, check_targets=check_class_indices, loss=softmax_loss,
+        predict=lambda logits: logits.argmax(1), metrics=multiclass_metrics,
+        columns=(("linear", "top1"), ("linear", "top5"), ("linear", "balanced_accuracy"), ("knn", "top1"),
+                 ("knn", "top5")),
+        probabilities=softmax_probabilities),
+    "binary": Objective(
+        "binary", exclusive=True, smoothing=False, check_targets=check_binary_targets, loss=sigmoid_loss,
+        predict=lambda logits: (logits > 0).long(), metrics=binary_metrics,
+        columns=(("linear", "accuracy"), ("linear", "roc_auc"), ("linear", "f1"), ("knn", "top1")),
+        probabilities=sigmoid_pair_probabilities, outcomes=lambda names: ["negative", names[0]]),
+    "multilabel": Objective(
+        "multilabel", exclusive=False, smoothing=False, check_targets=check_binary_targets, loss=sigmoid_loss,
+        predict=lambda logits: (logits > 0).long(), metrics=multilabel_metrics,
+        columns=(("linear", "mAP"), ("linear", "f1_micro"))),
+}
+
+
+def objective_named(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown probe objective '{name}' ({', '.join(OBJECTIVES)})")
+    return OBJECTIVES[name]
+
+
 def probe_loss(objective: str, weight: Optional[torch.Tensor] = None, label_smoothing: float = 0.0):
     """The probe's loss as ``loss(logits, targets)``."""
-    if objective == "multiclass":
-        return lambda logits, y: F.cross_entropy(logits, y, weight=weight, label_smoothing=label_smoothing)
-    if objective in ("binary", "multilabel"):
-        return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=weight)
-    raise ValueError(f"unknown probe objective '{objective}' (multiclass, binary or multilabel)")
+    return objective_named(objective).loss(weight, label_smoothing)
 
 
 class ProbeDivergedError(ArithmeticError):
@@ -249,11 +342,9 @@ def train_linear_probe(
 
     ``on_epoch(epoch, probe)``, called after every epoch with the probe as it stands, lets the caller log
     curves. A non-finite loss or weight stops the fit with :class:`ProbeDivergedError`."""
-    if objective == "multiclass":
-        check_class_indices(train_y, num_outputs)
-    else:
-        check_binary_targets(train_y, num_outputs)
-    loss_fn = probe_loss(objective, weight, label_smoothing)
+    kind = objective_named(objective)
+    kind.check_targets(train_y, num_outputs)
+    loss_fn = kind.loss(weight, label_smoothing)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     probe = LinearProbe(*standardisation(train_x), num_outputs)

@@ -19,9 +19,9 @@ from .checkpoint import ENCODER_KEYS, checkpoint_encoder, load_backbone, load_ch
 from .config import MAX_IMAGE_SIZE, Config, ConfigError, DataConfig
 from .data import ImageArray, load_configured, naming_the_key, shared_files
 from .class_weights import class_weights, positive_weights
-from .evaluate import classification_report, extract_features, knn_scores, probe_loss, train_linear_probe
+from .evaluate import OBJECTIVES, Objective, classification_report, extract_features, knn_scores, objective_named, \
+    train_linear_probe
 from .label_files import check_label_sets, read_label_csv
-from .metrics import balanced_accuracy, f1_score, mean_average_precision, roc_auc
 from .models import backbone
 from .monitor import Monitor
 from .runtime import cpu_supports_bf16, resolve_device, resolve_dtype, seed_everything, setup_logging
@@ -115,10 +115,14 @@ def check_held_out(train: ImageArray, test: ImageArray, train_dir, test_dir) -> 
 class Targets:
     """What the probe predicts: class indices (multiclass) or an (N, labels) 0/1 matrix (binary, multilabel)."""
 
-    objective: str
+    objective: str  # a key of OBJECTIVES
     names: list[str]  # classes, the positive class, or the labels
     train: torch.Tensor
     test: torch.Tensor
+
+    @property
+    def kind(self) -> Objective:
+        return objective_named(self.objective)
 
 
 def binary_targets(train: ImageArray, test: ImageArray, positive: Optional[str]) -> Targets:
@@ -149,15 +153,10 @@ class ProbeCurves:
     def __init__(self, train_x: torch.Tensor, test_x: torch.Tensor, targets: Targets,
                  weight: Optional[torch.Tensor] = None, label_smoothing: float = 0.0):
         self.train_x, self.test_x, self.targets = train_x, test_x, targets
-        self.plain = probe_loss(targets.objective)
-        self.objective = probe_loss(targets.objective, weight, label_smoothing)
+        self.plain = targets.kind.loss()
+        self.objective = targets.kind.loss(weight, label_smoothing)
         self.history = {k: [] for k in ("epoch", "train_ce", "test_ce", "train_objective", "train_accuracy",
                                         "test_accuracy")}
-
-    def accuracy(self, logits: torch.Tensor, y: torch.Tensor) -> float:
-        if self.targets.objective == "multiclass":
-            return (logits.argmax(1) == y).float().mean().item()
-        return ((logits > 0) == y.bool()).float().mean().item()
 
     @torch.no_grad()
     def record(self, epoch: int, probe) -> dict:
@@ -167,8 +166,8 @@ class ProbeCurves:
         row = {"train_ce": self.plain(train_logits, y_train).item(),
                "test_ce": self.plain(test_logits, y_test).item(),
                "train_objective": self.objective(train_logits, y_train).item(),
-               "train_accuracy": self.accuracy(train_logits, y_train),
-               "test_accuracy": self.accuracy(test_logits, y_test)}
+               "train_accuracy": self.targets.kind.accuracy(train_logits, y_train),
+               "test_accuracy": self.targets.kind.accuracy(test_logits, y_test)}
         self.history["epoch"].append(epoch)
         for k, v in row.items():
             self.history[k].append(v)
@@ -176,7 +175,8 @@ class ProbeCurves:
 
 
 def objective_label(weight: Optional[torch.Tensor], label_smoothing: float, multiclass: bool) -> str:
-    """How the figure names the training objective, e.g. "train objective (weighted, smoothed)"."""
+    """How the figure names the training objective, e.g. "train objective (weighted, smoothed)";
+    ``multiclass``: whether the loss takes label smoothing."""
     parts = (["weighted"] if weight is not None else []) + (["smoothed"] if multiclass and label_smoothing else [])
     return f"train objective ({', '.join(parts)})" if parts else "train objective (= train CE)"
 
@@ -185,25 +185,11 @@ def probe_report(name: str, logits: torch.Tensor, targets: Targets, monitor: Mon
                  figures: dict) -> dict:
     """The probe's test figures for its objective (accuracy and confusion, ROC AUC and F1, or mAP), and
     calibration and per-class loss where classes exclude each other; adds their plots to ``figures``."""
-    if targets.objective == "multiclass":
-        linear = classification_report(logits, targets.test, targets.names)
-        linear["balanced_accuracy"] = balanced_accuracy(logits.argmax(1), targets.test, len(targets.names))
+    linear = targets.kind.metrics(logits, targets.test, targets.names)
+    if "confusion" in linear:
         monitor.confusion(f"{name}/probe/confusion", linear["confusion"], targets.names)
         figures["confusion"] = figures_lib.confusion_matrix(linear["confusion"], targets.names, f"{name}: linear probe")
-    elif targets.objective == "binary":
-        pred = (logits > 0).long()
-        linear = {"accuracy": (pred == targets.test).float().mean().item(),
-                  "balanced_accuracy": balanced_accuracy(pred.flatten(), targets.test.flatten(), 2),
-                  "roc_auc": roc_auc(logits, targets.test), "f1": f1_score(pred, targets.test),
-                  "positive_class": targets.names[0]}
-    else:
-        mean_ap, per_label = mean_average_precision(logits, targets.test)
-        # A label without test positives has no AP (NaN): null in the JSON, listed, and left out of mAP.
-        undefined = [n for n, ap in zip(targets.names, per_label) if ap != ap]
-        linear = {"mAP": mean_ap, "ap_undefined": undefined,
-                  "per_label_ap": {n: None if n in undefined else ap for n, ap in zip(targets.names, per_label)},
-                  "f1_micro": f1_score(logits > 0, targets.test)}
-    if targets.objective != "multilabel":
+    if targets.kind.exclusive:
         probs = class_probabilities(logits, targets.objective)
         linear["calibration"] = reliability(probs, targets.test)
         linear["per_class_loss"] = per_class(logits, targets.test, targets.names, targets.objective)
@@ -224,7 +210,6 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
                                desc=f"{name}: train features", progress=progress)
     test_x = extract_features(encoder, test.images, normalize, device, feature_batch, dtype,
                               desc=f"{name}: test features", progress=progress)
-    multiclass = targets.objective == "multiclass"
     curves = ProbeCurves(train_x, test_x, targets, weight, opts.label_smoothing)
 
     def on_epoch(epoch, probe):
@@ -237,14 +222,15 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
         logits = probe(test_x)
     result = {"feature_dim": train_x.shape[1], "probe_history": curves.history}
     figures = {"probe_curves": figures_lib.probe_curves(curves.history, f"{name}: linear probe",
-                                                         objective_label(weight, opts.label_smoothing, multiclass))}
+                                                         objective_label(weight, opts.label_smoothing,
+                                                                         targets.kind.smoothing))}
     linear = probe_report(name, logits, targets, monitor, opts.epochs, figures)
     for kind, fig in figures.items():
         monitor.figure(f"{name}/probe/{kind}", fig, opts.epochs)
         if figures_dir is not None:
             figures_lib.save(fig, figures_dir / f"{name}_{kind}.png")
     result["linear"] = linear
-    if train.classes and targets.objective != "multilabel":
+    if train.classes and targets.kind.exclusive:
         knn = classification_report(
             knn_scores(train_x, train.labels, test_x, len(train.classes), opts.knn_k, opts.knn_temperature),
             test.labels, train.classes)
@@ -297,7 +283,9 @@ def check_eval_options(opts: ProbeOptions, crop_ratio: float, objective: str, tr
     check_probe_options(opts)
     if not 0 < crop_ratio <= 1:
         raise ConfigError(f"--crop-ratio: {crop_ratio} is out of range ((0, 1])")
-    if objective == "multilabel":
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"--objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if not OBJECTIVES[objective].exclusive:  # labels that do not exclude each other come from label files
         if not (train_labels and test_labels):
             raise ConfigError("--objective multilabel needs --train-labels and --test-labels CSV files")
         for option, path in (("--train-labels", train_labels), ("--test-labels", test_labels)):
@@ -305,20 +293,43 @@ def check_eval_options(opts: ProbeOptions, crop_ratio: float, objective: str, tr
                 raise ConfigError(f"{option}: label file not found: {path}")
 
 
+def label_file_targets(train: ImageArray, test: ImageArray, train_dir, test_dir, opts: ProbeOptions,
+                       positive_class: Optional[str], train_labels, test_labels) -> tuple[Targets, Optional[torch.Tensor]]:
+    """Multi-label targets from the --train-labels / --test-labels CSVs, and positive-label weights."""
+    y_train, names = read_label_csv(train_labels, train, train_dir)
+    y_test, _ = read_label_csv(test_labels, test, test_dir, names)
+    check_label_sets(y_test, names, train_labels, test_labels)
+    return Targets("multilabel", names, y_train, y_test), positive_weights(opts.class_weight, y_train, names)
+
+
+def positive_class_targets(train: ImageArray, test: ImageArray, train_dir, test_dir, opts: ProbeOptions,
+                           positive_class: Optional[str], train_labels, test_labels
+                           ) -> tuple[Targets, Optional[torch.Tensor]]:
+    """Binary targets from two class folders, and the positive class's weight."""
+    check_same_classes(train, test, train_dir, test_dir)
+    targets = binary_targets(train, test, positive_class)
+    return targets, positive_weights(opts.class_weight, targets.train, targets.names)
+
+
+def folder_class_targets(train: ImageArray, test: ImageArray, train_dir, test_dir, opts: ProbeOptions,
+                         positive_class: Optional[str], train_labels, test_labels
+                         ) -> tuple[Targets, Optional[torch.Tensor]]:
+    """Class indices from the class folders, and the class weights."""
+    check_same_classes(train, test, train_dir, test_dir)
+    targets = Targets("multiclass", train.classes, train.labels, test.labels)
+    return targets, class_weights(opts.class_weight, train.labels, train.classes, opts.beta)
+
+
+# Where each objective's targets come from (its Objective says how they are scored).
+TARGET_SOURCES = {"multiclass": folder_class_targets, "binary": positive_class_targets,
+                  "multilabel": label_file_targets}
+
+
 def eval_targets(objective: str, train: ImageArray, test: ImageArray, train_dir, test_dir, opts: ProbeOptions,
                  positive_class: Optional[str], train_labels, test_labels) -> tuple[Targets, Optional[torch.Tensor]]:
     """The probe's targets for ``objective`` and its class (or positive-label) weights."""
-    if objective == "multilabel":
-        y_train, names = read_label_csv(train_labels, train, train_dir)
-        y_test, _ = read_label_csv(test_labels, test, test_dir, names)
-        check_label_sets(y_test, names, train_labels, test_labels)
-        return Targets("multilabel", names, y_train, y_test), positive_weights(opts.class_weight, y_train, names)
-    check_same_classes(train, test, train_dir, test_dir)
-    if objective == "binary":
-        targets = binary_targets(train, test, positive_class)
-        return targets, positive_weights(opts.class_weight, targets.train, targets.names)
-    targets = Targets("multiclass", train.classes, train.labels, test.labels)
-    return targets, class_weights(opts.class_weight, train.labels, train.classes, opts.beta)
+    return TARGET_SOURCES[objective](train, test, train_dir, test_dir, opts, positive_class, train_labels,
+                                     test_labels)
 
 
 def load_eval_folders(train_dir, test_dir, data: DataConfig, progress: bool, crop_ratio: float
@@ -397,10 +408,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
 def format_results(results: dict) -> str:
     """A small table: one row per encoder with the objective's headline figures."""
     objective = results.get("objective", "multiclass")
-    columns = {"multiclass": [("linear", "top1"), ("linear", "top5"), ("linear", "balanced_accuracy"),
-                              ("knn", "top1"), ("knn", "top5")],
-               "binary": [("linear", "accuracy"), ("linear", "roc_auc"), ("linear", "f1"), ("knn", "top1")],
-               "multilabel": [("linear", "mAP"), ("linear", "f1_micro")]}[objective]
+    columns = OBJECTIVES[objective].columns
     names = [f"{a} {b}".replace("balanced_accuracy", "balanced acc.") for a, b in columns]
     width = max(len(n) for n in names) + 2
     rows = ["encoder      " + "".join(f"{n:>{width}}" for n in names)]
