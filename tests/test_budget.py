@@ -155,7 +155,7 @@ def test_a_run_with_a_budget_follows_its_plan_to_min_lr_and_stops(shapes, tmp_pa
     monkeypatch.setattr(simxent.schedule, "planned_steps", spy)
     monkeypatch.setattr(TimeBudget, "window_share", math.inf)
     run = tmp_path / "run"
-    summary = pretrain(load_config(None, tiny(shapes, run, "train.epochs=200", "train.max_time=600",
+    summary = pretrain(load_config(None, tiny(shapes, run, "train.epochs=200", "train.max_time=600", "train.budget_schedule=true",
                                               "optim.min_lr=0.1")), progress=False)
     [(done, rate, remaining, epoch_steps)] = asked
     assert done == 13 and rate > 0 and 0 < remaining < 600 and epoch_steps == 1000
@@ -202,7 +202,7 @@ def test_sigkill_after_the_plan_then_resume_keeps_it_and_equals_uninterrupted(sh
     """Killed at a random step after the plan (24 steps) was fixed, then resumed by the plain command,
     which would plan 1,000 steps (the epochs, in 600 s) were it to measure again: it follows the saved
     plan and ends with the weights of the same run uninterrupted."""
-    args = tiny(shapes, tmp_path / "killed", "train.epochs=200", "train.max_time=600", "train.checkpoint_every=1")
+    args = tiny(shapes, tmp_path / "killed", "train.epochs=200", "train.max_time=600", "train.budget_schedule=true", "train.checkpoint_every=1")
     reference = launch_with_plan([*args, f"out={tmp_path / 'reference'}"], PLANNED)
     _, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err
@@ -230,7 +230,7 @@ def _agree_worker(rank, port, world, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        budget = time_budget(load_config(None, ["train.max_time=60", "train.epochs=10"]), 100, 0.0,
+        budget = time_budget(load_config(None, ["train.max_time=60", "train.epochs=10", "train.budget_schedule=true"]), 100, 0.0,
                              torch.device("cpu"))
         results[rank] = budget.agree(5 + 10 * rank)  # each process measured its own rate
     finally:
@@ -254,7 +254,7 @@ def _shared_window_worker(rank, port, world, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        budget = time_budget(load_config(None, ["train.max_time=100", "train.epochs=10"]), 100, 0.0,
+        budget = time_budget(load_config(None, ["train.max_time=100", "train.epochs=10", "train.budget_schedule=true"]), 100, 0.0,
                              torch.device("cpu"))
         budget.clock = clock = FakeClock(0.0)
         fixed_at, losses = [], []
