@@ -146,17 +146,23 @@ def _probe_options(a) -> ProbeOptions:
     return opts
 
 
-def linear_eval_main(argv=None) -> int:
-    p = _parser("simxent-linear-eval", "Linear probe and weighted kNN on a frozen pretrained encoder.")
+def _encoder_options(p: argparse.ArgumentParser, verb: str) -> None:
+    """The options that say which encoder to use: linear evaluation and embedding share them."""
     p.add_argument("--checkpoint", required=True,
                    help="a simxent checkpoint (e.g. RUN/checkpoints/last.pt), or with --backbone a plain state dict")
     p.add_argument("--backbone",
-                   help="score a plain state dict of this architecture (any model.backbone name: docs/backbones.md; "
-                        "a torchvision model's, an export, another tool's) instead of a simxent checkpoint")
+                   help=f"{verb} a plain state dict of this architecture (any model.backbone name: docs/backbones.md; "
+                        "a torchvision model's, an export, another tool's; ImageNet normalisation) instead of a "
+                        "simxent checkpoint")
     p.add_argument("--cifar-stem", action="store_true", help="with --backbone: a ResNet with the 3x3 CIFAR stem")
     p.add_argument("--image-size", type=int,
                    help=f"decode size in px, 8 to {MAX_IMAGE_SIZE} (default: the checkpoint's data.image_size; "
                         f"32 with --backbone)")
+
+
+def linear_eval_main(argv=None) -> int:
+    p = _parser("simxent-linear-eval", "Linear probe and weighted kNN on a frozen pretrained encoder.")
+    _encoder_options(p, "score")
     p.add_argument("--precision", choices=CHOICES["train.precision"],
                    help="feature precision (default: the checkpoint's train.precision; auto with --backbone)")
     p.add_argument("--cache-dir", help="decoded-image cache (default: $SIMXENT_CACHE or ~/.cache/simxent)")
@@ -257,17 +263,9 @@ def embed_main(argv=None) -> int:
     d = EmbedOptions()
     p = _parser("simxent-embed", "Write the L2-normalised embeddings of every image in a folder, their file names "
                 "and a FAISS index, for simxent-search.")
-    p.add_argument("--checkpoint", required=True,
-                   help="a simxent checkpoint (e.g. RUN/checkpoints/last.pt), or with --backbone a plain state dict")
+    _encoder_options(p, "embed with")
     p.add_argument("--images", required=True, help="folder of images, at any depth")
     p.add_argument("--out", required=True, help="folder for embeddings.npy, names.json, index.faiss, meta.json")
-    p.add_argument("--backbone",
-                   help="embed with a plain state dict of this architecture (any model.backbone name: "
-                        "docs/backbones.md; ImageNet normalisation) instead of a simxent checkpoint")
-    p.add_argument("--cifar-stem", action="store_true", help="with --backbone: a ResNet with the 3x3 CIFAR stem")
-    p.add_argument("--image-size", type=int,
-                   help=f"decode size in px, 8 to {MAX_IMAGE_SIZE} (default: the checkpoint's data.image_size; "
-                        f"32 with --backbone)")
     p.add_argument("--crop-ratio", type=float, default=d.crop_ratio,
                    help="images larger than the view: shorter side to size / ratio, then the centre crop")
     p.add_argument("--ivf-above", type=int, default=d.ivf_above,

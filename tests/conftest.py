@@ -2,6 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
@@ -27,6 +28,15 @@ def write_image(path: Path, size=(16, 16), mode="RGB", seed=0):
         im = im.convert("P")
     im.save(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensor products: one torch thread is many times faster than two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -120,15 +120,6 @@ def test_without_max_time_the_epoch_schedule_is_unchanged():
     assert restored.plan == StepPlan(110, 11, 109) and restored.finished(110) and not restored.finished(109)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny products: one thread is far faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     return make_shapes(tmp_path_factory.mktemp("shapes"), train_per_class=16, test_per_class=4, size=16)

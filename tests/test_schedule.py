@@ -116,15 +116,6 @@ def preset_settings(batch: int) -> dict[tuple[float, float], str]:
     return settings
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny products: one thread is some 20 times faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])
 def test_learnt_temperature_stays_in_range_and_the_loss_falls_at_every_presets_lr(name):
