@@ -38,7 +38,7 @@ from tqdm import tqdm
 from .augment import CROP_RATIO, crop_boxes
 from .config import DataConfig
 from .runtime import show_progress_bars
-from .files import is_disk_full, remove_dead_temp_files, reserve, temp_path
+from .files import folder_problem, is_disk_full, remove_dead_temp_files, reserve, temp_path
 
 log = logging.getLogger("simxent")
 
@@ -728,12 +728,9 @@ def load_configured(root: str | Path | ImageList, data: DataConfig, progress: bo
 def _check_disk(cache_dir: Path, needed: int, root: Path) -> None:
     """The cache folder exists, is writable and has room for ``needed`` bytes; what dead decoders left
     there is removed first (see :mod:`simxent.files`: a live decoder's file is never touched)."""
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create the image cache folder {cache_dir}: {e.strerror} (set data.cache_dir)") from None
-    if not os.access(cache_dir, os.W_OK | os.X_OK):
-        raise DataError(f"the image cache folder {cache_dir} is not writable (set data.cache_dir)")
+    problem = folder_problem(cache_dir)
+    if problem:
+        raise DataError(f"image cache: {problem} (set data.cache_dir)")
     remove_dead_temp_files(cache_dir)
     free = shutil.disk_usage(cache_dir).free
     if needed > free:

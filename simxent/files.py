@@ -84,3 +84,17 @@ def reserve(fd: int, nbytes: int) -> None:
 
 def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in DISK_FULL
+
+
+def folder_problem(path: Path) -> str | None:
+    """Create the folder ``path`` if needed; what makes it unusable for writing (a file in its place, no
+    permission to create or write it), or None when it is usable."""
+    if path.exists() and not path.is_dir():
+        return f"{path} exists and is not a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the folder {path}: {e.strerror}"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"the folder {path} is not writable"
+    return None

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .config import ConfigError
-from .files import HOST, remove_dead_temp_files, temp_path
+from .files import HOST, folder_problem, remove_dead_temp_files, temp_path
 
 log = logging.getLogger("simxent")
 
@@ -35,14 +35,9 @@ RUN_ENTRIES = ("checkpoints", "tb", "figures", "linear_eval", "train.log", "summ
 def writable_folder(path: str | Path, key: str) -> Path:
     """Create the folder ``path`` if needed; one line naming ``key`` when it is a file or cannot be written."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{key}: {path} exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot create the folder {path}: {e.strerror}") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}: the folder {path} is not writable")
+    problem = folder_problem(path)
+    if problem:
+        raise ConfigError(f"{key}: {problem}")
     return path
 
 
