@@ -40,7 +40,7 @@ def run(train: Path, val: Path, out: Path, minutes: float, budget_schedule: bool
                               f"train.budget_schedule={str(budget_schedule).lower()}"])
     summary = pretrain(cfg, progress=False)
     return {"minutes": minutes, "budget_schedule": budget_schedule, "steps": summary["global_step"],
-            "planned_steps": summary["planned_steps"], "knn_top1": summary["knn_top1"][-1]["top1"]}
+            "schedule_progress": summary["schedule_progress"], "knn_top1": summary["knn_top1"][-1]["top1"]}
 
 
 def main():
@@ -60,10 +60,10 @@ def main():
                             minutes, budget_schedule))
             print(rows[-1], flush=True)
             (out / "results.json").write_text(json.dumps(rows, indent=2))
-    print("| budget | schedule over | steps | kNN top-1 |\n|---|---|---|---|")
+    print("| budget | schedule over | steps | progress at the stop | kNN top-1 |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['minutes']:g} min | {'the budget' if r['budget_schedule'] else 'train.epochs'} | {r['steps']} | "
-              f"{r['knn_top1']:.3f} |")
+              f"{r['schedule_progress']:.2f} | {r['knn_top1']:.3f} |")
 
 
 if __name__ == "__main__":

@@ -275,9 +275,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def training_state(cfg: Config, net: nn.Module, optimizer, scaler, pos: Position, rng: Optional[dict],
-                   schedule: Optional[dict]) -> dict:
+                   progress: float) -> dict:
     """A run's checkpoint: config, weights (encoder, head and temperature apart, so that an encoder loads
-    alone), optimiser, grad scaler, position, time-budget plan and every process's RNG state (``rng``:
+    alone), optimiser, grad scaler, position, the schedule's progress p in [0, 1] (see
+    :class:`simxent.schedule.TimeBudget`) and every process's RNG state (``rng``:
     this one's as it was before the batch drawn ahead, else its current state). Every process calls it:
     the RNG states are gathered."""
     return {
@@ -291,7 +292,7 @@ def training_state(cfg: Config, net: nn.Module, optimizer, scaler, pos: Position
         "scaler": scaler.state_dict(),
         "position": asdict(pos),
         "rng": dist.gather_objects(rng or rng_state()),
-        "schedule": schedule,
+        "progress": progress,
     }
 
 
@@ -338,6 +339,16 @@ def fit_temperature_group(saved: dict, optimizer: torch.optim.Optimizer) -> dict
         dropped = set(groups[-1]["params"])
         return {"state": {k: v for k, v in saved["state"].items() if k not in dropped}, "param_groups": groups[:-1]}
     return saved
+
+
+def saved_progress(state: dict, total: int) -> float:
+    """The schedule's progress a training checkpoint saved. One written before progress was saved counts
+    its steps' share of ``total``; the step plan it may hold under "schedule" is not used."""
+    if "progress" in state:
+        return float(state["progress"])
+    if state.get("schedule"):
+        log.info("the checkpoint's step plan (%s) is not used: the schedule goes on from its step", state["schedule"])
+    return state["position"]["global_step"] / total
 
 
 def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler, seed: int) -> Position:

@@ -120,9 +120,10 @@ class TrainConfig:
                                      "augment.small_views views)")
     max_time: float = setting(0.0, "seconds from the run's start; 0: no limit. When reached: checkpoint, exit "
                                    "cleanly")
-    budget_schedule: bool = setting(False, "true, with train.max_time: warm-up and cosine span the steps the time "
-                                           "allows (fixed from the step rate after the first steps, kept on resume); "
-                                           "false: they span train.epochs and max_time cuts them")
+    budget_schedule: bool = setting(True, "true, with train.max_time: warm-up and cosine follow the further of the "
+                                          "time used (first step to deadline) and the steps done (of train.epochs), "
+                                          "so the run ends annealed at whichever comes first; false: they span "
+                                          "train.epochs and max_time cuts them")
     seed: int = setting(0, "makes a run reproducible")
     device: str = setting("auto", "auto, cpu or cuda (refused without a GPU)")
     precision: str = setting("auto", "auto (bf16 where supported, else fp32), bf16 (warned on a CPU without "

@@ -95,7 +95,8 @@ def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
 
 def agree(values: list, device: torch.device) -> list[float]:
     """The mean over processes of each of ``values`` (0-d tensors, booleans or numbers) in one collective
-    and one host sync: the training step's loss, finite flag, stop requests and time budget's flag.
+    and one host sync: the training step's loss, finite flag, stop requests and share of the time
+    budget used.
 
     A flag's mean is above 0 when any process raised it and 1 when all did."""
     # Numbers are filled on the device, not copied there: a blocking copy to a GPU would wait for the stream.

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -33,135 +32,89 @@ def lr_at(step: int, total: int, warmup: int, peak: float, min_fraction: float =
     return peak * (min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-@dataclass
-class StepPlan:
-    """A schedule's length: the run takes ``total`` steps, warms up over ``warmup`` and its cosine reaches
-    min_lr at step ``decay_end`` (``total`` for epochs, so the last step runs just above it; ``total - 1``
-    for a time budget, whose last step runs at min_lr).
-
-    A plan fixed mid-warm-up (a time budget's) goes on from where the lr stands: its warm-up is the line
-    from ``start_fraction`` at step ``start_step`` to 1 at ``warmup``,
-
-        f(s) = f0 + (1 - f0) * (s + 1 - s0) / (warmup - s0)        for s0 <= s < warmup
-    """
-
-    total: int
-    warmup: int
-    decay_end: int
-    start_step: int = 0
-    start_fraction: float = 0.0
-
-    def fraction(self, step: int, min_fraction: float) -> float:
-        """The lr at ``step`` as a fraction of the peak (:func:`lr_at` with peak 1, after the warm-up)."""
-        if self.start_step and step < self.warmup:
-            f0 = self.start_fraction
-            return f0 + (1 - f0) * (step + 1 - self.start_step) / (self.warmup - self.start_step)
-        return lr_at(step, self.decay_end, self.warmup, 1.0, min_fraction)
-
-
-# A budget's warm-up takes at most this share of its steps: 10 epochs of warm-up in a 2-minute run would
-# leave no time for the decay.
+# A budget's warm-up ends by this share of its time at the latest: 10 epochs of warm-up in a 2-minute run
+# would leave no time for the decay.
 BUDGET_WARMUP_SHARE = 0.1
 
 
-def planned_steps(done: int, rate: float, remaining: float, epoch_steps: int) -> int:
-    """Steps a time budget allows: those ``done``, then ``rate`` steps/s over the ``remaining`` seconds,
-    never more than the epochs ask for:
+def budget_lr_fraction(step: int, total: int, warmup: int, used: float, min_fraction: float = 0.0) -> float:
+    """The lr as a fraction of the peak when a time budget is the schedule, ``used`` (q) the share of the
+    budget spent (0 at the first step, 1 at the deadline), S = ``total`` steps, W = ``warmup``, m = ``min_fraction``:
 
-        total = min(epoch_steps, done + floor(rate * remaining))
+        p = max(s / S, q)                                   progress: the epochs' or the clock's, the further
+        warm = min(1, max((s + 1) / W, q / 0.1))            (1 when W = 0)
+        f = warm * (m + (1 - m) * (1 + cos(pi * p)) / 2)
+
+    so warm-up ends after W steps or 10 % of the budget, whichever comes first, and f reaches m at p = 1.
+    With q = 0 throughout this is not :func:`lr_at` (its cosine starts after the warm-up, over
+    (s - W) / (S - W)), so a run without a budget keeps lr_at.
     """
-    return min(epoch_steps, done + math.floor(rate * max(0.0, remaining)))
+    used_share = used / BUDGET_WARMUP_SHARE
+    warm = min(1.0, max((step + 1) / warmup, used_share)) if warmup else 1.0
+    progress = min(1.0, max(step / total, used))
+    return warm * (min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class TimeBudget:
-    """The step plan of a run with a time budget (``max_time`` seconds from ``started``, a ``clock``
-    reading taken when the run began, so decoding counts), fixed once from the measured step rate.
+    """The schedule's progress through ``total`` steps (``warmup`` of them warm-up) and, with a time
+    budget, through ``max_time`` seconds from ``started`` (a ``clock`` reading taken when the run began, so
+    decoding counts toward the deadline).
 
-    Until it is fixed the lr follows ``epoch_plan`` (epochs x steps per epoch); its warm-up starts at 0,
-    so the first steps are small whatever the plan. The rate is timed over ``measure`` steps after
-    ``skip`` (first steps pay for caches, allocation, compilation), or over fewer (one at least) when
-    they would take more than ``window_share`` of the budget (slow steps, short budgets); then
-
-        total = planned_steps(done, rate, max_time - elapsed, epoch_plan.total)
-        warmup = min(epoch_plan.warmup, floor(BUDGET_WARMUP_SHARE * total))
-
-    and the cosine ends on the last planned step (a budget that allows every epoch keeps ``epoch_plan``).
-    The plan never changes after that: it is saved in checkpoints (:meth:`state_dict`) and a resumed run
-    follows it. ``max_time <= 0`` means no budget:
-    ``epoch_plan`` is the plan from the start. ``agree`` makes every process fix the same total.
+    Without a budget (``max_time`` 0, or ``spans`` false) the lr is :func:`lr_at` over the steps and
+    ``max_time`` only cuts the run. With one, the budget's clock starts at the first step (:meth:`start`,
+    time t1) and each step's share of it, tau = (now - t1) / (started + max_time - t1), is averaged over the
+    processes (:meth:`read_clock`, then :meth:`agree` with the mean), so that every process sets the same lr;
+    the agreed share after step k sets the lr of step k + 1 (:func:`budget_lr_fraction` with
+    q = p0 + (1 - p0) * tau, where p0 is the progress a resumed run starts from, 0 for a fresh one). The
+    schedule is done when q reaches 1: the deadline.
     """
 
-    skip, measure, window_share = 3, 10, 0.05
+    def __init__(self, total: int, warmup: int, max_time: float, started: float, spans: bool,
+                 clock: Callable[[], float] = time.monotonic):
+        self.total, self.warmup, self.max_time, self.started, self.clock = total, warmup, max_time, started, clock
+        self.spans = spans and max_time > 0
+        self.start_progress, self.used, self.first = 0.0, 0.0, None
 
-    def __init__(self, epoch_plan: StepPlan, max_time: float, started: float,
-                 clock: Callable[[], float] = time.monotonic, agree: Callable[[int], int] = int):
-        self.plan, self.epoch_steps = epoch_plan, epoch_plan.total
-        self.max_time, self.started, self.clock, self.agree = max_time, started, clock, agree
-        self.fixed, self.budgeted = max_time <= 0, False
-        self.seen, self.window_start = 0, 0.0
-        self.rate, self.remaining = float("nan"), float("nan")
+    def start(self) -> float:
+        """Start the budget's clock (at the first step); returns the seconds left until the deadline."""
+        self.first = self.clock()
+        return self.started + self.max_time - self.first
+
+    def read_clock(self) -> tuple[bool, float]:
+        """This process's clock: whether the deadline has passed, and the share tau of the budget used
+        (0 without a budget; 1 when the deadline came before the first step)."""
+        now = self.clock()
+        time_up = self.max_time > 0 and now - self.started >= self.max_time
+        if not self.spans:
+            return time_up, 0.0
+        left = self.started + self.max_time - self.first
+        return time_up, 1.0 if left <= 0 else min(1.0, (now - self.first) / left)
+
+    def agree(self, mean_used: float) -> None:
+        """The share of the budget used, as the processes agreed after a step: it sets the next step's lr."""
+        self.used = mean_used
+
+    def budget_used(self) -> float:
+        """q = p0 + (1 - p0) * tau: the budget's share of the whole schedule, a resumed run's included."""
+        return self.start_progress + (1 - self.start_progress) * self.used
+
+    def progress(self, step: int) -> float:
+        """p = max(s / S, q) at global step ``step`` (s / S without a budget); what checkpoints save."""
+        return max(step / self.total, self.budget_used()) if self.spans else step / self.total
 
     def fraction(self, step: int, min_fraction: float) -> float:
-        return self.plan.fraction(step, min_fraction)
+        """The lr at ``step`` as a fraction of the peak."""
+        if not self.spans:
+            return lr_at(step, self.total, self.warmup, 1.0, min_fraction)
+        return budget_lr_fraction(step, self.total, self.warmup, self.budget_used(), min_fraction)
 
-    def window_done(self) -> bool:
-        """Whether this process's clock says that the step now ending closes the timing window. Under
-        several processes each one's answer goes into the step's agreement (:func:`simxent.dist.agree`),
-        so that all of them fix the plan on the same step: see :meth:`step_done`."""
-        if self.fixed:
-            return False
-        measured = self.seen + 1 - self.skip
-        return measured >= self.measure or (
-            measured >= 1 and self.clock() - self.window_start >= self.window_share * self.max_time)
+    def finished(self) -> bool:
+        """Whether the budget's schedule has reached its end (the deadline; the epochs end their own loop)."""
+        return self.spans and self.budget_used() >= 1
 
-    def step_done(self, global_step: int, window_done: Optional[bool] = None) -> bool:
-        """Count a finished step (``global_step`` done in all); returns True when it fixed the plan.
-
-        ``window_done``: whether any process's :meth:`window_done` said so for this step (None: ask this
-        process's clock alone). All processes then call ``agree`` together and fix the mean plan."""
-        if self.fixed:
-            return False
-        done = self.window_done() if window_done is None else window_done
-        self.seen += 1
-        now = self.clock()
-        if self.seen == self.skip:
-            self.window_start = now
-        if not done or self.seen <= self.skip:  # the step count is the same on every process
-            return False
-        self.rate = (self.seen - self.skip) / max(now - self.window_start, 1e-9)
-        self.remaining = self.max_time - (now - self.started)
-        self.fix(self.agree(planned_steps(global_step, self.rate, self.remaining, self.epoch_steps)), global_step)
-        return True
-
-    def fix(self, total: int, done: int = 0) -> None:
-        """Fix the plan at ``total`` steps, ``done`` of them run; a budget that allows all the epochs keeps
-        their schedule. A shorter plan warms up over ``BUDGET_WARMUP_SHARE`` of its steps, at most the epochs'
-        warm-up; fixed inside the epochs' warm-up, its lr climbs on from the last step's, never faster than
-        the planned warm-up's slope 1 / warmup (so that warm-up may end a little later)."""
-        if total >= self.epoch_steps:
-            self.fixed, self.budgeted = True, True
-            return
-        warmup = min(self.plan.warmup, math.floor(BUDGET_WARMUP_SHARE * total))
-        f0 = self.plan.fraction(done - 1, 0.0) if done else 0.0
-        if warmup and 0 < done < self.plan.warmup and f0 < 1:
-            end = max(warmup, done + math.ceil((1 - f0) * warmup))
-            self.plan = StepPlan(total, end, max(total - 1, end), done, f0)
-        else:
-            self.plan = StepPlan(total, warmup, max(total - 1, warmup))
-        self.fixed, self.budgeted = True, True
-
-    def finished(self, global_step: int) -> bool:
-        """Whether a budget plan shorter than the epochs has run all its steps (one as long as the epochs
-        ends with them)."""
-        return self.budgeted and self.plan.total < self.epoch_steps and global_step >= self.plan.total
-
-    def state_dict(self) -> Optional[dict]:
-        """The fixed plan for checkpoints; None without a budget or before the plan is fixed."""
-        return vars(self.plan).copy() if self.budgeted else None
-
-    def load_state_dict(self, state: Optional[dict]) -> None:
-        if state is not None:
-            self.plan, self.fixed, self.budgeted = StepPlan(**state), True, True
+    def resume(self, progress: float) -> None:
+        """Go on from the ``progress`` p0 a checkpoint saved: the budget anneals it from there to 1."""
+        self.start_progress = min(1.0, progress)
 
 
 def param_groups(model: nn.Module, weight_decay: float, leave_out: tuple = ()) -> list[dict]:

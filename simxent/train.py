@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import dist, figures
 from .augment import ViewAugment, small_view_size
 from .checkpoint import (Position, check_resumable, load_checkpoint, newest_valid_checkpoint, restore_training,
-                         rng_state, save_rotating, training_state)
+                         rng_state, save_rotating, saved_progress, training_state)
 from .config import Config, ConfigError, format_config, save_config, to_dict
 from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images, default_cache_dir, find_images,
                    iterate_batches, load_configured, naming_the_key, open_stream, shared_files)
@@ -37,7 +37,7 @@ from .monitor import Monitor
 from .rundir import claim, recorded_run_id, run_lock, writable_folder
 from .runtime import (SlowStepWatch, autocast, configure_device, resolve_device, resolve_dtype, seed_everything,
                       set_threads, setup_logging, show_progress_bars)
-from .schedule import StepPlan, TimeBudget, build_optimizer, peak_lr, set_lr
+from .schedule import TimeBudget, build_optimizer, peak_lr, set_lr
 
 log = logging.getLogger("simxent")
 
@@ -459,10 +459,10 @@ class StepResult:
 
 def train_step(run: Run, batch: Drawn, draw_ahead: Callable[[], None], stop_requested: threading.Event
                ) -> StepResult:
-    """One optimiser step on ``batch``: lr from the plan, NT-Xent, backward, then (after ``draw_ahead``) one
-    collective and one host sync carry the global loss, whether every gradient is finite (fp16's grad
-    scaler checks its own), the stop requests and the time budget's "timing window done", so that all
-    processes agree; the optimiser steps only when everything was finite."""
+    """One optimiser step on ``batch``: lr from the schedule, NT-Xent, backward, then (after ``draw_ahead``)
+    one collective and one host sync carry the global loss, whether every gradient is finite (fp16's grad
+    scaler checks its own), the stop requests and the share of the time budget used, so that all processes
+    agree (the next step's lr included); the optimiser steps only when everything was finite."""
     cfg, pos, optimizer, scaler = run.cfg, run.pos, run.optimizer, run.scaler
     lr = set_lr(optimizer, run.budget.fraction(pos.global_step, cfg.optim.min_lr), run.peak, cfg.loss.temperature_lr)
     run.slow_steps.start()
@@ -471,21 +471,18 @@ def train_step(run: Run, batch: Drawn, draw_ahead: Callable[[], None], stop_requ
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # a non-finite loss gives non-finite gradients: caught below
     draw_ahead()
-    time_up = bool(cfg.train.max_time) and time.monotonic() - run.started >= cfg.train.max_time
+    time_up, used = run.budget.read_clock()
     grads = (p.grad for group in optimizer.param_groups for p in group["params"])
     finite = torch.ones((), device=run.device) if scaler.is_enabled() else finite_flag(grads)
-    shared = dist.agree([loss, finite, time_up, stop_requested.is_set(), run.budget.window_done()], run.device)
+    shared = dist.agree([loss, finite, time_up, stop_requested.is_set(), used], run.device)
     run.slow_steps.stop()
-    loss_mean, finite_share, time_up_share, signal_share, window_share = shared
+    loss_mean, finite_share, time_up_share, signal_share, used_mean = shared
+    run.budget.agree(used_mean)  # time passes whether or not the step is applied
     applied = math.isfinite(loss_mean) and finite_share == 1
     if applied:
         scaler.step(optimizer)
         scaler.update()
         pos.global_step += 1
-        if run.budget.step_done(pos.global_step, window_share > 0):
-            log.info("train.max_time=%gs: %d steps planned (%.3g steps/s, %.0f s left), warm-up %d, the cosine "
-                     "ends on the last", cfg.train.max_time, run.budget.plan.total, run.budget.rate,
-                     run.budget.remaining, run.budget.plan.warmup)
     else:
         optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_mean, applied, time_up_share > 0, signal_share > 0, lr, t.item(), z1, z2)
@@ -521,7 +518,8 @@ def record_step(run: Run, batch: Drawn, result: StepResult, meter: Throughput, b
         return
     run.bad_steps, run.last_loss = 0, result.loss
     meter.add(len(batch.images) * dist.world_size())
-    final = pos.global_step == run.budget.plan.total or result.time_up or result.signalled  # a short run logs
+    final = (pos.global_step == run.budget.total or result.time_up or result.signalled  # a short run logs
+             or run.budget.finished())
     if pos.global_step % cfg.train.log_every == 0 or final:
         rate = meter.read()
         scalars = {"loss": result.loss, "lr": result.lr, "temperature": result.temperature, "images_per_s": rate}
@@ -532,13 +530,11 @@ def record_step(run: Run, batch: Drawn, result: StepResult, meter: Throughput, b
 
 
 def stop_reason(run: Run, result: StepResult) -> Optional[str]:
-    """"signal" or "max_time" (the deadline, or the end of the time budget's plan) when the run stops after
-    this step; None to go on."""
-    planned_end = run.budget.finished(run.pos.global_step)
-    if not (result.time_up or result.signalled or planned_end):
+    """"signal" or "max_time" (the deadline, as this process's clock or the agreed share of the budget says)
+    when the run stops after this step; None to go on."""
+    if not (result.time_up or result.signalled or run.budget.finished()):
         return None
-    why = (f"train.max_time={run.cfg.train.max_time:g}s reached" if result.time_up
-           else f"the time budget's {run.budget.plan.total} planned steps done")
+    why = f"train.max_time={run.cfg.train.max_time:g}s reached"
     log.info("%s at epoch %d step %d: checkpointing and stopping", "stop requested" if result.signalled else why,
              run.pos.epoch, run.pos.step)
     return "signal" if result.signalled else "max_time"
@@ -586,7 +582,7 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
         raise TrainingError(f"the model holds non-finite values at step {run.pos.global_step}; not saving it over "
                             f"{checkpoint_path(run.cfg)}")
     state = training_state(run.cfg, net, run.optimizer, run.scaler, run.pos, ahead.rng if ahead else None,
-                           run.budget.state_dict())
+                           run.budget.progress(run.pos.global_step))
     if run.main:
         run.similarities.write()
         save_rotating(state, checkpoint_path(run.cfg).parent, run.pos.global_step, run.cfg.train.keep_checkpoints,
@@ -625,8 +621,8 @@ def finish(run: Run, reason: Optional[str]) -> dict:
         "epoch": pos.epoch,
         "global_step": pos.global_step,
         "world_size": dist.world_size(),
-        "stopped_by_max_time": reason == "max_time",  # at the deadline or at the end of the budget's plan
-        "planned_steps": run.budget.plan.total if run.budget.budgeted else None,
+        "stopped_by_max_time": reason == "max_time",
+        "schedule_progress": run.budget.progress(pos.global_step),  # 1: annealed (the epochs or the budget done)
         "stopped_by_signal": reason == "signal",
         "skipped_steps": run.skipped_steps,
         "last_loss": run.last_loss,
@@ -652,19 +648,11 @@ def build_model(cfg: Config, device: torch.device, world: int) -> tuple[SimCLR, 
     return net, torch.compile(model) if cfg.train.compile else model
 
 
-def time_budget(cfg: Config, steps_per_epoch: int, started: float, device: torch.device) -> TimeBudget:
-    """The run's step plan: ``train.epochs`` x ``steps_per_epoch``, or with ``train.max_time`` (and
-    ``train.budget_schedule``) the steps that fit the time left, fixed once from the measured step rate and
-    the same on every process (the mean of their estimates)."""
-    total = cfg.train.epochs * steps_per_epoch
-    epochs = StepPlan(total, round(cfg.optim.warmup_epochs * steps_per_epoch), total)
-
-    def agree(steps: int) -> int:
-        return math.floor(dist.mean_over_processes(torch.tensor(float(steps), dtype=torch.float64,
-                                                                device=device)).item())
-
-    max_time = cfg.train.max_time if cfg.train.budget_schedule else 0.0
-    return TimeBudget(epochs, max_time, started, agree=agree)
+def time_budget(cfg: Config, steps_per_epoch: int, started: float) -> TimeBudget:
+    """The run's schedule: warm-up and cosine over ``train.epochs`` x ``steps_per_epoch``, or, with
+    ``train.max_time`` and ``train.budget_schedule``, over whichever ends first of them and the time budget."""
+    return TimeBudget(cfg.train.epochs * steps_per_epoch, round(cfg.optim.warmup_epochs * steps_per_epoch),
+                      cfg.train.max_time, started, cfg.train.budget_schedule)
 
 
 def _resume_state(cfg: Config, device) -> tuple[Path | None, dict | None]:
@@ -700,9 +688,22 @@ def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optiona
     with stop_on_signals() as stop_requested, ExitStack() as held:
         run = setup_run(cfg, progress, held, train, cache_name)
         reason = None
-        while reason is None and run.pos.epoch < cfg.train.epochs and not run.budget.finished(run.pos.global_step):
+        start_budget(run)
+        while reason is None and run.pos.epoch < cfg.train.epochs and not run.budget.finished():
             reason = train_epoch(run, stop_requested)
         return finish(run, reason)
+
+
+def start_budget(run: Run) -> None:
+    """Start the time budget's clock, now that the steps begin, and say what the schedule spans."""
+    left, budget = run.budget.start(), run.budget
+    if not budget.spans:
+        return
+    resumed = f", from progress {budget.start_progress:.3f}" if budget.start_progress else ""
+    if left > 0:
+        log.info("train.max_time=%gs: warm-up and cosine span the %.0f s left%s", budget.max_time, left, resumed)
+    else:
+        log.info("train.max_time=%gs: the deadline passed %.0f s before the first step", budget.max_time, -left)
 
 
 def open_run(cfg: Config, held: ExitStack) -> tuple[torch.device, Optional[str], Path | None, dict | None]:
@@ -738,15 +739,13 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
     torch.manual_seed(cfg.train.seed + dist.rank())  # each process draws its own augmentations
     batch, steps_per_epoch = cfg.train.batch_size, len(train) // cfg.train.batch_size
     peak = peak_lr(cfg.optim, batch)
-    budget = time_budget(cfg, steps_per_epoch, started, device)
+    budget = time_budget(cfg, steps_per_epoch, started)
     optimizer = build_optimizer(net, cfg.optim, peak, net.temperature, cfg.loss.temperature_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     pos = Position()
     if resume:
-        if resumed.get("schedule"):
-            budget.load_state_dict(resumed["schedule"])
-            log.info("following the time budget's plan saved in the checkpoint: %d steps", budget.plan.total)
         pos = restore_training(resume, resumed, net, optimizer, scaler, cfg.train.seed)
+        budget.resume(saved_progress(resumed, budget.total))
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go
     main, out = dist.is_main(), Path(cfg.out)
     # purge_step drops what a killed run logged after its last checkpoint: one continuous curve.

@@ -1,123 +1,183 @@
-"""A time budget is the schedule's length: the plan from the measured rate, its lr, resume, the switch."""
-import json
+"""A time budget is the schedule: progress is the share of the budget used, agreed over processes, saved
+on resume; ``train.budget_schedule=false`` keeps the epoch schedule."""
 import math
 import os
-import random
+import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import simxent.dist
-import simxent.schedule
-from simxent.checkpoint import load_checkpoint
+import simxent.train
+from simxent.checkpoint import load_checkpoint, save_checkpoint
 from simxent.config import load_config
 from simxent.demo import make_shapes
-from simxent.schedule import StepPlan, TimeBudget, lr_at, planned_steps
-from simxent.train import pretrain, time_budget
+from simxent.schedule import TimeBudget, lr_at
+from simxent.train import pretrain
 from tests.test_distributed import free_port
-from tests.test_reliability import ROOT, launch, tiny, wait_for_step
+from tests.test_reliability import tiny
 
 
-def cosine(step: int, warmup: int, end: int, m: float) -> float:
-    """The schedule written out: linear warm-up to 1, then cosine from 1 at ``warmup`` to ``m`` at ``end``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return m + (1 - m) * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / (end - warmup))))
+def expected_fraction(step: int, total: int, warmup: int, q: float, m: float) -> float:
+    """The budget's lr written out: warm-up to step ``warmup`` or to 10 % of the budget (q = 0.1), whichever
+    comes first, times a cosine over the further of the steps' and the budget's progress."""
+    p = max(step / total, q)
+    warm = min(1.0, max((step + 1) / warmup, q / 0.1))
+    return warm * (m + (1 - m) * (1 + math.cos(math.pi * p)) / 2)
 
 
-class FakeClock:
-    def __init__(self, now: float):
-        self.now = now
+class StepClock:
+    """A clock that reads ``first`` at the budget's start, then advances by the next of ``durations`` at
+    each reading (the loop reads it once per step); ``times`` holds every reading. ``hook(reading)``, if
+    given, runs at each step's reading (its count from 1)."""
+
+    def __init__(self, first: float, durations, hook=None):
+        self.durations, self.hook, self.times = iter(durations), hook, []
+        self.now = first
 
     def __call__(self) -> float:
+        if self.times:
+            self.now += next(self.durations)
+            if self.hook:
+                self.hook(len(self.times))
+        self.times.append(self.now)
         return self.now
 
 
-def run_steps(budget: TimeBudget, clock: FakeClock, steps: int, seconds_per_step: float) -> list[int]:
-    """Steps 1..``steps`` each taking ``seconds_per_step``; returns the global steps at which the plan was fixed."""
-    fixed_at = []
-    for step in range(1, steps + 1):
-        clock.now += seconds_per_step
-        if budget.step_done(step):
-            fixed_at.append(step)
-    return fixed_at
+def shares(times: list, started: float, max_time: float) -> list:
+    """tau after each step, from the clock's readings: time since the first step over the time it had left."""
+    first, deadline = times[0], started + max_time
+    return [min(1.0, (t - first) / (deadline - first)) for t in times[1:]]
 
 
-def ramp(step: int, start: int, f0: float, end: int) -> float:
-    """A warm-up that goes on from ``f0`` at ``start`` to 1 at ``end``, written out."""
-    return f0 + (1 - f0) * (step + 1 - start) / (end - start)
+def drive(budget: TimeBudget, m: float, agree=lambda used: used) -> list:
+    """The training loop's use of a budget without the model: each step's lr fraction, then the clock read
+    and the share of the budget agreed, until the deadline, the schedule's end or the epochs."""
+    fractions, step = [], 0
+    budget.start()
+    while step < budget.total and not budget.finished():
+        fractions.append(budget.fraction(step, m))
+        time_up, used = budget.read_clock()
+        budget.agree(agree(used))
+        step += 1
+        if time_up:
+            break
+    return fractions
 
 
-def test_plan_is_the_measured_rate_times_the_time_left_since_the_run_started():
-    """5 s of decoding, then 0.5 s a step: the plan is fixed once, after steps 4..13 are timed (2 steps/s),
-    from the 200 s budget less the 11.5 s spent: 13 + floor(2 * 188.5) = 390 steps; warm-up 39 (10 %),
-    taken on from the epochs' warm-up (13/50 after step 13) at slope 1/39: 1 at step 13 + ceil(0.74 * 39)."""
-    clock = FakeClock(100.0 + 5.0)
-    budget = TimeBudget(StepPlan(1000, 50, 1000), max_time=200, started=100.0, clock=clock)
-    before = [budget.fraction(s, 0.1) for s in range(13)]
-    assert before == [lr_at(s, 1000, 50, 1.0, 0.1) for s in range(13)]  # the epochs' warm-up until then
-    assert run_steps(budget, clock, 40, 0.5) == [13]
-    assert budget.rate == pytest.approx(2.0) and budget.remaining == pytest.approx(188.5)
-    assert budget.plan == StepPlan(13 + math.floor(2.0 * 188.5), 42, 389, 13, 13 / 50)
-    assert budget.state_dict() == {"total": 390, "warmup": 42, "decay_end": 389, "start_step": 13,
-                                   "start_fraction": 13 / 50}
-    lrs = before + [budget.fraction(s, 0.1) for s in range(13, 390)]
-    expected = before + [ramp(s, 13, 0.26, 42) for s in range(13, 42)] + [cosine(s, 42, 389, 0.1)
-                                                                          for s in range(42, 390)]
-    assert lrs == pytest.approx(expected, abs=1e-12)
-    assert lrs[41] == 1.0 and lrs[-1] == pytest.approx(0.1)  # the last planned step runs at min_lr
-    assert max(b - a for a, b in zip(lrs, lrs[1:])) <= 1 / 39 + 1e-12  # never steeper than the planned warm-up
-    assert not budget.finished(389) and budget.finished(390)
+def test_the_lr_follows_the_share_of_the_budget_used_since_the_first_step():
+    """Started at 100 s, 7 s of decoding (they count toward the deadline at 200 s, not in tau: 93 s left at
+    the first step), steps of random length: step k's lr is the formula at tau after step k - 1, and the run
+    stops on the step that reaches the deadline, its lr within 1 % of min_lr."""
+    rng = torch.Generator().manual_seed(0)
+    durations = (0.2 + 0.8 * torch.rand(1000, generator=rng, dtype=torch.float64)).tolist()
+    clock = StepClock(107.0, durations)
+    budget = TimeBudget(total=1000, warmup=50, max_time=100, started=100.0, spans=True, clock=clock)
+    fractions = drive(budget, 0.1)
+    taus = shares(clock.times, 100.0, 100)
+    assert clock.times[-2] < 200 <= clock.times[-1]  # the last step is the one that reached the deadline
+    expected = [expected_fraction(s, 1000, 50, ([0.0] + taus)[s], 0.1) for s in range(len(fractions))]
+    assert fractions == pytest.approx(expected, rel=1e-12)
+    assert 0.1 <= fractions[-1] <= 0.101
+    assert budget.progress(len(fractions)) == 1.0 and budget.finished()
 
 
-@pytest.mark.parametrize("fixed_at, epoch_warmup, total", [(13, 50, 24), (13, 50, 390), (5, 8, 60), (40, 50, 100),
-                                                           (13, 14, 200), (30, 20, 200)])
-def test_the_lr_never_jumps_when_the_plan_is_fixed(fixed_at, epoch_warmup, total):
-    """Fixed at any step, the lr of consecutive steps rises by at most the planned warm-up's slope
-    1 / warmup (warmup = 10 % of the plan, at most the epochs'), reaches the peak, and ends at min_lr."""
-    budget = TimeBudget(StepPlan(1000, epoch_warmup, 1000), max_time=100, started=0.0)
-    before = [budget.fraction(s, 0.1) for s in range(fixed_at)]
-    budget.fix(total, fixed_at)
-    lrs = before + [budget.fraction(s, 0.1) for s in range(fixed_at, total)]
-    slope = 1 / min(epoch_warmup, math.floor(0.1 * total))  # the planned warm-up
-    assert max(b - a for a, b in zip(lrs, lrs[1:])) <= slope + 1e-12
-    assert max(lrs) == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+def test_without_a_budget_the_lr_is_the_epoch_schedule_bit_for_bit():
+    """max_time 0 (or train.budget_schedule=false) leaves the schedule of epochs: lr_at, exactly; with
+    budget_schedule false, max_time still stops the run at its deadline."""
+    for max_time, spans in ((0.0, True), (0.0, False), (30.0, False)):
+        clock = StepClock(2.0, [1.0] * 200)
+        budget = TimeBudget(total=200, warmup=20, max_time=max_time, started=0.0, spans=spans, clock=clock)
+        fractions = drive(budget, 0.05)
+        assert len(fractions) == (28 if max_time else 200)  # 2 s decoding + 28 steps of 1 s reach 30 s
+        assert fractions == [lr_at(s, 200, 20, 1.0, 0.05) for s in range(len(fractions))]
+        assert budget.progress(len(fractions)) == len(fractions) / 200
 
 
-def test_slow_steps_are_timed_over_5_percent_of_the_budget():
-    """20 s a step in a 120-second budget: steps 1-3 skipped, then step 4 alone (over 6 s = 5 %) gives the
-    rate, 0.05 steps/s, with 120 - 2 - 80 s left: 4 + floor(0.05 * 38) = 5 steps, no warm-up."""
-    clock = FakeClock(2.0)
-    budget = TimeBudget(StepPlan(390, 8, 390), max_time=120, started=0.0, clock=clock)
-    assert run_steps(budget, clock, 6, 20.0) == [4]
-    assert budget.rate == pytest.approx(0.05) and budget.plan == StepPlan(4 + math.floor(0.05 * 38.0), 0, 4)
+def test_a_slow_start_does_not_shorten_the_run():
+    """The first 5 steps take 1 s, the rest 0.05 s (20x faster) in a 100 s budget: the run goes on to the
+    deadline (1,905 steps), ends within 1 % of min_lr, and no step raises the lr by more than the warm-up's
+    slope, 0.1 a step here (a slow step is 1 % of the budget, a tenth of the warm-up's 10 %)."""
+    clock = StepClock(0.0, [1.0] * 5 + [0.05] * 10_000)
+    budget = TimeBudget(total=100_000, warmup=500, max_time=100, started=0.0, spans=True, clock=clock)
+    fractions = drive(budget, 0.2)
+    assert len(fractions) == pytest.approx(5 + 95 / 0.05, abs=1) and clock.times[-1] >= 100
+    assert 0.2 <= fractions[-1] <= 0.202
+    steps = [b - a for a, b in zip(fractions, fractions[1:])]
+    assert max(steps) <= 0.1 + 1e-9
+    assert -min(steps) <= (1 - 0.2) * math.pi / 2 * 0.01  # the cosine's steepest slope over 1 % of the budget
 
 
-def test_plan_formula_and_a_budget_that_allows_every_epoch():
-    assert planned_steps(13, 2.0, 48.5, 1000) == 110
-    assert planned_steps(13, 2.0, 48.5, 60) == 60
-    assert planned_steps(13, 2.0, -4.0, 1000) == 13  # already past the deadline: no more steps
-    clock = FakeClock(0.0)
-    budget = TimeBudget(StepPlan(60, 50, 60), max_time=600, started=0.0, clock=clock)
-    run_steps(budget, clock, 20, 0.5)
-    # The epochs' own schedule, not a capped warm-up; the run ends with its epochs, not as a cut budget.
-    assert budget.plan == StepPlan(60, 50, 60) and not budget.finished(60)
-    assert budget.state_dict() == {"total": 60, "warmup": 50, "decay_end": 60, "start_step": 0, "start_fraction": 0}
+def test_a_resumed_budget_goes_on_from_its_saved_progress_to_its_own_deadline():
+    """A run stopped at step 30 with p0 = 0.4 saved, resumed with a budget of 50 s: q = p0 + (1 - p0) tau,
+    so its first lr is the one the stopped run would have set next, and it anneals by its own deadline."""
+    clock = StepClock(0.0, [1.0] * 100)
+    first = TimeBudget(total=1000, warmup=10, max_time=75, started=0.0, spans=True, clock=clock)
+    first.start()
+    for step in range(30):
+        first.agree(first.read_clock()[1])
+    p0 = first.progress(30)
+    assert p0 == pytest.approx(0.4)
+    clock = StepClock(5.0, [2.0] * 100)
+    resumed = TimeBudget(total=1000, warmup=10, max_time=55, started=0.0, spans=True, clock=clock)
+    resumed.resume(p0)
+    resumed.start()
+    assert resumed.fraction(30, 0.1) == first.fraction(30, 0.1) == expected_fraction(30, 1000, 10, 0.4, 0.1)
+    fractions = []
+    for step in range(30, 1000):
+        fractions.append(resumed.fraction(step, 0.1))
+        time_up, used = resumed.read_clock()
+        resumed.agree(used)
+        if time_up:
+            break
+    qs = [p0 + (1 - p0) * tau for tau in [0.0] + shares(clock.times, 0.0, 55)]
+    assert len(fractions) == 25  # 50 s left at the first step, 2 s a step
+    assert fractions == pytest.approx([expected_fraction(30 + k, 1000, 10, qs[k], 0.1) for k in range(25)],
+                                      rel=1e-12)
+    assert fractions[-1] == pytest.approx(0.1, rel=0.02) and resumed.finished()
+    plain = TimeBudget(total=1000, warmup=10, max_time=0, started=0.0, spans=True)
+    plain.resume(p0)  # resumed without a budget: the epochs' schedule from the step, as before
+    assert plain.fraction(30, 0.1) == lr_at(30, 1000, 10, 1.0, 0.1)
 
 
-def test_without_max_time_the_epoch_schedule_is_unchanged():
-    clock = FakeClock(0.0)
-    budget = TimeBudget(StepPlan(200, 20, 200), max_time=0, started=0.0, clock=clock)
-    assert run_steps(budget, clock, 200, 0.5) == []
-    assert [budget.fraction(s, 0.0) for s in range(200)] == [lr_at(s, 200, 20, 1.0) for s in range(200)]
-    assert budget.state_dict() is None and not budget.finished(10_000)
-    restored = TimeBudget(StepPlan(200, 20, 200), max_time=0, started=0.0)
-    restored.load_state_dict({"total": 110, "warmup": 11, "decay_end": 109})  # a recorded plan wins
-    assert restored.plan == StepPlan(110, 11, 109) and restored.finished(110) and not restored.finished(109)
+def _agree_worker(rank, port, world, results):
+    """The loop's use of a budget under two processes: each reads its own clock (rank 1's decoding took
+    longer and its steps are slower) and the mean share travels in the step's agreement."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        clock = StepClock(*CLOCKS[rank])
+        budget = TimeBudget(total=1000, warmup=20, max_time=60, started=0.0, spans=True, clock=clock)
+        budget.start()
+        fractions = []
+        while not budget.finished():
+            fractions.append(budget.fraction(len(fractions), 0.1))
+            time_up, used = budget.read_clock()
+            loss, time_up_share, used_mean = simxent.dist.agree([torch.tensor(1.0), time_up, used],
+                                                                torch.device("cpu"))
+            budget.agree(used_mean)
+            if time_up_share > 0:
+                break
+        results[rank] = (fractions, clock.times)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+CLOCKS = {0: (2.0, [0.5] * 200), 1: (4.0, [0.75] * 200)}
+
+
+def test_processes_whose_clocks_disagree_set_the_same_lr():
+    """Rank 0 starts at 2 s and takes 0.5 s a step, rank 1 at 4 s and 0.75 s: both set the lr of the mean
+    of their shares, identical on every step, and stop together when rank 1 reaches the 60 s deadline."""
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_agree_worker, args=(free_port(), 2, results), nprocs=2)
+    (f0, times0), (f1, times1) = results[0], results[1]
+    assert f0 == f1 and len(f0) == 75  # 4 + 75 * 0.75 = 60.25: rank 1's deadline ends the run
+    taus = [(a + b) / 2 for a, b in zip(shares(times0, 0.0, 60), shares(times1, 0.0, 60))]
+    expected = [expected_fraction(s, 1000, 20, ([0.0] + taus)[s], 0.1) for s in range(75)]
+    assert f0 == pytest.approx(expected, rel=1e-6)  # the shares are averaged in float32
 
 
 @pytest.fixture(scope="module")
@@ -125,45 +185,93 @@ def shapes(tmp_path_factory):
     return make_shapes(tmp_path_factory.mktemp("shapes"), train_per_class=16, test_per_class=4, size=16)
 
 
-PLANNED = 24  # steps forced on the plan below (5 steps an epoch, 200 epochs: 1,000 steps by epochs)
 PEAK = 0.1 * 16 / 256  # TINY_RUN's lr at its batch of 16 (linear scaling)
+WARMUP, TOTAL = 50, 1000  # TINY_RUN's 10 warm-up epochs of 5 steps, and 200 epochs
+
+
+def use_clock(monkeypatch, clock):
+    """The real loop with a run whose clock is ``clock``, started at 0 s."""
+    real = simxent.train.time_budget
+
+    def with_clock(cfg, steps_per_epoch, started):
+        budget = real(cfg, steps_per_epoch, 0.0)
+        budget.clock = clock
+        return budget
+
+    monkeypatch.setattr(simxent.train, "time_budget", with_clock)
+
+
+def logged_lrs(run) -> dict:
+    """Step s's lr, logged at step s + 1."""
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    return {e.step - 1: e.value for e in events.Scalars("train/lr")}
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_a_run_with_a_budget_follows_its_plan_to_min_lr_and_stops(shapes, tmp_path, monkeypatch):
-    """The real loop with the planner's answer spied on and set to 24 steps: the plan is asked for after
-    step 13 with the measured rate and the time left, the logged lr climbs on from the epochs' warm-up at
-    the slope of the planned one (2 = 10 % of 24, not the epochs' 50) and follows the cosine to min_lr at
-    step 24, and the run stops there, annealed, with the plan saved.
-    The rate is always timed over the full 10 steps (no share of the budget cuts the window short), so
-    when the plan is fixed does not depend on how fast this machine runs a step."""
-    asked = []
-
-    def spy(done, rate, remaining, epoch_steps):
-        asked.append((done, rate, remaining, epoch_steps))
-        return PLANNED
-
-    monkeypatch.setattr(simxent.schedule, "planned_steps", spy)
-    monkeypatch.setattr(TimeBudget, "window_share", math.inf)
+def test_a_run_with_a_slow_start_anneals_at_its_deadline(shapes, tmp_path, monkeypatch, caplog):
+    """The real loop on a fake clock: 2 s of decoding, 3 steps of 5 s, then 0.25 s a step (20x faster), in
+    a 23 s budget: the run goes on to the deadline (3 + 24 steps), each logged lr is the formula at the
+    budget's share after the step before, and the last runs at min_lr; the checkpoint saves progress 1."""
+    clock = StepClock(2.0, [5.0] * 3 + [0.25] * 1000)
+    use_clock(monkeypatch, clock)
     run = tmp_path / "run"
-    summary = pretrain(load_config(None, tiny(shapes, run, "train.epochs=200", "train.max_time=600", "train.budget_schedule=true",
-                                              "optim.min_lr=0.1")), progress=False)
-    [(done, rate, remaining, epoch_steps)] = asked
-    assert done == 13 and rate > 0 and 0 < remaining < 600 and epoch_steps == 1000
-    assert summary["global_step"] == PLANNED == summary["planned_steps"] and summary["stopped_by_max_time"]
+    with caplog.at_level("INFO", logger="simxent"):
+        summary = pretrain(load_config(None, tiny(shapes, run, "train.epochs=200", "train.max_time=23",
+                                                  "optim.min_lr=0.1")), progress=False)
+    assert "train.max_time=23s: warm-up and cosine span the 21 s left" in caplog.text
+    assert summary["global_step"] == 27 and summary["stopped_by_max_time"] and summary["schedule_progress"] == 1
+    assert clock.times[-2] < 23 <= clock.times[-1]
+    qs = [0.0] + shares(clock.times, 0.0, 23)
+    lrs = logged_lrs(run)
+    assert sorted(lrs) == list(range(27))
+    expected = [PEAK * expected_fraction(s, TOTAL, WARMUP, qs[s], 0.1) for s in range(27)]
+    assert [lrs[s] for s in range(27)] == pytest.approx(expected, rel=1e-6)
+    assert lrs[26] == pytest.approx(PEAK * 0.1, rel=0.01)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["progress"] == 1
+
+
+def stop_at(step: int):
+    """A clock hook that sends this process SIGTERM while step ``step`` (from 1) runs: the loop stops after it."""
+    def hook(reading):
+        if reading == step:
+            signal.raise_signal(signal.SIGTERM)
+    return hook
+
+
+OLD_PLAN = {"total": 24, "warmup": 15, "decay_end": 23, "start_step": 13, "start_fraction": 0.26}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_resumed_run_anneals_from_its_saved_progress_by_its_own_deadline(shapes, tmp_path, monkeypatch, caplog):
+    """Stopped (SIGTERM) after 10 steps of 1 s in a 101 s budget: p0 = 0.1 is saved. Resumed with a budget of
+    23 s (3 s decoding, 2 s a step): q = p0 + (1 - p0) tau, its first lr the one the stopped run would have
+    set next, and 10 steps to its deadline, where p reaches 1. A checkpoint holding an older version's step
+    plan instead of p resumes too: the plan is not used, p0 is its steps' share (10 / 1,000)."""
+    args = ("train.epochs=200", "train.max_time=101", "optim.min_lr=0.1")
+    use_clock(monkeypatch, StepClock(1.0, [1.0] * 1000, stop_at(10)))
+    run = tmp_path / "run"
+    cut = pretrain(load_config(None, tiny(shapes, run, *args)), progress=False)
+    assert cut["global_step"] == 10 and not cut["stopped_by_max_time"]
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert state["schedule"] == {"total": PLANNED, "warmup": 15, "decay_end": PLANNED - 1, "start_step": 13,
-                                 "start_fraction": 13 / 50}
-    events = EventAccumulator(str(run / "tb"))
-    events.Reload()
-    lrs = {e.step: e.value for e in events.Scalars("train/lr")}  # logged at step s + 1 for step s
-    assert sorted(lrs) == list(range(1, PLANNED + 1))
-    early = [PEAK * lr_at(s, 1000, 50, 1.0, 0.1) for s in range(13)]  # the epochs' warm-up until the plan
-    # From 13/50 on to the peak in ceil(0.74 * 2) = 2 steps (slope <= 1/2), then the cosine.
-    late = [PEAK * ramp(s, 13, 13 / 50, 15) for s in (13, 14)] + [PEAK * cosine(s, 15, PLANNED - 1, 0.1)
-                                                                   for s in range(15, PLANNED)]
-    assert [lrs[s + 1] for s in range(PLANNED)] == pytest.approx(early + late, rel=1e-6)
-    assert lrs[PLANNED] == pytest.approx(PEAK * 0.1)
+    assert state["progress"] == pytest.approx(0.1, rel=1e-6)
+    assert logged_lrs(run)[9] == pytest.approx(PEAK * expected_fraction(9, TOTAL, WARMUP, 0.09, 0.1), rel=1e-6)
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    del state["progress"]
+    save_checkpoint({**state, "schedule": OLD_PLAN}, old / "checkpoints" / "last.pt")
+    for folder, p0 in ((run, 0.1), (old, 10 / TOTAL)):
+        clock = StepClock(3.0, [2.0] * 1000)
+        use_clock(monkeypatch, clock)
+        with caplog.at_level("INFO", logger="simxent"):
+            summary = pretrain(load_config(None, tiny(shapes, folder, "train.epochs=200", "train.max_time=23",
+                                                      "optim.min_lr=0.1", "train.resume=auto")), progress=False)
+        assert summary["global_step"] == 20 and summary["stopped_by_max_time"] and summary["schedule_progress"] == 1
+        qs = [p0 + (1 - p0) * tau for tau in [0.0] + shares(clock.times, 0.0, 23)]
+        lrs = logged_lrs(folder)
+        expected = [PEAK * expected_fraction(10 + k, TOTAL, WARMUP, qs[k], 0.1) for k in range(10)]
+        assert [lrs[10 + k] for k in range(10)] == pytest.approx(expected, rel=1e-6)
+    assert "the checkpoint's step plan" in caplog.text and "is not used" in caplog.text
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -171,102 +279,7 @@ def test_budget_schedule_false_keeps_the_epoch_schedule(shapes, tmp_path):
     run = tmp_path / "run"
     summary = pretrain(load_config(None, tiny(shapes, run, "train.epochs=3", "train.max_time=600",
                                               "train.budget_schedule=false")), progress=False)
-    assert summary["planned_steps"] is None and summary["global_step"] == 15
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["schedule"] is None
-    events = EventAccumulator(str(run / "tb"))
-    events.Reload()
-    lrs = [e.value for e in events.Scalars("train/lr")]
-    assert lrs == pytest.approx([PEAK * lr_at(s, 15, 50, 1.0) for s in range(15)], rel=1e-6)
-
-
-def launch_with_plan(args, steps: int):
-    """scripts/pretrain.py's command with the planner's answer fixed at ``steps``, in the environment of
-    tests.test_reliability.launch: a plan that does not hang on the machine's speed, so two runs share it."""
-    code = (f"import sys, simxent.schedule as s; s.planned_steps = lambda *a: min({steps}, a[-1]); "
-            "from simxent.cli import pretrain_main; sys.exit(pretrain_main())")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-c", code, "--no-progress", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def test_sigkill_after_the_plan_then_resume_keeps_it_and_equals_uninterrupted(shapes, tmp_path):
-    """Killed at a random step after the plan (24 steps) was fixed, then resumed by the plain command,
-    which would plan 1,000 steps (the epochs, in 600 s) were it to measure again: it follows the saved
-    plan and ends with the weights of the same run uninterrupted."""
-    args = tiny(shapes, tmp_path / "killed", "train.epochs=200", "train.max_time=600", "train.budget_schedule=true", "train.checkpoint_every=1")
-    reference = launch_with_plan([*args, f"out={tmp_path / 'reference'}"], PLANNED)
-    _, err = reference.communicate(timeout=300)
-    assert reference.returncode == 0, err
-    proc = launch_with_plan(args, PLANNED)
-    wait_for_step(tmp_path / "killed" / "checkpoints" / "last.pt", random.Random().randint(14, 20), proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")
-    assert killed["schedule"]["total"] == PLANNED and killed["position"]["global_step"] < PLANNED
-    resumed = launch([*args, "train.resume=auto"])
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    assert f"following the time budget's plan saved in the checkpoint: {PLANNED} steps" in err
-    a = load_checkpoint(tmp_path / "reference" / "checkpoints" / "last.pt")
-    b = load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")
-    assert a["position"]["global_step"] == b["position"]["global_step"] == PLANNED
-    assert a["schedule"] == b["schedule"]
-    for part in ("encoder", "head"):
-        for key, value in a[part].items():
-            torch.testing.assert_close(b[part][key], value, rtol=0, atol=1e-6, msg=lambda m: f"{part}.{key}: {m}")
-    assert json.loads((tmp_path / "killed" / "summary.json").read_text())["planned_steps"] == PLANNED
-
-
-def _agree_worker(rank, port, world, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        budget = time_budget(load_config(None, ["train.max_time=60", "train.epochs=10", "train.budget_schedule=true"]), 100, 0.0,
-                             torch.device("cpu"))
-        results[rank] = budget.agree(5 + 10 * rank)  # each process measured its own rate
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_every_process_fixes_the_same_plan():
-    """Under torchrun each process times its own steps; the plan is the floor of their mean (5 and 15
-    planned steps: 10 on both), so all stop on the same step."""
-    results = torch.multiprocessing.Manager().dict()
-    torch.multiprocessing.spawn(_agree_worker, args=(free_port(), 2, results), nprocs=2)
-    assert dict(results) == {0: 10, 1: 10}
-
-
-SECONDS_PER_STEP = {0: 0.4, 1: 0.6}  # rank 1's clock closes the 5 s timing window (5 % of 100 s) a step earlier
-
-
-def _shared_window_worker(rank, port, world, results):
-    """The loop's use of a budget: each process asks its own clock whether the timing window is done, the
-    answers travel in the step's agreement with the loss, and every process counts the step with them."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        budget = time_budget(load_config(None, ["train.max_time=100", "train.epochs=10", "train.budget_schedule=true"]), 100, 0.0,
-                             torch.device("cpu"))
-        budget.clock = clock = FakeClock(0.0)
-        fixed_at, losses = [], []
-        for step in range(1, 30):
-            clock.now += SECONDS_PER_STEP[rank]
-            loss, window = simxent.dist.agree([torch.tensor(float(rank)), budget.window_done()], torch.device("cpu"))
-            losses.append(loss)
-            if budget.step_done(step, window > 0):
-                fixed_at.append(step)
-        results[rank] = (fixed_at, budget.plan.total, set(losses))
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_processes_whose_clocks_disagree_fix_the_plan_on_the_same_step():
-    """Rank 1 (0.6 s a step) sees its timing window end after step 12, rank 0 (0.4 s) after step 13: the
-    shared flag makes both fix the plan after step 12, each from its own rate over steps 4-12 and time
-    left, at the floor of the mean of their plans (one process deciding alone called the plan's
-    all_reduce on its own and paired it with the other's next collective)."""
-    results = torch.multiprocessing.Manager().dict()
-    torch.multiprocessing.spawn(_shared_window_worker, args=(free_port(), 2, results), nprocs=2)
-    plans = [planned_steps(12, 9 / (9 * spd), 100 - 12 * spd, 1000) for spd in SECONDS_PER_STEP.values()]
-    expected = math.floor(sum(plans) / 2)
-    assert dict(results) == {0: ([12], expected, {0.5}), 1: ([12], expected, {0.5})}
+    assert summary["global_step"] == 15 and summary["schedule_progress"] == 1
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["progress"] == 1
+    lrs = logged_lrs(run)
+    assert [lrs[s] for s in range(15)] == pytest.approx([PEAK * lr_at(s, 15, 50, 1.0) for s in range(15)], rel=1e-6)
