@@ -26,10 +26,11 @@ from simxent.config import AugmentConfig, ModelConfig, load_config
 from simxent.evaluate import build_index, extract_features, knn_scores, train_linear_probe
 from simxent.loss import nt_xent, symmetric_nt_xent  # the symmetric form: timed where nt_xent does not pick it
 from simxent.models import SimCLR
-from simxent.runtime import autocast, configure_device, cpu_supports_bf16, resolve_device, resolve_dtype
+from simxent.runtime import (autocast, configure_device, cpu_supports_bf16, resolve_device, resolve_dtype,
+                             set_threads)
 from simxent.schedule import build_optimizer
 
-SECTIONS = ("loss", "augment", "precision", "knn", "embed", "search", "probe", "pipeline", "quality")
+SECTIONS = ("loss", "augment", "precision", "ceiling", "knn", "embed", "search", "probe", "pipeline", "quality")
 
 
 def timed_alternately(fns: dict, repeats: int, warmup: int, sync=None) -> dict:
@@ -477,6 +478,114 @@ def bench_quality(_device, _sync, data_root, minutes):
     return [row]
 
 
+# --- the encoder step against the machine's ceiling ------------------------------------------------------------
+
+# (name, per-view batch B, channels_last, torch.compile, torch threads; 0: all): each timed the same way.
+STEP_VARIANTS = (("channels_last", 256, True, False, 0), ("contiguous", 256, False, False, 0),
+                 ("channels_last", 512, True, False, 0), ("channels_last, 1 thread", 256, True, False, 1),
+                 ("channels_last, compiled", 256, True, True, 0))
+
+
+def counted_flops(fn) -> int:
+    """FLOP of one ``fn()`` as ``torch.utils.flop_counter.FlopCounterMode`` counts them: matrix products and
+    convolutions, forward and (when ``fn`` runs it) backward, 2 per multiply-add; elementwise work (BatchNorm,
+    ReLU, the optimiser) is not counted, so achieved TFLOP/s are those of the products."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_ceiling(dtype: torch.dtype, device, sync, n: int = 4096) -> dict:
+    """The machine's own limit: an n x n by n x n ``torch.mm`` (2 n^3 FLOP) in ``dtype`` on all threads."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    seconds = timed(lambda: torch.mm(a, b), repeats=5, warmup=2, sync=sync)
+    return {"encoder": f"torch.mm {n}x{n}", "variant": "ceiling", "batch": n, "pass": "product",
+            "precision": str(dtype).removeprefix("torch."), "ms": 1e3 * seconds, "gflop": 2 * n**3 / 1e9,
+            "tflops": 2 * n**3 / seconds / 1e12, "share_of_ceiling": 1.0, "images_per_s": None,
+            "first_call_s": None}
+
+
+def encoder_passes(cfg, device, dtype, batch: int, channels_last: bool, compile: bool) -> dict:
+    """The training step's model work on 2 x ``batch`` random views (both views in one batch, as the loop
+    runs them): ``forward`` (encoder + head under the run's autocast, graph recorded as in training) and
+    ``forward+backward`` (that, NT-Xent and its backward; no optimiser step)."""
+    torch.manual_seed(0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = SimCLR(cfg.model, cfg.data.image_size).to(device).to(memory_format=layout)
+    if compile:
+        torch.compiler.reset()  # a fresh compile, so that its first call is timed whole
+        model = torch.compile(model)
+    s = cfg.data.image_size
+    views = torch.randn(2 * batch, 3, s, s, device=device).contiguous(memory_format=layout)
+
+    def forward():
+        with autocast(device, dtype):
+            return model(views)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        nt_xent(*forward().chunk(2), cfg.loss.temperature).backward()
+
+    return {"forward+backward": step, "forward": forward}  # the step first: a compile's first call builds both
+
+
+def variant_rows(name, cfg, device, sync, variant, ceilings) -> list:
+    """One row per pass of ``variant`` (see STEP_VARIANTS): time of the first call (a compile's compile time),
+    median step time after warm-up, FLOP counted on the eager model, TFLOP/s and share of ``ceilings``."""
+    label, batch, channels_last, compile, threads = variant
+    dtype = resolve_dtype(cfg.train.precision, device)
+    precision = str(dtype or torch.float32).removeprefix("torch.")
+    before = torch.get_num_threads()
+    set_threads(threads)
+    try:
+        flops = {k: counted_flops(fn) for k, fn in encoder_passes(cfg, device, dtype, batch, channels_last,
+                                                                   False).items()}
+        rows = []
+        for kind, fn in encoder_passes(cfg, device, dtype, batch, channels_last, compile).items():
+            t = time.perf_counter()
+            fn()
+            if sync:
+                sync()
+            first = time.perf_counter() - t
+            seconds = timed(fn, repeats=3, warmup=1, sync=sync)
+            tflops = flops[kind] / seconds / 1e12
+            rows.append({"encoder": name, "variant": label, "batch": batch, "pass": kind, "precision": precision,
+                         "ms": 1e3 * seconds, "gflop": flops[kind] / 1e9, "tflops": tflops,
+                         "share_of_ceiling": tflops / ceilings[precision], "images_per_s": batch / seconds,
+                         "first_call_s": first})
+            print(rows[-1], flush=True)
+    finally:
+        torch.set_num_threads(before)
+    return rows
+
+
+def bench_ceiling(device, sync) -> list:
+    """The bf16 and float32 matrix-product ceilings, then each encoder's step (the cpu preset's convnet, the
+    cifar10 preset's ResNet-18 with the CIFAR stem; 32 px) in every STEP_VARIANTS variant, at the precision
+    the preset picks here, as TFLOP/s and as a share of the ceiling of that precision."""
+    rows = [matmul_ceiling(dtype, device, sync) for dtype in (torch.bfloat16, torch.float32)]
+    ceilings = {row["precision"]: row["tflops"] for row in rows}
+    for row in rows:
+        print(row, flush=True)
+    for name, preset in (("convnet", "cpu"), ("resnet18 (CIFAR stem)", "cifar10")):
+        cfg = load_config(preset)
+        for variant in STEP_VARIANTS:
+            if variant[4] and device.type != "cpu":
+                continue  # thread counts are a CPU's question
+            rows += variant_rows(name, cfg, device, sync, variant, ceilings)
+    fastest = {}
+    for row in rows[2:]:
+        if row["pass"] == "forward+backward" and row["tflops"] > fastest.get(row["encoder"], {"tflops": 0})["tflops"]:
+            fastest[row["encoder"]] = row
+    for name, row in fastest.items():
+        print(f"fastest {name} step: {row['variant']}, batch {row['batch']}: {row['images_per_s']:.0f} images/s, "
+              f"{row['share_of_ceiling']:.1%} of the {row['precision']} ceiling", flush=True)
+    return rows
+
+
 def markdown(results: dict) -> str:
     lines = []
     for section, rows in results["sections"].items():
@@ -516,6 +625,7 @@ def main():
         "loss": lambda: bench_loss(device, sync),
         "augment": lambda: bench_augment(device, sync),
         "precision": lambda: bench_precision(device, sync),
+        "ceiling": lambda: bench_ceiling(device, sync),
         "knn": lambda: bench_knn(device, sync),
         "embed": lambda: bench_embed(device, sync, a.data),
         "search": lambda: bench_search(device, sync),
