@@ -16,6 +16,7 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +27,7 @@ from simxent.config import AugmentConfig, ModelConfig, load_config
 from simxent.evaluate import build_index, extract_features, knn_scores, train_linear_probe
 from simxent.loss import nt_xent, symmetric_nt_xent  # the symmetric form: timed where nt_xent does not pick it
 from simxent.models import SimCLR
-from simxent.runtime import (autocast, configure_device, cpu_supports_bf16, resolve_device, resolve_dtype,
-                             set_threads)
+from simxent.runtime import autocast, configure_device, cpu_supports_bf16, resolve_device, resolve_dtype
 from simxent.schedule import build_optimizer
 
 SECTIONS = ("loss", "augment", "precision", "ceiling", "knn", "embed", "search", "probe", "pipeline", "quality")
@@ -480,10 +480,22 @@ def bench_quality(_device, _sync, data_root, minutes):
 
 # --- the encoder step against the machine's ceiling ------------------------------------------------------------
 
-# (name, per-view batch B, channels_last, torch.compile, torch threads; 0: all): each timed the same way.
-STEP_VARIANTS = (("channels_last", 256, True, False, 0), ("contiguous", 256, False, False, 0),
-                 ("channels_last", 512, True, False, 0), ("channels_last, 1 thread", 256, True, False, 1),
-                 ("channels_last, compiled", 256, True, True, 0))
+@dataclass(frozen=True)
+class StepVariant:
+    """One way to run the encoder step: per-view batch B, memory layout, torch.compile, torch threads (0: all),
+    and float32 instead of the preset's precision."""
+    label: str
+    batch: int = 256
+    channels_last: bool = True
+    compile: bool = False
+    threads: int = 0
+    float32: bool = False
+
+
+STEP_VARIANTS = (StepVariant("channels_last"), StepVariant("contiguous", channels_last=False),
+                 StepVariant("channels_last", batch=512), StepVariant("channels_last, 1 thread", threads=1),
+                 StepVariant("channels_last, float32", float32=True),
+                 StepVariant("channels_last, compiled", compile=True))
 
 
 def counted_flops(fn) -> int:
@@ -502,10 +514,9 @@ def matmul_ceiling(dtype: torch.dtype, device, sync, n: int = 4096) -> dict:
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
     seconds = timed(lambda: torch.mm(a, b), repeats=5, warmup=2, sync=sync)
-    return {"encoder": f"torch.mm {n}x{n}", "variant": "ceiling", "batch": n, "pass": "product",
-            "precision": str(dtype).removeprefix("torch."), "ms": 1e3 * seconds, "gflop": 2 * n**3 / 1e9,
-            "tflops": 2 * n**3 / seconds / 1e12, "share_of_ceiling": 1.0, "images_per_s": None,
-            "first_call_s": None}
+    flop = 2 * n**3
+    return step_row(f"torch.mm {n}x{n}", "ceiling", n, "product", str(dtype).removeprefix("torch."), flop, seconds,
+                    flop / seconds / 1e12, None)
 
 
 def encoder_passes(cfg, device, dtype, batch: int, channels_last: bool, compile: bool) -> dict:
@@ -532,33 +543,61 @@ def encoder_passes(cfg, device, dtype, batch: int, channels_last: bool, compile:
     return {"forward+backward": step, "forward": forward}  # the step first: a compile's first call builds both
 
 
-def variant_rows(name, cfg, device, sync, variant, ceilings) -> list:
-    """One row per pass of ``variant`` (see STEP_VARIANTS): time of the first call (a compile's compile time),
-    median step time after warm-up, FLOP counted on the eager model, TFLOP/s and share of ``ceilings``."""
-    label, batch, channels_last, compile, threads = variant
-    dtype = resolve_dtype(cfg.train.precision, device)
-    precision = str(dtype or torch.float32).removeprefix("torch.")
-    before = torch.get_num_threads()
-    set_threads(threads)
-    try:
-        flops = {k: counted_flops(fn) for k, fn in encoder_passes(cfg, device, dtype, batch, channels_last,
-                                                                   False).items()}
-        rows = []
-        for kind, fn in encoder_passes(cfg, device, dtype, batch, channels_last, compile).items():
-            t = time.perf_counter()
-            fn()
-            if sync:
-                sync()
-            first = time.perf_counter() - t
-            seconds = timed(fn, repeats=3, warmup=1, sync=sync)
-            tflops = flops[kind] / seconds / 1e12
-            rows.append({"encoder": name, "variant": label, "batch": batch, "pass": kind, "precision": precision,
-                         "ms": 1e3 * seconds, "gflop": flops[kind] / 1e9, "tflops": tflops,
-                         "share_of_ceiling": tflops / ceilings[precision], "images_per_s": batch / seconds,
-                         "first_call_s": first})
-            print(rows[-1], flush=True)
-    finally:
-        torch.set_num_threads(before)
+def on_threads(fn, threads: int):
+    """``fn`` run on ``threads`` torch threads (0: as set), the setting restored after each call."""
+    if not threads:
+        return fn
+
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
+def first_call_seconds(fn, sync) -> float:
+    t = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - t
+
+
+def step_row(encoder, variant, batch, kind, precision, flop, seconds, ceiling, first_call_s) -> dict:
+    """A row of the ceiling table; ``batch`` is B per view, so images/s are what the training log reports."""
+    return {"encoder": encoder, "variant": variant, "batch": batch, "pass": kind, "precision": precision,
+            "ms": 1e3 * seconds, "gflop": flop / 1e9, "tflops": flop / seconds / 1e12,
+            "share_of_ceiling": flop / seconds / 1e12 / ceiling,
+            "images_per_s": batch / seconds if kind != "product" else None, "first_call_s": first_call_s}
+
+
+def encoder_rows(name, cfg, device, sync, ceilings) -> list:
+    """One row per STEP_VARIANTS variant and pass: the time of its first call (a compile's compile time), the
+    median step time after warm-up with every variant timed in turn within each repeat (a shared machine's
+    load then weighs on all alike), FLOP counted on the eager model, TFLOP/s and their share of the ceiling
+    of the variant's precision."""
+    preset_dtype = resolve_dtype(cfg.train.precision, device)
+    fns, first, flops, dtypes = {}, {}, {}, {}
+    for v in STEP_VARIANTS:
+        if v.threads and device.type != "cpu":
+            continue  # thread counts are a CPU's question
+        key = v.label, v.batch
+        dtypes[key] = None if v.float32 else preset_dtype
+        if v.batch not in flops:
+            eager = encoder_passes(cfg, device, None, v.batch, v.channels_last, compile=False)
+            flops[v.batch] = {kind: counted_flops(fn) for kind, fn in eager.items()}
+        for kind, fn in encoder_passes(cfg, device, dtypes[key], v.batch, v.channels_last, v.compile).items():
+            fns[key + (kind,)] = on_threads(fn, v.threads)
+            first[key + (kind,)] = first_call_seconds(fns[key + (kind,)], sync)
+    rows = []
+    for (label, batch, kind), seconds in timed_alternately(fns, repeats=3, warmup=1, sync=sync).items():
+        precision = str(dtypes[label, batch] or torch.float32).removeprefix("torch.")
+        rows.append(step_row(name, label, batch, kind, precision, flops[batch][kind], seconds,
+                             ceilings[precision], first[label, batch, kind]))
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -571,18 +610,11 @@ def bench_ceiling(device, sync) -> list:
     for row in rows:
         print(row, flush=True)
     for name, preset in (("convnet", "cpu"), ("resnet18 (CIFAR stem)", "cifar10")):
-        cfg = load_config(preset)
-        for variant in STEP_VARIANTS:
-            if variant[4] and device.type != "cpu":
-                continue  # thread counts are a CPU's question
-            rows += variant_rows(name, cfg, device, sync, variant, ceilings)
-    fastest = {}
-    for row in rows[2:]:
-        if row["pass"] == "forward+backward" and row["tflops"] > fastest.get(row["encoder"], {"tflops": 0})["tflops"]:
-            fastest[row["encoder"]] = row
-    for name, row in fastest.items():
-        print(f"fastest {name} step: {row['variant']}, batch {row['batch']}: {row['images_per_s']:.0f} images/s, "
-              f"{row['share_of_ceiling']:.1%} of the {row['precision']} ceiling", flush=True)
+        steps = encoder_rows(name, load_config(preset), device, sync, ceilings)
+        best = max((row for row in steps if row["pass"] == "forward+backward"), key=lambda row: row["images_per_s"])
+        print(f"fastest {name} step: {best['variant']}, batch {best['batch']}: {best['images_per_s']:.0f} images/s, "
+              f"{best['share_of_ceiling']:.1%} of the {best['precision']} ceiling", flush=True)
+        rows += steps
     return rows
 
 

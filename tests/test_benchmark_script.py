@@ -1,7 +1,9 @@
 """Helpers of scripts/benchmark.py, against FLOP counts written from the layer's formula."""
 import importlib.util
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -10,6 +12,7 @@ def load_script():
     spec = importlib.util.spec_from_file_location("benchmark_script",
                                                   Path(__file__).parents[1] / "scripts" / "benchmark.py")
     script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses look their module up there
     spec.loader.exec_module(script)
     return script
 
@@ -50,3 +53,23 @@ def test_encoder_forward_flops_are_the_convnet_and_head_formula():
     expected += 2 * (2 * batch) * (c_in * 32 + 32 * 16)
     passes = script.encoder_passes(cfg, torch.device("cpu"), None, batch, channels_last=True, compile=False)
     assert script.counted_flops(passes["forward"]) == expected
+
+
+def test_encoder_rows_relate_time_flop_and_ceiling(monkeypatch, one_thread):
+    """Each variant gives a forward and a forward+backward row; TFLOP/s are the counted FLOP over the time,
+    their share is over the ceiling of the row's precision, images/s are B over the time."""
+    from simxent.config import load_config
+
+    script = load_script()
+    monkeypatch.setattr(script, "STEP_VARIANTS", (script.StepVariant("a", batch=2),
+                                                  script.StepVariant("b", batch=2, channels_last=False, float32=True)))
+    cfg = load_config("cpu", ["data.image_size=8", "model.head_hidden=8", "model.head_out=4", "train.precision=fp32"])
+    rows = script.encoder_rows("convnet", cfg, torch.device("cpu"), None, {"float32": 2.0})
+    assert [(r["variant"], r["pass"]) for r in rows] == [("a", "forward+backward"), ("a", "forward"),
+                                                         ("b", "forward+backward"), ("b", "forward")]
+    passes = script.encoder_passes(cfg, torch.device("cpu"), None, 2, channels_last=True, compile=False)
+    for row in rows:
+        assert row["gflop"] * 1e9 == script.counted_flops(passes[row["pass"]])
+        assert row["tflops"] * 1e12 == pytest.approx(row["gflop"] * 1e9 / (row["ms"] / 1e3))
+        assert row["share_of_ceiling"] == pytest.approx(row["tflops"] / 2.0)
+        assert row["images_per_s"] == pytest.approx(2 / (row["ms"] / 1e3))
