@@ -593,7 +593,8 @@ def encoder_rows(name, cfg, device, sync, ceilings) -> list:
             fns[key + (kind,)] = on_threads(fn, v.threads)
             first[key + (kind,)] = first_call_seconds(fns[key + (kind,)], sync)
     rows = []
-    for (label, batch, kind), seconds in timed_alternately(fns, repeats=3, warmup=1, sync=sync).items():
+    # The first calls above were the warm-up.
+    for (label, batch, kind), seconds in timed_alternately(fns, repeats=3, warmup=0, sync=sync).items():
         precision = str(dtypes[label, batch] or torch.float32).removeprefix("torch.")
         rows.append(step_row(name, label, batch, kind, precision, flops[batch][kind], seconds,
                              ceilings[precision], first[label, batch, kind]))
