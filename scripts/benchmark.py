@@ -16,6 +16,7 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from simxent.models import SimCLR
 from simxent.runtime import autocast, configure_device, cpu_supports_bf16, resolve_device, resolve_dtype
 from simxent.schedule import build_optimizer
 
-SECTIONS = ("loss", "augment", "precision", "knn", "embed", "search", "probe", "pipeline", "quality")
+SECTIONS = ("loss", "augment", "precision", "ceiling", "knn", "embed", "search", "probe", "pipeline", "quality")
 
 
 def timed_alternately(fns: dict, repeats: int, warmup: int, sync=None) -> dict:
@@ -477,6 +478,147 @@ def bench_quality(_device, _sync, data_root, minutes):
     return [row]
 
 
+# --- the encoder step against the machine's ceiling ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepVariant:
+    """One way to run the encoder step: per-view batch B, memory layout, torch.compile, torch threads (0: all),
+    and float32 instead of the preset's precision."""
+    label: str
+    batch: int = 256
+    channels_last: bool = True
+    compile: bool = False
+    threads: int = 0
+    float32: bool = False
+
+
+STEP_VARIANTS = (StepVariant("channels_last"), StepVariant("contiguous", channels_last=False),
+                 StepVariant("channels_last", batch=512), StepVariant("channels_last, 1 thread", threads=1),
+                 StepVariant("channels_last, float32", float32=True),
+                 StepVariant("channels_last, compiled", compile=True))
+
+
+def counted_flops(fn) -> int:
+    """FLOP of one ``fn()`` as ``torch.utils.flop_counter.FlopCounterMode`` counts them: matrix products and
+    convolutions, forward and (when ``fn`` runs it) backward, 2 per multiply-add; elementwise work (BatchNorm,
+    ReLU, the optimiser) is not counted, so achieved TFLOP/s are those of the products."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_ceiling(dtype: torch.dtype, device, sync, n: int = 4096) -> dict:
+    """The machine's own limit: an n x n by n x n ``torch.mm`` (2 n^3 FLOP) in ``dtype`` on all threads."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    seconds = timed(lambda: torch.mm(a, b), repeats=5, warmup=2, sync=sync)
+    flop = 2 * n**3
+    return step_row(f"torch.mm {n}x{n}", "ceiling", n, "product", str(dtype).removeprefix("torch."), flop, seconds,
+                    flop / seconds / 1e12, None)
+
+
+def encoder_passes(cfg, device, dtype, batch: int, channels_last: bool, compile: bool) -> dict:
+    """The training step's model work on 2 x ``batch`` random views (both views in one batch, as the loop
+    runs them): ``forward`` (encoder + head under the run's autocast, graph recorded as in training) and
+    ``forward+backward`` (that, NT-Xent and its backward; no optimiser step)."""
+    torch.manual_seed(0)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = SimCLR(cfg.model, cfg.data.image_size).to(device).to(memory_format=layout)
+    if compile:
+        torch.compiler.reset()  # a fresh compile, so that its first call is timed whole
+        model = torch.compile(model)
+    s = cfg.data.image_size
+    views = torch.randn(2 * batch, 3, s, s, device=device).contiguous(memory_format=layout)
+
+    def forward():
+        with autocast(device, dtype):
+            return model(views)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        nt_xent(*forward().chunk(2), cfg.loss.temperature).backward()
+
+    return {"forward+backward": step, "forward": forward}  # the step first: a compile's first call builds both
+
+
+def on_threads(fn, threads: int):
+    """``fn`` run on ``threads`` torch threads (0: as set), the setting restored after each call."""
+    if not threads:
+        return fn
+
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+    return run
+
+
+def first_call_seconds(fn, sync) -> float:
+    t = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - t
+
+
+def step_row(encoder, variant, batch, kind, precision, flop, seconds, ceiling, first_call_s) -> dict:
+    """A row of the ceiling table; ``batch`` is B per view, so images/s are what the training log reports."""
+    return {"encoder": encoder, "variant": variant, "batch": batch, "pass": kind, "precision": precision,
+            "ms": 1e3 * seconds, "gflop": flop / 1e9, "tflops": flop / seconds / 1e12,
+            "share_of_ceiling": flop / seconds / 1e12 / ceiling,
+            "images_per_s": batch / seconds if kind != "product" else None, "first_call_s": first_call_s}
+
+
+def encoder_rows(name, cfg, device, sync, ceilings) -> list:
+    """One row per STEP_VARIANTS variant and pass: the time of its first call (a compile's compile time), the
+    median step time after warm-up with every variant timed in turn within each repeat (a shared machine's
+    load then weighs on all alike), FLOP counted on the eager model, TFLOP/s and their share of the ceiling
+    of the variant's precision."""
+    preset_dtype = resolve_dtype(cfg.train.precision, device)
+    fns, first, flops, dtypes = {}, {}, {}, {}
+    for v in STEP_VARIANTS:
+        if v.threads and device.type != "cpu":
+            continue  # thread counts are a CPU's question
+        key = v.label, v.batch
+        dtypes[key] = None if v.float32 else preset_dtype
+        if v.batch not in flops:
+            eager = encoder_passes(cfg, device, None, v.batch, v.channels_last, compile=False)
+            flops[v.batch] = {kind: counted_flops(fn) for kind, fn in eager.items()}
+        for kind, fn in encoder_passes(cfg, device, dtypes[key], v.batch, v.channels_last, v.compile).items():
+            fns[key + (kind,)] = on_threads(fn, v.threads)
+            first[key + (kind,)] = first_call_seconds(fns[key + (kind,)], sync)
+    rows = []
+    # The first calls above were the warm-up.
+    for (label, batch, kind), seconds in timed_alternately(fns, repeats=3, warmup=0, sync=sync).items():
+        precision = str(dtypes[label, batch] or torch.float32).removeprefix("torch.")
+        rows.append(step_row(name, label, batch, kind, precision, flops[batch][kind], seconds,
+                             ceilings[precision], first[label, batch, kind]))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def bench_ceiling(device, sync) -> list:
+    """The bf16 and float32 matrix-product ceilings, then each encoder's step (the cpu preset's convnet, the
+    cifar10 preset's ResNet-18 with the CIFAR stem; 32 px) in every STEP_VARIANTS variant, at the precision
+    the preset picks here, as TFLOP/s and as a share of the ceiling of that precision."""
+    rows = [matmul_ceiling(dtype, device, sync) for dtype in (torch.bfloat16, torch.float32)]
+    ceilings = {row["precision"]: row["tflops"] for row in rows}
+    for row in rows:
+        print(row, flush=True)
+    for name, preset in (("convnet", "cpu"), ("resnet18 (CIFAR stem)", "cifar10")):
+        steps = encoder_rows(name, load_config(preset), device, sync, ceilings)
+        best = max((row for row in steps if row["pass"] == "forward+backward"), key=lambda row: row["images_per_s"])
+        print(f"fastest {name} step: {best['variant']}, batch {best['batch']}: {best['images_per_s']:.0f} images/s, "
+              f"{best['share_of_ceiling']:.1%} of the {best['precision']} ceiling", flush=True)
+        rows += steps
+    return rows
+
+
 def markdown(results: dict) -> str:
     lines = []
     for section, rows in results["sections"].items():
@@ -516,6 +658,7 @@ def main():
         "loss": lambda: bench_loss(device, sync),
         "augment": lambda: bench_augment(device, sync),
         "precision": lambda: bench_precision(device, sync),
+        "ceiling": lambda: bench_ceiling(device, sync),
         "knn": lambda: bench_knn(device, sync),
         "embed": lambda: bench_embed(device, sync, a.data),
         "search": lambda: bench_search(device, sync),

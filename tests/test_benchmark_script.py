@@ -1,0 +1,75 @@
+"""Helpers of scripts/benchmark.py, against FLOP counts written from the layer's formula."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_script",
+                                                  Path(__file__).parents[1] / "scripts" / "benchmark.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses look their module up there
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_counted_flops_of_a_linear_layer_follow_its_formula():
+    counted_flops = load_script().counted_flops
+    batch, d_in, d_out = 6, 5, 7
+    layer = nn.Linear(d_in, d_out)
+    x = torch.randn(batch, d_in)
+    assert counted_flops(lambda: layer(x)) == 2 * d_in * d_out * batch
+    # Backward: dL/dW = g^T x (one product of the same size); dL/dx = g W only when x needs a gradient.
+    assert counted_flops(lambda: layer(x).sum().backward()) == 2 * (2 * d_in * d_out * batch)
+    x.requires_grad_()
+    assert counted_flops(lambda: layer(x).sum().backward()) == 3 * (2 * d_in * d_out * batch)
+
+
+def test_counted_flops_of_a_convolution_follow_its_formula():
+    counted_flops = load_script().counted_flops
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    x = torch.randn(2, 3, 8, 8)
+    # Every output pixel of every output channel: one multiply-add per input channel and kernel tap.
+    assert counted_flops(lambda: conv(x)) == 2 * (2 * 4 * 8 * 8) * (3 * 3 * 3)
+
+
+def test_encoder_forward_flops_are_the_convnet_and_head_formula():
+    """The benchmark's forward pass of the convnet + head at 16 px: each 3x3 convolution's
+    2 * (2B * H_out * W_out * c_out) * (c_in * 9), then the head's two Linear layers, counted by hand."""
+    from simxent.config import load_config
+    from simxent.models import ConvNet
+
+    script = load_script()
+    cfg = load_config("cpu", ["data.image_size=16", "model.head_hidden=32", "model.head_out=16"])
+    batch, side, c_in, expected = 3, 16, 3, 0
+    for c_out, stride in zip(ConvNet.widths, ConvNet.strides):
+        side //= stride
+        expected += 2 * (2 * batch * side * side * c_out) * (c_in * 9)
+        c_in = c_out
+    expected += 2 * (2 * batch) * (c_in * 32 + 32 * 16)
+    passes = script.encoder_passes(cfg, torch.device("cpu"), None, batch, channels_last=True, compile=False)
+    assert script.counted_flops(passes["forward"]) == expected
+
+
+def test_encoder_rows_relate_time_flop_and_ceiling(monkeypatch, one_thread):
+    """Each variant gives a forward and a forward+backward row; TFLOP/s are the counted FLOP over the time,
+    their share is over the ceiling of the row's precision, images/s are B over the time."""
+    from simxent.config import load_config
+
+    script = load_script()
+    monkeypatch.setattr(script, "STEP_VARIANTS", (script.StepVariant("a", batch=2),
+                                                  script.StepVariant("b", batch=2, channels_last=False, float32=True)))
+    cfg = load_config("cpu", ["data.image_size=8", "model.head_hidden=8", "model.head_out=4", "train.precision=fp32"])
+    rows = script.encoder_rows("convnet", cfg, torch.device("cpu"), None, {"float32": 2.0})
+    assert [(r["variant"], r["pass"]) for r in rows] == [("a", "forward+backward"), ("a", "forward"),
+                                                         ("b", "forward+backward"), ("b", "forward")]
+    passes = script.encoder_passes(cfg, torch.device("cpu"), None, 2, channels_last=True, compile=False)
+    for row in rows:
+        assert row["gflop"] * 1e9 == script.counted_flops(passes[row["pass"]])
+        assert row["tflops"] * 1e12 == pytest.approx(row["gflop"] * 1e9 / (row["ms"] / 1e3))
+        assert row["share_of_ceiling"] == pytest.approx(row["tflops"] / 2.0)
+        assert row["images_per_s"] == pytest.approx(2 / (row["ms"] / 1e3))
