@@ -536,7 +536,7 @@ def versus(p: argparse.ArgumentParser, a: argparse.Namespace) -> Versus:
         if not (v.data / split).is_dir():
             p.error(f"--data: {v.data} needs {split}/ with one sub-folder per class")
     try:
-        simxent_config(v, v.work / "simxent")
+        simxent_config(v, v.work / "simxent", None if v.epochs else v.minutes[-1])
     except ConfigError as e:
         p.error(f"--simxent-overrides or --image-size: {e}")
     return v

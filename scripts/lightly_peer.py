@@ -17,8 +17,9 @@ the cpu preset's ``ProjectionHead``.
 Training stops after ``--epochs`` or ``--minutes``, whichever comes first; minutes count from this script's
 start (imports, worker start-up and data loading included). The encoder's plain state dict (what
 ``simxent-linear-eval --backbone convnet`` scores) is saved as ``OUT/epoch-<e>.pt`` at every epoch end and
-``OUT/mark-<m>min.pt`` at the end of the step that crosses each of ``--marks`` minutes; ``OUT/progress.json``
-records each save's {epoch, step, seconds, images_per_s} (images trained / seconds since the start).
+``OUT/mark-<m>min.pt`` at the end of the step that crosses each of ``--marks`` minutes (``--minutes`` is one);
+``OUT/progress.json`` records each save's {epoch, step, seconds, images_per_s} (images trained / seconds
+since the start).
 """
 import time
 
