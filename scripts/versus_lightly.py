@@ -201,10 +201,13 @@ def reaching_line(rows: list[dict]) -> str:
     if not rows:
         return "No mark was reached by both sides."
     r = first_reaching(rows)
-    unit = "min" if r["key"] == "minutes" else "epochs" if r["key"] == "epoch" else r["key"]
-    said = {side: f"{r[side]:g} {unit}" if r[side] is not None else "not reached" for side in SIDES}
-    return (f"First {r['key']} reaching lightly's kNN top-1 at {r['at']:g} {unit} ({r['target']:.4f}): "
-            f"lightly {said['lightly']}, simxent {said['simxent']}.")
+
+    def when(mark):
+        return f"{mark:g} min" if r["key"] == "minutes" else f"epoch {mark:g}"
+
+    said = {side: when(r[side]) if r[side] is not None else "not reached" for side in SIDES}
+    return (f"First {'mark' if r['key'] == 'minutes' else 'epoch'} reaching lightly's kNN top-1 at {when(r['at'])} "
+            f"({r['target']:.4f}): lightly {said['lightly']}, simxent {said['simxent']}.")
 
 
 def bench_lightly(v: Versus) -> list[dict]:

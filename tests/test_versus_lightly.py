@@ -69,8 +69,10 @@ def test_table_and_last_line_from_made_up_results(versus, monkeypatch):
     assert lines[2] == ("| minutes | lightly_images_per_s | lightly_epochs | lightly_knn_top1 | lightly_linear_top1 | "
                         "simxent_images_per_s | simxent_epochs | simxent_knn_top1 | simxent_linear_top1 |")
     assert lines[4] == "| 2 | 100 | 0.5 | 0.3 | 0.35 | 200 | 0.5 | 0.45 | 0.5 |"
-    assert lines[-1] == ("First minutes reaching lightly's kNN top-1 at 10 min (0.5000): lightly 10 min, "
-                         "simxent 5 min.")
+    assert lines[-1] == "First mark reaching lightly's kNN top-1 at 10 min (0.5000): lightly 10 min, simxent 5 min."
+    rows = [{"epoch": e, **{k: v for k, v in r.items() if k != "minutes"}} for e, r in zip((1, 2, 3), rows)]
+    assert versus.reaching_line(rows) == ("First epoch reaching lightly's kNN top-1 at epoch 3 (0.5000): lightly "
+                                          "epoch 3, simxent epoch 2.")
 
 
 def test_rows_keep_only_marks_both_sides_reached(versus):
