@@ -3,6 +3,7 @@
 
     python scripts/benchmark.py --data ../shared/data/cifar10 --out results/benchmark      # everything
     python scripts/benchmark.py --only loss,augment                                        # a subset
+    python scripts/benchmark.py --only lightly --data ../shared/data/tinyimagenet20 --image-size 64  # vs lightly
 
 Every comparison runs in this one process, one after the other, with the same threads. Figures are medians
 of repeated timings after warm-up. The tables in docs/benchmarks.md come from this script.
@@ -29,8 +30,14 @@ from simxent.loss import nt_xent, symmetric_nt_xent  # the symmetric form: timed
 from simxent.models import SimCLR
 from simxent.runtime import autocast, configure_device, cpu_supports_bf16, resolve_device, resolve_dtype
 from simxent.schedule import build_optimizer
+from versus_lightly import DEFAULT_VENV, Versus, bench_lightly, reaching_line, simxent_config  # in scripts/
 
-SECTIONS = ("loss", "augment", "precision", "ceiling", "knn", "embed", "search", "probe", "pipeline", "quality")
+SECTIONS = ("loss", "augment", "precision", "ceiling", "knn", "embed", "search", "probe", "pipeline", "quality",
+            "lightly")
+# lightly trains for an hour by default and needs a network to make its environment once: asked for by name.
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "lightly")
+# A line under a section's table, made from its rows.
+SECTION_NOTES = {"lightly": reaching_line}
 
 
 def timed_alternately(fns: dict, repeats: int, warmup: int, sync=None) -> dict:
@@ -632,13 +639,60 @@ def markdown(results: dict) -> str:
         lines.append("|" + "---|" * len(keys))
         for row in rows:
             lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+        if section in SECTION_NOTES:
+            lines += ["", SECTION_NOTES[section](rows)]
         lines.append("")
     return "\n".join(lines)
 
 
+def minute_marks(text: str) -> tuple[float, ...]:
+    """``--versus-minutes``: positive minutes, comma-separated, in increasing order."""
+    try:
+        marks = tuple(float(m) for m in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of minutes") from None
+    if not all(0 < m < float("inf") for m in marks) or list(marks) != sorted(set(marks)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive minutes in increasing order, e.g. 2,5,10,30")
+    return marks
+
+
+def versus_options(p: argparse.ArgumentParser) -> None:
+    """The lightly section's options."""
+    g = p.add_argument_group("lightly", "simxent's cpu preset beside lightly's SimCLR pipeline on the same model")
+    g.add_argument("--versus-minutes", type=minute_marks, default=(2, 5, 10, 30),
+                   help="equal wall time: minute marks, comma-separated (default 2,5,10,30)")
+    g.add_argument("--versus-epochs", type=int, default=0,
+                   help="equal epochs instead: both train exactly N epochs, scored after each")
+    g.add_argument("--image-size", type=int, default=32, help="the views' size for both (64 for tinyimagenet20)")
+    g.add_argument("--lightly-venv", default=str(DEFAULT_VENV), help="lightly's virtual environment (made if absent)")
+    g.add_argument("--simxent-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="config overrides for simxent's runs, after the section's own (e.g. optim.lr=0.001)")
+
+
+def versus(p: argparse.ArgumentParser, a: argparse.Namespace) -> Versus:
+    """The lightly section's settings from the command line, checked before any work (an error names the
+    option); its files go to OUT-lightly/."""
+    from simxent.config import ConfigError
+
+    out = Path(a.out)
+    v = Versus(Path(a.data), out.with_name(out.name + "-lightly"), a.image_size, a.versus_minutes,
+               a.versus_epochs, Path(a.lightly_venv), tuple(a.simxent_overrides))
+    if a.versus_epochs < 0:
+        p.error(f"--versus-epochs must be >= 0 (0: compare at --versus-minutes), got {a.versus_epochs}")
+    for split in ("train", "test"):
+        if not (v.data / split).is_dir():
+            p.error(f"--data: {v.data} needs {split}/ with one sub-folder per class")
+    try:
+        simxent_config(v, v.work / "simxent", None if v.epochs else v.minutes[-1])
+    except ConfigError as e:
+        p.error(f"--simxent-overrides or --image-size: {e}")
+    return v
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but lightly)")
     p.add_argument("--data", default="../shared/data/cifar10", help="CIFAR-10 image folder (train/, test/)")
     p.add_argument("--out", default="results/benchmark", help="writes OUT.json and OUT.md")
     p.add_argument("--device", default="auto")
@@ -651,6 +705,7 @@ def main():
     p.add_argument("--synthetic", default="", metavar="N:WxH",
                    help="time on N generated WxH JPEGs (several: WxH+WxH, in turn) instead of --data (knn, probe, "
                         "quality need real data)")
+    versus_options(p)
     a = p.parse_args()
     device = resolve_device(a.device)
     configure_device(device)
@@ -659,6 +714,7 @@ def main():
     unknown = set(wanted) - set(SECTIONS)
     if unknown:
         p.error(f"unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    lightly_settings = versus(p, a) if "lightly" in wanted else None
     runners = {
         "loss": lambda: bench_loss(device, sync),
         "augment": lambda: bench_augment(device, sync),
@@ -670,6 +726,7 @@ def main():
         "probe": lambda: bench_probe(device, sync, a.data),
         "pipeline": lambda: bench_pipeline(device, sync, a.data, a.loop_seconds, a.pipeline, a.workers),
         "quality": lambda: bench_quality(device, sync, a.data, a.quality_minutes),
+        "lightly": lambda: bench_lightly(lightly_settings),
     }
     if a.synthetic:
         n, sizes = a.synthetic.split(":")
