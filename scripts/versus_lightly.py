@@ -104,8 +104,9 @@ def simxent_config(v: Versus, out: Path, minutes: Optional[float] = None):
     ``v.simxent_overrides`` come last, so they can change any of it."""
     from simxent.config import load_config
 
+    # A cache of its own: the run decodes its folder inside its time, as lightly's workers decode inside theirs.
     common = [f"data.train={v.data / 'train'}", f"data.image_size={v.image_size}", f"out={out}", "eval.every=0",
-              "train.overwrite=true"]
+              "train.overwrite=true", f"data.cache_dir={out.with_name(out.name + '-cache')}"]
     if minutes is not None:
         common += [f"train.max_time={60 * minutes:g}", "train.budget_schedule=true", "train.epochs=100000"]
     else:
@@ -115,7 +116,7 @@ def simxent_config(v: Versus, out: Path, minutes: Optional[float] = None):
 
 
 def training_images(cfg) -> int:
-    """Decode the training folder into the cache (once, before any timed run) and count its images."""
+    """The images in the training folder, from the decoded cache the run left behind."""
     from simxent.data import load_configured
 
     return len(load_configured(cfg.data.train, cfg.data, progress=False))
@@ -128,8 +129,8 @@ def run_simxent_marks(v: Versus) -> list[dict]:
     points = []
     for minutes in v.minutes:
         cfg = simxent_config(v, v.work / f"simxent-{minutes:g}min", minutes)
-        per_epoch = training_images(cfg) // cfg.train.batch_size
         summary = pretrain(cfg, progress=False)
+        per_epoch = training_images(cfg) // cfg.train.batch_size
         step, seconds = summary["global_step"], summary["seconds"]
         points.append({"mark": minutes, "step": step, "epochs": step / per_epoch, "seconds": seconds,
                        "images_per_s": step * cfg.train.batch_size / seconds,
@@ -147,9 +148,9 @@ def run_simxent_epochs(v: Versus) -> list[dict]:
     from simxent.train import pretrain
 
     cfg = simxent_config(v, v.work / f"simxent-{v.epochs}epochs")
-    per_epoch = training_images(cfg) // cfg.train.batch_size
     started = time.time()
     summary = pretrain(cfg, progress=False)
+    per_epoch = training_images(cfg) // cfg.train.batch_size
     points = []
     for epoch, path in enumerate(step_files(Path(summary["checkpoint"]).parent, summary["run_id"]), 1):
         step, seconds = int(path.name.split("-")[1]), path.stat().st_mtime - started  # step-<step>-<run id>.pt
