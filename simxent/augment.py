@@ -119,37 +119,75 @@ def adjust_hue(x, shift):
 class ColorJitter(nn.Module):
     """torchvision's ColorJitter per sample: brightness, contrast and saturation factors uniform in
     [max(0, 1 - a), 1 + a], hue shift uniform in [-h, h], applied in a random order, each sample jittered
-    with probability p.
+    with probability p. Ops that are off (factors (1, 1), hue (0, 0)) are skipped.
 
-    The factors are drawn per sample, the order once per call: each view then has torchvision's
-    distribution, and the two views of an image (two calls) draw their orders independently, as there;
-    only images of one batch share an order. A per-sample order would cost four times the colour work on
-    a GPU, where every op runs on every sample and a mask keeps the chosen.
+    The factors are drawn per sample. ``order="batch"`` draws the order once per call: each view then has
+    torchvision's distribution, and the two views of an image (two calls) draw their orders independently,
+    as there; only images of one batch share an order. ``order="image"`` draws a permutation per sample, so
+    that images are jittered independently, exactly as torchvision's (see :meth:`in_orders`; on a GPU four
+    times the colour work).
 
     ``compile=True`` compiles each op on its own (the random order stays eager: compiling the whole jitter
     would recompile for every order), which fuses its dozen elementwise passes into one or two kernels."""
 
     def __init__(self, brightness: float, contrast: float, saturation: float, hue: float, p: float = 1.0,
-                 compile: bool = False):
+                 compile: bool = False, order: str = "batch"):
         super().__init__()
         self.ranges = [(max(0.0, 1 - brightness), 1 + brightness), (max(0.0, 1 - contrast), 1 + contrast),
                        (max(0.0, 1 - saturation), 1 + saturation), (-hue, hue)]
         self.ops = [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue]
         if compile:
             self.ops = [torch.compile(op) for op in self.ops]
-        self.p = p
+        self.active = [i for i, r in enumerate(self.ranges) if r != ((0.0, 0.0) if i == 3 else (1.0, 1.0))]
+        if order not in ("batch", "image"):
+            raise ValueError(f"order: {order!r} is not batch or image")
+        self.p, self.per_image = p, order == "image"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         factors = [torch.empty(x.shape[0], device=x.device).uniform_(lo, hi) for lo, hi in self.ranges]
-        order = [i for i in torch.randperm(4).tolist()
-                 if self.ranges[i] != ((0.0, 0.0) if i == 3 else (1.0, 1.0))]  # skip ops that are off
+        if self.per_image:
+            orders = torch.rand(x.shape[0], 4, device=x.device).argsort(1)  # a uniform permutation per row
 
-        def jitter(samples, index):
-            for i in order:
-                samples = self.ops[i](samples, _pick(factors[i], index))
-            return samples
+            def jitter(samples, index):
+                return self.in_orders(samples, [_pick(f, index) for f in factors], _pick(orders, index))
+        else:
+            order = [i for i in torch.randperm(4).tolist() if i in self.active]
+
+            def jitter(samples, index):
+                for i in order:
+                    samples = self.ops[i](samples, _pick(factors[i], index))
+                return samples
 
         return apply_to_some(x, self.p, jitter)
+
+    def in_orders(self, x: torch.Tensor, factors: list[torch.Tensor], orders: torch.Tensor,
+                  subsets: Optional[bool] = None) -> torch.Tensor:
+        """Sample b through op ``orders[b, 0]``, then ``orders[b, 1]``, ... (0 brightness, 1 contrast,
+        2 saturation, 3 hue; op j with factor ``factors[j][b]``; ops that are off leave it as it is).
+
+        Slot by slot, each op j goes to the samples whose slot holds j: on a CPU (``subsets``, default
+        :func:`computes_subsets`) as 16 subset calls, the pixel work of one shared order; otherwise
+        every op runs on every sample and a mask keeps each sample's own (four times the work, no
+        data-dependent shapes, so no host sync). ``x`` may be changed in place."""
+        subsets = computes_subsets(x.device) if subsets is None else subsets
+        for slot in orders.unbind(1):
+            x = self.slot_by_subsets(x, factors, slot) if subsets else self.slot_by_mask(x, factors, slot)
+        return x
+
+    def slot_by_subsets(self, x, factors, slot):
+        """One slot of :meth:`in_orders`: each op on its own samples only, in place."""
+        for j in self.active:
+            index = (slot == j).nonzero().squeeze(1)
+            if index.numel():  # an empty subset would make a compiled op recompile for size 0
+                x[index] = self.ops[j](x[index], factors[j][index])
+        return x
+
+    def slot_by_mask(self, x, factors, slot):
+        """One slot of :meth:`in_orders`: every op on every sample, each sample keeping its slot's op."""
+        out = x
+        for j in self.active:
+            out = torch.where((slot == j).view(-1, 1, 1, 1), self.ops[j](x, factors[j]), out)
+        return out
 
 
 class RandomGrayscale(nn.Module):
@@ -328,7 +366,8 @@ class ViewAugment(nn.Module):
         self.crop = RandomResizedCropFlip(size, scale=cfg.crop_scale, flip_p=cfg.flip_p)
         self.flip = RandomFlip(cfg.flip_p)
         ops = [
-            ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=cfg.jitter_p, compile=compile),
+            ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, p=cfg.jitter_p, compile=compile,
+                        order=cfg.jitter_order),
             RandomGrayscale(p=cfg.grayscale_p),
         ]
         blur_p = blur_probability(cfg, size)

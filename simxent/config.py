@@ -65,6 +65,9 @@ class AugmentConfig:
     flip_p: float = setting(0.5, "horizontal flip probability")
     jitter_strength: float = setting(1.0, "s: brightness, contrast, saturation 0.8s, hue 0.2s")
     jitter_p: float = setting(0.8, "colour-jitter probability")
+    jitter_order: str = setting("batch", "order of brightness, contrast, saturation, hue: batch: drawn per view "
+                                         "batch, shared by its images; image: drawn per image, as torchvision "
+                                         "(on a GPU 4x the colour-jitter work)")
     grayscale_p: float = setting(0.2, "grayscale probability")
     blur_p: Optional[float] = setting(None, "Gaussian blur probability; null: 0.5 from 64 px, 0 below. Sigma in "
                                           "[0.1, 2.0] x image_size / 224 (SimCLR's at 224 px), kernel about 10 % of the side")
@@ -88,6 +91,9 @@ class ModelConfig:
     head_hidden: int = setting(2048, "projection MLP hidden width")
     head_out: int = setting(128, "projection size")
     head_layers: int = setting(2, "linear layers in the projection MLP (BatchNorm + ReLU between)")
+    view_batches: str = setting("joint", "training forward: joint: all views in one batch, BatchNorm statistics "
+                                         "over all views (SimCLR's paper); separate: one forward per view "
+                                         "(lightly's and solo-learn's examples)")
 
 
 @dataclass
@@ -166,6 +172,8 @@ class Config:
 
 CHOICES = {
     "data.on_bad_image": ("skip", "error"),
+    "augment.jitter_order": ("batch", "image"),
+    "model.view_batches": ("joint", "separate"),
     "loss.positives": ("views", "labels"),
     "optim.name": ("sgd", "adamw", "lars"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),

@@ -228,22 +228,36 @@ class SimCLR(nn.Module):
 
     The encoder starts from ``cfg.weights`` when set (a resumed run then loads its checkpoint over them).
     ``temperature`` (a :class:`~simxent.loss.Temperature`, fixed at 0.5 by default) is the NT-Xent's t; as
-    a submodule, a learnt one has its gradient averaged by DDP with the others'."""
+    a submodule, a learnt one has its gradient averaged by DDP with the others'. ``views`` is the number
+    of views in each batch ``forward`` gets (one count per batch of a list): ``cfg.view_batches=separate``
+    splits them."""
 
-    def __init__(self, cfg: ModelConfig, image_size: int = 32, temperature: Temperature | None = None):
+    def __init__(self, cfg: ModelConfig, image_size: int = 32, temperature: Temperature | None = None,
+                 views: tuple[int, ...] = (2,)):
         super().__init__()
         self.temperature = temperature if temperature is not None else Temperature(0.5)
         self.encoder, self.feature_dim = backbone(cfg.backbone, cfg.cifar_stem, image_size)
         if cfg.weights:
             load_weights(self.encoder, cfg.weights, cfg.backbone + (" with the CIFAR stem" if cfg.cifar_stem else ""))
         self.head = ProjectionHead(self.feature_dim, cfg.head_hidden, cfg.head_out, cfg.head_layers)
+        self.views, self.separate = tuple(views), cfg.view_batches == "separate"
 
     def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """z = g(f(x)); for a list of batches (views at several sizes), each one's z, concatenated: one
-        forward call, so that DDP sees every use of a parameter in one graph."""
-        if isinstance(x, (list, tuple)):
-            return torch.cat([self.head(self.encoder(v)) for v in x])
-        return self.head(self.encoder(x))
+        """z = g(f(x)) of a view-major batch ``[v1; v2; ...]``, or of a list of them (views at several
+        sizes), concatenated in order: one forward call, so that DDP sees every use of a parameter in
+        one graph.
+
+        ``joint`` encodes each batch at once, so BatchNorm's batch statistics span all its views.
+        ``separate``, in training mode, encodes each view v_i on its own: z = [g(f(v1)); g(f(v2)); ...],
+        each BatchNorm batch one view of every image (and its running statistics updated once per view).
+        In eval mode BatchNorm uses its running statistics and the two are the same."""
+        batches = list(x) if isinstance(x, (list, tuple)) else [x]
+        if self.separate and self.training:
+            batches = [view for batch, n in zip(batches, self.views, strict=True)
+                       for view in batch.unflatten(0, (n, -1)).unbind(0)]
+        if len(batches) == 1:
+            return self.head(self.encoder(batches[0]))
+        return torch.cat([self.head(self.encoder(b)) for b in batches])
 
 
 def markdown_backbones() -> str:

@@ -27,7 +27,7 @@ from . import dist, figures
 from .augment import ViewAugment, small_view_size
 from .checkpoint import (Position, check_resumable, load_checkpoint, newest_valid_checkpoint, restore_training,
                          rng_state, save_rotating, saved_progress, training_state)
-from .config import Config, ConfigError, format_config, save_config, to_dict
+from .config import AugmentConfig, Config, ConfigError, format_config, save_config, to_dict
 from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images, default_cache_dir, find_images,
                    iterate_batches, load_configured, naming_the_key, open_stream, shared_files)
 from .evaluate import extract_features, knn_scores, topk_accuracy
@@ -79,6 +79,11 @@ def batch_labels(data: ImageArray | ImageStream, batch_size: int, generator: tor
     draw the same :func:`batch_indices`)."""
     for _, idx in batch_indices(len(data), batch_size, generator, start, rank, world):
         yield data.labels[idx]
+
+
+def views_per_batch(aug: AugmentConfig) -> tuple[int, ...]:
+    """How many views each batch that :class:`MultiViewAugment` returns holds: (full,) or (full, small)."""
+    return (aug.views, aug.small_views) if aug.small_views else (aug.views,)
 
 
 class MultiViewAugment:
@@ -638,7 +643,8 @@ def finish(run: Run, reason: Optional[str]) -> dict:
 def build_model(cfg: Config, device: torch.device, world: int) -> tuple[SimCLR, nn.Module]:
     """The encoder + head on ``device`` (``net``, whose state is checkpointed) and what the step calls
     (``model``: ``net`` wrapped in DDP under several processes, compiled with ``train.compile``)."""
-    net = SimCLR(cfg.model, cfg.data.image_size, Temperature(cfg.loss.temperature, cfg.loss.learn_temperature))
+    net = SimCLR(cfg.model, cfg.data.image_size, Temperature(cfg.loss.temperature, cfg.loss.learn_temperature),
+                 views_per_batch(cfg.augment))
     if world > 1 and cfg.train.sync_bn:
         net = dist.convert_batchnorm(net, device)
     net = net.to(device)

@@ -123,6 +123,8 @@ def test_accepts_uint8_and_float(dtype):
 
 # --- the fused colour ops against torchvision's per-image definitions ---------------------------------
 
+import itertools  # noqa: E402
+
 import torchvision.transforms.v2.functional as TF  # noqa: E402
 
 from simxent.augment import (ColorJitter, adjust_brightness, adjust_contrast, adjust_hue,  # noqa: E402
@@ -157,15 +159,16 @@ def test_colour_ops_equal_torchvision_per_image(ours, theirs, lo, hi):
     torch.testing.assert_close(ours(x.clone(), factors), expected, rtol=0, atol=1e-5)
 
 
-def test_jitter_factors_are_per_sample_and_in_range():
+@pytest.mark.parametrize("order", ["batch", "image"])
+def test_jitter_factors_are_per_sample_and_in_range(order):
     """Brightness alone: each sample is scaled by its own factor, uniform in [1 - 0.8, 1 + 0.8]."""
     torch.manual_seed(0)
     x = torch.full((2000, 3, 2, 2), 0.25)
-    out = ColorJitter(0.8, 0.0, 0.0, 0.0, p=1.0)(x.clone())
+    out = ColorJitter(0.8, 0.0, 0.0, 0.0, p=1.0, order=order)(x.clone())
     factors = out[:, 0, 0, 0] / 0.25
     assert factors.min() >= 0.2 - 1e-6 and factors.max() <= 1.8 + 1e-6
     assert abs(factors.mean().item() - 1.0) < 0.03 and abs(factors.std().item() - 1.6 / 12**0.5) < 0.03
-    jittered = (ColorJitter(0.8, 0.0, 0.0, 0.0, p=0.8)(x.clone()) != 0.25).flatten(1).any(1).float().mean()
+    jittered = (ColorJitter(0.8, 0.0, 0.0, 0.0, p=0.8, order=order)(x.clone()) != 0.25).flatten(1).any(1).float().mean()
     assert abs(jittered.item() - 0.8) < 0.03
 
 
@@ -194,6 +197,69 @@ def test_jitter_order_is_uniform_over_the_24_permutations_and_drawn_per_call():
     chi2 = ((counts - 100) ** 2 / 100).sum().item()
     assert chi2 < 49.7  # chi-square, 23 degrees of freedom, p = 0.001
     assert sum(a == b for a, b in zip(orders, orders[1:])) < 2399 / 24 * 1.5  # consecutive calls independent
+
+
+def order_codes(jitter: ColorJitter) -> ColorJitter:
+    """``jitter`` with each op j replaced by x -> 10 x + j + 1 (float64, exact): a sample that starts at 0
+    ends holding the ops it went through, in order, as decimal digits (brightness, contrast, hue: 124)."""
+    jitter.ops = [lambda s, f, j=j: s * 10 + (j + 1) for j in range(4)]
+    return jitter
+
+
+def codes_of(orders: torch.Tensor) -> torch.Tensor:
+    """The digits :func:`order_codes` writes for the given per-sample orders."""
+    return sum((orders[:, k] + 1) * 10 ** (orders.shape[1] - 1 - k) for k in range(orders.shape[1])).double()
+
+
+@pytest.mark.parametrize("hue,n_orders", [(0.2, 24), (0.0, 6)])
+def test_per_image_jitter_orders_are_uniform_and_independent(hue, n_orders):
+    """``order="image"``: within one call, every sample draws its own order, uniform over the permutations of
+    the ops that are on (hue (0, 0) is off and skipped), as torchvision's per-image ColorJitter; with p < 1
+    the others are untouched."""
+    torch.manual_seed(0)
+    n = 200 * n_orders
+    out = order_codes(ColorJitter(0.8, 0.8, 0.8, hue, p=1.0, order="image"))(torch.zeros(n, 1, 1, 1, dtype=torch.float64))
+    on = [0, 1, 2, 3] if hue else [0, 1, 2]
+    perms = torch.tensor(list(itertools.permutations(on)))
+    codes = out.flatten().tolist()
+    assert set(codes) <= set(codes_of(perms).tolist())
+    counts = torch.tensor([codes.count(c) for c in codes_of(perms).tolist()], dtype=torch.float64)
+    chi2 = ((counts - 200) ** 2 / 200).sum().item()
+    assert chi2 < {24: 49.7, 6: 20.5}[n_orders]  # chi-square, n_orders - 1 degrees of freedom, p = 0.001
+    some = order_codes(ColorJitter(0.8, 0.8, 0.8, hue, p=0.5, order="image"))(torch.zeros(2000, 1, 1, 1).double())
+    assert abs((some != 0).double().mean().item() - 0.5) < 0.05 and set(some[some != 0].tolist()) <= set(codes)
+
+
+@pytest.mark.parametrize("subsets", [True, False])
+def test_per_image_orders_are_applied_slot_by_slot(subsets):
+    """Both ways of :meth:`ColorJitter.in_orders` (CPU subsets, GPU masks, here both on the CPU) put each
+    sample through its own order's ops."""
+    jitter = order_codes(ColorJitter(0.8, 0.8, 0.8, 0.2, order="image"))
+    orders = torch.rand(100, 4).argsort(1)
+    factors = [torch.ones(100)] * 4
+    out = jitter.in_orders(torch.zeros(100, 1, 1, 1, dtype=torch.float64), factors, orders, subsets=subsets)
+    assert torch.equal(out.flatten(), codes_of(orders))
+
+
+def test_per_image_jitter_equals_torchvision_in_each_samples_order():
+    """Each of the 24 orders, twice, with per-sample factors: sample b equals torchvision's functional ops
+    applied in its order with its factors; the CPU's subsets and the GPU's masks give the same pixels."""
+    x = tricky_images(n=48)
+    orders = torch.tensor(list(itertools.permutations(range(4))) * 2)
+    g = torch.Generator().manual_seed(1)
+    factors = [torch.empty(48).uniform_(0.2, 1.8, generator=g) for _ in range(3)]
+    factors.append(torch.empty(48).uniform_(-0.2, 0.2, generator=g))
+    theirs = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    expected = []
+    for b, img in enumerate(x):
+        for j in orders[b].tolist():
+            img = theirs[j](img, factors[j][b].item())
+        expected.append(img)
+    jitter = ColorJitter(0.8, 0.8, 0.8, 0.2, order="image")
+    by_subsets = jitter.in_orders(x.clone(), factors, orders, subsets=True)
+    by_mask = jitter.in_orders(x.clone(), factors, orders, subsets=False)
+    torch.testing.assert_close(by_subsets, torch.stack(expected), rtol=0, atol=1e-5)
+    torch.testing.assert_close(by_mask, by_subsets, rtol=0, atol=0)
 
 
 def test_hue_shift_is_drawn_per_call_and_keeps_value():

@@ -272,3 +272,52 @@ def test_user_backbone_trains_checkpoints_and_loads(user_module, small_folder, t
     encoder = load_encoder(tmp_path / "run" / "checkpoints" / "last.pt")
     assert encoder(torch.zeros(2, 3, 32, 32)).shape == (2, 8)
     assert all(torch.equal(v, state["encoder"][k]) for k, v in encoder.state_dict().items())
+
+
+# --- model.view_batches: one BatchNorm batch per view, or all views together ----------------------------------
+
+def simclr(view_batches: str, views=(2,)) -> SimCLR:
+    torch.manual_seed(0)  # the same weights for both settings
+    cfg = ModelConfig(backbone="convnet", head_hidden=16, head_out=8, view_batches=view_batches)
+    return SimCLR(cfg, image_size=8, views=views).double()
+
+
+def test_separate_view_batches_encode_each_view_on_its_own():
+    """Training mode: ``separate`` is the model run on each view alone, concatenated (float64, exactly);
+    ``joint`` differs, its BatchNorm statistics spanning both views. Eval mode: both the same."""
+    x = torch.rand(2 * 6, 3, 8, 8, dtype=torch.float64)
+    joint, separate = simclr("joint"), simclr("separate")
+    per_view = torch.cat([joint(v) for v in x.split(6)])
+    assert torch.equal(separate(x), per_view)
+    assert (joint(x) - per_view).abs().max() > 1e-3
+    separate.load_state_dict(joint.state_dict())  # the same running statistics
+    joint.eval(), separate.eval()
+    torch.testing.assert_close(separate(x), joint(x), rtol=0, atol=0)
+    torch.testing.assert_close(joint(x), torch.cat([joint(v) for v in x.split(6)]), rtol=0, atol=1e-12)
+
+
+def test_separate_view_batches_split_every_batch_of_a_multi_crop_list():
+    """Three full-size and two small views: five encoder batches, each one view of all four images, in order."""
+    full, small = torch.rand(3 * 4, 3, 8, 8, dtype=torch.float64), torch.rand(2 * 4, 3, 6, 6, dtype=torch.float64)
+    joint, separate = simclr("joint"), simclr("separate", views=(3, 2))
+    per_view = torch.cat([joint(v) for v in [*full.split(4), *small.split(4)]])
+    assert torch.equal(separate([full, small]), per_view)
+
+
+def test_pretraining_with_separate_view_batches_runs(small_folder, tmp_path, monkeypatch):
+    """model.view_batches=separate through the real training loop, with multi-crop: every encoder call is
+    one view of the batch (16 images), three at 16 px then two at 8 px per step."""
+    from simxent.models import ConvNet
+
+    calls, real = [], ConvNet.forward
+
+    def spy(self, x):
+        calls.append(tuple(x.shape[i] for i in (0, 3)))
+        return real(self, x)
+
+    monkeypatch.setattr(ConvNet, "forward", spy)
+    cfg = load_config(None, [*TINY_RUN, f"data.train={small_folder}", f"out={tmp_path / 'run'}", "train.epochs=1",
+                             "eval.every=0", "augment.views=3", "augment.small_views=2", "model.view_batches=separate"])
+    summary = pretrain(cfg, progress=False)
+    assert summary["global_step"] == 2 and torch.isfinite(torch.tensor(summary["last_loss"]))
+    assert calls == ([(16, 16)] * 3 + [(16, 8)] * 2) * 2

@@ -334,3 +334,13 @@ def test_streaming_refuses_supervised_positives():
         load_config(None, ["data.stream=true", "loss.positives=labels"])
     assert load_config(None, ["data.stream=false", "loss.positives=labels"]).loss.positives == "labels"
     assert load_config(None, ["data.stream=true", "loss.positives=views"]).data.stream
+
+
+def test_jitter_order_and_view_batches_are_choices_named_when_wrong():
+    cfg = load_config(None, ["augment.jitter_order=image", "model.view_batches=separate"])
+    assert (cfg.augment.jitter_order, cfg.model.view_batches) == ("image", "separate")
+    assert (Config().augment.jitter_order, Config().model.view_batches) == ("batch", "joint")
+    with pytest.raises(ConfigError, match="augment.jitter_order: 'pixel' is not one of batch, image"):
+        load_config(None, ["augment.jitter_order=pixel"])
+    with pytest.raises(ConfigError, match="model.view_batches: 'split' is not one of joint, separate"):
+        load_config(None, ["model.view_batches=split"])

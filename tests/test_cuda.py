@@ -44,10 +44,11 @@ def test_loss_never_syncs_with_the_host(temperature):
     assert torch.isfinite(z1.grad).all()
 
 
-@pytest.mark.parametrize("size", [32, 96])
-def test_augmentation_never_syncs_with_the_host(size):
-    """A host sync inside the view pipeline would stall the GPU stream every step."""
-    aug = ViewAugment(AugmentConfig(solarize_p=0.2), size).cuda()
+@pytest.mark.parametrize("size,order", [(32, "batch"), (96, "batch"), (32, "image")])
+def test_augmentation_never_syncs_with_the_host(size, order):
+    """A host sync inside the view pipeline would stall the GPU stream every step (per-image jitter orders
+    included: masks, not subsets)."""
+    aug = ViewAugment(AugmentConfig(solarize_p=0.2, jitter_order=order), size).cuda()
     x = torch.randint(0, 256, (64, 3, size + 8, size + 8), dtype=torch.uint8, device="cuda")
     aug(x)  # first call: kernel loading, allowed to sync
     torch.cuda.set_sync_debug_mode("error")
