@@ -617,11 +617,14 @@ def bench_ceiling(device, sync, encoders: str = "convnet,resnet18") -> list:
     cifar10 preset's ResNet-18 with the CIFAR stem; 32 px) in every STEP_VARIANTS variant, at the precision
     the preset picks here, as TFLOP/s and as a share of the ceiling of that precision. ``encoders``: which of
     CEILING_ENCODERS (ResNet-18's variants, its compile above all, take most of the section's time)."""
-    rows = [matmul_ceiling(dtype, device, sync) for dtype in (torch.bfloat16, torch.float32)]
+    chosen = [CEILING_ENCODERS[key.strip()] for key in encoders.split(",")]
+    presets = {resolve_dtype(load_config(preset).train.precision, device) for _, preset in chosen}
+    dtypes = [torch.bfloat16, torch.float32] + sorted(presets - {torch.bfloat16, torch.float32}, key=str)  # fp16
+    rows = [matmul_ceiling(dtype, device, sync) for dtype in dtypes]
     ceilings = {row["precision"]: row["tflops"] for row in rows}
     for row in rows:
         print(row, flush=True)
-    for name, preset in (CEILING_ENCODERS[key.strip()] for key in encoders.split(",")):
+    for name, preset in chosen:
         steps = encoder_rows(name, load_config(preset), device, sync, ceilings)
         best = max((row for row in steps if row["pass"] == "forward+backward"), key=lambda row: row["images_per_s"])
         print(f"fastest {name} step: {best['variant']}, batch {best['batch']}: {best['images_per_s']:.0f} images/s, "

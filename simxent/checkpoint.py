@@ -343,12 +343,12 @@ def fit_temperature_group(saved: dict, optimizer: torch.optim.Optimizer) -> dict
 
 def saved_progress(state: dict, total: int) -> float:
     """The schedule's progress a training checkpoint saved. One written before progress was saved counts
-    its steps' share of ``total``; the step plan it may hold under "schedule" is not used."""
+    its steps' share of the step plan it holds under "schedule" (a time budget's: its cosine ended at step
+    ``decay_end``), else of ``total``."""
     if "progress" in state:
         return float(state["progress"])
-    if state.get("schedule"):
-        log.info("the checkpoint's step plan (%s) is not used: the schedule goes on from its step", state["schedule"])
-    return state["position"]["global_step"] / total
+    step, plan = state["position"]["global_step"], state.get("schedule")
+    return min(1.0, step / max(1, plan["decay_end"])) if plan else step / total
 
 
 def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler, seed: int) -> Position:

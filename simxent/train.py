@@ -752,6 +752,9 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
     if resume:
         pos = restore_training(resume, resumed, net, optimizer, scaler, cfg.train.seed)
         budget.resume(saved_progress(resumed, budget.total))
+        if budget.finished():
+            log.warning("train.resume: %s ended annealed at its time budget, so its schedule is done and nothing "
+                        "is trained; train.budget_schedule=false resumes it over train.epochs instead", resume)
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go
     main, out = dist.is_main(), Path(cfg.out)
     # purge_step drops what a killed run logged after its last checkpoint: one continuous curve.

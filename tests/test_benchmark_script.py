@@ -9,6 +9,9 @@ from torch import nn
 
 
 def load_script():
+    scripts = str(Path(__file__).parents[1] / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)  # benchmark.py imports versus_lightly beside it, as `python scripts/...` finds it
     spec = importlib.util.spec_from_file_location("benchmark_script",
                                                   Path(__file__).parents[1] / "scripts" / "benchmark.py")
     script = importlib.util.module_from_spec(spec)
