@@ -705,6 +705,10 @@ def start_budget(run: Run) -> None:
     left, budget = run.budget.start(), run.budget
     if not budget.spans:
         return
+    if budget.finished():
+        log.warning("train.resume: the run in %s ended annealed at its time budget, so its schedule is done and "
+                    "nothing is trained; train.budget_schedule=false resumes it over train.epochs instead", run.out)
+        return
     resumed = f", from progress {budget.start_progress:.3f}" if budget.start_progress else ""
     if left > 0:
         log.info("train.max_time=%gs: warm-up and cosine span the %.0f s left%s", budget.max_time, left, resumed)
@@ -752,9 +756,6 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
     if resume:
         pos = restore_training(resume, resumed, net, optimizer, scaler, cfg.train.seed)
         budget.resume(saved_progress(resumed, budget.total))
-        if budget.finished():
-            log.warning("train.resume: %s ended annealed at its time budget, so its schedule is done and nothing "
-                        "is trained; train.budget_schedule=false resumes it over train.epochs instead", resume)
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go
     main, out = dist.is_main(), Path(cfg.out)
     # purge_step drops what a killed run logged after its last checkpoint: one continuous curve.
