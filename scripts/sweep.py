@@ -24,12 +24,15 @@ def main(argv=None) -> int:
     p.add_argument("--choose-by", choices=METRICS, default="knn_top1", help="validation score to maximise")
     p.add_argument("--minutes", type=float, default=0.0,
                    help="equal wall time per run; 0 (default): equal steps, train.epochs of the train part")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="vary one key at a time from the base (each key's first value) instead of the product")
     p.add_argument("--probe-epochs", type=int, default=30)
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_intermixed_args(argv)
     opts = SweepOptions(minutes=a.minutes, seeds=a.seeds, val_fraction=a.val_fraction, split_seed=a.split_seed,
-                        subset=a.subset, choose_by=a.choose_by)
+                        subset=a.subset, choose_by=a.choose_by,
+                        one_at_a_time=a.one_at_a_time)
 
     def run():
         sweep(a.config, parse_grid(a.grid), a.train, a.test, a.out, opts, a.overrides,

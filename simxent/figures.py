@@ -110,10 +110,15 @@ def similarity_over_time(history: list[dict]) -> Figure:
     return fig
 
 
-def sweep_plots(rows: list[dict], keys: list[str], metrics=("knn_top1", "linear_top1")) -> Figure:
-    """Each metric against each swept value; runs that share a value are averaged (other keys vary)."""
+def sweep_plots(rows: list[dict], keys: list[str], metrics=("knn_top1", "linear_top1"), base=None) -> Figure:
+    """Each metric against each swept value; runs that share a value are averaged (other keys vary). With
+    ``base`` (a one-at-a-time sweep's first values), each key's panel keeps only the runs whose other keys are
+    at the base, so a panel shows that key's effect alone."""
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    all_rows = rows
     for ax, key in zip(axes[0], keys):
+        if base is not None:
+            rows = [r for r in all_rows if all(r[k] == base[k] for k in keys if k != key)]
         values = sorted({r[key] for r in rows}, key=lambda v: (isinstance(v, str), v))
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         x = values if numeric else list(range(len(values)))

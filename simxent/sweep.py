@@ -5,7 +5,8 @@
 
 The training folder is split once, stratified by class and seeded (``--split-seed``), into a train part and a
 validation part, written as folders of symbolic links under ``OUT/split/`` (no image is copied). Every
-combination of the grid is pretrained ``--seeds`` times (``train.seed`` = 0, 1, ...) on the train part only,
+combination of the grid (or, ``one_at_a_time``, the first values and each other value of one key alone) is
+pretrained ``--seeds`` times (``train.seed`` = 0, 1, ...) on the train part only,
 and scored by kNN and a linear probe fitted on the train part and measured on the validation part. The setting
 with the best mean validation score (``--choose-by``) is chosen, and only its runs are then scored on the test
 folder. Outputs: a normal run directory per run, ``results.md``, ``results.json``, TensorBoard hparams and
@@ -45,6 +46,7 @@ class SweepOptions:
     split_seed: int = 0  # the same split for every run, so settings are compared on the same images
     subset: int = 0  # use a stratified subset of this many training images first; 0: all
     choose_by: str = "knn_top1"  # knn_top1 | linear_top1, mean over seeds on the validation part
+    one_at_a_time: bool = False  # each key's other values alone, the rest at their first values; else the product
 
     def check(self) -> None:
         if not 0 < self.val_fraction < 1:
@@ -160,12 +162,21 @@ def run_name(combo: dict) -> str:
     return "_".join(f"{k.split('.')[-1]}={label(v)}" for k, v in combo.items())
 
 
+def combinations(grid: dict[str, list], one_at_a_time: bool = False) -> list[dict]:
+    """The settings a grid asks for: every combination of its values or, one at a time, the base (each key's
+    first value) and then each other value of one key with the rest at the base, as an ablation varies one
+    thing from a fixed recipe: 1 + sum(len(values) - 1) settings instead of prod(len(values))."""
+    if not one_at_a_time:
+        return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    base = {k: values[0] for k, values in grid.items()}
+    return [base] + [{**base, k: v} for k, values in grid.items() for v in values[1:]]
+
+
 def plan_runs(config: str | None, grid: dict[str, list], out: Path, opts: SweepOptions, overrides) -> list:
-    """``(combo, seed, config)`` for every combination and seed, each pretraining on OUT/split/train; every
+    """``(combo, seed, config)`` for every setting and seed, each pretraining on OUT/split/train; every
     config is built (and so checked) before the first run starts."""
     runs = []
-    for values in itertools.product(*grid.values()):
-        combo = dict(zip(grid, values))
+    for combo in combinations(grid, opts.one_at_a_time):
         extra = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in combo.items()]  # text verbatim
         for seed in range(opts.seeds):
             cfg = load_config(config, [f"data.train={out / 'split' / 'train'}", f"train.max_time={opts.minutes * 60}",
@@ -240,7 +251,8 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
         writer.add_hparams({**shown, "seed": seed}, {f"hparam/val_{m}": scores[m] for m in METRICS},
                            run_name=f"{run_name(combo)}_seed={seed}")
         write_results(results, out)  # after every run, so a stopped sweep keeps what it measured
-        figures.save(figures.sweep_plots(results["runs"], list(grid), [f"val_{m}" for m in METRICS]),
+        base = {k: label(values[0]) for k, values in grid.items()} if opts.one_at_a_time else None
+        figures.save(figures.sweep_plots(results["runs"], list(grid), [f"val_{m}" for m in METRICS], base),
                      out / "sweep.png")
     writer.close()
     results["settings"] = summarise(results["runs"], list(grid))
@@ -255,9 +267,9 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
 
 
 def budget_text(opts: SweepOptions, cfg) -> str:
-    if opts.minutes:
-        return f"{opts.minutes:g} minutes of wall time per run"
-    return f"{cfg.train.epochs} epochs of the train part per run (batch {cfg.train.batch_size})"
+    budget = (f"{opts.minutes:g} minutes of wall time per run" if opts.minutes else
+              f"{cfg.train.epochs} epochs of the train part per run (batch {cfg.train.batch_size})")
+    return budget + ("; one key varied at a time from each key's first value" if opts.one_at_a_time else "")
 
 
 def markdown_table(rows: list[dict], keys: list[str]) -> list[str]:

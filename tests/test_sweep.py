@@ -14,7 +14,8 @@ from simxent.config import ConfigError
 from simxent.data import DataError
 from simxent.demo import make_shapes
 from simxent.linear_eval import ProbeOptions
-from simxent.sweep import SweepOptions, allocate, carve_validation, parse_grid, stratified_split, sweep
+from simxent.sweep import (SweepOptions, allocate, carve_validation, combinations, parse_grid, stratified_split,
+                           sweep)
 from tests.conftest import write_image
 
 
@@ -145,6 +146,29 @@ def test_sweep_plot_averages_runs_that_share_a_value():
     assert list(by_t) == pytest.approx([0.4, 0.6])
 
 
+def test_one_at_a_time_varies_each_key_alone_from_the_base():
+    grid = {"optim.lr": [0.002, 0.004, 0.001], "train.batch_size": [256, 128], "loss.temperature": [0.2]}
+    assert combinations(grid, one_at_a_time=True) == [
+        {"optim.lr": 0.002, "train.batch_size": 256, "loss.temperature": 0.2},
+        {"optim.lr": 0.004, "train.batch_size": 256, "loss.temperature": 0.2},
+        {"optim.lr": 0.001, "train.batch_size": 256, "loss.temperature": 0.2},
+        {"optim.lr": 0.002, "train.batch_size": 128, "loss.temperature": 0.2}]
+    product = combinations(grid)
+    assert len(product) == 6 and len({tuple(c.values()) for c in product}) == 6
+    assert all(c in product for c in combinations(grid, one_at_a_time=True))
+
+
+def test_one_at_a_time_plot_shows_each_key_at_the_others_base():
+    from simxent.figures import sweep_plots
+
+    rows = [{"optim.lr": lr, "train.batch_size": b, "knn_top1": k, "linear_top1": k}
+            for lr, b, k in ((0.002, 256, 0.5), (0.004, 256, 0.6), (0.002, 128, 0.3))]
+    fig = sweep_plots(rows, ["optim.lr", "train.batch_size"], base={"optim.lr": 0.002, "train.batch_size": 256})
+    by_lr, by_batch = (ax.get_lines()[0] for ax in fig.axes[:2])
+    assert list(by_lr.get_xdata()) == [0.002, 0.004] and list(by_lr.get_ydata()) == pytest.approx([0.5, 0.6])
+    assert list(by_batch.get_xdata()) == [128, 256] and list(by_batch.get_ydata()) == pytest.approx([0.3, 0.5])
+
+
 def load_script():
     spec = importlib.util.spec_from_file_location("sweep_script", Path(__file__).parents[1] / "scripts" / "sweep.py")
     script = importlib.util.module_from_spec(spec)
@@ -165,10 +189,10 @@ def test_script_takes_overrides_after_the_options(tmp_path, monkeypatch):
     monkeypatch.setattr(script, "sweep", fake_sweep)
     assert script.main(["configs/cpu.yaml", "--train", "a", "--test", "b", "--seeds", "3", "loss.temperature=0.1",
                         "--grid", "augment.crop_scale=[0.2,1.0]", "--out", str(tmp_path), "optim.lr=0.01",
-                        "--val-fraction", "0.2", "--subset", "100"]) == 0
+                        "--val-fraction", "0.2", "--subset", "100", "--one-at-a-time"]) == 0
     assert seen == {"config": "configs/cpu.yaml", "grid": {"augment.crop_scale": [[0.2, 1.0]]},
                     "overrides": ["loss.temperature=0.1", "optim.lr=0.01"],
-                    "opts": SweepOptions(seeds=3, val_fraction=0.2, subset=100)}
+                    "opts": SweepOptions(seeds=3, val_fraction=0.2, subset=100, one_at_a_time=True)}
 
 
 def test_script_refuses_a_bad_fraction_in_one_line(tmp_path, capsys):
