@@ -32,7 +32,7 @@ from simxent.runtime import autocast, configure_device, cpu_supports_bf16, resol
 from simxent.schedule import build_optimizer
 from versus_lightly import DEFAULT_VENV, Versus, bench_lightly, reaching_line, simxent_config  # in scripts/
 
-SECTIONS = ("loss", "augment", "precision", "ceiling", "knn", "embed", "search", "probe", "pipeline", "quality",
+SECTIONS = ("loss", "augment", "precision", "ceiling", "profile", "knn", "embed", "search", "probe", "pipeline", "quality",
             "lightly")
 # lightly trains for an hour by default and needs a network to make its environment once: asked for by name.
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "lightly")
@@ -633,6 +633,42 @@ def bench_ceiling(device, sync, encoders: str = "convnet,resnet18") -> list:
     return rows
 
 
+def op_profile(step, device, steps: int = 3, top: int = 10) -> list:
+    """Where one step's time goes: ``step()`` run ``steps`` times under ``torch.profiler`` after one warm-up
+    call, each operator's self time (on the GPU, its kernels' time) per step and its share of the sum over
+    all operators; the ``top`` largest, then the rest as one row."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    ops = sorted(((e.key, getattr(e, attr) / 1e3 / steps, e.count / steps) for e in prof.key_averages()),
+                 key=lambda op: -op[1])
+    total = sum(ms for _, ms, _ in ops)
+    rest = ("(every other op)", sum(ms for _, ms, _ in ops[top:]), sum(n for _, _, n in ops[top:]))
+    return [{"op": name, "calls_per_step": n, "ms_per_step": ms, "share": ms / total}
+            for name, ms, n in ops[:top] + [rest]]
+
+
+def bench_profile(device, sync, encoders: str = "convnet,resnet18") -> list:
+    """Each CEILING_ENCODERS encoder's forward + NT-Xent + backward at its preset's precision, channels_last,
+    B = 256 per view (the ceiling section's preset row), broken down by operator (``op_profile``)."""
+    rows = []
+    for key in encoders.split(","):
+        name, preset = CEILING_ENCODERS[key.strip()]
+        cfg = load_config(preset)
+        step = encoder_passes(cfg, device, resolve_dtype(cfg.train.precision, device), 256, True, False)
+        for row in op_profile(step["forward+backward"], device):
+            rows.append({"encoder": name, **row})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def markdown(results: dict) -> str:
     lines = []
     for section, rows in results["sections"].items():
@@ -699,7 +735,8 @@ def main():
     p.add_argument("--data", default="../shared/data/cifar10", help="CIFAR-10 image folder (train/, test/)")
     p.add_argument("--out", default="results/benchmark", help="writes OUT.json and OUT.md")
     p.add_argument("--device", default="auto")
-    p.add_argument("--ceiling-encoders", default="convnet,resnet18", help=f"of {','.join(CEILING_ENCODERS)}")
+    p.add_argument("--ceiling-encoders", default="convnet,resnet18",
+                   help=f"of {','.join(CEILING_ENCODERS)}, for the ceiling and profile sections")
     p.add_argument("--loop-seconds", type=float, default=75, help="training-loop time per backbone")
     p.add_argument("--quality-minutes", type=float, default=10)
     p.add_argument("--pipeline", default="cpu:256,cifar10:128",
@@ -723,6 +760,7 @@ def main():
         "augment": lambda: bench_augment(device, sync),
         "precision": lambda: bench_precision(device, sync),
         "ceiling": lambda: bench_ceiling(device, sync, a.ceiling_encoders),
+        "profile": lambda: bench_profile(device, sync, a.ceiling_encoders),
         "knn": lambda: bench_knn(device, sync),
         "embed": lambda: bench_embed(device, sync, a.data),
         "search": lambda: bench_search(device, sync),

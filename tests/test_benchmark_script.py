@@ -76,3 +76,19 @@ def test_encoder_rows_relate_time_flop_and_ceiling(monkeypatch, one_thread):
         assert row["tflops"] * 1e12 == pytest.approx(row["gflop"] * 1e9 / (row["ms"] / 1e3))
         assert row["share_of_ceiling"] == pytest.approx(row["tflops"] / 2.0)
         assert row["images_per_s"] == pytest.approx(2 / (row["ms"] / 1e3))
+
+
+def test_op_profile_counts_each_op_per_step_and_shares_sum_to_one(one_thread):
+    """Two products and a ReLU per step: the profile counts 2 mm calls per step over its 3 profiled steps, the
+    products take most of the time, and the top rows plus the rest add up to the whole."""
+    script = load_script()
+    a = torch.randn(256, 256)
+
+    def step():
+        torch.relu(torch.mm(torch.mm(a, a), a))
+
+    rows = script.op_profile(step, torch.device("cpu"), steps=3, top=1)
+    assert [r["op"] for r in rows] == ["aten::mm", "(every other op)"]
+    assert rows[0]["calls_per_step"] == 2 and rows[0]["share"] > 0.5
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert rows[1]["calls_per_step"] >= 1  # the ReLU at least
