@@ -467,17 +467,22 @@ def synthetic_folder(root: Path, n: int, shapes: list[tuple[int, int]], classes:
 
 # --- quality at equal time -------------------------------------------------------------------------------------
 
-def bench_quality(_device, _sync, data_root, minutes):
+def bench_quality(_device, _sync, data_root, minutes, overrides=()):
+    """The cpu preset (``overrides`` after it) pretrained for ``minutes`` of wall time on DATA/train, start-up
+    and decoding inside that time (a fresh decoded-image cache), then kNN and linear probe on DATA/test,
+    beside an untrained encoder of the same architecture."""
     from simxent.linear_eval import ProbeOptions, linear_eval
     from simxent.train import pretrain
 
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config("cpu", [f"data.train={Path(data_root) / 'train'}", f"out={out}",
-                                               f"train.max_time={minutes * 60}", "eval.every=0"])
+                                  f"data.cache_dir={Path(out) / 'cache'}", f"train.max_time={minutes * 60}",
+                                  "eval.every=0", *overrides])
         summary = pretrain(cfg, progress=False)
         results = linear_eval(Path(out) / "checkpoints" / "last.pt", Path(data_root) / "train",
                               Path(data_root) / "test", ProbeOptions(), random_init=True, progress=False)
-    row = {"preset": "cpu", "minutes": minutes, "steps": summary["global_step"],
+    row = {"preset": " ".join(["cpu", *overrides]), "minutes": minutes, "steps": summary["global_step"],
+           "images": summary["global_step"] * cfg.train.batch_size,
            "knn_top1": results["pretrained"]["knn"]["top1"], "knn_top1_random_init": results["random_init"]["knn"]["top1"],
            "linear_top1": results["pretrained"]["linear"]["top1"],
            "linear_top1_random_init": results["random_init"]["linear"]["top1"]}
@@ -705,7 +710,8 @@ def versus_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, default=32, help="the views' size for both (64 for tinyimagenet20)")
     g.add_argument("--lightly-venv", default=str(DEFAULT_VENV), help="lightly's virtual environment (made if absent)")
     g.add_argument("--simxent-overrides", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="config overrides for simxent's runs, after the section's own (e.g. optim.lr=0.001)")
+                   help="config overrides for simxent's runs in the lightly and quality sections, after the "
+                        "section's own (e.g. optim.lr=0.001)")
 
 
 def versus(p: argparse.ArgumentParser, a: argparse.Namespace) -> Versus:
@@ -766,7 +772,7 @@ def main():
         "search": lambda: bench_search(device, sync),
         "probe": lambda: bench_probe(device, sync, a.data),
         "pipeline": lambda: bench_pipeline(device, sync, a.data, a.loop_seconds, a.pipeline, a.workers),
-        "quality": lambda: bench_quality(device, sync, a.data, a.quality_minutes),
+        "quality": lambda: bench_quality(device, sync, a.data, a.quality_minutes, a.simxent_overrides),
         "lightly": lambda: bench_lightly(lightly_settings),
     }
     if a.synthetic:

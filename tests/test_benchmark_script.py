@@ -92,3 +92,32 @@ def test_op_profile_counts_each_op_per_step_and_shares_sum_to_one(one_thread):
     assert rows[0]["calls_per_step"] == 2 and rows[0]["share"] > 0.5
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)
     assert rows[1]["calls_per_step"] >= 1  # the ReLU at least
+
+
+def test_quality_decodes_inside_its_time_and_applies_the_overrides(tmp_path, monkeypatch, one_thread):
+    """The quality run decodes into its own fresh cache (so the minutes include decoding), takes the overrides
+    after the preset, and scores the pretrained encoder beside an untrained one on DATA/test."""
+    import simxent.train
+    from simxent.demo import CLASSES, make_shapes
+
+    script = load_script()
+    data = make_shapes(tmp_path / "shapes", train_per_class=6, test_per_class=3, size=16)
+    seen = []
+    real = simxent.train.pretrain
+
+    def spy(cfg, **kwargs):
+        seen.append(cfg)
+        summary = real(cfg, **kwargs)
+        seen.append(sorted(p.suffix for p in Path(cfg.data.cache_dir).rglob("*.npy")))
+        return summary
+
+    monkeypatch.setattr(simxent.train, "pretrain", spy)
+    overrides = ("data.image_size=16", "data.workers=0", "train.batch_size=8", "train.epochs=1",
+                 "model.head_hidden=16", "train.precision=fp32", "optim.lr=0.003")
+    [row] = script.bench_quality(None, None, data, minutes=5, overrides=overrides)
+    cfg, cached = seen
+    assert cfg.optim.lr == 0.003 and cfg.train.max_time == 300 and cfg.train.batch_size == 8
+    assert Path(cfg.data.cache_dir).parent == Path(cfg.out) and cached == [".npy"]
+    assert row["preset"] == "cpu " + " ".join(overrides)
+    assert row["images"] == row["steps"] * 8 == 6 * len(CLASSES) // 8 * 8  # one epoch of the train folder
+    assert all(0 <= row[k] <= 1 for k in ("knn_top1", "knn_top1_random_init", "linear_top1"))
