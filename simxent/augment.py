@@ -32,9 +32,16 @@ def blur_probability(cfg: AugmentConfig, size: int) -> float:
     return 0.5 if size >= 64 else 0.0
 
 
-def small_view_size(cfg: AugmentConfig, size: int) -> int:
+def view_size(cfg: AugmentConfig, image_size: int) -> int:
+    """The training views' side: ``augment.view_size``, or ``data.image_size``. Views smaller than the
+    evaluation size are FixRes's remedy (Touvron et al. 2019): a random-resized crop magnifies objects, so
+    training a little below the test resolution matches their apparent size at test time, for fewer pixels."""
+    return cfg.view_size or image_size
+
+
+def small_view_size(cfg: AugmentConfig, image_size: int) -> int:
     """Multi-crop's small views: ``augment.small_size``, or half the view size (at least 8 px)."""
-    return cfg.small_size if cfg.small_size is not None else max(8, size // 2)
+    return cfg.small_size if cfg.small_size is not None else max(8, view_size(cfg, image_size) // 2)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:

@@ -144,16 +144,16 @@ def _torchvision_backbone(name: str, cifar_stem: bool, image_size: int) -> nn.Mo
     return net
 
 
-def feature_size(net: nn.Module, name: str, image_size: int) -> int:
+def feature_size(net: nn.Module, name: str, image_size: int, key: str = "data.image_size") -> int:
     """D of the (1, D) features of one blank image, in eval mode without gradients; the module's mode
-    is restored. Errors name ``model.backbone``."""
+    is restored. Errors name ``model.backbone`` and ``key``, the setting that gave the size."""
     was_training = net.training
     net.eval()
     try:
         with torch.no_grad():
             out = net(torch.zeros(1, 3, image_size, image_size))
     except Exception as e:  # a shape error deep in any model: one line instead of its traceback
-        raise ConfigError(f"model.backbone: {name} cannot encode {image_size} px images (data.image_size): "
+        raise ConfigError(f"model.backbone: {name} cannot encode {image_size} px images ({key}): "
                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     finally:
         net.train(was_training)

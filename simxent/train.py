@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import dist, figures
-from .augment import ViewAugment, small_view_size
+from .augment import ViewAugment, small_view_size, view_size
 from .checkpoint import (Position, check_resumable, load_checkpoint, newest_valid_checkpoint, restore_training,
                          rng_state, save_rotating, saved_progress, training_state)
 from .config import AugmentConfig, Config, ConfigError, format_config, save_config, to_dict
@@ -32,7 +32,7 @@ from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images
                    iterate_batches, load_configured, naming_the_key, open_stream, shared_files)
 from .evaluate import extract_features, knn_scores, topk_accuracy
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, similarity_samples
-from .models import SimCLR
+from .models import SimCLR, feature_size
 from .monitor import Monitor
 from .rundir import claim, recorded_run_id, run_lock, writable_folder
 from .runtime import (SlowStepWatch, autocast, configure_device, resolve_device, resolve_dtype, seed_everything,
@@ -92,7 +92,7 @@ class MultiViewAugment:
 
     def __init__(self, cfg: Config, device: torch.device):
         aug = cfg.augment
-        self.full = ViewAugment(aug, cfg.data.image_size, compile=cfg.train.compile).to(device)
+        self.full = ViewAugment(aug, view_size(aug, cfg.data.image_size), compile=cfg.train.compile).to(device)
         small_cfg = dataclasses.replace(aug, crop_scale=aug.small_crop_scale)
         self.small = ViewAugment(small_cfg, small_view_size(aug, cfg.data.image_size),
                                  compile=cfg.train.compile).to(device) if aug.small_views else None
@@ -242,8 +242,8 @@ def load_data(cfg: Config, progress: bool = True, dataset=None, cache_name: Opti
     with naming_the_key(key):
         source = cfg.data.train if dataset is None else dataset_images(dataset, cache_name)
         if cfg.data.stream:
-            train = open_stream(source, cfg.data.image_size, cfg.data.workers, cfg.data.on_bad_image,
-                                cfg.augment.crop_scale)
+            train = open_stream(source, view_size(cfg.augment, cfg.data.image_size), cfg.data.workers,
+                                cfg.data.on_bad_image, cfg.augment.crop_scale)
         else:
             train = load_configured(source, cfg.data, progress)
     if len(train) < cfg.train.batch_size:
@@ -645,6 +645,9 @@ def build_model(cfg: Config, device: torch.device, world: int) -> tuple[SimCLR, 
     (``model``: ``net`` wrapped in DDP under several processes, compiled with ``train.compile``)."""
     net = SimCLR(cfg.model, cfg.data.image_size, Temperature(cfg.loss.temperature, cfg.loss.learn_temperature),
                  views_per_batch(cfg.augment))
+    size = view_size(cfg.augment, cfg.data.image_size)
+    if size != cfg.data.image_size:  # built and probed for data.image_size: a ViT, say, takes one size only
+        feature_size(net.encoder, cfg.model.backbone, size, key="augment.view_size")
     if world > 1 and cfg.train.sync_bn:
         net = dist.convert_batchnorm(net, device)
     net = net.to(device)

@@ -153,6 +153,9 @@ def feature_map():
 
 def not_a_module():
     return 3
+
+def one_size():  # 16 px images only, as a ViT takes the size it was built for
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 8))
 '''
 
 
@@ -321,3 +324,33 @@ def test_pretraining_with_separate_view_batches_runs(small_folder, tmp_path, mon
     summary = pretrain(cfg, progress=False)
     assert summary["global_step"] == 2 and torch.isfinite(torch.tensor(summary["last_loss"]))
     assert calls == ([(16, 16)] * 3 + [(16, 8)] * 2) * 2
+
+
+def test_views_below_the_image_size_train_small_and_evaluate_at_the_image_size(small_folder, tmp_path,
+                                                                                monkeypatch):
+    """augment.view_size=12 at data.image_size=16: each step encodes the full views at 12 px and multi-crop's
+    small ones at half that (8 px, the floor); kNN monitoring encodes the validation images at 16 px."""
+    from simxent.models import ConvNet
+
+    calls, real = [], ConvNet.forward
+
+    def spy(self, x):
+        calls.append((x.shape[3], self.training))
+        return real(self, x)
+
+    monkeypatch.setattr(ConvNet, "forward", spy)
+    cfg = load_config(None, [*TINY_RUN, f"data.train={small_folder}", f"data.val={small_folder}",
+                             f"out={tmp_path / 'run'}", "train.epochs=1", "eval.projector=0", "augment.view_size=12",
+                             "augment.small_views=1"])
+    summary = pretrain(cfg, progress=False)
+    assert summary["global_step"] == 2 and torch.isfinite(torch.tensor(summary["last_loss"]))
+    assert {size for size, training in calls if training} == {12, 8}
+    assert calls[-1] == (16, False)  # kNN monitoring after the epoch
+
+
+def test_a_view_size_the_backbone_cannot_take_is_named(user_module, small_folder, tmp_path):
+    base = [*TINY_RUN, f"data.train={small_folder}", f"out={tmp_path / 'run'}", f"model.backbone={user_module}:one_size"]
+    with pytest.raises(ConfigError, match=r"model.backbone: .*:one_size cannot encode 8 px images \(augment.view_size\)"):
+        pretrain(load_config(None, [*base, "augment.view_size=8"]), progress=False)
+    with pytest.raises(ConfigError, match=r"augment.view_size.*out of range \(null or in \[8, data.image_size = 16\]\)"):
+        load_config(None, [*base, "augment.view_size=24"])
