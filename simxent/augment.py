@@ -33,10 +33,10 @@ def blur_probability(cfg: AugmentConfig, size: int) -> float:
 
 
 def view_size(cfg: AugmentConfig, image_size: int) -> int:
-    """The training views' side: ``augment.view_size``, or ``data.image_size``. Views smaller than the
+    """The training views' side: round(``augment.view_ratio`` x ``data.image_size``). Views smaller than the
     evaluation size are FixRes's remedy (Touvron et al. 2019): a random-resized crop magnifies objects, so
     training a little below the test resolution matches their apparent size at test time, for fewer pixels."""
-    return cfg.view_size or image_size
+    return round(cfg.view_ratio * image_size)
 
 
 def small_view_size(cfg: AugmentConfig, image_size: int) -> int:

@@ -76,9 +76,9 @@ class AugmentConfig:
     std: tuple[float, float, float] = setting((0.229, 0.224, 0.225), "normalisation std per channel (ImageNet)")
     views: int = setting(2, "full-size views per image (>= 2)")
     small_views: int = setting(0, "extra small views per image (multi-crop, as SwAV), at augment.small_size")
-    view_size: Optional[int] = setting(None, "training views' size in px, 8 to data.image_size; null: "
-                                             "data.image_size. Smaller trains on the same crops at a lower "
-                                             "resolution (cheaper steps) and evaluates at data.image_size")
+    view_ratio: float = setting(1.0, "training views' side as a fraction of data.image_size, in (0, 1]: below 1 "
+                                     "trains on the same crops at a lower resolution (cheaper steps, FixRes) and "
+                                     "still evaluates at data.image_size")
     small_size: Optional[int] = setting(None, "small views' size in px; null: half of the view size")
     small_crop_scale: tuple[float, float] = setting((0.05, 0.4), "RandomResizedCrop area range of the small views")
 
@@ -579,8 +579,8 @@ def data_and_augment_rules(cfg: Config) -> list[tuple[bool, str, str]]:
         (8 <= cfg.data.image_size <= MAX_IMAGE_SIZE, "data.image_size", f"8 to {MAX_IMAGE_SIZE}"),
         (cfg.data.decode_size is None or cfg.data.decode_size >= cfg.data.image_size, "data.decode_size",
          ">= data.image_size, or null"),
-        (aug.view_size is None or 8 <= aug.view_size <= cfg.data.image_size, "augment.view_size",
-         f"null or in [8, data.image_size = {cfg.data.image_size}]"),
+        (0 < aug.view_ratio <= 1 and round(aug.view_ratio * cfg.data.image_size) >= 8, "augment.view_ratio",
+         f"in (0, 1], for views of at least 8 px at data.image_size = {cfg.data.image_size}"),
         (aug.small_size is None or 8 <= aug.small_size <= cfg.data.image_size, "augment.small_size",
          f"null or in [8, data.image_size = {cfg.data.image_size}]"),
     ]

@@ -647,7 +647,7 @@ def build_model(cfg: Config, device: torch.device, world: int) -> tuple[SimCLR, 
                  views_per_batch(cfg.augment))
     size = view_size(cfg.augment, cfg.data.image_size)
     if size != cfg.data.image_size:  # built and probed for data.image_size: a ViT, say, takes one size only
-        feature_size(net.encoder, cfg.model.backbone, size, key="augment.view_size")
+        feature_size(net.encoder, cfg.model.backbone, size, key="augment.view_ratio")
     if world > 1 and cfg.train.sync_bn:
         net = dist.convert_batchnorm(net, device)
     net = net.to(device)

@@ -328,7 +328,7 @@ def test_pretraining_with_separate_view_batches_runs(small_folder, tmp_path, mon
 
 def test_views_below_the_image_size_train_small_and_evaluate_at_the_image_size(small_folder, tmp_path,
                                                                                 monkeypatch):
-    """augment.view_size=12 at data.image_size=16: each step encodes the full views at 12 px and multi-crop's
+    """augment.view_ratio=0.75 at data.image_size=16: each step encodes the full views at 12 px and multi-crop's
     small ones at half that (8 px, the floor); kNN monitoring encodes the validation images at 16 px."""
     from simxent.models import ConvNet
 
@@ -340,7 +340,7 @@ def test_views_below_the_image_size_train_small_and_evaluate_at_the_image_size(s
 
     monkeypatch.setattr(ConvNet, "forward", spy)
     cfg = load_config(None, [*TINY_RUN, f"data.train={small_folder}", f"data.val={small_folder}",
-                             f"out={tmp_path / 'run'}", "train.epochs=1", "eval.projector=0", "augment.view_size=12",
+                             f"out={tmp_path / 'run'}", "train.epochs=1", "eval.projector=0", "augment.view_ratio=0.75",
                              "augment.small_views=1"])
     summary = pretrain(cfg, progress=False)
     assert summary["global_step"] == 2 and torch.isfinite(torch.tensor(summary["last_loss"]))
@@ -350,7 +350,10 @@ def test_views_below_the_image_size_train_small_and_evaluate_at_the_image_size(s
 
 def test_a_view_size_the_backbone_cannot_take_is_named(user_module, small_folder, tmp_path):
     base = [*TINY_RUN, f"data.train={small_folder}", f"out={tmp_path / 'run'}", f"model.backbone={user_module}:one_size"]
-    with pytest.raises(ConfigError, match=r"model.backbone: .*:one_size cannot encode 8 px images \(augment.view_size\)"):
-        pretrain(load_config(None, [*base, "augment.view_size=8"]), progress=False)
-    with pytest.raises(ConfigError, match=r"augment.view_size.*out of range \(null or in \[8, data.image_size = 16\]\)"):
-        load_config(None, [*base, "augment.view_size=24"])
+    with pytest.raises(ConfigError, match=r"model.backbone: .*:one_size cannot encode 8 px images "
+                                          r"\(augment.view_ratio\)"):
+        pretrain(load_config(None, [*base, "augment.view_ratio=0.5"]), progress=False)
+    for ratio in (1.5, 0.25, 0):  # larger than the image; 4 px; none
+        with pytest.raises(ConfigError, match=r"augment.view_ratio.*out of range \(in \(0, 1\], for views of at "
+                                              r"least 8 px at data.image_size = 16\)"):
+            load_config(None, [*base, f"augment.view_ratio={ratio}"])

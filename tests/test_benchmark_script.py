@@ -66,7 +66,8 @@ def test_encoder_rows_relate_time_flop_and_ceiling(monkeypatch, one_thread):
     script = load_script()
     monkeypatch.setattr(script, "STEP_VARIANTS", (script.StepVariant("a", batch=2),
                                                   script.StepVariant("b", batch=2, channels_last=False, float32=True)))
-    cfg = load_config("cpu", ["data.image_size=8", "model.head_hidden=8", "model.head_out=4", "train.precision=fp32"])
+    cfg = load_config("cpu", ["data.image_size=8", "augment.view_ratio=1", "model.head_hidden=8", "model.head_out=4",
+                             "train.precision=fp32"])
     rows = script.encoder_rows("convnet", cfg, torch.device("cpu"), None, {"float32": 2.0})
     assert [(r["variant"], r["pass"]) for r in rows] == [("a", "forward+backward"), ("a", "forward"),
                                                          ("b", "forward+backward"), ("b", "forward")]
