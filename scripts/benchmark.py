@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from simxent.augment import Normalize, ViewAugment
+from simxent.augment import Normalize, ViewAugment, small_view_size, view_size
 from simxent.config import AugmentConfig, ModelConfig, load_config
 from simxent.evaluate import build_index, extract_features, knn_scores, train_linear_probe
 from simxent.loss import nt_xent, symmetric_nt_xent  # the symmetric form: timed where nt_xent does not pick it
 from simxent.models import SimCLR
 from simxent.runtime import autocast, configure_device, cpu_supports_bf16, resolve_device, resolve_dtype
 from simxent.schedule import build_optimizer
+from simxent.train import step_loss, views_per_batch
 from versus_lightly import DEFAULT_VENV, Versus, bench_lightly, reaching_line, simxent_config  # in scripts/
 
 SECTIONS = ("loss", "augment", "precision", "ceiling", "profile", "knn", "embed", "search", "probe", "pipeline", "quality",
@@ -337,20 +338,29 @@ def bench_probe(device, _sync, data_root):
 
 # --- pipeline efficiency ----------------------------------------------------------------------------------------
 
+def preset_views(cfg, device, batch: int) -> list:
+    """Random views shaped as the preset's training step gets them: ``augment.views`` at the view size
+    (``augment.view_ratio`` of data.image_size), then multi-crop's ``augment.small_views`` at their size."""
+    sizes = (view_size(cfg.augment, cfg.data.image_size), small_view_size(cfg.augment, cfg.data.image_size))
+    return [torch.randn(n * batch, 3, s, s, device=device).contiguous(memory_format=torch.channels_last)
+            for n, s in zip(views_per_batch(cfg.augment), sizes)]
+
+
 def bare_step(cfg, device, dtype):
-    """Encoder + head forward, NT-Xent, backward and optimiser step on pre-made views: the floor."""
+    """Encoder + head forward, multi-view NT-Xent, backward and optimiser step on pre-made views of the
+    preset's sizes and counts: the floor the training loop is measured against."""
     torch.manual_seed(0)
-    model = SimCLR(cfg.model, cfg.data.image_size).to(device).to(memory_format=torch.channels_last)
+    n_views = sum(views_per_batch(cfg.augment))
+    model = SimCLR(cfg.model, cfg.data.image_size, views=views_per_batch(cfg.augment)).to(device)
+    model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg.optim, 0.01)
     if cfg.train.compile:
         model = torch.compile(model)
-    b, s = cfg.train.batch_size, cfg.data.image_size
-    views = torch.randn(2 * b, 3, s, s, device=device).contiguous(memory_format=torch.channels_last)
+    views = preset_views(cfg, device, cfg.train.batch_size)
+    temperature = torch.tensor(cfg.loss.temperature, device=device)
 
     def step():
-        with autocast(device, dtype):
-            z = model(views)
-        loss = nt_xent(*z.chunk(2), 0.2)
+        loss, _, _ = step_loss(model, views, temperature, device, dtype, n_views)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -401,7 +411,7 @@ def data_images_per_s(cfg, device, seconds=15.0):
     """How fast the streaming workers alone deliver batches to the device (no training)."""
     from simxent.data import open_stream
 
-    stream = open_stream(cfg.data.train, cfg.data.image_size, cfg.data.workers)
+    stream = open_stream(cfg.data.train, view_size(cfg.augment, cfg.data.image_size), cfg.data.workers)
     stream.pin_memory = device.type == "cuda"
     batches = stream.batches(cfg.train.batch_size, torch.Generator().manual_seed(0))
     next(batches)  # worker start-up left out
@@ -642,6 +652,7 @@ def op_profile(step, device, steps: int = 3, top: int = 10) -> list:
     """Where one step's time goes: ``step()`` run ``steps`` times under ``torch.profiler`` after one warm-up
     call, each operator's self time (on the GPU, its kernels' time) per step and its share of the sum over
     all operators; the ``top`` largest, then the rest as one row."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     step()
@@ -652,8 +663,9 @@ def op_profile(step, device, steps: int = 3, top: int = 10) -> list:
         if device.type == "cuda":
             torch.cuda.synchronize()
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    ops = sorted(((e.key, getattr(e, attr) / 1e3 / steps, e.count / steps) for e in prof.key_averages()),
-                 key=lambda op: -op[1])
+    # Operators only: on a GPU the kernels are events of their own too, whose time their operators hold.
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU and not e.is_user_annotation]
+    ops = sorted(((e.key, getattr(e, attr) / 1e3 / steps, e.count / steps) for e in events), key=lambda op: -op[1])
     total = sum(ms for _, ms, _ in ops)
     rest = ("(every other op)", sum(ms for _, ms, _ in ops[top:]), sum(n for _, _, n in ops[top:]))
     return [{"op": name, "calls_per_step": n, "ms_per_step": ms, "share": ms / total}

@@ -36,7 +36,7 @@ def view_size(cfg: AugmentConfig, image_size: int) -> int:
     """The training views' side: round(``augment.view_ratio`` x ``data.image_size``). Views smaller than the
     evaluation size are FixRes's remedy (Touvron et al. 2019): a random-resized crop magnifies objects, so
     training a little below the test resolution matches their apparent size at test time, for fewer pixels."""
-    return round(cfg.view_ratio * image_size)
+    return round(cfg.view_ratio * image_size)  # config.py checks the same expression
 
 
 def small_view_size(cfg: AugmentConfig, image_size: int) -> int:

@@ -47,8 +47,8 @@ def section(cls: type, help: str) -> Any:
 class DataConfig:
     train: str = setting("", "folder of images, at any depth; class sub-folders optional (labels unused)")
     val: str = setting("", "labelled folder (one sub-folder per class) for kNN monitoring; empty: none")
-    image_size: int = setting(32, "view size in px, 8 to 1024; images no larger are decoded to it (shorter side, "
-                                  "centre crop)")
+    image_size: int = setting(32, "image size in px, 8 to 1024, of evaluation and (times augment.view_ratio) of "
+                                  "the views; images no larger are decoded to it (shorter side, centre crop)")
     decode_size: Optional[int] = setting(None, "longer side of cached images larger than the view; "
                                                "null: 1.5 x data.image_size")
     cache: bool = setting(True, "decode once into a memory-mapped uint8 array, reused across epochs and runs")
@@ -74,7 +74,7 @@ class AugmentConfig:
     solarize_p: float = setting(0.0, "solarize probability")
     mean: tuple[float, float, float] = setting((0.485, 0.456, 0.406), "normalisation mean per channel (ImageNet)")
     std: tuple[float, float, float] = setting((0.229, 0.224, 0.225), "normalisation std per channel (ImageNet)")
-    views: int = setting(2, "full-size views per image (>= 2)")
+    views: int = setting(2, "views per image at the view size (>= 2)")
     small_views: int = setting(0, "extra small views per image (multi-crop, as SwAV), at augment.small_size")
     view_ratio: float = setting(1.0, "training views' side as a fraction of data.image_size, in (0, 1]: below 1 "
                                      "trains on the same crops at a lower resolution (cheaper steps, FixRes) and "
@@ -565,6 +565,7 @@ def data_and_augment_rules(cfg: Config) -> list[tuple[bool, str, str]]:
     """``(holds, key, rule)`` for out, data and augment, in the order they are reported."""
     aug, lo, hi = cfg.augment, *cfg.augment.crop_scale
     small_lo, small_hi = aug.small_crop_scale
+    view = round(aug.view_ratio * cfg.data.image_size)  # augment.view_size(), which imports this module
     return [
         (cfg.out.strip() != "", "out", "a folder; empty would write the run into the current directory"),
         (0 < lo <= hi <= 1, "augment.crop_scale", "0 < min <= max <= 1"),
@@ -579,10 +580,10 @@ def data_and_augment_rules(cfg: Config) -> list[tuple[bool, str, str]]:
         (8 <= cfg.data.image_size <= MAX_IMAGE_SIZE, "data.image_size", f"8 to {MAX_IMAGE_SIZE}"),
         (cfg.data.decode_size is None or cfg.data.decode_size >= cfg.data.image_size, "data.decode_size",
          ">= data.image_size, or null"),
-        (0 < aug.view_ratio <= 1 and round(aug.view_ratio * cfg.data.image_size) >= 8, "augment.view_ratio",
+        (0 < aug.view_ratio <= 1 and view >= 8, "augment.view_ratio",
          f"in (0, 1], for views of at least 8 px at data.image_size = {cfg.data.image_size}"),
-        (aug.small_size is None or 8 <= aug.small_size <= cfg.data.image_size, "augment.small_size",
-         f"null or in [8, data.image_size = {cfg.data.image_size}]"),
+        (aug.small_size is None or 8 <= aug.small_size <= view, "augment.small_size",
+         f"null or in [8, the view size = {view}]"),
     ]
 
 

@@ -4,6 +4,7 @@ Each function takes plain numbers and returns a matplotlib Figure; :func:`save` 
 """
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -115,15 +116,13 @@ def sweep_plots(rows: list[dict], keys: list[str], metrics=("knn_top1", "linear_
     ``base`` (a one-at-a-time sweep's first values), each key's panel keeps only the runs whose other keys are
     at the base, so a panel shows that key's effect alone."""
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
-    all_rows = rows
     for ax, key in zip(axes[0], keys):
-        if base is not None:
-            rows = [r for r in all_rows if all(r[k] == base[k] for k in keys if k != key)]
-        values = sorted({r[key] for r in rows}, key=lambda v: (isinstance(v, str), v))
+        panel = rows if base is None else [r for r in rows if all(r[k] == base[k] for k in keys if k != key)]
+        values = sorted({r[key] for r in panel}, key=lambda v: (isinstance(v, str), v))
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         x = values if numeric else list(range(len(values)))
         for metric in metrics:
-            means = [sum(r[metric] for r in rows if r[key] == v) / sum(1 for r in rows if r[key] == v) for v in values]
+            means = [statistics.fmean(r[metric] for r in panel if r[key] == v) for v in values]
             ax.plot(x, means, "o-", label=metric)
         if numeric and min(values) > 0 and max(values) / min(values) >= 10:
             ax.set_xscale("log")

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import dist, figures
-from .augment import ViewAugment, small_view_size, view_size
+from .augment import ViewAugment, blur_probability, small_view_size, view_size
 from .checkpoint import (Position, check_resumable, load_checkpoint, newest_valid_checkpoint, restore_training,
                          rng_state, save_rotating, saved_progress, training_state)
 from .config import AugmentConfig, Config, ConfigError, format_config, save_config, to_dict
@@ -91,7 +91,8 @@ class MultiViewAugment:
     the small size with their own crop scale. Returns one tensor, or [full, small]."""
 
     def __init__(self, cfg: Config, device: torch.device):
-        aug = cfg.augment
+        # Whether to blur follows the data's resolution (SimCLR blurs ImageNet, not CIFAR), not the view size.
+        aug = dataclasses.replace(cfg.augment, blur_p=blur_probability(cfg.augment, cfg.data.image_size))
         self.full = ViewAugment(aug, view_size(aug, cfg.data.image_size), compile=cfg.train.compile).to(device)
         small_cfg = dataclasses.replace(aug, crop_scale=aug.small_crop_scale)
         self.small = ViewAugment(small_cfg, small_view_size(aug, cfg.data.image_size),

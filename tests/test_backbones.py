@@ -357,3 +357,35 @@ def test_a_view_size_the_backbone_cannot_take_is_named(user_module, small_folder
         with pytest.raises(ConfigError, match=r"augment.view_ratio.*out of range \(in \(0, 1\], for views of at "
                                               r"least 8 px at data.image_size = 16\)"):
             load_config(None, [*base, f"augment.view_ratio={ratio}"])
+
+
+def test_blur_follows_the_data_resolution_not_the_view_size():
+    """SimCLR's default blurs 64 px data and not 32 px data; 48 px views of 64 px images are still blurred,
+    with the sigma scaled to the 48 px view."""
+    from simxent.augment import RandomGaussianBlur, blur_sigma
+    from simxent.train import MultiViewAugment
+
+    def blurs(*overrides):
+        aug = MultiViewAugment(load_config("cpu", list(overrides)), torch.device("cpu"))
+        return [(m.p, m.sigma) for m in aug.full.modules() if isinstance(m, RandomGaussianBlur)]
+
+    assert blurs("data.image_size=64", "augment.view_ratio=0.75") == [(0.5, blur_sigma(48))]
+    assert blurs("data.image_size=32", "augment.view_ratio=1") == []
+    assert blurs("data.image_size=64", "augment.view_ratio=0.75", "augment.blur_p=0.2") == [(0.2, blur_sigma(48))]
+
+
+def test_streamed_views_are_cropped_at_the_view_size(small_folder, tmp_path, monkeypatch):
+    """With data.stream=true the decoding workers take the crops: at view_ratio 0.75 of 16 px, 12 px views."""
+    from simxent.models import ConvNet
+
+    sizes, real = set(), ConvNet.forward
+
+    def spy(self, x):
+        if self.training:
+            sizes.add(tuple(x.shape[2:]))
+        return real(self, x)
+
+    monkeypatch.setattr(ConvNet, "forward", spy)
+    cfg = load_config(None, [*TINY_RUN, f"data.train={small_folder}", f"out={tmp_path / 'run'}", "train.epochs=1",
+                             "eval.every=0", "data.stream=true", "data.workers=1", "augment.view_ratio=0.75"])
+    assert pretrain(cfg, progress=False)["global_step"] == 2 and sizes == {(12, 12)}

@@ -122,3 +122,15 @@ def test_quality_decodes_inside_its_time_and_applies_the_overrides(tmp_path, mon
     assert row["preset"] == "cpu " + " ".join(overrides)
     assert row["images"] == row["steps"] * 8 == 6 * len(CLASSES) // 8 * 8  # one epoch of the train folder
     assert all(0 <= row[k] <= 1 for k in ("knn_top1", "knn_top1_random_init", "linear_top1"))
+
+
+def test_the_bare_step_runs_the_presets_views():
+    """The pipeline's floor times the views the preset trains on: two at 3/4 of 32 px, two multi-crop at half
+    that; a preset without multi-crop gets one batch of two views at data.image_size."""
+    from simxent.config import load_config
+
+    script = load_script()
+    views = script.preset_views(load_config("cpu"), torch.device("cpu"), batch=3)
+    assert [tuple(v.shape) for v in views] == [(6, 3, 24, 24), (6, 3, 12, 12)]
+    views = script.preset_views(load_config("cifar10"), torch.device("cpu"), batch=3)
+    assert [tuple(v.shape) for v in views] == [(6, 3, 32, 32)]

@@ -74,7 +74,7 @@ def test_unknown_override_and_section():
     ("augment.views=1", "augment.views.*out of range"),
     ("augment.small_views=-1", "augment.small_views.*out of range"),
     ("augment.small_crop_scale=[0.5, 0.4]", "augment.small_crop_scale.*out of range"),
-    ("augment.small_size=64", r"augment.small_size.*out of range \(null or in \[8, data.image_size = 32\]\)"),
+    ("augment.small_size=64", r"augment.small_size.*out of range \(null or in \[8, the view size = 32\]\)"),
     ("loss.positives=classes", "loss.positives: 'classes' is not one of views, labels"),
 ])
 def test_bad_values_name_the_key(override, match):
@@ -86,6 +86,14 @@ def test_a_learnt_temperature_starts_inside_its_range():
     with pytest.raises(ConfigError, match=r"loss.temperature: 2.0 is out of range \(in \[0.01, 1.0\] with "):
         load_config(None, ["loss.learn_temperature=true", "loss.temperature=2.0"])
     assert load_config(None, ["loss.temperature=2.0"]).loss.temperature == 2.0  # a fixed one: any t > 0
+
+
+def test_small_views_are_no_larger_than_the_views():
+    cfg = load_config(None, ["augment.view_ratio=0.5", "augment.small_size=16"])  # 16 px views at 32
+    assert cfg.augment.small_size == 16
+    with pytest.raises(ConfigError, match=r"augment.small_size: 20 is out of range \(null or in \[8, the view "
+                                          r"size = 16\]\)"):
+        load_config(None, ["augment.view_ratio=0.5", "augment.small_size=20"])
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
