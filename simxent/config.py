@@ -565,7 +565,7 @@ def data_and_augment_rules(cfg: Config) -> list[tuple[bool, str, str]]:
     """``(holds, key, rule)`` for out, data and augment, in the order they are reported."""
     aug, lo, hi = cfg.augment, *cfg.augment.crop_scale
     small_lo, small_hi = aug.small_crop_scale
-    view = round(aug.view_ratio * cfg.data.image_size)  # augment.view_size(), which imports this module
+    view = round(aug.view_ratio * cfg.data.image_size)  # augment.view_size's value; augment imports this module
     return [
         (cfg.out.strip() != "", "out", "a folder; empty would write the run into the current directory"),
         (0 < lo <= hi <= 1, "augment.crop_scale", "0 < min <= max <= 1"),

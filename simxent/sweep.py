@@ -232,8 +232,8 @@ def choose(settings: list[dict], choose_by: str) -> dict:
 def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: str, out: str | Path,
           opts: SweepOptions = SweepOptions(), overrides: list[str] = (), probe: ProbeOptions = ProbeOptions(),
           progress: bool = True) -> dict:
-    """Run every setting (see :func:`combinations`) and seed, choose on the validation part, score the test folder for the chosen
-    setting's runs only; returns what OUT/results.json holds."""
+    """Run every setting (:func:`combinations`) and seed, choose on the validation part, score the test folder
+    for the chosen setting's runs only; returns what OUT/results.json holds."""
     opts.check()
     out = Path(out)
     runs = plan_runs(config, grid, out, opts, overrides)
