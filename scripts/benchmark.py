@@ -33,8 +33,8 @@ from simxent.schedule import build_optimizer
 from simxent.train import step_loss, views_per_batch
 from versus_lightly import DEFAULT_VENV, Versus, bench_lightly, reaching_line, simxent_config  # in scripts/
 
-SECTIONS = ("loss", "augment", "precision", "ceiling", "profile", "knn", "embed", "search", "probe", "pipeline", "quality",
-            "lightly")
+SECTIONS = ("loss", "augment", "precision", "ceiling", "profile", "knn", "embed", "search", "probe", "pipeline",
+            "quality", "lightly")
 # lightly trains for an hour by default and needs a network to make its environment once: asked for by name.
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "lightly")
 # A line under a section's table, made from its rows.
