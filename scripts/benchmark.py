@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from simxent.augment import Normalize, ViewAugment, small_view_size, view_size
-from simxent.config import AugmentConfig, ModelConfig, load_config
+from simxent.augment import Normalize, ViewAugment, small_view_size
+from simxent.config import AugmentConfig, ModelConfig, load_config, view_size
 from simxent.evaluate import build_index, extract_features, knn_scores, train_linear_probe
 from simxent.loss import nt_xent, symmetric_nt_xent  # the symmetric form: timed where nt_xent does not pick it
 from simxent.models import SimCLR

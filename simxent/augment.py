@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import AugmentConfig
+from .config import AugmentConfig, view_size
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601 luma, as torchvision rounds it
 CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range
@@ -30,13 +30,6 @@ def blur_probability(cfg: AugmentConfig, size: int) -> float:
     if cfg.blur_p is not None:
         return cfg.blur_p
     return 0.5 if size >= 64 else 0.0
-
-
-def view_size(cfg: AugmentConfig, image_size: int) -> int:
-    """The training views' side: round(``augment.view_ratio`` x ``data.image_size``). Views smaller than the
-    evaluation size are FixRes's remedy (Touvron et al. 2019): a random-resized crop magnifies objects, so
-    training a little below the test resolution matches their apparent size at test time, for fewer pixels."""
-    return round(cfg.view_ratio * image_size)  # config.py checks the same expression
 
 
 def small_view_size(cfg: AugmentConfig, image_size: int) -> int:

@@ -561,11 +561,18 @@ def refuse_out_of_range(flat: dict, rules: list[tuple[bool, str, str]]) -> None:
             raise ConfigError(f"{key}: {shown(flat[key])} is out of range ({rule})")
 
 
+def view_size(aug: AugmentConfig, image_size: int) -> int:
+    """The training views' side: round(``augment.view_ratio`` x ``data.image_size``). Views smaller than the
+    evaluation size are FixRes's remedy (Touvron et al. 2019): a random-resized crop magnifies objects, so
+    training a little below the test resolution matches their apparent size at test time, for fewer pixels."""
+    return round(aug.view_ratio * image_size)
+
+
 def data_and_augment_rules(cfg: Config) -> list[tuple[bool, str, str]]:
     """``(holds, key, rule)`` for out, data and augment, in the order they are reported."""
     aug, lo, hi = cfg.augment, *cfg.augment.crop_scale
     small_lo, small_hi = aug.small_crop_scale
-    view = round(aug.view_ratio * cfg.data.image_size)  # augment.view_size's value; augment imports this module
+    view = view_size(aug, cfg.data.image_size)
     return [
         (cfg.out.strip() != "", "out", "a folder; empty would write the run into the current directory"),
         (0 < lo <= hi <= 1, "augment.crop_scale", "0 < min <= max <= 1"),

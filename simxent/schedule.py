@@ -199,9 +199,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float, temperature: 
 
 
 def set_lr(optimizer: torch.optim.Optimizer, fraction: float, peak: float, temperature_lr: float) -> float:
-    """Every group at ``fraction`` (of the schedule's peak 1: :meth:`TimeBudget.fraction`) of its peak: ``peak`` for the encoder
-    and head, ``temperature_lr`` for the temperature's group, which so follows the same warm-up and
-    cosine. Returns the encoder's lr."""
+    """Every group at ``fraction`` (of the schedule's peak 1: :meth:`TimeBudget.fraction`) of its peak:
+    ``peak`` for the encoder and head, ``temperature_lr`` for the temperature's group, which so follows the
+    same warm-up and cosine. Returns the encoder's lr."""
     for group in optimizer.param_groups:
         group["lr"] = fraction * (temperature_lr if group.get("temperature") else peak)
     return fraction * peak

@@ -24,10 +24,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import dist, figures
-from .augment import ViewAugment, blur_probability, small_view_size, view_size
+from .augment import ViewAugment, blur_probability, small_view_size
 from .checkpoint import (Position, check_resumable, load_checkpoint, newest_valid_checkpoint, restore_training,
                          rng_state, save_rotating, saved_progress, training_state)
-from .config import AugmentConfig, Config, ConfigError, format_config, save_config, to_dict
+from .config import AugmentConfig, Config, ConfigError, format_config, save_config, to_dict, view_size
 from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images, default_cache_dir, find_images,
                    iterate_batches, load_configured, naming_the_key, open_stream, shared_files)
 from .evaluate import extract_features, knn_scores, topk_accuracy
