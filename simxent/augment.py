@@ -32,9 +32,9 @@ def blur_probability(cfg: AugmentConfig, size: int) -> float:
     return 0.5 if size >= 64 else 0.0
 
 
-def small_view_size(cfg: AugmentConfig, image_size: int) -> int:
-    """Multi-crop's small views: ``augment.small_size``, or half the view size (at least 8 px)."""
-    return cfg.small_size if cfg.small_size is not None else max(8, view_size(cfg, image_size) // 2)
+def small_view_size(cfg: AugmentConfig, image_size: int, progress: float = 1.0) -> int:
+    """Multi-crop's small views: ``augment.small_size``, or half the view size at ``progress`` (at least 8 px)."""
+    return cfg.small_size if cfg.small_size is not None else max(8, view_size(cfg, image_size, progress) // 2)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:

@@ -79,6 +79,10 @@ class AugmentConfig:
     view_ratio: float = setting(1.0, "training views' side as a fraction of data.image_size, in (0, 1]: below 1 "
                                      "trains on the same crops at a lower resolution (cheaper steps, FixRes) and "
                                      "still evaluates at data.image_size")
+    view_ratio_start: Optional[float] = setting(None, "null: views at augment.view_ratio throughout; else a resolution "
+                                                      "schedule: the ratio at the start, rising with the lr "
+                                                      "schedule's progress to augment.view_ratio at its end, "
+                                                      "in steps of 4 px")
     small_size: Optional[int] = setting(None, "small views' size in px; null: half of the view size")
     small_crop_scale: tuple[float, float] = setting((0.05, 0.4), "RandomResizedCrop area range of the small views")
 
@@ -527,6 +531,9 @@ def check_streaming(cfg: Config) -> None:
     """Refuse the settings that streaming (``data.stream=true``) cannot honour."""
     if not cfg.data.stream:
         return
+    if cfg.augment.view_ratio_start is not None:
+        raise ConfigError("augment.view_ratio_start: needs data.stream=false (the decoding workers crop a streamed "
+                          "image at one view size)")
     if (cfg.augment.views, cfg.augment.small_views) != (2, 0):
         # The decoding workers crop a streamed image larger than the view themselves, two crops per image.
         raise ConfigError(f"augment.views={cfg.augment.views}, augment.small_views={cfg.augment.small_views}: "
@@ -561,18 +568,28 @@ def refuse_out_of_range(flat: dict, rules: list[tuple[bool, str, str]]) -> None:
             raise ConfigError(f"{key}: {shown(flat[key])} is out of range ({rule})")
 
 
-def view_size(aug: AugmentConfig, image_size: int) -> int:
-    """The training views' side: round(``augment.view_ratio`` x ``data.image_size``). Views smaller than the
-    evaluation size are FixRes's remedy (Touvron et al. 2019): a random-resized crop magnifies objects, so
-    training a little below the test resolution matches their apparent size at test time, for fewer pixels."""
-    return round(aug.view_ratio * image_size)
+def view_size(aug: AugmentConfig, image_size: int, progress: float = 1.0) -> int:
+    """The training views' side s1 = round(``augment.view_ratio`` x ``data.image_size``). Views smaller than
+    the evaluation size are FixRes's remedy (Touvron et al. 2019): a random-resized crop magnifies objects,
+    so training a little below the test resolution matches their apparent size at test time, for fewer pixels.
+
+    With ``augment.view_ratio_start`` (s0 = round(start x image_size)) the side follows the schedule's
+    progress p in [0, 1] (progressive resizing, as in FFCV and EfficientNetV2: cheap early steps learn
+    coarse features) in n = ceil((s1 - s0) / 4) equal steps of at most 4 px, so that kernels meet few shapes:
+    s(p) = s0 + round(i (s1 - s0) / n) with i = round(n p)."""
+    end = round(aug.view_ratio * image_size)
+    if aug.view_ratio_start is None:
+        return end
+    start = round(aug.view_ratio_start * image_size)
+    n = math.ceil((end - start) / 4)
+    return start + round(round(n * min(max(progress, 0.0), 1.0)) * (end - start) / n) if n > 0 else start
 
 
 def data_and_augment_rules(cfg: Config) -> list[tuple[bool, str, str]]:
     """``(holds, key, rule)`` for out, data and augment, in the order they are reported."""
     aug, lo, hi = cfg.augment, *cfg.augment.crop_scale
     small_lo, small_hi = aug.small_crop_scale
-    view = view_size(aug, cfg.data.image_size)
+    view, smallest = view_size(aug, cfg.data.image_size), view_size(aug, cfg.data.image_size, 0.0)
     return [
         (cfg.out.strip() != "", "out", "a folder; empty would write the run into the current directory"),
         (0 < lo <= hi <= 1, "augment.crop_scale", "0 < min <= max <= 1"),
@@ -589,8 +606,12 @@ def data_and_augment_rules(cfg: Config) -> list[tuple[bool, str, str]]:
          ">= data.image_size, or null"),
         (0 < aug.view_ratio <= 1 and view >= 8, "augment.view_ratio",
          f"in (0, 1], for views of at least 8 px at data.image_size = {cfg.data.image_size}"),
-        (aug.small_size is None or 8 <= aug.small_size <= view, "augment.small_size",
-         f"null or in [8, the view size = {view}]"),
+        (aug.view_ratio_start is None or (0 < aug.view_ratio_start <= aug.view_ratio
+                                          and smallest >= 8),
+         "augment.view_ratio_start", f"null or in (0, augment.view_ratio], for views of at least 8 px at "
+                                     f"data.image_size = {cfg.data.image_size}"),
+        (aug.small_size is None or 8 <= aug.small_size <= smallest, "augment.small_size",
+         f"null or in [8, the smallest view size = {smallest}]"),
     ]
 
 

@@ -87,25 +87,38 @@ def views_per_batch(aug: AugmentConfig) -> tuple[int, ...]:
 
 
 class MultiViewAugment:
-    """Each batch's views: ``augment.views`` at full size and, for multi-crop, ``augment.small_views`` at
-    the small size with their own crop scale. Returns one tensor, or [full, small]."""
+    """Each batch's views: ``augment.views`` at the view size and, for multi-crop, ``augment.small_views`` at
+    the small size with their own crop scale. Returns one tensor, or [full, small]. The sizes follow the
+    schedule's progress (:func:`simxent.config.view_size`); ``full`` and ``small`` are the final ones."""
 
     def __init__(self, cfg: Config, device: torch.device):
         # Whether to blur follows the data's resolution (SimCLR blurs ImageNet, not CIFAR), not the view size.
-        aug = dataclasses.replace(cfg.augment, blur_p=blur_probability(cfg.augment, cfg.data.image_size))
-        self.full = ViewAugment(aug, view_size(aug, cfg.data.image_size), compile=cfg.train.compile).to(device)
-        small_cfg = dataclasses.replace(aug, crop_scale=aug.small_crop_scale)
-        self.small = ViewAugment(small_cfg, small_view_size(aug, cfg.data.image_size),
-                                 compile=cfg.train.compile).to(device) if aug.small_views else None
-        self.n_full, self.n_small, self.channels_last = aug.views, aug.small_views, cfg.train.channels_last
+        self.aug = dataclasses.replace(cfg.augment, blur_p=blur_probability(cfg.augment, cfg.data.image_size))
+        self.image_size, self.compile, self.device = cfg.data.image_size, cfg.train.compile, device
+        self.n_full, self.n_small, self.channels_last = self.aug.views, self.aug.small_views, cfg.train.channels_last
         self.n_views = self.n_full + self.n_small
+        self.built: dict[tuple[str, int], ViewAugment] = {}
+        self.full, self.small = self.at(1.0)
 
-    def __call__(self, batch: Batch) -> torch.Tensor | list[torch.Tensor]:
-        full = self.full.views(batch.images, self.n_full, self.channels_last, batch.sizes, batch.cropped)
-        if self.small is None:
+    def at(self, progress: float) -> tuple[ViewAugment, Optional[ViewAugment]]:
+        """The full and small views' augmentations at ``progress``, built once per size."""
+        full = self._built("full", view_size(self.aug, self.image_size, progress))
+        return full, self._built("small", small_view_size(self.aug, self.image_size, progress)) if self.n_small \
+            else None
+
+    def _built(self, kind: str, size: int) -> ViewAugment:
+        if (kind, size) not in self.built:
+            aug = dataclasses.replace(self.aug, crop_scale=self.aug.small_crop_scale) if kind == "small" else self.aug
+            self.built[kind, size] = ViewAugment(aug, size, compile=self.compile).to(self.device)
+        return self.built[kind, size]
+
+    def __call__(self, batch: Batch, progress: float = 1.0) -> torch.Tensor | list[torch.Tensor]:
+        full_aug, small_aug = self.at(progress)
+        full = full_aug.views(batch.images, self.n_full, self.channels_last, batch.sizes, batch.cropped)
+        if small_aug is None:
             return full
         # Never a cropped (streamed) batch: config refuses small views with data.stream.
-        return [full, self.small.views(batch.images, self.n_small, self.channels_last, batch.sizes)]
+        return [full, small_aug.views(batch.images, self.n_small, self.channels_last, batch.sizes)]
 
 
 def _resume_path(cfg: Config) -> Path | None:
@@ -398,6 +411,7 @@ class Run:
     skipped_steps: int = 0
     last_loss: float = float("nan")
     knn_top1: list = dataclasses.field(default_factory=list)
+    resumed_progress: Optional[float] = None  # the progress that sized a resumed run's first views
 
     @property
     def out(self) -> Path:
@@ -410,14 +424,21 @@ class Run:
 
 @dataclass
 class Drawn:
-    """A batch on the device with its views and labels, and the RNG state from before its views were drawn
-    (what a checkpoint taken while it waits records, so that a resumed run draws the same views)."""
+    """A batch on the device with its views and labels, the RNG state from before its views were drawn and
+    the schedule's progress that set their sizes (what a checkpoint taken while it waits records, so that a
+    resumed run draws the same views)."""
 
     step: int
     images: torch.Tensor
     views: torch.Tensor | list[torch.Tensor]
     labels: Optional[torch.Tensor]
     rng: dict
+    progress: float
+
+    @property
+    def full(self) -> torch.Tensor:
+        """The views at the view size (multi-crop's small views apart)."""
+        return self.views[0] if isinstance(self.views, list) else self.views
 
 
 class EpochBatches:
@@ -433,10 +454,13 @@ class EpochBatches:
         self.labels = batch_labels(run.train, size, epoch_generator(cfg.train.seed, pos.epoch), start=pos.step,
                                    rank=rank, world=world) if cfg.loss.positives == "labels" else None
         self.device, self.make_views = run.device, run.views
+        # Agreed by every process: the sizes match across them.
+        self.progress = lambda: run.budget.progress(run.pos.global_step)
         self.ahead: Optional[Drawn] = None
-        self.draw_next()
+        self.draw_next(run.resumed_progress)  # a resumed run's first batch: as the checkpoint recorded it
+        run.resumed_progress = None
 
-    def draw_next(self) -> None:
+    def draw_next(self, progress: Optional[float] = None) -> None:
         item = next(self.batches, None)
         if item is None:
             self.ahead = None
@@ -445,7 +469,8 @@ class EpochBatches:
         step, x = item
         x = x.to(self.device, non_blocking=True)
         y = next(self.labels).to(self.device, non_blocking=True) if self.labels is not None else None
-        self.ahead = Drawn(step, x, self.make_views(x), y, rng)
+        p = self.progress() if progress is None else progress
+        self.ahead = Drawn(step, x, self.make_views(x, p), y, rng, p)
 
 
 @dataclass
@@ -529,6 +554,8 @@ def record_step(run: Run, batch: Drawn, result: StepResult, meter: Throughput, b
     if pos.global_step % cfg.train.log_every == 0 or final:
         rate = meter.read()
         scalars = {"loss": result.loss, "lr": result.lr, "temperature": result.temperature, "images_per_s": rate}
+        if cfg.augment.view_ratio_start is not None:
+            scalars["view_size"] = batch.full.shape[-1]
         log_step(run.monitor, run.similarities if run.main else None, pos.global_step, scalars, result.z1,
                  result.z2)
         bar.set_postfix(loss=f"{result.loss:.3f}", img_s=f"{rate:.0f}")
@@ -561,8 +588,7 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
         pos.step = batch.step + 1
         bar.update(1)
         if batch.step == 0:
-            full = batch.views[0] if isinstance(batch.views, list) else batch.views
-            n = len(batch.images)
+            full, n = batch.full, len(batch.images)
             run.monitor.view_pairs("train/view_pairs", full[:n], full[n:2 * n], cfg.augment.mean, cfg.augment.std,
                                    pos.global_step)
         reason = stop_reason(run, result)
@@ -588,7 +614,7 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
         raise TrainingError(f"the model holds non-finite values at step {run.pos.global_step}; not saving it over "
                             f"{checkpoint_path(run.cfg)}")
     state = training_state(run.cfg, net, run.optimizer, run.scaler, run.pos, ahead.rng if ahead else None,
-                           run.budget.progress(run.pos.global_step))
+                           run.budget.progress(run.pos.global_step), ahead.progress if ahead else None)
     if run.main:
         run.similarities.write()
         save_rotating(state, checkpoint_path(run.cfg).parent, run.pos.global_step, run.cfg.train.keep_checkpoints,
@@ -646,9 +672,10 @@ def build_model(cfg: Config, device: torch.device, world: int) -> tuple[SimCLR, 
     (``model``: ``net`` wrapped in DDP under several processes, compiled with ``train.compile``)."""
     net = SimCLR(cfg.model, cfg.data.image_size, Temperature(cfg.loss.temperature, cfg.loss.learn_temperature),
                  views_per_batch(cfg.augment))
-    size = view_size(cfg.augment, cfg.data.image_size)
+    size = view_size(cfg.augment, cfg.data.image_size, 0.0)  # the smallest, with a resolution schedule
     if size != cfg.data.image_size:  # built and probed for data.image_size: a ViT, say, takes one size only
-        feature_size(net.encoder, cfg.model.backbone, size, key="augment.view_ratio")
+        key = "augment.view_ratio" if cfg.augment.view_ratio_start is None else "augment.view_ratio_start"
+        feature_size(net.encoder, cfg.model.backbone, size, key=key)
     if world > 1 and cfg.train.sync_bn:
         net = dist.convert_batchnorm(net, device)
     net = net.to(device)
@@ -756,10 +783,11 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
     budget = time_budget(cfg, steps_per_epoch, started)
     optimizer = build_optimizer(net, cfg.optim, peak, net.temperature, cfg.loss.temperature_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    pos = Position()
+    pos, ahead_progress = Position(), None
     if resume:
         pos = restore_training(resume, resumed, net, optimizer, scaler, cfg.train.seed)
         budget.resume(saved_progress(resumed, budget.total))
+        ahead_progress = resumed.get("ahead_progress")  # None: an older checkpoint, or none drawn ahead
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go
     main, out = dist.is_main(), Path(cfg.out)
     # purge_step drops what a killed run logged after its last checkpoint: one continuous curve.
@@ -768,7 +796,7 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
     run = Run(cfg, device, dtype, main, run_id, started, on_device(train, device), val, bank, net, model,
               MultiViewAugment(cfg, device), optimizer, scaler, peak, budget, monitor,
               SimilarityLog(out / "similarities.json", pos.global_step if resume else None), pos, bars,
-              PlainProgress(main and not bars, cfg.train.epochs, steps_per_epoch))
+              PlainProgress(main and not bars, cfg.train.epochs, steps_per_epoch), resumed_progress=ahead_progress)
     announce(run)
     return run
 
@@ -779,6 +807,10 @@ def announce(run: Run) -> None:
     log.info("%d training images, %d steps/epoch, %s on %s x%d, autocast %s, global batch %d x %d views, "
              "peak lr %.4g", len(run.train), run.steps_per_epoch, cfg.model.backbone, run.device,
              dist.world_size(), run.dtype, batch, run.views.n_views, run.peak)
+    aug, size = cfg.augment, cfg.data.image_size
+    if aug.view_ratio_start is not None:
+        log.info("resolution schedule: views grow from %d to %d px as the schedule progresses (train/view_size)",
+                 view_size(aug, size, 0.0), view_size(aug, size))
     if run.main:
         save_config(cfg, run.out / "config.yaml")
         warn_dropped_images(len(run.train), batch)

@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simxent.config import Config, ConfigError, config_from_dict, load_config, parse_override, save_config, to_dict
+from simxent.augment import small_view_size
+from simxent.config import (Config, ConfigError, config_from_dict, load_config, parse_override, save_config, to_dict,
+                            view_size)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "simxent" / "configs").glob("*.yaml"))
 
@@ -74,7 +76,7 @@ def test_unknown_override_and_section():
     ("augment.views=1", "augment.views.*out of range"),
     ("augment.small_views=-1", "augment.small_views.*out of range"),
     ("augment.small_crop_scale=[0.5, 0.4]", "augment.small_crop_scale.*out of range"),
-    ("augment.small_size=64", r"augment.small_size.*out of range \(null or in \[8, the view size = 32\]\)"),
+    ("augment.small_size=64", r"augment.small_size.*out of range \(null or in \[8, the smallest view size = 32\]\)"),
     ("loss.positives=classes", "loss.positives: 'classes' is not one of views, labels"),
 ])
 def test_bad_values_name_the_key(override, match):
@@ -91,9 +93,34 @@ def test_a_learnt_temperature_starts_inside_its_range():
 def test_small_views_are_no_larger_than_the_views():
     cfg = load_config(None, ["augment.view_ratio=0.5", "augment.small_size=16"])  # 16 px views at 32
     assert cfg.augment.small_size == 16
-    with pytest.raises(ConfigError, match=r"augment.small_size: 20 is out of range \(null or in \[8, the view "
-                                          r"size = 16\]\)"):
+    with pytest.raises(ConfigError, match=r"augment.small_size: 20 is out of range \(null or in \[8, the smallest "
+                                          r"view size = 16\]\)"):
         load_config(None, ["augment.view_ratio=0.5", "augment.small_size=20"])
+    with pytest.raises(ConfigError, match=r"augment.small_size: 20 is out of range \(null or in \[8, the smallest "
+                                          r"view size = 16\]\)"):  # a resolution schedule's first views
+        load_config(None, ["augment.view_ratio_start=0.5", "augment.small_size=20"])
+
+
+def test_a_resolution_schedule_rises_from_its_start_to_the_view_size_in_steps_of_4_px():
+    """s(p) = s0 + round(i (s1 - s0) / n) with i = round(n p), n = ceil((s1 - s0) / 4), worked out by hand
+    for 16 -> 24 px (16, 20, 24) and 13 -> 22 px (13, 16, 19, 22)."""
+    aug = load_config(None, ["augment.view_ratio=0.75", "augment.view_ratio_start=0.5"]).augment
+    assert [view_size(aug, 32, p) for p in (0, 0.2, 0.3, 0.7, 0.8, 1, 1.5)] == [16, 16, 20, 20, 24, 24, 24]
+    assert [small_view_size(aug, 32, p) for p in (0, 0.3, 1)] == [8, 10, 12]
+    odd = load_config(None, ["augment.view_ratio=0.6875", "augment.view_ratio_start=0.40625"]).augment
+    assert [view_size(odd, 32, p) for p in (0, 0.1, 0.4, 0.6, 0.9, 1)] == [13, 13, 16, 19, 22, 22]
+    assert view_size(load_config(None, ["augment.view_ratio=0.75"]).augment, 32, 0) == 24  # no schedule
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["augment.view_ratio_start=0.9", "augment.view_ratio=0.75"], r"augment.view_ratio_start: 0.9 is out of range"),
+    (["augment.view_ratio_start=0.2"], r"augment.view_ratio_start: 0.2 is out of range \(null or in \(0, "
+                                       r"augment.view_ratio\], for views of at least 8 px at data.image_size = 32\)"),
+    (["augment.view_ratio_start=0.5", "data.stream=true"], r"augment.view_ratio_start: needs data.stream=false"),
+])
+def test_a_resolution_schedule_is_refused_where_it_cannot_hold(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

@@ -344,6 +344,38 @@ def test_multi_crop_supervised_pretraining_resumes_exactly(shapes, tmp_path, mon
             torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=1e-6)
 
 
+def test_a_resolution_schedule_grows_the_views_and_resumes_exactly(shapes, tmp_path, monkeypatch):
+    """augment.view_ratio_start=0.5 at 16 px, 10 steps: each batch's views are sized by the schedule's
+    progress when it was drawn (one step ahead; p = 0 for an epoch's first), 8 -> 12 -> 16 px on the 4 px
+    grid. A run resumed from the checkpoint after step 3, whose next batch was drawn at p = 0.2 (8 px, where
+    the progress at the resume, 0.3, gives 12), trains the same sizes and ends at the uninterrupted weights."""
+    from simxent.models import ConvNet
+
+    sizes, real = [], ConvNet.forward
+
+    def spy(self, x):
+        if self.training:
+            sizes.append(x.shape[-1])
+        return real(self, x)
+
+    monkeypatch.setattr(ConvNet, "forward", spy)
+    grow = ("augment.view_ratio_start=0.5", "eval.every=0", "train.precision=fp32", "train.checkpoint_every=1",
+            "train.keep_checkpoints=10")
+    full = pretrain(load_config(None, tiny(shapes, tmp_path / "full", *grow)), progress=False)
+    assert full["global_step"] == 10 and sizes == [8] * 4 + [12] * 5 + [16]
+    assert [v for _, v in scalars(tmp_path / "full")["train/view_size"]] == sizes  # what TensorBoard shows
+    after_3 = next(p for p in (tmp_path / "full" / "checkpoints").glob("step-*.pt")
+                   if load_checkpoint(p)["position"]["global_step"] == 3)
+    sizes.clear()
+    pretrain(load_config(None, tiny(shapes, tmp_path / "resumed", *grow, f"train.resume={after_3}")), progress=False)
+    assert sizes == [8] + [12] * 5 + [16]
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    for part in ("encoder", "head"):
+        for k in a[part]:
+            torch.testing.assert_close(b[part][k], a[part][k], rtol=0, atol=1e-6)
+
+
 def test_supervised_positives_need_a_labelled_train_folder(tmp_path, capsys):
     flat = tmp_path / "flat"
     for i in range(20):
