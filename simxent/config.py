@@ -47,8 +47,8 @@ def section(cls: type, help: str) -> Any:
 class DataConfig:
     train: str = setting("", "folder of images, at any depth; class sub-folders optional (labels unused)")
     val: str = setting("", "labelled folder (one sub-folder per class) for kNN monitoring; empty: none")
-    image_size: int = setting(32, "image size in px, 8 to 1024, of evaluation and (times augment.view_ratio) of "
-                                  "the views; images no larger are decoded to it (shorter side, centre crop)")
+    image_size: int = setting(32, "image size in px, 8 to 1024, of evaluation and (times augment.view_ratio, "
+                                  "or its schedule) of the views; images no larger are decoded to it (shorter side, centre crop)")
     decode_size: Optional[int] = setting(None, "longer side of cached images larger than the view; "
                                                "null: 1.5 x data.image_size")
     cache: bool = setting(True, "decode once into a memory-mapped uint8 array, reused across epochs and runs")
@@ -82,7 +82,8 @@ class AugmentConfig:
     view_ratio_start: Optional[float] = setting(None, "null: views at augment.view_ratio throughout; else a resolution "
                                                       "schedule: the ratio at the start, rising with the lr "
                                                       "schedule's progress to augment.view_ratio at its end, "
-                                                      "in steps of 4 px")
+                                                      "in steps of at most 4 px (train.compile recompiles "
+                                                      "for each size)")
     small_size: Optional[int] = setting(None, "small views' size in px; null: half of the view size")
     small_crop_scale: tuple[float, float] = setting((0.05, 0.4), "RandomResizedCrop area range of the small views")
 
@@ -575,14 +576,17 @@ def view_size(aug: AugmentConfig, image_size: int, progress: float = 1.0) -> int
 
     With ``augment.view_ratio_start`` (s0 = round(start x image_size)) the side follows the schedule's
     progress p in [0, 1] (progressive resizing, as in FFCV and EfficientNetV2: cheap early steps learn
-    coarse features) in n = ceil((s1 - s0) / 4) equal steps of at most 4 px, so that kernels meet few shapes:
+    coarse features) in n = ceil((s1 - s0) / 4) steps of at most 4 px, so that kernels meet few shapes:
     s(p) = s0 + round(i (s1 - s0) / n) with i = round(n p)."""
     end = round(aug.view_ratio * image_size)
     if aug.view_ratio_start is None:
         return end
     start = round(aug.view_ratio_start * image_size)
     n = math.ceil((end - start) / 4)
-    return start + round(round(n * min(max(progress, 0.0), 1.0)) * (end - start) / n) if n > 0 else start
+    if n <= 0:
+        return start
+    i = round(n * min(max(progress, 0.0), 1.0))
+    return start + round(i * (end - start) / n)
 
 
 def data_and_augment_rules(cfg: Config) -> list[tuple[bool, str, str]]:

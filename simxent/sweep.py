@@ -142,13 +142,19 @@ def split_values(raw: str) -> list[str]:
 
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
-    """``key=v1,v2,...`` -> {key: [v1, v2, ...]}, each value read as YAML like any override."""
+    """``key=v1,v2,...`` -> {key: [v1, v2, ...]}, each value read as YAML like any override; a key or a value
+    given twice is refused (each setting trains into a folder of its own)."""
     grid = {}
     for spec in specs:
         key, raw = spec.split("=", 1) if "=" in spec else (spec, "")
         values = [parse_override(f"{key}={v}")[1] for v in split_values(raw)]
         if not values:
             raise ConfigError(f"--grid {spec!r}: expected key=value1,value2,...")
+        labels = [label(v) for v in values]  # what names a run's folder: a repeat would train into the same one
+        twice = [x for i, x in enumerate(labels) if x in labels[:i]]
+        if twice or key.strip() in grid:
+            what = f"value {twice[0]} given twice" if twice else "the key given twice"
+            raise ConfigError(f"--grid {key.strip()}: {what} (each setting is one run)")
         grid[key.strip()] = values
     return grid
 

@@ -103,8 +103,9 @@ class MultiViewAugment:
     def at(self, progress: float) -> tuple[ViewAugment, Optional[ViewAugment]]:
         """The full and small views' augmentations at ``progress``, built once per size."""
         full = self._built("full", view_size(self.aug, self.image_size, progress))
-        return full, self._built("small", small_view_size(self.aug, self.image_size, progress)) if self.n_small \
-            else None
+        if not self.n_small:
+            return full, None
+        return full, self._built("small", small_view_size(self.aug, self.image_size, progress))
 
     def _built(self, kind: str, size: int) -> ViewAugment:
         if (kind, size) not in self.built:
@@ -672,10 +673,15 @@ def build_model(cfg: Config, device: torch.device, world: int) -> tuple[SimCLR, 
     (``model``: ``net`` wrapped in DDP under several processes, compiled with ``train.compile``)."""
     net = SimCLR(cfg.model, cfg.data.image_size, Temperature(cfg.loss.temperature, cfg.loss.learn_temperature),
                  views_per_batch(cfg.augment))
-    size = view_size(cfg.augment, cfg.data.image_size, 0.0)  # the smallest, with a resolution schedule
-    if size != cfg.data.image_size:  # built and probed for data.image_size: a ViT, say, takes one size only
-        key = "augment.view_ratio" if cfg.augment.view_ratio_start is None else "augment.view_ratio_start"
-        feature_size(net.encoder, cfg.model.backbone, size, key=key)
+    # Built and probed for data.image_size: a ViT, say, takes one size only. A resolution schedule's sizes
+    # lie between its first and its last.
+    aug, image_size = cfg.augment, cfg.data.image_size
+    sizes = {view_size(aug, image_size): "augment.view_ratio"}
+    if aug.view_ratio_start is not None:
+        sizes.setdefault(view_size(aug, image_size, 0.0), "augment.view_ratio_start")
+    for size, key in sizes.items():
+        if size != image_size:
+            feature_size(net.encoder, cfg.model.backbone, size, key=key)
     if world > 1 and cfg.train.sync_bn:
         net = dist.convert_batchnorm(net, device)
     net = net.to(device)

@@ -374,6 +374,28 @@ def test_blur_follows_the_data_resolution_not_the_view_size():
     assert blurs("data.image_size=64", "augment.view_ratio=0.75", "augment.blur_p=0.2") == [(0.2, blur_sigma(48))]
 
 
+def test_scheduled_views_grow_with_their_small_views_and_blur():
+    """A resolution schedule 32 -> 48 px at 64 px data: the full views, multi-crop's small views (half of
+    them) and the blur sigma (scaled to each view) follow the progress."""
+    from simxent.augment import RandomGaussianBlur, blur_sigma
+    from simxent.train import MultiViewAugment
+
+    aug = MultiViewAugment(load_config("cpu", ["data.image_size=64", "augment.view_ratio_start=0.5"]),
+                           torch.device("cpu"))
+    for progress, size in ((0.0, 32), (0.5, 40), (1.0, 48)):
+        full, small = aug.at(progress)
+        assert (full.size, small.size) == (size, size // 2)
+        assert [m.sigma for m in full.modules() if isinstance(m, RandomGaussianBlur)] == [blur_sigma(size)]
+    assert aug.full is aug.at(1.0)[0]  # what monitoring normalises with, built once
+
+
+def test_a_scheduled_first_view_size_the_backbone_cannot_take_is_named(user_module, small_folder, tmp_path):
+    base = [*TINY_RUN, f"data.train={small_folder}", f"out={tmp_path / 'run'}", f"model.backbone={user_module}:one_size"]
+    with pytest.raises(ConfigError, match=r"model.backbone: .*:one_size cannot encode 8 px images "
+                                          r"\(augment.view_ratio_start\)"):
+        pretrain(load_config(None, [*base, "augment.view_ratio_start=0.5"]), progress=False)
+
+
 def test_streamed_views_are_cropped_at_the_view_size(small_folder, tmp_path, monkeypatch):
     """With data.stream=true the decoding workers take the crops: at view_ratio 0.75 of 16 px, 12 px views."""
     from simxent.models import ConvNet
