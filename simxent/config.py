@@ -48,7 +48,8 @@ class DataConfig:
     train: str = setting("", "folder of images, at any depth; class sub-folders optional (labels unused)")
     val: str = setting("", "labelled folder (one sub-folder per class) for kNN monitoring; empty: none")
     image_size: int = setting(32, "image size in px, 8 to 1024, of evaluation and (times augment.view_ratio, "
-                                  "or its schedule) of the views; images no larger are decoded to it (shorter side, centre crop)")
+                                  "or its schedule) of the views; images no larger are decoded to it (shorter "
+                                  "side, centre crop)")
     decode_size: Optional[int] = setting(None, "longer side of cached images larger than the view; "
                                                "null: 1.5 x data.image_size")
     cache: bool = setting(True, "decode once into a memory-mapped uint8 array, reused across epochs and runs")
@@ -79,8 +80,8 @@ class AugmentConfig:
     view_ratio: float = setting(1.0, "training views' side as a fraction of data.image_size, in (0, 1]: below 1 "
                                      "trains on the same crops at a lower resolution (cheaper steps, FixRes) and "
                                      "still evaluates at data.image_size")
-    view_ratio_start: Optional[float] = setting(None, "null: views at augment.view_ratio throughout; else a resolution "
-                                                      "schedule: the ratio at the start, rising with the lr "
+    view_ratio_start: Optional[float] = setting(None, "null: views at augment.view_ratio throughout; else a "
+                                                      "resolution schedule: the ratio at the start, rising with the lr "
                                                       "schedule's progress to augment.view_ratio at its end, "
                                                       "in steps of at most 4 px (train.compile recompiles "
                                                       "for each size)")

@@ -390,7 +390,8 @@ def test_scheduled_views_grow_with_their_small_views_and_blur():
 
 
 def test_a_scheduled_first_view_size_the_backbone_cannot_take_is_named(user_module, small_folder, tmp_path):
-    base = [*TINY_RUN, f"data.train={small_folder}", f"out={tmp_path / 'run'}", f"model.backbone={user_module}:one_size"]
+    base = [*TINY_RUN, f"data.train={small_folder}", f"out={tmp_path / 'run'}",
+            f"model.backbone={user_module}:one_size"]
     with pytest.raises(ConfigError, match=r"model.backbone: .*:one_size cannot encode 8 px images "
                                           r"\(augment.view_ratio_start\)"):
         pretrain(load_config(None, [*base, "augment.view_ratio_start=0.5"]), progress=False)

@@ -28,7 +28,8 @@ def test_grid_parsing():
     with pytest.raises(ConfigError, match="expected key=value1"):
         parse_grid(["loss.temperature"])
     # each setting trains into its own folder: a repeat would train twice into one
-    with pytest.raises(ConfigError, match=r"--grid loss.temperature: value 0.1 given twice \(each setting is one run"):
+    with pytest.raises(ConfigError, match=r"--grid loss.temperature: value 0.1 given twice \(each setting is "
+                                          r"one run"):
         parse_grid(["loss.temperature=0.1,0.5,0.10"])
     with pytest.raises(ConfigError, match=r"--grid augment.crop_scale: value \[0.2,1.0\] given twice"):
         parse_grid(["augment.crop_scale=[0.2,1.0],[0.2, 1.0]"])
