@@ -5,7 +5,8 @@ A stratified subset of a labelled folder (``--per-class`` training images per cl
 split of ``--val-per-class`` other images of the same folder) is linked under ``--out``; the ``cpu``
 preset pretrains on it for each budget in ``--minutes``, with ``train.budget_schedule`` true and false;
 kNN top-1 of the validation split against the training subset is scored once, after the budget (the
-evaluation is outside it). Writes ``results.json`` and prints a markdown table.
+evaluation is outside it). ``--schedules`` picks the arms, ``--overrides`` changes the preset for both.
+Writes ``results.json`` and prints a markdown table.
 
     python scripts/budget_schedule.py --data ../shared/data/cifar10/train --minutes 2,5,10 --out results/budget
 """
@@ -33,13 +34,18 @@ def stratified_split(data: Path, out: Path, per_class: int, val_per_class: int) 
     return out / "train", out / "val"
 
 
-def run(train: Path, val: Path, out: Path, minutes: float, budget_schedule: bool) -> dict:
-    cfg = load_config("cpu", [f"data.train={train}", f"data.val={val}", f"out={out}", "eval.projector=0",
-                              "eval.every=1000",  # kNN once, at the stop (after the budget), not every epoch
-                              f"train.max_time={minutes * 60:g}",
-                              f"train.budget_schedule={str(budget_schedule).lower()}"])
-    summary = pretrain(cfg, progress=False)
-    return {"minutes": minutes, "budget_schedule": budget_schedule, "steps": summary["global_step"],
+def run_config(train: Path, val: Path, out: Path, minutes: float, budget_schedule: bool, overrides=()):
+    """The ``cpu`` preset for one run: the split, the budget, the schedule, then ``overrides``."""
+    return load_config("cpu", [f"data.train={train}", f"data.val={val}", f"out={out}", "eval.projector=0",
+                               "eval.every=1000",  # kNN once, at the stop (after the budget), not every epoch
+                               f"train.max_time={minutes * 60:g}",
+                               f"train.budget_schedule={str(budget_schedule).lower()}", *overrides])
+
+
+def run(train: Path, val: Path, out: Path, minutes: float, budget_schedule: bool, overrides=()) -> dict:
+    summary = pretrain(run_config(train, val, out, minutes, budget_schedule, overrides), progress=False)
+    return {"minutes": minutes, "budget_schedule": budget_schedule, "overrides": list(overrides),
+            "steps": summary["global_step"],
             "schedule_progress": summary["schedule_progress"], "knn_top1": summary["knn_top1"][-1]["top1"]}
 
 
@@ -49,15 +55,22 @@ def main():
     p.add_argument("--per-class", type=int, default=1000)
     p.add_argument("--val-per-class", type=int, default=200)
     p.add_argument("--minutes", default="2", help="budgets, comma-separated")
+    p.add_argument("--schedules", default="budget,epochs", help="of budget,epochs: the arms to run")
+    p.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     p.add_argument("--out", default="results/budget_schedule")
     a = p.parse_args()
+    arms = {"budget": True, "epochs": False}
+    unknown = sorted(set(a.schedules.split(",")) - set(arms))
+    if unknown:
+        p.error(f"--schedules: {', '.join(unknown)} not among budget, epochs")
+    schedules = [arms[s] for s in a.schedules.split(",")]
     out = Path(a.out)
     train, val = stratified_split(Path(a.data), out / "data", a.per_class, a.val_per_class)
     rows = []
     for minutes in (float(m) for m in a.minutes.split(",")):
-        for budget_schedule in (True, False):
+        for budget_schedule in schedules:
             rows.append(run(train, val, out / f"{minutes:g}min_{'budget' if budget_schedule else 'epochs'}",
-                            minutes, budget_schedule))
+                            minutes, budget_schedule, a.overrides))
             print(rows[-1], flush=True)
             (out / "results.json").write_text(json.dumps(rows, indent=2))
     print("| budget | schedule over | steps | progress at the stop | kNN top-1 |\n|---|---|---|---|---|")

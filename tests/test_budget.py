@@ -287,3 +287,25 @@ def test_budget_schedule_false_keeps_the_epoch_schedule(shapes, tmp_path):
     assert load_checkpoint(run / "checkpoints" / "last.pt")["progress"] == 1
     lrs = logged_lrs(run)
     assert [lrs[s] for s in range(15)] == pytest.approx([PEAK * lr_at(s, 15, 5, 1.0) for s in range(15)], rel=1e-6)
+
+
+def load_budget_script():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "scripts" / "budget_schedule.py"
+    spec = importlib.util.spec_from_file_location("budget_schedule_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_budget_script_splits_disjointly_and_applies_overrides_last(labelled_folder, tmp_path):
+    script = load_budget_script()
+    train, val = script.stratified_split(labelled_folder, tmp_path / "split", per_class=20, val_per_class=4)
+    for cls in ("a", "b"):
+        in_train = {p.resolve() for p in (train / cls).iterdir()}
+        in_val = {p.resolve() for p in (val / cls).iterdir()}
+        assert (len(in_train), len(in_val)) == (20, 4) and not in_train & in_val
+    cfg = script.run_config(train, val, tmp_path / "run", 5, False, ["optim.min_lr=0.25", "eval.every=3"])
+    assert (cfg.train.max_time, cfg.train.budget_schedule, cfg.optim.min_lr) == (300, False, 0.25)
+    assert cfg.eval.every == 3  # after the script's own eval.every=1000
