@@ -3,15 +3,16 @@
 
 A stratified subset of a labelled folder (``--per-class`` training images per class, and a validation
 split of ``--val-per-class`` other images of the same folder) is linked under ``--out``; the ``cpu``
-preset pretrains on it for each budget in ``--minutes``, with ``train.budget_schedule`` true and false;
+preset pretrains on it for each budget in ``--minutes`` and each arm in ``--schedules`` (``budget``:
+``train.budget_schedule=true``, ``epochs``: false; default both), after the preset ``--overrides`` if given;
 kNN top-1 of the validation split against the training subset is scored once, after the budget (the
-evaluation is outside it). ``--schedules`` picks the arms, ``--overrides`` changes the preset for both.
-Writes ``results.json`` and prints a markdown table.
+evaluation is outside it). Writes ``results.json`` and prints a markdown table.
 
     python scripts/budget_schedule.py --data ../shared/data/cifar10/train --minutes 2,5,10 --out results/budget
 """
 import argparse
 import json
+import re
 from pathlib import Path
 
 from simxent.config import load_config
@@ -34,6 +35,34 @@ def stratified_split(data: Path, out: Path, per_class: int, val_per_class: int) 
     return out / "train", out / "val"
 
 
+ARMS = {"budget": True, "epochs": False}
+SET_BY_THE_SCRIPT = {"data.train", "data.val", "out", "eval.projector", "eval.every", "train.max_time",
+                     "train.budget_schedule"}
+
+
+def parse_schedules(text: str) -> list[bool]:
+    """``budget,epochs`` -> [True, False]: ``train.budget_schedule`` of each arm, in order."""
+    names = [n.strip() for n in text.split(",")]
+    bad = [repr(n) for n in names if n not in ARMS]
+    if bad or len(set(names)) < len(names):
+        raise ValueError(f"--schedules {text!r}: give budget and/or epochs, once each"
+                         + (f" ({', '.join(bad)} is not one)" if bad else ""))
+    return [ARMS[n] for n in names]
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """The script's own keys set what a row says it measured: an override of them is refused."""
+    taken = sorted({o.split("=", 1)[0].strip() for o in overrides} & SET_BY_THE_SCRIPT)
+    if taken:
+        raise ValueError(f"--overrides: {', '.join(taken)} is set by the script (use --minutes, --schedules, --out)")
+
+
+def run_folder(out: Path, minutes: float, budget_schedule: bool, overrides=()) -> Path:
+    """``5min_budget``, with the overrides in the name: runs with other overrides go to other folders."""
+    name = f"{minutes:g}min_{'budget' if budget_schedule else 'epochs'}"
+    return out / "_".join([name, *(re.sub(r"[^A-Za-z0-9._=,-]", "-", o) for o in overrides)])
+
+
 def run_config(train: Path, val: Path, out: Path, minutes: float, budget_schedule: bool, overrides=()):
     """The ``cpu`` preset for one run: the split, the budget, the schedule, then ``overrides``."""
     return load_config("cpu", [f"data.train={train}", f"data.val={val}", f"out={out}", "eval.projector=0",
@@ -44,9 +73,10 @@ def run_config(train: Path, val: Path, out: Path, minutes: float, budget_schedul
 
 def run(train: Path, val: Path, out: Path, minutes: float, budget_schedule: bool, overrides=()) -> dict:
     summary = pretrain(run_config(train, val, out, minutes, budget_schedule, overrides), progress=False)
+    scored = summary["knn_top1"]  # empty when the run was stopped before its kNN
     return {"minutes": minutes, "budget_schedule": budget_schedule, "overrides": list(overrides),
-            "steps": summary["global_step"],
-            "schedule_progress": summary["schedule_progress"], "knn_top1": summary["knn_top1"][-1]["top1"]}
+            "steps": summary["global_step"], "schedule_progress": summary["schedule_progress"],
+            "knn_top1": scored[-1]["top1"] if scored else None}
 
 
 def main():
@@ -59,24 +89,26 @@ def main():
     p.add_argument("--overrides", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides for every run")
     p.add_argument("--out", default="results/budget_schedule")
     a = p.parse_args()
-    arms = {"budget": True, "epochs": False}
-    unknown = sorted(set(a.schedules.split(",")) - set(arms))
-    if unknown:
-        p.error(f"--schedules: {', '.join(unknown)} not among budget, epochs")
-    schedules = [arms[s] for s in a.schedules.split(",")]
+    try:
+        schedules = parse_schedules(a.schedules)
+        check_overrides(a.overrides)
+    except ValueError as e:
+        p.error(str(e))
     out = Path(a.out)
     train, val = stratified_split(Path(a.data), out / "data", a.per_class, a.val_per_class)
-    rows = []
+    results = out / "results.json"
+    rows = json.loads(results.read_text()) if results.exists() else []  # an earlier command's rows stay
     for minutes in (float(m) for m in a.minutes.split(",")):
         for budget_schedule in schedules:
-            rows.append(run(train, val, out / f"{minutes:g}min_{'budget' if budget_schedule else 'epochs'}",
-                            minutes, budget_schedule, a.overrides))
+            rows.append(run(train, val, run_folder(out, minutes, budget_schedule, a.overrides), minutes,
+                            budget_schedule, a.overrides))
             print(rows[-1], flush=True)
-            (out / "results.json").write_text(json.dumps(rows, indent=2))
-    print("| budget | schedule over | steps | progress at the stop | kNN top-1 |\n|---|---|---|---|---|")
+            results.write_text(json.dumps(rows, indent=2))
+    print("| budget | schedule over | overrides | steps | progress at the stop | kNN top-1 |\n" + "|---" * 6 + "|")
     for r in rows:
-        print(f"| {r['minutes']:g} min | {'the budget' if r['budget_schedule'] else 'train.epochs'} | {r['steps']} | "
-              f"{r['schedule_progress']:.2f} | {r['knn_top1']:.3f} |")
+        knn = "stopped" if r["knn_top1"] is None else f"{r['knn_top1']:.3f}"
+        print(f"| {r['minutes']:g} min | {'the budget' if r['budget_schedule'] else 'train.epochs'} | "
+              f"{' '.join(r.get('overrides', [])) or '-'} | {r['steps']} | {r['schedule_progress']:.2f} | {knn} |")
 
 
 if __name__ == "__main__":

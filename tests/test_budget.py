@@ -309,3 +309,19 @@ def test_budget_script_splits_disjointly_and_applies_overrides_last(labelled_fol
     cfg = script.run_config(train, val, tmp_path / "run", 5, False, ["optim.min_lr=0.25", "eval.every=3"])
     assert (cfg.train.max_time, cfg.train.budget_schedule, cfg.optim.min_lr) == (300, False, 0.25)
     assert cfg.eval.every == 3  # after the script's own eval.every=1000
+
+
+def test_budget_script_refuses_bad_arms_and_its_own_keys_and_names_folders_by_overrides(tmp_path):
+    script = load_budget_script()
+    assert script.parse_schedules("budget, epochs") == [True, False]
+    assert script.parse_schedules("epochs") == [False]
+    for bad in ("budget,budget", "budget,", "epoch"):
+        with pytest.raises(ValueError, match="--schedules"):
+            script.parse_schedules(bad)
+    script.check_overrides(["optim.min_lr=0.25"])
+    with pytest.raises(ValueError, match="train.budget_schedule"):
+        script.check_overrides(["optim.lr=0.001", "train.budget_schedule=false"])
+    plain = script.run_folder(tmp_path, 10, True)
+    changed = script.run_folder(tmp_path, 10, True, ["optim.min_lr=0.25", "augment.crop_scale=[0.2,1.0]"])
+    assert plain.name == "10min_budget" and changed.parent == tmp_path
+    assert changed.name == "10min_budget_optim.min_lr=0.25_augment.crop_scale=-0.2,1.0-"
