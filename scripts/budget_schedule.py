@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from simxent.config import load_config
+from simxent.config import load_config, parse_override
 from simxent.train import pretrain
 
 
@@ -52,7 +52,7 @@ def parse_schedules(text: str) -> list[bool]:
 
 def check_overrides(overrides: list[str]) -> None:
     """The script's own keys set what a row says it measured: an override of them is refused."""
-    taken = sorted({o.split("=", 1)[0].strip() for o in overrides} & SET_BY_THE_SCRIPT)
+    taken = sorted({parse_override(o)[0] for o in overrides} & SET_BY_THE_SCRIPT)  # a malformed one: ConfigError
     if taken:
         raise ValueError(f"--overrides: {', '.join(taken)} is set by the script (use --minutes, --schedules, --out)")
 
