@@ -24,6 +24,7 @@ from torch import nn
 from .checkpoint import CheckpointError, fit_weights, read_weights_file
 from .config import ConfigError, ModelConfig, shown
 from .loss import Temperature
+from .matmul_conv import Conv2d
 
 # Where torchvision keeps each family's classifier. Its last Linear (SqueezeNet: its 1x1 convolution)
 # becomes an Identity in place, so any pooling after it stays and parameter names do not move.
@@ -32,8 +33,9 @@ CIFAR_STEM_FAMILY = "resnet"  # torchvision's resnet module: ResNets, ResNeXts a
 
 
 def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    # simxent's Conv2d: nn.Conv2d, but matrix products on small maps under CPU bf16 (matmul_conv.py)
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
     )

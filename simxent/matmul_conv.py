@@ -1,0 +1,100 @@
+"""Convolutions on small feature maps as matrix products, for bf16 training on the CPU.
+
+A convolution of x (N, C, H, W) with w (O, C, k, k) is one matrix product over patches. Let X be the
+(N Ho Wo, k² C) matrix whose row (n, i, j) holds the k x k x C input patch under output position (i, j) of
+image n (zero padding included), and W the (O, k² C) matrix of the weights in the same order. Then, with G
+the (N Ho Wo, O) matrix of dL/dy:
+
+    y = X Wᵀ,    dL/dW = Gᵀ X,    dL/dX = G W,
+
+and dL/dx is dL/dX scattered back: each patch's gradient added onto the input positions it was read from.
+
+Why: oneDNN's bf16 convolution kernels are slow on maps of a few positions (the convnet's last stage: 3 x 3
+and 2 x 2 outputs at 512 channels), its backward most of all; there the three products above take a
+fraction of the time (docs/benchmarks.md, "Encoder step against the machine's ceiling"). On larger maps
+oneDNN wins, so :class:`Conv2d` uses the products only under CPU bf16 autocast and on outputs of at most
+``MAX_POSITIONS`` positions, and is ``nn.Conv2d`` everywhere else (same parameters, same state dict).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MAX_POSITIONS = 16  # output maps of up to 4 x 4; measured faster than oneDNN there, slower from 6 x 6
+
+
+def _output_size(size: int, k: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - k) // stride + 1
+
+
+def _patches(x: torch.Tensor, k: int, stride: int, padding: int, ho: int, wo: int) -> torch.Tensor:
+    """X: the (N Ho Wo, k² C) patch matrix of x (N, C, H, W), columns ordered (kernel row, column, channel)."""
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding, padding, padding, padding))
+    taps = [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
+            for i in range(k) for j in range(k)]
+    return torch.cat(taps, dim=-1).reshape(-1, k * k * x.shape[1])
+
+
+class _MatmulConv2d(torch.autograd.Function):
+    """The convolution and its gradients as the products of the module docstring."""
+
+    @staticmethod
+    def forward(ctx, x, w, stride: int, padding: int):
+        n, _, h, wd = x.shape
+        o, c, k, _ = w.shape
+        ho, wo = _output_size(h, k, stride, padding), _output_size(wd, k, stride, padding)
+        y = _patches(x, k, stride, padding, ho, wo) @ w.permute(0, 2, 3, 1).reshape(o, k * k * c).t()
+        ctx.save_for_backward(x, w)  # the patches are rebuilt in backward: memory as a convolution's
+        ctx.stride, ctx.padding = stride, padding
+        return y.view(n, ho, wo, o).permute(0, 3, 1, 2)  # NCHW shape, channels_last memory
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):
+        x, w = ctx.saved_tensors
+        s, p = ctx.stride, ctx.padding
+        n, _, h, wd = x.shape
+        o, c, k, _ = w.shape
+        ho, wo = grad_y.shape[2:]
+        g = grad_y.permute(0, 2, 3, 1).reshape(-1, o)
+        grad_w = (g.t() @ _patches(x, k, s, p, ho, wo)).view(o, k, k, c).permute(0, 3, 1, 2)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_patches = (g @ w.permute(0, 2, 3, 1).reshape(o, k * k * c)).view(n, ho, wo, k, k, c)
+            # Summed in float32 at least: up to k² patches add onto one input position.
+            grad_xp = x.new_zeros((n, h + 2 * p, wd + 2 * p, c), dtype=torch.promote_types(x.dtype, torch.float32))
+            for i in range(k):
+                for j in range(k):
+                    grad_xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :] += grad_patches[:, :, :, i, j]
+            grad_x = grad_xp[:, p:p + h, p:p + wd].to(x.dtype).permute(0, 3, 1, 2)
+        return grad_x, grad_w, None, None
+
+
+def conv2d_as_matmul(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    """``F.conv2d(x, w, stride=stride, padding=padding)`` (square kernel, no bias, groups or dilation) as
+    matrix products, forward and backward, in the dtype of x and w."""
+    return _MatmulConv2d.apply(x, w, stride, padding)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose forward and backward are :func:`conv2d_as_matmul` under CPU bf16 autocast on
+    output maps of at most ``MAX_POSITIONS`` positions; bias-free, square, ungrouped, undilated layers only."""
+
+    def _uses_matmul(self, x: torch.Tensor) -> bool:
+        if (x.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
+                or torch.get_autocast_dtype("cpu") != torch.bfloat16 or x.ndim != 4 or isinstance(self.padding, str)):
+            return False
+        (k, k2), (s, s2), (p, p2) = self.kernel_size, self.stride, self.padding
+        if (k, s, p) != (k2, s2, p2) or self.bias is not None or self.groups != 1 or self.dilation != (1, 1) \
+                or self.padding_mode != "zeros":
+            return False
+        h, w = x.shape[-2:]
+        return _output_size(h, k, s, p) * _output_size(w, k, s, p) <= MAX_POSITIONS
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._uses_matmul(x):
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):
+            return conv2d_as_matmul(x.to(torch.bfloat16), self.weight.to(torch.bfloat16), self.stride[0],
+                                    self.padding[0])

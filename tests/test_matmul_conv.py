@@ -1,0 +1,99 @@
+"""Convolutions as matrix products (simxent.matmul_conv) against torch's own convolution.
+
+The reference is ``F.conv2d`` and its autograd in float64, where both are exact to rounding; under bf16
+autocast the module is compared with ``nn.Conv2d`` under the same autocast, to bf16's precision.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from simxent.matmul_conv import MAX_POSITIONS, Conv2d, conv2d_as_matmul
+from simxent.models import ConvNet
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 5), o=st.integers(1, 6), h=st.integers(1, 9), w=st.integers(1, 9),
+       k=st.sampled_from([1, 3]), stride=st.integers(1, 3), padding=st.integers(0, 2), seed=st.integers(0, 99))
+def test_values_and_gradients_equal_conv2d_in_float64(n, c, o, h, w, k, stride, padding, seed):
+    if h + 2 * padding < k or w + 2 * padding < k:
+        return
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(o, c, k, k, dtype=torch.float64, generator=g, requires_grad=True)
+    want = F.conv2d(x, weight, stride=stride, padding=padding)
+    got = conv2d_as_matmul(x, weight, stride, padding)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad_y = torch.randn(want.shape, dtype=torch.float64, generator=g)
+    want_grads = torch.autograd.grad(want, (x, weight), grad_y)
+    got_grads = torch.autograd.grad(got, (x, weight), grad_y)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck():
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: conv2d_as_matmul(a, b, 2, 1), (x, weight))
+
+
+def _pair(c_in, c_out, stride, bias=False):
+    torch.manual_seed(0)
+    ref = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
+    ours = Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@pytest.mark.parametrize("size, stride", [(6, 2), (3, 2), (4, 1)])
+def test_small_maps_under_bf16_autocast_match_nn_conv2d(size, stride, monkeypatch):
+    calls = []
+    original = Conv2d._uses_matmul
+    monkeypatch.setattr(Conv2d, "_uses_matmul", lambda self, x: calls.append(original(self, x)) or calls[-1])
+    ref, ours = _pair(64, 96, stride)
+    x = torch.randn(8, 64, size, size).to(memory_format=torch.channels_last)
+    outs, grads = [], []
+    for net in (ref, ours):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16):
+            y = net(xi)
+        outs.append(y)
+        y.float().square().sum().backward()
+        grads.append((xi.grad, net.weight.grad))
+    assert calls == [True]
+    assert outs[1].dtype == outs[0].dtype == torch.bfloat16
+    assert outs[1].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=2e-2, atol=2e-2)
+    for got, want in zip(grads[1], grads[0]):
+        assert got.dtype == want.dtype
+        assert (got - want).norm() <= 2e-2 * want.norm()
+
+
+def test_used_only_where_it_was_measured_faster():
+    """Matrix products on CPU bf16 outputs of at most MAX_POSITIONS positions; nn.Conv2d elsewhere."""
+    _, conv = _pair(8, 8, 2)
+    side = int(MAX_POSITIONS ** 0.5)
+    small, large = torch.randn(1, 8, 2 * side, 2 * side), torch.randn(1, 8, 2 * side + 2, 2 * side + 2)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert conv._uses_matmul(small)
+        assert not conv._uses_matmul(large)
+    with torch.autocast("cpu", torch.float16):
+        assert not conv._uses_matmul(small)
+    assert not conv._uses_matmul(small)  # float32: oneDNN's float32 kernels were faster
+    _, biased = _pair(8, 8, 2, bias=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert not biased._uses_matmul(small)
+
+
+def test_convnet_state_dict_is_nn_conv2d():
+    """Checkpoints written before and after the change load into each other: same keys and shapes."""
+    net = ConvNet()
+    assert all(type(m) is Conv2d for m in net.modules() if isinstance(m, nn.Conv2d))
+    plain = ConvNet()
+    for block in plain.features:
+        old = block[0]
+        block[0] = nn.Conv2d(old.in_channels, old.out_channels, 3, old.stride, 1, bias=False)
+    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    plain.load_state_dict(net.state_dict())
