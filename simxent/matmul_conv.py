@@ -98,3 +98,14 @@ class Conv2d(nn.Conv2d):
         with torch.autocast("cpu", enabled=False):
             return conv2d_as_matmul(x.to(torch.bfloat16), self.weight.to(torch.bfloat16), self.stride[0],
                                     self.padding[0])
+
+
+def use_matmul_convs(net: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Conv2d`` inside ``net`` a :class:`Conv2d`, in place, and return ``net``.
+
+    The class of each layer is swapped rather than the layer rebuilt: :class:`Conv2d` adds no state, so
+    parameters, buffers, hooks and state-dict keys stay exactly as they were."""
+    for module in net.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = Conv2d
+    return net

@@ -24,7 +24,7 @@ from torch import nn
 from .checkpoint import CheckpointError, fit_weights, read_weights_file
 from .config import ConfigError, ModelConfig, shown
 from .loss import Temperature
-from .matmul_conv import Conv2d
+from .matmul_conv import Conv2d, use_matmul_convs
 
 # Where torchvision keeps each family's classifier. Its last Linear (SqueezeNet: its 1x1 convolution)
 # becomes an Identity in place, so any pooling after it stays and parameter names do not move.
@@ -143,7 +143,7 @@ def _torchvision_backbone(name: str, cifar_stem: bool, image_size: int) -> nn.Mo
         net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     _drop_classifier(net)
-    return net
+    return use_matmul_convs(net)
 
 
 def feature_size(net: nn.Module, name: str, image_size: int, key: str = "data.image_size") -> int:

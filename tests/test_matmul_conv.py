@@ -97,3 +97,24 @@ def test_convnet_state_dict_is_nn_conv2d():
         block[0] = nn.Conv2d(old.in_channels, old.out_channels, 3, old.stride, 1, bias=False)
     assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
     plain.load_state_dict(net.state_dict())
+
+
+def test_torchvision_backbones_get_it_with_torchvision_parameters():
+    """A torchvision encoder's plain convolutions become Conv2d; its state dict keeps torchvision's keys,
+    and in float32 (oneDNN's path) its features are the torchvision model's pooled features."""
+    import torchvision
+
+    from simxent.models import backbone
+
+    encoder, _ = backbone("resnet18", cifar_stem=True, image_size=32)
+    convs = [m for m in encoder.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(type(m) is Conv2d for m in convs)
+    reference = torchvision.models.resnet18()
+    reference.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    reference.maxpool, reference.fc = nn.Identity(), nn.Identity()
+    plain = {k: v.shape for k, v in reference.state_dict().items()}
+    assert {k: v.shape for k, v in encoder.state_dict().items()} == plain
+    reference.load_state_dict(encoder.state_dict())
+    reference.eval(), encoder.eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(encoder(x), reference(x))
