@@ -17,7 +17,7 @@ import platform
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -505,19 +505,22 @@ def bench_quality(_device, _sync, data_root, minutes, overrides=()):
 @dataclass(frozen=True)
 class StepVariant:
     """One way to run the encoder step: per-view batch B, memory layout, torch.compile, torch threads (0: all),
-    and float32 instead of the preset's precision."""
+    float32 instead of the preset's precision, and oneDNN's kernels for every convolution
+    (``model.matmul_convs=false``)."""
     label: str
     batch: int = 256
     channels_last: bool = True
     compile: bool = False
     threads: int = 0
     float32: bool = False
+    matmul_convs: bool = True
 
 
 STEP_VARIANTS = (StepVariant("channels_last"), StepVariant("contiguous", channels_last=False),
                  StepVariant("channels_last", batch=512), StepVariant("channels_last, 1 thread", threads=1),
                  StepVariant("channels_last, float32", float32=True),
-                 StepVariant("channels_last, compiled", compile=True))
+                 StepVariant("channels_last, compiled", compile=True),
+                 StepVariant("channels_last, oneDNN convolutions only", matmul_convs=False))
 
 
 def counted_flops(fn) -> int:
@@ -541,13 +544,15 @@ def matmul_ceiling(dtype: torch.dtype, device, sync, n: int = 4096) -> dict:
                     flop / seconds / 1e12, None)
 
 
-def encoder_passes(cfg, device, dtype, batch: int, channels_last: bool, compile: bool) -> dict:
+def encoder_passes(cfg, device, dtype, batch: int, channels_last: bool, compile: bool,
+                   matmul_convs: bool = True) -> dict:
     """The training step's model work on 2 x ``batch`` random views (both views in one batch, as the loop
     runs them): ``forward`` (encoder + head under the run's autocast, graph recorded as in training) and
     ``forward+backward`` (that, NT-Xent and its backward; no optimiser step)."""
     torch.manual_seed(0)
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    model = SimCLR(cfg.model, cfg.data.image_size).to(device).to(memory_format=layout)
+    model_cfg = replace(cfg.model, matmul_convs=matmul_convs)
+    model = SimCLR(model_cfg, cfg.data.image_size).to(device).to(memory_format=layout)
     if compile:
         torch.compiler.reset()  # a fresh compile, so that its first call is timed whole
         model = torch.compile(model)
@@ -611,7 +616,8 @@ def encoder_rows(name, cfg, device, sync, ceilings) -> list:
         if v.batch not in flops:
             eager = encoder_passes(cfg, device, None, v.batch, v.channels_last, compile=False)
             flops[v.batch] = {kind: counted_flops(fn) for kind, fn in eager.items()}
-        for kind, fn in encoder_passes(cfg, device, dtypes[key], v.batch, v.channels_last, v.compile).items():
+        for kind, fn in encoder_passes(cfg, device, dtypes[key], v.batch, v.channels_last, v.compile,
+                                       v.matmul_convs).items():
             fns[key + (kind,)] = on_threads(fn, v.threads)
             first[key + (kind,)] = first_call_seconds(fns[key + (kind,)], sync)
     rows = []

@@ -14,6 +14,7 @@ and 2 x 2 outputs at 512 channels), its backward most of all; there the three pr
 fraction of the time (docs/benchmarks.md, "Encoder step against the machine's ceiling"). On larger maps
 oneDNN wins, so :class:`Conv2d` uses the products only under CPU bf16 autocast and on outputs of at most
 ``MAX_POSITIONS`` positions, and is ``nn.Conv2d`` everywhere else (same parameters, same state dict).
+``model.matmul_convs`` (on by default) gives the encoder's convolutions this class.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from torch import nn
 from .checkpoint import CheckpointError, fit_weights, read_weights_file
 from .config import ConfigError, ModelConfig, shown
 from .loss import Temperature
-from .matmul_conv import Conv2d, use_matmul_convs
+from .matmul_conv import use_matmul_convs
 
 # Where torchvision keeps each family's classifier. Its last Linear (SqueezeNet: its 1x1 convolution)
 # becomes an Identity in place, so any pooling after it stays and parameter names do not move.
@@ -33,9 +33,8 @@ CIFAR_STEM_FAMILY = "resnet"  # torchvision's resnet module: ResNets, ResNeXts a
 
 
 def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-    # simxent's Conv2d: nn.Conv2d, but matrix products on small maps under CPU bf16 (matmul_conv.py)
     return nn.Sequential(
-        Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
         nn.ReLU(inplace=True),
     )
@@ -143,7 +142,7 @@ def _torchvision_backbone(name: str, cifar_stem: bool, image_size: int) -> nn.Mo
         net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     _drop_classifier(net)
-    return use_matmul_convs(net)
+    return net
 
 
 def feature_size(net: nn.Module, name: str, image_size: int, key: str = "data.image_size") -> int:
@@ -239,6 +238,8 @@ class SimCLR(nn.Module):
         super().__init__()
         self.temperature = temperature if temperature is not None else Temperature(0.5)
         self.encoder, self.feature_dim = backbone(cfg.backbone, cfg.cifar_stem, image_size)
+        if cfg.matmul_convs:  # faster small-map convolutions under CPU bf16, same parameters (matmul_conv.py)
+            use_matmul_convs(self.encoder)
         if cfg.weights:
             load_weights(self.encoder, cfg.weights, cfg.backbone + (" with the CIFAR stem" if cfg.cifar_stem else ""))
         self.head = ProjectionHead(self.feature_dim, cfg.head_hidden, cfg.head_out, cfg.head_layers)

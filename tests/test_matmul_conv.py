@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
+from simxent.config import ModelConfig
 from simxent.matmul_conv import MAX_POSITIONS, Conv2d, conv2d_as_matmul
-from simxent.models import ConvNet
+from simxent.models import SimCLR
 
 
 @settings(max_examples=30, deadline=None)
@@ -87,34 +88,18 @@ def test_used_only_where_it_was_measured_faster():
         assert not biased._uses_matmul(small)
 
 
-def test_convnet_state_dict_is_nn_conv2d():
-    """Checkpoints written before and after the change load into each other: same keys and shapes."""
-    net = ConvNet()
-    assert all(type(m) is Conv2d for m in net.modules() if isinstance(m, nn.Conv2d))
-    plain = ConvNet()
-    for block in plain.features:
-        old = block[0]
-        block[0] = nn.Conv2d(old.in_channels, old.out_channels, 3, old.stride, 1, bias=False)
-    assert {k: v.shape for k, v in net.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
-    plain.load_state_dict(net.state_dict())
-
-
-def test_torchvision_backbones_get_it_with_torchvision_parameters():
-    """A torchvision encoder's plain convolutions become Conv2d; its state dict keeps torchvision's keys,
-    and in float32 (oneDNN's path) its features are the torchvision model's pooled features."""
-    import torchvision
-
-    from simxent.models import backbone
-
-    encoder, _ = backbone("resnet18", cifar_stem=True, image_size=32)
-    convs = [m for m in encoder.modules() if isinstance(m, nn.Conv2d)]
-    assert convs and all(type(m) is Conv2d for m in convs)
-    reference = torchvision.models.resnet18()
-    reference.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
-    reference.maxpool, reference.fc = nn.Identity(), nn.Identity()
-    plain = {k: v.shape for k, v in reference.state_dict().items()}
-    assert {k: v.shape for k, v in encoder.state_dict().items()} == plain
-    reference.load_state_dict(encoder.state_dict())
-    reference.eval(), encoder.eval()
+@pytest.mark.parametrize("name", ["convnet", "resnet18"])
+def test_model_matmul_convs_swaps_classes_not_parameters(name):
+    """model.matmul_convs gives the encoder's plain convolutions the Conv2d class and nothing else: the
+    state dict is the one without it (checkpoints load both ways), and in float32 (oneDNN's path either way)
+    the projections are equal."""
+    nets = {}
+    for on in (True, False):
+        torch.manual_seed(0)
+        nets[on] = SimCLR(ModelConfig(backbone=name, cifar_stem=name != "convnet", matmul_convs=on), 32).eval()
+    convs = {on: [type(m) for m in net.encoder.modules() if isinstance(m, nn.Conv2d)] for on, net in nets.items()}
+    assert convs[True] and set(convs[True]) == {Conv2d} and set(convs[False]) == {nn.Conv2d}
+    assert list(nets[True].state_dict()) == list(nets[False].state_dict())
+    nets[False].load_state_dict(nets[True].state_dict())
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(encoder(x), reference(x))
+    torch.testing.assert_close(nets[True](x), nets[False](x))
