@@ -425,12 +425,17 @@ def data_images_per_s(cfg, device, seconds=15.0):
 
 
 def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
-    """``entries``: ``preset:batch[:stream][:compile]``, e.g. ``cpu:256`` or ``imagenet:256:stream``."""
+    """``entries``: ``preset:batch[:stream][:compile][:onednn]``, e.g. ``cpu:256`` or ``imagenet:256:stream``;
+    ``onednn``: ``model.matmul_convs=false``."""
     rows = []
     for entry in entries.split(","):
         preset, batch, *flags = entry.split(":")
+        unknown = set(flags) - {"stream", "compile", "onednn"}
+        if unknown:
+            raise SystemExit(f"--pipeline {entry}: unknown flags {sorted(unknown)} (stream, compile, onednn)")
         overrides = [f"data.train={Path(data_root) / 'train'}", f"train.batch_size={batch}", "train.log_every=4",
-                     "train.precision=auto", f"data.stream={'stream' in flags}", f"train.compile={'compile' in flags}"]
+                     "train.precision=auto", f"data.stream={'stream' in flags}", f"train.compile={'compile' in flags}",
+                     f"model.matmul_convs={'onednn' not in flags}"]
         cfg = load_config(preset, overrides + ([f"data.workers={workers}"] if workers else []))
         dtype = resolve_dtype(cfg.train.precision, device)
         # The floor is timed before and after the loop and averaged: a shared machine drifts over a minute.
@@ -441,6 +446,7 @@ def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
         row = {"data_images_per_s": data_images_per_s(cfg, device)} if cfg.data.stream else {}
         row |= {"preset": preset, "backbone": cfg.model.backbone, "size": cfg.data.image_size, "batch": int(batch),
                "data": "stream" if cfg.data.stream else "cache", "compile": cfg.train.compile,
+               "matmul_convs": cfg.model.matmul_convs,
                "precision": str(dtype), "bare_before_images_per_s": before, "bare_after_images_per_s": after,
                "bare_images_per_s": bare, "loop_images_per_s": loop,
                "loop_intervals": intervals, "efficiency": loop / bare}
@@ -764,7 +770,8 @@ def main():
     p.add_argument("--loop-seconds", type=float, default=75, help="training-loop time per backbone")
     p.add_argument("--quality-minutes", type=float, default=10)
     p.add_argument("--pipeline", default="cpu:256,cifar10:128",
-                   help="training loops to time, preset:batch[:stream][:compile] (preset names: cpu, cifar10, imagenet, demo)")
+                   help="training loops to time, preset:batch[:stream][:compile][:onednn] (preset names: cpu, cifar10, "
+                        "imagenet, demo)")
     p.add_argument("--workers", type=int, default=0, help="data.workers for the loops (0: the preset's)")
     p.add_argument("--synthetic", default="", metavar="N:WxH",
                    help="time on N generated WxH JPEGs (several: WxH+WxH, in turn) instead of --data (knn, probe, "
