@@ -27,14 +27,15 @@ from simxent.augment import Normalize, ViewAugment, small_view_size
 from simxent.config import AugmentConfig, ModelConfig, load_config, view_size
 from simxent.evaluate import build_index, extract_features, knn_scores, train_linear_probe
 from simxent.loss import nt_xent, symmetric_nt_xent  # the symmetric form: timed where nt_xent does not pick it
-from simxent.models import SimCLR
+from simxent.matmul_conv import MAX_POSITIONS, conv2d_as_matmul
+from simxent.models import ConvNet, SimCLR
 from simxent.runtime import autocast, configure_device, cpu_supports_bf16, resolve_device, resolve_dtype
 from simxent.schedule import build_optimizer
 from simxent.train import step_loss, views_per_batch
 from versus_lightly import DEFAULT_VENV, Versus, bench_lightly, reaching_line, simxent_config  # in scripts/
 
-SECTIONS = ("loss", "augment", "precision", "ceiling", "profile", "knn", "embed", "search", "probe", "pipeline",
-            "quality", "lightly")
+SECTIONS = ("loss", "augment", "precision", "ceiling", "profile", "convs", "knn", "embed", "search", "probe",
+            "pipeline", "quality", "lightly")
 # lightly trains for an hour by default and needs a network to make its environment once: asked for by name.
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "lightly")
 # A line under a section's table, made from its rows.
@@ -698,6 +699,39 @@ def bench_profile(device, sync, encoders: str = "convnet,resnet18") -> list:
     return rows
 
 
+def bench_convs(device, sync, preset: str = "cpu", batch: int = 256) -> list:
+    """Each 3x3 convolution of the convnet at the sizes the preset trains it on (its views, then its small
+    views; ``batch`` images of each), forward + backward in bf16, by oneDNN (``F.conv2d``) and as matrix
+    products (``conv2d_as_matmul``), timed in turn; ``matmul_convs`` says which one ``model.matmul_convs``
+    picks (outputs of at most MAX_POSITIONS positions)."""
+    cfg = load_config(preset)
+    sizes = [view_size(cfg.augment, cfg.data.image_size)]
+    if cfg.augment.small_views:
+        sizes.append(small_view_size(cfg.augment, cfg.data.image_size))
+    rows = []
+    for size in sizes:
+        side, c_in = size, 3
+        for c_out, stride in zip(ConvNet.widths, ConvNet.strides):
+            x = torch.randn(batch, c_in, side, side, device=device, dtype=torch.bfloat16)
+            x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+            w = torch.randn(c_out, c_in, 3, 3, device=device, dtype=torch.bfloat16, requires_grad=True)
+            grad = torch.ones(batch, c_out, (side - 1) // stride + 1, (side - 1) // stride + 1, device=device,
+                              dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            fns = {name: (lambda conv=conv: torch.autograd.grad(conv(x, w, stride, 1), (x, w), grad))
+                   for name, conv in (("onednn", lambda a, b, s, p: F.conv2d(a, b, stride=s, padding=p)),
+                                      ("matmul", conv2d_as_matmul))}
+            seconds = timed_alternately(fns, repeats=7, warmup=2, sync=sync)
+            positions = grad.shape[2] * grad.shape[3]
+            rows.append({"view_px": size, "conv": f"{c_in}->{c_out}/{stride}", "input": f"{side}x{side}",
+                         "output_positions": positions, "onednn_ms": 1e3 * seconds["onednn"],
+                         "matmul_ms": 1e3 * seconds["matmul"],
+                         "onednn_over_matmul": seconds["onednn"] / seconds["matmul"],
+                         "matmul_convs": positions <= MAX_POSITIONS})
+            print(rows[-1], flush=True)
+            side, c_in = grad.shape[2], c_out
+    return rows
+
+
 def markdown(results: dict) -> str:
     lines = []
     for section, rows in results["sections"].items():
@@ -792,6 +826,7 @@ def main():
         "precision": lambda: bench_precision(device, sync),
         "ceiling": lambda: bench_ceiling(device, sync, a.ceiling_encoders),
         "profile": lambda: bench_profile(device, sync, a.ceiling_encoders),
+        "convs": lambda: bench_convs(device, sync),
         "knn": lambda: bench_knn(device, sync),
         "embed": lambda: bench_embed(device, sync, a.data),
         "search": lambda: bench_search(device, sync),
