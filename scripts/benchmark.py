@@ -714,7 +714,8 @@ def bench_convs(device, sync, preset: str = "cpu", batch: int = 256) -> list:
         for c_out, stride in zip(ConvNet.widths, ConvNet.strides):
             x = torch.randn(batch, c_in, side, side, device=device, dtype=torch.bfloat16)
             x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-            w = torch.randn(c_out, c_in, 3, 3, device=device, dtype=torch.bfloat16, requires_grad=True)
+            w = torch.randn(c_out, c_in, 3, 3, device=device, dtype=torch.bfloat16)
+            w = w.contiguous(memory_format=torch.channels_last).requires_grad_()  # as train.channels_last keeps it
             grad = torch.ones(batch, c_out, (side - 1) // stride + 1, (side - 1) // stride + 1, device=device,
                               dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
             fns = {name: (lambda conv=conv: torch.autograd.grad(conv(x, w, stride, 1), (x, w), grad))
