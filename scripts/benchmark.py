@@ -27,7 +27,7 @@ from simxent.augment import Normalize, ViewAugment, small_view_size
 from simxent.config import AugmentConfig, ModelConfig, load_config, view_size
 from simxent.evaluate import build_index, extract_features, knn_scores, train_linear_probe
 from simxent.loss import nt_xent, symmetric_nt_xent  # the symmetric form: timed where nt_xent does not pick it
-from simxent.matmul_conv import MAX_POSITIONS, conv2d_as_matmul
+from simxent.matmul_conv import conv2d_as_matmul, use_matmul_convs
 from simxent.models import ConvNet, SimCLR
 from simxent.runtime import autocast, configure_device, cpu_supports_bf16, resolve_device, resolve_dtype
 from simxent.schedule import build_optimizer
@@ -700,36 +700,37 @@ def bench_profile(device, sync, encoders: str = "convnet,resnet18") -> list:
 
 
 def bench_convs(device, sync, preset: str = "cpu", batch: int = 256) -> list:
-    """Each 3x3 convolution of the convnet at the sizes the preset trains it on (its views, then its small
-    views; ``batch`` images of each), forward + backward in bf16, by oneDNN (``F.conv2d``) and as matrix
-    products (``conv2d_as_matmul``), timed in turn; ``matmul_convs`` says which one ``model.matmul_convs``
-    picks (outputs of at most MAX_POSITIONS positions)."""
+    """Each convolution of the convnet at the sizes the preset trains it on (its views, then its small
+    views) and at ``data.image_size``, ``batch`` images each, forward + backward in bf16: by oneDNN
+    (``F.conv2d``) and as matrix products (``conv2d_as_matmul``), timed in turn. ``matmul_convs``: the path
+    ``model.matmul_convs`` takes in training (``Conv2d.uses_matmul``)."""
     cfg = load_config(preset)
     sizes = [view_size(cfg.augment, cfg.data.image_size)]
     if cfg.augment.small_views:
         sizes.append(small_view_size(cfg.augment, cfg.data.image_size))
+    sizes.append(cfg.data.image_size)
+    convs = [block[0] for block in use_matmul_convs(ConvNet()).features]
     rows = []
     for size in sizes:
-        side, c_in = size, 3
-        for c_out, stride in zip(ConvNet.widths, ConvNet.strides):
-            x = torch.randn(batch, c_in, side, side, device=device, dtype=torch.bfloat16)
+        x = torch.randn(batch, 3, size, size, device=device, dtype=torch.bfloat16)
+        for conv in convs:
             x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-            w = torch.randn(c_out, c_in, 3, 3, device=device, dtype=torch.bfloat16)
-            w = w.contiguous(memory_format=torch.channels_last).requires_grad_()  # as train.channels_last keeps it
-            grad = torch.ones(batch, c_out, (side - 1) // stride + 1, (side - 1) // stride + 1, device=device,
-                              dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-            fns = {name: (lambda conv=conv: torch.autograd.grad(conv(x, w, stride, 1), (x, w), grad))
-                   for name, conv in (("onednn", lambda a, b, s, p: F.conv2d(a, b, stride=s, padding=p)),
-                                      ("matmul", conv2d_as_matmul))}
+            w = conv.weight.detach().to(device, torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            w.requires_grad_()  # channels_last, as train.channels_last keeps the model's weights
+            stride, padding = conv.stride[0], conv.padding[0]
+            y = F.conv2d(x, w, stride=stride, padding=padding)
+            grad = torch.ones_like(y)
+            fns = {"onednn": lambda: torch.autograd.grad(F.conv2d(x, w, stride=stride, padding=padding), (x, w), grad),
+                   "matmul": lambda: torch.autograd.grad(conv2d_as_matmul(x, w, stride, padding), (x, w), grad)}
             seconds = timed_alternately(fns, repeats=7, warmup=2, sync=sync)
-            positions = grad.shape[2] * grad.shape[3]
-            rows.append({"view_px": size, "conv": f"{c_in}->{c_out}/{stride}", "input": f"{side}x{side}",
-                         "output_positions": positions, "onednn_ms": 1e3 * seconds["onednn"],
-                         "matmul_ms": 1e3 * seconds["matmul"],
-                         "onednn_over_matmul": seconds["onednn"] / seconds["matmul"],
-                         "matmul_convs": positions <= MAX_POSITIONS})
+            with torch.autocast(device.type, torch.bfloat16):
+                path = conv.uses_matmul(x)
+            rows.append({"view_px": size, "conv": f"{conv.in_channels}->{conv.out_channels}/{stride}",
+                         "input": "x".join(map(str, x.shape[2:])), "output_positions": y.shape[2] * y.shape[3],
+                         "onednn_ms": 1e3 * seconds["onednn"], "matmul_ms": 1e3 * seconds["matmul"],
+                         "onednn_over_matmul": seconds["onednn"] / seconds["matmul"], "matmul_convs": path})
             print(rows[-1], flush=True)
-            side, c_in = grad.shape[2], c_out
+            x = torch.randn_like(y)
     return rows
 
 

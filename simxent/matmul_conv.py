@@ -12,8 +12,9 @@ and dL/dx is dL/dX scattered back: each patch's gradient added onto the input po
 Why: oneDNN's bf16 convolution kernels are slow on maps of a few positions (the convnet's last stage: 3 x 3
 and 2 x 2 outputs at 512 channels), its backward most of all; there the three products above take a
 fraction of the time (docs/benchmarks.md, "Encoder step against the machine's ceiling"). On larger maps
-oneDNN wins, so :class:`Conv2d` uses the products only under CPU bf16 autocast and on outputs of at most
-``MAX_POSITIONS`` positions, and is ``nn.Conv2d`` everywhere else (same parameters, same state dict).
+oneDNN wins, so :class:`Conv2d` uses the products only in training under CPU bf16 autocast and on outputs
+of at most ``MAX_POSITIONS`` positions, and is ``nn.Conv2d`` everywhere else (same parameters, same state
+dict).
 ``model.matmul_convs`` (on by default) gives the encoder's convolutions this class.
 """
 from __future__ import annotations
@@ -22,19 +23,41 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MAX_POSITIONS = 16  # output maps of up to 4 x 4; measured faster than oneDNN there, slower from 6 x 6
+MAX_POSITIONS = 16  # output maps of up to 4 x 4 (benchmark --only convs: faster there, slower from 6 x 6)
 
 
 def _output_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
 
+def _taps(xp: torch.Tensor, k: int, stride: int, ho: int, wo: int):
+    """((i, j), view) for each kernel tap: the (N, Ho, Wo, C) positions of the padded NHWC ``xp`` it reads."""
+    for i in range(k):
+        for j in range(k):
+            yield (i, j), xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+
+
 def _patches(x: torch.Tensor, k: int, stride: int, padding: int, ho: int, wo: int) -> torch.Tensor:
     """X: the (N Ho Wo, k² C) patch matrix of x (N, C, H, W), columns ordered (kernel row, column, channel)."""
     xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding, padding, padding, padding))
-    taps = [xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride, :]
-            for i in range(k) for j in range(k)]
-    return torch.cat(taps, dim=-1).reshape(-1, k * k * x.shape[1])
+    return torch.cat([tap for _, tap in _taps(xp, k, stride, ho, wo)], dim=-1).reshape(-1, k * k * x.shape[1])
+
+
+def _weight_matrix(w: torch.Tensor) -> torch.Tensor:
+    """W: the (O, k² C) weights, columns in the patch matrix's order."""
+    return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+def _scatter_patches(grad_patches: torch.Tensor, x: torch.Tensor, k: int, stride: int, padding: int) -> torch.Tensor:
+    """dL/dx (N, C, H, W): each (N Ho Wo, k² C) patch gradient added onto the input positions it was read
+    from, summed in float32 at least (up to k² patches overlap on one position), padding cropped off."""
+    n, c, h, w = x.shape
+    grad_xp = x.new_zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=torch.promote_types(x.dtype, torch.float32))
+    ho, wo = _output_size(h, k, stride, padding), _output_size(w, k, stride, padding)
+    grad_patches = grad_patches.view(n, ho, wo, k, k, c)
+    for (i, j), tap in _taps(grad_xp, k, stride, ho, wo):
+        tap += grad_patches[:, :, :, i, j]
+    return grad_xp[:, padding:padding + h, padding:padding + w].to(x.dtype).permute(0, 3, 1, 2)
 
 
 class _MatmulConv2d(torch.autograd.Function):
@@ -43,32 +66,27 @@ class _MatmulConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, stride: int, padding: int):
         n, _, h, wd = x.shape
-        o, c, k, _ = w.shape
+        k = w.shape[2]
         ho, wo = _output_size(h, k, stride, padding), _output_size(wd, k, stride, padding)
-        y = _patches(x, k, stride, padding, ho, wo) @ w.permute(0, 2, 3, 1).reshape(o, k * k * c).t()
+        y = _patches(x, k, stride, padding, ho, wo) @ _weight_matrix(w).t()
         ctx.save_for_backward(x, w)  # the patches are rebuilt in backward: memory as a convolution's
         ctx.stride, ctx.padding = stride, padding
-        return y.view(n, ho, wo, o).permute(0, 3, 1, 2)  # NCHW shape, channels_last memory
+        # NHWC memory: channels_last as it is, copied to x's own layout otherwise (as nn.Conv2d returns it)
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return y.view(n, ho, wo, -1).permute(0, 3, 1, 2).contiguous(memory_format=layout)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
         x, w = ctx.saved_tensors
-        s, p = ctx.stride, ctx.padding
-        n, _, h, wd = x.shape
-        o, c, k, _ = w.shape
-        ho, wo = grad_y.shape[2:]
-        g = grad_y.permute(0, 2, 3, 1).reshape(-1, o)
-        grad_w = (g.t() @ _patches(x, k, s, p, ho, wo)).view(o, k, k, c).permute(0, 3, 1, 2)
-        grad_x = None
+        k, (ho, wo) = w.shape[2], grad_y.shape[2:]
+        g = grad_y.permute(0, 2, 3, 1).reshape(-1, w.shape[0])
+        grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_patches = (g @ w.permute(0, 2, 3, 1).reshape(o, k * k * c)).view(n, ho, wo, k, k, c)
-            # Summed in float32 at least: up to k² patches add onto one input position.
-            grad_xp = x.new_zeros((n, h + 2 * p, wd + 2 * p, c), dtype=torch.promote_types(x.dtype, torch.float32))
-            for i in range(k):
-                for j in range(k):
-                    grad_xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s, :] += grad_patches[:, :, :, i, j]
-            grad_x = grad_xp[:, p:p + h, p:p + wd].to(x.dtype).permute(0, 3, 1, 2)
+            grad_x = _scatter_patches(g @ _weight_matrix(w), x, k, ctx.stride, ctx.padding)
+        if ctx.needs_input_grad[1]:
+            grad_w = (g.t() @ _patches(x, k, ctx.stride, ctx.padding, ho, wo)).view(w.shape[0], k, k, -1)
+            grad_w = grad_w.permute(0, 3, 1, 2)
         return grad_x, grad_w, None, None
 
 
@@ -79,22 +97,26 @@ def conv2d_as_matmul(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding:
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose forward and backward are :func:`conv2d_as_matmul` under CPU bf16 autocast on
-    output maps of at most ``MAX_POSITIONS`` positions; bias-free, square, ungrouped, undilated layers only."""
+    """``nn.Conv2d`` whose forward and backward are :func:`conv2d_as_matmul` where :meth:`uses_matmul` says
+    so, and ``nn.Conv2d``'s own everywhere else."""
 
-    def _uses_matmul(self, x: torch.Tensor) -> bool:
-        if (x.device.type != "cpu" or not torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling()
-                or torch.get_autocast_dtype("cpu") != torch.bfloat16 or x.ndim != 4 or isinstance(self.padding, str)):
+    def uses_matmul(self, x: torch.Tensor) -> bool:
+        """Whether ``self(x)`` takes the matrix products: in training (gradients on), under CPU bf16 autocast,
+        for a float32 or bf16 batch (N, C, H, W), on an output of 1 to ``MAX_POSITIONS`` positions, and for a
+        layer they cover (square kernel, stride and zero padding; no bias, groups or dilation)."""
+        if (x.device.type != "cpu" or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16
+                or x.ndim != 4 or x.dtype not in (torch.float32, torch.bfloat16) or isinstance(self.padding, str)):
             return False
         (k, k2), (s, s2), (p, p2) = self.kernel_size, self.stride, self.padding
         if (k, s, p) != (k2, s2, p2) or self.bias is not None or self.groups != 1 or self.dilation != (1, 1) \
                 or self.padding_mode != "zeros":
             return False
-        h, w = x.shape[-2:]
-        return _output_size(h, k, s, p) * _output_size(w, k, s, p) <= MAX_POSITIONS
+        ho, wo = (_output_size(side, k, s, p) for side in x.shape[-2:])
+        return ho >= 1 and wo >= 1 and ho * wo <= MAX_POSITIONS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._uses_matmul(x):
+        if not self.uses_matmul(x):
             return super().forward(x)
         with torch.autocast("cpu", enabled=False):
             return conv2d_as_matmul(x.to(torch.bfloat16), self.weight.to(torch.bfloat16), self.stride[0],

@@ -143,20 +143,20 @@ def test_the_bare_step_runs_the_presets_views():
 
 
 def test_convs_rows_follow_the_cpu_preset_convnet(one_thread):
-    """One row per convolution and view size: the 24 px views (3/4 of 32) and the 12 px multi-crop views
-    through the convnet's strides, output positions by the convolution's size formula, and the path
-    model.matmul_convs picks for it (matrix products on outputs of at most MAX_POSITIONS)."""
-    from simxent.matmul_conv import MAX_POSITIONS
+    """One row per convolution and size: the 24 px views (3/4 of 32), the 12 px multi-crop views and the
+    32 px evaluation size through the convnet's strides, output positions by the convolution's size
+    formula, and the path model.matmul_convs takes in training (products on outputs of at most 16)."""
     from simxent.models import ConvNet
 
     rows = load_script().bench_convs(torch.device("cpu"), None, batch=2)
     expected = []
-    for size in (24, 12):
+    for size in (24, 12, 32):
         side, c_in = size, 3
         for c_out, stride in zip(ConvNet.widths, ConvNet.strides):
             out = (side + 2 - 3) // stride + 1
-            expected.append((size, f"{c_in}->{c_out}/{stride}", f"{side}x{side}", out * out, out * out <= MAX_POSITIONS))
+            expected.append((size, f"{c_in}->{c_out}/{stride}", f"{side}x{side}", out * out, out * out <= 16))
             side, c_in = out, c_out
     assert [(r["view_px"], r["conv"], r["input"], r["output_positions"], r["matmul_convs"]) for r in rows] == expected
-    assert sum(r["matmul_convs"] for r in rows) == 3  # 3x3 at 24 px; 3x3 and 2x2 at 12 px
+    # the last convolution at every size (3x3, 2x2, 4x4 outputs) and the third at 12 px (3x3)
+    assert sum(r["matmul_convs"] for r in rows) == 4
     assert all(r["onednn_ms"] > 0 and r["matmul_ms"] > 0 for r in rows)

@@ -51,8 +51,8 @@ def _pair(c_in, c_out, stride, bias=False):
 @pytest.mark.parametrize("size, stride", [(6, 2), (3, 2), (4, 1)])
 def test_small_maps_under_bf16_autocast_match_nn_conv2d(size, stride, monkeypatch):
     calls = []
-    original = Conv2d._uses_matmul
-    monkeypatch.setattr(Conv2d, "_uses_matmul", lambda self, x: calls.append(original(self, x)) or calls[-1])
+    original = Conv2d.uses_matmul
+    monkeypatch.setattr(Conv2d, "uses_matmul", lambda self, x: calls.append(original(self, x)) or calls[-1])
     ref, ours = _pair(64, 96, stride)
     x = torch.randn(8, 64, size, size).to(memory_format=torch.channels_last)
     outs, grads = [], []
@@ -72,20 +72,63 @@ def test_small_maps_under_bf16_autocast_match_nn_conv2d(size, stride, monkeypatc
         assert (got - want).norm() <= 2e-2 * want.norm()
 
 
+def test_contiguous_input_gets_a_contiguous_output_as_nn_conv2d_gives():
+    ref, ours = _pair(16, 32, 2)
+    x = torch.randn(4, 16, 8, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert ours.uses_matmul(x)
+        got, want = ours(x), ref(x)
+    assert got.is_contiguous() and want.is_contiguous()
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_used_only_where_it_was_measured_faster():
-    """Matrix products on CPU bf16 outputs of at most MAX_POSITIONS positions; nn.Conv2d elsewhere."""
+    """Matrix products in CPU bf16 training on outputs of 1 to MAX_POSITIONS positions; nn.Conv2d elsewhere."""
     _, conv = _pair(8, 8, 2)
     side = int(MAX_POSITIONS ** 0.5)
     small, large = torch.randn(1, 8, 2 * side, 2 * side), torch.randn(1, 8, 2 * side + 2, 2 * side + 2)
     with torch.autocast("cpu", torch.bfloat16):
-        assert conv._uses_matmul(small)
-        assert not conv._uses_matmul(large)
+        assert conv.uses_matmul(small)
+        assert not conv.uses_matmul(large)
+        with torch.no_grad():  # inference: oneDNN's forward was as fast or faster
+            assert not conv.uses_matmul(small)
     with torch.autocast("cpu", torch.float16):
-        assert not conv._uses_matmul(small)
-    assert not conv._uses_matmul(small)  # float32: oneDNN's float32 kernels were faster
-    _, biased = _pair(8, 8, 2, bias=True)
+        assert not conv.uses_matmul(small)
+    assert not conv.uses_matmul(small)  # float32: the path is built and measured for bf16
+
+
+# Layers and inputs the products do not cover: each must fall back to nn.Conv2d's own forward.
+FALLBACKS = {
+    "bias": (dict(bias=True), (2, 8, 4, 4)),
+    "groups": (dict(groups=2), (2, 8, 4, 4)),
+    "dilation": (dict(dilation=2, padding=2), (2, 8, 4, 4)),
+    "string padding": (dict(padding="same", stride=1), (2, 8, 4, 4)),
+    "rectangular kernel": (dict(kernel_size=(3, 1), padding=(1, 0)), (2, 8, 4, 4)),
+    "reflect padding": (dict(padding_mode="reflect"), (2, 8, 4, 4)),
+    "unbatched": ({}, (8, 4, 4)),
+    "float64": ({}, (2, 8, 4, 4)),
+    "input smaller than the kernel": (dict(padding=0), (2, 8, 2, 2)),
+}
+
+
+@pytest.mark.parametrize("case", FALLBACKS)
+def test_uncovered_layers_and_inputs_fall_back_to_nn_conv2d(case):
+    changes, shape = FALLBACKS[case]
+    settings = dict(in_channels=8, out_channels=8, kernel_size=3, stride=2, padding=1, bias=False) | changes
+    torch.manual_seed(0)
+    ref = nn.Conv2d(**settings)
+    ours = Conv2d(**settings)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(shape, dtype=torch.float64 if case == "float64" else torch.float32)
+    if case == "float64":
+        ref, ours = ref.double(), ours.double()
     with torch.autocast("cpu", torch.bfloat16):
-        assert not biased._uses_matmul(small)
+        assert not ours.uses_matmul(x)
+        if case == "input smaller than the kernel":
+            with pytest.raises(RuntimeError):
+                ours(x)
+            return
+        torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["convnet", "resnet18"])
@@ -103,3 +146,25 @@ def test_model_matmul_convs_swaps_classes_not_parameters(name):
     nets[False].load_state_dict(nets[True].state_dict())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(nets[True](x), nets[False](x))
+
+
+def test_convnet_trains_the_same_with_and_without_matmul_convs():
+    """One bf16 training forward and backward of SimCLR's convnet at the cpu preset's view sizes (24 and
+    12 px: three of its eight convolutions take the products): projections and every gradient as with
+    oneDNN throughout, to bf16's precision."""
+    from simxent.loss import multi_view_nt_xent
+
+    views = [torch.randn(16, 3, 24, 24), torch.randn(16, 3, 12, 12)]
+    grads, outs = {}, {}
+    for on in (True, False):
+        torch.manual_seed(0)
+        net = SimCLR(ModelConfig(backbone="convnet", head_hidden=64, head_out=32, matmul_convs=on), 32)
+        with torch.autocast("cpu", torch.bfloat16):
+            z = net(views)
+        multi_view_nt_xent(z.float(), 4, 0.1).backward()
+        outs[on] = z.float()
+        grads[on] = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(outs[True], outs[False], rtol=3e-2, atol=3e-2)
+    assert grads[True].keys() == grads[False].keys()
+    for name, want in grads[False].items():
+        assert (grads[True][name] - want).norm() <= 5e-2 * want.norm() + 1e-6, name
