@@ -1,3 +1,5 @@
+import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -5,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-CIFAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10"
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 
 # The smallest real run: a small convnet on 16 px shape images, a batch of 16, SGD, no decoding workers.
 TINY_RUN = ["model.backbone=convnet", "model.head_hidden=32", "model.head_out=16", "data.image_size=16",
@@ -28,6 +31,21 @@ def write_image(path: Path, size=(16, 16), mode="RGB", seed=0):
         im = im.convert("P")
     im.save(path)
     return path
+
+
+@pytest.fixture
+def load_script(monkeypatch):
+    """``load_script(name)``: scripts/<name>.py as a module, set up as ``python scripts/<name>.py`` runs it
+    (scripts/ on the path for its imports of its neighbours, the module in ``sys.modules``, where dataclasses
+    look it up); both undone after the test."""
+    def load(name: str):
+        monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        spec.loader.exec_module(module)
+        return module
+    return load
 
 
 @pytest.fixture

@@ -1,6 +1,4 @@
 """Helpers of scripts/benchmark.py, against FLOP counts written from the layer's formula."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -8,20 +6,8 @@ import torch
 from torch import nn
 
 
-def load_script():
-    scripts = str(Path(__file__).parents[1] / "scripts")
-    if scripts not in sys.path:
-        sys.path.insert(0, scripts)  # benchmark.py imports versus_lightly beside it, as `python scripts/...` finds it
-    spec = importlib.util.spec_from_file_location("benchmark_script",
-                                                  Path(__file__).parents[1] / "scripts" / "benchmark.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script  # dataclasses look their module up there
-    spec.loader.exec_module(script)
-    return script
-
-
-def test_counted_flops_of_a_linear_layer_follow_its_formula():
-    counted_flops = load_script().counted_flops
+def test_counted_flops_of_a_linear_layer_follow_its_formula(load_script):
+    counted_flops = load_script("benchmark").counted_flops
     batch, d_in, d_out = 6, 5, 7
     layer = nn.Linear(d_in, d_out)
     x = torch.randn(batch, d_in)
@@ -32,21 +18,21 @@ def test_counted_flops_of_a_linear_layer_follow_its_formula():
     assert counted_flops(lambda: layer(x).sum().backward()) == 3 * (2 * d_in * d_out * batch)
 
 
-def test_counted_flops_of_a_convolution_follow_its_formula():
-    counted_flops = load_script().counted_flops
+def test_counted_flops_of_a_convolution_follow_its_formula(load_script):
+    counted_flops = load_script("benchmark").counted_flops
     conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
     x = torch.randn(2, 3, 8, 8)
     # Every output pixel of every output channel: one multiply-add per input channel and kernel tap.
     assert counted_flops(lambda: conv(x)) == 2 * (2 * 4 * 8 * 8) * (3 * 3 * 3)
 
 
-def test_encoder_forward_flops_are_the_convnet_and_head_formula():
+def test_encoder_forward_flops_are_the_convnet_and_head_formula(load_script):
     """The benchmark's forward pass of the convnet + head at 16 px: each 3x3 convolution's
     2 * (2B * H_out * W_out * c_out) * (c_in * 9), then the head's two Linear layers, counted by hand."""
     from simxent.config import load_config
     from simxent.models import ConvNet
 
-    script = load_script()
+    script = load_script("benchmark")
     cfg = load_config("cpu", ["data.image_size=16", "model.head_hidden=32", "model.head_out=16"])
     batch, side, c_in, expected = 3, 16, 3, 0
     for c_out, stride in zip(ConvNet.widths, ConvNet.strides):
@@ -58,12 +44,12 @@ def test_encoder_forward_flops_are_the_convnet_and_head_formula():
     assert script.counted_flops(passes["forward"]) == expected
 
 
-def test_encoder_rows_relate_time_flop_and_ceiling(monkeypatch, one_thread):
+def test_encoder_rows_relate_time_flop_and_ceiling(monkeypatch, one_thread, load_script):
     """Each variant gives a forward and a forward+backward row; TFLOP/s are the counted FLOP over the time,
     their share is over the ceiling of the row's precision, images/s are B over the time."""
     from simxent.config import load_config
 
-    script = load_script()
+    script = load_script("benchmark")
     monkeypatch.setattr(script, "STEP_VARIANTS", (script.StepVariant("a", batch=2),
                                                   script.StepVariant("b", batch=2, channels_last=False, float32=True)))
     cfg = load_config("cpu", ["data.image_size=8", "augment.view_ratio=1", "model.head_hidden=8", "model.head_out=4",
@@ -79,11 +65,11 @@ def test_encoder_rows_relate_time_flop_and_ceiling(monkeypatch, one_thread):
         assert row["images_per_s"] == pytest.approx(2 / (row["ms"] / 1e3))
 
 
-def test_op_profile_counts_each_op_per_step_and_shares_sum_to_one(one_thread):
+def test_op_profile_counts_each_op_per_step_and_shares_sum_to_one(one_thread, load_script):
     """Two products and a ReLU per step, over 3 profiled steps: each operator's calls per step, rows largest
     first, the rest as one row, shares adding up to the whole. Nothing depends on which op takes longer (a
     preempted ReLU may)."""
-    script = load_script()
+    script = load_script("benchmark")
     a = torch.randn(256, 256)
 
     def step():
@@ -101,13 +87,13 @@ def test_op_profile_counts_each_op_per_step_and_shares_sum_to_one(one_thread):
     assert sum(r["share"] for r in top) == pytest.approx(1.0)
 
 
-def test_quality_decodes_inside_its_time_and_applies_the_overrides(tmp_path, monkeypatch, one_thread):
+def test_quality_decodes_inside_its_time_and_applies_the_overrides(tmp_path, monkeypatch, one_thread, load_script):
     """The quality run decodes into its own fresh cache (so the minutes include decoding), takes the overrides
     after the preset, and scores the pretrained encoder beside an untrained one on DATA/test."""
     import simxent.train
     from simxent.demo import CLASSES, make_shapes
 
-    script = load_script()
+    script = load_script("benchmark")
     data = make_shapes(tmp_path / "shapes", train_per_class=6, test_per_class=3, size=16)
     seen = []
     real = simxent.train.pretrain
@@ -130,25 +116,25 @@ def test_quality_decodes_inside_its_time_and_applies_the_overrides(tmp_path, mon
     assert all(0 <= row[k] <= 1 for k in ("knn_top1", "knn_top1_random_init", "linear_top1"))
 
 
-def test_the_bare_step_runs_the_presets_views():
+def test_the_bare_step_runs_the_presets_views(load_script):
     """The pipeline's floor times the views the preset trains on: two at 3/4 of 32 px, two multi-crop at half
     that; a preset without multi-crop gets one batch of two views at data.image_size."""
     from simxent.config import load_config
 
-    script = load_script()
+    script = load_script("benchmark")
     views = script.preset_views(load_config("cpu"), torch.device("cpu"), batch=3)
     assert [tuple(v.shape) for v in views] == [(6, 3, 24, 24), (6, 3, 12, 12)]
     views = script.preset_views(load_config("cifar10"), torch.device("cpu"), batch=3)
     assert [tuple(v.shape) for v in views] == [(6, 3, 32, 32)]
 
 
-def test_convs_rows_follow_the_cpu_preset_convnet(one_thread):
+def test_convs_rows_follow_the_cpu_preset_convnet(one_thread, load_script):
     """One row per convolution and size: the 24 px views (3/4 of 32), the 12 px multi-crop views and the
     32 px evaluation size through the convnet's strides, output positions by the convolution's size
     formula, and the path model.matmul_convs takes in training (products on outputs of at most 16)."""
     from simxent.models import ConvNet
 
-    rows = load_script().bench_convs(torch.device("cpu"), None, batch=2)
+    rows = load_script("benchmark").bench_convs(torch.device("cpu"), None, batch=2)
     expected = []
     for size in (24, 12, 32):
         side, c_in = size, 3

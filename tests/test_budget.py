@@ -289,18 +289,8 @@ def test_budget_schedule_false_keeps_the_epoch_schedule(shapes, tmp_path):
     assert [lrs[s] for s in range(15)] == pytest.approx([PEAK * lr_at(s, 15, 5, 1.0) for s in range(15)], rel=1e-6)
 
 
-def load_budget_script():
-    import importlib.util
-    from pathlib import Path
-    path = Path(__file__).parents[1] / "scripts" / "budget_schedule.py"
-    spec = importlib.util.spec_from_file_location("budget_schedule_script", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
-def test_budget_script_splits_disjointly_and_applies_overrides_last(labelled_folder, tmp_path):
-    script = load_budget_script()
+def test_budget_script_splits_disjointly_and_applies_overrides_last(labelled_folder, tmp_path, load_script):
+    script = load_script("budget_schedule")
     train, val = script.stratified_split(labelled_folder, tmp_path / "split", per_class=20, val_per_class=4)
     for cls in ("a", "b"):
         in_train = {p.resolve() for p in (train / cls).iterdir()}
@@ -311,8 +301,8 @@ def test_budget_script_splits_disjointly_and_applies_overrides_last(labelled_fol
     assert cfg.eval.every == 3  # after the script's own eval.every=1000
 
 
-def test_budget_script_refuses_bad_arms_and_its_own_keys_and_names_folders_by_overrides(tmp_path):
-    script = load_budget_script()
+def test_budget_script_refuses_bad_arms_and_its_own_keys_and_names_folders_by_overrides(tmp_path, load_script):
+    script = load_script("budget_schedule")
     assert script.parse_schedules("budget, epochs") == [True, False]
     assert script.parse_schedules("epochs") == [False]
     for bad in ("budget,budget", "budget,", "epoch"):

@@ -1,6 +1,5 @@
 """The sweep carves a stratified, seeded validation split, chooses on it, and scores the test folder once for
 the chosen setting."""
-import importlib.util
 import json
 import os
 from collections import Counter
@@ -177,15 +176,8 @@ def test_one_at_a_time_plot_shows_each_key_at_the_others_base():
     assert list(by_batch.get_xdata()) == [128, 256] and list(by_batch.get_ydata()) == pytest.approx([0.3, 0.5])
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("sweep_script", Path(__file__).parents[1] / "scripts" / "sweep.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
-def test_script_takes_overrides_after_the_options(tmp_path, monkeypatch):
-    script = load_script()
+def test_script_takes_overrides_after_the_options(tmp_path, monkeypatch, load_script):
+    script = load_script("sweep")
     seen = {}
 
     def fake_sweep(config, grid, train, test, out, opts, overrides, probe, progress):
@@ -203,8 +195,9 @@ def test_script_takes_overrides_after_the_options(tmp_path, monkeypatch):
                     "opts": SweepOptions(seeds=3, val_fraction=0.2, subset=100, one_at_a_time=True)}
 
 
-def test_script_refuses_a_bad_fraction_in_one_line(tmp_path, capsys):
-    assert load_script().main(["--grid", "loss.temperature=0.1", "--train", str(tmp_path), "--test", str(tmp_path),
-                               "--val-fraction", "1.5", "--out", str(tmp_path / "o")]) == 2
+def test_script_refuses_a_bad_fraction_in_one_line(tmp_path, capsys, load_script):
+    script = load_script("sweep")
+    assert script.main(["--grid", "loss.temperature=0.1", "--train", str(tmp_path), "--test", str(tmp_path),
+                        "--val-fraction", "1.5", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--val-fraction must be between 0 and 1" in err

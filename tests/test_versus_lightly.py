@@ -23,19 +23,9 @@ linear_eval_module = importlib.import_module("simxent.linear_eval")  # simxent.l
 train_module = importlib.import_module("simxent.train")
 
 
-def load_script(name: str, monkeypatch):
-    """scripts/<name>.py as a module, with scripts/ on the path as when it runs."""
-    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture
-def versus(monkeypatch):
-    return load_script("versus_lightly", monkeypatch)
+def versus(load_script):
+    return load_script("versus_lightly")
 
 
 @pytest.fixture
@@ -55,14 +45,14 @@ def fake_side(marks, rates, knn):
     return points, scores
 
 
-def test_table_and_last_line_from_made_up_results(versus, monkeypatch):
+def test_table_and_last_line_from_made_up_results(versus, monkeypatch, load_script):
     (lp, ls), (sp, ss) = fake_side([2, 5, 10], [100.0, 110.0, 120.0], [0.30, 0.40, 0.50]), \
         fake_side([2, 5, 10], [200.0, 210.0, 220.0], [0.45, 0.55, 0.60])
     rows = versus.versus_rows({"lightly": lp, "simxent": sp}, {"lightly": ls, "simxent": ss}, "minutes")
     assert rows[1] == {"minutes": 5, "lightly_images_per_s": 110.0, "lightly_epochs": 1.25, "lightly_knn_top1": 0.40,
                        "lightly_linear_top1": pytest.approx(0.45), "simxent_images_per_s": 210.0,
                        "simxent_epochs": 1.25, "simxent_knn_top1": 0.55, "simxent_linear_top1": pytest.approx(0.60)}
-    benchmark = load_script("benchmark", monkeypatch)
+    benchmark = load_script("benchmark")
     text = benchmark.markdown({"sections": {"lightly": rows}})
     lines = text.strip().splitlines()
     assert lines[0] == "### lightly"
@@ -106,10 +96,11 @@ def reference_features(encoder, folder: Path) -> torch.Tensor:
         return encoder.eval()(((x - mean) / std).permute(0, 3, 1, 2))
 
 
-def test_a_state_dict_saved_like_lightly_peer_is_scored_with_backbone_convnet(split_folder, tmp_path, monkeypatch):
+def test_a_state_dict_saved_like_lightly_peer_is_scored_with_backbone_convnet(split_folder, tmp_path, monkeypatch,
+                                                                              load_script):
     from simxent.cli import linear_eval_main
 
-    peer = load_script("lightly_peer", monkeypatch)
+    peer = load_script("lightly_peer")
     torch.manual_seed(3)
     encoder, model = peer.cpu_preset_model(16)
     with torch.no_grad():  # weights and statistics no fresh convnet has, so that a load that failed is seen
@@ -191,7 +182,7 @@ def lightly_python():
     return versus_lightly.venv_python(venv) if versus_lightly.has_lightly(versus_lightly.venv_python(venv)) else None
 
 
-def test_lightly_peer_trains_an_epoch_and_saves_a_scorable_encoder(tmp_path, monkeypatch):
+def test_lightly_peer_trains_an_epoch_and_saves_a_scorable_encoder(tmp_path, monkeypatch, load_script):
     python = lightly_python()
     if python is None:
         pytest.skip("lightly is not installed here (set SIMXENT_LIGHTLY_VENV to a venv that has it)")
@@ -204,7 +195,7 @@ def test_lightly_peer_trains_an_epoch_and_saves_a_scorable_encoder(tmp_path, mon
     assert progress["steps_per_epoch"] == 1 and progress["marks"] == []
     assert [(e["epoch"], e["step"], e["file"]) for e in progress["epochs"]] == [(1.0, 1, "epoch-1.pt")]
     trained = torch.load(tmp_path / "out" / "epoch-1.pt", weights_only=True)
-    peer = load_script("lightly_peer", monkeypatch)
+    peer = load_script("lightly_peer")
     torch.manual_seed(0)  # the script's seed: its encoder before the step
     initial = peer.cpu_preset_model(16)[0].state_dict()
     assert trained.keys() == initial.keys()
