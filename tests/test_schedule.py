@@ -86,6 +86,46 @@ def test_lars_on_many_tensors_over_steps_matches_a_per_tensor_loop():
         torch.testing.assert_close(p.detach(), r)
 
 
+def reference_steps(name: str, params: list, grads: list, lr: float, wd: list, momentum: float = 0.9) -> list:
+    """Three steps of SGD (momentum, coupled decay) or AdamW (decoupled decay, bias-corrected moments)
+    written from their formulas, one tensor at a time."""
+    params, out = [p.detach().clone() for p in params], []
+    state = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    for t in range(1, 4):
+        for i, (w, g) in enumerate(zip(params, grads[t - 1])):
+            if name == "sgd":
+                g = g + wd[i] * w
+                state[0][i] = g if t == 1 else momentum * state[0][i] + g
+                w -= lr * state[0][i]
+            else:
+                state[0][i] = 0.9 * state[0][i] + 0.1 * g
+                state[1][i] = 0.999 * state[1][i] + 0.001 * g * g
+                m_hat, v_hat = state[0][i] / (1 - 0.9 ** t), state[1][i] / (1 - 0.999 ** t)
+                w *= 1 - lr * wd[i]
+                w -= lr * m_hat / (v_hat.sqrt() + 1e-8)
+    return params
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizers_step_as_their_formulas(name):
+    """build_optimizer's fused SGD and AdamW, both SimCLR groups (decay on weights, none on biases and
+    norms), three steps in float64 against the formulas."""
+    torch.manual_seed(0)
+    model = SimCLR(ModelConfig(backbone="convnet", head_hidden=16)).double()
+    opt = build_optimizer(model, OptimConfig(name=name, weight_decay=0.05), 0.01)
+    assert all(g["fused"] for g in opt.param_groups)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    wd = [g["weight_decay"] for g in opt.param_groups for _ in g["params"]]
+    grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
+    expected = reference_steps(name, params, grads, 0.01, wd)
+    for step in grads:
+        for p, g in zip(params, step):
+            p.grad = g.clone()
+        opt.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["sgd", "adamw", "lars"])
 def test_learnt_temperature_has_its_own_group(name):
     """Its own lr, no weight decay, no LARS trust ratio: one step moves log t by exactly -lr * grad."""
