@@ -425,15 +425,18 @@ def data_images_per_s(cfg, device, seconds=15.0):
     return n / (time.perf_counter() - t)
 
 
+PIPELINE_FLAGS = ("stream", "compile", "onednn")
+
+
 def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
     """``entries``: ``preset:batch[:stream][:compile][:onednn]``, e.g. ``cpu:256`` or ``imagenet:256:stream``;
     ``onednn``: ``model.matmul_convs=false``."""
     rows = []
     for entry in entries.split(","):
         preset, batch, *flags = entry.split(":")
-        unknown = set(flags) - {"stream", "compile", "onednn"}
+        unknown = set(flags) - set(PIPELINE_FLAGS)
         if unknown:
-            raise SystemExit(f"--pipeline {entry}: unknown flags {sorted(unknown)} (stream, compile, onednn)")
+            raise SystemExit(f"--pipeline {entry}: unknown flags {sorted(unknown)} ({', '.join(PIPELINE_FLAGS)})")
         overrides = [f"data.train={Path(data_root) / 'train'}", f"train.batch_size={batch}", "train.log_every=4",
                      "train.precision=auto", f"data.stream={'stream' in flags}", f"train.compile={'compile' in flags}",
                      f"model.matmul_convs={'onednn' not in flags}"]

@@ -146,3 +146,11 @@ def test_convs_rows_follow_the_cpu_preset_convnet(one_thread, load_script):
     # the last convolution at every size (3x3, 2x2, 4x4 outputs) and the third at 12 px (3x3)
     assert sum(r["matmul_convs"] for r in rows) == 4
     assert all(r["onednn_ms"] > 0 and r["matmul_ms"] > 0 for r in rows)
+
+
+def test_pipeline_refuses_an_unknown_flag_before_any_work(load_script):
+    """A mistyped flag (here ``onednm``) stops the command with the entry and the flags it knows, rather
+    than timing a loop the user did not ask for."""
+    script = load_script("benchmark")
+    with pytest.raises(SystemExit, match=r"cpu:128:onednm: unknown flags \['onednm'\] \(stream, compile, onednn\)"):
+        script.bench_pipeline(torch.device("cpu"), None, "no-such-folder", 1.0, "cpu:128:onednm", 0)
