@@ -11,6 +11,7 @@ of repeated timings after warm-up. The tables in docs/benchmarks.md come from th
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -34,8 +35,8 @@ from simxent.schedule import build_optimizer
 from simxent.train import step_loss, views_per_batch
 from versus_lightly import DEFAULT_VENV, Versus, bench_lightly, reaching_line, simxent_config  # in scripts/
 
-SECTIONS = ("loss", "augment", "precision", "ceiling", "profile", "convs", "knn", "embed", "search", "probe",
-            "pipeline", "quality", "lightly")
+SECTIONS = ("loss", "augment", "precision", "ceiling", "profile", "convs", "norms", "knn", "embed", "search",
+            "probe", "pipeline", "quality", "lightly")
 # lightly trains for an hour by default and needs a network to make its environment once: asked for by name.
 DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "lightly")
 # A line under a section's table, made from its rows.
@@ -737,6 +738,38 @@ def bench_convs(device, sync, preset: str = "cpu", batch: int = 256) -> list:
     return rows
 
 
+def bench_norms(device, sync, preset: str = "cpu", batch: int = 256) -> list:
+    """Each BatchNorm + ReLU of the convnet at the sizes the preset trains it on (its views, then its small
+    views), on ``batch`` bf16 channels_last maps as its convolutions give them, forward + backward (input
+    and parameter gradients): eager (PyTorch's BatchNorm kernels, then ReLU's) and fused by ``torch.compile``
+    (inductor's generated kernels), timed in turn. ``compile_s``: the compiled module's first call."""
+    cfg = load_config(preset)
+    sizes = [view_size(cfg.augment, cfg.data.image_size)]
+    if cfg.augment.small_views:
+        sizes.append(small_view_size(cfg.augment, cfg.data.image_size))
+    rows = []
+    for size in sizes:
+        side = size
+        for conv, norm, relu in ConvNet().features:
+            side = (side + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+            x = torch.randn(batch, conv.out_channels, side, side, device=device, dtype=torch.bfloat16)
+            x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+            grad = torch.randn_like(x)
+            eager = torch.nn.Sequential(norm, relu).to(device)
+            torch.compiler.reset()
+            compiled = torch.compile(copy.deepcopy(eager), dynamic=False)
+            # Gradients returned, not accumulated into x.grad: training's maps are not leaves.
+            fns = {name: lambda m=m: torch.autograd.grad(m(x), [x, *m.parameters()], grad)
+                   for name, m in (("eager", eager), ("compiled", compiled))}
+            compile_s = first_call_seconds(fns["compiled"], sync)
+            seconds = timed_alternately(fns, repeats=7, warmup=2, sync=sync)
+            rows.append({"view_px": size, "channels": conv.out_channels, "map": f"{side}x{side}",
+                         "eager_ms": 1e3 * seconds["eager"], "compiled_ms": 1e3 * seconds["compiled"],
+                         "eager_over_compiled": seconds["eager"] / seconds["compiled"], "compile_s": compile_s})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def markdown(results: dict) -> str:
     lines = []
     for section, rows in results["sections"].items():
@@ -832,6 +865,7 @@ def main():
         "ceiling": lambda: bench_ceiling(device, sync, a.ceiling_encoders),
         "profile": lambda: bench_profile(device, sync, a.ceiling_encoders),
         "convs": lambda: bench_convs(device, sync),
+        "norms": lambda: bench_norms(device, sync),
         "knn": lambda: bench_knn(device, sync),
         "embed": lambda: bench_embed(device, sync, a.data),
         "search": lambda: bench_search(device, sync),

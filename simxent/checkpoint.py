@@ -343,6 +343,17 @@ def fit_temperature_group(saved: dict, optimizer: torch.optim.Optimizer) -> dict
     return saved
 
 
+def fit_optimizer(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """``saved`` fitted to ``optimizer``: its temperature group (:func:`fit_temperature_group`), and the
+    kernels each step runs on (``fused``, ``foreach``) taken from ``optimizer``, since how a step runs is this
+    code's choice, not the checkpoint's. torch keeps a saved group's settings on load, so a checkpoint
+    written before the optimisers were fused would resume unfused: slower, and under fp16's grad scaler,
+    which hands a fused-capable optimiser its scale, failing its first step."""
+    saved = fit_temperature_group(saved, optimizer)
+    kernels = {k: optimizer.param_groups[0][k] for k in ("fused", "foreach") if k in optimizer.param_groups[0]}
+    return {**saved, "param_groups": [{**group, **kernels} for group in saved["param_groups"]]}
+
+
 def saved_progress(state: dict, total: int) -> float:
     """The schedule's progress a training checkpoint saved. One written before progress was saved counts
     its steps' share of the step plan it holds under "schedule" (a time budget's: its cosine ended at step
@@ -356,7 +367,7 @@ def saved_progress(state: dict, total: int) -> float:
 def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler, seed: int) -> Position:
     """Load a checkpoint's weights, optimiser, scaler and this process's RNG state; returns where it stood.
     A checkpoint written by another number of processes restarts the augmentation streams (said so)."""
-    state = {**state, "optimizer": fit_temperature_group(state["optimizer"], optimizer)}
+    state = {**state, "optimizer": fit_optimizer(state["optimizer"], optimizer)}
     load_parts(state, path, {"encoder": net.encoder, "head": net.head, "temperature": net.temperature,
                              "optimizer": optimizer, "scaler": scaler})
     pos = Position(**state["position"])

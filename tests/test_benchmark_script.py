@@ -154,3 +154,23 @@ def test_pipeline_refuses_an_unknown_flag_before_any_work(load_script):
     script = load_script("benchmark")
     with pytest.raises(SystemExit, match=r"cpu:128:onednm: unknown flags \['onednm'\] \(stream, compile, onednn\)"):
         script.bench_pipeline(torch.device("cpu"), None, "no-such-folder", 1.0, "cpu:128:onednm", 0)
+
+
+def test_norms_rows_follow_the_cpu_preset_convnet(monkeypatch, one_thread, load_script):
+    """One row per BatchNorm + ReLU and training size: the 24 px views and the 12 px multi-crop views
+    through the convnet's strides (24, 12, 6, 3 and 12, 6, 3, 2). torch.compile is left out here (its
+    inductor build takes seconds per shape): the compiled module is then a copy of the eager one, so both
+    times are of the same work."""
+    from simxent.models import ConvNet
+
+    script = load_script("benchmark")
+    monkeypatch.setattr(script.torch, "compile", lambda module, **_: module)
+    rows = script.bench_norms(torch.device("cpu"), None, batch=2)
+    expected = []
+    for size in (24, 12):
+        side = size
+        for width, stride in zip(ConvNet.widths, ConvNet.strides):
+            side = (side - 1) // stride + 1
+            expected.append((size, width, f"{side}x{side}"))
+    assert [(r["view_px"], r["channels"], r["map"]) for r in rows] == expected
+    assert all(r["eager_ms"] > 0 and r["compiled_ms"] > 0 and r["compile_s"] > 0 for r in rows)

@@ -113,6 +113,34 @@ def test_an_optimiser_state_without_or_with_a_temperature_group_fits_the_other(s
         assert net.temperature.log_t not in opt.state
 
 
+def test_an_unfused_optimiser_state_resumes_fused_and_steps_under_a_grad_scaler():
+    """A checkpoint written before the optimisers were fused (AdamW's groups saved with fused=None) loads
+    fused, keeps its moments, and takes a step through a grad scaler, which hands a fused-capable optimiser
+    its scale: the unfused step refuses that."""
+    from simxent.checkpoint import fit_optimizer
+    from simxent.config import ModelConfig, OptimConfig
+    from simxent.models import SimCLR
+    from simxent.schedule import build_optimizer
+
+    torch.manual_seed(0)
+    net = SimCLR(ModelConfig(backbone="convnet", head_hidden=8, head_out=4), 16)
+    opt = build_optimizer(net, OptimConfig(name="adamw"), 0.1)
+    net(torch.rand(4, 3, 16, 16)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    saved["param_groups"] = [{**g, "fused": None, "foreach": None} for g in saved["param_groups"]]
+    moments = [opt.state[p]["exp_avg"].clone() for p in net.parameters()]
+    opt = build_optimizer(net, OptimConfig(name="adamw"), 0.1)
+    opt.load_state_dict(fit_optimizer(saved, opt))
+    assert all(g["fused"] for g in opt.param_groups)
+    for p, m in zip(net.parameters(), moments):
+        torch.testing.assert_close(opt.state[p]["exp_avg"], m)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(net(torch.rand(4, 3, 16, 16)).sum()).backward()
+    scaler.step(opt)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
 def test_a_fixed_temperature_run_resumes_with_a_learnt_one(tmp_path):
     """The real loop: one epoch at a fixed temperature, then resumed with loss.learn_temperature=true, whose
     temperature moves from 0.5 while the position carries on."""

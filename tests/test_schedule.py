@@ -112,12 +112,13 @@ def test_fused_optimizers_step_as_their_formulas(name):
     norms), three steps in float64 against the formulas."""
     torch.manual_seed(0)
     model = SimCLR(ModelConfig(backbone="convnet", head_hidden=16)).double()
-    opt = build_optimizer(model, OptimConfig(name=name, weight_decay=0.05), 0.01)
+    cfg = OptimConfig(name=name, weight_decay=0.05)
+    opt = build_optimizer(model, cfg, 0.01)
     assert all(g["fused"] for g in opt.param_groups)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    wd = [g["weight_decay"] for g in opt.param_groups for _ in g["params"]]
+    params = list(model.parameters())
+    wd = [0.05 if p.ndim > 1 else 0.0 for p in params]  # weights decay; biases and norms do not
     grads = [[torch.randn_like(p) for p in params] for _ in range(3)]
-    expected = reference_steps(name, params, grads, 0.01, wd)
+    expected = reference_steps(name, params, grads, 0.01, wd, cfg.momentum)
     for step in grads:
         for p, g in zip(params, step):
             p.grad = g.clone()
