@@ -86,10 +86,10 @@ def test_lars_on_many_tensors_over_steps_matches_a_per_tensor_loop():
         torch.testing.assert_close(p.detach(), r)
 
 
-def reference_steps(name: str, params: list, grads: list, lr: float, wd: list, momentum: float = 0.9) -> list:
+def reference_steps(name: str, params: list, grads: list, lr: float, wd: list, momentum: float) -> list:
     """Three steps of SGD (momentum, coupled decay) or AdamW (decoupled decay, bias-corrected moments)
     written from their formulas, one tensor at a time."""
-    params, out = [p.detach().clone() for p in params], []
+    params = [p.detach().clone() for p in params]
     state = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
     for t in range(1, 4):
         for i, (w, g) in enumerate(zip(params, grads[t - 1])):
