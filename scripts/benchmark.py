@@ -340,12 +340,20 @@ def bench_probe(device, _sync, data_root):
 
 # --- pipeline efficiency ----------------------------------------------------------------------------------------
 
+def training_sizes(cfg) -> list[int]:
+    """The sides the preset's encoder trains on, in the order ``views_per_batch`` counts its views: the view
+    size (``augment.view_ratio`` of data.image_size), then multi-crop's small-view size when it has any."""
+    sizes = [view_size(cfg.augment, cfg.data.image_size)]
+    if cfg.augment.small_views:
+        sizes.append(small_view_size(cfg.augment, cfg.data.image_size))
+    return sizes
+
+
 def preset_views(cfg, device, batch: int) -> list:
-    """Random views shaped as the preset's training step gets them: ``augment.views`` at the view size
-    (``augment.view_ratio`` of data.image_size), then multi-crop's ``augment.small_views`` at their size."""
-    sizes = (view_size(cfg.augment, cfg.data.image_size), small_view_size(cfg.augment, cfg.data.image_size))
+    """Random views shaped as the preset's training step gets them: ``augment.views`` at the view size, then
+    multi-crop's ``augment.small_views`` at theirs (``training_sizes``)."""
     return [torch.randn(n * batch, 3, s, s, device=device).contiguous(memory_format=torch.channels_last)
-            for n, s in zip(views_per_batch(cfg.augment), sizes)]
+            for n, s in zip(views_per_batch(cfg.augment), training_sizes(cfg), strict=True)]
 
 
 def bare_step(cfg, device, dtype):
@@ -709,10 +717,7 @@ def bench_convs(device, sync, preset: str = "cpu", batch: int = 256) -> list:
     (``F.conv2d``) and as matrix products (``conv2d_as_matmul``), timed in turn. ``matmul_convs``: the path
     ``model.matmul_convs`` takes in training (``Conv2d.uses_matmul``)."""
     cfg = load_config(preset)
-    sizes = [view_size(cfg.augment, cfg.data.image_size)]
-    if cfg.augment.small_views:
-        sizes.append(small_view_size(cfg.augment, cfg.data.image_size))
-    sizes.append(cfg.data.image_size)
+    sizes = training_sizes(cfg) + [cfg.data.image_size]
     convs = [block[0] for block in use_matmul_convs(ConvNet()).features]
     rows = []
     for size in sizes:
@@ -743,12 +748,8 @@ def bench_norms(device, sync, preset: str = "cpu", batch: int = 256) -> list:
     views), on ``batch`` bf16 channels_last maps as its convolutions give them, forward + backward (input
     and parameter gradients): eager (PyTorch's BatchNorm kernels, then ReLU's) and fused by ``torch.compile``
     (inductor's generated kernels), timed in turn. ``compile_s``: the compiled module's first call."""
-    cfg = load_config(preset)
-    sizes = [view_size(cfg.augment, cfg.data.image_size)]
-    if cfg.augment.small_views:
-        sizes.append(small_view_size(cfg.augment, cfg.data.image_size))
     rows = []
-    for size in sizes:
+    for size in training_sizes(load_config(preset)):
         side = size
         for conv, norm, relu in ConvNet().features:
             side = (side + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
