@@ -21,7 +21,10 @@ class. ``multi_view_nt_xent`` is the multi-positive cross entropy over all other
 
     L = -(1/|I|) sum_{i in I} (1/|P(i)|) sum_{p in P(i)} log( exp(s_ip / t) / sum_{a in A(i)} exp(s_ia / t) ),
 
-I the anchors with at least one positive; at V = 2 without labels it is NT-Xent above.
+I the anchors with at least one positive; at V = 2 without labels it is NT-Xent above. Decoupled
+(DCL, Yeh et al. 2022), the denominator holds the negatives only, A(i) minus P(i): a positive then no
+longer damps its own gradient as its similarity grows, and I holds the anchors with at least one positive
+and one negative.
 """
 from __future__ import annotations
 
@@ -149,15 +152,18 @@ class _MultiPositiveCrossEntropy(torch.autograd.Function):
         L = scale * sum_{i: P(i) not empty} [ logsumexp_{k != self(i)} s_ik - sum_k W_ik s_ik ]
 
     for unit rows q (M, D), c (K, D) and W_ik = 1/|P(i)| on i's positives (0 elsewhere, a row of zeros for
-    an anchor without positives). With G_ik = scale (softmax_ik - W_ik) on the anchors that count (0 on the
+    an anchor left out). With G_ik = scale (softmax_ik - W_ik) on the anchors that count (0 on the
     others): dq = G c / t, dc = G^T q / t, d(1/t) = sum(G * q c^T), as in the one-positive form.
+    ``decoupled`` also drops the positives (W_ik > 0) from the logsumexp and the softmax.
     """
 
     @staticmethod
-    def forward(ctx, q, c, inv_t, offset: int, weights, scale):
+    def forward(ctx, q, c, inv_t, offset: int, weights, scale, decoupled: bool = False):
         logits = (q * inv_t) @ c.T
         positives = logits.flatten() @ weights.flatten()  # sum_i sum_k W_ik s_ik: a dot product, no (M, K) copy
         logits.diagonal(offset).fill_(float("-inf"))
+        if decoupled:
+            logits.masked_fill_(weights > 0, float("-inf"))
         lse = torch.logsumexp(logits, dim=1)
         counts = (weights.sum(dim=1) > 0).to(q.dtype)  # 1 for anchors with a positive, 0 for the others
         loss = ((lse * counts).sum() - positives) * scale
@@ -173,7 +179,7 @@ class _MultiPositiveCrossEntropy(torch.autograd.Function):
         grad_t = (g * (q @ c.T)).sum() * grad_loss if ctx.needs_input_grad[2] else None
         grad_q = (g @ c).mul_(inv_t * grad_loss) if ctx.needs_input_grad[0] else None
         grad_c = (g.T @ q).mul_(inv_t * grad_loss) if ctx.needs_input_grad[1] else None
-        return grad_q, grad_c, grad_t, None, None, None
+        return grad_q, grad_c, grad_t, None, None, None, None
 
 
 def _at_least_float32(z: torch.Tensor) -> torch.Tensor:
@@ -222,20 +228,27 @@ def symmetric_nt_xent(x: torch.Tensor, inv_t: torch.Tensor) -> torch.Tensor:
     return _SymmetricNTXent.apply(x, inv_t)
 
 
-def positive_weights(groups: torch.Tensor, all_groups: torch.Tensor, offset: int, dtype) -> torch.Tensor:
+def positive_weights(groups: torch.Tensor, all_groups: torch.Tensor, offset: int, dtype,
+                     decoupled: bool = False) -> torch.Tensor:
     """W (M, K): W_ik = 1/|P(i)| where candidate k is one of anchor i's positives (same group, k not i
-    itself, i's own column being ``offset + i``), else 0."""
+    itself, i's own column being ``offset + i``), else 0. ``decoupled``: a row of zeros for an anchor whose
+    candidates are all in its group (no negative, so no denominator)."""
     same = (groups[:, None] == all_groups[None, :]).to(dtype)
+    if decoupled:
+        same.mul_((same.sum(dim=1, keepdim=True) < same.shape[1]).to(dtype))
     same.diagonal(offset).zero_()
     return same.div_(same.sum(dim=1, keepdim=True).clamp_min_(1))
 
 
-def anchors_with_positives(all_groups: torch.Tensor) -> torch.Tensor:
-    """|I|: how many of the (global) views share their group with another view. Sorted counts, so that
-    on a GPU nothing waits for the host."""
+def anchors_with_positives(all_groups: torch.Tensor, decoupled: bool = False) -> torch.Tensor:
+    """|I|: how many of the (global) views share their group with another view (``decoupled``: and not
+    with every view). Sorted counts, so that on a GPU nothing waits for the host."""
     ordered = all_groups.sort().values
     count = torch.searchsorted(ordered, all_groups, right=True) - torch.searchsorted(ordered, all_groups)
-    return (count > 1).sum()
+    counted = count > 1
+    if decoupled:
+        counted &= count < len(all_groups)
+    return counted.sum()
 
 
 def multi_view_nt_xent(
@@ -245,6 +258,7 @@ def multi_view_nt_xent(
     labels: Optional[torch.Tensor] = None,
     gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     rank: int = 0,
+    decoupled: bool = False,
 ) -> torch.Tensor:
     """The multi-positive NT-Xent of ``n_views`` views per image (module docstring), for ``z`` (V n, D) in
     view-major order: rows ``v n .. v n + n - 1`` are view v of images 0 .. n-1.
@@ -254,7 +268,8 @@ def multi_view_nt_xent(
     projections and to the group of each view; every process holds n images). An anchor without
     positives (labels, V = 1, a class seen once) is left out of the mean; with none at all the loss is 0.
     The local loss is scaled so that its mean over processes is the global loss. At V = 2 without labels
-    this is :func:`nt_xent` itself (its faster forms).
+    this is :func:`nt_xent` itself (its faster forms). ``decoupled``: the denominators hold the negatives
+    only (DCL; the module docstring).
     """
     if z.ndim != 2 or n_views < 1 or z.shape[0] % n_views:
         raise ValueError(f"multi_view_nt_xent: z must be (n_views * n, d), got {tuple(z.shape)} for "
@@ -264,7 +279,7 @@ def multi_view_nt_xent(
         raise ValueError("multi_view_nt_xent: one view per image has no positives without labels")
     if labels is not None and tuple(labels.shape) != (n,):
         raise ValueError(f"multi_view_nt_xent: labels must be ({n},), one per image, got {tuple(labels.shape)}")
-    if labels is None and n_views == 2:
+    if labels is None and n_views == 2 and not decoupled:
         return nt_xent(z[:n], z[n:], temperature, gather=gather, rank=rank)
     # A view's group: its image's label, or its image's index in the global batch.
     groups = labels if labels is not None else torch.arange(n, device=z.device) + rank * n
@@ -274,10 +289,10 @@ def multi_view_nt_xent(
         inv_t = _inverse_temperature(temperature, q)
         c, all_groups = (q, groups) if gather is None else (gather(q), gather(groups))
         offset = rank * q.shape[0]
-        weights = positive_weights(groups, all_groups, offset, q.dtype)
+        weights = positive_weights(groups, all_groups, offset, q.dtype, decoupled)
         world = c.shape[0] // q.shape[0]
-        scale = world / anchors_with_positives(all_groups).clamp_min(1).to(q.dtype)
-        return _MultiPositiveCrossEntropy.apply(q, c, inv_t, offset, weights, scale)
+        scale = world / anchors_with_positives(all_groups, decoupled).clamp_min(1).to(q.dtype)
+        return _MultiPositiveCrossEntropy.apply(q, c, inv_t, offset, weights, scale, decoupled)
 
 
 class Temperature(nn.Module):

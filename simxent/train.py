@@ -56,12 +56,13 @@ def checkpoint_path(cfg: Config) -> Path:
 
 
 def step_loss(model: nn.Module, views: torch.Tensor | list[torch.Tensor], temperature: torch.Tensor, device, dtype,
-              n_views: int = 2, labels: Optional[torch.Tensor] = None):
+              n_views: int = 2, labels: Optional[torch.Tensor] = None, decoupled: bool = False):
     """NT-Xent of this process's ``n_views`` views per image against the views of every process.
 
     ``views`` is one view-major batch ``[v1; v2; ...]``, or a list of them at several resolutions (the
     full-size views, then multi-crop's small ones): the model projects each and concatenates.
-    ``labels`` (one per image) make every view of a class a positive (supervised contrastive).
+    ``labels`` (one per image) make every view of a class a positive (supervised contrastive);
+    ``decoupled`` leaves the positives out of the denominators (``loss.decoupled``).
     Returns the local loss (its mean over processes is the global loss) and the first two views'
     projections, for monitoring.
     """
@@ -69,7 +70,8 @@ def step_loss(model: nn.Module, views: torch.Tensor | list[torch.Tensor], temper
         z = model(views)
     n = z.shape[0] // n_views
     gather = dist.gather_with_grad if dist.world_size() > 1 else None  # None: all views local (symmetric form)
-    loss = multi_view_nt_xent(z, n_views, temperature, labels=labels, gather=gather, rank=dist.rank())
+    loss = multi_view_nt_xent(z, n_views, temperature, labels=labels, gather=gather, rank=dist.rank(),
+                              decoupled=decoupled)
     return loss, z[:n], z[n:2 * n]
 
 
@@ -499,7 +501,8 @@ def train_step(run: Run, batch: Drawn, draw_ahead: Callable[[], None], stop_requ
     lr = set_lr(optimizer, run.budget.fraction(pos.global_step, cfg.optim.min_lr), run.peak, cfg.loss.temperature_lr)
     run.slow_steps.start()
     t = run.net.temperature()
-    loss, z1, z2 = step_loss(run.model, batch.views, t, run.device, run.dtype, run.views.n_views, batch.labels)
+    loss, z1, z2 = step_loss(run.model, batch.views, t, run.device, run.dtype, run.views.n_views, batch.labels,
+                             cfg.loss.decoupled)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # a non-finite loss gives non-finite gradients: caught below
     draw_ahead()

@@ -313,25 +313,27 @@ def test_compiled_training_follows_the_eager_run(shapes, tmp_path):
         torch.testing.assert_close(compiled_w[name], eager_w[name], rtol=1e-3, atol=1e-4)
 
 
-def test_multi_crop_supervised_pretraining_resumes_exactly(shapes, tmp_path, monkeypatch):
+@pytest.mark.parametrize("decoupled", [False, True], ids=["nt-xent", "decoupled"])
+def test_multi_crop_supervised_pretraining_resumes_exactly(shapes, tmp_path, monkeypatch, decoupled):
     """Three full-size and two small views per image, positives by class: the step hands the loss all five
-    views' projections and each image's label, logs as a two-view run does, and a run stopped after one
-    step and resumed ends at the uninterrupted run's weights."""
+    views' projections, each image's label and ``loss.decoupled``, logs as a two-view run does, and a run
+    stopped after one step and resumed ends at the uninterrupted run's weights."""
     import simxent.train
 
     calls = []
     real = simxent.train.multi_view_nt_xent
 
     def spy(z, n_views, temperature, labels=None, **kw):
-        calls.append((z.shape[0], n_views, None if labels is None else labels.tolist()))
+        calls.append((z.shape[0], n_views, None if labels is None else labels.tolist(), kw["decoupled"]))
         return real(z, n_views, temperature, labels=labels, **kw)
 
     monkeypatch.setattr(simxent.train, "multi_view_nt_xent", spy)
     multi = ("augment.views=3", "augment.small_views=2", "loss.positives=labels", "eval.every=0", "train.device=cpu",
-             "train.epochs=1")
+             "train.epochs=1", f"loss.decoupled={str(decoupled).lower()}")
     full = pretrain(load_config(None, tiny(shapes, tmp_path / "full", *multi)), progress=False)
     assert full["global_step"] == 5 and torch.isfinite(torch.tensor(full["last_loss"]))
-    assert all(rows == 5 * 16 and v == 5 and len(y) == 16 and set(y) <= set(range(5)) for rows, v, y in calls)
+    assert all(rows == 5 * 16 and v == 5 and len(y) == 16 and set(y) <= set(range(5)) and d == decoupled
+               for rows, v, y, d in calls)
     logged = scalars(tmp_path / "full")
     assert SCALARS - {"val/knn_top1"} <= set(logged)
     cut = pretrain(load_config(None, tiny(shapes, tmp_path / "cut", *multi, "train.max_time=0.001")), progress=False)

@@ -1,4 +1,5 @@
 """NT-Xent against a loop written from the formula, and its gradient against float64 autograd."""
+import itertools
 import math
 import re
 
@@ -256,17 +257,20 @@ def test_learnt_temperature_is_projected_into_its_range_and_moves_off_a_bound():
 
 # --- several views per image, and labels (supervised contrastive) ---------------------------------------
 
-def multi_positive_reference(z, groups, t):
+def multi_positive_reference(z, groups, t, decoupled=False):
     """The multi-positive cross entropy as a loop, from its formula: for each anchor i with positives
     P(i) = {p != i: same group}, -(1/|P(i)|) sum_p log( exp(s_ip/t) / sum_{a != i} exp(s_ia/t) ), averaged
-    over the anchors that have positives."""
+    over the anchors that have positives. Decoupled (DCL): the sum runs over the negatives a (other
+    groups) only, and an anchor without negatives is left out too."""
     sim = lambda a, b: torch.dot(z[a], z[b]) / (z[a].norm() * z[b].norm())  # noqa: E731
     total, anchors = 0.0, 0
     for i in range(len(z)):
         positives = [p for p in range(len(z)) if p != i and groups[p] == groups[i]]
-        if not positives:
+        negatives = [a for a in range(len(z)) if groups[a] != groups[i]]
+        if not positives or (decoupled and not negatives):
             continue
-        denominator = sum(torch.exp(sim(i, a) / t) for a in range(len(z)) if a != i)
+        denominator = sum(torch.exp(sim(i, a) / t) for a in (negatives if decoupled else
+                                                              [a for a in range(len(z)) if a != i]))
         total = total - sum(torch.log(torch.exp(sim(i, p) / t) / denominator) for p in positives) / len(positives)
         anchors += 1
     return total / anchors
@@ -280,9 +284,10 @@ def view_groups(n, n_views, labels=None):
 LABELS = [0, 1, 0, 2, 1, 0]  # six images of three classes, each class at least twice
 
 
+@pytest.mark.parametrize("decoupled", [False, True], ids=["nt-xent", "decoupled"])
 @pytest.mark.parametrize("labelled", [False, True], ids=["views", "labels"])
 @pytest.mark.parametrize("n_views", [2, 3, 6])
-def test_multi_view_matches_the_formula_loop(n_views, labelled):
+def test_multi_view_matches_the_formula_loop(n_views, labelled, decoupled):
     from simxent.loss import multi_view_nt_xent
 
     n, t = len(LABELS), 0.3
@@ -290,19 +295,19 @@ def test_multi_view_matches_the_formula_loop(n_views, labelled):
     z = torch.randn(n_views * n, 8, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor(LABELS) if labelled else None
     log_t = torch.tensor(math.log(t), dtype=torch.float64, requires_grad=True)
-    expected = multi_positive_reference(z, view_groups(n, n_views, labels), log_t.exp())
+    expected = multi_positive_reference(z, view_groups(n, n_views, labels), log_t.exp(), decoupled)
     want_z, want_t = torch.autograd.grad(expected, (z, log_t))
     for form in FORMS.values():
         mine_z = z.detach().clone().requires_grad_()
         mine_t = log_t.detach().clone().requires_grad_()
-        got = multi_view_nt_xent(mine_z, n_views, mine_t.exp(), labels=labels, **form)
+        got = multi_view_nt_xent(mine_z, n_views, mine_t.exp(), labels=labels, decoupled=decoupled, **form)
         got_z, got_t = torch.autograd.grad(got, (mine_z, mine_t))
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got_z, want_z, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got_t, want_t, rtol=1e-6, atol=1e-6)
         # In float32 too, as training runs it.
         z32 = z.detach().float().requires_grad_()
-        got32 = multi_view_nt_xent(z32, n_views, t, labels=labels, **form)
+        got32 = multi_view_nt_xent(z32, n_views, t, labels=labels, decoupled=decoupled, **form)
         (grad32,) = torch.autograd.grad(got32, z32)
         assert got32.item() == pytest.approx(expected.item(), rel=1e-5)
         torch.testing.assert_close(grad32.double(), want_z, rtol=1e-4, atol=1e-6)
@@ -351,14 +356,31 @@ def test_anchors_without_positives_are_left_out():
         multi_view_nt_xent(z, 5, 0.5, labels=labels)
 
 
+def test_decoupled_leaves_out_anchors_without_negatives_and_differs_from_nt_xent():
+    """Decoupled, a batch of one class has no negatives, so no denominator: every anchor is left out and
+    the loss is 0 with zero gradients (not a log of an empty sum). At V = 2 without labels the decoupled
+    loss takes the general form and is below NT-Xent: the same numerators over smaller denominators."""
+    from simxent.loss import multi_view_nt_xent
+
+    g = torch.Generator().manual_seed(25)
+    z = torch.randn(12, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    one_class = multi_view_nt_xent(z, 2, 0.5, labels=torch.zeros(6, dtype=torch.long), decoupled=True)
+    (grad,) = torch.autograd.grad(one_class, z)
+    assert one_class.item() == 0 and not grad.any()
+    plain, decoupled = (multi_view_nt_xent(z, 2, 0.5, decoupled=d) for d in (False, True))
+    assert decoupled.item() < plain.item()
+    assert "MultiPositive" in decoupled.grad_fn.name()
+
+
 def shard(z, n_views, world, rank):
     """Process ``rank``'s rows of a view-major (V N, D) batch: its slice of the images, every view."""
     n = z.shape[0] // n_views // world
     return torch.cat([view[rank * n:(rank + 1) * n] for view in z.chunk(n_views)])
 
 
+@pytest.mark.parametrize("decoupled", [False, True], ids=["nt-xent", "decoupled"])
 @pytest.mark.parametrize("labelled", [False, True], ids=["views", "labels"])
-def test_multi_view_sharded_with_gather_equals_whole_batch(labelled):
+def test_multi_view_sharded_with_gather_equals_whole_batch(labelled, decoupled):
     """Two 'processes' in one: with the gathered candidates and groups, the mean of the local losses is
     the loss of one process holding everything (the loop at 3 views)."""
     from simxent.loss import multi_view_nt_xent
@@ -366,7 +388,7 @@ def test_multi_view_sharded_with_gather_equals_whole_batch(labelled):
     g = torch.Generator().manual_seed(23)
     z = torch.randn(3 * 6, 8, generator=g, dtype=torch.float64)
     labels = torch.tensor(LABELS) if labelled else None
-    expected = multi_positive_reference(z, view_groups(6, 3, labels), 0.4)
+    expected = multi_positive_reference(z, view_groups(6, 3, labels), 0.4, decoupled)
     shards = [F.normalize(shard(z, 3, 2, r), dim=1) for r in range(2)]
     label_shards = [None, None] if labels is None else [labels[:3], labels[3:]]
     groups = [torch.arange(3).repeat(3) + 3 * r if labels is None else label_shards[r].repeat(3) for r in range(2)]
@@ -374,8 +396,8 @@ def test_multi_view_sharded_with_gather_equals_whole_batch(labelled):
     def gather(t):
         return torch.cat(shards) if t.is_floating_point() else torch.cat(groups)
 
-    losses = [multi_view_nt_xent(shard(z, 3, 2, r), 3, 0.4, labels=label_shards[r], gather=gather, rank=r)
-              for r in range(2)]
+    losses = [multi_view_nt_xent(shard(z, 3, 2, r), 3, 0.4, labels=label_shards[r], gather=gather, rank=r,
+                                 decoupled=decoupled) for r in range(2)]
     assert (sum(losses) / 2).item() == pytest.approx(expected.item(), rel=1e-9)
 
 
@@ -391,12 +413,12 @@ def _multi_view_worker(rank, port, world, cases):
     torch_dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        for n_views, labels, z, expected, want in cases:
+        for n_views, labels, decoupled, z, expected, want in cases:
             mine = shard(z, n_views, world, rank).requires_grad_()
             n = len(z) // n_views // world
             local_labels = None if labels is None else labels[rank * n:(rank + 1) * n]
             loss = multi_view_nt_xent(mine, n_views, 0.3, labels=local_labels, gather=dist.gather_with_grad,
-                                      rank=rank)
+                                      rank=rank, decoupled=decoupled)
             loss.backward()
             assert abs(dist.mean_over_processes(loss).item() - expected) < 1e-6, (n_views, labels)
             # The gather's backward sums every process's gradient: world times the mean loss's gradient.
@@ -408,19 +430,18 @@ def _multi_view_worker(rank, port, world, cases):
 def test_multi_view_across_two_processes_matches_the_formula_loop():
     """Two gloo processes, each holding half the images (all their views): the mean of their losses and
     each one's gradients match the formula loop over the whole batch, for V = 2, 3, 6, with and without
-    labels."""
+    labels, decoupled or not."""
     import socket
 
     import torch.multiprocessing as mp
 
     cases = []
-    for n_views in (2, 3, 6):
-        for labels in (None, torch.tensor(LABELS)):
-            g = torch.Generator().manual_seed(24 + n_views)
-            z = torch.randn(n_views * 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
-            expected = multi_positive_reference(z, view_groups(6, n_views, labels), 0.3)
-            (want,) = torch.autograd.grad(expected, z)
-            cases.append((n_views, labels, z.detach(), expected.item(), want))
+    for n_views, labels, decoupled in itertools.product((2, 3, 6), (None, torch.tensor(LABELS)), (False, True)):
+        g = torch.Generator().manual_seed(24 + n_views)
+        z = torch.randn(n_views * 6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+        expected = multi_positive_reference(z, view_groups(6, n_views, labels), 0.3, decoupled)
+        (want,) = torch.autograd.grad(expected, z)
+        cases.append((n_views, labels, decoupled, z.detach(), expected.item(), want))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
