@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import platform
@@ -434,12 +435,12 @@ def data_images_per_s(cfg, device, seconds=15.0):
     return n / (time.perf_counter() - t)
 
 
-PIPELINE_FLAGS = ("stream", "compile", "onednn")
+PIPELINE_FLAGS = ("stream", "compile", "onednn", "fp32")
 
 
 def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
-    """``entries``: ``preset:batch[:stream][:compile][:onednn]``, e.g. ``cpu:256`` or ``imagenet:256:stream``;
-    ``onednn``: ``model.matmul_convs=false``."""
+    """``entries``: ``preset:batch[:stream][:compile][:onednn][:fp32]``, e.g. ``cpu:256`` or
+    ``imagenet:256:stream``; ``onednn``: ``model.matmul_convs=false``; ``fp32``: ``train.precision=fp32``."""
     rows = []
     for entry in entries.split(","):
         preset, batch, *flags = entry.split(":")
@@ -447,7 +448,7 @@ def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
         if unknown:
             raise SystemExit(f"--pipeline {entry}: unknown flags {sorted(unknown)} ({', '.join(PIPELINE_FLAGS)})")
         overrides = [f"data.train={Path(data_root) / 'train'}", f"train.batch_size={batch}", "train.log_every=4",
-                     "train.precision=auto", f"data.stream={'stream' in flags}", f"train.compile={'compile' in flags}",
+                     f"train.precision={'fp32' if 'fp32' in flags else 'auto'}", f"data.stream={'stream' in flags}", f"train.compile={'compile' in flags}",
                      f"model.matmul_convs={'onednn' not in flags}"]
         cfg = load_config(preset, overrides + ([f"data.workers={workers}"] if workers else []))
         dtype = resolve_dtype(cfg.train.precision, device)
@@ -711,20 +712,22 @@ def bench_profile(device, sync, encoders: str = "convnet,resnet18") -> list:
     return rows
 
 
-def bench_convs(device, sync, preset: str = "cpu", batch: int = 256) -> list:
+def bench_convs(device, sync, preset: str = "cpu", batch: int = 256,
+                dtypes: tuple = (torch.bfloat16, torch.float32)) -> list:
     """Each convolution of the convnet at the sizes the preset trains it on (its views, then its small
-    views) and at ``data.image_size``, ``batch`` images each, forward + backward in bf16: by oneDNN
-    (``F.conv2d``) and as matrix products (``conv2d_as_matmul``), timed in turn. ``matmul_convs``: the path
-    ``model.matmul_convs`` takes in training (``Conv2d.uses_matmul``)."""
+    views) and at ``data.image_size``, ``batch`` images each, forward + backward in each of ``dtypes`` (bf16
+    as under bf16 autocast, float32 as without it): by oneDNN (``F.conv2d``) and as matrix products
+    (``conv2d_as_matmul``), timed in turn. ``matmul_convs``: the path ``model.matmul_convs`` takes in
+    training (``Conv2d.uses_matmul``)."""
     cfg = load_config(preset)
     sizes = training_sizes(cfg) + [cfg.data.image_size]
     convs = [block[0] for block in use_matmul_convs(ConvNet()).features]
     rows = []
-    for size in sizes:
-        x = torch.randn(batch, 3, size, size, device=device, dtype=torch.bfloat16)
+    for dtype, size in itertools.product(dtypes, sizes):
+        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
         for conv in convs:
             x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-            w = conv.weight.detach().to(device, torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            w = conv.weight.detach().to(device, dtype).contiguous(memory_format=torch.channels_last)
             w.requires_grad_()  # channels_last, as train.channels_last keeps the model's weights
             stride, padding = conv.stride[0], conv.padding[0]
             y = F.conv2d(x, w, stride=stride, padding=padding)
@@ -732,9 +735,10 @@ def bench_convs(device, sync, preset: str = "cpu", batch: int = 256) -> list:
             fns = {"onednn": lambda: torch.autograd.grad(F.conv2d(x, w, stride=stride, padding=padding), (x, w), grad),
                    "matmul": lambda: torch.autograd.grad(conv2d_as_matmul(x, w, stride, padding), (x, w), grad)}
             seconds = timed_alternately(fns, repeats=7, warmup=2, sync=sync)
-            with torch.autocast(device.type, torch.bfloat16):
+            with torch.autocast(device.type, torch.bfloat16, enabled=dtype == torch.bfloat16):
                 path = conv.uses_matmul(x)
-            rows.append({"view_px": size, "conv": f"{conv.in_channels}->{conv.out_channels}/{stride}",
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "view_px": size,
+                         "conv": f"{conv.in_channels}->{conv.out_channels}/{stride}",
                          "input": "x".join(map(str, x.shape[2:])), "output_positions": y.shape[2] * y.shape[3],
                          "onednn_ms": 1e3 * seconds["onednn"], "matmul_ms": 1e3 * seconds["matmul"],
                          "onednn_over_matmul": seconds["onednn"] / seconds["matmul"], "matmul_convs": path})

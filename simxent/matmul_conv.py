@@ -1,4 +1,4 @@
-"""Convolutions on small feature maps as matrix products, for bf16 training on the CPU.
+"""Convolutions on small feature maps as matrix products, for bf16 and float32 training on the CPU.
 
 A convolution of x (N, C, H, W) with w (O, C, k, k) is one matrix product over patches. Let X be the
 (N Ho Wo, k² C) matrix whose row (n, i, j) holds the k x k x C input patch under output position (i, j) of
@@ -9,12 +9,12 @@ the (N Ho Wo, O) matrix of dL/dy:
 
 and dL/dx is dL/dX scattered back: each patch's gradient added onto the input positions it was read from.
 
-Why: oneDNN's bf16 convolution kernels are slow on maps of a few positions (the convnet's last stage: 3 x 3
+Why: oneDNN's convolution kernels are slow on maps of a few positions (the convnet's last stage: 3 x 3
 and 2 x 2 outputs at 512 channels), its backward most of all; there the three products above take a
 fraction of the time (docs/benchmarks.md, "Encoder step against the machine's ceiling"). On larger maps
-oneDNN wins, so :class:`Conv2d` uses the products only in training under CPU bf16 autocast and on outputs
-of at most ``MAX_POSITIONS`` positions, and is ``nn.Conv2d`` everywhere else (same parameters, same state
-dict).
+oneDNN wins, so :class:`Conv2d` uses the products only in training on the CPU, under bf16 autocast or in
+float32, on outputs of at most ``MAX_POSITIONS`` positions for that dtype, and is ``nn.Conv2d`` everywhere
+else (same parameters, same state dict).
 ``model.matmul_convs`` (on by default) gives the encoder's convolutions this class.
 """
 from __future__ import annotations
@@ -23,7 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MAX_POSITIONS = 16  # output maps of up to 4 x 4 (benchmark --only convs: faster there, slower from 6 x 6)
+# The largest output, in positions, that takes the products, by the dtype they run in: bf16 (under CPU bf16
+# autocast) up to 4 x 4, float32 (no autocast) up to 3 x 3, where benchmark --only convs measured them faster.
+MAX_POSITIONS = {torch.bfloat16: 16, torch.float32: 9}
 
 
 def _output_size(size: int, k: int, stride: int, padding: int) -> int:
@@ -100,27 +102,35 @@ class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` whose forward and backward are :func:`conv2d_as_matmul` where :meth:`uses_matmul` says
     so, and ``nn.Conv2d``'s own everywhere else."""
 
+    def matmul_dtype(self) -> torch.dtype | None:
+        """The dtype the products would run in on the CPU: bf16 under bf16 autocast, float32 without
+        autocast for float32 weights, None otherwise (fp16 autocast, float64)."""
+        if torch.is_autocast_enabled("cpu"):
+            return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+        return torch.float32 if self.weight.dtype == torch.float32 else None
+
     def uses_matmul(self, x: torch.Tensor) -> bool:
-        """Whether ``self(x)`` takes the matrix products: in training (gradients on), under CPU bf16 autocast,
-        for a float32 or bf16 batch (N, C, H, W), on an output of 1 to ``MAX_POSITIONS`` positions, and for a
-        layer they cover (square kernel, stride and zero padding; no bias, groups or dilation)."""
-        if (x.device.type != "cpu" or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-                or not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16
-                or x.ndim != 4 or x.dtype not in (torch.float32, torch.bfloat16) or isinstance(self.padding, str)):
+        """Whether ``self(x)`` takes the matrix products: in training (gradients on) on the CPU, under bf16
+        autocast (a float32 or bf16 batch) or in float32 without autocast, for a batch (N, C, H, W) with an
+        output of 1 to ``MAX_POSITIONS[dtype]`` positions, and for a layer they cover (square kernel, stride
+        and zero padding; no bias, groups or dilation)."""
+        dtype = self.matmul_dtype()
+        if (x.device.type != "cpu" or not torch.is_grad_enabled() or torch.compiler.is_compiling() or dtype is None
+                or x.ndim != 4 or x.dtype not in (torch.float32, dtype) or isinstance(self.padding, str)):
             return False
         (k, k2), (s, s2), (p, p2) = self.kernel_size, self.stride, self.padding
         if (k, s, p) != (k2, s2, p2) or self.bias is not None or self.groups != 1 or self.dilation != (1, 1) \
                 or self.padding_mode != "zeros":
             return False
         ho, wo = (_output_size(side, k, s, p) for side in x.shape[-2:])
-        return ho >= 1 and wo >= 1 and ho * wo <= MAX_POSITIONS
+        return ho >= 1 and wo >= 1 and ho * wo <= MAX_POSITIONS[dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_matmul(x):
             return super().forward(x)
+        dtype = self.matmul_dtype()
         with torch.autocast("cpu", enabled=False):
-            return conv2d_as_matmul(x.to(torch.bfloat16), self.weight.to(torch.bfloat16), self.stride[0],
-                                    self.padding[0])
+            return conv2d_as_matmul(x.to(dtype), self.weight.to(dtype), self.stride[0], self.padding[0])
 
 
 def use_matmul_convs(net: nn.Module) -> nn.Module:

@@ -129,22 +129,27 @@ def test_the_bare_step_runs_the_presets_views(load_script):
 
 
 def test_convs_rows_follow_the_cpu_preset_convnet(one_thread, load_script):
-    """One row per convolution and size: the 24 px views (3/4 of 32), the 12 px multi-crop views and the
-    32 px evaluation size through the convnet's strides, output positions by the convolution's size
-    formula, and the path model.matmul_convs takes in training (products on outputs of at most 16)."""
+    """One row per dtype, convolution and size: the 24 px views (3/4 of 32), the 12 px multi-crop views and
+    the 32 px evaluation size through the convnet's strides, output positions by the convolution's size
+    formula, and the path model.matmul_convs takes in training (products on outputs of at most 16 in bf16,
+    9 in float32)."""
     from simxent.models import ConvNet
 
     rows = load_script("benchmark").bench_convs(torch.device("cpu"), None, batch=2)
     expected = []
-    for size in (24, 12, 32):
-        side, c_in = size, 3
-        for c_out, stride in zip(ConvNet.widths, ConvNet.strides):
-            out = (side + 2 - 3) // stride + 1
-            expected.append((size, f"{c_in}->{c_out}/{stride}", f"{side}x{side}", out * out, out * out <= 16))
-            side, c_in = out, c_out
-    assert [(r["view_px"], r["conv"], r["input"], r["output_positions"], r["matmul_convs"]) for r in rows] == expected
-    # the last convolution at every size (3x3, 2x2, 4x4 outputs) and the third at 12 px (3x3)
-    assert sum(r["matmul_convs"] for r in rows) == 4
+    for dtype, limit in (("bfloat16", 16), ("float32", 9)):
+        for size in (24, 12, 32):
+            side, c_in = size, 3
+            for c_out, stride in zip(ConvNet.widths, ConvNet.strides):
+                out = (side + 2 - 3) // stride + 1
+                expected.append((dtype, size, f"{c_in}->{c_out}/{stride}", f"{side}x{side}", out * out,
+                                 out * out <= limit))
+                side, c_in = out, c_out
+    assert [(r["dtype"], r["view_px"], r["conv"], r["input"], r["output_positions"], r["matmul_convs"])
+            for r in rows] == expected
+    # bf16: the last convolution at every size (3x3, 2x2, 4x4 outputs) and the third at 12 px (3x3);
+    # float32: the same but the 4x4 at 32 px
+    assert sum(r["matmul_convs"] for r in rows) == 4 + 3
     assert all(r["onednn_ms"] > 0 and r["matmul_ms"] > 0 for r in rows)
 
 

@@ -1,8 +1,11 @@
 """Convolutions as matrix products (simxent.matmul_conv) against torch's own convolution.
 
 The reference is ``F.conv2d`` and its autograd in float64, where both are exact to rounding; under bf16
-autocast the module is compared with ``nn.Conv2d`` under the same autocast, to bf16's precision.
+autocast the module is compared with ``nn.Conv2d`` under the same autocast, to bf16's precision, and in
+float32 with ``nn.Conv2d`` in float32.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,6 +75,26 @@ def test_small_maps_under_bf16_autocast_match_nn_conv2d(size, stride, monkeypatc
         assert (got - want).norm() <= 2e-2 * want.norm()
 
 
+@pytest.mark.parametrize("size, stride", [(6, 2), (3, 2), (3, 1)])
+def test_small_maps_in_float32_match_nn_conv2d(size, stride):
+    """Without autocast, float32 maps of up to 3 x 3 outputs take the products in float32: output and
+    gradients as nn.Conv2d's to float32 rounding."""
+    ref, ours = _pair(64, 96, stride)
+    x = torch.randn(8, 64, size, size).to(memory_format=torch.channels_last)
+    assert ours.uses_matmul(x)
+    outs, grads = [], []
+    for net in (ref, ours):
+        xi = x.clone().requires_grad_()
+        y = net(xi)
+        outs.append(y)
+        y.square().sum().backward()
+        grads.append((xi.grad, net.weight.grad))
+    assert outs[1].dtype == torch.float32 and outs[1].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads[1], grads[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_contiguous_input_gets_a_contiguous_output_as_nn_conv2d_gives():
     ref, ours = _pair(16, 32, 2)
     x = torch.randn(4, 16, 8, 8)
@@ -82,19 +105,22 @@ def test_contiguous_input_gets_a_contiguous_output_as_nn_conv2d_gives():
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_used_only_where_it_was_measured_faster():
-    """Matrix products in CPU bf16 training on outputs of 1 to MAX_POSITIONS positions; nn.Conv2d elsewhere."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_used_only_where_it_was_measured_faster(dtype):
+    """Matrix products in CPU training, under bf16 autocast or in float32, on outputs of 1 to
+    MAX_POSITIONS[dtype] positions; nn.Conv2d elsewhere (larger outputs, inference, fp16, float64)."""
     _, conv = _pair(8, 8, 2)
-    side = int(MAX_POSITIONS ** 0.5)
+    side = math.isqrt(MAX_POSITIONS[dtype])
+    assert side * side == MAX_POSITIONS[dtype]
     small, large = torch.randn(1, 8, 2 * side, 2 * side), torch.randn(1, 8, 2 * side + 2, 2 * side + 2)
-    with torch.autocast("cpu", torch.bfloat16):
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
         assert conv.uses_matmul(small)
         assert not conv.uses_matmul(large)
         with torch.no_grad():  # inference: oneDNN's forward was as fast or faster
             assert not conv.uses_matmul(small)
     with torch.autocast("cpu", torch.float16):
         assert not conv.uses_matmul(small)
-    assert not conv.uses_matmul(small)  # float32: the path is built and measured for bf16
+    assert not conv.double().uses_matmul(small.double())
 
 
 # Layers and inputs the products do not cover: each must fall back to nn.Conv2d's own forward.
@@ -134,8 +160,8 @@ def test_uncovered_layers_and_inputs_fall_back_to_nn_conv2d(case):
 @pytest.mark.parametrize("name", ["convnet", "resnet18"])
 def test_model_matmul_convs_swaps_classes_not_parameters(name):
     """model.matmul_convs gives the encoder's plain convolutions the Conv2d class and nothing else: the
-    state dict is the one without it (checkpoints load both ways), and in float32 (oneDNN's path either way)
-    the projections are equal."""
+    state dict is the one without it (checkpoints load both ways), and in inference (oneDNN's path either
+    way) the projections are equal."""
     nets = {}
     for on in (True, False):
         torch.manual_seed(0)
@@ -145,13 +171,18 @@ def test_model_matmul_convs_swaps_classes_not_parameters(name):
     assert list(nets[True].state_dict()) == list(nets[False].state_dict())
     nets[False].load_state_dict(nets[True].state_dict())
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(nets[True](x), nets[False](x))
+    with torch.no_grad():
+        torch.testing.assert_close(nets[True](x), nets[False](x), rtol=0, atol=0)
 
 
-def test_convnet_trains_the_same_with_and_without_matmul_convs():
-    """One bf16 training forward and backward of SimCLR's convnet at the cpu preset's view sizes (24 and
-    12 px: three of its eight convolutions take the products): projections and every gradient as with
-    oneDNN throughout, to bf16's precision."""
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 5e-2), (torch.float32, 1e-4)])
+def test_convnet_trains_the_same_with_and_without_matmul_convs(dtype, tol, monkeypatch):
+    """One training forward and backward of SimCLR's convnet at the cpu preset's view sizes (24 and 12 px:
+    three of its eight convolutions take the products, in bf16 and in float32 alike): projections and
+    every gradient as with oneDNN throughout, to the precision's rounding."""
+    calls = []
+    original = Conv2d.uses_matmul
+    monkeypatch.setattr(Conv2d, "uses_matmul", lambda self, x: calls.append(original(self, x)) or calls[-1])
     from simxent.loss import multi_view_nt_xent
 
     views = [torch.randn(16, 3, 24, 24), torch.randn(16, 3, 12, 12)]
@@ -159,12 +190,13 @@ def test_convnet_trains_the_same_with_and_without_matmul_convs():
     for on in (True, False):
         torch.manual_seed(0)
         net = SimCLR(ModelConfig(backbone="convnet", head_hidden=64, head_out=32, matmul_convs=on), 32)
-        with torch.autocast("cpu", torch.bfloat16):
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
             z = net(views)
         multi_view_nt_xent(z.float(), 4, 0.1).backward()
         outs[on] = z.float()
         grads[on] = {name: p.grad for name, p in net.named_parameters() if p.grad is not None}
-    torch.testing.assert_close(outs[True], outs[False], rtol=3e-2, atol=3e-2)
+    assert sum(calls) == 3 and len(calls) == 8
+    torch.testing.assert_close(outs[True], outs[False], rtol=tol * 0.6, atol=tol * 0.6)
     assert grads[True].keys() == grads[False].keys()
     for name, want in grads[False].items():
-        assert (grads[True][name] - want).norm() <= 5e-2 * want.norm() + 1e-6, name
+        assert (grads[True][name] - want).norm() <= tol * want.norm() + 1e-6, name
