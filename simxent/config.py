@@ -103,9 +103,9 @@ class ModelConfig:
     view_batches: str = setting("joint", "training forward: joint: all views in one batch, BatchNorm statistics "
                                          "over all views (SimCLR's paper); separate: one forward per view "
                                          "(lightly's and solo-learn's examples)")
-    matmul_convs: bool = setting(True, "in training under CPU bf16, convolutions with at most 16 output positions "
-                                       "as matrix products, where oneDNN's kernels are slow (simxent/matmul_conv.py); "
-                                       "false: oneDNN throughout")
+    matmul_convs: bool = setting(True, "in CPU training, convolutions with at most 16 output positions (bf16 "
+                                       "autocast) or 9 (float32) as matrix products, where oneDNN's kernels are "
+                                       "slow (simxent/matmul_conv.py); false: oneDNN throughout")
 
 
 @dataclass

@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # The largest output, in positions, that takes the products, by the dtype they run in: bf16 (under CPU bf16
-# autocast) up to 4 x 4, float32 (no autocast) up to 3 x 3, where benchmark --only convs measured them faster.
+# autocast) up to 4 x 4, float32 (no autocast) up to 3 x 3. Chosen by benchmark --only convs and the training
+# loop (docs/benchmarks.md, "Convolutions on small maps as matrix products").
 MAX_POSITIONS = {torch.bfloat16: 16, torch.float32: 9}
 
 

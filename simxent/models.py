@@ -238,7 +238,7 @@ class SimCLR(nn.Module):
         super().__init__()
         self.temperature = temperature if temperature is not None else Temperature(0.5)
         self.encoder, self.feature_dim = backbone(cfg.backbone, cfg.cifar_stem, image_size)
-        if cfg.matmul_convs:  # faster small-map convolutions under CPU bf16, same parameters (matmul_conv.py)
+        if cfg.matmul_convs:  # faster small-map convolutions in CPU training, same parameters (matmul_conv.py)
             use_matmul_convs(self.encoder)
         if cfg.weights:
             load_weights(self.encoder, cfg.weights, cfg.backbone + (" with the CIFAR stem" if cfg.cifar_stem else ""))
