@@ -157,7 +157,7 @@ def test_pipeline_refuses_an_unknown_flag_before_any_work(load_script):
     """A mistyped flag (here ``onednm``) stops the command with the entry and the flags it knows, rather
     than timing a loop the user did not ask for."""
     script = load_script("benchmark")
-    with pytest.raises(SystemExit, match=r"cpu:128:onednm: unknown flags \['onednm'\] \(stream, compile, onednn\)"):
+    with pytest.raises(SystemExit, match=r"cpu:128:onednm: unknown flags \['onednm'\] \(stream, compile, onednn, fp32\)"):
         script.bench_pipeline(torch.device("cpu"), None, "no-such-folder", 1.0, "cpu:128:onednm", 0)
 
 
