@@ -371,7 +371,7 @@ def bare_step(cfg, device, dtype):
     temperature = torch.tensor(cfg.loss.temperature, device=device)
 
     def step():
-        loss, _, _ = step_loss(model, views, temperature, device, dtype, n_views)
+        loss, _, _ = step_loss(model, views, temperature, device, dtype, n_views, decoupled=cfg.loss.decoupled)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -448,8 +448,8 @@ def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
         if unknown:
             raise SystemExit(f"--pipeline {entry}: unknown flags {sorted(unknown)} ({', '.join(PIPELINE_FLAGS)})")
         overrides = [f"data.train={Path(data_root) / 'train'}", f"train.batch_size={batch}", "train.log_every=4",
-                     f"train.precision={'fp32' if 'fp32' in flags else 'auto'}", f"data.stream={'stream' in flags}", f"train.compile={'compile' in flags}",
-                     f"model.matmul_convs={'onednn' not in flags}"]
+                     f"train.precision={'fp32' if 'fp32' in flags else 'auto'}", f"data.stream={'stream' in flags}",
+                     f"train.compile={'compile' in flags}", f"model.matmul_convs={'onednn' not in flags}"]
         cfg = load_config(preset, overrides + ([f"data.workers={workers}"] if workers else []))
         dtype = resolve_dtype(cfg.train.precision, device)
         # The floor is timed before and after the loop and averaged: a shared machine drifts over a minute.

@@ -116,7 +116,8 @@ class LossConfig:
     temperature_lr: float = setting(1e-3, "the learnt log(temperature)'s own lr: not batch-scaled, same warm-up "
                                           "and cosine, no weight decay or LARS adaptation")
     decoupled: bool = setting(False, "decoupled contrastive learning (Yeh et al. 2022): an anchor's positives "
-                                     "are left out of its softmax's denominator, which holds its negatives only")
+                                     "are left out of its softmax's denominator, which holds its negatives only "
+                                     "(a learnt temperature then tends to its lower bound)")
     positives: str = setting("views", "views: an anchor's positives are its image's other views (self-supervised); "
                                       "labels: every other view of its class (supervised contrastive, needs class "
                                       "sub-folders in data.train)")

@@ -23,8 +23,8 @@ class. ``multi_view_nt_xent`` is the multi-positive cross entropy over all other
 
 I the anchors with at least one positive; at V = 2 without labels it is NT-Xent above. Decoupled
 (DCL, Yeh et al. 2022), the denominator holds the negatives only, A(i) minus P(i): a positive then no
-longer damps its own gradient as its similarity grows, and I holds the anchors with at least one positive
-and one negative.
+longer damps its own gradient as its similarity grows. Once every positive is more similar than every
+negative, that loss falls without bound as 1/t grows: a learnt temperature is pushed to its lower bound.
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ class _MultiPositiveCrossEntropy(torch.autograd.Function):
     for unit rows q (M, D), c (K, D) and W_ik = 1/|P(i)| on i's positives (0 elsewhere, a row of zeros for
     an anchor left out). With G_ik = scale (softmax_ik - W_ik) on the anchors that count (0 on the
     others): dq = G c / t, dc = G^T q / t, d(1/t) = sum(G * q c^T), as in the one-positive form.
-    ``decoupled`` also drops the positives (W_ik > 0) from the logsumexp and the softmax.
+    ``decoupled`` also drops the positives from the logsumexp and the softmax: logsumexp_{k not in P(i) or i}.
     """
 
     @staticmethod
@@ -232,7 +232,8 @@ def positive_weights(groups: torch.Tensor, all_groups: torch.Tensor, offset: int
                      decoupled: bool = False) -> torch.Tensor:
     """W (M, K): W_ik = 1/|P(i)| where candidate k is one of anchor i's positives (same group, k not i
     itself, i's own column being ``offset + i``), else 0. ``decoupled``: a row of zeros for an anchor whose
-    candidates are all in its group (no negative, so no denominator)."""
+    candidates are all in its group (no negative, so no denominator). That happens only when the whole
+    global batch is one group, and then to every anchor: the loss is 0 whatever |I| is."""
     same = (groups[:, None] == all_groups[None, :]).to(dtype)
     if decoupled:
         same.mul_((same.sum(dim=1, keepdim=True) < same.shape[1]).to(dtype))
@@ -240,15 +241,12 @@ def positive_weights(groups: torch.Tensor, all_groups: torch.Tensor, offset: int
     return same.div_(same.sum(dim=1, keepdim=True).clamp_min_(1))
 
 
-def anchors_with_positives(all_groups: torch.Tensor, decoupled: bool = False) -> torch.Tensor:
-    """|I|: how many of the (global) views share their group with another view (``decoupled``: and not
-    with every view). Sorted counts, so that on a GPU nothing waits for the host."""
+def anchors_with_positives(all_groups: torch.Tensor) -> torch.Tensor:
+    """|I|: how many of the (global) views share their group with another view. Sorted counts, so that
+    on a GPU nothing waits for the host."""
     ordered = all_groups.sort().values
     count = torch.searchsorted(ordered, all_groups, right=True) - torch.searchsorted(ordered, all_groups)
-    counted = count > 1
-    if decoupled:
-        counted &= count < len(all_groups)
-    return counted.sum()
+    return (count > 1).sum()
 
 
 def multi_view_nt_xent(
@@ -291,7 +289,7 @@ def multi_view_nt_xent(
         offset = rank * q.shape[0]
         weights = positive_weights(groups, all_groups, offset, q.dtype, decoupled)
         world = c.shape[0] // q.shape[0]
-        scale = world / anchors_with_positives(all_groups, decoupled).clamp_min(1).to(q.dtype)
+        scale = world / anchors_with_positives(all_groups).clamp_min(1).to(q.dtype)
         return _MultiPositiveCrossEntropy.apply(q, c, inv_t, offset, weights, scale, decoupled)
 
 

@@ -331,7 +331,8 @@ def test_two_views_without_labels_is_nt_xent_and_the_general_form_agrees():
     torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)
 
 
-def test_anchors_without_positives_are_left_out():
+@pytest.mark.parametrize("decoupled", [False, True], ids=["nt-xent", "decoupled"])
+def test_anchors_without_positives_are_left_out(decoupled):
     """One view per image with labels: a class seen once has no positive; its anchor is left out of the
     mean (not a 0/0), and with no positives at all the loss is 0 with zero gradients."""
     from simxent.loss import multi_view_nt_xent
@@ -339,13 +340,13 @@ def test_anchors_without_positives_are_left_out():
     g = torch.Generator().manual_seed(22)
     z = torch.randn(5, 8, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.tensor([0, 1, 0, 2, 0])  # classes 1 and 2 appear once
-    expected = multi_positive_reference(z, labels.tolist(), 0.5)
+    expected = multi_positive_reference(z, labels.tolist(), 0.5, decoupled)
     (want,) = torch.autograd.grad(expected, z)
-    got = multi_view_nt_xent(z, 1, 0.5, labels=labels)
+    got = multi_view_nt_xent(z, 1, 0.5, labels=labels, decoupled=decoupled)
     (grad,) = torch.autograd.grad(got, z)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grad, want, rtol=1e-6, atol=1e-6)
-    alone = multi_view_nt_xent(z, 1, 0.5, labels=torch.arange(5))
+    alone = multi_view_nt_xent(z, 1, 0.5, labels=torch.arange(5), decoupled=decoupled)
     (grad,) = torch.autograd.grad(alone, z)
     assert alone.item() == 0 and not grad.any()
     with pytest.raises(ValueError, match="no positives without labels"):

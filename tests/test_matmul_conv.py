@@ -120,6 +120,8 @@ def test_used_only_where_it_was_measured_faster(dtype):
             assert not conv.uses_matmul(small)
     with torch.autocast("cpu", torch.float16):
         assert not conv.uses_matmul(small)
+    assert not conv.uses_matmul(small.bfloat16())  # bf16 input without autocast: nn.Conv2d's dtype error
+    assert not conv.bfloat16().uses_matmul(small.bfloat16())  # bf16 weights without autocast: not measured
     assert not conv.double().uses_matmul(small.double())
 
 
