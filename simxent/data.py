@@ -601,13 +601,13 @@ def decode_side(size: int, decode_size: Optional[int] = None) -> int:
     return decode_size or round(1.5 * size)
 
 
-def _cache_key(images: ImageList, layout: Layout) -> str:
-    """The layout and each file's path (relative to a folder, absolute from a list), size and modification
-    time; for a dataset, its cache name and length."""
-    h = hashlib.sha1(f"simxent-v2 {layout.key()}\n".encode())
+def _listing(images: ImageList) -> bytes:
+    """What a cache entry stands for besides its layout: each file's path (relative to a folder, absolute
+    from a list), size and modification time, a line each; for a dataset, its cache name and length. Made
+    once per load: it stats every file, and each layout's key reuses it."""
     if images.kind == "dataset":
-        h.update(f"dataset\t{images.cache_name}\t{len(images.files)}\n".encode())
-        return h.hexdigest()[:20]
+        return f"dataset\t{images.cache_name}\t{len(images.files)}\n".encode()
+    lines = []
     for f in images.files:
         try:
             st = f.stat()
@@ -615,8 +615,13 @@ def _cache_key(images: ImageList, layout: Layout) -> str:
         except OSError:  # a dangling link or a vanished file: decoding will name it
             nbytes = mtime = -1
         name = f.relative_to(images.root) if images.kind == "folder" else os.path.abspath(f)
-        h.update(f"{name}\t{nbytes}\t{mtime}\n".encode())
-    return h.hexdigest()[:20]
+        lines.append(f"{name}\t{nbytes}\t{mtime}\n")
+    return "".join(lines).encode()
+
+
+def _cache_key(listing: bytes, layout: Layout) -> str:
+    """sha1 of the layout and the folder's :func:`_listing`, shortened."""
+    return hashlib.sha1(f"simxent-v2 {layout.key()}\n".encode() + listing).hexdigest()[:20]
 
 
 def default_cache_dir() -> Path:
@@ -672,10 +677,11 @@ def load_folder(
     square = Layout("square", size, size)
     larger = Layout("eval", size, size, crop_ratio) if crop_ratio else \
         Layout("padded", size, decode_side(size, decode_size))
-    hit = _read_cache(found, (square, larger), cache_dir) if cache else None
+    listing = _listing(found) if cache else b""
+    hit = _read_cache(listing, (square, larger), cache_dir) if cache else None
     if hit is None:
         layout = square if all_within_view(found, size, workers) else larger
-        array_path = cache_dir / f"{_cache_key(found, layout)}.npy"
+        array_path = cache_dir / f"{_cache_key(listing, layout)}.npy"
         if cache:
             _check_disk(cache_dir, len(found.files) * layout.side**2 * 3, found.root)
         images, good, bad, sizes = _decode_all(found, layout, workers, on_bad_image, progress,
@@ -702,11 +708,11 @@ def load_folder(
     )
 
 
-def _read_cache(found: ImageList, layouts: tuple[Layout, ...], cache_dir: Path):
-    """``(images, good, bad, sizes)`` of the first layout the cache holds for this folder, else None;
-    ``bad`` maps each unreadable file's index to its reason."""
+def _read_cache(listing: bytes, layouts: tuple[Layout, ...], cache_dir: Path):
+    """``(images, good, bad, sizes)`` of the first layout the cache holds for the folder of ``listing``,
+    else None; ``bad`` maps each unreadable file's index to its reason."""
     for layout in layouts:
-        key = _cache_key(found, layout)
+        key = _cache_key(listing, layout)
         array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
         if array_path.exists() and meta_path.exists():
             meta = json.loads(meta_path.read_text())

@@ -110,6 +110,30 @@ def test_cache_equals_direct_decode_and_follows_changes(tmp_path):
     assert len(changed) == 7 and len(list(cache.glob("*.npy"))) == 3
 
 
+def test_a_load_stats_the_folder_once_and_keeps_the_cache_names(tmp_path, monkeypatch):
+    """The file listing (path, size, mtime of each file) is made once per load, miss or hit, though the
+    cache is looked up under two layouts; the cache file is named as before, so existing caches stay valid:
+    sha1 of "simxent-v2 <layout>" and a "path, bytes, mtime_ns" line per file."""
+    import hashlib
+
+    import simxent.data as data
+
+    root = tmp_path / "imgs"
+    for i in range(3):
+        write_image(root / "c" / f"{i}.png", size=(24, 20), seed=i)
+    calls = []
+    real = data._listing
+    monkeypatch.setattr(data, "_listing", lambda images: calls.append(1) or real(images))
+    for _ in range(2):  # a miss (two layouts looked up, then decoded), then a hit
+        load_folder(root, 12, cache_dir=tmp_path / "cache", workers=0, progress=False)
+    assert len(calls) == 2
+    lines = "".join(f"c/{i}.png\t{(root / 'c' / f'{i}.png').stat().st_size}\t"
+                    f"{(root / 'c' / f'{i}.png').stat().st_mtime_ns}\n" for i in range(3))
+    layout = data.Layout("padded", 12, data.decode_side(12))
+    key = hashlib.sha1(f"simxent-v2 {layout.key()}\n{lines}".encode()).hexdigest()[:20]
+    assert [p.name for p in (tmp_path / "cache").glob("*.npy")] == [f"{key}.npy"]
+
+
 def test_batches_cover_epoch_and_resume_in_place(labelled_folder):
     data = load_folder(labelled_folder, 16, workers=0, progress=False)
     batches = list(iterate_batches(data, 10, torch.Generator().manual_seed(1)))
