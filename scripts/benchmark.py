@@ -29,7 +29,7 @@ from simxent.augment import Normalize, ViewAugment, small_view_size
 from simxent.config import AugmentConfig, ModelConfig, load_config, view_size
 from simxent.evaluate import build_index, extract_features, knn_scores, train_linear_probe
 from simxent.loss import nt_xent, symmetric_nt_xent  # the symmetric form: timed where nt_xent does not pick it
-from simxent.matmul_conv import _output_size, conv2d_as_matmul, use_matmul_convs
+from simxent.matmul_conv import conv2d_as_matmul, output_size, use_matmul_convs
 from simxent.models import ConvNet, SimCLR
 from simxent.runtime import autocast, configure_device, cpu_supports_bf16, resolve_device, resolve_dtype
 from simxent.schedule import build_optimizer
@@ -756,7 +756,7 @@ def bench_norms(device, sync, preset: str = "cpu", batch: int = 256) -> list:
     for size in training_sizes(load_config(preset)):
         side = size
         for conv, norm, relu in ConvNet().features:
-            side = _output_size(side, conv.kernel_size[0], conv.stride[0], conv.padding[0])
+            side = output_size(side, conv.kernel_size[0], conv.stride[0], conv.padding[0])
             x = torch.randn(batch, conv.out_channels, side, side, device=device, dtype=torch.bfloat16)
             x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
             grad = torch.randn_like(x)

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 MAX_POSITIONS = {torch.bfloat16: 16, torch.float32: 9}
 
 
-def _output_size(size: int, k: int, stride: int, padding: int) -> int:
+def output_size(size: int, k: int, stride: int, padding: int) -> int:
+    """A convolution's output side: floor((size + 2 padding - k) / stride) + 1."""
     return (size + 2 * padding - k) // stride + 1
 
 
@@ -56,7 +57,7 @@ def _scatter_patches(grad_patches: torch.Tensor, x: torch.Tensor, k: int, stride
     from, summed in float32 at least (up to k² patches overlap on one position), padding cropped off."""
     n, c, h, w = x.shape
     grad_xp = x.new_zeros((n, h + 2 * padding, w + 2 * padding, c), dtype=torch.promote_types(x.dtype, torch.float32))
-    ho, wo = _output_size(h, k, stride, padding), _output_size(w, k, stride, padding)
+    ho, wo = output_size(h, k, stride, padding), output_size(w, k, stride, padding)
     grad_patches = grad_patches.view(n, ho, wo, k, k, c)
     for (i, j), tap in _taps(grad_xp, k, stride, ho, wo):
         tap += grad_patches[:, :, :, i, j]
@@ -70,7 +71,7 @@ class _MatmulConv2d(torch.autograd.Function):
     def forward(ctx, x, w, stride: int, padding: int):
         n, _, h, wd = x.shape
         k = w.shape[2]
-        ho, wo = _output_size(h, k, stride, padding), _output_size(wd, k, stride, padding)
+        ho, wo = output_size(h, k, stride, padding), output_size(wd, k, stride, padding)
         y = _patches(x, k, stride, padding, ho, wo) @ _weight_matrix(w).t()
         ctx.save_for_backward(x, w)  # the patches are rebuilt in backward: memory as a convolution's
         ctx.stride, ctx.padding = stride, padding
@@ -123,7 +124,7 @@ class Conv2d(nn.Conv2d):
         if (k, s, p) != (k2, s2, p2) or self.bias is not None or self.groups != 1 or self.dilation != (1, 1) \
                 or self.padding_mode != "zeros":
             return False
-        ho, wo = (_output_size(side, k, s, p) for side in x.shape[-2:])
+        ho, wo = (output_size(side, k, s, p) for side in x.shape[-2:])
         return ho >= 1 and wo >= 1 and ho * wo <= MAX_POSITIONS[dtype]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
