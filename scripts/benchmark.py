@@ -30,7 +30,7 @@ from simxent.config import AugmentConfig, ModelConfig, load_config, view_size
 from simxent.evaluate import build_index, extract_features, knn_scores, train_linear_probe
 from simxent.loss import nt_xent, symmetric_nt_xent  # the symmetric form: timed where nt_xent does not pick it
 from simxent.matmul_conv import conv2d_as_matmul, output_size, use_matmul_convs
-from simxent.models import ConvNet, SimCLR
+from simxent.models import SimCLR, backbone
 from simxent.runtime import autocast, configure_device, cpu_supports_bf16, resolve_device, resolve_dtype
 from simxent.schedule import build_optimizer
 from simxent.train import step_loss, views_per_batch
@@ -250,7 +250,6 @@ def bench_embed(device, _sync, data_root, images: int = 2000) -> list:
     from simxent.checkpoint import save_checkpoint
     from simxent.config import to_dict
     from simxent.data import load_folder
-    from simxent.models import backbone
     from simxent.search import EmbedOptions, embed, embed_folder
 
     decoded = load_folder(Path(data_root) / "test", 32, progress=False).images[:images]
@@ -268,7 +267,8 @@ def bench_embed(device, _sync, data_root, images: int = 2000) -> list:
         for i, f in enumerate(sorted((Path(data_root) / "test").rglob("*.jpg"))[::5][:images]):
             (folder / f.parent.name).mkdir(parents=True, exist_ok=True)
             (folder / f.parent.name / f.name).symlink_to(f.resolve())
-        save_checkpoint({"config": to_dict(load_config("cpu")), "encoder": backbone("convnet")[0].state_dict()},
+        cpu = load_config("cpu")
+        save_checkpoint({"config": to_dict(cpu), "encoder": backbone(cpu.model.backbone)[0].state_dict()},
                         Path(tmp) / "c.pt")
         opts = EmbedOptions(device=str(device), cache=False, workers=2, progress=False)
         seconds = timed(lambda: embed_folder(Path(tmp) / "c.pt", folder, Path(tmp) / "out", opts), repeats=2,
@@ -721,7 +721,7 @@ def bench_convs(device, sync, preset: str = "cpu", batch: int = 256,
     training (``Conv2d.uses_matmul``)."""
     cfg = load_config(preset)
     sizes = training_sizes(cfg) + [cfg.data.image_size]
-    convs = [block[0] for block in use_matmul_convs(ConvNet()).features]
+    convs = [block[0] for block in use_matmul_convs(backbone(cfg.model.backbone)[0]).features]
     rows = []
     for dtype, size in itertools.product(dtypes, sizes):
         x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
@@ -752,10 +752,10 @@ def bench_norms(device, sync, preset: str = "cpu", batch: int = 256) -> list:
     views), on ``batch`` bf16 channels_last maps as its convolutions give them, forward + backward (input
     and parameter gradients): eager (PyTorch's BatchNorm kernels, then ReLU's) and fused by ``torch.compile``
     (inductor's generated kernels), timed in turn. ``compile_s``: the compiled module's first call."""
-    rows = []
-    for size in training_sizes(load_config(preset)):
+    rows, cfg = [], load_config(preset)
+    for size in training_sizes(cfg):
         side = size
-        for conv, norm, relu in ConvNet().features:
+        for conv, norm, relu in backbone(cfg.model.backbone)[0].features:
             side = output_size(side, conv.kernel_size[0], conv.stride[0], conv.padding[0])
             x = torch.randn(batch, conv.out_channels, side, side, device=device, dtype=torch.bfloat16)
             x = x.contiguous(memory_format=torch.channels_last).requires_grad_()

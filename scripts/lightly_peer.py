@@ -11,12 +11,12 @@ gaussian_blur=0.0)`` (lightly's other defaults: crops of 8 % to 100 %, ImageNet 
 ``ImageFolder`` and ``DataLoader`` (batch 256, shuffled, last partial batch dropped, 2 persistent workers),
 one forward per view (z0 = model(x0); z1 = model(x1)), ``NTXentLoss(temperature=0.2)``, AdamW at a
 constant lr of 1e-3 with torch's default weight decay, bf16 autocast where simxent's ``train.precision=auto``
-picks it (a CPU with native bf16, a GPU), else float32. The model is simxent's: ``backbone("convnet")`` and
-the cpu preset's ``ProjectionHead``.
+picks it (a CPU with native bf16, a GPU), else float32. The model is simxent's: the cpu preset's encoder
+(``convnet_slim``) and ``ProjectionHead``.
 
 Training stops after ``--epochs`` or ``--minutes``, whichever comes first; minutes count from this script's
 start (imports, worker start-up and data loading included). The encoder's plain state dict (what
-``simxent-linear-eval --backbone convnet`` scores) is saved as ``OUT/epoch-<e>.pt`` at every epoch end and
+``simxent-linear-eval --backbone convnet_slim`` scores) is saved as ``OUT/epoch-<e>.pt`` at every epoch end and
 ``OUT/mark-<m>min.pt`` at the end of the step that crosses each of ``--marks`` minutes (``--minutes`` is one);
 ``OUT/progress.json`` records each save's {epoch, step, seconds, images_per_s} (images trained / seconds
 since the start).

@@ -183,8 +183,8 @@ def export_torchvision(path: str | Path, dest: str | Path) -> str:
     torchvision backbones: ``"state_dict"``, a plain state dict for the torchvision model of the same name,
     without the classifier's last layer (ResNets: set ``model.fc = nn.Identity()`` to load it with
     ``strict=True``; with the CIFAR stem, first replace ``conv1`` by a 3x3 stride-1 convolution and
-    ``maxpool`` by ``nn.Identity()``); a ``package.module:function`` backbone's state dict likewise. The convnet
-    matches no torchvision model, so it is written as ``"exported_program"``: a ``torch.export`` graph with
+    ``maxpool`` by ``nn.Identity()``); a ``package.module:function`` backbone's state dict likewise. The convnets
+    match no torchvision model, so one is written as ``"exported_program"``: a ``torch.export`` graph with
     its weights, any batch and image size, loaded by ``torch.export.load(dest).module()``.
     """
     state = load_checkpoint(path)
@@ -192,7 +192,9 @@ def export_torchvision(path: str | Path, dest: str | Path) -> str:
     encoder = checkpoint_encoder(state, cfg, path)
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    if cfg.model.backbone == "convnet":
+    from .models import CONVNETS  # here: simxent.models imports this module
+
+    if cfg.model.backbone in CONVNETS:
         # torch.export rather than TorchScript, which torch 2.14 deprecates (jit.script, jit.save, jit.load)
         dynamic = torch.export.Dim.DYNAMIC
         program = torch.export.export(encoder, (torch.zeros(2, 3, 32, 32),),

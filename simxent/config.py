@@ -91,10 +91,11 @@ class AugmentConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = setting("resnet18", "convnet, any torchvision classification model (resnet50, convnext_tiny, "
-                                        "vit_b_16, ...: docs/backbones.md) or package.module:function")
+    backbone: str = setting("resnet18", "convnet or convnet_slim (simxent's CPU encoders), any torchvision "
+                                        "classification model (resnet50, convnext_tiny, vit_b_16, ...: "
+                                        "docs/backbones.md) or package.module:function")
     cifar_stem: bool = setting(False, "3x3 stride-1 first conv and no max-pool, for 32 px images (ResNet family; "
-                                      "the convnet always has it)")
+                                      "the convnets always have it)")
     weights: str = setting("", "start the encoder from a state dict (torchvision's, classifier keys ignored) or "
                                "a simxent checkpoint; empty: random")
     head_hidden: int = setting(2048, "projection MLP hidden width")
@@ -516,7 +517,7 @@ def markdown_table() -> str:
 
 
 def check_backbone(model: ModelConfig) -> None:
-    """``model.backbone`` is ``convnet``, a torchvision classification model or an importable
+    """``model.backbone`` is ``convnet``, ``convnet_slim``, a torchvision classification model or an importable
     ``package.module:function``; ``model.cifar_stem`` is set only where it applies."""
     from .models import backbone_names, has_cifar_stem, user_function  # here: models imports this module
 
@@ -528,7 +529,7 @@ def check_backbone(model: ModelConfig) -> None:
         user_function(name)
     elif name not in backbone_names():
         raise ConfigError(f"model.backbone: {shown(name)} is not a backbone{did_you_mean(name, backbone_names())} "
-                          f"(convnet, a torchvision classification model as listed in docs/backbones.md, or "
+                          f"(convnet, convnet_slim, a torchvision classification model as listed in docs/backbones.md, or "
                           f"package.module:function)")
     if model.cifar_stem and not has_cifar_stem(name):
         raise ConfigError(f"model.cifar_stem: applies to ResNet-family backbones (resnet*, resnext*, wide_resnet*), "

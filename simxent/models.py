@@ -4,7 +4,7 @@
 the module maps an image batch (B, 3, H, W) to pooled features (B, feature_dim), so no caller ever replaces
 a classifier layer. ``model.backbone`` names one of three kinds of encoder:
 
-- ``convnet``: simxent's CPU-sized encoder;
+- ``convnet`` and ``convnet_slim``: simxent's CPU-sized encoders (:data:`CONVNETS`);
 - any torchvision classification model (:func:`torchvision_names`), random weights, classifier removed;
 - ``package.module:function``: a function of no arguments returning an ``nn.Module`` that maps
   (B, 3, H, W) to (B, D).
@@ -31,6 +31,11 @@ from .matmul_conv import use_matmul_convs
 CLASSIFIER_NAMES = ("fc", "classifier", "heads", "head")
 CIFAR_STEM_FAMILY = "resnet"  # torchvision's resnet module: ResNets, ResNeXts and wide ResNets
 
+# simxent's CPU encoders: the widths of their four conv-BN-ReLU stages. convnet_slim halves the first,
+# whose full-size maps cost memory traffic out of proportion to their few FLOPs: it trains about 1.2x the
+# images per second of convnet on 2 cores and scored as high on validation splits (docs/studies.md).
+CONVNETS = {"convnet": (64, 128, 256, 512), "convnet_slim": (32, 128, 256, 512)}
+
 
 def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
     return nn.Sequential(
@@ -41,14 +46,14 @@ def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 
 
 class ConvNet(nn.Module):
-    """CPU-sized encoder: four 3x3 conv-BN-ReLU stages (64, 128, 256, 512; strides 1, 2, 2, 2),
-    then global average pooling to a 512-d feature."""
+    """CPU-sized encoder: four 3x3 conv-BN-ReLU stages of ``widths`` (:data:`CONVNETS`; strides 1, 2, 2, 2),
+    then global average pooling to a ``widths[-1]``-d feature."""
 
-    widths = (64, 128, 256, 512)
     strides = (1, 2, 2, 2)
 
-    def __init__(self):
+    def __init__(self, widths: tuple[int, ...] = CONVNETS["convnet"]):
         super().__init__()
+        self.widths = tuple(widths)
         layers, c_in = [], 3
         for width, stride in zip(self.widths, self.strides):
             layers.append(_conv_bn_relu(c_in, width, stride))
@@ -67,14 +72,14 @@ def torchvision_names() -> tuple[str, ...]:
 
 def backbone_names() -> tuple[str, ...]:
     """The names ``model.backbone`` accepts besides ``package.module:function``."""
-    return ("convnet",) + torchvision_names()
+    return tuple(CONVNETS) + torchvision_names()
 
 
 def family(name: str) -> str:
     """The torchvision module that builds ``name`` (``resnet`` for resnet50, resnext50_32x4d and
     wide_resnet50_2; ``vision_transformer`` for vit_b_16); ``convnet`` for simxent's own."""
-    if name == "convnet":
-        return name
+    if name in CONVNETS:
+        return "convnet"
     return torchvision.models.get_model_builder(name).__module__.rsplit(".", 1)[-1]
 
 
@@ -87,9 +92,9 @@ def families() -> dict[str, list[str]]:
 
 
 def has_cifar_stem(name: str) -> bool:
-    """Whether ``model.cifar_stem`` applies: the ResNet family (conv1 + maxpool), and the convnet, whose
+    """Whether ``model.cifar_stem`` applies: the ResNet family (conv1 + maxpool), and the convnets, whose
     first convolution is always 3x3 stride 1 (the setting changes nothing there)."""
-    return name == "convnet" or (name in torchvision_names() and family(name) == CIFAR_STEM_FAMILY)
+    return name in CONVNETS or (name in torchvision_names() and family(name) == CIFAR_STEM_FAMILY)
 
 
 def user_function(spec: str) -> Callable[[], nn.Module]:
@@ -171,8 +176,8 @@ def backbone(name: str, cifar_stem: bool = False, image_size: int = 32) -> tuple
     ``cifar_stem`` (ResNet family) swaps the 7x7/2 convolution and the max-pool for one 3x3/1
     convolution. ``image_size`` is the side of the images the encoder will see: ViTs are built for it.
     """
-    if name == "convnet":
-        return ConvNet(), ConvNet.widths[-1]
+    if name in CONVNETS:
+        return ConvNet(CONVNETS[name]), CONVNETS[name][-1]
     if ":" in name:
         net = user_function(name)()
         if not isinstance(net, nn.Module):

@@ -72,6 +72,24 @@ def test_every_torchvision_family_is_covered_here():
     assert set(families()) == set(FAMILIES) | {"convnet"}
 
 
+def test_slim_convnet_halves_the_first_stage_only(tmp_path):
+    """convnet_slim is convnet with a first stage of 32 channels: the same strides and 512-d features, and a
+    convnet's weights are refused with the shapes that differ."""
+    slim, wide = backbone("convnet_slim")[0], backbone("convnet")[0]
+
+    def shapes(net):
+        return [(tuple(m.weight.shape), m.stride) for m in net.modules() if isinstance(m, nn.Conv2d)]
+
+    assert shapes(slim) == [((32, 3, 3, 3), (1, 1)), ((128, 32, 3, 3), (2, 2)), ((256, 128, 3, 3), (2, 2)),
+                            ((512, 256, 3, 3), (2, 2))]
+    assert shapes(wide)[0] == ((64, 3, 3, 3), (1, 1)) and shapes(wide)[2:] == shapes(slim)[2:]
+    assert slim(torch.randn(2, 3, 24, 24)).shape == (2, 512) and backbone("convnet_slim")[1] == 512
+    torch.save(wide.state_dict(), tmp_path / "wide.pth")
+    with pytest.raises(ConfigError, match=r"do not fit convnet_slim: 6 wrong shape \(features.0.0.weight "
+                                          r"\[64, 3, 3, 3\] \(model: \[32, 3, 3, 3\]\)"):
+        SimCLR(ModelConfig(backbone="convnet_slim", weights=str(tmp_path / "wide.pth")))
+
+
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
 def test_family_builds_trains_and_loads_torchvision_weights(kind):
     name, size, dim, classifier = FAMILIES[kind]

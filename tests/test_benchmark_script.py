@@ -30,12 +30,12 @@ def test_encoder_forward_flops_are_the_convnet_and_head_formula(load_script):
     """The benchmark's forward pass of the convnet + head at 16 px: each 3x3 convolution's
     2 * (2B * H_out * W_out * c_out) * (c_in * 9), then the head's two Linear layers, counted by hand."""
     from simxent.config import load_config
-    from simxent.models import ConvNet
+    from simxent.models import CONVNETS
 
     script = load_script("benchmark")
     cfg = load_config("cpu", ["data.image_size=16", "model.head_hidden=32", "model.head_out=16"])
     batch, side, c_in, expected = 3, 16, 3, 0
-    for c_out, stride in zip(ConvNet.widths, ConvNet.strides):
+    for c_out, stride in zip(CONVNETS[cfg.model.backbone], (1, 2, 2, 2)):
         side //= stride
         expected += 2 * (2 * batch * side * side * c_out) * (c_in * 9)
         c_in = c_out
@@ -133,14 +133,15 @@ def test_convs_rows_follow_the_cpu_preset_convnet(one_thread, load_script):
     the 32 px evaluation size through the convnet's strides, output positions by the convolution's size
     formula, and the path model.matmul_convs takes in training (products on outputs of at most 16 in bf16,
     9 in float32)."""
-    from simxent.models import ConvNet
+    from simxent.config import load_config
+    from simxent.models import CONVNETS
 
     rows = load_script("benchmark").bench_convs(torch.device("cpu"), None, batch=2)
     expected = []
     for dtype, limit in (("bfloat16", 16), ("float32", 9)):
         for size in (24, 12, 32):
             side, c_in = size, 3
-            for c_out, stride in zip(ConvNet.widths, ConvNet.strides):
+            for c_out, stride in zip(CONVNETS[load_config("cpu").model.backbone], (1, 2, 2, 2)):
                 out = (side + 2 - 3) // stride + 1
                 expected.append((dtype, size, f"{c_in}->{c_out}/{stride}", f"{side}x{side}", out * out,
                                  out * out <= limit))
@@ -166,7 +167,8 @@ def test_norms_rows_follow_the_cpu_preset_convnet(monkeypatch, one_thread, load_
     through the convnet's strides (24, 12, 6, 3 and 12, 6, 3, 2). torch.compile is left out here (its
     inductor build takes seconds per shape): the compiled module is then a copy of the eager one, so both
     times are of the same work."""
-    from simxent.models import ConvNet
+    from simxent.config import load_config
+    from simxent.models import CONVNETS
 
     script = load_script("benchmark")
     monkeypatch.setattr(script.torch, "compile", lambda module, **_: module)
@@ -174,7 +176,7 @@ def test_norms_rows_follow_the_cpu_preset_convnet(monkeypatch, one_thread, load_
     expected = []
     for size in (24, 12):
         side = size
-        for width, stride in zip(ConvNet.widths, ConvNet.strides):
+        for width, stride in zip(CONVNETS[load_config("cpu").model.backbone], (1, 2, 2, 2)):
             side = (side - 1) // stride + 1
             expected.append((size, width, f"{side}x{side}"))
     assert [(r["view_px"], r["channels"], r["map"]) for r in rows] == expected

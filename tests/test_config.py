@@ -283,7 +283,7 @@ def test_presets_by_name_are_the_packaged_files():
     assert preset_names() == sorted(p.stem for p in CONFIGS) and set(preset_names()) >= {"cpu", "cifar10", "imagenet", "demo"}
     for path in CONFIGS:
         assert load_config(path.stem, ["data.train=x"]) == load_config(path, ["data.train=x"])
-    assert load_config("cpu").model.backbone == "convnet" and load_config("demo").train.batch_size == 128
+    assert load_config("cpu").model.backbone == "convnet_slim" and load_config("demo").train.batch_size == 128
     with pytest.raises(ConfigError, match=r"config file not found: old/cpu.yaml; the presets ship with simxent: write 'cpu'"):
         load_config("old/cpu.yaml")
     with pytest.raises(ConfigError, match=r"config file not found: gpu; presets by name: cifar10, cpu, demo, imagenet"):
