@@ -18,7 +18,7 @@ from simxent.demo import make_shapes
 from simxent.loss import nt_xent
 from simxent.models import SimCLR, backbone, families, markdown_backbones
 from simxent.train import pretrain
-from tests.conftest import TINY_RUN
+from tests.conftest import ROOT, TINY_RUN
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "backbones.md"
 
@@ -88,6 +88,18 @@ def test_slim_convnet_halves_the_first_stage_only(tmp_path):
     with pytest.raises(ConfigError, match=r"do not fit convnet_slim: 6 wrong shape \(features.0.0.weight "
                                           r"\[64, 3, 3, 3\] \(model: \[32, 3, 3, 3\]\)"):
         SimCLR(ModelConfig(backbone="convnet_slim", weights=str(tmp_path / "wide.pth")))
+
+
+@pytest.mark.parametrize("name,dim", [("expand1024", 1024), ("wide4", 1024), ("deep3", 512), ("slim_deep3", 512),
+                                      ("slim_res3", 512), ("slim_deep34", 512)])
+def test_the_encoder_study_variants_are_backbones(monkeypatch, name, dim):
+    """scripts/encoder_variants.py's encoders train as model.backbone=encoder_variants:NAME with
+    PYTHONPATH=scripts (docs/studies.md): features of the size their docstrings give, at 24 and 12 px views."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    model = SimCLR(ModelConfig(backbone=f"encoder_variants:{name}", head_hidden=16, head_out=8), 24)
+    assert model.feature_dim == dim
+    for size in (24, 12):
+        assert model(torch.randn(4, 3, size, size)).shape == (4, 8)
 
 
 @pytest.mark.parametrize("kind", sorted(FAMILIES))
