@@ -654,7 +654,7 @@ CEILING_ENCODERS = {"convnet": ("convnet", "cpu"), "resnet18": ("resnet18 (CIFAR
 
 
 def bench_ceiling(device, sync, encoders: str = "convnet,resnet18") -> list:
-    """The bf16 and float32 matrix-product ceilings, then each encoder's step (the cpu preset's convnet, the
+    """The bf16 and float32 matrix-product ceilings, then each encoder's step (the cpu preset's encoder, the
     cifar10 preset's ResNet-18 with the CIFAR stem; 32 px) in every STEP_VARIANTS variant, at the precision
     the preset picks here, as TFLOP/s and as a share of the ceiling of that precision. ``encoders``: which of
     CEILING_ENCODERS (ResNet-18's variants, its compile above all, take most of the section's time)."""
