@@ -246,7 +246,8 @@ def bench_knn(_device, _sync):
 
 def bench_embed(device, _sync, data_root, images: int = 2000) -> list:
     """Images/s of simxent.embed on ``images`` CIFAR-10 test images (decoded beforehand) per backbone, in
-    float32; and of the whole simxent-embed (decoding without cache, convnet, flat index, files)."""
+    float32; and of the whole simxent-embed (decoding without cache, the cpu preset's encoder, flat index,
+    files)."""
     from simxent.checkpoint import save_checkpoint
     from simxent.config import to_dict
     from simxent.data import load_folder
@@ -273,8 +274,8 @@ def bench_embed(device, _sync, data_root, images: int = 2000) -> list:
         opts = EmbedOptions(device=str(device), cache=False, workers=2, progress=False)
         seconds = timed(lambda: embed_folder(Path(tmp) / "c.pt", folder, Path(tmp) / "out", opts), repeats=2,
                         warmup=0)
-        rows.append({"what": "simxent-embed --no-cache (decode, convnet, index, files)", "images": images,
-                     "images_per_s": images / seconds})
+        rows.append({"what": f"simxent-embed --no-cache (decode, {cpu.model.backbone}, index, files)",
+                     "images": images, "images_per_s": images / seconds})
         print(rows[-1], flush=True)
     return rows
 
@@ -650,7 +651,13 @@ def encoder_rows(name, cfg, device, sync, ceilings) -> list:
     return rows
 
 
-CEILING_ENCODERS = {"convnet": ("convnet", "cpu"), "resnet18": ("resnet18 (CIFAR stem)", "cifar10")}
+# --ceiling-encoders name -> the preset whose encoder (and precision) is timed
+CEILING_ENCODERS = {"convnet": "cpu", "resnet18": "cifar10"}
+
+
+def encoder_label(cfg) -> str:
+    """The rows' name of a preset's encoder, e.g. ``resnet18 (CIFAR stem)``."""
+    return cfg.model.backbone + (" (CIFAR stem)" if cfg.model.cifar_stem else "")
 
 
 def bench_ceiling(device, sync, encoders: str = "convnet,resnet18") -> list:
@@ -658,15 +665,16 @@ def bench_ceiling(device, sync, encoders: str = "convnet,resnet18") -> list:
     cifar10 preset's ResNet-18 with the CIFAR stem; 32 px) in every STEP_VARIANTS variant, at the precision
     the preset picks here, as TFLOP/s and as a share of the ceiling of that precision. ``encoders``: which of
     CEILING_ENCODERS (ResNet-18's variants, its compile above all, take most of the section's time)."""
-    chosen = [CEILING_ENCODERS[key.strip()] for key in encoders.split(",")]
-    presets = {resolve_dtype(load_config(preset).train.precision, device) for _, preset in chosen}
+    chosen = [load_config(CEILING_ENCODERS[key.strip()]) for key in encoders.split(",")]
+    presets = {resolve_dtype(cfg.train.precision, device) for cfg in chosen}
     dtypes = [torch.bfloat16, torch.float32] + sorted(presets - {torch.bfloat16, torch.float32}, key=str)  # fp16
     rows = [matmul_ceiling(dtype, device, sync) for dtype in dtypes]
     ceilings = {row["precision"]: row["tflops"] for row in rows}
     for row in rows:
         print(row, flush=True)
-    for name, preset in chosen:
-        steps = encoder_rows(name, load_config(preset), device, sync, ceilings)
+    for cfg in chosen:
+        name = encoder_label(cfg)
+        steps = encoder_rows(name, cfg, device, sync, ceilings)
         best = max((row for row in steps if row["pass"] == "forward+backward"), key=lambda row: row["images_per_s"])
         print(f"fastest {name} step: {best['variant']}, batch {best['batch']}: {best['images_per_s']:.0f} images/s, "
               f"{best['share_of_ceiling']:.1%} of the {best['precision']} ceiling", flush=True)
@@ -703,8 +711,8 @@ def bench_profile(device, sync, encoders: str = "convnet,resnet18") -> list:
     B = 256 per view (the ceiling section's preset row), broken down by operator (``op_profile``)."""
     rows = []
     for key in encoders.split(","):
-        name, preset = CEILING_ENCODERS[key.strip()]
-        cfg = load_config(preset)
+        cfg = load_config(CEILING_ENCODERS[key.strip()])
+        name = encoder_label(cfg)
         step = encoder_passes(cfg, device, resolve_dtype(cfg.train.precision, device), 256, True, False)
         for row in op_profile(step["forward+backward"], device):
             rows.append({"encoder": name, **row})

@@ -7,6 +7,7 @@ from torch import nn
 
 
 def _stage(c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> list:
+    """conv (``kernel`` x ``kernel``, ``stride``, no bias) -> BatchNorm -> ReLU, as the convnet's stages."""
     return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out),
             nn.ReLU(inplace=True)]
 
@@ -23,13 +24,15 @@ class _Residual(nn.Module):
 
 
 class _Pool(nn.Module):
+    """Global average pooling to (B, C)."""
+
     def forward(self, x):
         return x.mean(dim=(2, 3))
 
 
 def _net(first: int, *middle) -> nn.Sequential:
-    """Stages 3 -> first -> 128 (stride 2) -> 256 (stride 2), then ``middle``, then 256 -> 512 (stride 2)
-    unless ``middle`` ends at another width, and the pooling."""
+    """Stages 3 -> ``first`` -> 128 (stride 2) -> 256 (stride 2), then the stages ``middle`` (the convnet's
+    is one, 256 -> 512 at stride 2), then the pooling."""
     return nn.Sequential(*_stage(3, first), *_stage(first, 128, 2), *_stage(128, 256, 2), *middle, _Pool())
 
 

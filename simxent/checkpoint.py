@@ -187,13 +187,13 @@ def export_torchvision(path: str | Path, dest: str | Path) -> str:
     match no torchvision model, so one is written as ``"exported_program"``: a ``torch.export`` graph with
     its weights, any batch and image size, loaded by ``torch.export.load(dest).module()``.
     """
+    from .models import CONVNETS  # here: simxent.models imports this module
+
     state = load_checkpoint(path)
     cfg = saved_config(state, path)
     encoder = checkpoint_encoder(state, cfg, path)
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    from .models import CONVNETS  # here: simxent.models imports this module
-
     if cfg.model.backbone in CONVNETS:
         # torch.export rather than TorchScript, which torch 2.14 deprecates (jit.script, jit.save, jit.load)
         dynamic = torch.export.Dim.DYNAMIC

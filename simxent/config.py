@@ -519,7 +519,7 @@ def markdown_table() -> str:
 def check_backbone(model: ModelConfig) -> None:
     """``model.backbone`` is ``convnet``, ``convnet_slim``, a torchvision classification model or an importable
     ``package.module:function``; ``model.cifar_stem`` is set only where it applies."""
-    from .models import backbone_names, has_cifar_stem, user_function  # here: models imports this module
+    from .models import CONVNETS, backbone_names, has_cifar_stem, user_function  # here: models imports this module
 
     name = model.backbone
     if ":" in name:
@@ -529,8 +529,8 @@ def check_backbone(model: ModelConfig) -> None:
         user_function(name)
     elif name not in backbone_names():
         raise ConfigError(f"model.backbone: {shown(name)} is not a backbone{did_you_mean(name, backbone_names())} "
-                          f"(convnet, convnet_slim, a torchvision classification model as listed in docs/backbones.md, or "
-                          f"package.module:function)")
+                          f"({', '.join(CONVNETS)}, a torchvision classification model as listed in "
+                          f"docs/backbones.md, or package.module:function)")
     if model.cifar_stem and not has_cifar_stem(name):
         raise ConfigError(f"model.cifar_stem: applies to ResNet-family backbones (resnet*, resnext*, wide_resnet*), "
                           f"not {name}; set model.cifar_stem=false")

@@ -32,8 +32,8 @@ CLASSIFIER_NAMES = ("fc", "classifier", "heads", "head")
 CIFAR_STEM_FAMILY = "resnet"  # torchvision's resnet module: ResNets, ResNeXts and wide ResNets
 
 # simxent's CPU encoders: the widths of their four conv-BN-ReLU stages. convnet_slim halves the first,
-# whose full-size maps cost memory traffic out of proportion to their few FLOPs: it trains about 1.2x the
-# images per second of convnet on 2 cores and scored as high on validation splits (docs/studies.md).
+# whose full-size maps cost memory traffic out of proportion to their few FLOPs: it trains about 1.2-1.4x
+# the images per second of convnet on 2 cores and scored as high on validation splits (docs/studies.md).
 CONVNETS = {"convnet": (64, 128, 256, 512), "convnet_slim": (32, 128, 256, 512)}
 
 
@@ -185,8 +185,8 @@ def backbone(name: str, cifar_stem: bool = False, image_size: int = 32) -> tuple
     elif name in torchvision_names():
         net = _torchvision_backbone(name, cifar_stem, image_size)
     else:
-        raise ConfigError(f"model.backbone: unknown backbone {name!r} (convnet, a torchvision classification "
-                          f"model or package.module:function)")
+        raise ConfigError(f"model.backbone: unknown backbone {name!r} ({', '.join(CONVNETS)}, a torchvision "
+                          f"classification model or package.module:function)")
     return net, feature_size(net, name, image_size)
 
 

@@ -132,4 +132,4 @@ def test_wheel_ships_the_presets_and_finds_them_by_name_outside_the_repository(t
     assert run.stdout.splitlines() == ["['cifar10', 'cpu', 'demo', 'imagenet']", "convnet 128 shapes"]
     run = subprocess.run([str(venv / "bin" / "simxent-pretrain"), "cpu", "data.train=x", "--print-config"],
                          capture_output=True, text=True, env=env, cwd=away)
-    assert run.returncode == 0 and "backbone: \"convnet\"" in run.stdout, run.stderr
+    assert run.returncode == 0 and "backbone: \"convnet_slim\"" in run.stdout, run.stderr

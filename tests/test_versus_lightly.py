@@ -96,9 +96,10 @@ def reference_features(encoder, folder: Path) -> torch.Tensor:
         return encoder.eval()(((x - mean) / std).permute(0, 3, 1, 2))
 
 
-def test_a_state_dict_saved_like_lightly_peer_is_scored_with_backbone_convnet(split_folder, tmp_path, monkeypatch,
-                                                                              load_script):
+def test_a_state_dict_saved_like_lightly_peer_is_scored_with_the_cpu_presets_encoder(split_folder, tmp_path,
+                                                                                     monkeypatch, load_script):
     from simxent.cli import linear_eval_main
+    from simxent.config import load_config
 
     peer = load_script("lightly_peer")
     torch.manual_seed(3)
@@ -116,7 +117,8 @@ def test_a_state_dict_saved_like_lightly_peer_is_scored_with_backbone_convnet(sp
     knn_scores = linear_eval_module.knn_scores
     monkeypatch.setattr(linear_eval_module, "knn_scores", knn_spy)
     out = tmp_path / "eval.json"
-    assert linear_eval_main(["--backbone", "convnet", "--checkpoint", str(tmp_path / "epoch-1.pt"), "--image-size",
+    name = load_config("cpu").model.backbone  # what the peer trains and versus_lightly.score names
+    assert linear_eval_main(["--backbone", name, "--checkpoint", str(tmp_path / "epoch-1.pt"), "--image-size",
                              "16", "--precision", "fp32", "--train", str(split_folder / "train"), "--test",
                              str(split_folder / "test"), "--epochs", "2", "--json", str(out), "--out",
                              str(tmp_path / "eval"), "--no-progress"]) == 0
@@ -125,7 +127,7 @@ def test_a_state_dict_saved_like_lightly_peer_is_scored_with_backbone_convnet(sp
     torch.testing.assert_close(seen["bank"], reference_features(encoder, split_folder / "train"), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(seen["query"], reference_features(encoder, split_folder / "test"), rtol=1e-4, atol=1e-4)
     results = json.loads(out.read_text())
-    assert results["backbone"] == "convnet" and results["image_size"] == 16
+    assert results["backbone"] == name == "convnet_slim" and results["image_size"] == 16
     assert {"knn", "linear"} <= results["pretrained"].keys()
 
 
