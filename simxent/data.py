@@ -681,11 +681,10 @@ def load_folder(
     hit = _read_cache(listing, (square, larger), cache_dir) if cache else None
     if hit is None:
         layout = square if all_within_view(found, size, workers) else larger
-        array_path = cache_dir / f"{_cache_key(listing, layout)}.npy"
+        array_path = cache_dir / f"{_cache_key(listing, layout)}.npy" if cache else None
         if cache:
             _check_disk(cache_dir, len(found.files) * layout.side**2 * 3, found.root)
-        images, good, bad, sizes = _decode_all(found, layout, workers, on_bad_image, progress,
-                                               into=array_path if cache else None)
+        images, good, bad, sizes = _decode_all(found, layout, workers, on_bad_image, progress, into=array_path)
         if cache:
             _write_meta(good, bad, sizes, found, array_path.with_suffix(".json"))
     else:
