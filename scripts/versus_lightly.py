@@ -166,14 +166,15 @@ def run_simxent_epochs(v: Versus) -> list[dict]:
 
 def score(checkpoint: Path, v: Versus, plain: bool) -> dict:
     """kNN (k 200, T 0.1; bank: the train folder, queries: the test folder) and linear-probe top-1 of an
-    encoder: a plain state dict of the cpu preset's encoder (lightly's snapshots) or a simxent checkpoint; the same
-    :func:`simxent.linear_eval` for both."""
+    encoder: a plain state dict of the cpu preset's encoder (lightly's snapshots, of
+    ``lightly_peer.cpu_preset_model``) or a simxent checkpoint; the same :func:`simxent.linear_eval` for both."""
     from simxent.config import load_config
     from simxent.linear_eval import ProbeOptions, linear_eval
 
+    name = load_config("cpu").model.backbone if plain else None  # a simxent checkpoint names its own
     with tempfile.TemporaryDirectory() as out:
         r = linear_eval(checkpoint, v.data / "train", v.data / "test", ProbeOptions(knn_k=200, knn_temperature=0.1),
-                        out=out, progress=False, image_size=v.image_size, backbone_name=load_config("cpu").model.backbone if plain else None)
+                        out=out, progress=False, image_size=v.image_size, backbone_name=name)
     return {"knn_top1": r["pretrained"]["knn"]["top1"], "linear_top1": r["pretrained"]["linear"]["top1"]}
 
 
