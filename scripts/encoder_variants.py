@@ -1,9 +1,12 @@
 """The encoders of the CPU encoder study (docs/studies.md, "The CPU encoder's widths and depth"), as
 ``model.backbone=encoder_variants:NAME`` with ``PYTHONPATH=scripts``. Each is the convnet (four 3x3
 conv-BN-ReLU stages of 64, 128, 256 and 512 channels, strides 1, 2, 2, 2, then global average pooling)
-changed in one place; ``convnet_slim`` (32 channels in the first stage) is simxent's own.
+changed in one place; ``convnet_slim`` (32 channels in the first stage) is simxent's own, and the last
+two variants change its widths.
 """
 from torch import nn
+
+from simxent.models import ConvNet
 
 
 def _stage(c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> list:
@@ -64,3 +67,13 @@ def slim_res3():
 def slim_deep34():
     """slim_deep3 with a second 512-channel stage after the last."""
     return _net(32, *_stage(256, 256), *_stage(256, 512, 2), *_stage(512, 512))
+
+
+def slim_narrow34():
+    """convnet_slim with its last two stages 3/4 as wide (192 and 384 channels): 384-d features."""
+    return ConvNet((32, 128, 192, 384))
+
+
+def slim_half2():
+    """convnet_slim with its second stage half as wide (64 channels)."""
+    return ConvNet((32, 64, 256, 512))

@@ -91,7 +91,8 @@ def test_slim_convnet_halves_the_first_stage_only(tmp_path):
 
 
 @pytest.mark.parametrize("name,dim", [("expand1024", 1024), ("wide4", 1024), ("deep3", 512), ("slim_deep3", 512),
-                                      ("slim_res3", 512), ("slim_deep34", 512)])
+                                      ("slim_res3", 512), ("slim_deep34", 512), ("slim_narrow34", 384),
+                                      ("slim_half2", 512)])
 def test_the_encoder_study_variants_are_backbones(monkeypatch, name, dim):
     """scripts/encoder_variants.py's encoders train as model.backbone=encoder_variants:NAME with
     PYTHONPATH=scripts (docs/studies.md): features of the size their docstrings give, at 24 and 12 px views."""
