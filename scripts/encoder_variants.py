@@ -2,7 +2,7 @@
 ``model.backbone=encoder_variants:NAME`` with ``PYTHONPATH=scripts``. Each is the convnet (four 3x3
 conv-BN-ReLU stages of 64, 128, 256 and 512 channels, strides 1, 2, 2, 2, then global average pooling)
 changed in one place; ``convnet_slim`` (32 channels in the first stage) is simxent's own, and the last
-two variants change its widths.
+two variants change its widths (``slim_narrow34`` in two stages).
 """
 from torch import nn
 
