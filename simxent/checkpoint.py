@@ -346,14 +346,19 @@ def fit_temperature_group(saved: dict, optimizer: torch.optim.Optimizer) -> dict
 
 
 def fit_optimizer(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
-    """``saved`` fitted to ``optimizer``: its temperature group (:func:`fit_temperature_group`), and the
-    kernels each step runs on (``fused``, ``foreach``) taken from ``optimizer``, since how a step runs is this
-    code's choice, not the checkpoint's. torch keeps a saved group's settings on load, so a checkpoint
-    written before the optimisers were fused would resume unfused: slower, and under fp16's grad scaler,
-    which hands a fused-capable optimiser its scale, failing its first step."""
+    """``saved`` fitted to ``optimizer``: its temperature group (:func:`fit_temperature_group`), and every
+    group's settings (weight decay, momentum, betas, LARS's trust coefficient, the kernels ``fused`` and
+    ``foreach``) taken from ``optimizer``, built from this run's config: the checkpoint brings the state
+    (moments, step counts). torch keeps a saved group's settings on load, so a run resumed with
+    ``optim.weight_decay`` changed would go on with the old value while its config.yaml recorded the new one;
+    and a checkpoint written before the optimisers were fused would resume unfused (under fp16's grad
+    scaler, which hands a fused-capable optimiser its scale, failing its first step)."""
     saved = fit_temperature_group(saved, optimizer)
-    kernels = {k: optimizer.param_groups[0][k] for k in ("fused", "foreach") if k in optimizer.param_groups[0]}
-    return {**saved, "param_groups": [{**group, **kernels} for group in saved["param_groups"]]}
+    groups, ours = saved["param_groups"], optimizer.param_groups
+    if len(groups) != len(ours):
+        return saved  # load_state_dict names the mismatch
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in ours]
+    return {**saved, "param_groups": [{**group, **mine} for group, mine in zip(groups, settings)]}
 
 
 def saved_progress(state: dict, total: int) -> float:
@@ -366,12 +371,34 @@ def saved_progress(state: dict, total: int) -> float:
     return min(1.0, step / max(1, plan["decay_end"])) if plan else step / total
 
 
+def learnt_temperature(state: dict) -> bool:
+    """Whether the run that wrote training checkpoint ``state`` learnt its temperature."""
+    return bool(state.get("config", {}).get("loss", {}).get("learn_temperature", False))
+
+
+def changed_settings(state: dict, cfg: Config) -> list[tuple[str, object, object]]:
+    """``(key, the checkpoint's value, this run's)`` for every setting a resumed run changes."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for name, value in tree.items():
+            out.update(flat(value, f"{prefix}{name}.") if isinstance(value, dict) else {f"{prefix}{name}": value})
+        return out
+
+    saved, ours = flat(state.get("config", {})), flat(to_dict(cfg))
+    return [(key, saved[key], value) for key, value in ours.items()
+            if key in saved and saved[key] != value and key != "train.resume"]
+
+
 def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler, seed: int) -> Position:
     """Load a checkpoint's weights, optimiser, scaler and this process's RNG state; returns where it stood.
     A checkpoint written by another number of processes restarts the augmentation streams (said so)."""
     state = {**state, "optimizer": fit_optimizer(state["optimizer"], optimizer)}
-    load_parts(state, path, {"encoder": net.encoder, "head": net.head, "temperature": net.temperature,
-                             "optimizer": optimizer, "scaler": scaler})
+    parts = {"encoder": net.encoder, "head": net.head, "optimizer": optimizer, "scaler": scaler}
+    # A learnt temperature is state; a fixed one is a setting (loss.temperature), and a learnt one resumed
+    # from a fixed run starts at loss.temperature as any learnt one does.
+    if learnt_temperature(state) and net.temperature.log_t.requires_grad:
+        parts["temperature"] = net.temperature
+    load_parts(state, path, parts)
     pos = Position(**state["position"])
     rank, world = dist.rank(), dist.world_size()
     if len(state["rng"]) == world:

@@ -131,7 +131,8 @@ class OptimConfig:
     lr_scaling: str = setting("linear", "linear (lr times B/256), sqrt (lr times sqrt(B/256)) or none")
     weight_decay: float = setting(1e-6, "never applied to biases and normalisation layers")
     momentum: float = setting(0.9, "SGD and LARS momentum")
-    warmup_epochs: float = setting(10.0, "linear warm-up, then cosine decay")
+    warmup_epochs: float = setting(10.0, "linear warm-up, then cosine decay; one not shorter than train.epochs is "
+                                         "cut to a tenth of the run")
     min_lr: float = setting(0.0, "end of the cosine decay, as a fraction of the peak lr")
 
 

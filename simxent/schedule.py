@@ -1,6 +1,7 @@
 """Learning-rate schedule and optimisers (SGD, AdamW, LARS) with SimCLR's parameter groups."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Callable, Optional
@@ -9,6 +10,8 @@ import torch
 from torch import nn
 
 from .config import OptimConfig
+
+log = logging.getLogger("simxent")
 
 
 def peak_lr(cfg: OptimConfig, batch_size: int) -> float:
@@ -35,6 +38,19 @@ def lr_at(step: int, total: int, warmup: int, peak: float, min_fraction: float =
 # A budget's warm-up ends by this share of its time at the latest: 10 epochs of warm-up in a 2-minute run
 # would leave no time for the decay.
 BUDGET_WARMUP_SHARE = 0.1
+
+
+def warmup_steps(warmup_epochs: float, epochs: int, steps_per_epoch: int) -> int:
+    """W = ``warmup_epochs`` x ``steps_per_epoch``, but at most a tenth of the run's S = ``epochs`` x
+    ``steps_per_epoch`` steps when W >= S: a warm-up as long as the run would end it before the lr reached its
+    peak, never decayed (a preset's 10 warm-up epochs with ``train.epochs=5``). Said in a warning."""
+    total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
+    if warmup < total or total == 0:
+        return warmup
+    cut = round(BUDGET_WARMUP_SHARE * total)
+    log.warning("optim.warmup_epochs=%g is not below train.epochs=%d: the lr would still be warming up when the run "
+                "ends; the warm-up is cut to %d of its %d steps", warmup_epochs, epochs, cut, total)
+    return cut
 
 
 def budget_lr_fraction(step: int, total: int, warmup: int, used: float, min_fraction: float = 0.0) -> float:

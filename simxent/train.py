@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from . import dist, figures
 from .augment import ViewAugment, blur_probability, small_view_size
-from .checkpoint import (Position, check_resumable, load_checkpoint, newest_valid_checkpoint, restore_training,
-                         rng_state, save_rotating, saved_progress, training_state)
+from .checkpoint import (Position, changed_settings, check_resumable, load_checkpoint, newest_valid_checkpoint,
+                         restore_training, rng_state, save_rotating, saved_progress, training_state)
 from .config import AugmentConfig, Config, ConfigError, format_config, save_config, to_dict, view_size
 from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images, default_cache_dir, find_images,
                    iterate_batches, load_configured, naming_the_key, open_stream, shared_files)
@@ -37,7 +37,7 @@ from .monitor import Monitor
 from .rundir import claim, recorded_run_id, run_lock, writable_folder
 from .runtime import (SlowStepWatch, autocast, configure_device, resolve_device, resolve_dtype, seed_everything,
                       set_threads, setup_logging, show_progress_bars)
-from .schedule import TimeBudget, build_optimizer, peak_lr, set_lr
+from .schedule import TimeBudget, build_optimizer, peak_lr, set_lr, warmup_steps
 
 log = logging.getLogger("simxent")
 
@@ -383,6 +383,25 @@ def finite_flag(tensors) -> torch.Tensor:
     return torch.isfinite(torch.nn.utils.get_total_norm(tensors)) if tensors else torch.tensor(True)
 
 
+class BufferSnapshot:
+    """The model's buffers as they stood before a step, put back when the step is skipped. The forward of a
+    step whose loss turns out non-finite has already moved every BatchNorm's running mean and variance, and
+    a NaN there never leaves (train-mode BatchNorm uses the batch's own statistics, so training would go on
+    and the next checkpoint would refuse the model). A skipped step must leave the model as it found it."""
+
+    def __init__(self, net: nn.Module):
+        self.live = list(net.buffers())
+        self.kept = [b.clone() for b in self.live]
+
+    def take(self) -> None:
+        if self.live:
+            torch._foreach_copy_(self.kept, self.live)  # one fused copy, not one per BatchNorm
+
+    def restore(self) -> None:
+        if self.live:
+            torch._foreach_copy_(self.live, self.kept)
+
+
 @dataclass
 class Run:
     """What :func:`setup_run` builds and the loop works with. ``net`` is the SimCLR module (its state is
@@ -415,6 +434,12 @@ class Run:
     last_loss: float = float("nan")
     knn_top1: list = dataclasses.field(default_factory=list)
     resumed_progress: Optional[float] = None  # the progress that sized a resumed run's first views
+    saved_step: int = 0  # the global step of the newest checkpoint of this run
+    buffers: BufferSnapshot = dataclasses.field(init=False)
+
+    def __post_init__(self):
+        self.saved_step = self.pos.global_step  # a resumed run's checkpoint, or 0
+        self.buffers = BufferSnapshot(self.net)
 
     @property
     def out(self) -> Path:
@@ -500,6 +525,7 @@ def train_step(run: Run, batch: Drawn, draw_ahead: Callable[[], None], stop_requ
     cfg, pos, optimizer, scaler = run.cfg, run.pos, run.optimizer, run.scaler
     lr = set_lr(optimizer, run.budget.fraction(pos.global_step, cfg.optim.min_lr), run.peak, cfg.loss.temperature_lr)
     run.slow_steps.start()
+    run.buffers.take()
     t = run.net.temperature()
     loss, z1, z2 = step_loss(run.model, batch.views, t, run.device, run.dtype, run.views.n_views, batch.labels,
                              cfg.loss.decoupled)
@@ -520,6 +546,7 @@ def train_step(run: Run, batch: Drawn, draw_ahead: Callable[[], None], stop_requ
         pos.global_step += 1
     else:
         optimizer.zero_grad(set_to_none=True)
+        run.buffers.restore()
     return StepResult(loss_mean, applied, time_up_share > 0, signal_share > 0, lr, t.item(), z1, z2)
 
 
@@ -539,17 +566,12 @@ class Throughput:
 
 
 def record_step(run: Run, batch: Drawn, result: StepResult, meter: Throughput, bar) -> None:
-    """Log an applied step (every ``train.log_every`` and the last), or count a skipped one: too many
-    non-finite steps in a row end the run without overwriting its checkpoint."""
+    """Log an applied step (every ``train.log_every`` and the last), or count a skipped one."""
     pos, cfg = run.pos, run.cfg
     if not result.applied:
         run.bad_steps, run.skipped_steps = run.bad_steps + 1, run.skipped_steps + 1
         log.warning("non-finite loss or gradient at step %d (%d in a row): step skipped", pos.global_step,
                     run.bad_steps)
-        if run.bad_steps >= cfg.train.max_bad_steps:
-            raise TrainingError(f"loss or gradients were non-finite for {run.bad_steps} steps in a row; stopping "
-                                f"without overwriting {checkpoint_path(cfg)} (lower optim.lr or use "
-                                f"train.precision=fp32)")
         return
     run.bad_steps, run.last_loss = 0, result.loss
     meter.add(len(batch.images) * dist.world_size())
@@ -590,6 +612,8 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
         result = train_step(run, batch, batches.draw_next, stop_requested)
         record_step(run, batch, result, meter, bar)
         pos.step = batch.step + 1
+        if run.bad_steps >= cfg.train.max_bad_steps:
+            raise diverged(run, batches.ahead)
         bar.update(1)
         if batch.step == 0:
             full, n = batch.full, len(batch.images)
@@ -610,6 +634,18 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
     return reason
 
 
+def diverged(run: Run, ahead: Optional[Drawn]) -> TrainingError:
+    """The error that ends a run after ``train.max_bad_steps`` non-finite steps in a row. Skipped steps leave
+    the model, optimiser and buffers as the last applied step left them, so the good steps since the last
+    checkpoint are saved first (positioned after the skipped batches), never a diverged model."""
+    where = f"{checkpoint_path(run.cfg)} is unchanged"
+    if run.pos.global_step > run.saved_step:
+        save(run, ahead)
+        where = f"{checkpoint_path(run.cfg)} holds the last good step ({run.pos.global_step})"
+    return TrainingError(f"loss or gradients were non-finite for {run.bad_steps} steps in a row; stopping: {where} "
+                         f"(lower optim.lr or use train.precision=fp32, then train.resume=auto)")
+
+
 def save(run: Run, ahead: Optional[Drawn]) -> None:
     """Checkpoint the run (every process takes part; the main one writes), with the RNG state from before
     the batch ``ahead`` was drawn, if one was."""
@@ -623,6 +659,7 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
         run.similarities.write()
         save_rotating(state, checkpoint_path(run.cfg).parent, run.pos.global_step, run.cfg.train.keep_checkpoints,
                       run.run_id)
+    run.saved_step = run.pos.global_step
 
 
 def monitor_knn(run: Run) -> None:
@@ -697,8 +734,9 @@ def build_model(cfg: Config, device: torch.device, world: int) -> tuple[SimCLR, 
 def time_budget(cfg: Config, steps_per_epoch: int, started: float) -> TimeBudget:
     """The run's schedule: warm-up and cosine over ``train.epochs`` x ``steps_per_epoch``, or, with
     ``train.max_time`` and ``train.budget_schedule``, over whichever ends first of them and the time budget."""
-    return TimeBudget(cfg.train.epochs * steps_per_epoch, round(cfg.optim.warmup_epochs * steps_per_epoch),
-                      cfg.train.max_time, started, cfg.train.budget_schedule)
+    warmup = warmup_steps(cfg.optim.warmup_epochs, cfg.train.epochs, steps_per_epoch)
+    return TimeBudget(cfg.train.epochs * steps_per_epoch, warmup, cfg.train.max_time, started,
+                      cfg.train.budget_schedule)
 
 
 def _resume_state(cfg: Config, device) -> tuple[Path | None, dict | None]:
@@ -795,6 +833,8 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
     pos, ahead_progress = Position(), None
     if resume:
         pos = restore_training(resume, resumed, net, optimizer, scaler, cfg.train.seed)
+        for key, was, now in changed_settings(resumed, cfg):
+            log.info("resumed with %s=%s (the checkpoint's run had %s)", key, json.dumps(now), json.dumps(was))
         budget.resume(saved_progress(resumed, budget.total))
         ahead_progress = resumed.get("ahead_progress")  # None: an older checkpoint, or none drawn ahead
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go

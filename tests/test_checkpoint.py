@@ -156,3 +156,30 @@ def test_a_fixed_temperature_run_resumes_with_a_learnt_one(tmp_path):
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert summary["global_step"] == 2 * (40 // 16) and len(state["optimizer"]["param_groups"]) == 3
     assert state["temperature"]["log_t"].exp().item() != pytest.approx(0.5, abs=1e-6)
+
+
+def test_a_resumed_run_trains_with_its_own_settings_not_the_checkpoints(tmp_path, caplog):
+    """Resumed with another weight decay, momentum and fixed temperature: the optimiser's groups and the
+    temperature are this run's (as its config.yaml says), its moments the checkpoint's, and the log names
+    each change."""
+    from simxent.demo import make_shapes
+    from simxent.train import pretrain
+    from tests.conftest import TINY_RUN
+
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    args = [*TINY_RUN, f"data.train={shapes / 'train'}", "eval.every=0", "train.precision=fp32", f"out={tmp_path / 'run'}"]
+    pretrain(load_config(None, [*args, "train.epochs=1", "optim.weight_decay=1e-6", "loss.temperature=0.5"]),
+             progress=False)
+    first = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    with caplog.at_level("INFO", logger="simxent"):
+        pretrain(load_config(None, [*args, "train.epochs=2", "optim.weight_decay=0.01", "optim.momentum=0.5",
+                                    "loss.temperature=0.2", "train.resume=auto"]), progress=False)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    groups = state["optimizer"]["param_groups"]
+    assert sorted({g["weight_decay"] for g in groups}) == [0.0, 0.01]  # norms and biases never decay
+    assert {g["momentum"] for g in groups} == {0.5}
+    assert state["temperature"]["log_t"].exp().item() == pytest.approx(0.2, rel=1e-6)
+    assert first["temperature"]["log_t"].exp().item() == pytest.approx(0.5, rel=1e-6)
+    assert state["optimizer"]["state"].keys() == first["optimizer"]["state"].keys()  # momentum buffers carried on
+    assert "resumed with optim.weight_decay=0.01 (the checkpoint's run had 1e-06)" in caplog.text
+    assert not any(r.getMessage().startswith("resumed with train.resume") for r in caplog.records)

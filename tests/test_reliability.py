@@ -153,6 +153,57 @@ def test_non_finite_loss_is_skipped_then_stops_without_overwriting(shapes, tmp_p
     assert (run / "checkpoints" / "last.pt").read_bytes() != before  # the good run's checkpoint moved on
 
 
+def test_a_skipped_step_leaves_no_trace_in_the_batchnorm_statistics(shapes, tmp_path, monkeypatch):
+    """A batch whose forward overflows (an inf pixel) moves every BatchNorm's running statistics to NaN
+    before its loss is found non-finite. The skipped step must put them back: the run then checkpoints
+    exactly the model of a run whose third loss was made NaN after an ordinary forward."""
+    real = simxent.train.step_loss
+    finals = {}
+    for how in ("inf_input", "nan_loss"):
+        calls = {"n": 0}
+
+        def third_step_bad(model, views, *rest):
+            calls["n"] += 1
+            bad = calls["n"] == 3
+            if bad and how == "inf_input":
+                views = [v * float("inf") for v in views] if isinstance(views, list) else views * float("inf")
+            loss, z1, z2 = real(model, views, *rest)
+            return (loss * float("nan") if bad else loss), z1, z2
+
+        monkeypatch.setattr(simxent.train, "step_loss", third_step_bad)
+        summary = pretrain(load_config(None, tiny(shapes, tmp_path / how, "train.epochs=1")), progress=False)
+        assert summary["skipped_steps"] == 1 and summary["global_step"] == 4
+        finals[how] = load_checkpoint(tmp_path / how / "checkpoints" / "last.pt")
+    stats = [k for k in finals["inf_input"]["encoder"] if "running_" in k]
+    assert stats
+    for part in ("encoder", "head"):
+        for key, value in finals["inf_input"][part].items():
+            assert torch.isfinite(value).all() if value.is_floating_point() else True, key
+            torch.testing.assert_close(value, finals["nan_loss"][part][key], rtol=0, atol=0)
+
+
+def test_stopping_after_non_finite_steps_keeps_the_good_steps_before_them(shapes, tmp_path, monkeypatch):
+    """Steps 3 to 5 of 5 non-finite with train.max_bad_steps=3: the run stops, but its two good steps are
+    checkpointed (positioned after the skipped batches), and a resumed run goes on from them."""
+    real = simxent.train.step_loss
+    calls = {"n": 0}
+
+    def nan_from_the_third(*args):
+        loss, z1, z2 = real(*args)
+        calls["n"] += 1
+        return (loss * float("nan") if 3 <= calls["n"] <= 5 else loss), z1, z2
+
+    monkeypatch.setattr(simxent.train, "step_loss", nan_from_the_third)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"non-finite for 3 steps in a row.*holds the last good step \(2\)"):
+        pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", "train.max_bad_steps=3")), progress=False)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["position"] == {"epoch": 0, "step": 5, "global_step": 2}
+    monkeypatch.setattr(simxent.train, "step_loss", real)
+    summary = pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", "train.resume=auto")), progress=False)
+    assert summary["global_step"] == 2 + 5 and summary["epoch"] == 2
+
+
 def test_non_finite_gradient_under_a_finite_loss_is_skipped(shapes, tmp_path, monkeypatch):
     real = simxent.train.step_loss
     calls = {"n": 0}

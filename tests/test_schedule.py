@@ -218,3 +218,21 @@ def test_pretraining_gives_the_learnt_temperature_its_own_lr(tmp_path):
     group = state["optimizer"]["param_groups"][-1]
     assert group["temperature"] and group["weight_decay"] == 0 and group["lr"] == 0
     assert state["temperature"]["log_t"].item() == pytest.approx(math.log(0.3))
+
+
+def test_a_warmup_as_long_as_the_run_is_cut_so_the_lr_peaks_and_decays(tmp_path, caplog):
+    """optim.warmup_epochs=10 in a run of 4 epochs of 2 steps: the warm-up would outlast the run (the lr
+    ending at 8/80 of its peak, never decayed). It is cut to a tenth of the run, said in a warning, and
+    the logged lr follows lr_at with that warm-up: up to the peak in 1 step, then the cosine to 0."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    run = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="simxent"):
+        pretrain(load_config(None, [*TINY_RUN, f"data.train={shapes / 'train'}", "train.epochs=4",
+                                    "train.log_every=1", "optim.warmup_epochs=10", "optim.lr_scaling=none",
+                                    "eval.every=0", f"out={run}"]), progress=False)
+    assert "optim.warmup_epochs=10 is not below train.epochs=4" in caplog.text
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    logged = [e.value for e in acc.Scalars("train/lr")]
+    assert logged == pytest.approx([lr_at(s, 8, 1, 0.1) for s in range(8)], rel=1e-5)
+    assert logged[0] == pytest.approx(0.1) and logged[-1] < 0.01
