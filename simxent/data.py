@@ -382,12 +382,12 @@ def bad_image_reason(e: BaseException, path: str | Path) -> str:
 
 class DecodedFiles(Dataset):
     """Dataset over files that yields ``(index, HWC uint8 array or None, reason or None)``; an array of None
-    marks a bad file and the reason says why. ``decoder(path)`` makes the array (:func:`decode` at ``size``
-    when not given)."""
+    marks a bad file and the reason says why (the reader decides whether that stops: an exception raised in
+    a DataLoader worker reaches the main process as a page of traceback). ``decoder(path)`` makes the
+    array (:func:`decode` at ``size`` when not given)."""
 
-    def __init__(self, files: list[Path], size: int, on_bad_image: str = "skip",
-                 decoder: Optional[Callable[[Path], np.ndarray]] = None):
-        self.files, self.on_bad_image = files, on_bad_image
+    def __init__(self, files: list[Path], size: int, decoder: Optional[Callable[[Path], np.ndarray]] = None):
+        self.files = files
         self.decoder = decoder or partial(decode, size=size)
 
     def __len__(self) -> int:
@@ -397,8 +397,6 @@ class DecodedFiles(Dataset):
         try:
             return i, self.decoder(self.files[i]), None
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
-            if self.on_bad_image == "error":
-                raise DataError(f"cannot read image {self.files[i]}: {e}") from e
             return i, None, bad_image_reason(e, self.files[i])
 
 
@@ -470,10 +468,11 @@ class _BatchDecoder(Dataset):
     than the view (S px each side), else (2B, S, S, 3), both views' crops of each image (view 1 first)
     drawn over its full size by a generator seeded with ``seed``. A bad file is replaced by the next
     readable one in the folder, so every batch keeps its size (processes must agree on it); the bad files
-    come back with the batch to be named, each with the reason it could not be read."""
+    come back with the batch to be named, each with the reason it could not be read (the reader stops on
+    them under ``data.on_bad_image=error``)."""
 
-    def __init__(self, files: list[str], size: int, on_bad_image: str, crop_scale: tuple[float, float]):
-        self.files, self.size, self.on_bad_image, self.crop_scale = files, size, on_bad_image, crop_scale
+    def __init__(self, files: list[str], size: int, crop_scale: tuple[float, float]):
+        self.files, self.size, self.crop_scale = files, size, crop_scale
 
     def __len__(self) -> int:
         return len(self.files)
@@ -500,8 +499,6 @@ class _BatchDecoder(Dataset):
                         out[0, j] = decode(path, self.size)
                     break
                 except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
-                    if self.on_bad_image == "error":
-                        raise DataError(f"cannot read image {path}: {e}") from e
                     bad.append((str(path), bad_image_reason(e, path)))
             else:
                 raise DataError(f"no readable images among the {len(self.files)} files of the folder")
@@ -544,12 +541,14 @@ class ImageStream:
         """``(step, Batch)`` for one epoch; see :func:`batch_indices`."""
         steps = [(step, idx.tolist()) for step, idx in batch_indices(len(self), batch_size, generator, start, rank, world)]
         base = int(torch.randint(2**62, (1,), generator=generator))  # after the order: the order is unchanged
-        decoder = _BatchDecoder(self.files, self.size, self.on_bad_image, self.crop_scale)
+        decoder = _BatchDecoder(self.files, self.size, self.crop_scale)
         loader = DataLoader(decoder, batch_size=None, sampler=[(idx, crop_seed(base, step, rank)) for step, idx in steps],
                             num_workers=self.workers, pin_memory=self.pin_memory,
                             prefetch_factor=4 if self.workers else None,
                             generator=torch.Generator())  # its own seed source: the global RNG drives augmentation
         for (step, _), (images, cropped, bad) in zip(steps, loader):
+            if bad and self.on_bad_image == "error":
+                raise DataError(f"cannot read image {bad[0][0]}: {bad[0][1]} (data.on_bad_image=error)")
             for path, reason in bad:
                 if path not in self.skipped:
                     log.warning("skipped unreadable image %s (%s; replaced by the next readable one)", path, reason)
@@ -602,12 +601,14 @@ def decode_side(size: int, decode_size: Optional[int] = None) -> int:
 
 
 def _listing(images: ImageList) -> bytes:
-    """What a cache entry stands for besides its layout: each file's path (relative to a folder, absolute
-    from a list), size and modification time, a line each; for a dataset, its cache name and length. Made
-    once per load: it stats every file, and each layout's key reuses it."""
+    """What a cache entry stands for besides its layout: a folder's resolved path, then each file's path
+    (relative to the folder, absolute from a list), size and modification time, a line each; for a dataset,
+    its cache name and length. Made once per load: it stats every file, and each layout's key reuses it.
+    The folder's own path is part of it: two folders of files with the same names, sizes and times (BMPs
+    unpacked from one archive) are different images."""
     if images.kind == "dataset":
         return f"dataset\t{images.cache_name}\t{len(images.files)}\n".encode()
-    lines = []
+    lines = [f"folder\t{Path(images.root).resolve()}\n"] if images.kind == "folder" else []
     for f in images.files:
         try:
             st = f.stat()
@@ -667,8 +668,8 @@ def load_folder(
     file under ``cache_dir`` (disk, not RAM, bounds the folder's size: N * side^2 * 3 bytes); without it,
     into memory.
 
-    The cache is keyed by the layout and each file's relative path, byte size and modification time, so
-    any change to the folder decodes it anew. Bad files are skipped with a warning naming each
+    The cache is keyed by the layout, the folder's resolved path and each file's relative path, byte size and
+    modification time, so any change to the folder decodes it anew. Bad files are skipped with a warning naming each
     (``on_bad_image=skip``) or stop the run naming the first (``error``).
     """
     found = find_source(root)
@@ -689,6 +690,9 @@ def load_folder(
             _write_meta(good, bad, sizes, found, array_path.with_suffix(".json"))
     else:
         images, good, bad, sizes = hit
+        if bad and on_bad_image == "error":  # the cache remembers the bad files a skipping decode passed over
+            first = min(bad)
+            raise DataError(f"cannot read image {found.files[first]}: {bad[first]} (data.on_bad_image=error)")
     reasons = {**{str(f): IRREGULAR for f in found.irregular},  # named by discovery's own warning
                **{str(found.files[i]): bad[i] for i in sorted(bad)}}
     skipped = list(reasons)
@@ -797,7 +801,7 @@ def _decode_into(out: np.ndarray, found: ImageList, layout: Layout, workers: int
                  progress: bool):
     """Fill ``out`` in file order with the readable images, packed at the front (see :func:`_decode_all`)."""
     good, sizes, bad = [], [], {}
-    loader = DataLoader(DecodedFiles(found.files, layout.size, on_bad_image, layout.decoder()), batch_size=64,
+    loader = DataLoader(DecodedFiles(found.files, layout.size, layout.decoder()), batch_size=64,
                         num_workers=workers, collate_fn=_collate)
     bars = show_progress_bars(progress)
     for batch in tqdm(loader, desc=f"decoding {found.root}", unit="batch", disable=not bars, leave=False):
@@ -807,6 +811,8 @@ def _decode_into(out: np.ndarray, found: ImageList, layout: Layout, workers: int
                 out[len(good), :h, :w] = img
                 good.append(i)
                 sizes.append((h, w))
+            elif on_bad_image == "error":
+                raise DataError(f"cannot read image {found.files[i]}: {reason} (data.on_bad_image=error)")
             else:
                 bad[i] = reason
     return out[: len(good)], np.asarray(good, dtype=np.int64), bad, sizes if layout.kind == "padded" else None

@@ -76,6 +76,8 @@ def test_corrupt_files_are_skipped_and_named(tmp_path, caplog):
     assert torch.equal(load_folder(tmp_path, 8, workers=0, cache=False, progress=False).images, data.images)
     with pytest.raises(DataError, match="broken.jpg|empty.png"):
         load_folder(tmp_path, 8, workers=0, cache=False, on_bad_image="error", progress=False)
+    with pytest.raises(DataError, match="broken.jpg|empty.png"):  # the cached folder remembers its bad files
+        load_folder(tmp_path, 8, workers=0, on_bad_image="error", progress=False)
 
 
 def test_folder_of_only_bad_files_is_an_error(tmp_path):
@@ -111,9 +113,9 @@ def test_cache_equals_direct_decode_and_follows_changes(tmp_path):
 
 
 def test_a_load_stats_the_folder_once_and_keeps_the_cache_names(tmp_path, monkeypatch):
-    """The file listing (path, size, mtime of each file) is made once per load, miss or hit, though the
-    cache is looked up under two layouts; the cache file is named as before, so existing caches stay valid:
-    sha1 of "simxent-v2 <layout>" and a "path, bytes, mtime_ns" line per file."""
+    """The file listing (the folder, then path, size, mtime of each file) is made once per load, miss or hit,
+    though the cache is looked up under two layouts; the cache file is named by the sha1 of
+    "simxent-v2 <layout>", a "folder <resolved path>" line and a "path, bytes, mtime_ns" line per file."""
     import hashlib
 
     import simxent.data as data
@@ -130,8 +132,25 @@ def test_a_load_stats_the_folder_once_and_keeps_the_cache_names(tmp_path, monkey
     lines = "".join(f"c/{i}.png\t{(root / 'c' / f'{i}.png').stat().st_size}\t"
                     f"{(root / 'c' / f'{i}.png').stat().st_mtime_ns}\n" for i in range(3))
     layout = data.Layout("padded", 12, data.decode_side(12))
-    key = hashlib.sha1(f"simxent-v2 {layout.key()}\n{lines}".encode()).hexdigest()[:20]
+    key = hashlib.sha1(f"simxent-v2 {layout.key()}\nfolder\t{root.resolve()}\n{lines}".encode()).hexdigest()[:20]
     assert [p.name for p in (tmp_path / "cache").glob("*.npy")] == [f"{key}.npy"]
+
+
+def test_two_folders_of_same_named_same_sized_files_are_cached_apart(tmp_path):
+    """BMPs have a size fixed by their dimensions: two folders with the same file names, sizes and times
+    (as unpacked from one archive) but other pixels must not share a cache entry, or a test folder would
+    be scored on the training folder's images."""
+    cache = tmp_path / "cache"
+    for name, grey in (("a", 30), ("b", 225)):
+        for i in range(3):
+            path = tmp_path / name / "c" / f"{i}.bmp"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (grey, grey, grey)).save(path)
+            os.utime(path, ns=(1_600_000_000 * 10**9, 1_600_000_000 * 10**9))
+    a = load_folder(tmp_path / "a", 8, cache_dir=cache, workers=0, progress=False)
+    b = load_folder(tmp_path / "b", 8, cache_dir=cache, workers=0, progress=False)
+    assert (a.images == 30).all() and (b.images == 225).all()
+    assert len(list(cache.glob("*.npy"))) == 2
 
 
 def test_batches_cover_epoch_and_resume_in_place(labelled_folder):
