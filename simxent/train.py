@@ -756,9 +756,12 @@ def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, 
     held.enter_context(run_lock(out))
     resume, state = _resume_state(cfg, device)
     resumed_id = state.get("run_id") if state else None
-    if state is None and dist.restarted_by_torchrun():
-        resumed_id = recorded_run_id(out)  # restarted before its first checkpoint: the folder is its own
-    run_id = claim(out, resumed_id, state is not None or dist.restarted_by_torchrun(), cfg.train.overwrite)
+    # Killed (or restarted by torchrun) before its first checkpoint: the folder is still its own, and the
+    # run starts again from step 0.
+    restart = state is None and (cfg.train.resume == "auto" or dist.restarted_by_torchrun())
+    if restart:
+        resumed_id = recorded_run_id(out)
+    run_id = claim(out, resumed_id, state is not None or restart, cfg.train.overwrite)
     return run_id, resume, state
 
 
@@ -839,8 +842,9 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
         ahead_progress = resumed.get("ahead_progress")  # None: an older checkpoint, or none drawn ahead
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go
     main, out = dist.is_main(), Path(cfg.out)
-    # purge_step drops what a killed run logged after its last checkpoint: one continuous curve.
-    monitor = Monitor(out / "tb", enabled=main, purge_step=pos.global_step + 1 if resume else None)
+    # purge_step drops what a killed run logged after its last checkpoint (or, killed before its first, at
+    # all): one continuous curve.
+    monitor = Monitor(out / "tb", enabled=main, purge_step=pos.global_step + 1)
     bars = show_progress_bars(progress) and main
     run = Run(cfg, device, dtype, main, run_id, started, on_device(train, device), val, bank, net, model,
               MultiViewAugment(cfg, device), optimizer, scaler, peak, budget, monitor,

@@ -252,6 +252,12 @@ def test_bad_options_and_outputs_stop_before_decoding(run, tmp_path, monkeypatch
     assert evaluate(ckpt, shapes, "--objective", "multilabel", "--train-labels", str(tmp_path / "none.csv"),
                     "--test-labels", str(tmp_path / "none.csv")) == 2
     assert "--train-labels: label file not found" in capsys.readouterr().err
+    # an option of another objective would be ignored and the folders' classes scored instead
+    (tmp_path / "labels.csv").write_text("")
+    assert evaluate(ckpt, shapes, "--train-labels", str(tmp_path / "labels.csv")) == 2
+    assert "--train-labels applies to --objective multilabel; this run's is multiclass" in capsys.readouterr().err
+    assert evaluate(ckpt, shapes, "--positive-class", "circle", "--objective", "multiclass") == 2
+    assert "--positive-class applies to --objective binary" in capsys.readouterr().err
     (tmp_path / "taken").write_text("")
     assert evaluate(ckpt, shapes, "--out", str(tmp_path / "taken")) == 2
     assert "--out: cannot write in" in capsys.readouterr().err

@@ -129,6 +129,31 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(shapes, tmp_pat
     assert load_checkpoint(fallback)["position"]["global_step"] == 5
 
 
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(shapes, tmp_path, monkeypatch):
+    """Dead at its third step, before any checkpoint: train.resume=auto starts the folder's own run again
+    from step 0 (not "the folder holds another run"), and TensorBoard shows every step once."""
+    run = tmp_path / "run"
+    real = simxent.train.step_loss
+    calls = {"n": 0}
+
+    def dies_at_the_third(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("killed")
+        return real(*args)
+
+    monkeypatch.setattr(simxent.train, "step_loss", dies_at_the_third)
+    with pytest.raises(RuntimeError, match="killed"):
+        pretrain(load_config(None, tiny(shapes, run, "train.epochs=1")), progress=False)
+    assert not list((run / "checkpoints").glob("*.pt")) and list((run / "tb").rglob("events.out.tfevents.*"))
+    monkeypatch.setattr(simxent.train, "step_loss", real)
+    summary = pretrain(load_config(None, tiny(shapes, run, "train.epochs=1", "train.resume=auto")), progress=False)
+    assert summary["global_step"] == 5
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+
+
 def test_non_finite_loss_is_skipped_then_stops_without_overwriting(shapes, tmp_path, monkeypatch):
     run = tmp_path / "run"
     pretrain(load_config(None, tiny(shapes, run, "train.epochs=1")), progress=False)
