@@ -39,6 +39,7 @@ from .augment import CROP_RATIO, crop_boxes
 from .config import DataConfig
 from .runtime import show_progress_bars
 from .files import folder_problem, is_disk_full, remove_dead_temp_files, reserve, temp_path
+from .rundir import LOCK_FILE, RUN_FILE
 
 log = logging.getLogger("simxent")
 
@@ -91,17 +92,20 @@ def find_images(root: str | Path) -> ImageList:
     Symbolic links are followed, each real directory once, so a link loop cannot recurse forever.
     Only regular files (after following links) are taken: reading a FIFO named ``x.jpg`` would block
     forever. The others are named in one warning and kept in ``irregular``; a dangling link stays in
-    ``files``, so that decoding names it as unreadable.
+    ``files``, so that decoding names it as unreadable. A sub-folder holding a simxent run (its run or
+    lock file: ``out`` placed inside the image folder) is left out, named in a warning: its figures are
+    not training images.
     """
     root = Path(root)
     if not root.exists():
         raise DataError(f"image folder not found: {root}")
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
-    files, irregular, seen = [], [], set()
+    files, irregular, seen, runs = [], [], set(), []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen:
+        if real in seen or (real != os.path.realpath(root) and {RUN_FILE, LOCK_FILE} & set(filenames)):
+            runs += [dirpath] if real not in seen else []
             dirnames[:] = []
             continue
         seen.add(real)
@@ -111,6 +115,9 @@ def find_images(root: str | Path) -> ImageList:
                 path = Path(dirpath) / name
                 (files if _regular_or_missing(path) else irregular).append(path)
     _report_irregular(irregular, root)
+    if runs:
+        log.warning("left out %d simxent run folder(s) inside %s (their figures are not training images): %s",
+                    len(runs), root, ", ".join(runs))
     if not files:
         raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     top = [f.relative_to(root).parts for f in files]

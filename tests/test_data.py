@@ -12,6 +12,27 @@ from simxent.data import (DataError, decode, decode_within, find_images, iterate
 from tests.conftest import write_image
 
 
+def test_a_run_folder_inside_the_image_folder_is_not_training_data(tmp_path, caplog):
+    """out inside data.train: the run's own folder, and later runs', hold PNG figures; discovery leaves
+    every folder holding a simxent run out (named in a warning), so the next run trains on the same images."""
+    from simxent.config import load_config
+    from simxent.demo import make_shapes
+    from simxent.train import pretrain
+    from tests.conftest import TINY_RUN
+
+    train = make_shapes(tmp_path / "shapes", train_per_class=4, test_per_class=1, size=16) / "train"
+    before = find_images(train)
+    with caplog.at_level(logging.INFO, logger="simxent"):
+        pretrain(load_config(None, [*TINY_RUN, f"data.train={train}", "train.epochs=1", "eval.every=0",
+                                    "train.batch_size=10", f"out={train / 'run1'}"]), progress=False)
+    assert list((train / "run1").rglob("*.png")) and f"{len(before.files)} training images" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        after = find_images(train)
+    assert after.files == before.files and after.classes == before.classes
+    assert "left out 1 simxent run folder(s)" in caplog.text and "run1" in caplog.text
+
+
 def test_discovery_nested_uppercase_and_unlabelled(tmp_path):
     write_image(tmp_path / "cat" / "deep" / "deeper" / "A.JPG")
     write_image(tmp_path / "cat" / "b.Png")
