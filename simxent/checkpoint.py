@@ -277,13 +277,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def training_state(cfg: Config, net: nn.Module, optimizer, scaler, pos: Position, rng: Optional[dict],
-                   progress: float, ahead_progress: Optional[float] = None) -> dict:
+                   progress: float, ahead_progress: Optional[float] = None, history: Optional[dict] = None) -> dict:
     """A run's checkpoint: config, weights (encoder, head and temperature apart, so that an encoder loads
     alone), optimiser, grad scaler, position, the schedule's progress p in [0, 1] (see
     :class:`simxent.schedule.TimeBudget`) and every process's RNG state (``rng``:
     this one's as it was before the batch drawn ahead, else its current state), with the progress that
-    sized that batch's views (``ahead_progress``; None when none was drawn). Every process calls it:
-    the RNG states are gathered."""
+    sized that batch's views (``ahead_progress``; None when none was drawn), and the figures the run's
+    summary reports over all its sessions (``history``: kNN top-1 per evaluation, skipped steps, last loss,
+    seconds). Every process calls it: the RNG states are gathered."""
     return {
         "simxent_version": __version__,
         "config": to_dict(cfg),
@@ -297,6 +298,7 @@ def training_state(cfg: Config, net: nn.Module, optimizer, scaler, pos: Position
         "rng": dist.gather_objects(rng or rng_state()),
         "progress": progress,
         "ahead_progress": ahead_progress,
+        "history": history or {},
     }
 
 

@@ -435,11 +435,23 @@ class Run:
     knn_top1: list = dataclasses.field(default_factory=list)
     resumed_progress: Optional[float] = None  # the progress that sized a resumed run's first views
     saved_step: int = 0  # the global step of the newest checkpoint of this run
+    seconds_before: float = 0.0  # the run's earlier sessions, from its checkpoint
     buffers: BufferSnapshot = dataclasses.field(init=False)
 
     def __post_init__(self):
         self.saved_step = self.pos.global_step  # a resumed run's checkpoint, or 0
         self.buffers = BufferSnapshot(self.net)
+
+    def seconds(self) -> float:
+        """Wall time over all of the run's sessions so far."""
+        return self.seconds_before + time.monotonic() - self.started
+
+    def resume_history(self, saved: dict) -> None:
+        """Take up the figures of the earlier sessions (:func:`history`) from a resumed checkpoint."""
+        self.knn_top1 = list(saved.get("knn_top1", []))
+        self.skipped_steps = int(saved.get("skipped_steps", 0))
+        self.last_loss = float(saved.get("last_loss", math.nan))
+        self.seconds_before = float(saved.get("seconds", 0.0))
 
     @property
     def out(self) -> Path:
@@ -625,11 +637,12 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
     bar.close()
     if reason is None:
         pos.epoch, pos.step = pos.epoch + 1, 0
-    save(run, batches.ahead)  # None at the epoch's end: nothing was drawn ahead
-    # val is None when eval.every is 0; a preempted run has no time to spare for kNN.
+    # val is None when eval.every is 0; a preempted run has no time to spare for kNN. Before the checkpoint,
+    # which carries the kNN history into a resumed run's summary.
     if run.val is not None and reason != "signal" and (
             pos.epoch % cfg.eval.every == 0 or reason or pos.epoch == cfg.train.epochs):
         monitor_knn(run)
+    save(run, batches.ahead)  # None at the epoch's end: nothing was drawn ahead
     run.monitor.flush()
     return reason
 
@@ -646,6 +659,12 @@ def diverged(run: Run, ahead: Optional[Drawn]) -> TrainingError:
                          f"(lower optim.lr or use train.precision=fp32, then train.resume=auto)")
 
 
+def history(run: Run) -> dict:
+    """What the summary reports over all of a run's sessions, carried by its checkpoints."""
+    return {"knn_top1": run.knn_top1, "skipped_steps": run.skipped_steps, "last_loss": run.last_loss,
+            "seconds": run.seconds()}
+
+
 def save(run: Run, ahead: Optional[Drawn]) -> None:
     """Checkpoint the run (every process takes part; the main one writes), with the RNG state from before
     the batch ``ahead`` was drawn, if one was."""
@@ -654,7 +673,8 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
         raise TrainingError(f"the model holds non-finite values at step {run.pos.global_step}; not saving it over "
                             f"{checkpoint_path(run.cfg)}")
     state = training_state(run.cfg, net, run.optimizer, run.scaler, run.pos, ahead.rng if ahead else None,
-                           run.budget.progress(run.pos.global_step), ahead.progress if ahead else None)
+                           run.budget.progress(run.pos.global_step), ahead.progress if ahead else None,
+                           history(run))
     if run.main:
         run.similarities.write()
         save_rotating(state, checkpoint_path(run.cfg).parent, run.pos.global_step, run.cfg.train.keep_checkpoints,
@@ -694,12 +714,14 @@ def finish(run: Run, reason: Optional[str]) -> dict:
         "epoch": pos.epoch,
         "global_step": pos.global_step,
         "world_size": dist.world_size(),
-        "stopped_by_max_time": reason == "max_time",
+        # A resumed run whose budget was already spent trains nothing: its earlier session was stopped.
+        "stopped_by_max_time": reason == "max_time" or (reason is None and pos.epoch < cfg.train.epochs
+                                                        and run.budget.finished()),
         "schedule_progress": run.budget.progress(pos.global_step),  # 1: annealed (the epochs or the budget done)
         "stopped_by_signal": reason == "signal",
         "skipped_steps": run.skipped_steps,
-        "last_loss": run.last_loss,
-        "seconds": time.monotonic() - run.started,
+        "last_loss": run.last_loss if math.isfinite(run.last_loss) else None,  # strict JSON has no NaN
+        "seconds": run.seconds(),
         "skipped_images": skipped_records(run.train),
         "knn_top1": run.knn_top1,
     }
@@ -833,13 +855,14 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
     budget = time_budget(cfg, steps_per_epoch, started)
     optimizer = build_optimizer(net, cfg.optim, peak, net.temperature, cfg.loss.temperature_lr)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    pos, ahead_progress = Position(), None
+    pos, ahead_progress, earlier = Position(), None, {}
     if resume:
         pos = restore_training(resume, resumed, net, optimizer, scaler, cfg.train.seed)
         for key, was, now in changed_settings(resumed, cfg):
             log.info("resumed with %s=%s (the checkpoint's run had %s)", key, json.dumps(now), json.dumps(was))
         budget.resume(saved_progress(resumed, budget.total))
         ahead_progress = resumed.get("ahead_progress")  # None: an older checkpoint, or none drawn ahead
+        earlier = resumed.get("history", {})
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go
     main, out = dist.is_main(), Path(cfg.out)
     # purge_step drops what a killed run logged after its last checkpoint (or, killed before its first, at
@@ -850,6 +873,7 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
               MultiViewAugment(cfg, device), optimizer, scaler, peak, budget, monitor,
               SimilarityLog(out / "similarities.json", pos.global_step if resume else None), pos, bars,
               PlainProgress(main and not bars, cfg.train.epochs, steps_per_epoch), resumed_progress=ahead_progress)
+    run.resume_history(earlier)
     announce(run)
     return run
 

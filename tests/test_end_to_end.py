@@ -303,7 +303,7 @@ def test_compiled_training_follows_the_eager_run(shapes, tmp_path):
     for compiled in ("false", "true"):
         run = tmp_path / compiled
         pretrain(load_config(None, tiny(shapes, run, "train.epochs=1", "eval.every=0", "train.precision=fp32",
-                                        "optim.lr=0.01", f"train.compile={compiled}")), progress=False)
+                                        "optim.lr=0.001", f"train.compile={compiled}")), progress=False)
         runs[compiled] = ([v for _, v in scalars(run)["train/loss"]],
                           load_checkpoint(run / "checkpoints" / "last.pt")["encoder"])
     (eager_loss, eager_w), (compiled_loss, compiled_w) = runs["false"], runs["true"]

@@ -154,6 +154,23 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(shapes,
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5]
 
 
+def test_the_summary_of_a_resumed_run_covers_all_its_sessions(shapes, tmp_path):
+    """One epoch, then resumed for a second, then resumed with nothing left to train: summary.json keeps
+    the kNN of every epoch, the skipped steps and seconds of every session, and the last loss (strict JSON)."""
+    run = tmp_path / "run"
+    args = ["train.epochs=1", f"data.val={shapes / 'test'}", "eval.every=1"]
+    first = pretrain(load_config(None, tiny(shapes, run, *args)), progress=False)
+    second = pretrain(load_config(None, tiny(shapes, run, *args[1:], "train.epochs=2", "train.resume=auto")),
+                      progress=False)
+    assert [k["epoch"] for k in second["knn_top1"]] == [1, 2] and second["knn_top1"][0] == first["knn_top1"][0]
+    assert second["seconds"] > first["seconds"]
+    again = pretrain(load_config(None, tiny(shapes, run, *args[1:], "train.epochs=2", "train.resume=auto")),
+                     progress=False)
+    written = json.loads((run / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert written["knn_top1"] == second["knn_top1"] == again["knn_top1"]
+    assert written["last_loss"] == second["last_loss"] is not None and written["global_step"] == 10
+
+
 def test_non_finite_loss_is_skipped_then_stops_without_overwriting(shapes, tmp_path, monkeypatch):
     run = tmp_path / "run"
     pretrain(load_config(None, tiny(shapes, run, "train.epochs=1")), progress=False)
