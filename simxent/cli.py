@@ -233,12 +233,14 @@ def demo_main(argv=None) -> int:
 
 def cache_main(argv=None) -> int:
     p = _parser("simxent-cache", "See and clear the decoded-image cache ($SIMXENT_CACHE, else ~/.cache/simxent).")
-    p.add_argument("--dir", help="the cache folder (a run's data.cache_dir); default: $SIMXENT_CACHE or "
-                                 "~/.cache/simxent")
+    where = "the cache folder (a run's data.cache_dir); default: $SIMXENT_CACHE or ~/.cache/simxent"
+    p.add_argument("--dir", help=where)
     commands = p.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="each entry's key, size on disk, age and source folder")
+    listing = commands.add_parser("list", help="each entry's key, size on disk, age and source folder")
     clear = commands.add_parser("clear", help="delete entries by key, or all of them with --all (never a file "
                                               "a running decoder is writing)")
+    for command in (listing, clear):  # --dir after the command too; SUPPRESS: absent there keeps the first's
+        command.add_argument("--dir", default=argparse.SUPPRESS, help=where)
     clear.add_argument("keys", nargs="*", metavar="KEY", help="entries to delete (from simxent-cache list)")
     clear.add_argument("--all", action="store_true", help="every entry")
     a = p.parse_args(argv)

@@ -707,6 +707,9 @@ def load_folder(
     if len(good) == 0:
         raise DataError(f"no readable images in {found.root} ({len(skipped)} files could not be read)")
     labels = torch.as_tensor(np.asarray(found.labels, dtype=np.int64)[good])
+    empty = [c for i, c in enumerate(found.classes) if not (labels == i).any()]
+    if empty:  # kept, so that class indices stay those of the folder names; a probe can never predict them
+        log.warning("class folder(s) of %s with no readable image: %s", found.root, ", ".join(empty))
     return ImageArray(
         images=_as_tensor(images),
         labels=labels,

@@ -38,7 +38,7 @@ from .data import DataError, ImageArray, decode_eval, load_configured, naming_th
 from .evaluate import build_index, extract_features, recall_against_exact
 from .linear_eval import encoder_to_score
 from .monitor import Monitor
-from .runtime import resolve_device, setup_logging
+from .runtime import resolve_device, setup_logging, show_progress_bars
 
 log = logging.getLogger("simxent")
 
@@ -186,8 +186,8 @@ def duplicate_pairs(index: faiss.Index, vectors: np.ndarray, threshold: float, b
     # Range search keeps similarities strictly above the radius: step just below the threshold, filter after.
     radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
     found = {}
-    for start in tqdm(range(0, len(vectors), batch), desc="duplicates", unit="batch", disable=not progress,
-                      leave=False):
+    for start in tqdm(range(0, len(vectors), batch), desc="duplicates", unit="batch",
+                      disable=not show_progress_bars(progress), leave=False):
         lims, sims, idx = index.range_search(np.ascontiguousarray(vectors[start:start + batch]), radius)
         rows = start + np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
         keep = (idx != rows) & (sims >= threshold)

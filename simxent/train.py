@@ -34,7 +34,7 @@ from .evaluate import extract_features, knn_scores, topk_accuracy
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, similarity_samples
 from .models import SimCLR, feature_size
 from .monitor import Monitor
-from .rundir import claim, recorded_run_id, run_lock, writable_folder
+from .rundir import claim, holds_run, recorded_run_id, run_lock, writable_folder
 from .runtime import (SlowStepWatch, autocast, configure_device, resolve_device, resolve_dtype, seed_everything,
                       set_threads, setup_logging, show_progress_bars)
 from .schedule import TimeBudget, build_optimizer, peak_lr, set_lr, warmup_steps
@@ -273,7 +273,13 @@ def load_data(cfg: Config, progress: bool = True, dataset=None, cache_name: Opti
         if not val.classes or (val.labels < 0).any():
             raise ConfigError(f"data.val: {cfg.data.val} needs one sub-folder per class for kNN evaluation")
         # A streamed train folder is too large to embed for every evaluation: leave-one-out within val.
-        if train.classes and (train.labels >= 0).all() and not cfg.data.stream:
+        # Sub-folders of data.train that share no name with data.val's classes are not classes (an unlabelled
+        # folder kept in parts); some shared and some not is a mistake worth stopping for.
+        labelled = train.classes and (train.labels >= 0).all() and not cfg.data.stream
+        if labelled and not set(train.classes) & set(val.classes):
+            log.warning("data.train's sub-folders share no name with the classes of data.val, so they are not "
+                        "classes: kNN is leave-one-out within data.val")
+        elif labelled:
             if train.classes != val.classes:
                 only_train = sorted(set(train.classes) - set(val.classes))
                 only_val = sorted(set(val.classes) - set(train.classes))
@@ -606,8 +612,9 @@ def stop_reason(run: Run, result: StepResult) -> Optional[str]:
     if not (result.time_up or result.signalled or run.budget.finished()):
         return None
     why = f"train.max_time={run.cfg.train.max_time:g}s reached"
-    log.info("%s at epoch %d step %d: checkpointing and stopping", "stop requested" if result.signalled else why,
-             run.pos.epoch, run.pos.step)
+    log.info("%s at epoch %d/%d step %d/%d: checkpointing and stopping",  # numbered as the progress lines
+             "stop requested" if result.signalled else why, run.pos.epoch + 1, run.cfg.train.epochs, run.pos.step,
+             run.steps_per_epoch)
     return "signal" if result.signalled else "max_time"
 
 
@@ -866,8 +873,10 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go
     main, out = dist.is_main(), Path(cfg.out)
     # purge_step drops what a killed run logged after its last checkpoint (or, killed before its first, at
-    # all): one continuous curve.
-    monitor = Monitor(out / "tb", enabled=main, purge_step=pos.global_step + 1)
+    # all): one continuous curve. Never for a fresh folder: a purge in a new file would drop the events of
+    # any file TensorBoard happens to read before it.
+    restarted = resume or (main and holds_run(out))
+    monitor = Monitor(out / "tb", enabled=main, purge_step=pos.global_step + 1 if restarted else None)
     bars = show_progress_bars(progress) and main
     run = Run(cfg, device, dtype, main, run_id, started, on_device(train, device), val, bank, net, model,
               MultiViewAugment(cfg, device), optimizer, scaler, peak, budget, monitor,

@@ -1,5 +1,6 @@
 import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,14 @@ TINY_RUN = ["model.backbone=convnet", "model.head_hidden=32", "model.head_out=16
 def _isolated_cache(tmp_path, monkeypatch):
     """Every test decodes into its own cache directory."""
     monkeypatch.setenv("SIMXENT_CACHE", str(tmp_path / "cache"))
+
+
+def next_second() -> None:
+    """Wait for the wall clock's next second. TensorBoard reads a folder's event files in name order, and a
+    name is the writer's start second, then host and pid, then a process-wide counter that sorts "10" before
+    "9": two sessions of a run started in one process within one second may be read in the wrong order
+    (separate processes, as a real resume is, have their own start seconds)."""
+    time.sleep(1 - time.time() % 1 + 0.01)
 
 
 def write_image(path: Path, size=(16, 16), mode="RGB", seed=0):

@@ -44,6 +44,8 @@ def test_list_names_each_entry_with_its_folder_and_size(tmp_path, capsys):
     assert any(live.name in line and f"being written by process {os.getpid()}" in line for line in out)
     assert any(gone.name in line and "left by the ended process" in line for line in out)
     assert out[-1].startswith("2 entries")
+    assert cache_main(["list", "--dir", str(cache)]) == 0  # --dir after the command names the same folder
+    assert capsys.readouterr().out.splitlines() == out
 
 
 def test_clear_by_key_then_all_keeps_a_live_writers_file(tmp_path, capsys):

@@ -62,6 +62,20 @@ def test_symlink_loop_terminates(tmp_path):
     assert [p.name for p in find_images(tmp_path).files] == ["x.png"]
 
 
+def test_a_class_folder_without_a_readable_image_is_named(tmp_path, caplog):
+    """Kept (class indices stay those of the sorted folder names) but named: a probe can never predict it."""
+    for i in range(2):
+        write_image(tmp_path / "a" / f"{i}.png", seed=i)
+        write_image(tmp_path / "c" / f"{i}.png", seed=i)
+    (tmp_path / "b" / "x.jpg").parent.mkdir()
+    (tmp_path / "b" / "x.jpg").write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        data = load_folder(tmp_path, 8, workers=0, progress=False)
+    assert data.classes == ["a", "b", "c"] and data.labels.tolist() == [0, 0, 2, 2]
+    named = [r.getMessage() for r in caplog.records if "with no readable image" in r.getMessage()]
+    assert len(named) == 1 and named[0].endswith(": b")
+
+
 def test_modes_become_rgb(tmp_path):
     for mode in ("L", "RGBA", "P"):
         path = write_image(tmp_path / f"{mode}.png", size=(20, 12), mode=mode)

@@ -16,7 +16,7 @@ from simxent.config import load_config
 from simxent.demo import make_shapes
 from simxent.models import SimCLR
 from simxent.train import KnnBank, knn_monitor, load_data, pretrain
-from tests.conftest import TINY_RUN, write_image
+from tests.conftest import TINY_RUN, next_second, write_image
 
 SCALARS = {"train/loss", "train/lr", "train/temperature", "train/pos_sim", "train/neg_sim", "train/top1",
            "train/alignment", "train/uniformity", "train/images_per_s", "val/knn_top1"}
@@ -145,6 +145,7 @@ def test_resume_continues_to_the_same_weights(shapes, tmp_path):
     cut = pretrain(load_config(None, tiny(shapes, tmp_path / "cut", "eval.every=0", "train.device=cpu",
                                           "train.max_time=0.001")), progress=False)
     assert cut["stopped_by_max_time"] and cut["global_step"] == 1
+    next_second()
     pretrain(load_config(None, tiny(shapes, tmp_path / "cut", "eval.every=0", "train.device=cpu",
                                     "train.resume=auto")), progress=False)
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")

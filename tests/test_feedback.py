@@ -134,6 +134,21 @@ def test_val_classes_that_differ_are_listed(tmp_path):
         load_data(cfg, progress=False)
 
 
+def test_train_sub_folders_sharing_no_name_with_the_val_classes_are_not_classes(tmp_path, caplog):
+    """An unlabelled training folder kept in parts (part1/, part2/) beside a labelled data.val: kNN is
+    leave-one-out within data.val, said in a warning, not refused as "classes that differ"."""
+    train, val = tmp_path / "train", tmp_path / "val"
+    for root, names in ((train, ("part1", "part2")), (val, ("cat", "dog"))):
+        for c in names:
+            for i in range(2):
+                write_image(root / c / f"{i}.png", seed=i)
+    cfg = load_config(None, [*TINY_RUN, f"data.train={train}", f"data.val={val}", "train.batch_size=2"])
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        _, loaded_val, bank = load_data(cfg, progress=False)
+    assert bank is None and len(loaded_val) == 4
+    assert "share no name with the classes of data.val" in caplog.text
+
+
 def test_confusion_matrix_image_has_class_names_on_both_axes(tmp_path, monkeypatch):
     drawn = []
     monitor = Monitor(tmp_path / "tb")

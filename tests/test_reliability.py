@@ -21,7 +21,7 @@ from simxent.config import load_config
 from simxent.data import DataError, decode, load_folder
 from simxent.demo import make_shapes
 from simxent.train import TrainingError, pretrain
-from tests.conftest import TINY_RUN
+from tests.conftest import TINY_RUN, next_second
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,6 +147,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(shapes,
         pretrain(load_config(None, tiny(shapes, run, "train.epochs=1")), progress=False)
     assert not list((run / "checkpoints").glob("*.pt")) and list((run / "tb").rglob("events.out.tfevents.*"))
     monkeypatch.setattr(simxent.train, "step_loss", real)
+    next_second()
     summary = pretrain(load_config(None, tiny(shapes, run, "train.epochs=1", "train.resume=auto")), progress=False)
     assert summary["global_step"] == 5
     acc = EventAccumulator(str(run / "tb"))
