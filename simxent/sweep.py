@@ -202,7 +202,8 @@ def evaluate_run(run: Path, train_dir: Path, eval_dir: str | Path, probe: ProbeO
 
 
 def summarise(rows: list[dict], keys: list[str]) -> list[dict]:
-    """One row per setting: mean and standard deviation (n - 1) over its seeds of each validation score."""
+    """One row per setting: mean and standard deviation (n - 1) over its seeds of each validation score (None,
+    shown as "-", for one seed: a spread needs two)."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
@@ -212,7 +213,7 @@ def summarise(rows: list[dict], keys: list[str]) -> list[dict]:
         for m in METRICS:
             scores = [r[f"val_{m}"] for r in runs]
             row[f"val_{m}_mean"] = statistics.fmean(scores)
-            row[f"val_{m}_sd"] = statistics.stdev(scores) if len(scores) > 1 else 0.0
+            row[f"val_{m}_sd"] = statistics.stdev(scores) if len(scores) > 1 else None
         settings.append(row)
     return settings
 
@@ -280,8 +281,10 @@ def budget_text(opts: SweepOptions, cfg) -> str:
 
 def markdown_table(rows: list[dict], keys: list[str]) -> list[str]:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    return lines + ["| " + " | ".join(f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |"
-                    for r in rows]
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
+
+    return lines + ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
 
 
 def write_results(results: dict, out: Path) -> None:

@@ -201,3 +201,17 @@ def test_script_refuses_a_bad_fraction_in_one_line(tmp_path, capsys, load_script
                         "--val-fraction", "1.5", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--val-fraction must be between 0 and 1" in err
+
+
+def test_one_seed_has_no_spread_and_two_have_the_sample_sd():
+    import statistics
+
+    from simxent.sweep import markdown_table, summarise
+
+    rows = [{"k": 1, "val_knn_top1": 0.5, "val_linear_top1": 0.6},
+            {"k": 2, "val_knn_top1": 0.5, "val_linear_top1": 0.6},
+            {"k": 2, "val_knn_top1": 0.7, "val_linear_top1": 0.9}]
+    one, two = summarise(rows, ["k"])
+    assert one["seeds"] == 1 and one["val_knn_top1_sd"] is None and one["val_linear_top1_sd"] is None
+    assert two["val_knn_top1_sd"] == pytest.approx(statistics.stdev([0.5, 0.7]))
+    assert markdown_table([one], ["k", "val_knn_top1_sd"])[-1] == "| 1 | - |"
