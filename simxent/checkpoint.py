@@ -67,18 +67,29 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
         os.close(dir_fd)
 
 
+def refused_object(e: pickle.UnpicklingError) -> str:
+    """What torch's safe unpickler refused, without torch's advice to load the file unsafely instead."""
+    lines = [line.strip() for line in str(e).splitlines()]
+    said = next((line for line in lines if "GLOBAL" in line or line.startswith("WeightsUnpickler error:")), None)
+    if said is None:
+        return "the safe unpickler refused it"
+    return said.removeprefix("WeightsUnpickler error:").split(". Please use")[0].strip()
+
+
 def read_weights_file(path: str | Path, map_location="cpu"):
     """Whatever ``path`` holds, read with the safe unpickler: tensors and plain values only."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not head.startswith((b"PK", b"\x80")):  # torch.save's zip archive, or its legacy pickle (truncated or not)
+        raise CheckpointError(f"{path} is not a file torch.save wrote (a checkpoint or a state dict)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"refusing to load {path}: it holds objects other than tensors and plain values "
-            f"(weights_only=True rejected it: {str(e).splitlines()[0]})"
-        ) from None
+        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain values "
+                              f"({refused_object(e)})") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
 

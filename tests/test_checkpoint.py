@@ -44,8 +44,9 @@ def test_pickled_object_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         torch.save({"format_version": 1, "payload": Evil()}, f)
-    with pytest.raises(CheckpointError, match="refusing to load .*evil.pt"):
+    with pytest.raises(CheckpointError, match="refusing to load .*evil.pt") as refused:
         load_checkpoint(path)
+    assert "GLOBAL" in str(refused.value) and ".system" in str(refused.value) and "weights_only" not in str(refused.value)  # no unsafe advice
     raw = tmp_path / "raw.pt"
     raw.write_bytes(pickle.dumps(Evil()))
     with pytest.raises(CheckpointError):
@@ -63,6 +64,9 @@ def test_missing_truncated_and_foreign_files(tmp_path):
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a simxent checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "meta.json").write_text('{"not": "weights"}')
+    with pytest.raises(CheckpointError, match="meta.json is not a file torch.save wrote"):
+        load_checkpoint(tmp_path / "meta.json")
 
 
 def test_load_encoder_and_torchvision_export(tmp_path):
