@@ -72,6 +72,17 @@ def image_name(file: str | Path, base: Path) -> str:
         return Path(file).as_posix()
 
 
+def folder_name(file: str, root: Path) -> str:
+    """A label row's ``file`` relative to the image folder ``root`` when it is an absolute path below it;
+    else as written."""
+    if Path(file).is_absolute():
+        try:
+            return Path(file).resolve().relative_to(root.resolve()).as_posix()
+        except ValueError:
+            pass
+    return file
+
+
 def read_label_csv(path: str | Path, data: ImageArray, root: str | Path, names: Optional[list[str]] = None):
     """The (N, labels) 0/1 matrix of ``data``'s images from ``path`` and the label names (sorted, from this
     file unless given: the training file's). ``root`` is the image folder, or the image list (a text file)
@@ -84,7 +95,10 @@ def read_label_csv(path: str | Path, data: ImageArray, root: str | Path, names: 
     base = root.parent if root.is_file() else root  # a list's entries are relative to the list's folder
     images = [image_name(f, base) for f in data.files]
     unreadable = {image_name(f, base) for f in data.skipped}
-    rows = drop_header(read_rows(path), set(images) | unreadable, path, root)
+    rows = read_rows(path)
+    if not root.is_file():  # a folder, not an image list: an absolute path to one of its images names it
+        rows = [(number, folder_name(file, root), labels) for number, file, labels in rows]
+    rows = drop_header(rows, set(images) | unreadable, path, root)
     labels, line_of = {}, {}
     for number, file, row_labels in rows:
         if file in line_of:
