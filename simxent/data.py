@@ -675,31 +675,14 @@ def load_folder(
     file under ``cache_dir`` (disk, not RAM, bounds the folder's size: N * side^2 * 3 bytes); without it,
     into memory.
 
-    The cache is keyed by the layout, the folder's resolved path and each file's relative path, byte size and
-    modification time, so any change to the folder decodes it anew. Bad files are skipped with a warning naming each
-    (``on_bad_image=skip``) or stop the run naming the first (``error``).
+    The cache is keyed by the layout, the folder's resolved path and each file's relative path, byte size
+    and modification time, so any change to the folder decodes it anew. Bad files are skipped with a
+    warning naming each (``on_bad_image=skip``) or stop the run naming the first (``error``). A class
+    folder without a readable image is kept (class indices follow the folder names), named in a warning.
     """
     found = find_source(root)
-    cache = cache and found.cacheable
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    square = Layout("square", size, size)
-    larger = Layout("eval", size, size, crop_ratio) if crop_ratio else \
-        Layout("padded", size, decode_side(size, decode_size))
-    listing = _listing(found) if cache else b""
-    hit = _read_cache(listing, (square, larger), cache_dir) if cache else None
-    if hit is None:
-        layout = square if all_within_view(found, size, workers) else larger
-        array_path = cache_dir / f"{_cache_key(listing, layout)}.npy" if cache else None
-        if cache:
-            _check_disk(cache_dir, len(found.files) * layout.side**2 * 3, found.root)
-        images, good, bad, sizes = _decode_all(found, layout, workers, on_bad_image, progress, into=array_path)
-        if cache:
-            _write_meta(good, bad, sizes, found, array_path.with_suffix(".json"))
-    else:
-        images, good, bad, sizes = hit
-        if bad and on_bad_image == "error":  # the cache remembers the bad files a skipping decode passed over
-            first = min(bad)
-            raise DataError(f"cannot read image {found.files[first]}: {bad[first]} (data.on_bad_image=error)")
+    images, good, bad, sizes = _decoded_or_cached(found, size, cache, cache_dir, workers, on_bad_image, progress,
+                                                  decode_size, crop_ratio)
     reasons = {**{str(f): IRREGULAR for f in found.irregular},  # named by discovery's own warning
                **{str(found.files[i]): bad[i] for i in sorted(bad)}}
     skipped = list(reasons)
@@ -719,6 +702,34 @@ def load_folder(
         sizes=None if sizes is None else torch.as_tensor(np.asarray(sizes, dtype=np.int64).reshape(-1, 2)),
         reasons=reasons,
     )
+
+
+def _decoded_or_cached(found: ImageList, size: int, cache: bool, cache_dir, workers: int, on_bad_image: str,
+                       progress: bool, decode_size: Optional[int], crop_ratio: Optional[float]):
+    """``(images, good, bad, sizes)`` of ``found`` (see :func:`load_folder`): the cache's entry for the
+    unchanged folder, else decoded (into the cache with ``cache``). A bad file the cache remembers stops the
+    load under ``on_bad_image=error`` as a fresh decode would."""
+    cache = cache and found.cacheable
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    square = Layout("square", size, size)
+    larger = Layout("eval", size, size, crop_ratio) if crop_ratio else \
+        Layout("padded", size, decode_side(size, decode_size))
+    listing = _listing(found) if cache else b""
+    hit = _read_cache(listing, (square, larger), cache_dir) if cache else None
+    if hit is None:
+        layout = square if all_within_view(found, size, workers) else larger
+        array_path = cache_dir / f"{_cache_key(listing, layout)}.npy" if cache else None
+        if cache:
+            _check_disk(cache_dir, len(found.files) * layout.side**2 * 3, found.root)
+        images, good, bad, sizes = _decode_all(found, layout, workers, on_bad_image, progress, into=array_path)
+        if cache:
+            _write_meta(good, bad, sizes, found, array_path.with_suffix(".json"))
+        return images, good, bad, sizes
+    images, good, bad, sizes = hit
+    if bad and on_bad_image == "error":  # the cache remembers the bad files a skipping decode passed over
+        first = min(bad)
+        raise DataError(f"cannot read image {found.files[first]}: {bad[first]} (data.on_bad_image=error)")
+    return images, good, bad, sizes
 
 
 def _read_cache(listing: bytes, layouts: tuple[Layout, ...], cache_dir: Path):
