@@ -87,7 +87,7 @@ def format_summary(summary: dict, out: Path) -> str:
     lines = [f"checkpoint: {summary['checkpoint']}",
              f"trained: {summary['epoch']} epoch(s), {summary['global_step']} steps in "
              f"{summary['seconds']:.0f} s{stop}",
-             f"final loss: {summary['last_loss']:.4f}"]
+             "final loss: " + ("-" if summary["last_loss"] is None else f"{summary['last_loss']:.4f}")]
     if knn:
         lines.append(f"kNN top-1: {knn[-1]['top1']:.4f} (epoch {knn[-1]['epoch']})")
     if summary.get("skipped_images"):

@@ -39,7 +39,7 @@ from .augment import CROP_RATIO, crop_boxes
 from .config import DataConfig
 from .runtime import show_progress_bars
 from .files import folder_problem, is_disk_full, remove_dead_temp_files, reserve, temp_path
-from .rundir import LOCK_FILE, RUN_FILE
+from .rundir import LOCK_FILE, RUN_ENTRIES
 
 log = logging.getLogger("simxent")
 
@@ -92,22 +92,25 @@ def find_images(root: str | Path) -> ImageList:
     Symbolic links are followed, each real directory once, so a link loop cannot recurse forever.
     Only regular files (after following links) are taken: reading a FIFO named ``x.jpg`` would block
     forever. The others are named in one warning and kept in ``irregular``; a dangling link stays in
-    ``files``, so that decoding names it as unreadable. A sub-folder holding a simxent run (its run or
-    lock file: ``out`` placed inside the image folder) is left out, named in a warning: its figures are
-    not training images.
+    ``files``, so that decoding names it as unreadable. A sub-folder holding a simxent run (its lock file:
+    ``out`` placed inside the image folder) is left out, named in a warning, and so are a run's own
+    folders (figures, TensorBoard, ...) when ``root`` is itself a run's ``out``: its figures are not
+    training images.
     """
     root = Path(root)
     if not root.exists():
         raise DataError(f"image folder not found: {root}")
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
-    files, irregular, seen, runs = [], [], set(), []
+    files, irregular, seen, runs, top = [], [], set(), [], os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen or (real != os.path.realpath(root) and {RUN_FILE, LOCK_FILE} & set(filenames)):
+        if real in seen or (real != top and LOCK_FILE in filenames):
             runs += [dirpath] if real not in seen else []
             dirnames[:] = []
             continue
+        if LOCK_FILE in filenames:  # the image folder is itself a run's out: its outputs are not images
+            dirnames[:] = [d for d in dirnames if d not in RUN_ENTRIES]
         seen.add(real)
         dirnames.sort()
         for name in sorted(filenames):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -75,12 +76,15 @@ def image_name(file: str | Path, base: Path) -> str:
 def folder_name(file: str, root: Path) -> str:
     """A label row's ``file`` relative to the image folder ``root`` when it is an absolute path below it;
     else as written."""
-    if Path(file).is_absolute():
-        try:
-            return Path(file).resolve().relative_to(root.resolve()).as_posix()
-        except ValueError:
-            pass
-    return file
+    if not Path(file).is_absolute():
+        return file
+    lexical = os.path.relpath(os.path.abspath(file), os.path.abspath(root))  # symlinked images keep their name
+    if not lexical.startswith(".."):
+        return Path(lexical).as_posix()
+    try:
+        return Path(file).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return file
 
 
 def read_label_csv(path: str | Path, data: ImageArray, root: str | Path, names: Optional[list[str]] = None):

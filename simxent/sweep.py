@@ -229,7 +229,8 @@ def choose(settings: list[dict], choose_by: str) -> dict:
     n = best["seeds"]
     margin = None
     if n > 1:
-        pooled = math.sqrt(statistics.fmean(s[f"val_{choose_by}_sd"] ** 2 for s in settings))
+        spreads = [s[f"val_{choose_by}_sd"] for s in settings if s[f"val_{choose_by}_sd"] is not None]
+        pooled = math.sqrt(statistics.fmean(sd**2 for sd in spreads))
         margin = 2 * pooled * math.sqrt(2 / n)
     for s in settings:
         s["within_noise"] = None if margin is None else best[key] - s[key] <= margin

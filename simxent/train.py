@@ -396,16 +396,21 @@ class BufferSnapshot:
     and the next checkpoint would refuse the model). A skipped step must leave the model as it found it."""
 
     def __init__(self, net: nn.Module):
-        self.live = list(net.buffers())
-        self.kept = [b.clone() for b in self.live]
+        # Grouped by device and dtype (float statistics, int64 counters): a fused copy per group, where a
+        # mixed list would fall back to one copy per tensor.
+        groups: dict = {}
+        for b in net.buffers():
+            groups.setdefault((b.device, b.dtype), []).append(b)
+        self.live = list(groups.values())
+        self.kept = [[b.clone() for b in group] for group in self.live]
 
     def take(self) -> None:
-        if self.live:
-            torch._foreach_copy_(self.kept, self.live)  # one fused copy, not one per BatchNorm
+        for kept, live in zip(self.kept, self.live):
+            torch._foreach_copy_(kept, live)
 
     def restore(self) -> None:
-        if self.live:
-            torch._foreach_copy_(self.live, self.kept)
+        for live, kept in zip(self.live, self.kept):
+            torch._foreach_copy_(live, kept)
 
 
 @dataclass
@@ -644,12 +649,13 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
     bar.close()
     if reason is None:
         pos.epoch, pos.step = pos.epoch + 1, 0
-    # val is None when eval.every is 0; a preempted run has no time to spare for kNN. Before the checkpoint,
-    # which carries the kNN history into a resumed run's summary.
+    save(run, batches.ahead)  # None at the epoch's end: nothing was drawn ahead
+    # val is None when eval.every is 0; a preempted run has no time to spare for kNN. Saved again after it,
+    # so that the checkpoint carries the kNN history into a resumed run's summary.
     if run.val is not None and reason != "signal" and (
             pos.epoch % cfg.eval.every == 0 or reason or pos.epoch == cfg.train.epochs):
         monitor_knn(run)
-    save(run, batches.ahead)  # None at the epoch's end: nothing was drawn ahead
+        save(run, batches.ahead)
     run.monitor.flush()
     return reason
 
@@ -787,9 +793,16 @@ def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, 
     resumed_id = state.get("run_id") if state else None
     # Killed (or restarted by torchrun) before its first checkpoint: the folder is still its own, and the
     # run starts again from step 0.
-    restart = state is None and (cfg.train.resume == "auto" or dist.restarted_by_torchrun())
+    # Only with no checkpoint file at all: unreadable ones stop the run, never restart it.
+    kept = any((out / "checkpoints").glob("*.pt"))
+    if state is None and kept and cfg.train.resume == "auto":
+        raise ConfigError(f"train.resume=auto: no checkpoint in {out / 'checkpoints'} loads (each is named in a "
+                          f"warning above); give one by path, or train.overwrite=true to start again")
+    restart = state is None and not kept and (cfg.train.resume == "auto" or dist.restarted_by_torchrun())
     if restart:
         resumed_id = recorded_run_id(out)
+        if resumed_id and holds_run(out):
+            log.warning("no checkpoint of run %s in %s: starting it again from step 0", resumed_id, out)
     run_id = claim(out, resumed_id, state is not None or restart, cfg.train.overwrite)
     return run_id, resume, state
 

@@ -133,3 +133,14 @@ def test_wheel_ships_the_presets_and_finds_them_by_name_outside_the_repository(t
     run = subprocess.run([str(venv / "bin" / "simxent-pretrain"), "cpu", "data.train=x", "--print-config"],
                          capture_output=True, text=True, env=env, cwd=away)
     assert run.returncode == 0 and "backbone: \"convnet_slim\"" in run.stdout, run.stderr
+
+
+def test_the_console_summary_of_a_run_without_a_loss():
+    """A resume with nothing left to train from a checkpoint that carries no loss (written before checkpoints
+    held the run's history), or a run whose every step was skipped: summary.json says null, the console '-'."""
+    from simxent.cli import format_summary
+
+    summary = {"checkpoint": "r/checkpoints/last.pt", "epoch": 2, "global_step": 10, "seconds": 3.0,
+               "stopped_by_max_time": True, "stopped_by_signal": False, "last_loss": None, "knn_top1": []}
+    assert "final loss: -" in format_summary(summary, Path("r")).splitlines()
+    assert "final loss: 1.2346" in format_summary({**summary, "last_loss": 1.23456}, Path("r"))

@@ -31,6 +31,14 @@ def test_a_run_folder_inside_the_image_folder_is_not_training_data(tmp_path, cap
         after = find_images(train)
     assert after.files == before.files and after.classes == before.classes
     assert "left out 1 simxent run folder(s)" in caplog.text and "run1" in caplog.text
+    # out = data.train itself: the run's own folders (figures, TensorBoard) are left out
+    flat = make_shapes(tmp_path / "flat", train_per_class=4, test_per_class=1, size=16) / "train"
+    images = find_images(flat)
+    pretrain(load_config(None, [*TINY_RUN, f"data.train={flat}", "train.epochs=1", "eval.every=0",
+                                "train.batch_size=10", f"out={flat}"]), progress=False)
+    assert list((flat / "figures").rglob("*.png"))
+    again = find_images(flat)
+    assert again.files == images.files and again.classes == images.classes
 
 
 def test_discovery_nested_uppercase_and_unlabelled(tmp_path):

@@ -52,8 +52,11 @@ def test_label_csv_quoting_header_and_empty_rows(tmp_path, caplog):
     # Without a header the first row is a row.
     f.write_text('\ufeff"a,b.png",cat\nsub/c.png,dog\nd.png,cat\n', encoding="utf-8")  # with a byte-order mark
     assert read_label_csv(f, data, root)[0].tolist() == [[1, 0], [0, 1], [1, 0]]
-    # An absolute path to an image of the folder names that image.
+    # An absolute path to an image of the folder names that image, also when the image is a link elsewhere.
     f.write_text(f'"a,b.png",cat\n{root / "sub" / "c.png"},dog\nd.png,cat\n')
+    assert read_label_csv(f, data, root)[0].tolist() == [[1, 0], [0, 1], [1, 0]]
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "c.png").symlink_to(tmp_path / "elsewhere.png")
     assert read_label_csv(f, data, root)[0].tolist() == [[1, 0], [0, 1], [1, 0]]
 
 

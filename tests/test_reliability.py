@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import simxent.train
 from simxent.checkpoint import load_checkpoint, newest_valid_checkpoint
-from simxent.config import load_config
+from simxent.config import ConfigError, load_config
 from simxent.data import DataError, decode, load_folder
 from simxent.demo import make_shapes
 from simxent.train import TrainingError, pretrain
@@ -153,6 +153,13 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(shapes,
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5]
+    # Checkpoints that exist but none of which loads are no restart: the run stops, its files untouched.
+    for path in (run / "checkpoints").glob("*.pt"):
+        path.write_bytes(path.read_bytes()[:64])
+    torn = {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")}
+    with pytest.raises(ConfigError, match="train.resume=auto: no checkpoint in .* loads"):
+        pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", "train.resume=auto")), progress=False)
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")} == torn
 
 
 def test_the_summary_of_a_resumed_run_covers_all_its_sessions(shapes, tmp_path):
@@ -203,10 +210,11 @@ def test_a_skipped_step_leaves_no_trace_in_the_batchnorm_statistics(shapes, tmp_
     real = simxent.train.step_loss
     finals = {}
     for how in ("inf_input", "nan_loss"):
-        calls = {"n": 0}
+        calls, entering = {"n": 0}, {}
 
         def third_step_bad(model, views, *rest):
             calls["n"] += 1
+            entering[calls["n"]] = [b.clone() for b in model.buffers()]
             bad = calls["n"] == 3
             if bad and how == "inf_input":
                 views = [v * float("inf") for v in views] if isinstance(views, list) else views * float("inf")
@@ -217,6 +225,9 @@ def test_a_skipped_step_leaves_no_trace_in_the_batchnorm_statistics(shapes, tmp_
         summary = pretrain(load_config(None, tiny(shapes, tmp_path / how, "train.epochs=1")), progress=False)
         assert summary["skipped_steps"] == 1 and summary["global_step"] == 4
         finals[how] = load_checkpoint(tmp_path / how / "checkpoints" / "last.pt")
+        # The fourth step starts from the buffers the third found, which two applied steps had moved.
+        assert all(torch.equal(a, b) for a, b in zip(entering[4], entering[3]))
+        assert not all(torch.equal(a, b) for a, b in zip(entering[3], entering[1]))
     stats = [k for k in finals["inf_input"]["encoder"] if "running_" in k]
     assert stats
     for part in ("encoder", "head"):

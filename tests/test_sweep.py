@@ -206,7 +206,7 @@ def test_script_refuses_a_bad_fraction_in_one_line(tmp_path, capsys, load_script
 def test_one_seed_has_no_spread_and_two_have_the_sample_sd():
     import statistics
 
-    from simxent.sweep import markdown_table, summarise
+    from simxent.sweep import choose, markdown_table, summarise
 
     rows = [{"k": 1, "val_knn_top1": 0.5, "val_linear_top1": 0.6},
             {"k": 2, "val_knn_top1": 0.5, "val_linear_top1": 0.6},
@@ -215,3 +215,6 @@ def test_one_seed_has_no_spread_and_two_have_the_sample_sd():
     assert one["seeds"] == 1 and one["val_knn_top1_sd"] is None and one["val_linear_top1_sd"] is None
     assert two["val_knn_top1_sd"] == pytest.approx(statistics.stdev([0.5, 0.7]))
     assert markdown_table([one], ["k", "val_knn_top1_sd"])[-1] == "| 1 | - |"
+    # Settings of one seed beside settings of two (grid values that label alike): the spread pools the latter.
+    chosen = choose([one, two], "knn_top1")
+    assert chosen["setting"] is two and chosen["noise_margin"] == pytest.approx(2 * two["val_knn_top1_sd"])
