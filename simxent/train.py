@@ -792,10 +792,9 @@ def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, 
     resume, state = _resume_state(cfg, device)
     resumed_id = state.get("run_id") if state else None
     # Killed (or restarted by torchrun) before its first checkpoint: the folder is still its own, and the
-    # run starts again from step 0.
-    # Only with no checkpoint file at all: unreadable ones stop the run, never restart it.
+    # run starts again from step 0. Only with no checkpoint file at all: unreadable ones stop the run.
     kept = any((out / "checkpoints").glob("*.pt"))
-    if state is None and kept and cfg.train.resume == "auto":
+    if state is None and kept and cfg.train.resume == "auto" and not cfg.train.overwrite:
         raise ConfigError(f"train.resume=auto: no checkpoint in {out / 'checkpoints'} loads (each is named in a "
                           f"warning above); give one by path, or train.overwrite=true to start again")
     restart = state is None and not kept and (cfg.train.resume == "auto" or dist.restarted_by_torchrun())
