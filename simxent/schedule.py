@@ -43,13 +43,13 @@ BUDGET_WARMUP_SHARE = 0.1
 def warmup_steps(warmup_epochs: float, epochs: int, steps_per_epoch: int) -> int:
     """W = ``warmup_epochs`` x ``steps_per_epoch``, but at most a tenth of the run's S = ``epochs`` x
     ``steps_per_epoch`` steps when W >= S: a warm-up as long as the run would end it before the lr reached its
-    peak, never decayed (a preset's 10 warm-up epochs with ``train.epochs=5``). Said in a warning."""
+    peak, never decayed (10 warm-up epochs with ``train.epochs=5``). Said in a warning."""
     total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
     if warmup < total or total == 0:
         return warmup
     cut = round(BUDGET_WARMUP_SHARE * total)
     log.warning("optim.warmup_epochs=%g is not below train.epochs=%d: the lr would still be warming up when the run "
-                "ends; the warm-up is cut to %d of its %d steps", warmup_epochs, epochs, cut, total)
+                "ends; the warm-up is cut to %d of the run's %d steps", warmup_epochs, epochs, cut, total)
     return cut
 
 
