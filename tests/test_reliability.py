@@ -164,7 +164,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(shapes,
 
 def test_the_summary_of_a_resumed_run_covers_all_its_sessions(shapes, tmp_path):
     """One epoch, then resumed for a second, then resumed with nothing left to train: summary.json keeps
-    the kNN of every epoch, the skipped steps and seconds of every session, and the last loss (strict JSON)."""
+    the kNN of every epoch, adds up the sessions' seconds, and keeps the last loss (strict JSON)."""
     run = tmp_path / "run"
     args = ["train.epochs=1", f"data.val={shapes / 'test'}", "eval.every=1"]
     first = pretrain(load_config(None, tiny(shapes, run, *args)), progress=False)
