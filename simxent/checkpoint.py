@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import __version__, dist
-from .config import Config, ConfigError, ModelConfig, check_backbone, config_from_saved, to_dict
+from .config import Config, ConfigError, ModelConfig, check_backbone, config_from_saved, flatten, to_dict
 from .files import is_disk_full, reserve, temp_path
 
 FORMAT_VERSION = 1
@@ -391,13 +391,7 @@ def learnt_temperature(state: dict) -> bool:
 
 def changed_settings(state: dict, cfg: Config) -> list[tuple[str, object, object]]:
     """``(key, the checkpoint's value, this run's)`` for every setting a resumed run changes."""
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for name, value in tree.items():
-            out.update(flat(value, f"{prefix}{name}.") if isinstance(value, dict) else {f"{prefix}{name}": value})
-        return out
-
-    saved, ours = flat(state.get("config", {})), flat(to_dict(cfg))
+    saved, ours = flatten(state.get("config", {})), flatten(to_dict(cfg))
     return [(key, saved[key], value) for key, value in ours.items()
             if key in saved and saved[key] != value and key != "train.resume"]
 

@@ -380,11 +380,12 @@ def _set(cfg: Config, key: str, value: Any, where: str = "") -> None:
     setattr(node, name, value)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"section.key": value}``."""
     flat = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
+            flat.update(flatten(v, f"{prefix}{k}."))
         else:
             flat[f"{prefix}{k}"] = v
     return flat
@@ -433,7 +434,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             tree = {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{name}: expected a mapping of keys at the top level")
-        for key, value in _flatten(tree).items():
+        for key, value in flatten(tree).items():
             _set(cfg, key, value, f" in {name}")
     for text in overrides:
         key, value = parse_override(text)
@@ -445,7 +446,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 def config_from_dict(tree: dict) -> Config:
     """Rebuild a config saved in a checkpoint (strict, like a YAML file)."""
     cfg = Config()
-    for key, value in _flatten(tree).items():
+    for key, value in flatten(tree).items():
         _set(cfg, key, value, " in the saved config")
     validate(cfg)
     return cfg
@@ -468,7 +469,7 @@ def config_from_saved(tree: dict, keys: typing.Iterable[str], where: str) -> Con
     is missing keeps its default, except ``model.backbone``, which names the architecture. Errors are one
     line that starts with ``where``.
     """
-    flat = _flatten(tree)
+    flat = flatten(tree)
     unknown = sorted(set(flat) - set(config_keys()))
     if unknown:
         log.warning("%s: ignoring keys this simxent version does not know: %s", where, ", ".join(unknown))
@@ -558,7 +559,7 @@ def check_streaming(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and choice checks; each error names its key."""
-    flat = _flatten(to_dict(cfg))
+    flat = flatten(to_dict(cfg))
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {shown(flat[key])} is not one of {', '.join(allowed)}")
