@@ -693,7 +693,8 @@ def load_folder(
     if len(good) == 0:
         raise DataError(f"no readable images in {found.root} ({len(skipped)} files could not be read)")
     labels = torch.as_tensor(np.asarray(found.labels, dtype=np.int64)[good])
-    empty = [c for i, c in enumerate(found.classes) if not (labels == i).any()]
+    counts = torch.bincount(labels[labels >= 0], minlength=len(found.classes))
+    empty = [c for c, n in zip(found.classes, counts.tolist()) if n == 0]
     if empty:  # kept, so that class indices stay those of the folder names; a probe can never predict them
         log.warning("class folder(s) of %s with no readable image: %s", found.root, ", ".join(empty))
     return ImageArray(
