@@ -102,11 +102,14 @@ def find_images(root: str | Path) -> ImageList:
         raise DataError(f"image folder not found: {root}")
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
-    files, irregular, seen, runs, top = [], [], set(), [], os.path.realpath(root)
+    files, irregular, seen, runs, root_real = [], [], set(), [], os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
-        if real in seen or (real != top and LOCK_FILE in filenames):
-            runs += [dirpath] if real not in seen else []
+        if real in seen:
+            dirnames[:] = []
+            continue
+        if LOCK_FILE in filenames and real != root_real:
+            runs.append(dirpath)
             dirnames[:] = []
             continue
         if LOCK_FILE in filenames:  # the image folder is itself a run's out: its outputs are not images
@@ -390,6 +393,11 @@ def bad_image_reason(e: BaseException, path: str | Path) -> str:
     return f"{type(e).__name__}: {message}" if message else type(e).__name__
 
 
+def bad_image_error(path, reason: str) -> DataError:
+    """What stops a load on a bad file under ``data.on_bad_image=error``: one line naming it and why."""
+    return DataError(f"cannot read image {path}: {reason} (data.on_bad_image=error)")
+
+
 class DecodedFiles(Dataset):
     """Dataset over files that yields ``(index, HWC uint8 array or None, reason or None)``; an array of None
     marks a bad file and the reason says why (the reader decides whether that stops: an exception raised in
@@ -558,7 +566,7 @@ class ImageStream:
                             generator=torch.Generator())  # its own seed source: the global RNG drives augmentation
         for (step, _), (images, cropped, bad) in zip(steps, loader):
             if bad and self.on_bad_image == "error":
-                raise DataError(f"cannot read image {bad[0][0]}: {bad[0][1]} (data.on_bad_image=error)")
+                raise bad_image_error(*bad[0])
             for path, reason in bad:
                 if path not in self.skipped:
                     log.warning("skipped unreadable image %s (%s; replaced by the next readable one)", path, reason)
@@ -732,7 +740,7 @@ def _decoded_or_cached(found: ImageList, size: int, cache: bool, cache_dir, work
     images, good, bad, sizes = hit
     if bad and on_bad_image == "error":  # the cache remembers the bad files a skipping decode passed over
         first = min(bad)
-        raise DataError(f"cannot read image {found.files[first]}: {bad[first]} (data.on_bad_image=error)")
+        raise bad_image_error(found.files[first], bad[first])
     return images, good, bad, sizes
 
 
@@ -837,7 +845,7 @@ def _decode_into(out: np.ndarray, found: ImageList, layout: Layout, workers: int
                 good.append(i)
                 sizes.append((h, w))
             elif on_bad_image == "error":
-                raise DataError(f"cannot read image {found.files[i]}: {reason} (data.on_bad_image=error)")
+                raise bad_image_error(found.files[i], reason)
             else:
                 bad[i] = reason
     return out[: len(good)], np.asarray(good, dtype=np.int64), bad, sizes if layout.kind == "padded" else None
