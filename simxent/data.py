@@ -237,12 +237,25 @@ def find_source(source: str | Path | ImageList) -> ImageList:
     return find_images(source)
 
 
+def _white_level(mode: str, a: np.ndarray) -> float:
+    """The value that stands for white in a 16-bit, 32-bit or float grey image: 65535 for 16-bit modes;
+    for float images 1 when no pixel exceeds it (the [0, 1] convention of float images), then 255 when
+    none exceeds that, else 65535; for 32-bit integers 255 or 65535 the same way."""
+    if mode.startswith("I;16"):
+        return 65535.0
+    top = float(np.nanmax(a)) if a.size else 0.0
+    if mode == "F" and top <= 1.0:
+        return 1.0
+    return 255.0 if top <= 255.0 else 65535.0
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB from any PIL mode: grey, palette, CMYK, 16-bit; transparency composited onto white."""
+    """RGB from any PIL mode: grey, palette, CMYK, 16-bit, 32-bit and float grey (scaled to 8 bits by
+    :func:`_white_level`; NaN is black); transparency composited onto white."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+        a = np.nan_to_num(a / _white_level(im.mode, a) * 255.0 + 0.5, nan=0.0)
+        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA"):
@@ -639,8 +652,9 @@ def _listing(images: ImageList) -> bytes:
 
 
 def _cache_key(listing: bytes, layout: Layout) -> str:
-    """sha1 of the layout and the folder's :func:`_listing`, shortened."""
-    return hashlib.sha1(f"simxent-v2 {layout.key()}\n".encode() + listing).hexdigest()[:20]
+    """sha1 of the layout and the folder's :func:`_listing`, shortened. The version before them changes
+    with what decoding makes of a file (v3: float images read by their range), so no stale pixels are read."""
+    return hashlib.sha1(f"simxent-v3 {layout.key()}\n".encode() + listing).hexdigest()[:20]
 
 
 def default_cache_dir() -> Path:

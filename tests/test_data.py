@@ -104,6 +104,22 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     assert abs(int(decode(tmp_path / "deep.png", 6)[0, 0, 0]) - 128) <= 1
 
 
+def test_float_tiffs_are_read_by_their_range(tmp_path):
+    """Float images in [0, 1] (scikit-image's and tifffile's convention) decode as the 8-bit image of the same
+    picture, not as black; float images in [0, 255] as themselves; NaN as black."""
+    grey = np.random.default_rng(0).integers(0, 256, (6, 6)).astype(np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    expected = decode(tmp_path / "grey.png", 6)
+    for name, pixels in (("unit", grey / 255.0), ("bytes", grey.astype(np.float64))):
+        Image.fromarray(pixels.astype(np.float32), "F").save(tmp_path / f"{name}.tif")
+        assert np.abs(decode(tmp_path / f"{name}.tif", 6).astype(int) - expected).max() <= 1, name
+    hole = (grey / 255.0).astype(np.float32)
+    hole[0, 0] = np.nan
+    Image.fromarray(hole, "F").save(tmp_path / "hole.tif")
+    out = decode(tmp_path / "hole.tif", 6)
+    assert (out[0, 0] == 0).all() and np.abs(out[1:].astype(int) - expected[1:]).max() <= 1
+
+
 def test_corrupt_files_are_skipped_and_named(tmp_path, caplog):
     for i in range(5):
         write_image(tmp_path / "ok" / f"{i}.png", seed=i)
@@ -158,7 +174,7 @@ def test_cache_equals_direct_decode_and_follows_changes(tmp_path):
 def test_a_load_stats_the_folder_once_and_keeps_the_cache_names(tmp_path, monkeypatch):
     """The file listing (the folder, then path, size, mtime of each file) is made once per load, miss or hit,
     though the cache is looked up under two layouts; the cache file is named by the sha1 of
-    "simxent-v2 <layout>", a "folder <resolved path>" line and a "path, bytes, mtime_ns" line per file."""
+    "simxent-v3 <layout>", a "folder <resolved path>" line and a "path, bytes, mtime_ns" line per file."""
     import hashlib
 
     import simxent.data as data
@@ -175,7 +191,7 @@ def test_a_load_stats_the_folder_once_and_keeps_the_cache_names(tmp_path, monkey
     lines = "".join(f"c/{i}.png\t{(root / 'c' / f'{i}.png').stat().st_size}\t"
                     f"{(root / 'c' / f'{i}.png').stat().st_mtime_ns}\n" for i in range(3))
     layout = data.Layout("padded", 12, data.decode_side(12))
-    key = hashlib.sha1(f"simxent-v2 {layout.key()}\nfolder\t{root.resolve()}\n{lines}".encode()).hexdigest()[:20]
+    key = hashlib.sha1(f"simxent-v3 {layout.key()}\nfolder\t{root.resolve()}\n{lines}".encode()).hexdigest()[:20]
     assert [p.name for p in (tmp_path / "cache").glob("*.npy")] == [f"{key}.npy"]
 
 
