@@ -245,7 +245,7 @@ OBJECTIVES = {
         "binary", exclusive=True, smoothing=False, check_targets=check_binary_targets, loss=sigmoid_loss,
         predict=lambda logits: (logits > 0).long(), metrics=binary_metrics,
         columns=(("linear", "accuracy"), ("linear", "roc_auc"), ("linear", "f1"), ("knn", "top1")),
-        probabilities=sigmoid_pair_probabilities, outcomes=lambda names: ["negative", names[0]]),
+        probabilities=sigmoid_pair_probabilities, outcomes=lambda names: [f"not {names[0]}", names[0]]),
     "multilabel": Objective(
         "multilabel", exclusive=False, smoothing=False, check_targets=check_binary_targets, loss=sigmoid_loss,
         predict=lambda logits: (logits > 0).long(), metrics=multilabel_metrics,

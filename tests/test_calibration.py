@@ -63,4 +63,4 @@ def test_binary_probe_probabilities_are_sigmoid_pairs():
     torch.testing.assert_close(probs[:, 1], torch.sigmoid(logits.flatten()))
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
     table = per_class(logits, torch.tensor([0, 1, 0]), ["cat"], "binary")
-    assert set(table) == {"negative", "cat"} and table["cat"]["accuracy"] == 1.0
+    assert set(table) == {"not cat", "cat"} and table["cat"]["accuracy"] == 1.0
