@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pickle
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -243,6 +244,26 @@ def save_rotating(state: dict, folder: str | Path, step: int, keep: int, run_id:
     for old in step_files(folder, run_id)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def set_aside_later_steps(folder: str | Path, run_id: str, step: int) -> Path | None:
+    """Move run ``run_id``'s step files after global step ``step`` (and ``last.pt`` when it is one of them)
+    into a new ``folder/superseded-after-step-<step>-*/``; returns it, or None when there are none.
+
+    A run resumed from an older checkpoint of its own folder starts a new branch. Left in place, the
+    abandoned steps would outrank the new ones: rotation keeps the highest step numbers (deleting the new
+    branch's files) and resuming falls back to the newest step file. Moved, they stay on disk, out of both."""
+    folder = Path(folder)
+    later = [p for p in step_files(folder, run_id) if int(p.name.split("-")[1]) > step]
+    if not later:
+        return None
+    aside = Path(tempfile.mkdtemp(prefix=f"superseded-after-step-{step}-", dir=folder))
+    last = folder / "last.pt"
+    if last.is_file() and any(os.path.samefile(last, p) for p in later):
+        os.replace(last, aside / last.name)
+    for p in later:
+        os.replace(p, aside / p.name)
+    return aside
 
 
 def newest_valid_checkpoint(folder: str | Path, run_id: str | None = None) -> Path | None:

@@ -26,7 +26,8 @@ from tqdm import tqdm
 from . import dist, figures
 from .augment import ViewAugment, blur_probability, small_view_size
 from .checkpoint import (Position, changed_settings, check_resumable, load_checkpoint, newest_valid_checkpoint,
-                         restore_training, rng_state, save_rotating, saved_progress, training_state)
+                         restore_training, rng_state, save_rotating, saved_progress, set_aside_later_steps,
+                         training_state)
 from .config import AugmentConfig, Config, ConfigError, format_config, save_config, to_dict, view_size
 from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images, default_cache_dir, find_images,
                    iterate_batches, load_configured, naming_the_key, open_stream, shared_files)
@@ -803,6 +804,12 @@ def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, 
         if resumed_id and holds_run(out):
             log.warning("no checkpoint of run %s in %s: starting it again from step 0", resumed_id, out)
     run_id = claim(out, resumed_id, state is not None or restart, cfg.train.overwrite)
+    if state is not None and resumed_id:
+        step = state["position"]["global_step"]
+        aside = set_aside_later_steps(out / "checkpoints", run_id, step)
+        if aside:
+            log.warning("resuming run %s from step %d, before its newest checkpoints: those are moved to %s",
+                        run_id, step, aside)
     return run_id, resume, state
 
 

@@ -129,6 +129,29 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(shapes, tmp_pat
     assert load_checkpoint(fallback)["position"]["global_step"] == 5
 
 
+def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(shapes, tmp_path):
+    """A run resumed from its step 4 starts a new branch: the old branch's later checkpoints are moved aside
+    (kept, named), so rotation keeps the new branch's files and a torn last.pt falls back to the new branch."""
+    run = tmp_path / "run"
+    pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", "train.checkpoint_every=2",
+                                    "train.keep_checkpoints=10")), progress=False)
+    folder = run / "checkpoints"
+    step = lambda p: int(p.name.split("-")[1])  # noqa: E731
+    assert [step(p) for p in sorted(folder.glob("step-*.pt"))] == [2, 4, 5, 6, 8, 10]
+    older = sorted(folder.glob("step-*.pt"))[1]
+    next_second()
+    pretrain(load_config(None, tiny(shapes, run, "train.epochs=1", f"train.resume={older}",
+                                    "train.keep_checkpoints=2")), progress=False)
+    assert [step(p) for p in sorted(folder.glob("step-*.pt"))] == [4, 5]
+    (aside,) = folder.glob("superseded-after-step-4-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["last.pt"] + sorted(
+        p.name for p in aside.glob("step-*.pt")) and [step(p) for p in sorted(aside.glob("step-*.pt"))] == [5, 6, 8, 10]
+    assert load_checkpoint(aside / "last.pt")["position"]["global_step"] == 10
+    (folder / "torn").write_bytes(b"torn")  # a new file under the name: last.pt is a hard link to step 5
+    os.replace(folder / "torn", folder / "last.pt")
+    assert load_checkpoint(newest_valid_checkpoint(folder))["position"]["global_step"] == 5
+
+
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(shapes, tmp_path, monkeypatch):
     """Dead at its third step, before any checkpoint: train.resume=auto starts the folder's own run again
     from step 0 (not "the folder holds another run"), and TensorBoard shows every step once."""
