@@ -689,6 +689,7 @@ def load_folder(
     progress: bool = True,
     decode_size: Optional[int] = None,
     crop_ratio: Optional[float] = None,
+    report: bool = True,
 ) -> ImageArray:
     """Decode every image of ``root`` for ``size`` px views, or reuse the cached array of an unchanged folder.
     ``root`` may also be a list file or an :class:`ImageList` (:func:`find_source`); a dataset without a
@@ -704,6 +705,7 @@ def load_folder(
     and modification time, so any change to the folder decodes it anew. Bad files are skipped with a
     warning naming each (``on_bad_image=skip``) or stop the run naming the first (``error``). A class
     folder without a readable image is kept (class indices follow the folder names), named in a warning.
+    ``report=False`` leaves out both warnings (for a second decoding of images already loaded).
     """
     found = find_source(root)
     images, good, bad, sizes = _decoded_or_cached(found, size, cache, cache_dir, workers, on_bad_image, progress,
@@ -711,13 +713,14 @@ def load_folder(
     reasons = {**{str(f): IRREGULAR for f in found.irregular},  # named by discovery's own warning
                **{str(found.files[i]): bad[i] for i in sorted(bad)}}
     skipped = list(reasons)
-    _report_skipped({str(found.files[i]): bad[i] for i in sorted(bad)}, found.root)
+    if report:
+        _report_skipped({str(found.files[i]): bad[i] for i in sorted(bad)}, found.root)
     if len(good) == 0:
         raise DataError(f"no readable images in {found.root} ({len(skipped)} files could not be read)")
     labels = torch.as_tensor(np.asarray(found.labels, dtype=np.int64)[good])
     counts = torch.bincount(labels[labels >= 0], minlength=len(found.classes))
     empty = [c for c, n in zip(found.classes, counts.tolist()) if n == 0]
-    if empty:  # kept, so that class indices stay those of the folder names; a probe can never predict them
+    if empty and report:  # kept, so that class indices stay those of the folder names; a probe can never predict them
         log.warning("class folder(s) of %s with no readable image: %s", found.root, ", ".join(empty))
     return ImageArray(
         images=_as_tensor(images),

@@ -29,7 +29,7 @@ from .checkpoint import (Position, changed_settings, check_resumable, load_check
                          restore_training, rng_state, save_rotating, saved_progress, set_aside_later_steps,
                          training_state)
 from .config import AugmentConfig, Config, ConfigError, format_config, save_config, to_dict, view_size
-from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images, default_cache_dir, find_images,
+from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images, default_cache_dir, find_source,
                    iterate_batches, load_configured, naming_the_key, open_stream, shared_files)
 from .evaluate import extract_features, knn_scores, topk_accuracy
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, similarity_samples
@@ -251,14 +251,12 @@ def load_data(cfg: Config, progress: bool = True, dataset=None, cache_name: Opti
     if dataset is None and not cfg.data.train:
         raise ConfigError("data.train: no image folder given (set data.train=PATH)")
     key = "data.train" if dataset is None else "pretrain(train=...)"
-    if cfg.loss.positives == "labels":
-        with naming_the_key(key):
-            labelled = dataset is None and find_images(cfg.data.train).labelled
-        if not labelled:
-            raise ConfigError(f"loss.positives=labels: {key} needs a folder with one sub-folder per class, every "
-                              f"image in one (or set loss.positives=views)")
+    with naming_the_key(key):  # found once: the kNN bank below decodes the same images again
+        source = find_source(cfg.data.train) if dataset is None else dataset_images(dataset, cache_name)
+    if cfg.loss.positives == "labels" and not (dataset is None and source.labelled):
+        raise ConfigError(f"loss.positives=labels: {key} needs a folder with one sub-folder per class, every "
+                          f"image in one (or set loss.positives=views)")
     with naming_the_key(key):
-        source = cfg.data.train if dataset is None else dataset_images(dataset, cache_name)
         if cfg.data.stream:
             train = open_stream(source, view_size(cfg.augment, cfg.data.image_size), cfg.data.workers,
                                 cfg.data.on_bad_image, cfg.augment.crop_scale)
@@ -289,7 +287,8 @@ def load_data(cfg: Config, progress: bool = True, dataset=None, cache_name: Opti
             bank_images = train
             if train.sizes is not None:  # padded for training crops: the bank needs the evaluation transform
                 with naming_the_key("data.train"):
-                    bank_images = load_configured(cfg.data.train, cfg.data, progress, crop_ratio=cfg.eval.crop_ratio)
+                    bank_images = load_configured(source, cfg.data, progress, crop_ratio=cfg.eval.crop_ratio,
+                                                  report=False)  # train's load named its skipped images
             rows = ~shared_files(bank_images, val)
             if not rows.all():
                 log.warning("data.val shares %d images with data.train: %s", int((~rows).sum()),

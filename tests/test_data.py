@@ -9,7 +9,9 @@ from PIL import Image
 
 from simxent.data import (DataError, decode, decode_within, find_images, iterate_batches, load_folder,
                           open_stream)
-from tests.conftest import write_image
+from simxent.config import load_config
+from simxent.train import pretrain
+from tests.conftest import TINY_RUN, write_image
 
 
 def test_a_run_folder_inside_the_image_folder_is_not_training_data(tmp_path, caplog):
@@ -118,6 +120,21 @@ def test_float_tiffs_are_read_by_their_range(tmp_path):
     Image.fromarray(hole, "F").save(tmp_path / "hole.tif")
     out = decode(tmp_path / "hole.tif", 6)
     assert (out[0, 0] == 0).all() and np.abs(out[1:].astype(int) - expected[1:]).max() <= 1
+
+
+def test_a_bad_training_image_is_named_once_when_the_knn_bank_decodes_it_again(tmp_path, caplog):
+    """Larger images are cached padded for training, so the kNN bank decodes data.train a second time
+    (the evaluation transform): its warnings are not repeated."""
+    for split, n in (("train", 10), ("val", 3)):
+        for c in ("a", "b"):
+            for i in range(n):
+                write_image(tmp_path / split / c / f"{i}.png", size=(24, 20), seed=i)
+    (tmp_path / "train" / "a" / "bad.png").write_bytes(b"not a png")
+    cfg = load_config(None, [*TINY_RUN, f"data.train={tmp_path / 'train'}", f"data.val={tmp_path / 'val'}",
+                             "train.epochs=1", "train.precision=fp32", f"out={tmp_path / 'run'}"])
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        pretrain(cfg, progress=False)
+    assert caplog.text.count("bad.png") == 1 and "skipped 1 unreadable image(s)" in caplog.text
 
 
 def test_corrupt_files_are_skipped_and_named(tmp_path, caplog):
