@@ -62,7 +62,11 @@ def knn_scores(
 ) -> torch.Tensor:
     """Weighted kNN class scores (Wu et al. 2018) with cosine similarity on a FAISS index:
 
-        score_c(q) = sum over the k nearest bank vectors b with label c of exp(cos(q, b) / T)
+        score_c(q) = sum over the k nearest bank vectors b with label c of exp((cos(q, b) - m_q) / T)
+
+    where m_q is the query's largest similarity: the formula's exp(cos / T) divided by exp(m_q / T), which
+    ranks the classes the same while no weight overflows float32 at a small T (exp(0.95 / 0.01) would be
+    inf, and inf times one_hot's zeros NaN); the nearest neighbour weighs 1.
 
     ``index="flat"`` searches exactly; ``"ivf"`` (for banks above a million vectors) clusters the bank
     into about 4 sqrt(n) lists and searches the ``nprobe`` nearest, trading recall for speed.
@@ -82,7 +86,7 @@ def knn_scores(
         own[~own.any(dim=1), -1] = True
         sims = sims[~own].view(len(query), k)
         idx = idx[~own].view(len(query), k)
-    weights = (sims / temperature).exp()
+    weights = ((sims - sims[:, :1]) / temperature).exp()  # FAISS returns each row's best first
     votes = F.one_hot(bank_labels[idx], num_classes).float() * weights.unsqueeze(-1)
     return votes.sum(dim=1)
 
@@ -127,9 +131,11 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
 
 
 def classification_report(scores: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """Top-1 and top-5, per-class accuracy (None for a class with no test image: undefined, not 0) and the
+    confusion matrix."""
     pred = scores.argmax(dim=1)
     cm = confusion_matrix(pred, labels, len(classes))
-    per_class = (cm.diag().float() / cm.sum(dim=1).clamp_min(1)).tolist()
+    per_class = [(right / n if n else None) for right, n in zip(cm.diag().tolist(), cm.sum(dim=1).tolist())]
     return {
         "top1": topk_accuracy(scores, labels, 1),
         "top5": topk_accuracy(scores, labels, 5),

@@ -27,11 +27,27 @@ def knn_reference(bank, labels, query, C, k, T):
 
 
 def test_knn_matches_brute_force():
+    """The formula's scores, each query's divided by exp(its largest similarity / T)."""
     g = torch.Generator().manual_seed(0)
     bank, query = torch.randn(100, 8, generator=g), torch.randn(20, 8, generator=g)
     labels = torch.randint(0, 4, (100,), generator=g)
     got = knn_scores(bank, labels, query, 4, k=7, temperature=0.1)
-    torch.testing.assert_close(got, knn_reference(bank, labels, query, 4, 7, 0.1), rtol=1e-4, atol=1e-4)
+    best = (F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T).max(dim=1).values
+    expected = knn_reference(bank, labels, query, 4, 7, 0.1) / (best / 0.1).exp().unsqueeze(1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_knn_at_a_small_temperature_votes_without_overflow():
+    """At T = 0.005 exp(cos / T) overflows float32 (cos > 0.44): the scores stay finite and rank the classes
+    as the float64 formula does."""
+    g = torch.Generator().manual_seed(3)
+    bank, query = torch.randn(200, 4, generator=g), torch.randn(50, 4, generator=g)
+    labels = torch.randint(0, 5, (200,), generator=g)
+    got = knn_scores(bank, labels, query, 5, k=20, temperature=0.005)
+    sims = F.normalize(query.double(), dim=1) @ F.normalize(bank.double(), dim=1).T
+    top, idx = sims.topk(20, dim=1)
+    exact = torch.zeros(50, 5, dtype=torch.float64).scatter_add_(1, labels[idx], ((top - top[:, :1]) / 0.005).exp())
+    assert torch.isfinite(got).all() and torch.equal(got.argmax(1), exact.argmax(1))
 
 
 def test_knn_leave_one_out_excludes_self():
@@ -55,6 +71,8 @@ def test_report_top5_and_per_class():
     r = classification_report(scores, torch.tensor([0, 1, 2]), ["a", "b", "c"])
     assert r["top1"] == pytest.approx(2 / 3) and r["top5"] == 1.0
     assert r["per_class"] == {"a": 1.0, "b": 1.0, "c": 0.0}
+    # a class with no test image has no accuracy (not 0)
+    assert classification_report(scores[:2], torch.tensor([0, 1]), ["a", "b", "c"])["per_class"]["c"] is None
     assert r["confusion"] == [[1, 0, 0], [0, 1, 0], [1, 0, 0]]
 
 
