@@ -266,7 +266,7 @@ def embed_main(argv=None) -> int:
     p = _parser("simxent-embed", "Write the L2-normalised embeddings of every image in a folder, their file names "
                 "and a FAISS index, for simxent-search.")
     _encoder_options(p, "embed with")
-    p.add_argument("--images", required=True, help="folder of images, at any depth")
+    p.add_argument("--images", required=True, help="folder of images, at any depth, or a text file listing image paths")
     p.add_argument("--out", required=True, help="folder for embeddings.npy, names.json, index.faiss, meta.json")
     p.add_argument("--crop-ratio", type=float, default=d.crop_ratio,
                    help="images larger than the view: shorter side to size / ratio, then the centre crop")

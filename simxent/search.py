@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -178,11 +179,18 @@ def nearest(store: EmbeddingStore, queries: np.ndarray, k: int = 10) -> list[lis
             for row_idx, row_sims in zip(idx.tolist(), sims.tolist())]
 
 
+# How far below its true value a float32 dot product of two unit vectors may land (a few ulp of 1, summed
+# over up to thousands of dimensions).
+COS_ROUNDING = 1e-5
+
+
 def duplicate_pairs(index: faiss.Index, vectors: np.ndarray, threshold: float, batch: int = 1024,
                     progress: bool = False) -> list[tuple[int, int, float]]:
-    """Every pair of rows (i, j), i < j, with cos(e_i, e_j) = e_i . e_j >= ``threshold``, each once, most
-    similar first: a FAISS range search of every row. Exact on a flat index; an IVF index finds a pair when
-    either row's probed lists hold the other."""
+    """Every pair of rows (i, j), i < j, with cos(e_i, e_j) = e_i . e_j >= ``threshold`` - ``COS_ROUNDING``,
+    each once, most similar first: a FAISS range search of every row. Exact on a flat index; an IVF index
+    finds a pair when either row's probed lists hold the other. The allowance is float32's: two copies of
+    one image can score 0.99999994, and ``threshold`` 1 must still list them."""
+    threshold = threshold - COS_ROUNDING
     # Range search keeps similarities strictly above the radius: step just below the threshold, filter after.
     radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
     found = {}
@@ -227,7 +235,8 @@ class EmbedOptions:
 
 def embed_folder(checkpoint: str | Path, images_dir: str | Path, out: str | Path,
                  opts: Optional[EmbedOptions] = None) -> dict:
-    """Embed every readable image below ``images_dir`` with the encoder of ``checkpoint`` and write the
+    """Embed every readable image below ``images_dir`` (or listed in it, a text file of image paths: see
+    :func:`simxent.data.read_image_list`) with the encoder of ``checkpoint`` and write the
     embeddings, names, index and meta.json into ``out`` (see the module's docstring). Unreadable files
     are skipped, named in the log and listed in meta.json. Returns meta.json's content."""
     setup_logging()
@@ -251,7 +260,8 @@ def embed_folder(checkpoint: str | Path, images_dir: str | Path, out: str | Path
             "images": str(root.resolve()), "image_size": enc.image_size, "crop_ratio": enc.crop_ratio,
             "mean": enc.mean, "std": enc.std, "count": len(vectors), "dim": int(vectors.shape[1]),
             "index": described, "skipped": data.skipped}
-    names = [str(Path(f).relative_to(root)) for f in data.files]
+    base = root.parent if root.is_file() else root  # a list file names images from its own folder
+    names = [os.path.relpath(f, base) for f in data.files]
     write_store(out, EmbeddingStore(vectors, names, index, meta))
     if opts.projector:
         write_projector(out / "projector", vectors, names, data, opts.projector)
