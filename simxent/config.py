@@ -572,6 +572,26 @@ def validate(cfg: Config) -> None:
     refuse_out_of_range(flat, training_rules(cfg))
 
 
+def _attributes(node: Any, prefix: str = ""):
+    """(dotted key, value) for every attribute of a config and its sections, unknown ones included."""
+    for name, value in vars(node).items():
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            yield from _attributes(value, f"{prefix}{name}.")
+        else:
+            yield prefix + name, value
+
+
+def check_config(cfg: Config) -> Config:
+    """A config built or changed in Python, checked as a YAML file is: every attribute a known key (a
+    misspelt one is named, with the nearest key), every value converted to its key's type or refused naming
+    the key (in place: "0.1" becomes 0.1, 16.0 becomes 16, a list a tuple), then :func:`validate`. Returns
+    ``cfg``."""
+    for key, value in list(_attributes(cfg)):
+        _set(cfg, key, value, " (set in Python)")
+    validate(cfg)
+    return cfg
+
+
 def refuse_out_of_range(flat: dict, rules: list[tuple[bool, str, str]]) -> None:
     """One line naming the first key whose rule does not hold, with its value (``flat``) and the rule."""
     for ok, key, rule in rules:

@@ -28,7 +28,7 @@ from .augment import ViewAugment, blur_probability, small_view_size
 from .checkpoint import (Position, changed_settings, check_resumable, load_checkpoint, newest_valid_checkpoint,
                          restore_training, rng_state, save_rotating, saved_progress, set_aside_later_steps,
                          training_state)
-from .config import AugmentConfig, Config, ConfigError, format_config, save_config, to_dict, view_size
+from .config import AugmentConfig, Config, ConfigError, check_config, format_config, save_config, to_dict, view_size
 from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images, default_cache_dir, find_source,
                    iterate_batches, load_configured, naming_the_key, open_stream, shared_files)
 from .evaluate import extract_features, knn_scores, topk_accuracy
@@ -818,7 +818,9 @@ def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optiona
     ``train``: a Dataset of images (PIL images or uint8 tensors, see :func:`simxent.data.item_image`) to
     train on instead of ``data.train``, which must then be empty. It is decoded like a folder: into the
     cache under ``cache_name`` (with its length), or into memory every run without one.
-    Stops at ``train.epochs``, at ``train.max_time`` or on SIGTERM/SIGINT, always with a checkpoint."""
+    Stops at ``train.epochs``, at ``train.max_time`` or on SIGTERM/SIGINT, always with a checkpoint.
+    ``cfg`` is checked first (:func:`simxent.config.check_config`: fields set in Python too)."""
+    check_config(cfg)
     with stop_on_signals() as stop_requested, ExitStack() as held:
         run = setup_run(cfg, progress, held, train, cache_name)
         reason = None

@@ -3,10 +3,12 @@ import inspect
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import simxent
 from simxent.checkpoint import load_checkpoint
+from simxent.config import ConfigError, check_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -49,3 +51,25 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     # The Dataset holds the folder's images in its order: the same run, to the same weights.
     for key, value in folder_run["encoder"].items():
         torch.testing.assert_close(dataset_run["encoder"][key], value, rtol=0, atol=1e-6)
+
+
+def test_fields_set_in_python_are_checked_before_any_work(tmp_path):
+    """Each mistake is one ConfigError naming its key, before data.train (missing here) is looked at;
+    values of the right meaning are converted as a YAML file's are."""
+    mistakes = [("train", "epochs", "two", "train.epochs: expected an integer"),
+                ("loss", "temperature", -1.0, "loss.temperature: -1.0 is out of range"),
+                ("train", "batch_size", 16.5, "train.batch_size: expected an integer"),
+                ("augment", "crop_scale", 0.5, "augment.crop_scale: expected a list of 2 numbers"),
+                ("train", "precision", "bf32", "train.precision: 'bf32' is not one of"),
+                ("optim", "name", "Adam", "optim.name: 'Adam' is not one of"),
+                ("train", "epoch", 1, "unknown key 'train.epoch' \\(set in Python\\); did you mean 'train.epochs'")]
+    for section, name, value, message in mistakes:
+        cfg = simxent.load_config("cpu", [f"data.train={tmp_path / 'missing'}", f"out={tmp_path / 'run'}"])
+        setattr(getattr(cfg, section), name, value)
+        with pytest.raises(ConfigError, match=message):
+            simxent.pretrain(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+    cfg = simxent.Config()
+    cfg.loss.temperature, cfg.train.batch_size, cfg.augment.crop_scale = "0.1", 16.0, [0.2, 1]
+    assert check_config(cfg) is cfg and (cfg.loss.temperature, cfg.train.batch_size) == (0.1, 16)
+    assert cfg.augment.crop_scale == (0.2, 1.0)
