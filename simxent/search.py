@@ -282,6 +282,19 @@ def write_projector(folder: Path, vectors: np.ndarray, names: list[str], data: I
     monitor.close()
 
 
+def check_same_encoder(enc: Encoding, meta: dict, checkpoint: Optional[str | Path]) -> None:
+    """Queries mean something only in the embedding space of the index: another architecture is refused, and
+    another checkpoint file than meta.json's is warned about (its weights cannot be compared)."""
+    ours, theirs = (enc.backbone, enc.cifar_stem), (meta["backbone"], meta["cifar_stem"])
+    if ours != theirs:
+        raise ConfigError(f"--checkpoint: its encoder is {ours[0]} (CIFAR stem: {ours[1]}), the index was embedded "
+                          f"with {theirs[0]} (CIFAR stem: {theirs[1]}); give the checkpoint the folder was embedded "
+                          f"with ({meta['checkpoint']})")
+    if checkpoint is not None and Path(checkpoint).resolve() != Path(meta["checkpoint"]).resolve():
+        log.warning("--checkpoint %s is not the checkpoint the index was embedded with (%s): similarities are "
+                    "meaningful only if its encoder is the same", checkpoint, meta["checkpoint"])
+
+
 def search_files(store: EmbeddingStore, paths: Sequence[str | Path], k: int = 10,
                  checkpoint: Optional[str | Path] = None) -> list[dict]:
     """The ``k`` nearest rows of each image file, decoded and embedded as the store's folder was: with its
@@ -289,8 +302,12 @@ def search_files(store: EmbeddingStore, paths: Sequence[str | Path], k: int = 10
     meta.json's; a plain state dict of meta.json's architecture if the folder was embedded from one)."""
     meta = store.meta
     plain = meta["plain_state_dict"]
+    if checkpoint is None and not Path(meta["checkpoint"]).is_file():
+        raise ConfigError(f"the checkpoint the index was embedded with, {meta['checkpoint']} (meta.json), is "
+                          f"gone: give it with --checkpoint")
     enc = load_encoding(checkpoint or meta["checkpoint"], meta["image_size"], meta["crop_ratio"],
                         meta["backbone"] if plain else None, meta["cifar_stem"] and plain)
+    check_same_encoder(enc, meta, checkpoint)
     enc.mean, enc.std = meta["mean"], meta["std"]
     queries = enc.embed_files(paths)
     if queries.shape[1] != meta["dim"]:

@@ -2,6 +2,7 @@
 ``simxent-embed``, nearest neighbours and duplicate pairs against brute-force numpy, the IVF index's recall
 against an independent computation, bad files, and the issue's check on real CIFAR-10 images."""
 import json
+import logging
 import shutil
 
 import faiss
@@ -223,6 +224,29 @@ def test_plain_state_dict_with_backbone(embedded, tmp_path, capsys):
     assert cli.search_main(["--index", str(out), "--k", "1", "--json", str(folder / "a" / "9.png")]) == 0
     best = json.loads(capsys.readouterr().out)["neighbours"][0]["neighbours"][0]
     assert best["name"] == "a/9.png" and abs(best["similarity"] - 1) < 1e-5
+
+
+def test_a_query_encoder_other_than_the_index_s_is_refused_or_warned(embedded, tmp_path, capsys, caplog):
+    """Another architecture is refused naming both; another checkpoint file of the same one is warned about;
+    a moved checkpoint points at --checkpoint."""
+    folder, ckpt, out = embedded
+    query = str(folder / "a" / "3.png")
+    cfg = load_config(None, [*TINY_RUN, "model.backbone=convnet_slim", "data.image_size=16"])
+    slim, _ = backbone("convnet_slim")
+    save_checkpoint({"config": to_dict(cfg), "encoder": slim.state_dict()}, tmp_path / "slim.pt")
+    capsys.readouterr()
+    assert cli.search_main(["--index", str(out), "--checkpoint", str(tmp_path / "slim.pt"), query]) == 2
+    assert "its encoder is convnet_slim (CIFAR stem: False), the index was embedded with convnet" in capsys.readouterr().err
+    shutil.copyfile(ckpt, tmp_path / "same.pt")
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        assert cli.search_main(["--index", str(out), "--checkpoint", str(tmp_path / "same.pt"), query]) == 0
+    assert "is not the checkpoint the index was embedded with" in caplog.text
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    meta = json.loads((moved / "meta.json").read_text())
+    (moved / "meta.json").write_text(json.dumps({**meta, "checkpoint": str(tmp_path / "gone.pt")}))
+    assert cli.search_main(["--index", str(moved), query]) == 2
+    assert "gone.pt (meta.json), is gone: give it with --checkpoint" in capsys.readouterr().err
 
 
 def test_bad_inputs_are_one_line_naming_them(embedded, tmp_path, capsys):
