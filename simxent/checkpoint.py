@@ -13,6 +13,7 @@ import logging
 import os
 import pickle
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -92,7 +93,22 @@ def read_weights_file(path: str | Path, map_location="cpu"):
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain values "
                               f"({refused_object(e)})") from None
     except (RuntimeError, EOFError, OSError) as e:
+        if is_exported_program(path):
+            raise CheckpointError(f"{path} is a torch.export program (simxent exports convnets so), not a state "
+                                  f"dict: load it with torch.export.load; to score or embed, give the simxent "
+                                  f"checkpoint it was exported from") from None
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def is_exported_program(path: str | Path) -> bool:
+    """Whether ``path`` is a torch.export archive: a zip whose entries include ``archive_format`` and no
+    ``data.pkl`` (which torch.save's archives hold)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n.rsplit("/", 1)[-1] for n in z.namelist()]
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return "archive_format" in names and "data.pkl" not in names
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -203,21 +219,25 @@ def export_torchvision(path: str | Path, dest: str | Path) -> str:
 
     state = load_checkpoint(path)
     cfg = saved_config(state, path)
-    encoder = checkpoint_encoder(state, cfg, path)
     dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    if cfg.model.backbone in CONVNETS:
+    if not dest.parent.is_dir():
+        raise CheckpointError(f"cannot export to {dest}: the folder {dest.parent} does not exist")
+    program = cfg.model.backbone in CONVNETS
+    if program and dest.suffix != ".pt2":  # torch.export.load reads only .pt2 names, torch.load not at all
+        raise CheckpointError(f"cannot export {cfg.model.backbone} to {dest}: it is written as a torch.export program, "
+                              f"which needs a name ending in .pt2 (e.g. {dest.with_suffix('.pt2').name})")
+    encoder = checkpoint_encoder(state, cfg, path)
+    tmp = dest.with_name(f".{dest.stem}.tmp{dest.suffix}")  # the same suffix: torch.export.save checks it
+    if program:
         # torch.export rather than TorchScript, which torch 2.14 deprecates (jit.script, jit.save, jit.load)
         dynamic = torch.export.Dim.DYNAMIC
-        program = torch.export.export(encoder, (torch.zeros(2, 3, 32, 32),),
-                                      dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic},))
-        torch.export.save(program, tmp)
-        kind = "exported_program"
+        exported = torch.export.export(encoder, (torch.zeros(2, 3, 32, 32),),
+                                       dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic},))
+        torch.export.save(exported, tmp)
     else:
         torch.save(encoder.state_dict(), tmp)
-        kind = "state_dict"
     os.replace(tmp, dest)
-    return kind
+    return "exported_program" if program else "state_dict"
 
 
 def step_file_name(step: int, run_id: str) -> str:

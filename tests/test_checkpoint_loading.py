@@ -246,6 +246,23 @@ def test_the_readme_shows_each_loader():
         assert code in readme
 
 
+def test_a_convnet_export_is_named_pt2_and_said_to_be_a_program(tmp_path, capfd):
+    """A convnet's export needs a .pt2 name (torch.load cannot read it, torch.export.load reads only that)
+    and an existing folder; a .pt2 given where a state dict belongs is named as a program, not corrupt."""
+    cfg = load_config("cpu")
+    ckpt = write_checkpoint(tmp_path / "last.pt", to_dict(cfg), backbone(cfg.model.backbone)[0])
+    with pytest.raises(CheckpointError, match=r"needs a name ending in .pt2 \(e.g. enc.pt2\)"):
+        export_torchvision(ckpt, tmp_path / "enc.pth")
+    with pytest.raises(CheckpointError, match="the folder .*nowhere does not exist"):
+        export_torchvision(ckpt, tmp_path / "nowhere" / "enc.pt2")
+    assert not list(tmp_path.glob("enc*")) and not list(tmp_path.glob(".enc*"))
+    assert export_torchvision(ckpt, tmp_path / "enc.pt2") == "exported_program"
+    assert "ending in .pt2" not in capfd.readouterr().err  # torch's complaint about a temporary file's name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["enc.pt2", "last.pt"]
+    with pytest.raises(CheckpointError, match="enc.pt2 is a torch.export program .* give the simxent checkpoint"):
+        load_backbone(tmp_path / "enc.pt2", cfg.model.backbone)
+
+
 def test_every_preset_exports_a_file_that_loads_without_simxent(tmp_path):
     """Each preset's export, loaded by the README's code in a Python that cannot import simxent, gives the
     features of simxent's encoder (BatchNorm statistics included)."""
