@@ -245,6 +245,10 @@ def embed_folder(checkpoint: str | Path, images_dir: str | Path, out: str | Path
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
+    folder = Path(images_dir).resolve()
+    if not folder.is_file() and out.resolve().is_relative_to(folder):
+        raise ConfigError(f"--out {out} is inside --images {images_dir}: the next embedding of that folder would "
+                          f"take its files (the projector's sprite) for images; choose a folder outside it")
     device = resolve_device(opts.device, option="--device")
     enc = load_encoding(checkpoint, opts.image_size, opts.crop_ratio, opts.backbone, opts.cifar_stem)
     decoding = DataConfig(image_size=enc.image_size, cache=opts.cache, cache_dir=opts.cache_dir or "",

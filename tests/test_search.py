@@ -260,6 +260,9 @@ def test_bad_inputs_are_one_line_naming_them(embedded, tmp_path, capsys):
     assert "--duplicates" in capsys.readouterr().err
     assert cli.search_main(["--index", str(out), "--k", "0", str(folder / "a" / "3.png")]) == 2
     assert "--k" in capsys.readouterr().err
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(folder / "emb"),
+                           "--no-progress"]) == 2
+    assert "is inside --images" in capsys.readouterr().err and not (folder / "emb").exists()
     assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(tmp_path / "none"), "--out",
                            str(tmp_path / "o"), "--no-progress"]) == 2
     assert "--images" in capsys.readouterr().err
