@@ -833,6 +833,10 @@ def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optiona
 def start_budget(run: Run) -> None:
     """Start the time budget's clock, now that the steps begin, and say what the schedule spans."""
     left, budget = run.budget.start(), run.budget
+    if run.pos.epoch >= run.cfg.train.epochs:
+        log.warning("train.resume: the run in %s has trained its train.epochs=%d, so nothing is trained; a larger "
+                    "train.epochs continues it", run.out, run.cfg.train.epochs)
+        return
     if not budget.spans:
         return
     if budget.finished():

@@ -1,6 +1,7 @@
 """Nothing lost: killed runs resume exactly, preemption checkpoints, bad images and bad numbers are survived."""
 import io
 import json
+import logging
 import os
 import random
 import signal
@@ -185,7 +186,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(shapes,
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")} == torn
 
 
-def test_the_summary_of_a_resumed_run_covers_all_its_sessions(shapes, tmp_path):
+def test_the_summary_of_a_resumed_run_covers_all_its_sessions(shapes, tmp_path, caplog):
     """One epoch, then resumed for a second, then resumed with nothing left to train: summary.json keeps
     the kNN of every epoch, adds up the sessions' seconds, and keeps the last loss (strict JSON)."""
     run = tmp_path / "run"
@@ -195,8 +196,10 @@ def test_the_summary_of_a_resumed_run_covers_all_its_sessions(shapes, tmp_path):
                       progress=False)
     assert [k["epoch"] for k in second["knn_top1"]] == [1, 2] and second["knn_top1"][0] == first["knn_top1"][0]
     assert second["seconds"] > first["seconds"]
-    again = pretrain(load_config(None, tiny(shapes, run, *args[1:], "train.epochs=2", "train.resume=auto")),
-                     progress=False)
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        again = pretrain(load_config(None, tiny(shapes, run, *args[1:], "train.epochs=2", "train.resume=auto")),
+                         progress=False)
+    assert "has trained its train.epochs=2, so nothing is trained" in caplog.text
     written = json.loads((run / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert written["knn_top1"] == second["knn_top1"] == again["knn_top1"]
     assert written["last_loss"] == second["last_loss"] is not None and written["global_step"] == 10
