@@ -278,10 +278,12 @@ def set_aside_later_steps(folder: str | Path, run_id: str, step: int) -> Path | 
     if not later:
         return None
     aside = Path(tempfile.mkdtemp(prefix=f"superseded-after-step-{step}-", dir=folder))
+    os.chmod(aside, folder.stat().st_mode & 0o777)  # readable by whoever reads the checkpoints (mkdtemp: 0700)
+    # Newest first: a kill halfway leaves the oldest of the abandoned steps, nearest the branch point, in place.
     last = folder / "last.pt"
     if last.is_file() and any(os.path.samefile(last, p) for p in later):
         os.replace(last, aside / last.name)
-    for p in later:
+    for p in reversed(later):
         os.replace(p, aside / p.name)
     return aside
 

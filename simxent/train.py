@@ -446,6 +446,7 @@ class Run:
     knn_top1: list = dataclasses.field(default_factory=list)
     resumed_progress: Optional[float] = None  # the progress that sized a resumed run's first views
     saved_step: int = 0  # the global step of the newest checkpoint of this run
+    branch_from: Optional[int] = None  # a resumed run's step, until its first save sets later steps aside
     seconds_before: float = 0.0  # the run's earlier sessions, from its checkpoint
     buffers: BufferSnapshot = dataclasses.field(init=False)
 
@@ -690,8 +691,14 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
                            history(run))
     if run.main:
         run.similarities.write()
-        save_rotating(state, checkpoint_path(run.cfg).parent, run.pos.global_step, run.cfg.train.keep_checkpoints,
-                      run.run_id)
+        folder = checkpoint_path(run.cfg).parent
+        if run.branch_from is not None:  # at the new branch's first save, not before: a failed start moves nothing
+            aside = set_aside_later_steps(folder, run.run_id, run.branch_from)
+            if aside:
+                log.warning("run %s was resumed from step %d, before its newest checkpoints: those are moved to %s",
+                            run.run_id, run.branch_from, aside)
+            run.branch_from = None
+        save_rotating(state, folder, run.pos.global_step, run.cfg.train.keep_checkpoints, run.run_id)
     run.saved_step = run.pos.global_step
 
 
@@ -803,12 +810,6 @@ def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, 
         if resumed_id and holds_run(out):
             log.warning("no checkpoint of run %s in %s: starting it again from step 0", resumed_id, out)
     run_id = claim(out, resumed_id, state is not None or restart, cfg.train.overwrite)
-    if state is not None and resumed_id:
-        step = state["position"]["global_step"]
-        aside = set_aside_later_steps(out / "checkpoints", run_id, step)
-        if aside:
-            log.warning("resuming run %s from step %d, before its newest checkpoints: those are moved to %s",
-                        run_id, step, aside)
     return run_id, resume, state
 
 
@@ -834,8 +835,9 @@ def start_budget(run: Run) -> None:
     """Start the time budget's clock, now that the steps begin, and say what the schedule spans."""
     left, budget = run.budget.start(), run.budget
     if run.pos.epoch >= run.cfg.train.epochs:
-        log.warning("train.resume: the run in %s has trained its train.epochs=%d, so nothing is trained; a larger "
-                    "train.epochs continues it", run.out, run.cfg.train.epochs)
+        if run.main:
+            log.warning("train.resume: the run in %s has trained its train.epochs=%d, so nothing is trained; a larger "
+                        "train.epochs continues it", run.out, run.cfg.train.epochs)
         return
     if not budget.spans:
         return
@@ -907,6 +909,7 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
               SimilarityLog(out / "similarities.json", pos.global_step if resume else None), pos, bars,
               PlainProgress(main and not bars, cfg.train.epochs, steps_per_epoch), resumed_progress=ahead_progress)
     run.resume_history(earlier)
+    run.branch_from = pos.global_step if resume and run_id else None
     announce(run)
     return run
 

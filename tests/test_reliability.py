@@ -140,6 +140,10 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(shapes, tmp
     step = lambda p: int(p.name.split("-")[1])  # noqa: E731
     assert [step(p) for p in sorted(folder.glob("step-*.pt"))] == [2, 4, 5, 6, 8, 10]
     older = sorted(folder.glob("step-*.pt"))[1]
+    listing = sorted(p.name for p in folder.iterdir())
+    epoch_end = sorted(folder.glob("step-*.pt"))[2]  # a resume that trains nothing writes, and moves, nothing
+    pretrain(load_config(None, tiny(shapes, run, "train.epochs=1", f"train.resume={epoch_end}")), progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == listing
     next_second()
     pretrain(load_config(None, tiny(shapes, run, "train.epochs=1", f"train.resume={older}",
                                     "train.keep_checkpoints=2")), progress=False)

@@ -277,7 +277,6 @@ def test_python_m_simxent_dispatches_embed_and_search(embedded, capsys):
     assert "b/0.png" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_threshold_one_lists_copies_whose_similarity_rounds_below_one():
     """Two copies of one unit vector whose float32 inner product FAISS rounds to just under 1: --duplicates 1
     still lists them (and not the opposite vector)."""
@@ -292,6 +291,7 @@ def test_threshold_one_lists_copies_whose_similarity_rounds_below_one():
     assert [(i, j) for i, j, _ in duplicate_pairs(index, vectors, 1.0)] == [(0, 1)]
 
 
+@pytest.mark.slow
 def test_cifar10_subset_finds_itself_and_a_planted_duplicate(cifar, tmp_path, capsys):
     """The issue's check on 500 CIFAR-10 test images (50 a class; the whole folder takes minutes on 2 cores)."""
     folder = tmp_path / "cifar"
