@@ -13,6 +13,8 @@ import importlib.resources
 import json
 import logging
 import math
+import numbers
+import os
 import reprlib
 import typing
 from dataclasses import dataclass, field
@@ -584,9 +586,13 @@ def _attributes(node: Any, prefix: str = ""):
 def check_config(cfg: Config) -> Config:
     """A config built or changed in Python, checked as a YAML file is: every attribute a known key (a
     misspelt one is named, with the nearest key), every value converted to its key's type or refused naming
-    the key (in place: "0.1" becomes 0.1, 16.0 becomes 16, a list a tuple), then :func:`validate`. Returns
-    ``cfg``."""
+    the key (in place: "0.1" becomes 0.1, 16.0 becomes 16, a list a tuple, a Path text, numpy's scalars
+    Python's), then :func:`validate`. Returns ``cfg``."""
     for key, value in list(_attributes(cfg)):
+        if isinstance(value, os.PathLike):  # a pathlib.Path where a key takes text
+            value = os.fspath(value)
+        elif isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)):
+            value = int(value) if isinstance(value, numbers.Integral) else float(value)  # numpy's scalars
         _set(cfg, key, value, " (set in Python)")
     validate(cfg)
     return cfg

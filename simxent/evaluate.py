@@ -65,8 +65,8 @@ def knn_scores(
         score_c(q) = sum over the k nearest bank vectors b with label c of exp((cos(q, b) - m_q) / T)
 
     where m_q is the query's largest similarity: the formula's exp(cos / T) divided by exp(m_q / T), which
-    ranks the classes the same while no weight overflows float32 at a small T (exp(0.95 / 0.01) would be
-    inf, and inf times one_hot's zeros NaN); the nearest neighbour weighs 1.
+    ranks the classes the same while no weight overflows at a small T (in float32 exp(0.95 / 0.01) is inf,
+    and inf times one_hot's zeros NaN); the nearest neighbour weighs 1. Scores are float64 (N, C).
 
     ``index="flat"`` searches exactly; ``"ivf"`` (for banks above a million vectors) clusters the bank
     into about 4 sqrt(n) lists and searches the ``nprobe`` nearest, trading recall for speed.
@@ -86,8 +86,10 @@ def knn_scores(
         own[~own.any(dim=1), -1] = True
         sims = sims[~own].view(len(query), k)
         idx = idx[~own].view(len(query), k)
-    weights = ((sims - sims[:, :1]) / temperature).exp()  # FAISS returns each row's best first
-    votes = F.one_hot(bank_labels[idx], num_classes).float() * weights.unsqueeze(-1)
+    # FAISS returns each row's best first; float64, so that far neighbours do not underflow to 0 and tie
+    sims = sims.double()
+    weights = ((sims - sims[:, :1]) / temperature).exp()
+    votes = F.one_hot(bank_labels[idx], num_classes).double() * weights.unsqueeze(-1)
     return votes.sum(dim=1)
 
 

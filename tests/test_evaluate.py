@@ -34,20 +34,22 @@ def test_knn_matches_brute_force():
     got = knn_scores(bank, labels, query, 4, k=7, temperature=0.1)
     best = (F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T).max(dim=1).values
     expected = knn_reference(bank, labels, query, 4, 7, 0.1) / (best / 0.1).exp().unsqueeze(1)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, expected.double(), rtol=1e-4, atol=1e-5)
 
 
 def test_knn_at_a_small_temperature_votes_without_overflow():
-    """At T = 0.005 exp(cos / T) overflows float32 (cos > 0.44): the scores stay finite and rank the classes
-    as the float64 formula does."""
+    """At T = 0.002 exp(cos / T) overflows float32 (cos > 0.18), and exp((cos - best) / T) underflows it for
+    neighbours 0.18 below the best: the scores stay finite, rank the classes as the float64 formula does, and
+    no class with a neighbour among the k scores 0."""
     g = torch.Generator().manual_seed(3)
     bank, query = torch.randn(200, 4, generator=g), torch.randn(50, 4, generator=g)
     labels = torch.randint(0, 5, (200,), generator=g)
-    got = knn_scores(bank, labels, query, 5, k=20, temperature=0.005)
+    got = knn_scores(bank, labels, query, 5, k=20, temperature=0.002)
     sims = F.normalize(query.double(), dim=1) @ F.normalize(bank.double(), dim=1).T
     top, idx = sims.topk(20, dim=1)
-    exact = torch.zeros(50, 5, dtype=torch.float64).scatter_add_(1, labels[idx], ((top - top[:, :1]) / 0.005).exp())
+    exact = torch.zeros(50, 5, dtype=torch.float64).scatter_add_(1, labels[idx], ((top - top[:, :1]) / 0.002).exp())
     assert torch.isfinite(got).all() and torch.equal(got.argmax(1), exact.argmax(1))
+    assert torch.equal(got > 0, exact > 0) and (exact > 0).sum() > 50
 
 
 def test_knn_leave_one_out_excludes_self():

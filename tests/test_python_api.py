@@ -3,6 +3,7 @@ import inspect
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,5 +72,7 @@ def test_fields_set_in_python_are_checked_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
     cfg = simxent.Config()
     cfg.loss.temperature, cfg.train.batch_size, cfg.augment.crop_scale = "0.1", 16.0, [0.2, 1]
+    cfg.out, cfg.train.epochs, cfg.optim.lr = tmp_path / "run", np.int64(3), np.float32(0.5)
     assert check_config(cfg) is cfg and (cfg.loss.temperature, cfg.train.batch_size) == (0.1, 16)
-    assert cfg.augment.crop_scale == (0.2, 1.0)
+    assert cfg.augment.crop_scale == (0.2, 1.0) and cfg.out == str(tmp_path / "run")
+    assert (type(cfg.train.epochs), type(cfg.optim.lr), cfg.train.epochs, cfg.optim.lr) == (int, float, 3, 0.5)
