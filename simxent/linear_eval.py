@@ -404,6 +404,8 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
         "class_weight": None if weight is None else dict(zip(targets.names, weight.tolist())),
         "options": vars(opts),
     }
+    if train.classes and targets.kind.exclusive and opts.knn_k > len(train):
+        log.warning("--knn-k %d exceeds the %d training images: kNN votes with all of them", opts.knn_k, len(train))
     for name, encoder in encoders.items():
         results[name] = score_encoder(name, encoder, train, test, targets, normalize, dev, dtype, opts, weight,
                                       monitor, progress=progress, figures_dir=out / "figures")

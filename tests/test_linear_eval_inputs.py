@@ -332,3 +332,14 @@ def test_multilabel_on_image_lists(run, tmp_path):
                              str(tmp_path / "test.csv"), "--json", str(report)]) == 0
     linear = json.loads(report.read_text())["pretrained"]["linear"]
     assert set(linear["per_label_ap"]) == {"round", "straight"} and 0 <= linear["mAP"] <= 1
+
+
+def test_a_knn_k_above_the_training_images_is_said(run, tmp_path, caplog):
+    """20 training images and --knn-k 200: a warning says kNN votes with all of them (none with --knn-k 3)."""
+    run_dir, shapes = run
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        assert evaluate(ckpt, shapes, "--out", str(tmp_path / "a")) == 0
+        assert "--knn-k" not in caplog.text
+        assert evaluate(ckpt, shapes, "--knn-k", "200", "--out", str(tmp_path / "b")) == 0
+    assert "--knn-k 200 exceeds the 20 training images" in caplog.text
