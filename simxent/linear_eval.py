@@ -336,9 +336,13 @@ TARGET_SOURCES = {"multiclass": folder_class_targets, "binary": positive_class_t
 
 def eval_targets(objective: str, train: ImageArray, test: ImageArray, train_dir, test_dir, opts: ProbeOptions,
                  positive_class: Optional[str], train_labels, test_labels) -> tuple[Targets, Optional[torch.Tensor]]:
-    """The probe's targets for ``objective`` and its class (or positive-label) weights."""
-    return TARGET_SOURCES[objective](train, test, train_dir, test_dir, opts, positive_class, train_labels,
-                                     test_labels)
+    """The probe's targets for ``objective`` and its class (or positive-label) weights; a warning when the
+    kNN that goes with exclusive classes would ask for more neighbours than there are training images."""
+    targets, weight = TARGET_SOURCES[objective](train, test, train_dir, test_dir, opts, positive_class, train_labels,
+                                                test_labels)
+    if train.classes and targets.kind.exclusive and opts.knn_k > len(train):
+        log.warning("--knn-k %d exceeds the %d training images: kNN votes with all of them", opts.knn_k, len(train))
+    return targets, weight
 
 
 def load_eval_folders(train_dir, test_dir, data: DataConfig, progress: bool, crop_ratio: float
@@ -404,8 +408,6 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
         "class_weight": None if weight is None else dict(zip(targets.names, weight.tolist())),
         "options": vars(opts),
     }
-    if train.classes and targets.kind.exclusive and opts.knn_k > len(train):
-        log.warning("--knn-k %d exceeds the %d training images: kNN votes with all of them", opts.knn_k, len(train))
     for name, encoder in encoders.items():
         results[name] = score_encoder(name, encoder, train, test, targets, normalize, dev, dtype, opts, weight,
                                       monitor, progress=progress, figures_dir=out / "figures")
