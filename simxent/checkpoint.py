@@ -227,7 +227,7 @@ def export_torchvision(path: str | Path, dest: str | Path) -> str:
         raise CheckpointError(f"cannot export {cfg.model.backbone} to {dest}: it is written as a torch.export program, "
                               f"which needs a name ending in .pt2 (e.g. {dest.with_suffix('.pt2').name})")
     encoder = checkpoint_encoder(state, cfg, path)
-    tmp = dest.with_name(f".{dest.stem}.tmp{dest.suffix}")  # the same suffix: torch.export.save checks it
+    tmp = temp_path(dest, dest.suffix)  # ending in dest's suffix: torch.export.save checks for .pt2
     if program:
         # torch.export rather than TorchScript, which torch 2.14 deprecates (jit.script, jit.save, jit.load)
         dynamic = torch.export.Dim.DYNAMIC
@@ -243,6 +243,11 @@ def export_torchvision(path: str | Path, dest: str | Path) -> str:
 def step_file_name(step: int, run_id: str) -> str:
     """``step-<step>-<run id>.pt``: zero-padded, so names sort by step within a run."""
     return f"step-{step:09d}-{run_id}.pt" if run_id else f"step-{step:09d}.pt"
+
+
+def file_step(path: Path) -> int:
+    """The global step in a :func:`step_file_name`."""
+    return int(path.name.split("-")[1].removesuffix(".pt"))
 
 
 def step_files(folder: str | Path, run_id: str | None = None) -> list[Path]:
@@ -274,7 +279,7 @@ def set_aside_later_steps(folder: str | Path, run_id: str, step: int) -> Path | 
     abandoned steps would outrank the new ones: rotation keeps the highest step numbers (deleting the new
     branch's files) and resuming falls back to the newest step file. Moved, they stay on disk, out of both."""
     folder = Path(folder)
-    later = [p for p in step_files(folder, run_id) if int(p.name.split("-")[1]) > step]
+    later = [p for p in step_files(folder, run_id) if file_step(p) > step]
     if not later:
         return None
     aside = Path(tempfile.mkdtemp(prefix=f"superseded-after-step-{step}-", dir=folder))
