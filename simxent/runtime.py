@@ -5,9 +5,9 @@ import logging
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -149,8 +149,26 @@ class _StderrHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(log_file: Optional[Path] = None, level: int = logging.INFO) -> None:
-    """Messages to stderr and, when given, to a file in the run directory."""
+@contextmanager
+def held_warnings():
+    """The warnings logged inside the block, kept (they reach stderr as usual) so that :func:`setup_logging`
+    can write them into a log file that could not be opened before them: a run's train.log opens only once
+    its folder is claimed, after the warnings of finding what to resume."""
+    records: list[logging.LogRecord] = []
+    keeper = logging.Handler(logging.WARNING)
+    keeper.emit = records.append
+    logger = logging.getLogger("simxent")
+    logger.addHandler(keeper)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(keeper)
+
+
+def setup_logging(log_file: Optional[Path] = None, level: int = logging.INFO,
+                  earlier: Sequence[logging.LogRecord] = ()) -> None:
+    """Messages to stderr and, when given, to a file in the run directory, which starts with the ``earlier``
+    records (from :func:`held_warnings`)."""
     logger = logging.getLogger("simxent")
     logger.setLevel(level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
@@ -166,3 +184,17 @@ def setup_logging(log_file: Optional[Path] = None, level: int = logging.INFO) ->
         fh = logging.FileHandler(log_file)
         fh.setFormatter(fmt)
         logger.addHandler(fh)
+        for record in earlier:
+            fh.handle(record)
+
+
+def close_log_file(exc_type, exc, traceback) -> None:
+    """Detach the run's log file, first writing into it the error that ends the run, if one does (stderr gets
+    it from the caller): the process's later messages are not the run's. An ExitStack exit callback."""
+    logger = logging.getLogger("simxent")
+    for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+        if exc is not None:
+            h.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0,
+                                       f"stopped by {exc_type.__name__}: {exc}", None, None))
+        logger.removeHandler(h)
+        h.close()

@@ -36,8 +36,8 @@ from .loss import Temperature, contrastive_stats, multi_view_nt_xent, similarity
 from .models import SimCLR, feature_size
 from .monitor import Monitor
 from .rundir import claim, holds_run, recorded_run_id, run_lock, writable_folder
-from .runtime import (SlowStepWatch, autocast, configure_device, resolve_device, resolve_dtype, seed_everything,
-                      set_threads, setup_logging, show_progress_bars)
+from .runtime import (SlowStepWatch, autocast, close_log_file, configure_device, held_warnings, resolve_device,
+                      resolve_dtype, seed_everything, set_threads, setup_logging, show_progress_bars)
 from .schedule import TimeBudget, build_optimizer, peak_lr, set_lr, warmup_steps
 
 log = logging.getLogger("simxent")
@@ -860,12 +860,15 @@ def open_run(cfg: Config, held: ExitStack) -> tuple[torch.device, Optional[str],
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must divide by the "
                           f"{dist.world_size()} processes")
     run_id, resume, resumed = None, None, None
-    if dist.is_main():  # only the main process writes in out (and nothing before it holds the lock)
-        run_id, resume, resumed = _claim_out(cfg, held, device)
+    with held_warnings() as earlier:  # train.log opens below, once out is claimed
+        if dist.is_main():  # only the main process writes in out (and nothing before it holds the lock)
+            run_id, resume, resumed = _claim_out(cfg, held, device)
     if cfg.data.cache and (cfg.data.val or not cfg.data.stream):  # data.val is always decoded into the cache
         writable_folder(cfg.data.cache_dir or default_cache_dir(), "data.cache_dir")
     main = dist.is_main()
-    setup_logging(Path(cfg.out) / "train.log" if main else None, level=logging.INFO if main else logging.WARNING)
+    setup_logging(Path(cfg.out) / "train.log" if main else None, level=logging.INFO if main else logging.WARNING,
+                  earlier=earlier)
+    held.push(close_log_file)
     return device, run_id, resume, resumed
 
 

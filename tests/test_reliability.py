@@ -178,6 +178,10 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(shapes,
     next_second()
     summary = pretrain(load_config(None, tiny(shapes, run, "train.epochs=1", "train.resume=auto")), progress=False)
     assert summary["global_step"] == 5
+    # Said before train.log could open (out was not yet claimed), and written into it once it did.
+    assert "WARNING no checkpoint of run" in (run / "train.log").read_text()
+    logging.getLogger("simxent.train").warning("after the run")  # the run's log file is closed with the run
+    assert "after the run" not in (run / "train.log").read_text()
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5]
@@ -230,6 +234,8 @@ def test_non_finite_loss_is_skipped_then_stops_without_overwriting(shapes, tmp_p
         pretrain(load_config(None, tiny(shapes, tmp_path / "r2", "train.epochs=1", "train.max_bad_steps=3")),
                  progress=False)
     assert not (tmp_path / "r2" / "checkpoints").exists()
+    assert "ERROR stopped by TrainingError: loss or gradients were non-finite for 3 steps in a row" in (
+        tmp_path / "r2" / "train.log").read_text()  # why a run in the background ended, in its own log
     assert (run / "checkpoints" / "last.pt").read_bytes() != before  # the good run's checkpoint moved on
 
 
