@@ -14,6 +14,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
+# With more classes than this, figures name no classes (their names would overlap) and stop growing: a 1,000-class
+# confusion matrix at the per-class size would be a gigapixel image.
+NAMED_CLASSES = 50
+
+
+def _class_axis(n: int, inches_per_class: float, margin: float, least: float) -> float:
+    """Inches along an axis of ``n`` classes, at most what NAMED_CLASSES classes take."""
+    return max(least, inches_per_class * min(n, NAMED_CLASSES) + margin)
+
+
 def save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,29 +58,36 @@ def per_class_bars(per_class: dict, title: str = "") -> Figure:
     names = list(per_class)
     loss = [per_class[n]["loss"] or 0.0 for n in names]
     acc = [per_class[n]["accuracy"] or 0.0 for n in names]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(max(6, 0.6 * len(names) + 3), 3.5))
-    ax_loss.bar(names, loss, color="tab:red")
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(_class_axis(len(names), 0.6, 3, 6), 3.5))
+    x = names if len(names) <= NAMED_CLASSES else range(len(names))
+    ax_loss.bar(x, loss, color="tab:red")
     ax_loss.set(ylabel="mean cross entropy", title="loss per class")
-    ax_acc.bar(names, acc, color="tab:blue")
+    ax_acc.bar(x, acc, color="tab:blue")
     ax_acc.set(ylabel="accuracy (recall)", title="accuracy per class", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
         ax.tick_params(axis="x", rotation=60)
+        if len(names) > NAMED_CLASSES:
+            ax.set_xlabel("class index (the classes' sorted order)")
     fig.suptitle(title)
     return fig
 
 
 def confusion_matrix(cm, classes: list[str], title: str = "") -> Figure:
-    """Row-normalised confusion matrix (each true class sums to 1), counts written in the cells."""
+    """Row-normalised confusion matrix (each true class sums to 1), counts written in the cells of up to 20
+    classes, class names on the axes of up to NAMED_CLASSES (class indices beyond)."""
     import numpy as np
 
     cm = np.asarray(cm, dtype=float)
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    side = max(4.0, 0.45 * len(classes) + 2)
+    side = _class_axis(len(classes), 0.45, 2, 4)
     fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
-    ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    named = len(classes) <= NAMED_CLASSES
+    if named:
+        ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")
+        ax.set_yticks(range(len(classes)), classes)
+    index = "" if named else " (class index)"
+    ax.set(xlabel="predicted" + index, ylabel="true" + index, title=title or "confusion matrix")
     if len(classes) <= 20:
         for i in range(len(classes)):
             for j in range(len(classes)):

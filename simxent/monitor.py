@@ -38,11 +38,14 @@ class Monitor:
 
     def confusion(self, tag: str, cm: torch.Tensor | list, classes: list[str], step: int = 0) -> None:
         """Row-normalised confusion matrix drawn with its axes and class names
-        (:func:`simxent.figures.confusion_matrix`), plus the counts as a markdown table."""
+        (:func:`simxent.figures.confusion_matrix`), plus the counts as a markdown table for up to
+        ``figures.NAMED_CLASSES`` classes (beyond, the results' JSON holds them)."""
         if not self.writer:
             return
         cm = torch.as_tensor(cm, dtype=torch.float32)
         self.writer.add_figure(tag, figures.confusion_matrix(cm.numpy(), classes, tag), step)
+        if len(classes) > figures.NAMED_CLASSES:
+            return
         header = "| true \\ pred | " + " | ".join(classes) + " |\n|" + "---|" * (len(classes) + 1) + "\n"
         rows = "\n".join(f"| {c} | " + " | ".join(str(int(x)) for x in row) + " |" for c, row in zip(classes, cm))
         self.writer.add_text(tag + "_counts", header + rows, step)

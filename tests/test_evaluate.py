@@ -13,6 +13,7 @@ from simxent.evaluate import (LabelError, LinearProbe, check_class_indices, clas
                               knn_scores, standardisation, topk_accuracy, train_linear_probe)
 from simxent.linear_eval import ProbeCurves, Targets, objective_label
 from simxent.models import ConvNet
+from simxent.monitor import Monitor
 
 
 def knn_reference(bank, labels, query, C, k, T):
@@ -280,6 +281,27 @@ def test_probe_curve_figure_names_each_curve():
     assert fig.axes[1].get_lines()[0].get_ydata().tolist() == [1.2, 1.0]
     assert objective_label(None, 0.0, multiclass=True) == "train objective (= train CE)"
     assert objective_label(None, 0.1, multiclass=False) == "train objective (= train CE)"  # no smoothing for BCE
+
+
+def test_figures_of_many_classes_stop_growing_and_drop_the_names(tmp_path):
+    """At 0.45 inch per class a 1,000-class confusion matrix would be a 452-inch (gigapixel) image, and its
+    counts a million-cell TensorBoard table: beyond NAMED_CLASSES classes the figures keep that size, with
+    class indices for names, and the counts stay in the results' JSON."""
+    n = 200  # 92 inches at 0.45 each
+    names = [f"class{i}" for i in range(n)]
+    cm = figures.confusion_matrix(torch.eye(n).numpy(), names)
+    assert max(cm.get_size_inches()) <= 0.45 * figures.NAMED_CLASSES + 2
+    assert not any(t.get_text().startswith("class") for t in cm.axes[0].get_xticklabels() + cm.axes[0].get_yticklabels())
+    bars = figures.per_class_bars({c: {"loss": 1.0, "accuracy": 0.5} for c in names})
+    assert bars.get_size_inches()[0] <= 0.6 * figures.NAMED_CLASSES + 3
+    few = figures.confusion_matrix(torch.eye(3).numpy(), ["cat", "dog", "eel"])
+    assert [t.get_text() for t in few.axes[0].get_xticklabels()] == ["cat", "dog", "eel"]
+    monitor, texts = Monitor(tmp_path / "tb"), []
+    monitor.writer.add_text = lambda tag, text, step: texts.append(tag)
+    monitor.confusion("probe/confusion", torch.eye(3), ["cat", "dog", "eel"])
+    monitor.confusion("probe/confusion", torch.eye(n), names)
+    monitor.close()
+    assert texts == ["probe/confusion_counts"]  # the 3-class table only
 
 
 def test_feature_extraction_leaves_encoder_untouched():
