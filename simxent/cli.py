@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -16,6 +15,7 @@ from .config import CHOICES, MAX_IMAGE_SIZE, Config, ConfigError, config_keys, f
 from .data import DataError, default_cache_dir
 from .class_weights import ClassWeightError
 from .evaluate import LabelError, ProbeDivergedError
+from .files import json_text
 from .linear_eval import ProbeOptions, check_probe_options, format_results, linear_eval
 from .search import EmbedOptions, duplicate_pairs, embed_folder, read_store, search_files
 from .train import TrainingError, pretrain
@@ -27,7 +27,9 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, ClassWeightError, LabelE
 
 def report_user_errors(main):
     """``main()``'s exit status; an error a user can fix (USER_ERRORS) becomes one line on stderr and exit
-    status 2, not a traceback."""
+    status 2, not a traceback. File names that are not UTF-8 print as their own bytes, as ls does."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="surrogateescape")
     try:
         return main()
     except USER_ERRORS as e:
@@ -326,7 +328,7 @@ def search_main(argv=None) -> int:
         if a.duplicates is not None:
             pairs = duplicate_pairs(store.index, store.vectors, a.duplicates, progress=not a.no_progress)
             results["duplicates"] = [{"a": store.names[i], "b": store.names[j], "similarity": s} for i, j, s in pairs]
-        print(json.dumps(results, indent=2, ensure_ascii=False) if a.json else format_search(results))
+        print(json_text(results, indent=2) if a.json else format_search(results))
         return 0
 
     return report_user_errors(main)

@@ -648,7 +648,7 @@ def _listing(images: ImageList) -> bytes:
             nbytes = mtime = -1
         name = f.relative_to(images.root) if images.kind == "folder" else os.path.abspath(f)
         lines.append(f"{name}\t{nbytes}\t{mtime}\n")
-    return "".join(lines).encode()
+    return "".join(lines).encode("utf-8", "surrogateescape")  # a name that is not UTF-8: its own bytes
 
 
 def _cache_key(listing: bytes, layout: Layout) -> str:

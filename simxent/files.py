@@ -10,7 +10,9 @@ Files of other hosts (a folder shared over the network) are left alone, since th
 from __future__ import annotations
 
 import errno
+import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -98,3 +100,35 @@ def folder_problem(path: Path) -> str | None:
     if not os.access(path, os.W_OK | os.X_OK):
         return f"the folder {path} is not writable"
     return None
+
+
+def json_text(obj, **dumps_args) -> str:
+    """Strict JSON that is valid UTF-8. A score that is undefined (NaN: an AUC without negatives) or infinite is
+    null, since strict parsers (jq, JavaScript) refuse Python's NaN token. Non-ASCII text is written as itself,
+    but where a file name is not UTF-8 (Python holds its bytes as lone surrogates, which UTF-8 cannot encode)
+    everything non-ASCII as ``\\uXXXX`` escapes, which read back to the same name."""
+    obj = _finite(obj)
+    text = json.dumps(obj, ensure_ascii=False, **dumps_args)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return json.dumps(obj, **dumps_args)
+
+
+def _finite(obj):
+    """``obj`` with every NaN or infinite float, at any depth of dicts, lists and tuples, made None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all (a temporary file renamed over it), as UTF-8."""
+    tmp = temp_path(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

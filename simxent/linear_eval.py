@@ -2,7 +2,6 @@
 optionally beside an untrained encoder of the same architecture."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import tempfile
@@ -21,6 +20,7 @@ from .data import ImageArray, load_configured, naming_the_key, shared_files
 from .class_weights import class_weights, positive_weights
 from .evaluate import OBJECTIVES, Objective, classification_report, extract_features, knn_scores, objective_named, \
     train_linear_probe
+from .files import json_text, write_text_atomic
 from .label_files import check_label_sets, read_label_csv
 from .models import backbone
 from .monitor import Monitor
@@ -414,7 +414,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     monitor.close()
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(results, indent=2))
+        write_text_atomic(Path(json_path), json_text(results, indent=2))
     return results
 
 

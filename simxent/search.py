@@ -37,6 +37,7 @@ from .augment import Normalize
 from .config import AugmentConfig, ConfigError, DataConfig, EvalConfig
 from .data import DataError, ImageArray, decode_eval, load_configured, naming_the_key
 from .evaluate import build_index, extract_features, recall_against_exact
+from .files import json_text, write_text_atomic
 from .linear_eval import encoder_to_score
 from .monitor import Monitor
 from .runtime import resolve_device, setup_logging, show_progress_bars
@@ -145,12 +146,15 @@ class EmbeddingStore:
 
 
 def write_store(out: Path, store: EmbeddingStore) -> None:
-    """The four files of ``store`` in ``out``; meta.json last, so a folder with it is complete."""
+    """The four files of ``store`` in ``out``; meta.json last, so a folder with it is complete (an earlier
+    store's meta.json is removed first: a run killed midway leaves a folder that reads as incomplete, never
+    new vectors under an old index)."""
     out.mkdir(parents=True, exist_ok=True)
+    (out / META).unlink(missing_ok=True)
     np.save(out / EMBEDDINGS, store.vectors)
-    (out / NAMES).write_text(json.dumps(store.names, ensure_ascii=False))
+    (out / NAMES).write_text(json_text(store.names), encoding="utf-8")
     faiss.write_index(store.index, str(out / INDEX))
-    (out / META).write_text(json.dumps(store.meta, indent=2))
+    write_text_atomic(out / META, json_text(store.meta, indent=2))
 
 
 def read_store(folder: str | Path) -> EmbeddingStore:
@@ -159,9 +163,9 @@ def read_store(folder: str | Path) -> EmbeddingStore:
     for name in (META, EMBEDDINGS, NAMES, INDEX):
         if not (folder / name).is_file():
             raise DataError(f"--index: {folder / name} not found; make the folder with simxent-embed")
-    meta = json.loads((folder / META).read_text())
+    meta = json.loads((folder / META).read_text(encoding="utf-8"))
     vectors = np.load(folder / EMBEDDINGS)
-    names = json.loads((folder / NAMES).read_text())
+    names = json.loads((folder / NAMES).read_text(encoding="utf-8"))
     index = faiss.read_index(str(folder / INDEX))
     if meta["index"]["type"] == "ivf":
         faiss.extract_index_ivf(index).nprobe = meta["index"]["nprobe"]

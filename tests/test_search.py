@@ -3,7 +3,10 @@
 against an independent computation, bad files, and the issue's check on real CIFAR-10 images."""
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 
 import faiss
 import numpy as np
@@ -14,8 +17,9 @@ import simxent
 from simxent import cli
 from simxent.checkpoint import save_checkpoint
 from simxent.config import load_config, to_dict
-from simxent.data import decode, decode_eval
+from simxent.data import DataError, decode, decode_eval
 from simxent.evaluate import recall_against_exact
+from simxent.files import json_text
 from simxent.models import backbone
 from simxent.search import build_search_index, duplicate_pairs, read_store
 
@@ -269,6 +273,54 @@ def test_bad_inputs_are_one_line_naming_them(embedded, tmp_path, capsys):
     assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(tmp_path / "o"),
                            "--nprobe", "0"]) == 2
     assert "--nprobe" in capsys.readouterr().err
+
+
+def test_a_file_name_that_is_not_utf8_is_embedded_found_and_printed_as_its_bytes(tmp_path):
+    """A Latin-1 name from an unzipped Windows archive: Python holds its byte 0xE9 as a lone surrogate, which
+    the cache key and names.json encoded as UTF-8 and crashed on. Text output prints the name's own bytes,
+    JSON output stays valid UTF-8 and reads back to the name."""
+    folder = tmp_path / "images"
+    for i in range(6):
+        write_image(folder / f"{i}.png", seed=i)
+    odd = folder / os.fsdecode(b"caf\xe9.png")
+    write_image(odd, seed=99)
+    ckpt, out = tiny_checkpoint(tmp_path / "c.pt"), tmp_path / "embedded"
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(out), "--workers", "0",
+                           "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--projector", "0"]) == 0
+    assert odd.name in read_store(out).names
+    search = [sys.executable, "-m", "simxent", "search", "--index", str(out), "--k", "1", str(odd)]
+    text = subprocess.run(search, capture_output=True, timeout=120)
+    assert text.returncode == 0 and b"\tcaf\xe9.png\n" in text.stdout, text.stderr
+    found = json.loads(subprocess.run(search + ["--json"], capture_output=True, timeout=120).stdout.decode("utf-8"))
+    assert found["neighbours"][0]["neighbours"][0]["name"] == odd.name
+
+
+def test_json_text_is_strict_utf8_json_that_reads_back():
+    """NaN (an AUC without negatives) is null; non-ASCII stays itself unless a name is not UTF-8."""
+    assert json_text({"auc": float("nan"), "f1": [float("inf"), 0.5], "class": "café"}) == \
+        '{"auc": null, "f1": [null, 0.5], "class": "café"}'
+    odd = os.fsdecode(b"caf\xe9.png")
+    text = json_text({"names": [odd, "café"]})
+    assert text.encode("utf-8") and json.loads(text) == {"names": [odd, "café"]}
+
+
+def test_embedding_again_into_a_folder_and_dying_midway_leaves_no_complete_store(embedded, tmp_path,
+                                                                                   monkeypatch):
+    """meta.json marks a complete store: a second embed into the folder removes the old one first, so a run
+    killed between its files is read as incomplete instead of new vectors under the old index."""
+    folder, ckpt, out = embedded
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(faiss, "write_index", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder / "a"), "--out", str(again),
+                        "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    with pytest.raises(DataError, match="meta.json not found"):
+        read_store(again)
 
 
 def test_python_m_simxent_dispatches_embed_and_search(embedded, capsys):
