@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -65,13 +66,27 @@ def check_probe_options(opts: ProbeOptions) -> None:
 
 
 def default_out(checkpoint: str | Path) -> Path:
-    """Where linear evaluation writes without ``--out``: ``RUN/linear_eval`` for a checkpoint in a simxent run
-    (``RUN/checkpoints/*.pt`` beside ``RUN/config.yaml``), else ``linear_eval`` beside the checkpoint file."""
+    """Where linear evaluation writes without ``--out``: for a checkpoint in a simxent run (``RUN/checkpoints/*.pt``
+    beside ``RUN/config.yaml``) ``RUN/linear_eval`` for its last.pt and ``RUN/linear_eval/<file stem>`` for
+    another (step-000500.pt: ``RUN/linear_eval/step-000500``), so that one checkpoint's figures do not replace
+    another's; else ``linear_eval`` beside the checkpoint file."""
+    name = Path(checkpoint).name  # as given: a link named last.pt is the run's last checkpoint
     folder = Path(checkpoint).resolve().parent
     run = folder.parent
     if folder.name == "checkpoints" and (run / "config.yaml").is_file():
-        return run / "linear_eval"
+        return run / "linear_eval" if name == "last.pt" else run / "linear_eval" / Path(name).stem
     return folder / "linear_eval"
+
+
+def tensorboard_folder(out: Path) -> Path:
+    """``out/tb/<date-time>``: each evaluation a TensorBoard run of its own, so that two evaluations into one
+    ``out`` are two curves, not one that runs through both."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    folder, n = out / "tb" / stamp, 1
+    while folder.exists():  # two evaluations within a second
+        n += 1
+        folder = out / "tb" / f"{stamp}-{n}"
+    return folder
 
 
 def check_outputs(out: Path, json_path: Optional[Path]) -> None:
@@ -387,7 +402,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     targets, weight = eval_targets(objective, train, test, train_dir, test_dir, opts, positive_class, train_labels,
                                    test_labels)
     normalize = Normalize(cfg.augment.mean, cfg.augment.std)
-    monitor = Monitor(out / "tb")
+    monitor = Monitor(tensorboard_folder(out))
     encoders = {"pretrained": pretrained}
     if random_init:
         seed_everything(opts.seed)

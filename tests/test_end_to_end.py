@@ -76,7 +76,8 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
         assert results[name]["probe_history"]["test_accuracy"][-1] == pytest.approx(results[name]["linear"]["top1"])
     assert results["class_weight"] == pytest.approx({c: 1.0 for c in results["classes"]})
     assert "pretrained" in capsys.readouterr().out
-    probe = EventAccumulator(str(run / "linear_eval" / "tb"), size_guidance={"images": 0})
+    (evaluation,) = (run / "linear_eval" / "tb").iterdir()  # this evaluation's TensorBoard run
+    probe = EventAccumulator(str(evaluation), size_guidance={"images": 0})
     probe.Reload()
     assert {f"pretrained/probe/{k}" for k in ("train_ce", "test_ce", "train_objective", "test_accuracy")} <= set(
         probe.Tags()["scalars"])

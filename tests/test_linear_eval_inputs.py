@@ -287,8 +287,27 @@ def test_outputs_go_beside_a_loose_checkpoint(run, tmp_path, monkeypatch):
     assert (here / "linear_eval" / "figures").is_dir() and any((here / "linear_eval" / "tb").iterdir())
     assert not [p.name for p in tmp_path.iterdir() if p.name not in ("here", "cache")]  # nothing in the parent
     assert default_out(run_dir / "checkpoints" / "last.pt") == run_dir / "linear_eval"
+    assert default_out(run_dir / "checkpoints" / "step-000004.pt") == run_dir / "linear_eval" / "step-000004"
     assert default_out(here / "model.pt") == here / "linear_eval"
     assert default_out(here / "checkpoints" / "x.pt") == here / "checkpoints" / "linear_eval"
+
+
+def test_each_checkpoint_and_each_evaluation_has_its_own_outputs(run, tmp_path):
+    """Without --out, a run's step file is scored into its own folder (its figures do not replace last.pt's),
+    and two evaluations into one folder are two TensorBoard runs, not one curve through both."""
+    run_dir, shapes = run
+    out = tmp_path / "ev"
+    step_file = sorted((run_dir / "checkpoints").glob("step-*.pt"))[0]
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("linear_eval"))
+    for checkpoint in (copy / "checkpoints" / "last.pt", copy / "checkpoints" / step_file.name):
+        assert evaluate(checkpoint, shapes) == 0
+    assert (copy / "linear_eval" / "figures").is_dir()
+    assert (copy / "linear_eval" / step_file.stem / "figures").is_dir()
+    for _ in range(2):
+        assert evaluate(copy / "checkpoints" / "last.pt", shapes, "--out", str(out)) == 0
+    runs = sorted((out / "tb").iterdir())
+    assert len(runs) == 2 and all(len(list(r.glob("events.out.tfevents.*"))) == 1 for r in runs)
 
 
 def test_multilabel_csv_with_header_and_a_label_without_test_positives(run, tmp_path, capsys):
