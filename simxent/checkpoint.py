@@ -336,10 +336,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def training_state(cfg: Config, net: nn.Module, optimizer, scaler, pos: Position, rng: Optional[dict],
-                   progress: float, ahead_progress: Optional[float] = None, history: Optional[dict] = None) -> dict:
+                   progress: tuple[float, float], ahead_progress: Optional[float] = None,
+                   history: Optional[dict] = None) -> dict:
     """A run's checkpoint: config, weights (encoder, head and temperature apart, so that an encoder loads
-    alone), optimiser, grad scaler, position, the schedule's progress p in [0, 1] (see
-    :class:`simxent.schedule.TimeBudget`) and every process's RNG state (``rng``:
+    alone), optimiser, grad scaler, position, the schedule's progress p in [0, 1] and the time budget's share
+    of it q (``progress``: (p, q), see :class:`simxent.schedule.TimeBudget`) and every process's RNG state (``rng``:
     this one's as it was before the batch drawn ahead, else its current state), with the progress that
     sized that batch's views (``ahead_progress``; None when none was drawn), and the figures the run's
     summary reports over all its sessions (``history``: kNN top-1 per evaluation, skipped steps, last loss,
@@ -355,7 +356,8 @@ def training_state(cfg: Config, net: nn.Module, optimizer, scaler, pos: Position
         "scaler": scaler.state_dict(),
         "position": asdict(pos),
         "rng": dist.gather_objects(rng or rng_state()),
-        "progress": progress,
+        "progress": progress[0],
+        "time_share": progress[1],
         "ahead_progress": ahead_progress,
         "history": history or {},
     }
@@ -423,12 +425,15 @@ def fit_optimizer(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
 
 
 def saved_progress(state: dict, total: int) -> float:
-    """The schedule's progress a training checkpoint saved. One written before progress was saved counts
-    its steps' share of the step plan it holds under "schedule" (a time budget's: its cosine ended at step
-    ``decay_end``), else of ``total``."""
+    """The progress p0 = max(s / S, q) a resumed run starts from: its saved step s over this run's ``total``
+    S (train.epochs may have changed) and the time budget's saved share q. A checkpoint without q gives the
+    progress it saved; one written before progress was saved counts its steps' share of the step plan it
+    holds under "schedule" (a time budget's: its cosine ended at step ``decay_end``), else of ``total``."""
+    step, plan = state["position"]["global_step"], state.get("schedule")
+    if "time_share" in state:
+        return max(step / total, float(state["time_share"]))
     if "progress" in state:
         return float(state["progress"])
-    step, plan = state["position"]["global_step"], state.get("schedule")
     return min(1.0, step / max(1, plan["decay_end"])) if plan else step / total
 
 

@@ -114,6 +114,12 @@ class TimeBudget:
         """q = p0 + (1 - p0) * tau: the budget's share of the whole schedule, a resumed run's included."""
         return self.start_progress + (1 - self.start_progress) * self.used
 
+    def time_share(self) -> float:
+        """q, the share of the schedule the time budgets have used (0 without one). Checkpoints save it beside
+        p, so that a run resumed with more ``train.epochs`` goes on from max(s / S, q) over its new S: p = 1
+        after the old epochs would end it at once, as if its budget had run out."""
+        return self.budget_used() if self.spans else 0.0
+
     def progress(self, step: int) -> float:
         """p = max(s / S, q) at global step ``step`` (s / S without a budget); what checkpoints save."""
         return max(step / self.total, self.budget_used()) if self.spans else step / self.total

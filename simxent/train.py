@@ -686,8 +686,9 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
     if not bool(finite_flag(list(net.parameters()) + list(net.buffers()))):
         raise TrainingError(f"the model holds non-finite values at step {run.pos.global_step}; not saving it over "
                             f"{checkpoint_path(run.cfg)}")
+    progress = (run.budget.progress(run.pos.global_step), run.budget.time_share())
     state = training_state(run.cfg, net, run.optimizer, run.scaler, run.pos, ahead.rng if ahead else None,
-                           run.budget.progress(run.pos.global_step), ahead.progress if ahead else None,
+                           progress, ahead.progress if ahead else None,
                            history(run))
     if run.main:
         run.similarities.write()

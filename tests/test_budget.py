@@ -263,7 +263,7 @@ def test_a_resumed_run_anneals_from_its_saved_progress_by_its_own_deadline(shape
     assert logged_lrs(run)[9] == pytest.approx(PEAK * expected_fraction(9, TOTAL, WARMUP, 0.09, 0.1), rel=1e-6)
     old = tmp_path / "old"
     shutil.copytree(run, old)
-    del state["progress"]
+    del state["progress"], state["time_share"]  # as an older version wrote it
     save_checkpoint({**state, "schedule": OLD_PLAN}, old / "checkpoints" / "last.pt")
     for folder, p0 in ((run, 0.1), (old, 10 / OLD_PLAN["decay_end"])):
         clock = StepClock(3.0, [2.0] * 1000)
@@ -276,6 +276,24 @@ def test_a_resumed_run_anneals_from_its_saved_progress_by_its_own_deadline(shape
         lrs = logged_lrs(folder)
         expected = [PEAK * expected_fraction(10 + k, TOTAL, WARMUP, qs[k], 0.1) for k in range(10)]
         assert [lrs[10 + k] for k in range(10)] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_that_finished_its_epochs_within_the_budget_goes_on_when_given_more(shapes, tmp_path, monkeypatch):
+    """Two epochs (10 steps of 1 s) done in a 101 s budget: p = 1 from the steps, but the budget used only
+    q = 0.1. Resumed with train.epochs=4 it goes on from p0 = max(10 / 20, q) = 0.5 to its new deadline, instead
+    of stopping at once as if its budget had run out (and saying so in summary.json)."""
+    use_clock(monkeypatch, StepClock(1.0, [1.0] * 1000))
+    run = tmp_path / "run"
+    done = pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", "train.max_time=101")), progress=False)
+    assert done["global_step"] == 10 and not done["stopped_by_max_time"] and done["schedule_progress"] == 1
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["time_share"] == pytest.approx(0.1, rel=1e-6)
+    use_clock(monkeypatch, StepClock(1.0, [1.0] * 1000))
+    more = pretrain(load_config(None, tiny(shapes, run, "train.epochs=4", "train.max_time=101", "train.resume=auto")),
+                    progress=False)
+    assert more["global_step"] == 20 and more["epoch"] == 4 and not more["stopped_by_max_time"]
+    lrs = logged_lrs(run)
+    assert lrs[10] == pytest.approx(PEAK * expected_fraction(10, 20, WARMUP, 0.5, 0.0), rel=1e-6)
 
 
 @pytest.mark.usefixtures("one_thread")
