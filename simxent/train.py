@@ -295,6 +295,8 @@ def load_data(cfg: Config, progress: bool = True, dataset=None, cache_name: Opti
                             "kNN is leave-one-out within data.val" if not rows.any()
                             else "they are left out of the kNN bank")
             bank = KnnBank(bank_images, rows) if rows.any() else None
+        if bank is None and len(val) < 2:  # found now, not at the first epoch's end
+            raise ConfigError(f"data.val: kNN within {cfg.data.val} (leave-one-out) needs at least 2 readable images")
     return train, val, bank
 
 

@@ -1,5 +1,6 @@
 """Pretrain on a small generated folder, then evaluate: what a user runs, through the real commands."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,16 @@ def test_user_errors_exit_2_with_a_message(shapes, tmp_path, capsys):
     assert "data.val: image folder not found" in capsys.readouterr().err
     assert pretrain_main(tiny(shapes, tmp_path / "r", "train.batch_size=4096")) == 2
     assert "exceeds the 80 readable images" in capsys.readouterr().err
+    # An unlabelled train folder: kNN is leave-one-out within data.val, which one image cannot do. Said before
+    # training, not as a traceback at the first epoch's end.
+    first = sorted((shapes / "train").iterdir())[0]
+    shutil.copytree(first, tmp_path / "flat")
+    (tmp_path / "one" / first.name).mkdir(parents=True)
+    shutil.copy(next(first.iterdir()), tmp_path / "one" / first.name)
+    assert pretrain_main(tiny(shapes, tmp_path / "r1", f"data.train={tmp_path / 'flat'}",
+                              f"data.val={tmp_path / 'one'}")) == 2
+    assert "(leave-one-out) needs at least 2 readable images" in capsys.readouterr().err
+    assert not (tmp_path / "r1" / "checkpoints").exists()
     assert linear_eval_main(["--checkpoint", str(tmp_path / "nope.pt"), "--train", str(shapes / "train"),
                              "--test", str(shapes / "test")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
