@@ -583,17 +583,26 @@ def _attributes(node: Any, prefix: str = ""):
             yield prefix + name, value
 
 
+# Keys that name files or folders: a leading ~ is the user's home (os.path.expanduser) when a run starts.
+PATH_KEYS = ("out", "data.train", "data.val", "data.cache_dir", "model.weights", "train.resume")
+
+
 def check_config(cfg: Config) -> Config:
     """A config built or changed in Python, checked as a YAML file is: every attribute a known key (a
     misspelt one is named, with the nearest key), every value converted to its key's type or refused naming
     the key (in place: "0.1" becomes 0.1, 16.0 becomes 16, a list a tuple, a Path text, numpy's scalars
-    Python's), then :func:`validate`. Returns ``cfg``."""
+    Python's), a leading ~ of a path (PATH_KEYS) expanded, then :func:`validate`. Returns ``cfg``."""
     for key, value in list(_attributes(cfg)):
         if isinstance(value, os.PathLike):  # a pathlib.Path where a key takes text
             value = os.fspath(value)
         elif isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)):
             value = int(value) if isinstance(value, numbers.Integral) else float(value)  # numpy's scalars
         _set(cfg, key, value, " (set in Python)")
+    for key in PATH_KEYS:  # the shell expands ~ after out= but not after data.train=: here, alike for all
+        section, _, name = key.rpartition(".")
+        holder = getattr(cfg, section) if section else cfg
+        if getattr(holder, name).startswith("~"):
+            setattr(holder, name, os.path.expanduser(getattr(holder, name)))
     validate(cfg)
     return cfg
 

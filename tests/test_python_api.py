@@ -9,7 +9,10 @@ import torch
 
 import simxent
 from simxent.checkpoint import load_checkpoint
+from simxent import cli
 from simxent.config import ConfigError, check_config
+from simxent.demo import make_shapes
+from tests.conftest import TINY_RUN
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -76,3 +79,21 @@ def test_fields_set_in_python_are_checked_before_any_work(tmp_path):
     assert check_config(cfg) is cfg and (cfg.loss.temperature, cfg.train.batch_size) == (0.1, 16)
     assert cfg.augment.crop_scale == (0.2, 1.0) and cfg.out == str(tmp_path / "run")
     assert (type(cfg.train.epochs), type(cfg.optim.lr), cfg.train.epochs, cfg.optim.lr) == (int, float, 3, 0.5)
+
+
+def test_a_leading_tilde_is_the_home_folder_in_every_path_key(tmp_path, monkeypatch, capsys):
+    """The shell expands ~ after out= but not after data.train=, so data.train=~/photos reached simxent as
+    written and was "not found"; a run now expands it in every path key, and config.yaml records the result."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_shapes(tmp_path / "shapes", train_per_class=4, test_per_class=2, size=16)
+    assert cli.pretrain_main([*TINY_RUN, "data.train=~/shapes/train", "data.val=~/shapes/test", "out=~/run",
+                              "data.cache_dir=~/cache", "train.epochs=1", "--no-progress"]) == 0
+    saved = simxent.load_config(tmp_path / "run" / "config.yaml")
+    assert (saved.data.train, saved.data.val, saved.out) == (f"{tmp_path}/shapes/train", f"{tmp_path}/shapes/test",
+                                                             f"{tmp_path}/run")
+    assert any((tmp_path / "cache").iterdir())
+    cfg = simxent.Config()
+    cfg.model.weights, cfg.train.resume, cfg.data.train = "~/w.pt", "~/run/checkpoints/last.pt", "a~b"
+    check_config(cfg)
+    assert (cfg.model.weights, cfg.train.resume, cfg.data.train) == (f"{tmp_path}/w.pt",
+                                                                     f"{tmp_path}/run/checkpoints/last.pt", "a~b")
