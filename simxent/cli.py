@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,6 +37,9 @@ def report_user_errors(main):
     except USER_ERRORS as e:
         print(f"simxent: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (| head): stop quietly, as ls does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit flushes stdout: into nothing
+        return 128 + signal.SIGPIPE
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
