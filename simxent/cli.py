@@ -19,7 +19,7 @@ from .class_weights import ClassWeightError
 from .evaluate import LabelError, ProbeDivergedError
 from .files import json_text
 from .linear_eval import ProbeOptions, check_probe_options, format_results, linear_eval
-from .search import EmbedOptions, duplicate_pairs, embed_folder, read_store, search_files
+from .search import EmbedOptions, duplicate_pairs, embed_folder, read_store, search_files, unrelated_similarity
 from .train import TrainingError, pretrain
 
 log = logging.getLogger("simxent")
@@ -333,10 +333,20 @@ def search_main(argv=None) -> int:
         if a.duplicates is not None:
             pairs = duplicate_pairs(store.index, store.vectors, a.duplicates, progress=not a.no_progress)
             results["duplicates"] = [{"a": store.names[i], "b": store.names[j], "similarity": s} for i, j, s in pairs]
+            results["unrelated"] = unrelated_similarity(store.vectors)
+            warn_if_unrelated_pass(a.duplicates, results["unrelated"])
         print(json_text(results, indent=2) if a.json else format_search(results))
         return 0
 
     return report_user_errors(main)
+
+
+def warn_if_unrelated_pass(threshold: float, unrelated: dict | None) -> None:
+    """Warn when more than 1 random pair in 1,000 of the folder reaches the --duplicates threshold."""
+    if unrelated and threshold <= unrelated["p99.9"]:
+        log.warning("--duplicates %g: 1 in 1,000 random pairs of this folder score %.4f or more (median %.4f), so "
+                    "most pairs listed are likely different images: raise the threshold, or embed with an encoder "
+                    "trained longer", threshold, unrelated["p99.9"], unrelated["median"])
 
 
 def format_search(results: dict) -> str:
@@ -347,7 +357,11 @@ def format_search(results: dict) -> str:
         lines.append(found["query"])
         lines += [f"  {n['similarity']:.6f}\t{n['name']}" for n in found["neighbours"]]
     if "duplicates" in results:
-        lines.append(f"{len(results['duplicates'])} near-duplicate pair(s)")
+        unrelated, line = results.get("unrelated"), f"{len(results['duplicates'])} near-duplicate pair(s)"
+        if unrelated:
+            line += (f" (random pairs of the folder: median cosine {unrelated['median']:.4f}, 1 in 1,000 above "
+                     f"{unrelated['p99.9']:.4f})")
+        lines.append(line)
         lines += [f"{d['similarity']:.6f}\t{d['a']}\t{d['b']}" for d in results["duplicates"]]
     return "\n".join(lines)
 

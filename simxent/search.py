@@ -208,6 +208,23 @@ def duplicate_pairs(index: faiss.Index, vectors: np.ndarray, threshold: float, b
     return sorted(((i, j, s) for (i, j), s in found.items()), key=lambda p: (-p[2], p[0], p[1]))
 
 
+UNRELATED_SAMPLE = 2000  # rows whose pairs stand for the folder's unrelated images (2 million pairs)
+
+
+def unrelated_similarity(vectors: np.ndarray, sample: int = UNRELATED_SAMPLE, seed: int = 0) -> Optional[dict]:
+    """What two unrelated images of the folder score: over the pairs of up to ``sample`` rows drawn at random
+    (nearly all of them two different images), the median cosine and the 99.9th percentile, which 1 pair in
+    1,000 exceeds. It depends on the encoder: one trained briefly maps every image near every other (median
+    0.6 or more), and a near-duplicate threshold below the percentile then lists mostly unrelated pairs.
+    None with fewer than 2 rows."""
+    if len(vectors) < 2:
+        return None
+    rows = np.random.default_rng(seed).choice(len(vectors), min(sample, len(vectors)), replace=False)
+    v = vectors[np.sort(rows)].astype(np.float64)
+    sims = (v @ v.T)[np.triu_indices(len(v), 1)]
+    return {"pairs": len(sims), "median": float(np.median(sims)), "p99.9": float(np.quantile(sims, 0.999))}
+
+
 @dataclass
 class EmbedOptions:
     """Settings of :func:`embed_folder` beyond its folders; each names its command-line option."""

@@ -21,7 +21,7 @@ from simxent.data import DataError, decode, decode_eval
 from simxent.evaluate import recall_against_exact
 from simxent.files import json_text
 from simxent.models import backbone
-from simxent.search import build_search_index, duplicate_pairs, read_store
+from simxent.search import build_search_index, duplicate_pairs, read_store, unrelated_similarity
 
 from conftest import TINY_RUN, write_image
 
@@ -147,6 +147,35 @@ def test_duplicates_finds_the_planted_copy_only(embedded, capsys):
     got = {(i, j) for i, j, _ in found}
     assert len(got) == len(found) and got ^ expected <= at_threshold and len(expected) > 10
     assert [s for *_, s in found] == sorted((s for *_, s in found), reverse=True)
+
+
+def test_duplicates_say_what_unrelated_images_score_and_warn_below_it(embedded, capsys, caplog):
+    """An encoder trained briefly maps every image near every other: at --duplicates 0.98 a user's 300 photos
+    gave 173 "near-duplicate" pairs of different images. The output gives the folder's random pairs (here all
+    of them) as a yardstick, and a threshold that 1 random pair in 1,000 reaches is warned about."""
+    _, _, out = embedded
+    vectors = read_store(out).vectors.astype(np.float64)
+    sims = (vectors @ vectors.T)[np.triu_indices(len(vectors), 1)]
+    median, p999 = np.median(sims), np.quantile(sims, 0.999)
+    assert cli.search_main(["--index", str(out), "--duplicates", "0.999", "--json", "--no-progress"]) == 0
+    unrelated = json.loads(capsys.readouterr().out)["unrelated"]
+    assert unrelated["pairs"] == len(sims) == 41 * 40 // 2
+    assert (unrelated["median"], unrelated["p99.9"]) == pytest.approx((median, p999), abs=1e-9)
+    below, above = p999 - 0.01, min(1.0, p999 + 1e-4)
+    with caplog.at_level("WARNING", logger="simxent"):
+        assert cli.search_main(["--index", str(out), "--duplicates", str(above), "--no-progress"]) == 0
+        assert "random pairs of this folder" not in caplog.text
+        assert cli.search_main(["--index", str(out), "--duplicates", str(below), "--no-progress"]) == 0
+    assert f"1 in 1,000 random pairs of this folder score {p999:.4f} or more" in caplog.text
+    assert f"(random pairs of the folder: median cosine {median:.4f}, 1 in 1,000 above {p999:.4f})" in \
+        capsys.readouterr().out
+    # Drawn at random, and the same rows each time, beyond the sample's size.
+    rng = np.random.default_rng(1)
+    many = rng.standard_normal((300, 8))
+    many /= np.linalg.norm(many, axis=1, keepdims=True)
+    drawn = unrelated_similarity(many, sample=50)
+    assert drawn == unrelated_similarity(many, sample=50) and drawn["pairs"] == 50 * 49 // 2
+    assert unrelated_similarity(many[:1]) is None
 
 
 def test_ivf_recall_in_meta_matches_brute_force(tmp_path):
