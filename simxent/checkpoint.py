@@ -81,6 +81,10 @@ def refused_object(e: pickle.UnpicklingError) -> str:
 def read_weights_file(path: str | Path, map_location="cpu"):
     """Whatever ``path`` holds, read with the safe unpickler: tensors and plain values only."""
     path = Path(path)
+    if path.is_dir():
+        last = path / "checkpoints" / "last.pt"
+        hint = f": a run folder's last checkpoint is {last}" if last.is_file() else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:

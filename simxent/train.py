@@ -466,6 +466,11 @@ class Run:
         self.skipped_steps = int(saved.get("skipped_steps", 0))
         self.last_loss = float(saved.get("last_loss", math.nan))
         self.seconds_before = float(saved.get("seconds", 0.0))
+        before = saved.get("train_images")  # None: a checkpoint of an older version, or a fresh run
+        if self.main and before is not None and before != len(self.train):
+            log.warning("data.train holds %d training images now and %d when this run was checkpointed: the run "
+                        "goes on over the images it finds (%d steps per epoch)", len(self.train), before,
+                        self.steps_per_epoch)
 
     @property
     def out(self) -> Path:
@@ -678,7 +683,7 @@ def diverged(run: Run, ahead: Optional[Drawn]) -> TrainingError:
 def history(run: Run) -> dict:
     """What the summary reports over all of a run's sessions, carried by its checkpoints."""
     return {"knn_top1": run.knn_top1, "skipped_steps": run.skipped_steps, "last_loss": run.last_loss,
-            "seconds": run.seconds()}
+            "seconds": run.seconds(), "train_images": len(run.train)}
 
 
 def save(run: Run, ahead: Optional[Drawn]) -> None:
@@ -812,6 +817,8 @@ def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, 
         resumed_id = recorded_run_id(out)
         if resumed_id and holds_run(out):
             log.warning("no checkpoint of run %s in %s: starting it again from step 0", resumed_id, out)
+        elif not dist.restarted_by_torchrun():  # said, in case out is misspelt
+            log.warning("train.resume=auto: %s holds no run to resume: a new run starts there", out)
     run_id = claim(out, resumed_id, state is not None or restart, cfg.train.overwrite)
     return run_id, resume, state
 

@@ -189,6 +189,11 @@ def test_user_errors_exit_2_with_a_message(shapes, tmp_path, capsys):
     assert linear_eval_main(["--checkpoint", str(tmp_path / "nope.pt"), "--train", str(shapes / "train"),
                              "--test", str(shapes / "test")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+    pretrain(load_config(None, tiny(shapes, tmp_path / "done", "train.epochs=1", "eval.every=0")), progress=False)
+    assert linear_eval_main(["--checkpoint", str(tmp_path / "done"), "--train", str(shapes / "train"),
+                             "--test", str(shapes / "test")]) == 2
+    assert (f"{tmp_path / 'done'} is a folder, not a checkpoint file: a run folder's last checkpoint is "
+            f"{tmp_path / 'done' / 'checkpoints' / 'last.pt'}") in capsys.readouterr().err
 
 
 def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path, capsys):

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,6 +193,28 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(shapes,
     with pytest.raises(ConfigError, match="train.resume=auto: no checkpoint in .* loads"):
         pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", "train.resume=auto")), progress=False)
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").glob("*.pt")} == torn
+
+
+def test_a_resume_says_when_it_finds_no_run_or_other_training_images(shapes, tmp_path, caplog):
+    """train.resume=auto into a folder without a run (a misspelt out) starts a new run and says so; a run
+    resumed over a folder that has lost images goes on over what it finds, with both counts said."""
+    train = tmp_path / "train"
+    shutil.copytree(shapes / "train", train)
+    run, args = tmp_path / "run", [f"data.train={train}", "train.resume=auto"]
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        pretrain(load_config(None, tiny(shapes, run, *args, "train.epochs=1")), progress=False)
+        assert f"train.resume=auto: {run} holds no run to resume: a new run starts there" in caplog.text
+        caplog.clear()
+        pretrain(load_config(None, tiny(shapes, run, *args, "train.epochs=2")), progress=False)
+        assert "data.train holds" not in caplog.text and "holds no run" not in caplog.text
+        for path in sorted(train.rglob("*.png"))[::2]:
+            path.unlink()
+        n = len(list(train.rglob("*.png")))
+        next_second()
+        summary = pretrain(load_config(None, tiny(shapes, run, *args, "train.epochs=3")), progress=False)
+    assert summary["epoch"] == 3
+    assert (f"data.train holds {n} training images now and {2 * n} when this run was checkpointed: the run goes on "
+            f"over the images it finds ({n // 16} steps per epoch)") in caplog.text
 
 
 def test_the_summary_of_a_resumed_run_covers_all_its_sessions(shapes, tmp_path, caplog):
