@@ -309,6 +309,8 @@ def check_eval_options(opts: ProbeOptions, crop_ratio: float, objective: str, tr
         if value and objective != theirs:
             raise ConfigError(f"{option} applies to --objective {theirs}; this run's is {objective} (add "
                               f"--objective {theirs}, or leave {option} out)")
+    if opts.label_smoothing and objective != "multiclass":  # BCE's targets are not smoothed: say so, not ignore it
+        raise ConfigError(f"--label-smoothing applies to --objective multiclass; this run's is {objective}")
     if not OBJECTIVES[objective].exclusive:  # labels that do not exclude each other come from label files
         if not (train_labels and test_labels):
             raise ConfigError("--objective multilabel needs --train-labels and --test-labels CSV files")

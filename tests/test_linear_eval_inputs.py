@@ -264,6 +264,8 @@ def test_bad_options_and_outputs_stop_before_decoding(run, tmp_path, monkeypatch
     assert "--train-labels applies to --objective multilabel; this run's is multiclass" in capsys.readouterr().err
     assert evaluate(ckpt, shapes, "--positive-class", "circle", "--objective", "multiclass") == 2
     assert "--positive-class applies to --objective binary" in capsys.readouterr().err
+    assert evaluate(ckpt, shapes, "--objective", "binary", "--label-smoothing", "0.1") == 2  # would be ignored
+    assert "--label-smoothing applies to --objective multiclass; this run's is binary" in capsys.readouterr().err
     (tmp_path / "taken").write_text("")
     assert evaluate(ckpt, shapes, "--out", str(tmp_path / "taken")) == 2
     assert "--out: cannot write in" in capsys.readouterr().err
