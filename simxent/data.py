@@ -44,7 +44,10 @@ from .rundir import LOCK_FILE, RUN_ENTRIES
 log = logging.getLogger("simxent")
 
 IRREGULAR = "not a regular file (FIFO, device or socket): never opened"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
+                  ".avif"}
+# Photographs in formats Pillow does not decode: left out, but counted in a warning instead of vanishing.
+UNREAD_SUFFIXES = {".heic", ".heif", ".jxl", ".svg", ".raw", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2"}
 
 
 class DataError(ValueError):
@@ -102,7 +105,7 @@ def find_images(root: str | Path) -> ImageList:
         raise DataError(f"image folder not found: {root}")
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
-    files, irregular, seen, runs, root_real = [], [], set(), [], os.path.realpath(root)
+    files, irregular, unread, seen, runs, root_real = [], [], [], set(), [], os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
@@ -117,13 +120,14 @@ def find_images(root: str | Path) -> ImageList:
         seen.add(real)
         dirnames.sort()
         for name in sorted(filenames):
-            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in IMAGE_SUFFIXES:
                 path = Path(dirpath) / name
                 (files if _regular_or_missing(path) else irregular).append(path)
+            elif suffix in UNREAD_SUFFIXES:
+                unread.append(Path(dirpath) / name)
     _report_irregular(irregular, root)
-    if runs:
-        log.warning("left out %d simxent run folder(s) inside %s (their figures are not training images): %s",
-                    len(runs), root, ", ".join(runs))
+    _report_left_out(runs, unread, root)
     if not files:
         raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     top = [f.relative_to(root).parts for f in files]
@@ -131,6 +135,17 @@ def find_images(root: str | Path) -> ImageList:
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[p[0]] if len(p) > 1 else -1 for p in top]
     return ImageList(root, files, labels, classes, irregular=irregular)
+
+
+def _report_left_out(runs: list[str], unread: list[Path], root: Path) -> None:
+    """One warning for the run folders found inside ``root``, one for its images in UNREAD_SUFFIXES."""
+    if runs:
+        log.warning("left out %d simxent run folder(s) inside %s (their figures are not training images): %s",
+                    len(runs), root, ", ".join(runs))
+    if unread:
+        kinds = ", ".join(sorted({p.suffix.lower() for p in unread}))
+        log.warning("left out %d image(s) in %s in formats simxent does not decode (%s; convert them to JPEG or "
+                    "PNG), such as %s", len(unread), root, kinds, unread[0])
 
 
 def _regular_or_missing(path: Path) -> bool:
