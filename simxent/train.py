@@ -448,12 +448,13 @@ class Run:
     knn_top1: list = dataclasses.field(default_factory=list)
     resumed_progress: Optional[float] = None  # the progress that sized a resumed run's first views
     saved_step: int = 0  # the global step of the newest checkpoint of this run
+    first_step: int = 0  # the global step this session started from
     branch_from: Optional[int] = None  # a resumed run's step, until its first save sets later steps aside
     seconds_before: float = 0.0  # the run's earlier sessions, from its checkpoint
     buffers: BufferSnapshot = dataclasses.field(init=False)
 
     def __post_init__(self):
-        self.saved_step = self.pos.global_step  # a resumed run's checkpoint, or 0
+        self.saved_step = self.first_step = self.pos.global_step  # a resumed run's checkpoint, or 0
         self.buffers = BufferSnapshot(self.net)
 
     def seconds(self) -> float:
@@ -727,11 +728,13 @@ def write_skipped(run: Run) -> None:
 
 
 def finish(run: Run, reason: Optional[str]) -> dict:
-    """Projector, figures, HPARAMS and skipped_images.txt; returns the summary (rank 0 writes summary.json)."""
+    """Projector, figures, HPARAMS and skipped_images.txt; returns the summary (rank 0 writes summary.json).
+    A session that trained nothing (its run was done) adds nothing to TensorBoard: the run's end is there."""
     cfg, pos = run.cfg, run.pos
-    if run.main and run.val is not None and cfg.eval.projector and reason != "signal":
+    trained = pos.global_step > run.first_step
+    if run.main and trained and run.val is not None and cfg.eval.projector and reason != "signal":
         project_embeddings(run.net, run.val, run.views.full, cfg, run.device, run.dtype, run.monitor, pos.global_step)
-    if run.main:
+    if run.main and trained:
         run.similarities.figure(run.out / "figures" / "similarities.png")
         run.monitor.hparams(hparams(cfg), final_metrics(run.last_loss, run.knn_top1), pos.global_step)
     run.monitor.close()
