@@ -72,12 +72,14 @@ def _pretrain_parser() -> argparse.ArgumentParser:
 
 
 def _refuse_habits(p: argparse.ArgumentParser, args: list[str], unknown: list[str]) -> None:
-    """Name the spelling simxent wants for other tools' habits: ``--key=v`` and ``key value``."""
+    """Name the spelling simxent wants for other tools' habits: ``--key=v`` (``--epochs=3`` too, when one key
+    ends in ``.epochs``) and ``key value``."""
     keys = set(config_keys())
-    for arg in unknown:
-        name = arg.lstrip("-")
-        if name.split("=", 1)[0] in keys:
-            p.error(f"'{arg}': config keys take no leading dashes; write {name if '=' in name else name + '=VALUE'}")
+    for arg in (a for a in unknown if a.startswith("-")):  # argparse may hand on the argument after it too
+        name, _, value = arg.lstrip("-").partition("=")
+        matches = [k for k in keys if k == name or k.endswith("." + name)]
+        if len(matches) == 1:
+            p.error(f"'{arg}': config keys take no leading dashes; write {matches[0]}={value or 'VALUE'}")
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     for i, arg in enumerate(args):

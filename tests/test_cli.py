@@ -75,6 +75,7 @@ def test_print_config_is_the_resolved_config_and_runs_nothing(capsys, tmp_path, 
     (["--data.train=x"], "'--data.train=x': config keys take no leading dashes; write data.train=x"),
     (["--train.epochs", "3"], "'--train.epochs': config keys take no leading dashes; write train.epochs=VALUE"),
     (["--bogus"], "unrecognized arguments: --bogus"),
+    (["cpu", "--epochs=1", "out=runs/x"], "'--epochs=1': config keys take no leading dashes; write train.epochs=1"),
     (["a.yaml", "b.yaml"], "one config file or preset name at most"),
     (["cpu", "out="], "simxent: error: override 'out=': empty path; give a folder (out=DIR)"),
 ])
