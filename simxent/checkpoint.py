@@ -232,15 +232,19 @@ def export_torchvision(path: str | Path, dest: str | Path) -> str:
                               f"which needs a name ending in .pt2 (e.g. {dest.with_suffix('.pt2').name})")
     encoder = checkpoint_encoder(state, cfg, path)
     tmp = temp_path(dest, dest.suffix)  # ending in dest's suffix: torch.export.save checks for .pt2
-    if program:
-        # torch.export rather than TorchScript, which torch 2.14 deprecates (jit.script, jit.save, jit.load)
-        dynamic = torch.export.Dim.DYNAMIC
-        exported = torch.export.export(encoder, (torch.zeros(2, 3, 32, 32),),
-                                       dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic},))
-        torch.export.save(exported, tmp)
-    else:
-        torch.save(encoder.state_dict(), tmp)
-    os.replace(tmp, dest)
+    try:
+        if program:
+            # torch.export rather than TorchScript, which torch 2.14 deprecates (jit.script, jit.save, jit.load)
+            dynamic = torch.export.Dim.DYNAMIC
+            exported = torch.export.export(encoder, (torch.zeros(2, 3, 32, 32),),
+                                           dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic},))
+            torch.export.save(exported, tmp)
+        else:
+            torch.save(encoder.state_dict(), tmp)
+        os.replace(tmp, dest)
+    except (OSError, RuntimeError) as e:  # torch's writer reports a full disk or a refused file as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot export to {dest}: {e}") from None
     return "exported_program" if program else "state_dict"
 
 

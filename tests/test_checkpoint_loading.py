@@ -263,6 +263,21 @@ def test_a_convnet_export_is_named_pt2_and_said_to_be_a_program(tmp_path, capfd)
         load_backbone(tmp_path / "enc.pt2", cfg.model.backbone)
 
 
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """torch's writer reports a full disk or a refused file (/proc/x.pth) as its own RuntimeError."""
+    cfg = load_config(None, ["model.backbone=resnet18"])
+    ckpt = write_checkpoint(tmp_path / "last.pt", to_dict(cfg), backbone("resnet18")[0])
+
+    def full_disk(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:747] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="cannot export to .*enc.pth: .*PytorchStreamWriter failed"):
+        export_torchvision(ckpt, tmp_path / "enc.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
 def test_every_preset_exports_a_file_that_loads_without_simxent(tmp_path):
     """Each preset's export, loaded by the README's code in a Python that cannot import simxent, gives the
     features of simxent's encoder (BatchNorm statistics included)."""
