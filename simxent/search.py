@@ -145,6 +145,16 @@ class EmbeddingStore:
     meta: dict
 
 
+def warn_if_replacing(out: Path, images: str) -> None:
+    """Warn when ``out`` holds the store of another image folder, which the new one replaces."""
+    try:
+        before = json.loads((out / META).read_text(encoding="utf-8")).get("images")
+    except (OSError, ValueError, AttributeError):  # no store there (or not one that reads): nothing is lost
+        return
+    if before and before != images:
+        log.warning("--out %s held the embeddings of %s: they are replaced by those of %s", out, before, images)
+
+
 def write_store(out: Path, store: EmbeddingStore) -> None:
     """The four files of ``store`` in ``out``; meta.json last, so a folder with it is complete (an earlier
     store's meta.json is removed first: a run killed midway leaves a folder that reads as incomplete, never
@@ -287,6 +297,7 @@ def embed_folder(checkpoint: str | Path, images_dir: str | Path, out: str | Path
             "index": described, "skipped": data.skipped}
     base = root.parent if root.is_file() else root  # a list file names images from its own folder
     names = [os.path.relpath(f, base) for f in data.files]
+    warn_if_replacing(out, meta["images"])
     write_store(out, EmbeddingStore(vectors, names, index, meta))
     if opts.projector:
         write_projector(out / "projector", vectors, names, data, opts.projector)

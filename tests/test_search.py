@@ -352,6 +352,20 @@ def test_embedding_again_into_a_folder_and_dying_midway_leaves_no_complete_store
         read_store(again)
 
 
+def test_embedding_another_folder_into_a_store_says_what_it_replaces(embedded, tmp_path, caplog):
+    folder, ckpt, out = embedded
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    args = ["--checkpoint", str(ckpt), "--out", str(again), "--workers", "0", "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress"]
+    with caplog.at_level("WARNING", logger="simxent"):
+        assert cli.embed_main([*args, "--images", str(folder)]) == 0  # the same folder again: nothing to say
+        assert "replaced" not in caplog.text
+        assert cli.embed_main([*args, "--images", str(folder / "a")]) == 0
+    assert f"--out {again} held the embeddings of {folder.resolve()}: they are replaced by those of " \
+           f"{(folder / 'a').resolve()}" in caplog.text
+
+
 def test_python_m_simxent_dispatches_embed_and_search(embedded, capsys):
     folder, _, out = embedded
     assert cli.main(["search", "--index", str(out), "--k", "1", str(folder / "b" / "0.png")]) == 0
