@@ -134,6 +134,9 @@ def _resume_path(cfg: Config) -> Path | None:
     if resume == "auto":  # the newest checkpoint of the run the folder holds, never another run's
         return newest_valid_checkpoint(checkpoint_path(cfg).parent, recorded_run_id(Path(cfg.out)))
     path = Path(resume)
+    if path.is_dir():
+        raise ConfigError(f"train.resume: {path} is a folder, not a checkpoint file; train.resume=auto resumes the "
+                          f"run in out, or give a file such as {path / 'checkpoints' / 'last.pt'}")
     if not path.is_file():
         raise ConfigError(f"train.resume: checkpoint not found: {path}")
     return path
@@ -448,13 +451,12 @@ class Run:
     knn_top1: list = dataclasses.field(default_factory=list)
     resumed_progress: Optional[float] = None  # the progress that sized a resumed run's first views
     saved_step: int = 0  # the global step of the newest checkpoint of this run
-    first_step: int = 0  # the global step this session started from
     branch_from: Optional[int] = None  # a resumed run's step, until its first save sets later steps aside
     seconds_before: float = 0.0  # the run's earlier sessions, from its checkpoint
     buffers: BufferSnapshot = dataclasses.field(init=False)
 
     def __post_init__(self):
-        self.saved_step = self.first_step = self.pos.global_step  # a resumed run's checkpoint, or 0
+        self.saved_step = self.pos.global_step  # a resumed run's checkpoint, or 0
         self.buffers = BufferSnapshot(self.net)
 
     def seconds(self) -> float:
@@ -727,14 +729,26 @@ def write_skipped(run: Run) -> None:
         (run.out / "skipped_images.txt").write_text("".join(json.dumps(r) + "\n" for r in skipped_records(run.train)))
 
 
+def ended_here_before(run: Run) -> bool:
+    """Whether an earlier session of this run finished it at its present step, not stopped by a signal
+    (which leaves the projector out): its summary.json says so. A session killed within :func:`finish`
+    wrote none, so the next one writes the run's end."""
+    try:
+        ended = json.loads((run.out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (ended.get("run_id") == run.run_id and ended.get("global_step") == run.pos.global_step
+            and not ended.get("stopped_by_signal"))
+
+
 def finish(run: Run, reason: Optional[str]) -> dict:
     """Projector, figures, HPARAMS and skipped_images.txt; returns the summary (rank 0 writes summary.json).
-    A session that trained nothing (its run was done) adds nothing to TensorBoard: the run's end is there."""
+    A session resumed at the step where an earlier one finished the run adds nothing to TensorBoard."""
     cfg, pos = run.cfg, run.pos
-    trained = pos.global_step > run.first_step
-    if run.main and trained and run.val is not None and cfg.eval.projector and reason != "signal":
+    new = not ended_here_before(run)
+    if run.main and new and run.val is not None and cfg.eval.projector and reason != "signal":
         project_embeddings(run.net, run.val, run.views.full, cfg, run.device, run.dtype, run.monitor, pos.global_step)
-    if run.main and trained:
+    if run.main and new:
         run.similarities.figure(run.out / "figures" / "similarities.png")
         run.monitor.hparams(hparams(cfg), final_metrics(run.last_loss, run.knn_top1), pos.global_step)
     run.monitor.close()
@@ -821,7 +835,7 @@ def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, 
         if resumed_id and holds_run(out):
             log.warning("no checkpoint of run %s in %s: starting it again from step 0", resumed_id, out)
         elif not dist.restarted_by_torchrun():  # said, in case out is misspelt
-            log.warning("train.resume=auto: %s holds no run to resume: a new run starts there", out)
+            log.warning("train.resume=auto: %s holds no checkpoint to resume: training starts from step 0", out)
     run_id = claim(out, resumed_id, state is not None or restart, cfg.train.overwrite)
     return run_id, resume, state
 
@@ -873,14 +887,15 @@ def open_run(cfg: Config, held: ExitStack) -> tuple[torch.device, Optional[str],
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must divide by the "
                           f"{dist.world_size()} processes")
     run_id, resume, resumed = None, None, None
-    with held_warnings() as earlier:  # train.log opens below, once out is claimed
-        if dist.is_main():  # only the main process writes in out (and nothing before it holds the lock)
+    main = dist.is_main()
+    level = logging.INFO if main else logging.WARNING
+    setup_logging(None, level)  # stderr now; train.log opens below, once out is claimed, with what was said
+    with held_warnings() as earlier:
+        if main:  # only the main process writes in out (and nothing before it holds the lock)
             run_id, resume, resumed = _claim_out(cfg, held, device)
     if cfg.data.cache and (cfg.data.val or not cfg.data.stream):  # data.val is always decoded into the cache
         writable_folder(cfg.data.cache_dir or default_cache_dir(), "data.cache_dir")
-    main = dist.is_main()
-    setup_logging(Path(cfg.out) / "train.log" if main else None, level=logging.INFO if main else logging.WARNING,
-                  earlier=earlier)
+    setup_logging(Path(cfg.out) / "train.log" if main else None, level=level, earlier=earlier)
     held.push(close_log_file)
     return device, run_id, resume, resumed
 
@@ -909,7 +924,7 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
         pos = restore_training(resume, resumed, net, optimizer, scaler, cfg.train.seed)
         for key, was, now in changed_settings(resumed, cfg):
             log.info("resumed with %s=%s (the checkpoint's run had %s)", key, json.dumps(now), json.dumps(was))
-        budget.resume(saved_progress(resumed, budget.total))
+        budget.resume(*saved_progress(resumed, budget.total))
         ahead_progress = resumed.get("ahead_progress")  # None: an older checkpoint, or none drawn ahead
         earlier = resumed.get("history", {})
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go

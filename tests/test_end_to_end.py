@@ -194,6 +194,8 @@ def test_user_errors_exit_2_with_a_message(shapes, tmp_path, capsys):
                              "--test", str(shapes / "test")]) == 2
     assert (f"{tmp_path / 'done'} is a folder, not a checkpoint file: a run folder's last checkpoint is "
             f"{tmp_path / 'done' / 'checkpoints' / 'last.pt'}") in capsys.readouterr().err
+    assert pretrain_main(tiny(shapes, tmp_path / "r2", f"train.resume={tmp_path / 'done'}")) == 2
+    assert f"train.resume: {tmp_path / 'done'} is a folder, not a checkpoint file" in capsys.readouterr().err
 
 
 def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path, capsys):

@@ -196,17 +196,19 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(shapes,
 
 
 def test_a_resume_says_when_it_finds_no_run_or_other_training_images(shapes, tmp_path, caplog):
-    """train.resume=auto into a folder without a run (a misspelt out) starts a new run and says so; a run
-    resumed over a folder that has lost images goes on over what it finds, with both counts said."""
+    """train.resume=auto into a folder without a run (a misspelt out) starts from step 0 and says so, on
+    stderr and in train.log, from the command line's first run in its process (said before train.log opens);
+    a run resumed over a folder that has lost images goes on over what it finds, with both counts said."""
     train = tmp_path / "train"
     shutil.copytree(shapes / "train", train)
     run, args = tmp_path / "run", [f"data.train={train}", "train.resume=auto"]
+    proc = launch(tiny(shapes, run, *args, "train.epochs=1"))
+    _, err = proc.communicate(timeout=300)
+    said = f"train.resume=auto: {run} holds no checkpoint to resume: training starts from step 0"
+    assert proc.returncode == 0 and said in err and said in (run / "train.log").read_text(), err
     with caplog.at_level(logging.WARNING, logger="simxent"):
-        pretrain(load_config(None, tiny(shapes, run, *args, "train.epochs=1")), progress=False)
-        assert f"train.resume=auto: {run} holds no run to resume: a new run starts there" in caplog.text
-        caplog.clear()
         pretrain(load_config(None, tiny(shapes, run, *args, "train.epochs=2")), progress=False)
-        assert "data.train holds" not in caplog.text and "holds no run" not in caplog.text
+        assert "data.train holds" not in caplog.text and "holds no checkpoint" not in caplog.text
         for path in sorted(train.rglob("*.png"))[::2]:
             path.unlink()
         n = len(list(train.rglob("*.png")))
