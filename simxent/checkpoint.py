@@ -231,13 +231,14 @@ def export_torchvision(path: str | Path, dest: str | Path) -> str:
         raise CheckpointError(f"cannot export {cfg.model.backbone} to {dest}: it is written as a torch.export program, "
                               f"which needs a name ending in .pt2 (e.g. {dest.with_suffix('.pt2').name})")
     encoder = checkpoint_encoder(state, cfg, path)
+    if program:
+        # torch.export rather than TorchScript, which torch 2.14 deprecates (jit.script, jit.save, jit.load)
+        dynamic = torch.export.Dim.DYNAMIC
+        exported = torch.export.export(encoder, (torch.zeros(2, 3, 32, 32),),
+                                       dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic},))
     tmp = temp_path(dest, dest.suffix)  # ending in dest's suffix: torch.export.save checks for .pt2
     try:
         if program:
-            # torch.export rather than TorchScript, which torch 2.14 deprecates (jit.script, jit.save, jit.load)
-            dynamic = torch.export.Dim.DYNAMIC
-            exported = torch.export.export(encoder, (torch.zeros(2, 3, 32, 32),),
-                                           dynamic_shapes=({0: dynamic, 2: dynamic, 3: dynamic},))
             torch.export.save(exported, tmp)
         else:
             torch.save(encoder.state_dict(), tmp)
@@ -432,17 +433,21 @@ def fit_optimizer(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
     return {**saved, "param_groups": [{**group, **mine} for group, mine in zip(groups, settings)]}
 
 
-def saved_progress(state: dict, total: int) -> float:
-    """The progress p0 = max(s / S, q) a resumed run starts from: its saved step s over this run's ``total``
-    S (train.epochs may have changed) and the time budget's saved share q. A checkpoint without q gives the
-    progress it saved; one written before progress was saved counts its steps' share of the step plan it
-    holds under "schedule" (a time budget's: its cosine ended at step ``decay_end``), else of ``total``."""
+def saved_progress(state: dict, total: int) -> tuple[float, float]:
+    """(p0, q0): the progress p0 = max(s / S, q0) a resumed run starts from, of its saved step s over this
+    run's ``total`` S (train.epochs may have changed) and the time budgets' saved share q0. A checkpoint
+    without q0 gives the progress it saved as both; one written before progress was saved counts its steps'
+    share of the step plan it holds under "schedule" (a time budget's: its cosine ended at step
+    ``decay_end``), else of ``total``."""
     step, plan = state["position"]["global_step"], state.get("schedule")
     if "time_share" in state:
-        return max(step / total, float(state["time_share"]))
+        share = float(state["time_share"])
+        return max(step / total, share), share
     if "progress" in state:
-        return float(state["progress"])
-    return min(1.0, step / max(1, plan["decay_end"])) if plan else step / total
+        progress = float(state["progress"])
+    else:
+        progress = min(1.0, step / max(1, plan["decay_end"])) if plan else step / total
+    return progress, progress
 
 
 def learnt_temperature(state: dict) -> bool:

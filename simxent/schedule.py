@@ -89,7 +89,7 @@ class TimeBudget:
                  clock: Callable[[], float] = time.monotonic):
         self.total, self.warmup, self.max_time, self.started, self.clock = total, warmup, max_time, started, clock
         self.spans = spans and max_time > 0
-        self.start_progress, self.used, self.first = 0.0, 0.0, None
+        self.start_progress, self.start_share, self.used, self.first = 0.0, 0.0, 0.0, None
 
     def start(self) -> float:
         """Start the budget's clock (at the first step); returns the seconds left until the deadline."""
@@ -115,10 +115,12 @@ class TimeBudget:
         return self.start_progress + (1 - self.start_progress) * self.used
 
     def time_share(self) -> float:
-        """q, the share of the schedule the time budgets have used (0 without one). Checkpoints save it beside
-        p, so that a run resumed with more ``train.epochs`` goes on from max(s / S, q) over its new S: p = 1
-        after the old epochs would end it at once, as if its budget had run out."""
-        return self.budget_used() if self.spans else 0.0
+        """The share of the schedule that time budgets alone have used over the run's sessions,
+        q = q0 + (1 - q0) * tau (q0: the resumed checkpoint's; kept as it is by a session without a budget).
+        Checkpoints save it beside p, so that a run resumed with more ``train.epochs`` goes on from
+        max(s / S, q) over its new S: p = 1 after the old epochs would end it at once, as if its budget had
+        run out, and a p0 that came from the steps would count as time at the next resume."""
+        return self.start_share + (1 - self.start_share) * self.used if self.spans else self.start_share
 
     def progress(self, step: int) -> float:
         """p = max(s / S, q) at global step ``step`` (s / S without a budget); what checkpoints save."""
@@ -134,9 +136,10 @@ class TimeBudget:
         """Whether the budget's schedule has reached its end (the deadline; the epochs end their own loop)."""
         return self.spans and self.budget_used() >= 1
 
-    def resume(self, progress: float) -> None:
-        """Go on from the ``progress`` p0 a checkpoint saved: the budget anneals it from there to 1."""
-        self.start_progress = min(1.0, progress)
+    def resume(self, progress: float, share: float) -> None:
+        """Go on from the progress p0 and the time budgets' share q0 of a checkpoint
+        (:func:`simxent.checkpoint.saved_progress`): the budget anneals p0 to 1."""
+        self.start_progress, self.start_share = min(1.0, progress), min(1.0, share)
 
 
 def param_groups(model: nn.Module, weight_decay: float, leave_out: tuple = ()) -> list[dict]:

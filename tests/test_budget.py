@@ -122,7 +122,8 @@ def test_a_resumed_budget_goes_on_from_its_saved_progress_to_its_own_deadline():
     assert p0 == pytest.approx(0.4)
     clock = StepClock(5.0, [2.0] * 100)
     resumed = TimeBudget(total=1000, warmup=10, max_time=55, started=0.0, spans=True, clock=clock)
-    resumed.resume(p0)
+    assert first.time_share() == pytest.approx(0.4)  # all of it from the budget's time
+    resumed.resume(p0, first.time_share())
     resumed.start()
     assert resumed.fraction(30, 0.1) == first.fraction(30, 0.1) == expected_fraction(30, 1000, 10, 0.4, 0.1)
     fractions = []
@@ -136,9 +137,9 @@ def test_a_resumed_budget_goes_on_from_its_saved_progress_to_its_own_deadline():
     assert len(fractions) == 25  # 50 s left at the first step, 2 s a step
     assert fractions == pytest.approx([expected_fraction(30 + k, 1000, 10, qs[k], 0.1) for k in range(25)],
                                       rel=1e-12)
-    assert fractions[-1] == pytest.approx(0.1, rel=0.02) and resumed.finished()
+    assert fractions[-1] == pytest.approx(0.1, rel=0.02) and resumed.finished() and resumed.time_share() == 1
     plain = TimeBudget(total=1000, warmup=10, max_time=0, started=0.0, spans=True)
-    plain.resume(p0)  # resumed without a budget: the epochs' schedule from the step, as before
+    plain.resume(p0, p0)  # resumed without a budget: the epochs' schedule from the step, as before
     assert plain.fraction(30, 0.1) == lr_at(30, 1000, 10, 1.0, 0.1)
 
 
@@ -261,11 +262,14 @@ def test_a_resumed_run_anneals_from_its_saved_progress_by_its_own_deadline(shape
     state = load_checkpoint(run / "checkpoints" / "last.pt")
     assert state["progress"] == pytest.approx(0.1, rel=1e-6)
     assert logged_lrs(run)[9] == pytest.approx(PEAK * expected_fraction(9, TOTAL, WARMUP, 0.09, 0.1), rel=1e-6)
-    old = tmp_path / "old"
+    old, no_share = tmp_path / "old", tmp_path / "no_share"
     shutil.copytree(run, old)
-    del state["progress"], state["time_share"]  # as an older version wrote it
+    shutil.copytree(run, no_share)
+    del state["time_share"]  # as the version before time shares wrote it: p0 is the progress it saved
+    save_checkpoint(state, no_share / "checkpoints" / "last.pt")
+    del state["progress"]  # as an older version wrote it
     save_checkpoint({**state, "schedule": OLD_PLAN}, old / "checkpoints" / "last.pt")
-    for folder, p0 in ((run, 0.1), (old, 10 / OLD_PLAN["decay_end"])):
+    for folder, p0 in ((run, 0.1), (no_share, 0.1), (old, 10 / OLD_PLAN["decay_end"])):
         clock = StepClock(3.0, [2.0] * 1000)
         use_clock(monkeypatch, clock)
         with caplog.at_level("INFO", logger="simxent"):
@@ -294,6 +298,8 @@ def test_a_run_that_finished_its_epochs_within_the_budget_goes_on_when_given_mor
     assert more["global_step"] == 20 and more["epoch"] == 4 and not more["stopped_by_max_time"]
     lrs = logged_lrs(run)
     assert lrs[10] == pytest.approx(PEAK * expected_fraction(10, 20, WARMUP, 0.5, 0.0), rel=1e-6)
+    # Its p0 = 0.5 came from the steps: the time share saved is the budgets' alone, 0.1 + 0.9 * 10 / 100.
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["time_share"] == pytest.approx(0.19, rel=1e-6)
 
 
 @pytest.mark.usefixtures("one_thread")
