@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import signal
@@ -37,9 +38,25 @@ def report_user_errors(main):
     except USER_ERRORS as e:
         print(f"simxent: error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader left (| head): stop quietly, as ls does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit flushes stdout: into nothing
+    except ReaderLeft:  # stop quietly, as ls does
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit flushes stdout: into nothing
+        except (OSError, ValueError, io.UnsupportedOperation):  # a stdout without a file descriptor
+            pass
         return 128 + signal.SIGPIPE
+
+
+class ReaderLeft(Exception):
+    """The reader of stdout left before the output ended (``| head``)."""
+
+
+def show(text: str, end: str = "\n") -> None:
+    """Print a command's output; a reader that left ends the command quietly (:func:`report_user_errors`),
+    where a broken pipe elsewhere (a worker's, a FIFO's) stays an error."""
+    try:
+        print(text, end=end, flush=True)
+    except BrokenPipeError:
+        raise ReaderLeft from None
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -117,7 +134,7 @@ def pretrain_main(argv=None) -> int:
     def main():
         cfg = load_config(config[0] if config else None, overrides)
         if a.print_config:
-            print(format_config(cfg), end="")
+            show(format_config(cfg), end="")
             return 0
         try:
             summary = pretrain(cfg, progress=not a.no_progress)
@@ -125,7 +142,7 @@ def pretrain_main(argv=None) -> int:
         finally:
             dist.cleanup()
         if main_process:
-            print(format_summary(summary, Path(cfg.out)))
+            show(format_summary(summary, Path(cfg.out)))
         return 0
 
     return report_user_errors(main)
@@ -203,7 +220,7 @@ def linear_eval_main(argv=None) -> int:
                               test_labels=a.test_labels, backbone_name=a.backbone, cifar_stem=a.cifar_stem,
                               image_size=a.image_size, cache_dir=a.cache_dir, precision=a.precision,
                               crop_ratio=a.crop_ratio)
-        print(format_results(results))
+        show(format_results(results))
         return 0
 
     return report_user_errors(main)
@@ -222,18 +239,18 @@ def demo_main(argv=None) -> int:
     def main():
         data = Path(a.data)
         if not (data / "train").is_dir():
-            print(f"drawing the demo image set in {data} ...")
+            show(f"drawing the demo image set in {data} ...")
             make_shapes(data)
         # The demo's folder is the demo's own: running it again replaces the previous demo run.
         cfg = load_config("demo", [f"data.train={data / 'train'}", f"out={a.out}", "train.overwrite=true",
                                    f"train.max_time={a.minutes * 60}", *a.overrides])
         t = time.monotonic()
         pretrain(cfg)
-        print(f"pretrained for {time.monotonic() - t:.0f} s; scoring the frozen encoder ...")
+        show(f"pretrained for {time.monotonic() - t:.0f} s; scoring the frozen encoder ...")
         results = linear_eval(Path(a.out) / "checkpoints" / "last.pt", data / "train", data / "test", ProbeOptions(),
                               random_init=True, json_path=Path(a.out) / "linear_eval.json")
-        print(format_results(results))
-        print(f"all figures: {Path(a.out) / 'linear_eval.json'}; plots: {Path(a.out) / 'linear_eval' / 'figures'}, "
+        show(format_results(results))
+        show(f"all figures: {Path(a.out) / 'linear_eval.json'}; plots: {Path(a.out) / 'linear_eval' / 'figures'}, "
               f"{Path(a.out) / 'figures'}; TensorBoard: tensorboard --logdir {a.out}")
         return 0
 
@@ -259,12 +276,12 @@ def cache_main(argv=None) -> int:
 
     def main():
         if a.command == "list":
-            print(cache_admin.format_listing(cache_dir))
+            show(cache_admin.format_listing(cache_dir))
             return 0
         removed, freed, in_use = cache_admin.clear(cache_dir, None if a.all else a.keys)
-        print(f"removed {len(removed)} file(s), {cache_admin.human_bytes(freed)}, from {cache_dir}")
+        show(f"removed {len(removed)} file(s), {cache_admin.human_bytes(freed)}, from {cache_dir}")
         for t in in_use:
-            print(f"kept {t.path.name}: process {t.pid} is writing it")
+            show(f"kept {t.path.name}: process {t.pid} is writing it")
         return 0
 
     return report_user_errors(main)
@@ -300,9 +317,9 @@ def embed_main(argv=None) -> int:
         meta = embed_folder(a.checkpoint, a.images, a.out, opts)
         index = meta["index"]
         recall = f", recall@{index['recall']['k']} {index['recall']['value']:.4f}" if index["type"] == "ivf" else ""
-        print(f"{meta['count']} images embedded ({meta['dim']} dims, {index['type']} index{recall}) in {a.out}")
+        show(f"{meta['count']} images embedded ({meta['dim']} dims, {index['type']} index{recall}) in {a.out}")
         if meta["skipped"]:
-            print(f"{len(meta['skipped'])} unreadable file(s) skipped:\n  " + "\n  ".join(meta["skipped"]))
+            show(f"{len(meta['skipped'])} unreadable file(s) skipped:\n  " + "\n  ".join(meta["skipped"]))
         return 0
 
     return report_user_errors(main)
@@ -337,7 +354,7 @@ def search_main(argv=None) -> int:
             results["duplicates"] = [{"a": store.names[i], "b": store.names[j], "similarity": s} for i, j, s in pairs]
             results["unrelated"] = unrelated_similarity(store.vectors)
             warn_if_unrelated_pass(a.duplicates, results["unrelated"])
-        print(json_text(results, indent=2) if a.json else format_search(results))
+        show(json_text(results, indent=2) if a.json else format_search(results))
         return 0
 
     return report_user_errors(main)

@@ -150,9 +150,15 @@ def test_the_console_summary_of_a_run_without_a_loss():
 def test_a_reader_that_leaves_early_ends_the_output_quietly():
     """``simxent-search --duplicates 0.9 | head -1``: the pipe closes under a long output. Every command ends
     then as ls does, status 141 (128 + SIGPIPE) and nothing on stderr, not a BrokenPipeError traceback."""
-    code = ("import sys; from simxent.cli import report_user_errors\n"
-            "sys.exit(report_user_errors(lambda: [print('pair', i) for i in range(10 ** 6)] and 0))")
+    code = ("import sys; from simxent.cli import report_user_errors, show\n"
+            "sys.exit(report_user_errors(lambda: [show(f'pair {i}') for i in range(10 ** 6)] and 0))")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout.readline() == b"pair 0\n"
     proc.stdout.close()
     assert proc.wait(timeout=120) == 141 and proc.stderr.read() == b""
+
+    def worker_gone():  # a broken pipe that is not stdout's is an error, not the end of the output
+        raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        cli.report_user_errors(worker_gone)
