@@ -44,8 +44,9 @@ from .rundir import LOCK_FILE, RUN_ENTRIES
 log = logging.getLogger("simxent")
 
 IRREGULAR = "not a regular file (FIFO, device or socket): never opened"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
-                  ".avif"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+if ".avif" in Image.registered_extensions():  # Pillow 11.3 and later decode AVIF
+    IMAGE_SUFFIXES.add(".avif")
 # Photographs in formats Pillow does not decode: left out, but counted in a warning instead of vanishing.
 UNREAD_SUFFIXES = {".heic", ".heif", ".jxl", ".svg", ".raw", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2"}
 

@@ -68,8 +68,8 @@ def check_probe_options(opts: ProbeOptions) -> None:
 def default_out(checkpoint: str | Path) -> Path:
     """Where linear evaluation writes without ``--out``: for a checkpoint in a simxent run (``RUN/checkpoints/*.pt``
     beside ``RUN/config.yaml``) ``RUN/linear_eval`` for its last.pt and ``RUN/linear_eval/<file stem>`` for
-    another (step-000500.pt: ``RUN/linear_eval/step-000500``), so that one checkpoint's figures do not replace
-    another's; else ``linear_eval`` beside the checkpoint file."""
+    another (``RUN/linear_eval/step-000000500-<run id>`` for that step file), so that one checkpoint's
+    figures do not replace another's; else ``linear_eval`` beside the checkpoint file."""
     name = Path(checkpoint).name  # as given: a link named last.pt is the run's last checkpoint
     folder = Path(checkpoint).resolve().parent
     run = folder.parent
@@ -81,12 +81,14 @@ def default_out(checkpoint: str | Path) -> Path:
 def tensorboard_folder(out: Path) -> Path:
     """``out/tb/<date-time>``: each evaluation a TensorBoard run of its own, so that two evaluations into one
     ``out`` are two curves, not one that runs through both."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder, n = out / "tb" / stamp, 1
-    while folder.exists():  # two evaluations within a second
-        n += 1
-        folder = out / "tb" / f"{stamp}-{n}"
-    return folder
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+    while True:  # made here, not by TensorBoard's writer: two evaluations within a second get one each
+        folder = out / "tb" / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            n += 1
 
 
 def check_outputs(out: Path, json_path: Optional[Path]) -> None:

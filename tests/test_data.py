@@ -66,14 +66,16 @@ def test_jpeg_under_other_names_is_read_and_unread_formats_are_counted(tmp_path,
     (tmp_path / "cat").mkdir()
     shutil.copyfile(tmp_path / "dog" / "a.jpg", tmp_path / "cat" / "b.jfif")
     shutil.copyfile(tmp_path / "dog" / "a.jpg", tmp_path / "cat" / "c.JPE")
-    Image.open(tmp_path / "dog" / "a.jpg").save(tmp_path / "cat" / "d.avif")
+    avif = ".avif" in Image.registered_extensions()  # Pillow 11.3 and later
+    if avif:
+        Image.open(tmp_path / "dog" / "a.jpg").save(tmp_path / "cat" / "d.avif")
     (tmp_path / "dog" / "e.heic").write_bytes(b"....ftypheic")
     with caplog.at_level("WARNING", logger="simxent"):
         found = find_images(tmp_path)
-    assert sorted(p.name for p in found.files) == ["a.jpg", "b.jfif", "c.JPE", "d.avif"]
+    assert sorted(p.name for p in found.files) == ["a.jpg", "b.jfif", "c.JPE"] + ["d.avif"] * avif
     assert found.classes == ["cat", "dog"]
     np.testing.assert_array_equal(decode(tmp_path / "cat" / "b.jfif", 16), decode(tmp_path / "dog" / "a.jpg", 16))
-    assert decode(tmp_path / "cat" / "d.avif", 16).shape == (16, 16, 3)
+    assert not avif or decode(tmp_path / "cat" / "d.avif", 16).shape == (16, 16, 3)
     assert f"left out 1 image(s) in {tmp_path} in formats simxent does not decode (.heic;" in caplog.text
 
 
