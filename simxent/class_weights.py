@@ -34,8 +34,9 @@ def effective(counts: torch.Tensor, beta: float) -> torch.Tensor:
 
 def from_file(path: Path, classes: list[str]) -> torch.Tensor:
     """``<class name> <weight>`` per line, every class exactly once: the weight is the line's last field, so a
-    name may hold spaces (``golden retriever 2``); a ``#`` at the start of a line or after a space begins a
-    comment. UTF-8, with or without the byte-order mark Windows editors write."""
+    name may hold spaces (``golden retriever 2``); a ``#`` at the start of a line, after a space or after the
+    weight (``dog 2#common``) begins a comment, one inside a name is part of it. UTF-8, with or without the
+    byte-order mark Windows editors write."""
     named, line_of = {}, {}
     for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         fields = re.sub(r"(^|\s)#.*", "", line).rsplit(None, 1)
@@ -43,7 +44,7 @@ def from_file(path: Path, classes: list[str]) -> torch.Tensor:
             continue
         if len(fields) != 2:
             raise ClassWeightError(f"{path}:{number}: expected '<class name> <weight>', got {line.strip()!r}")
-        name, value = fields[0].strip(), fields[1]
+        name, value = fields[0].strip(), fields[1].split("#", 1)[0]
         if name in line_of:
             raise ClassWeightError(f"{path}: class {name} is on lines {line_of[name]} and {number}; give each class "
                                    f"one line")

@@ -105,7 +105,7 @@ def test_weight_files_are_keyed_by_class_name(tmp_path):
         class_weights(str(tmp_path / "missing.txt"), labels, classes)
     # Names with spaces or a '#' (the folders of ImageNet-style data sets), and Notepad's byte-order mark.
     classes = ["golden retriever", "cat#2"]
-    f.write_text("\ufeff# weights\ngolden retriever  2.5   # common\ncat#2 1\n", encoding="utf-8")
+    f.write_text("\ufeff# weights\ngolden retriever  2.5   # common\ncat#2 1#rare\n", encoding="utf-8")
     torch.testing.assert_close(class_weights(str(f), labels, classes), torch.tensor([2.5, 1.0]))
 
 
