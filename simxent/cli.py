@@ -6,6 +6,7 @@ import argparse
 import io
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -118,7 +119,8 @@ def format_summary(summary: dict, out: Path) -> str:
         lines.append(f"kNN top-1: {knn[-1]['top1']:.4f} (epoch {knn[-1]['epoch']})")
     if summary.get("skipped_images"):
         lines.append(f"skipped images: {len(summary['skipped_images'])} (listed in {out / 'skipped_images.txt'})")
-    lines.append(f"summary: {out / 'summary.json'}; TensorBoard: tensorboard --logdir {out / 'tb'}")
+    tb = shlex.quote(str(out / "tb"))  # pasted into a shell as it is: a path with spaces is quoted
+    lines.append(f"summary: {out / 'summary.json'}; TensorBoard: tensorboard --logdir {tb}")
     return "\n".join(lines)
 
 
@@ -251,7 +253,7 @@ def demo_main(argv=None) -> int:
                               random_init=True, json_path=Path(a.out) / "linear_eval.json")
         show(format_results(results))
         show(f"all figures: {Path(a.out) / 'linear_eval.json'}; plots: {Path(a.out) / 'linear_eval' / 'figures'}, "
-              f"{Path(a.out) / 'figures'}; TensorBoard: tensorboard --logdir {a.out}")
+             f"{Path(a.out) / 'figures'}; TensorBoard: tensorboard --logdir {shlex.quote(a.out)}")
         return 0
 
     return report_user_errors(main)

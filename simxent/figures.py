@@ -36,7 +36,7 @@ def probe_curves(history: dict, title: str = "", objective_label: str = "train o
     """Three panels per epoch: plain cross entropy on train and test (measured alike, so a test CE rising
     while the train CE falls is over-fitting, two high flat curves under-fitting), the training objective
     on its own axis (class weights and label smoothing make it a different quantity), and accuracy."""
-    fig, (ax_ce, ax_obj, ax_acc) = plt.subplots(1, 3, figsize=(13, 3.5))
+    fig, (ax_ce, ax_obj, ax_acc) = plt.subplots(1, 3, figsize=(13, 3.5), layout="constrained")  # title clear
     epochs = history["epoch"]
     ax_ce.plot(epochs, history["train_ce"], "-", label="train CE")
     ax_ce.plot(epochs, history["test_ce"], "--", label="test CE")
@@ -58,7 +58,8 @@ def per_class_bars(per_class: dict, title: str = "") -> Figure:
     names = list(per_class)
     loss = [per_class[n]["loss"] or 0.0 for n in names]
     acc = [per_class[n]["accuracy"] or 0.0 for n in names]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(_class_axis(len(names), 0.6, 3, 6), 3.5))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(_class_axis(len(names), 0.6, 3, 6), 3.5),
+                                          layout="constrained")
     x = names if len(names) <= NAMED_CLASSES else range(len(names))
     ax_loss.bar(x, loss, color="tab:red")
     ax_loss.set(ylabel="mean cross entropy", title="loss per class")

@@ -145,6 +145,7 @@ def test_the_console_summary_of_a_run_without_a_loss():
                "stopped_by_max_time": True, "stopped_by_signal": False, "last_loss": None, "knn_top1": []}
     assert "final loss: -" in format_summary(summary, Path("r")).splitlines()
     assert "final loss: 1.2346" in format_summary({**summary, "last_loss": 1.23456}, Path("r"))
+    assert format_summary(summary, Path("runs/odd dir")).endswith("tensorboard --logdir 'runs/odd dir/tb'")
 
 
 def test_a_reader_that_leaves_early_ends_the_output_quietly():
