@@ -345,11 +345,12 @@ def set_rng_state(state: dict) -> None:
 
 
 def training_state(cfg: Config, net: nn.Module, optimizer, scaler, pos: Position, rng: Optional[dict],
-                   progress: tuple[float, float], ahead_progress: Optional[float] = None,
+                   progress: tuple[float, float, int], ahead_progress: Optional[float] = None,
                    history: Optional[dict] = None) -> dict:
     """A run's checkpoint: config, weights (encoder, head and temperature apart, so that an encoder loads
-    alone), optimiser, grad scaler, position, the schedule's progress p in [0, 1] and the time budget's share
-    of it q (``progress``: (p, q), see :class:`simxent.schedule.TimeBudget`) and every process's RNG state (``rng``:
+    alone), optimiser, grad scaler, position, the schedule's progress p in [0, 1], the time budgets' share of
+    it q and the steps S it spans (``progress``: (p, q, S), see :class:`simxent.schedule.TimeBudget`) and every
+    process's RNG state (``rng``:
     this one's as it was before the batch drawn ahead, else its current state), with the progress that
     sized that batch's views (``ahead_progress``; None when none was drawn), and the figures the run's
     summary reports over all its sessions (``history``: kNN top-1 per evaluation, skipped steps, last loss,
@@ -367,6 +368,7 @@ def training_state(cfg: Config, net: nn.Module, optimizer, scaler, pos: Position
         "rng": dist.gather_objects(rng or rng_state()),
         "progress": progress[0],
         "time_share": progress[1],
+        "schedule_steps": progress[2],
         "ahead_progress": ahead_progress,
         "history": history or {},
     }
@@ -434,14 +436,17 @@ def fit_optimizer(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
 
 
 def saved_progress(state: dict, total: int) -> tuple[float, float]:
-    """(p0, q0): the progress p0 = max(s / S, q0) a resumed run starts from, of its saved step s over this
-    run's ``total`` S (train.epochs may have changed) and the time budgets' saved share q0. A checkpoint
-    without q0 gives the progress it saved as both; one written before progress was saved counts its steps'
-    share of the step plan it holds under "schedule" (a time budget's: its cosine ended at step
+    """(p0, q0): the progress a resumed run starts from and the time budgets' saved share q0. Over the same
+    ``total`` S as the checkpoint's, p0 is the progress p it saved; over another (train.epochs changed),
+    p0 = max(s / S, q0) of its saved step s, since p = 1 after the old epochs would end the run at once. A
+    checkpoint without q0 gives the progress it saved as both; one written before progress was saved counts
+    its steps' share of the step plan it holds under "schedule" (a time budget's: its cosine ended at step
     ``decay_end``), else of ``total``."""
     step, plan = state["position"]["global_step"], state.get("schedule")
     if "time_share" in state:
         share = float(state["time_share"])
+        if state.get("schedule_steps") == total:
+            return float(state["progress"]), share
         return max(step / total, share), share
     if "progress" in state:
         progress = float(state["progress"])

@@ -451,12 +451,13 @@ class Run:
     knn_top1: list = dataclasses.field(default_factory=list)
     resumed_progress: Optional[float] = None  # the progress that sized a resumed run's first views
     saved_step: int = 0  # the global step of the newest checkpoint of this run
+    first_step: int = 0  # the global step this session started from
     branch_from: Optional[int] = None  # a resumed run's step, until its first save sets later steps aside
     seconds_before: float = 0.0  # the run's earlier sessions, from its checkpoint
     buffers: BufferSnapshot = dataclasses.field(init=False)
 
     def __post_init__(self):
-        self.saved_step = self.pos.global_step  # a resumed run's checkpoint, or 0
+        self.saved_step = self.first_step = self.pos.global_step  # a resumed run's checkpoint, or 0
         self.buffers = BufferSnapshot(self.net)
 
     def seconds(self) -> float:
@@ -696,7 +697,7 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
     if not bool(finite_flag(list(net.parameters()) + list(net.buffers()))):
         raise TrainingError(f"the model holds non-finite values at step {run.pos.global_step}; not saving it over "
                             f"{checkpoint_path(run.cfg)}")
-    progress = (run.budget.progress(run.pos.global_step), run.budget.time_share())
+    progress = (run.budget.progress(run.pos.global_step), run.budget.time_share(), run.budget.total)
     state = training_state(run.cfg, net, run.optimizer, run.scaler, run.pos, ahead.rng if ahead else None,
                            progress, ahead.progress if ahead else None,
                            history(run))
@@ -729,26 +730,30 @@ def write_skipped(run: Run) -> None:
         (run.out / "skipped_images.txt").write_text("".join(json.dumps(r) + "\n" for r in skipped_records(run.train)))
 
 
-def ended_here_before(run: Run) -> bool:
-    """Whether an earlier session of this run finished it at its present step, not stopped by a signal
-    (which leaves the projector out): its summary.json says so. A session killed within :func:`finish`
-    wrote none, so the next one writes the run's end."""
+def earlier_end(run: Run) -> Optional[dict]:
+    """The summary.json of an earlier session of this run that ended at the present step, when this session
+    trained nothing, else None. A session killed within :func:`finish` wrote none, so the next one writes
+    the run's end; one retraining a branch to the step its summary names trained steps."""
+    if run.pos.global_step > run.first_step:
+        return None
     try:
         ended = json.loads((run.out / "summary.json").read_text())
     except (OSError, ValueError):
-        return False
-    return (ended.get("run_id") == run.run_id and ended.get("global_step") == run.pos.global_step
-            and not ended.get("stopped_by_signal"))
+        return None
+    same = ended.get("run_id") == run.run_id and ended.get("global_step") == run.pos.global_step
+    return ended if same else None
 
 
 def finish(run: Run, reason: Optional[str]) -> dict:
     """Projector, figures, HPARAMS and skipped_images.txt; returns the summary (rank 0 writes summary.json).
-    A session resumed at the step where an earlier one finished the run adds nothing to TensorBoard."""
+    A session resumed at the step where an earlier one ended the run adds nothing to TensorBoard but the
+    projector that a signal left out."""
     cfg, pos = run.cfg, run.pos
-    new = not ended_here_before(run)
-    if run.main and new and run.val is not None and cfg.eval.projector and reason != "signal":
+    before = earlier_end(run) if run.main else None
+    projector = before is None or before.get("stopped_by_signal")
+    if run.main and projector and run.val is not None and cfg.eval.projector and reason != "signal":
         project_embeddings(run.net, run.val, run.views.full, cfg, run.device, run.dtype, run.monitor, pos.global_step)
-    if run.main and new:
+    if run.main and before is None:
         run.similarities.figure(run.out / "figures" / "similarities.png")
         run.monitor.hparams(hparams(cfg), final_metrics(run.last_loss, run.knn_top1), pos.global_step)
     run.monitor.close()

@@ -292,14 +292,38 @@ def test_a_run_that_finished_its_epochs_within_the_budget_goes_on_when_given_mor
     done = pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", "train.max_time=101")), progress=False)
     assert done["global_step"] == 10 and not done["stopped_by_max_time"] and done["schedule_progress"] == 1
     assert load_checkpoint(run / "checkpoints" / "last.pt")["time_share"] == pytest.approx(0.1, rel=1e-6)
+    # Stopped (SIGTERM) after one step of 40 s: p = 0.5 + 0.5 * 0.4 = 0.7, above s / S = 11 / 20; the time share
+    # is the budgets' alone, q = 0.1 + 0.9 * 0.4 = 0.46 (p0 = 0.5 came from the steps).
+    more = [*tiny(shapes, run, "train.epochs=4", "train.max_time=101", "train.resume=auto")]
+    use_clock(monkeypatch, StepClock(1.0, [40.0] * 1000, stop_at(1)))
+    cut = pretrain(load_config(None, more), progress=False)
+    assert cut["global_step"] == 11 and cut["stopped_by_signal"]
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (state["progress"], state["time_share"]) == pytest.approx((0.7, 0.46), rel=1e-6)
+    # Resumed as it was: from its own p0 = 0.7, the lr the stopped session would have set next (not from
+    # max(s / S, q) = 0.55, a step back up the cosine).
     use_clock(monkeypatch, StepClock(1.0, [1.0] * 1000))
-    more = pretrain(load_config(None, tiny(shapes, run, "train.epochs=4", "train.max_time=101", "train.resume=auto")),
-                    progress=False)
-    assert more["global_step"] == 20 and more["epoch"] == 4 and not more["stopped_by_max_time"]
+    rest = pretrain(load_config(None, more), progress=False)
+    assert rest["global_step"] == 20 and rest["epoch"] == 4 and not rest["stopped_by_max_time"]
     lrs = logged_lrs(run)
     assert lrs[10] == pytest.approx(PEAK * expected_fraction(10, 20, WARMUP, 0.5, 0.0), rel=1e-6)
-    # Its p0 = 0.5 came from the steps: the time share saved is the budgets' alone, 0.1 + 0.9 * 10 / 100.
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["time_share"] == pytest.approx(0.19, rel=1e-6)
+    assert lrs[11] == pytest.approx(PEAK * expected_fraction(11, 20, WARMUP, 0.7, 0.0), rel=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_stopped_by_a_signal_at_its_last_step_ends_once_in_tensorboard(shapes, tmp_path, monkeypatch):
+    """SIGTERM during the last step: the session writes the final scalars (not the projector); the resume,
+    with nothing left to train, adds the projector's due only, no second final/loss at the same step."""
+    run = tmp_path / "run"
+    use_clock(monkeypatch, StepClock(1.0, [1.0] * 1000, stop_at(5)))
+    cut = pretrain(load_config(None, tiny(shapes, run, "train.epochs=1")), progress=False)
+    assert cut["global_step"] == 5 and cut["stopped_by_signal"]
+    use_clock(monkeypatch, StepClock(1.0, [1.0] * 1000))
+    again = pretrain(load_config(None, tiny(shapes, run, "train.epochs=1", "train.resume=auto")), progress=False)
+    assert again["global_step"] == 5 and not again["stopped_by_signal"]
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("final/loss")] == [5]
 
 
 @pytest.mark.usefixtures("one_thread")
