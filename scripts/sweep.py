@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from simxent.cli import report_user_errors
+from simxent.cli import report_user_errors, show
 from simxent.linear_eval import ProbeOptions
 from simxent.sweep import METRICS, SweepOptions, parse_grid, sweep
 
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     def run():
         sweep(a.config, parse_grid(a.grid), a.train, a.test, a.out, opts, a.overrides,
               ProbeOptions(epochs=a.probe_epochs), progress=not a.no_progress)
-        print((Path(a.out) / "results.md").read_text())
+        show((Path(a.out) / "results.md").read_text())
         return 0
 
     return report_user_errors(run)

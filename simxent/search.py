@@ -223,7 +223,7 @@ UNRELATED_SAMPLE = 2000  # rows whose pairs stand for the folder's unrelated ima
 
 def unrelated_similarity(vectors: np.ndarray, sample: int = UNRELATED_SAMPLE, seed: int = 0) -> Optional[dict]:
     """What two unrelated images of the folder score: over the pairs of up to ``sample`` rows drawn at random,
-    less each row's pair with its nearest neighbour (where a copy of it would be), the median cosine and the
+    less the pairs of mutual nearest neighbours (a copy and its original are), the median cosine and the
     99.9th percentile, which 1 pair in 1,000 exceeds. It depends on the encoder: one trained briefly maps
     every image near every other (median 0.6 or more), and a near-duplicate threshold below the percentile
     then lists mostly unrelated pairs. None with fewer than 3 rows (no pair is left)."""
@@ -234,8 +234,10 @@ def unrelated_similarity(vectors: np.ndarray, sample: int = UNRELATED_SAMPLE, se
     sims = v @ v.T
     np.fill_diagonal(sims, -np.inf)
     keep = np.triu(np.ones(sims.shape, dtype=bool), 1)
-    nearest = sims.argmax(axis=1)
-    keep[np.arange(len(v)), nearest] = keep[nearest, np.arange(len(v))] = False
+    rows, nearest = np.arange(len(v)), sims.argmax(axis=1)
+    mutual = nearest[nearest] == rows
+    keep[rows[mutual], nearest[mutual]] = False  # each such pair once in either order: both entries cleared
+    keep[nearest[mutual], rows[mutual]] = False
     sims = sims[keep]
     return {"pairs": len(sims), "median": float(np.median(sims)), "p99.9": float(np.quantile(sims, 0.999))}
 

@@ -157,11 +157,11 @@ def test_duplicates_say_what_unrelated_images_score_and_warn_below_it(embedded, 
     vectors = read_store(out).vectors.astype(np.float64)
     n, full = len(vectors), vectors @ vectors.T
     nearest = [max((j for j in range(n) if j != i), key=lambda j: full[i, j]) for i in range(n)]
-    sims = [full[i, j] for i in range(n) for j in range(i + 1, n) if nearest[i] != j and nearest[j] != i]
+    sims = [full[i, j] for i in range(n) for j in range(i + 1, n) if not (nearest[i] == j and nearest[j] == i)]
     median, p999 = np.median(sims), np.quantile(sims, 0.999)
     assert cli.search_main(["--index", str(out), "--duplicates", "0.999", "--json", "--no-progress"]) == 0
     unrelated = json.loads(capsys.readouterr().out)["unrelated"]
-    assert unrelated["pairs"] == len(sims) and 41 * 40 // 2 - 41 <= len(sims) < 41 * 40 // 2 - 20
+    assert unrelated["pairs"] == len(sims) < 41 * 40 // 2
     assert max(sims) < 0.999  # the planted copy's pair is its rows' nearest: not counted as unrelated
     assert (unrelated["median"], unrelated["p99.9"]) == pytest.approx((median, p999), abs=1e-9)
     below, above = p999 - 0.01, min(1.0, p999 + 1e-4)
@@ -177,7 +177,7 @@ def test_duplicates_say_what_unrelated_images_score_and_warn_below_it(embedded, 
     many = rng.standard_normal((300, 8))
     many /= np.linalg.norm(many, axis=1, keepdims=True)
     drawn = unrelated_similarity(many, sample=50)
-    assert drawn == unrelated_similarity(many, sample=50) and 50 * 49 // 2 - 50 <= drawn["pairs"] < 50 * 49 // 2 - 25
+    assert drawn == unrelated_similarity(many, sample=50) and 50 * 49 // 2 - 25 <= drawn["pairs"] < 50 * 49 // 2
     assert unrelated_similarity(many[:2]) is None
 
 
