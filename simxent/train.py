@@ -52,6 +52,12 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+# Settings whose change on resume changes what the run learns (a warning: an override not repeated on
+# resume comes back as its default); others (epochs, time, logging, workers) are said at INFO.
+CHANGES_TRAINING = ("augment.", "loss.", "optim.", "data.train", "train.batch_size", "train.precision",
+                    "train.seed", "train.budget_schedule")
+
+
 def checkpoint_path(cfg: Config) -> Path:
     return Path(cfg.out) / "checkpoints" / "last.pt"
 
@@ -928,7 +934,8 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
     if resume:
         pos = restore_training(resume, resumed, net, optimizer, scaler, cfg.train.seed)
         for key, was, now in changed_settings(resumed, cfg):
-            log.info("resumed with %s=%s (the checkpoint's run had %s)", key, json.dumps(now), json.dumps(was))
+            level = logging.WARNING if key.startswith(CHANGES_TRAINING) else logging.INFO
+            log.log(level, "resumed with %s=%s (the checkpoint's run had %s)", key, json.dumps(now), json.dumps(was))
         budget.resume(*saved_progress(resumed, budget.total))
         ahead_progress = resumed.get("ahead_progress")  # None: an older checkpoint, or none drawn ahead
         earlier = resumed.get("history", {})

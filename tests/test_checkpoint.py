@@ -187,3 +187,7 @@ def test_a_resumed_run_trains_with_its_own_settings_not_the_checkpoints(tmp_path
     assert state["optimizer"]["state"].keys() == first["optimizer"]["state"].keys()  # momentum buffers carried on
     assert "resumed with optim.weight_decay=0.01 (the checkpoint's run had 1e-06)" in caplog.text
     assert not any(r.getMessage().startswith("resumed with train.resume") for r in caplog.records)
+    levels = {r.getMessage().split("=")[0]: r.levelname for r in caplog.records
+              if r.getMessage().startswith("resumed with")}
+    assert levels == {"resumed with optim.weight_decay": "WARNING", "resumed with optim.momentum": "WARNING",
+                      "resumed with loss.temperature": "WARNING", "resumed with train.epochs": "INFO"}
