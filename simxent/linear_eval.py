@@ -344,6 +344,9 @@ def folder_class_targets(train: ImageArray, test: ImageArray, train_dir, test_di
                          ) -> tuple[Targets, Optional[torch.Tensor]]:
     """Class indices from the class folders, and the class weights."""
     check_same_classes(train, test, train_dir, test_dir)
+    if len(train.classes) < 2:  # every prediction would be right: a score of 1.0 that means nothing
+        raise ConfigError(f"--train: {train_dir} has one class folder ({', '.join(train.classes)}); a probe and kNN "
+                          f"need at least 2 classes")
     targets = Targets("multiclass", train.classes, train.labels, test.labels)
     return targets, class_weights(opts.class_weight, train.labels, train.classes, opts.beta)
 

@@ -271,6 +271,18 @@ def test_bad_options_and_outputs_stop_before_decoding(run, tmp_path, monkeypatch
     assert "--out: cannot write in" in capsys.readouterr().err
 
 
+def test_a_single_class_is_refused_not_scored_one(run, tmp_path, capsys):
+    """With one class every prediction is right: the probe and kNN would report 1.0, which means nothing."""
+    run_dir, shapes = run
+    one = tmp_path / "one"
+    for split in ("train", "test"):
+        first = sorted((shapes / split).iterdir())[0]
+        shutil.copytree(first, one / split / first.name)
+    assert linear_eval_main(["--checkpoint", str(run_dir / "checkpoints" / "last.pt"), "--train", str(one / "train"),
+                             "--test", str(one / "test"), "--workers", "0", "--no-progress"]) == 2
+    assert "has one class folder" in capsys.readouterr().err
+
+
 def test_diverging_probe_exits_2(run, monkeypatch, capsys):
     run_dir, shapes = run
     for module in (cli, linear_eval_module):  # let an lr through that the checks refuse
