@@ -510,6 +510,21 @@ def shared_files(a: ImageArray, b: ImageArray) -> torch.Tensor:
     return torch.tensor([identity(f) in theirs for f in a.files], dtype=torch.bool)
 
 
+def copied_images(a: ImageArray, b: ImageArray, chunk: int = 4096) -> torch.Tensor:
+    """Boolean mask over ``a``'s images: its decoded pixels are those of one of ``b``'s, a copy under another
+    name (``cp -r`` of a folder) that :func:`shared_files` cannot see. Compared by a 128-bit hash of each
+    image's bytes, read in chunks so that a memory-mapped array is never loaded whole."""
+    def digests(data: ImageArray) -> list[bytes]:
+        out = []
+        for start in range(0, len(data), chunk):
+            rows = data.images[start:start + chunk].cpu().numpy()
+            out += [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+        return out
+
+    theirs = set(digests(b))
+    return torch.tensor([d in theirs for d in digests(a)], dtype=torch.bool)
+
+
 class _BatchDecoder(Dataset):
     """Decodes ``(indices, seed)`` into one batch: (B, S, S, 3) uint8 squares when every image is no larger
     than the view (S px each side), else (2B, S, S, 3), both views' crops of each image (view 1 first)

@@ -17,7 +17,7 @@ from .augment import Normalize
 from .calibration import class_probabilities, per_class, reliability
 from .checkpoint import ENCODER_KEYS, checkpoint_encoder, load_backbone, load_checkpoint, saved_config
 from .config import MAX_IMAGE_SIZE, Config, ConfigError, DataConfig
-from .data import ImageArray, load_configured, naming_the_key, shared_files
+from .data import ImageArray, copied_images, load_configured, naming_the_key, shared_files
 from .class_weights import class_weights, positive_weights
 from .evaluate import OBJECTIVES, Objective, classification_report, extract_features, knn_scores, objective_named, \
     train_linear_probe
@@ -119,13 +119,21 @@ def check_same_classes(train: ImageArray, test: ImageArray, train_dir, test_dir)
 
 def check_held_out(train: ImageArray, test: ImageArray, train_dir, test_dir) -> None:
     """Refuse a test folder that shares images with the training folder: its scores would be training scores
-    (for kNN, each shared image would find its own copy)."""
+    (for kNN, each shared image would find its own copy). Copies under other names (the same pixels) are
+    refused when they are half the test folder or more (a copy of the training folder), else warned about."""
     shared = shared_files(test, train)
     if shared.any():
         example = test.files[int(shared.nonzero()[0, 0])]
         raise ConfigError(f"{test_dir} shares {int(shared.sum())} of its {len(test)} images with {train_dir} "
                           f"(e.g. {example}): its scores would be measured on training images; give a held-out "
                           f"test folder")
+    copies = copied_images(test, train)
+    if copies.any():
+        said = (f"{int(copies.sum())} of the {len(test)} images of {test_dir} have the pixels of a training image "
+                f"of {train_dir} (e.g. {test.files[int(copies.nonzero()[0, 0])]})")
+        if 2 * int(copies.sum()) >= len(test):
+            raise ConfigError(f"{said}: the scores would be measured on training images; give a held-out test folder")
+        log.warning("%s: they score as training images", said)
 
 
 @dataclass

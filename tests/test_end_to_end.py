@@ -198,7 +198,7 @@ def test_user_errors_exit_2_with_a_message(shapes, tmp_path, capsys):
     assert f"train.resume: {tmp_path / 'done'} is a folder, not a checkpoint file" in capsys.readouterr().err
 
 
-def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path, capsys):
+def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path, capsys, caplog):
     other = make_shapes(tmp_path / "other", train_per_class=2, test_per_class=1, size=16)
     (other / "test" / "ring").rename(other / "test" / "donut")
     run = tmp_path / "run"
@@ -215,6 +215,18 @@ def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path
     assert linear_eval_main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--train", str(shapes / "train"),
                              "--test", str(tmp_path / "no_test"), "--no-progress"]) == 2
     assert "--test: image folder not found" in capsys.readouterr().err
+    # A copy of the training folder (cp -r): other files, the same pixels. Refused; one copied image is said.
+    shutil.copytree(shapes / "train", tmp_path / "copy")
+    evaluate = ["--checkpoint", str(run / "checkpoints" / "last.pt"), "--train", str(shapes / "train"), "--epochs",
+                "1", "--knn-k", "3", "--no-progress", "--test"]
+    assert linear_eval_main([*evaluate, str(tmp_path / "copy")]) == 2
+    assert "80 of the 80 images of" in capsys.readouterr().err
+    shutil.copytree(shapes / "test", tmp_path / "mixed")
+    planted = sorted((shapes / "train").rglob("*.png"))[0]
+    shutil.copy(planted, tmp_path / "mixed" / planted.parent.name / "planted.png")
+    with caplog.at_level("WARNING", logger="simxent"):
+        assert linear_eval_main([*evaluate, str(tmp_path / "mixed")]) == 0
+    assert "1 of the 31 images of" in caplog.text and "planted.png" in caplog.text
 
 
 def noise_folder(root: Path, classes: int, per_class: int, size: int = 16) -> Path:
