@@ -219,6 +219,28 @@ def test_a_resume_says_when_it_finds_no_run_or_other_training_images(shapes, tmp
             f"over the images it finds ({n // 16} steps per epoch)") in caplog.text
 
 
+def test_a_run_killed_while_finishing_gets_its_end_from_the_resume(shapes, tmp_path, monkeypatch):
+    """Killed inside finish, after its last checkpoint and before summary.json: the resume trains nothing, and
+    writes the run's end (the final scalars) that the killed session did not."""
+    run = tmp_path / "run"
+    real = simxent.train.final_metrics
+
+    def killed(*args):
+        raise RuntimeError("killed while finishing")
+
+    monkeypatch.setattr(simxent.train, "final_metrics", killed)
+    with pytest.raises(RuntimeError, match="killed while finishing"):
+        pretrain(load_config(None, tiny(shapes, run, "train.epochs=1")), progress=False)
+    assert not (run / "summary.json").exists()
+    monkeypatch.setattr(simxent.train, "final_metrics", real)
+    next_second()
+    assert pretrain(load_config(None, tiny(shapes, run, "train.epochs=1", "train.resume=auto")),
+                    progress=False)["global_step"] == 5
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("final/loss")] == [5]
+
+
 def test_the_summary_of_a_resumed_run_covers_all_its_sessions(shapes, tmp_path, caplog):
     """One epoch, then resumed for a second, then resumed with nothing left to train: summary.json keeps
     the kNN of every epoch, adds up the sessions' seconds, and keeps the last loss (strict JSON)."""
