@@ -38,7 +38,7 @@ from tqdm import tqdm
 from .augment import CROP_RATIO, crop_boxes
 from .config import DataConfig
 from .runtime import show_progress_bars
-from .files import folder_problem, is_disk_full, remove_dead_temp_files, reserve, temp_path
+from .files import folder_problem, is_disk_full, remove_dead_temp_files, reserve, temp_path, write_text_atomic
 from .rundir import LOCK_FILE, RUN_ENTRIES
 
 log = logging.getLogger("simxent")
@@ -904,10 +904,8 @@ def _write_meta(good: np.ndarray, bad: dict[int, str], sizes: Optional[list], fo
     """Written after the array, through a temporary file and an atomic rename: a cache entry without its
     metadata is never used. ``bad``: each unreadable file's index and reason; ``sizes``: each good image's
     true (h, w) in a padded layout, else None."""
-    tmp = temp_path(meta_path)
-    tmp.write_text(json.dumps({"root": str(found.root), "good": good.tolist(), "bad": sorted(bad),
-                               "reasons": {str(i): r for i, r in sorted(bad.items())}, "sizes": sizes}))
-    os.replace(tmp, meta_path)
+    write_text_atomic(meta_path, json.dumps({"root": str(found.root), "good": good.tolist(), "bad": sorted(bad),
+                                             "reasons": {str(i): r for i, r in sorted(bad.items())}, "sizes": sizes}))
 
 
 def _report_skipped(reasons: dict[str, str], root: Path) -> None:

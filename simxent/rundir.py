@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .config import ConfigError
-from .files import HOST, folder_problem, remove_dead_temp_files, temp_path
+from .files import HOST, folder_problem, remove_dead_temp_files, write_text_atomic
 
 log = logging.getLogger("simxent")
 
@@ -83,9 +83,7 @@ def recorded_run_id(out: Path) -> str | None:
 
 
 def record_run_id(out: Path, run_id: str) -> None:
-    tmp = temp_path(out / RUN_FILE)
-    tmp.write_text(json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
-    os.replace(tmp, out / RUN_FILE)
+    write_text_atomic(out / RUN_FILE, json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
 
 
 def clear_run(out: Path) -> None:

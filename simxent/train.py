@@ -32,6 +32,7 @@ from .config import AugmentConfig, Config, ConfigError, check_config, format_con
 from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images, default_cache_dir, find_source,
                    iterate_batches, load_configured, naming_the_key, open_stream, shared_files)
 from .evaluate import extract_features, knn_scores, topk_accuracy
+from .files import write_text_atomic
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, similarity_samples
 from .models import SimCLR, feature_size
 from .monitor import Monitor
@@ -204,9 +205,7 @@ class SimilarityLog:
         self.rows.append({"step": step, "pos": pos.quantile(q).tolist(), "neg": neg.quantile(q).tolist()})
 
     def write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.rows))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, json.dumps(self.rows))
 
     def figure(self, path: Path) -> None:
         if self.rows:
