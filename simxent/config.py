@@ -597,12 +597,9 @@ def check_config(cfg: Config) -> Config:
             value = os.fspath(value)
         elif isinstance(value, numbers.Number) and not isinstance(value, (bool, int, float)):
             value = int(value) if isinstance(value, numbers.Integral) else float(value)  # numpy's scalars
+        if key in PATH_KEYS and isinstance(value, str):  # the shell expands ~ after out= but not after data.train=
+            value = os.path.expanduser(value)
         _set(cfg, key, value, " (set in Python)")
-    for key in PATH_KEYS:  # the shell expands ~ after out= but not after data.train=: here, alike for all
-        section, _, name = key.rpartition(".")
-        holder = getattr(cfg, section) if section else cfg
-        if getattr(holder, name).startswith("~"):
-            setattr(holder, name, os.path.expanduser(getattr(holder, name)))
     validate(cfg)
     return cfg
 
