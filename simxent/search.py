@@ -229,8 +229,8 @@ def unrelated_similarity(vectors: np.ndarray, sample: int = UNRELATED_SAMPLE, se
     then lists mostly unrelated pairs. None with fewer than 3 rows (no pair is left)."""
     if len(vectors) < 3:
         return None
-    rows = np.random.default_rng(seed).choice(len(vectors), min(sample, len(vectors)), replace=False)
-    v = vectors[np.sort(rows)].astype(np.float64)
+    drawn = np.random.default_rng(seed).choice(len(vectors), min(sample, len(vectors)), replace=False)
+    v = vectors[np.sort(drawn)].astype(np.float64)
     sims = v @ v.T
     np.fill_diagonal(sims, -np.inf)
     keep = np.triu(np.ones(sims.shape, dtype=bool), 1)
