@@ -39,7 +39,7 @@ from .augment import CROP_RATIO, crop_boxes
 from .config import DataConfig
 from .runtime import show_progress_bars
 from .files import folder_problem, is_disk_full, remove_dead_temp_files, reserve, temp_path, write_text_atomic
-from .rundir import LOCK_FILE, RUN_ENTRIES
+from .rundir import LOCK_FILE, RUN_FOLDERS
 
 log = logging.getLogger("simxent")
 
@@ -117,7 +117,7 @@ def find_images(root: str | Path) -> ImageList:
             dirnames[:] = []
             continue
         if LOCK_FILE in filenames:  # the image folder is itself a run's out: its outputs are not images
-            dirnames[:] = [d for d in dirnames if d not in RUN_ENTRIES]
+            dirnames[:] = [d for d in dirnames if d not in RUN_FOLDERS]
         seen.add(real)
         dirnames.sort()
         for name in sorted(filenames):

@@ -6,15 +6,17 @@
 - Every run has an id (``OUT/run.json``, and in each of its checkpoints and step-file names). Resuming and
   rotation only ever consider files of that id.
 - A fresh run refuses a folder that holds another run's checkpoints or TensorBoard events, unless
-  ``train.overwrite=true``, which first clears the files a run writes there (nothing else).
+  ``train.overwrite=true``, which first deletes the files runs write there, by name: a file of the user's
+  stays, inside the run's subfolders too.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import fnmatch
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from contextlib import contextmanager
@@ -27,9 +29,14 @@ log = logging.getLogger("simxent")
 
 LOCK_FILE = ".simxent.lock"
 RUN_FILE = "run.json"
-# Everything a pretraining run (and the linear evaluation it defaults to) writes in its folder.
-RUN_ENTRIES = ("checkpoints", "tb", "figures", "linear_eval", "train.log", "summary.json", "config.yaml",
-               "similarities.json", "skipped_images.txt", RUN_FILE)
+# What a pretraining run (and the linear evaluation it defaults to) writes in its folder: files at the top,
+# and subfolders holding only files of the names in RUN_FILE_NAMES (at any depth) once the run wrote them.
+RUN_FILES = ("train.log", "summary.json", "config.yaml", "similarities.json", "skipped_images.txt", RUN_FILE)
+RUN_FOLDERS = ("checkpoints", "tb", "figures", "linear_eval")
+RUN_FILE_NAMES = ("last.pt", "step-*.pt", ".*.tmp*",  # checkpoints, also in superseded-after-step-*/
+                  "events.out.tfevents.*", "projector_config.pbtxt", "tensors.tsv", "metadata.tsv",
+                  "sprite.png",  # TensorBoard's scalars, figures and projector
+                  "similarities.png", "pretrained_*.png", "random_init_*.png")  # figures
 
 
 def writable_folder(path: str | Path, key: str) -> Path:
@@ -87,14 +94,32 @@ def record_run_id(out: Path, run_id: str) -> None:
 
 
 def clear_run(out: Path) -> None:
-    """Delete what a run wrote in ``out`` (RUN_ENTRIES); other files in the folder stay."""
-    for name in RUN_ENTRIES:
-        path = out / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    log.warning("train.overwrite=true: cleared the previous run in %s", out)
+    """Delete what runs write in ``out``: RUN_FILES, and the files named as in RUN_FILE_NAMES inside
+    RUN_FOLDERS, whose folders go once empty. Any other file stays, and is counted in the warning."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    kept = []
+    for name in RUN_FOLDERS:
+        if (out / name).is_dir() and not (out / name).is_symlink():
+            kept += _clear_folder(out / name)
+    left = f"; kept {len(kept)} other file(s) there, such as {kept[0]}" if kept else ""
+    log.warning("train.overwrite=true: cleared the previous run in %s%s", out, left)
+
+
+def _clear_folder(folder: Path) -> list[Path]:
+    """Delete the run-written files under ``folder`` and then its empty folders, deepest first; returns the
+    files that stay. Links are deleted by their own name, never followed."""
+    kept = []
+    for root, dirs, files in os.walk(folder, topdown=False):
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            path = Path(root, name)
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in RUN_FILE_NAMES):
+                path.unlink()
+            else:
+                kept.append(path)
+        with contextlib.suppress(OSError):  # not empty: it holds a file that stays
+            os.rmdir(root)
+    return kept
 
 
 def claim(out: Path, resumed_id: str | None, resuming: bool, overwrite: bool) -> str:

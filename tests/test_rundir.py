@@ -83,6 +83,26 @@ def test_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(shap
     assert (out / "notes.txt").read_text() == "mine"  # overwrite clears a run's files, nothing else
 
 
+def test_overwrite_keeps_the_users_files_inside_the_runs_folders(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(tiny(shapes, out, "train.keep_checkpoints=2", "train.epochs=2"), capsys)[0] == 0
+    first = load_checkpoint(out / "checkpoints" / "last.pt")["run_id"]
+    mine = {out / "checkpoints" / "best by hand.pt": b"weights", out / "tb" / "notes" / "read me.txt": b"notes",
+            out / "figures" / "poster.png": b"png", out / "linear_eval" / "paper.tex": b"tex"}
+    for path, data in mine.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    old_events = list((out / "tb").glob("events.out.tfevents.*"))
+    assert old_events and (out / "figures" / "similarities.png").exists()
+    status, err = run(tiny(shapes, out, "train.overwrite=true", "train.keep_checkpoints=1"), capsys)
+    assert status == 0, err
+    assert all(path.read_bytes() == data for path, data in mine.items())
+    assert "kept 4 other file(s)" in err
+    assert not any(path.exists() for path in old_events)
+    assert not list((out / "checkpoints").glob(f"step-*-{first}.pt"))
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["run_id"] != first
+
+
 def test_resume_and_rotation_only_touch_files_of_their_own_run(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(tiny(shapes, out, "train.epochs=2", "train.keep_checkpoints=2"), capsys)[0] == 0
