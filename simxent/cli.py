@@ -19,7 +19,7 @@ from .config import CHOICES, MAX_IMAGE_SIZE, Config, ConfigError, config_keys, f
 from .data import DataError, default_cache_dir
 from .class_weights import ClassWeightError
 from .evaluate import LabelError, ProbeDivergedError
-from .files import json_text
+from .files import is_disk_full, json_text
 from .linear_eval import ProbeOptions, check_probe_options, format_results, linear_eval
 from .search import EmbedOptions, duplicate_pairs, embed_folder, read_store, search_files, unrelated_similarity
 from .train import TrainingError, pretrain
@@ -38,6 +38,12 @@ def report_user_errors(main):
         return main()
     except USER_ERRORS as e:
         print(f"simxent: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        print(f"simxent: error: {e.strerror} writing {e.filename}: free some space and run the command again",
+              file=sys.stderr)
         return 2
     except ReaderLeft:  # stop quietly, as ls does
         try:

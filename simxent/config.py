@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .files import write_text_atomic
+
 
 # The range a learnt temperature is kept in (simxent.loss.Temperature). 0.01 is CLIP's bound (logit scale
 # <= 100); the loss's gradients grow as 1/t below it. At 1 the logits span only [-1, 1], the softmax over
@@ -494,7 +496,7 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def format_config(cfg: Config) -> str:

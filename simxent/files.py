@@ -130,5 +130,11 @@ def _finite(obj):
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``path`` whole or not at all (a temporary file renamed over it), as UTF-8."""
     tmp = temp_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename == str(tmp):  # name the file the user knows
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise

@@ -32,6 +32,7 @@ from torch.utils.tensorboard import SummaryWriter
 from . import figures
 from .config import ConfigError, load_config, parse_override
 from .data import DataError, find_images, naming_the_key
+from .files import write_text_atomic
 from .linear_eval import ProbeOptions, linear_eval
 from .train import pretrain
 
@@ -126,7 +127,7 @@ def carve_validation(train_dir: str | Path, dest: str | Path, opts: SweepOptions
     split = {"train_dir": str(train_dir), "val_fraction": opts.val_fraction, "split_seed": opts.split_seed,
              "subset": opts.subset, "classes": found.classes, "train_per_class": counts["train"],
              "val_per_class": counts["val"], "train_images": len(parts["train"]), "val_images": len(parts["val"])}
-    (dest / "split.json").write_text(json.dumps(split, indent=2))
+    write_text_atomic(dest / "split.json", json.dumps(split, indent=2))
     return split
 
 
@@ -292,7 +293,7 @@ def write_results(results: dict, out: Path) -> None:
     """OUT/results.json (everything) and OUT/results.md (the split, the runs, the settings, the choice and its
     test score), as far as the sweep has got."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     s = results["split"]
     subset = f" (a stratified subset of {s['subset']})" if s["subset"] else ""
     lines = [f"Split of {s['train_dir']}{subset}: {s['train_images']} train / {s['val_images']} validation images, "
@@ -310,4 +311,4 @@ def write_results(results: dict, out: Path) -> None:
         lines += ["", f"Chosen: {shown}, by {chosen['criterion']}{noise}.", "",
                   "## Test folder (the chosen setting only, scored once per seed)", ""]
         lines += markdown_table(chosen["test"] + [{"seed": "mean", **chosen["test_mean"]}], ["seed", *METRICS])
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")

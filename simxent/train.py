@@ -732,7 +732,8 @@ def monitor_knn(run: Run) -> None:
 def write_skipped(run: Run) -> None:
     """skipped_images.txt: one JSON record per line, so that a name holding a newline stays one entry."""
     if run.main and run.train.skipped:
-        (run.out / "skipped_images.txt").write_text("".join(json.dumps(r) + "\n" for r in skipped_records(run.train)))
+        records = "".join(json.dumps(r) + "\n" for r in skipped_records(run.train))
+        write_text_atomic(run.out / "skipped_images.txt", records)
 
 
 def earlier_end(run: Run) -> Optional[dict]:
@@ -781,7 +782,7 @@ def finish(run: Run, reason: Optional[str]) -> dict:
         "knn_top1": run.knn_top1,
     }
     if run.main:
-        (run.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_atomic(run.out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -242,3 +242,22 @@ def test_skipped_images_are_listed_one_json_record_per_line(shapes, tmp_path, ca
     assert status == 0, err
     lines = (out / "skipped_images.txt").read_text().splitlines()
     assert sorted(Path(json.loads(line)["file"]).name for line in lines) == sorted(odd)
+
+
+def test_a_failure_while_writing_the_summary_leaves_the_previous_one_whole(shapes, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert run(tiny(shapes, out), capsys)[0] == 0
+    before = (out / "summary.json").read_text()
+    write_text = Path.write_text
+
+    def disk_fills_midway(self, text, *args, **kwargs):
+        if "summary.json" in self.name:
+            write_text(self, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_fills_midway)
+    status, err = run(tiny(shapes, out, "train.resume=auto", "train.epochs=2"), capsys)
+    assert status == 2 and f"No space left on device writing {out / 'summary.json'}: free" in error_line(err)
+    assert (out / "summary.json").read_text() == before
+    assert sorted(p.name for p in out.iterdir() if "summary" in p.name) == ["summary.json"]
