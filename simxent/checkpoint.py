@@ -302,6 +302,23 @@ def set_aside_later_steps(folder: str | Path, run_id: str, step: int) -> Path | 
     return aside
 
 
+def start_branch(folder: str | Path, run_id: str, step: int, resumed: Path) -> Path | None:
+    """Make the run resumed from checkpoint ``resumed`` (at global ``step``) the one in ``folder``: the step
+    files of run ``run_id`` after ``step`` go aside (:func:`set_aside_later_steps`); returns where, or None.
+
+    A checkpoint inside ``folder/superseded-after-step-<k>-*/`` resumes that set-aside branch: it shares
+    the top level's steps up to k only, so the top level's steps after k go aside instead, and the branch's
+    own steps up to ``step`` come back, so that the top level holds one line of steps again."""
+    folder, source = Path(folder), Path(resumed).resolve().parent
+    branch = source.parent == folder.resolve() and source.name.startswith("superseded-after-step-")
+    aside = set_aside_later_steps(folder, run_id, int(source.name.split("-")[3]) if branch else step)
+    if branch:
+        for p in step_files(source, run_id):
+            if file_step(p) <= step:
+                os.replace(p, folder / p.name)
+    return aside
+
+
 def newest_valid_checkpoint(folder: str | Path, run_id: str | None = None) -> Path | None:
     """``last.pt`` if it loads, else the newest step file that does; None when there is none. With
     ``run_id``, only checkpoints of that run count."""

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import dist, figures
 from .augment import ViewAugment, blur_probability, small_view_size
 from .checkpoint import (Position, changed_settings, check_resumable, load_checkpoint, newest_valid_checkpoint,
-                         restore_training, rng_state, save_rotating, saved_progress, set_aside_later_steps,
+                         restore_training, rng_state, save_rotating, saved_progress, start_branch,
                          training_state)
 from .config import AugmentConfig, Config, ConfigError, check_config, format_config, save_config, to_dict, view_size
 from .data import (Batch, ImageArray, ImageStream, batch_indices, dataset_images, default_cache_dir, find_source,
@@ -457,7 +457,7 @@ class Run:
     resumed_progress: Optional[float] = None  # the progress that sized a resumed run's first views
     saved_step: int = 0  # the global step of the newest checkpoint of this run
     first_step: int = 0  # the global step this session started from
-    branch_from: Optional[int] = None  # a resumed run's step, until its first save sets later steps aside
+    branch_from: Optional[Path] = None  # a resumed run's checkpoint, until its first save sets later steps aside
     seconds_before: float = 0.0  # the run's earlier sessions, from its checkpoint
     buffers: BufferSnapshot = dataclasses.field(init=False)
 
@@ -710,10 +710,10 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
         run.similarities.write()
         folder = checkpoint_path(run.cfg).parent
         if run.branch_from is not None:  # at the new branch's first save, not before: a failed start moves nothing
-            aside = set_aside_later_steps(folder, run.run_id, run.branch_from)
+            aside = start_branch(folder, run.run_id, run.first_step, run.branch_from)
             if aside:
                 log.warning("run %s was resumed from step %d, before its newest checkpoints: those are moved to %s",
-                            run.run_id, run.branch_from, aside)
+                            run.run_id, run.first_step, aside)
             run.branch_from = None
         save_rotating(state, folder, run.pos.global_step, run.cfg.train.keep_checkpoints, run.run_id)
     run.saved_step = run.pos.global_step
@@ -952,7 +952,7 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
               SimilarityLog(out / "similarities.json", pos.global_step if resume else None), pos, bars,
               PlainProgress(main and not bars, cfg.train.epochs, steps_per_epoch), resumed_progress=ahead_progress)
     run.resume_history(earlier)
-    run.branch_from = pos.global_step if resume and run_id else None
+    run.branch_from = resume if resume and run_id else None
     announce(run)
     return run
 

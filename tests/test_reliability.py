@@ -157,6 +157,18 @@ def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(shapes, tmp
     os.replace(folder / "torn", folder / "last.pt")
     assert load_checkpoint(newest_valid_checkpoint(folder))["position"]["global_step"] == 5
 
+    # Resumed from the set-aside branch's step 8, that branch is the top level's again: the new branch's step
+    # 5 goes aside, and the old branch's steps 5 to 8 come back, so that every step file there is one line.
+    old_five = load_checkpoint(sorted(aside.glob("step-*.pt"))[0])["encoder"]
+    pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", f"train.resume={sorted(aside.glob('step-*.pt'))[2]}",
+                                    "train.checkpoint_every=2", "train.keep_checkpoints=10")), progress=False)
+    assert [step(p) for p in sorted(folder.glob("step-*.pt"))] == [4, 5, 6, 8, 10]
+    five = load_checkpoint(sorted(folder.glob("step-*.pt"))[1])["encoder"]
+    assert all(torch.equal(five[k], old_five[k]) for k in five)
+    assert [step(p) for p in sorted(aside.glob("step-*.pt"))] == [10]
+    (newer,) = set(folder.glob("superseded-after-step-4-*")) - {aside}
+    assert [step(p) for p in newer.glob("step-*.pt")] == [5]
+
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(shapes, tmp_path, monkeypatch):
     """Dead at its third step, before any checkpoint: train.resume=auto starts the folder's own run again
