@@ -45,6 +45,9 @@ def report_user_errors(main):
         print(f"simxent: error: {e.strerror} writing {e.filename}: free some space and run the command again",
               file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or the first elsewhere: no traceback
+        print("simxent: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except ReaderLeft:  # stop quietly, as ls does
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit flushes stdout: into nothing

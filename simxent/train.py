@@ -379,6 +379,8 @@ def stop_on_signals():
 
     def handler(signum, frame):
         if requested.is_set() and signum == signal.SIGINT:
+            log.warning("a second SIGINT: stopping at once; checkpoints are written whole, so train.resume=auto "
+                        "continues from the last one")
             raise KeyboardInterrupt
         requested.set()
         log.warning("%s received: finishing this step, then checkpointing and stopping", signal.Signals(signum).name)

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import simxent.train
+
 from simxent.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_rotating
 from simxent.cli import pretrain_main
 from simxent.demo import make_shapes
@@ -261,3 +263,25 @@ def test_a_failure_while_writing_the_summary_leaves_the_previous_one_whole(shape
     assert status == 2 and f"No space left on device writing {out / 'summary.json'}: free" in error_line(err)
     assert (out / "summary.json").read_text() == before
     assert sorted(p.name for p in out.iterdir() if "summary" in p.name) == ["summary.json"]
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line_and_the_last_checkpoint_resumes(shapes, tmp_path, capsys,
+                                                                                   monkeypatch):
+    out = tmp_path / "run"
+    assert run(tiny(shapes, out, "train.checkpoint_every=2"), capsys)[0] == 0
+    real, calls = simxent.train.step_loss, {"n": 0}
+
+    def two_ctrl_c_at_the_third_step(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(simxent.train, "step_loss", two_ctrl_c_at_the_third_step)
+    status, err = run(tiny(shapes, out, "train.resume=auto", "train.epochs=2", "train.checkpoint_every=2"), capsys)
+    assert status == 128 + signal.SIGINT and err.splitlines()[-1] == "simxent: interrupted", err
+    assert "Traceback" not in err and "a second SIGINT: stopping at once" in err
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["global_step"] == 6  # checkpoint_every=2
+    monkeypatch.setattr(simxent.train, "step_loss", real)
+    assert run(tiny(shapes, out, "train.resume=auto", "train.epochs=2"), capsys)[0] == 0
