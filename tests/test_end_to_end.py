@@ -303,7 +303,7 @@ def test_binary_and_multilabel_probes(shapes, tmp_path, capsys):
                              "--test-labels", str(tmp_path / "test.csv"), "--epochs", "3", "--json", str(report),
                              "--no-progress"]) == 0
     r = json.loads(report.read_text())
-    assert r["targets"] == ["ring", "round", "straight"]
+    assert r["targets"] == r["classes"] == ["ring", "round", "straight"]  # the labels, not the folders' names
     assert set(r["pretrained"]["linear"]["per_label_ap"]) == {"ring", "round", "straight"}
     assert 0 < r["pretrained"]["linear"]["mAP"] <= 1 and "knn" not in r["pretrained"]
     (tmp_path / "test.csv").write_text("\n".join((tmp_path / "test.csv").read_text().splitlines()[1:]) + "\n")
