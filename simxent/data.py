@@ -904,7 +904,8 @@ def _write_meta(good: np.ndarray, bad: dict[int, str], sizes: Optional[list], fo
     """Written after the array, through a temporary file and an atomic rename: a cache entry without its
     metadata is never used. ``bad``: each unreadable file's index and reason; ``sizes``: each good image's
     true (h, w) in a padded layout, else None."""
-    write_text_atomic(meta_path, json.dumps({"root": str(found.root), "good": good.tolist(), "bad": sorted(bad),
+    root = str(Path(found.root).resolve())  # the listing names the folder wherever it is read from
+    write_text_atomic(meta_path, json.dumps({"root": root, "good": good.tolist(), "bad": sorted(bad),
                                              "reasons": {str(i): r for i, r in sorted(bad.items())}, "sizes": sizes}))
 
 

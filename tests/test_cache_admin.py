@@ -63,3 +63,14 @@ def test_clear_refuses_an_unknown_key_and_deletes_nothing(tmp_path, capsys):
     assert cache_main(["--dir", str(cache), "clear", small, "feedbeef"]) == 2
     assert "no cache entry feedbeef" in capsys.readouterr().err
     assert sorted(cache.iterdir()) == before
+
+
+def test_list_names_a_folder_given_by_a_relative_path_in_full(tmp_path, capsys, monkeypatch):
+    for i in range(3):
+        write_image(tmp_path / "photos" / f"{i}.png", seed=i)
+    monkeypatch.chdir(tmp_path)
+    load_folder("photos", 16, cache_dir=tmp_path / "cache", workers=0, progress=False)
+    monkeypatch.chdir("/")
+    assert cache_main(["--dir", str(tmp_path / "cache"), "list"]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if "photos" in line]
+    assert row.endswith(f"  {tmp_path.resolve() / 'photos'}")
