@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import platform
+import signal
 import statistics
 import tempfile
 import time
@@ -910,4 +911,5 @@ def main():
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # a reader that leaves (| head) ends it quietly, as it does ls
     main()

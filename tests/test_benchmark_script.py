@@ -1,9 +1,15 @@
 """Helpers of scripts/benchmark.py, against FLOP counts written from the layer's formula."""
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_counted_flops_of_a_linear_layer_follow_its_formula(load_script):
@@ -181,3 +187,12 @@ def test_norms_rows_follow_the_cpu_preset_convnet(monkeypatch, one_thread, load_
             expected.append((size, width, f"{side}x{side}"))
     assert [(r["view_px"], r["channels"], r["map"]) for r in rows] == expected
     assert all(r["eager_ms"] > 0 and r["compiled_ms"] > 0 and r["compile_s"] > 0 for r in rows)
+
+
+def test_a_reader_that_leaves_ends_the_benchmark_quietly():
+    """``benchmark.py | head``: the benchmark ends at its next line, as ls does, without a traceback."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--only", "loss"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.stdout.close()  # before its first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == -signal.SIGPIPE and "Traceback" not in err, err
