@@ -1,5 +1,6 @@
 """The commands' argument handling: help with every key, --version, --print-config, other tools' habits,
 ``python -m simxent``, and the presets found by name from an installed wheel, outside the repository."""
+import io
 import os
 import subprocess
 import sys
@@ -163,3 +164,14 @@ def test_a_reader_that_leaves_early_ends_the_output_quietly():
 
     with pytest.raises(BrokenPipeError):
         cli.report_user_errors(worker_gone)
+
+
+def test_a_reader_that_leaves_a_stdout_without_a_file_descriptor_ends_quietly_too(monkeypatch):
+    """Called from Python with stdout replaced (a notebook's, a StringIO): no descriptor to point at
+    /dev/null, and still status 141 rather than an UnsupportedOperation traceback."""
+    class LeftReader(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", LeftReader())
+    assert cli.report_user_errors(lambda: cli.show("pair 0") or 0) == 141
