@@ -1,11 +1,12 @@
 """SimCLR's random views, made on whole batches on the training device.
 
-Every sample draws its own crop, flip, jitter, grayscale, blur and solarize parameters; calling the
+Every sample draws its own crop, flip, jitter factors, grayscale, blur and solarize parameters (the jitter's
+order is drawn per batch unless ``augment.jitter_order=image``: see :class:`ColorJitter`); calling the
 pipeline twice on one batch gives two views (``views(images, n)`` makes n; multi-crop's small views come
 from a second pipeline at the small size). Every op follows torchvision's per-image definition
-(tested against it) but works on the whole batch at once: crop, resize and flip are one ``grid_sample``, colour
-jitter is plain tensor arithmetic instead of an HSV round trip, blur is kornia's separable Gaussian with a
-sigma per sample. Nothing reads a random draw back to the host, so on a GPU the pipeline never stalls the
+(tested against it) but works on the whole batch at once: crop, antialiased resize and flip are two batched
+matrix products, colour jitter is plain tensor arithmetic instead of an HSV round trip, blur is kornia's
+separable Gaussian with a sigma per sample. Nothing reads a random draw back to the host, so on a GPU the pipeline never stalls the
 stream (the first version's index-selected subsets and kornia's host-side sigma check in its blur did,
 and made augmentation the slowest part of a GPU step: docs/benchmarks.md).
 """
@@ -16,7 +17,6 @@ from typing import Callable, Optional
 
 import kornia
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import AugmentConfig, view_size
@@ -288,32 +288,41 @@ def _central_fallback_tensor(height: torch.Tensor, width: torch.Tensor, ratio: t
     return fh.to(height.dtype), fw.to(width.dtype)
 
 
-def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Crop each sample to its box ``(top, left, h, w)`` and resize it bilinearly to ``size`` x ``size``, in
-    one ``grid_sample``. Output pixel j samples input x = left + (j + 1/2) w / size - 1/2 (the half-pixel
-    convention of ``F.interpolate(align_corners=False)``), clamped to [left, left + w - 1]; in grid_sample's
-    [-1, 1] coordinates that is the affine map u -> u w / W + (2 left + w) / W - 1, and likewise for rows.
-    Equal to torchvision's ``resized_crop`` (bilinear, no antialiasing) up to float rounding. Samples where
-    the boolean ``flip`` is set read their columns in reverse order: a horizontal flip at no extra pass."""
-    n, _, height, width = x.shape
-    top, left, h, w = (v.unsqueeze(1) for v in boxes.to(x.dtype).unbind(1))
-    u = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, dtype=x.dtype, device=x.device)  # output pixel centres
-
-    def axis(start, extent, full):
-        # Clamped to the crop's own pixel centres, as interpolating the cropped image does.
-        lo, hi = (2 * start + 1) / full - 1, (2 * (start + extent) - 1) / full - 1
-        return torch.clamp(u * extent / full + (2 * start + extent) / full - 1, lo, hi)
-
-    gx, gy = axis(left, w, width), axis(top, h, height)  # (n, size) each
+def resize_weights(start: torch.Tensor, extent: torch.Tensor, full: int, size: int,
+                   flip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(n, size, full) weights that take each sample's span [start, start + extent) of an axis of ``full``
+    pixels to ``size`` pixels as ``F.interpolate(mode="bilinear", antialias=True)`` does (torchvision's
+    default): with s = extent / size, output pixel j weighs the span's pixel k by the triangle
+    max(0, 1 - |k + 1/2 - s (j + 1/2)| / max(s, 1)), the weights normalised to sum to 1. Shrinking widens
+    the triangle to s pixels each side (the antialiasing); enlarging it is plain bilinear, edges clamped.
+    Samples where the boolean ``flip`` is set take their output pixels in reverse order."""
+    scale = (extent / size).unsqueeze(1)  # (n, 1)
+    centre = scale * (torch.arange(size, dtype=start.dtype, device=start.device) + 0.5)  # (n, size)
     if flip is not None:
-        gx = torch.where(flip.unsqueeze(1), gx.flip(1), gx)
-    grid = torch.stack([gx.unsqueeze(1).expand(n, size, size), gy.unsqueeze(2).expand(n, size, size)], dim=3)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        centre = torch.where(flip.unsqueeze(1), centre.flip(1), centre)
+    k = torch.arange(full, dtype=start.dtype, device=start.device) - start.unsqueeze(1)  # (n, full), in the span
+    inside = ((k >= 0) & (k < extent.unsqueeze(1))).unsqueeze(1)
+    w = (1 - (k.unsqueeze(1) + 0.5 - centre.unsqueeze(2)).abs_() / scale.clamp(min=1).unsqueeze(2)).clamp_(min=0)
+    w = w.mul_(inside)
+    return w.div_(w.sum(2, keepdim=True))
+
+
+def resized_crops(x: torch.Tensor, boxes: torch.Tensor, size: int, flip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Crop each sample to its box ``(top, left, h, w)`` and resize it to ``size`` x ``size`` (bilinear,
+    antialiased), as two batched matrix products: rows R_b (size, H) and columns C_b (size, W) from
+    :func:`resize_weights`, view_b = R_b x_b C_b^T per channel. Equal to torchvision's ``resized_crop``
+    (``antialias=True``, its default) up to float rounding. Samples where the boolean ``flip`` is set get
+    their columns in reverse order: a horizontal flip at no extra pass."""
+    _, _, height, width = x.shape
+    top, left, h, w = boxes.to(x.dtype).unbind(1)
+    rows = resize_weights(top, h, height, size).unsqueeze(1)  # (n, 1, size, H): the same for every channel
+    columns = resize_weights(left, w, width, size, flip).transpose(1, 2).unsqueeze(1)  # (n, 1, W, size)
+    return rows @ x @ columns
 
 
 class RandomResizedCropFlip(nn.Module):
-    """torchvision's RandomResizedCrop (bilinear, no antialiasing) then RandomHorizontalFlip(flip_p), on a
-    whole batch, a crop and a coin per sample, in one ``grid_sample``: a separate flip would cost one more
+    """torchvision's RandomResizedCrop (bilinear, antialiased) then RandomHorizontalFlip(flip_p), on a
+    whole batch, a crop and a coin per sample, in :func:`resized_crops`: a separate flip would cost one more
     pass over the views (two on a GPU, where every sample is flipped and a mask keeps the chosen).
 
     ``sizes`` (B, 2), when given, holds each image's true (height, width) inside a larger padded batch

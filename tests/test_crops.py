@@ -138,7 +138,7 @@ def test_cached_crop_pixels_equal_torchvisions_resized_crop_of_the_original(tmp_
             top, left = (box[:2] * factor).tolist()
             h, w = (box[2:] * factor).tolist()
             expected = TF.resized_crop(original, round(top), round(left), round(h), round(w), [16, 16],
-                                       antialias=False)
+                                       antialias=True)
             if decode_size:
                 torch.testing.assert_close(view, expected, rtol=0, atol=atol)
             else:
