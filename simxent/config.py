@@ -644,7 +644,8 @@ def data_and_augment_rules(cfg: Config) -> list[tuple[bool, str, str]]:
         *((0 <= getattr(aug, p) <= 1, f"augment.{p}", "a probability in [0, 1]")
           for p in ("flip_p", "jitter_p", "grayscale_p", "solarize_p")),
         (aug.blur_p is None or 0 <= aug.blur_p <= 1, "augment.blur_p", "[0, 1] or null"),
-        (aug.jitter_strength >= 0, "augment.jitter_strength", ">= 0"),
+        # Hue's shift is 0.2 s, which torchvision caps at half a turn.
+        (0 <= aug.jitter_strength <= 2.5, "augment.jitter_strength", "in [0, 2.5]"),
         (aug.views >= 2, "augment.views", ">= 2"),
         (aug.small_views >= 0, "augment.small_views", ">= 0"),
         (0 < small_lo <= small_hi <= 1, "augment.small_crop_scale", "0 < min <= max <= 1"),

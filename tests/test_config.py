@@ -78,6 +78,7 @@ def test_unknown_override_and_section():
     ("augment.small_crop_scale=[0.5, 0.4]", "augment.small_crop_scale.*out of range"),
     ("augment.small_size=64", r"augment.small_size.*out of range \(null or in \[8, the smallest view size = 32\]\)"),
     ("loss.positives=classes", "loss.positives: 'classes' is not one of views, labels"),
+    ("augment.jitter_strength=3", r"augment.jitter_strength.*out of range \(in \[0, 2.5\]\)"),  # hue over 0.5
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
