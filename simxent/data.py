@@ -703,11 +703,12 @@ def _extents(paths: list[Path]) -> list[Optional[tuple[int, int]]]:
     return out
 
 
-def all_within_view(found: ImageList, size: int, workers: int) -> bool:
-    """Whether every readable image of the folder is no larger than ``size`` on either side (headers only)."""
+def all_within_view(found: ImageList, size: int, workers: int, square: bool = False) -> bool:
+    """Whether every readable image of the folder is no larger than ``size`` on either side, and with
+    ``square`` also square (headers only)."""
     loader = DataLoader(found.files, batch_size=256, num_workers=workers,
                         collate_fn=_extents)
-    return all(max(e) <= size for batch in loader for e in batch if e is not None)
+    return all(max(e) <= size and (e[0] == e[1] or not square) for batch in loader for e in batch if e is not None)
 
 
 def load_folder(
@@ -777,7 +778,9 @@ def _decoded_or_cached(found: ImageList, size: int, cache: bool, cache_dir, work
     listing = _listing(found) if cache else b""
     hit = _read_cache(listing, (square, larger), cache_dir) if cache else None
     if hit is None:
-        layout = square if all_within_view(found, size, workers) else larger
+        # A training crop samples the whole image, as torchvision's does: the square layout's centre crop
+        # would cut a non-square image's sides off, so such a folder keeps each image's extent (padded).
+        layout = square if all_within_view(found, size, workers, square=not crop_ratio) else larger
         array_path = cache_dir / f"{_cache_key(listing, layout)}.npy" if cache else None
         if cache:
             _check_disk(cache_dir, len(found.files) * layout.side**2 * 3, found.root)

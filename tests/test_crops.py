@@ -145,13 +145,25 @@ def test_cached_crop_pixels_equal_torchvisions_resized_crop_of_the_original(tmp_
                 assert (view - expected).abs().mean() < atol
 
 
-def test_images_no_larger_than_the_view_keep_the_square_layout(tmp_path):
-    """A CIFAR-like folder (every image at most the view) is stored as decode() squares, no sizes."""
+def test_square_images_no_larger_than_the_view_keep_the_square_layout(tmp_path):
+    """A CIFAR-like folder (every image square and at most the view) is stored as decode() squares, no sizes."""
     for i in range(4):
-        smooth_image(tmp_path / "f" / f"{i}.png", 16, 12, i)
+        smooth_image(tmp_path / "f" / f"{i}.png", 12, 12, i)
     data = load_folder(tmp_path / "f", 16, workers=0, progress=False)
     assert data.sizes is None and data.images.shape == (4, 16, 16, 3)
     assert all(np.array_equal(img.numpy(), decode(tmp_path / "f" / f"{i}.png", 16)) for i, img in enumerate(data.images))
+
+
+def test_small_images_that_are_not_square_keep_their_sides_for_the_crops(tmp_path):
+    """16 x 10 images at a 16 px view: decode()'s centre square would cut off their 3 px side strips, which
+    torchvision's crops can reach. They are stored whole, at their own size, and crops are drawn over it."""
+    for i in range(3):
+        pixels = np.zeros((10, 16, 3), np.uint8)
+        pixels[:, :3] = pixels[:, -3:] = 255
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+    data = load_folder(tmp_path, 16, workers=0, progress=False)
+    assert data.sizes.tolist() == [[10, 16]] * 3
+    assert all(np.array_equal(img[:10, :16].numpy(), pixels) for img in data.images)
 
 
 def large_folder(root, n=8, seed=0):
