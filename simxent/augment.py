@@ -6,9 +6,9 @@ pipeline twice on one batch gives two views (``views(images, n)`` makes n; multi
 from a second pipeline at the small size). Every op follows torchvision's per-image definition
 (tested against it) but works on the whole batch at once: crop, antialiased resize and flip are two batched
 matrix products, colour jitter is plain tensor arithmetic instead of an HSV round trip, blur is kornia's
-separable Gaussian with a sigma per sample. Nothing reads a random draw back to the host, so on a GPU the pipeline never stalls the
-stream (the first version's index-selected subsets and kornia's host-side sigma check in its blur did,
-and made augmentation the slowest part of a GPU step: docs/benchmarks.md).
+separable Gaussian with a sigma per sample. Nothing reads a random draw back to the host, so on a GPU the
+pipeline never stalls the stream (the first version's index-selected subsets and kornia's host-side sigma
+check in its blur did, and made augmentation the slowest part of a GPU step: docs/benchmarks.md).
 """
 from __future__ import annotations
 
