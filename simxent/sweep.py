@@ -17,6 +17,7 @@ time with ``minutes`` > 0 (``train.max_time``); equal steps are the fair budget 
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -124,11 +125,37 @@ def carve_validation(train_dir: str | Path, dest: str | Path, opts: SweepOptions
     dest = Path(dest)
     for name, part in parts.items():
         link_files(found.root, [found.files[i] for i in part], dest / name)
+    members = "\n".join(f"{name}\t{found.files[i]}" for name, part in parts.items() for i in part)
     split = {"train_dir": str(train_dir), "val_fraction": opts.val_fraction, "split_seed": opts.split_seed,
              "subset": opts.subset, "classes": found.classes, "train_per_class": counts["train"],
-             "val_per_class": counts["val"], "train_images": len(parts["train"]), "val_images": len(parts["val"])}
+             "val_per_class": counts["val"], "train_images": len(parts["train"]), "val_images": len(parts["val"]),
+             "parts_digest": hashlib.blake2b(os.fsencode(members), digest_size=16).hexdigest()}
     write_text_atomic(dest / "split.json", json.dumps(split, indent=2))
     return split
+
+
+def read_split(dest: Path) -> dict | None:
+    """DEST/split.json of an earlier sweep into the same out, or None."""
+    try:
+        return json.loads((dest / "split.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def check_same_split(earlier: dict | None, split: dict, out: Path, runs: list[Path]) -> None:
+    """Refuse a sweep run again into its out with another split while runs of the earlier one are there: a
+    run resumed there was trained on the earlier train part, so its validation scores would count images it
+    trained on. A split.json written before the digest compares by its options and counts."""
+    if earlier is None or not any(any((run / "checkpoints").glob("*.pt")) for run in runs):
+        return
+    keys = ("parts_digest",) if "parts_digest" in earlier else \
+        ("train_dir", "val_fraction", "split_seed", "subset", "train_images", "val_images")
+    if any(earlier.get(k) != split[k] for k in keys):
+        raise ConfigError(f"--out {out} holds runs trained on another split of "
+                          f"{earlier.get('train_dir')} (validation fraction {earlier.get('val_fraction')}, split seed "
+                          f"{earlier.get('split_seed')}, subset {earlier.get('subset')}, "
+                          f"{earlier.get('train_images')} train images); their scores would count validation images "
+                          f"they trained on: give that split's options again, or another --out")
 
 
 def split_values(raw: str) -> list[str]:
@@ -246,7 +273,9 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
     opts.check()
     out = Path(out)
     runs = plan_runs(config, grid, out, opts, overrides)
+    earlier = read_split(out / "split")
     split = carve_validation(train_dir, out / "split", opts)
+    check_same_split(earlier, split, out, [Path(cfg.out) for _, _, cfg in runs])
     train_part, val_part = out / "split" / "train", out / "split" / "val"
     results = {"split": split, "budget": budget_text(opts, runs[0][2]), "runs": []}
     writer = SummaryWriter(str(out / "hparams"))

@@ -142,6 +142,23 @@ def test_sweep_chooses_on_validation_and_scores_test_once(tmp_path, monkeypatch)
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_sweep_again_into_its_out_refuses_another_split_while_its_runs_are_there(tmp_path):
+    """With train.resume=auto a second sweep into the same out reuses its runs: fine with the same split, but
+    runs trained on a 75 % train part must not be scored on a validation part they partly trained on."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    out, args = tmp_path / "sweep", (str(shapes / "train"), str(shapes / "test"))
+    grid, overrides = {"loss.temperature": [0.1]}, [*BASE, "train.resume=auto"]
+    first = sweep(None, grid, *args, out, SweepOptions(val_fraction=0.25), overrides, ProbeOptions(epochs=1, knn_k=3),
+                  progress=False)
+    again = sweep(None, grid, *args, out, SweepOptions(val_fraction=0.25), overrides, ProbeOptions(epochs=1, knn_k=3),
+                  progress=False)
+    assert again["runs"][0]["val_knn_top1"] == first["runs"][0]["val_knn_top1"]
+    with pytest.raises(ConfigError, match=rf"--out {out} holds runs trained on another split of .*validation "
+                                          r"fraction 0.25, split seed 0.*30 train images"):
+        sweep(None, grid, *args, out, SweepOptions(val_fraction=0.5), overrides, ProbeOptions(epochs=1, knn_k=3),
+              progress=False)
+
+
 def test_sweep_plot_averages_runs_that_share_a_value():
     from simxent.figures import sweep_plots
 
