@@ -430,8 +430,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
         "train": str(train_dir),
         "test": str(test_dir),
         "objective": objective,
-        # The images' classes: their folders' names, or (multilabel) the label file's labels.
-        "classes": targets.names if objective == "multilabel" else train.classes,
+        "classes": targets.names if objective == "multilabel" else train.classes,  # the labels, not folders
         "targets": targets.names,
         "train_images": len(train),
         "test_images": len(test),
