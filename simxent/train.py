@@ -261,9 +261,10 @@ def load_data(cfg: Config, progress: bool = True, dataset=None, cache_name: Opti
     key = "data.train" if dataset is None else "pretrain(train=...)"
     with naming_the_key(key):  # found once: the kNN bank below decodes the same images again
         source = find_source(cfg.data.train) if dataset is None else dataset_images(dataset, cache_name)
-    if cfg.loss.positives == "labels" and not (dataset is None and source.labelled):
-        raise ConfigError(f"loss.positives=labels: {key} needs a folder with one sub-folder per class, every "
-                          f"image in one (or set loss.positives=views)")
+    if cfg.loss.positives == "labels" and not (dataset is None and source.labelled and len(source.classes) > 1):
+        # One class makes every other view a positive: no negatives, a constant loss, nothing learnt.
+        raise ConfigError(f"loss.positives=labels: {key} needs a folder with one sub-folder per class, at least "
+                          f"two, every image in one (or set loss.positives=views)")
     with naming_the_key(key):
         if cfg.data.stream:
             train = open_stream(source, view_size(cfg.augment, cfg.data.image_size), cfg.data.workers,

@@ -424,3 +424,9 @@ def test_supervised_positives_need_a_labelled_train_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "loss.positives=labels: data.train" in err and "one sub-folder per" in err
     assert not (run / "checkpoints").exists()
+    one = tmp_path / "one"  # one class: every other view a positive, no negative, a constant loss
+    for i in range(20):
+        write_image(one / "cat" / f"{i}.png", seed=i)
+    assert pretrain_main([*TINY_RUN, f"data.train={one}", "loss.positives=labels", f"out={run}"]) == 2
+    assert "sub-folder per class, at least two" in capsys.readouterr().err
+    assert not (run / "checkpoints").exists()
