@@ -121,8 +121,8 @@ def format_summary(summary: dict, out: Path) -> str:
             else " (stopped by a signal)" if summary["stopped_by_signal"] else "")
     knn = summary.get("knn_top1") or []
     lines = [f"checkpoint: {summary['checkpoint']}",
-             f"trained: {summary['epoch']} epoch(s), {summary['global_step']} steps in "
-             f"{summary['seconds']:.0f} s{stop}",
+             f"trained: {summary.get('epochs_trained', summary['epoch']):g} epoch(s), {summary['global_step']} "
+             f"steps in {summary['seconds']:.0f} s{stop}",
              "final loss: " + ("-" if summary["last_loss"] is None else f"{summary['last_loss']:.4f}")]
     if knn:
         lines.append(f"kNN top-1: {knn[-1]['top1']:.4f} (epoch {knn[-1]['epoch']})")

@@ -285,3 +285,20 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line_and_the_last_checkpoint_resum
     assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["global_step"] == 6  # checkpoint_every=2
     monkeypatch.setattr(simxent.train, "step_loss", real)
     assert run(tiny(shapes, out, "train.resume=auto", "train.epochs=2"), capsys)[0] == 0
+
+
+def test_a_stop_at_an_epochs_last_step_counts_that_epoch_as_trained(shapes, tmp_path, capsys, monkeypatch):
+    real, calls = simxent.train.step_loss, {"n": 0}
+
+    def sigterm_in_the_fifth_step(*args):  # 80 images in batches of 16: the first epoch's last step
+        calls["n"] += 1
+        if calls["n"] == 5:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(simxent.train, "step_loss", sigterm_in_the_fifth_step)
+    out = tmp_path / "run"
+    assert pretrain_main(tiny(shapes, out, "train.epochs=3")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["global_step"] == 5 and summary["epochs_trained"] == 1 and summary["epoch"] == 0
+    assert "trained: 1 epoch(s), 5 steps in" in capsys.readouterr().out
