@@ -99,7 +99,9 @@ def find_images(root: str | Path) -> ImageList:
     ``files``, so that decoding names it as unreadable. A sub-folder holding a simxent run (its lock file:
     ``out`` placed inside the image folder) is left out, named in a warning, and so are a run's own
     folders (figures, TensorBoard, ...) when ``root`` is itself a run's ``out``: its figures are not
-    training images.
+    training images. Hidden files and folders below ``root`` (names beginning with ``.``: a notebook's
+    ``.ipynb_checkpoints``, macOS's ``._photo.jpg`` companions) are left out, counted in a warning: they
+    would be read as classes and as images.
     """
     root = Path(root)
     if not root.exists():
@@ -107,7 +109,10 @@ def find_images(root: str | Path) -> ImageList:
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
     files, irregular, unread, seen, runs, root_real = [], [], [], set(), [], os.path.realpath(root)
+    hidden = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        hidden += [Path(dirpath) / d for d in dirnames if d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
@@ -122,13 +127,18 @@ def find_images(root: str | Path) -> ImageList:
         dirnames.sort()
         for name in sorted(filenames):
             suffix = os.path.splitext(name)[1].lower()
-            if suffix in IMAGE_SUFFIXES:
+            if name.startswith("."):
+                hidden += [Path(dirpath) / name] if suffix in IMAGE_SUFFIXES else []
+            elif suffix in IMAGE_SUFFIXES:
                 path = Path(dirpath) / name
                 (files if _regular_or_missing(path) else irregular).append(path)
             elif suffix in UNREAD_SUFFIXES:
                 unread.append(Path(dirpath) / name)
     _report_irregular(irregular, root)
     _report_left_out(runs, unread, root)
+    if hidden:
+        log.warning("left out %d hidden image file(s) and folder(s) in %s (names beginning with '.'), such as %s",
+                    len(hidden), root, hidden[0])
     if not files:
         raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     top = [f.relative_to(root).parts for f in files]

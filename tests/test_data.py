@@ -59,6 +59,19 @@ def test_discovery_nested_uppercase_and_unlabelled(tmp_path):
     assert not found.labelled
 
 
+def test_hidden_files_and_folders_are_neither_images_nor_classes(tmp_path, caplog):
+    """A notebook's .ipynb_checkpoints beside the class folders, a .thumbs inside one, macOS's ._ companions."""
+    write_image(tmp_path / "cat" / "a.png")
+    write_image(tmp_path / "dog" / "b.png")
+    write_image(tmp_path / ".ipynb_checkpoints" / "c.png")
+    write_image(tmp_path / "cat" / ".thumbs" / "a.png")
+    (tmp_path / "dog" / "._b.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    found = find_images(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in found.files] == ["cat/a.png", "dog/b.png"]
+    assert found.classes == ["cat", "dog"] and found.labelled
+    assert "left out 3 hidden image file(s) and folder(s)" in caplog.text
+
+
 def test_jpeg_under_other_names_is_read_and_unread_formats_are_counted(tmp_path, caplog):
     """.jfif and .jpe are JPEG (Windows saves web images so) and .avif Pillow reads: they vanished before, and a
     class of them went with them. HEIC photos, which Pillow cannot decode, are counted in a warning."""
@@ -199,10 +212,11 @@ def test_cache_equals_direct_decode_and_follows_changes(tmp_path):
     expected = np.stack([decode_within(root / "c" / f"{i}.png", 18) for i in range(6)])
     assert np.array_equal(again.images[:, :15, :18].numpy(), expected)
     assert not again.images[:, 15:].any()
-    # For 24 px views no image is larger than the view: squares, as decode() makes them, no sizes.
-    square = load_folder(root, 24, cache_dir=cache, workers=0, progress=False)
-    assert square.sizes is None
-    assert np.array_equal(square.images.numpy(), np.stack([decode(root / "c" / f"{i}.png", 24) for i in range(6)]))
+    # For 24 px views no image is larger than the view, but none is square: each is kept whole, at its own size.
+    whole = load_folder(root, 24, cache_dir=cache, workers=0, progress=False)
+    assert whole.sizes.tolist() == [[20, 24]] * 6
+    assert np.array_equal(whole.images[:, :20, :24].numpy(), np.stack([decode_within(root / "c" / f"{i}.png", 36)
+                                                                       for i in range(6)]))
     assert len(list(cache.glob("*.npy"))) == 2
     write_image(root / "c" / "new.png", seed=99)
     changed = load_folder(root, 12, cache_dir=cache, workers=0, progress=False)
