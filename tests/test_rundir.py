@@ -302,3 +302,16 @@ def test_a_stop_at_an_epochs_last_step_counts_that_epoch_as_trained(shapes, tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["global_step"] == 5 and summary["epochs_trained"] == 1 and summary["epoch"] == 0
     assert "trained: 1 epoch(s), 5 steps in" in capsys.readouterr().out
+
+
+def test_a_refused_run_leaves_nothing_for_the_next_one_to_inherit(shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    status, err = run(tiny(shapes, out, f"data.train={tmp_path / 'nope'}"), capsys)
+    assert status == 2 and f"data.train: image folder not found: {tmp_path / 'nope'}" in error_line(err)
+    assert not out.exists()  # a mistyped folder: no out made
+    (tmp_path / "empty").mkdir()
+    assert run(tiny(shapes, out, f"data.train={tmp_path / 'empty'}"), capsys)[0] == 2
+    assert "no images found" in (out / "train.log").read_text()  # refused once out was claimed: said there
+    assert run(tiny(shapes, out), capsys)[0] == 0
+    log_text = (out / "train.log").read_text()
+    assert "no images found" not in log_text and "80 training images" in log_text
