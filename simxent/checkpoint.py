@@ -78,12 +78,17 @@ def refused_object(e: pickle.UnpicklingError) -> str:
     return said.removeprefix("WeightsUnpickler error:").split(". Please use")[0].strip()
 
 
+def last_in_folder(folder: Path) -> Path | None:
+    """The run's last checkpoint in ``folder``, given as a run folder or as its ``checkpoints``; None if none."""
+    return next((p for p in (folder / "checkpoints" / "last.pt", folder / "last.pt") if p.is_file()), None)
+
+
 def read_weights_file(path: str | Path, map_location="cpu"):
     """Whatever ``path`` holds, read with the safe unpickler: tensors and plain values only."""
     path = Path(path)
     if path.is_dir():
-        last = path / "checkpoints" / "last.pt"
-        hint = f": a run folder's last checkpoint is {last}" if last.is_file() else ""
+        last = last_in_folder(path)
+        hint = f": a run folder's last checkpoint is {last}" if last else ""
         raise CheckpointError(f"{path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")

@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from . import dist, figures
 from .augment import ViewAugment, blur_probability, small_view_size
-from .checkpoint import (Position, changed_settings, check_resumable, load_checkpoint, newest_valid_checkpoint,
-                         restore_training, rng_state, save_rotating, saved_progress, start_branch,
-                         training_state)
+from .checkpoint import (Position, changed_settings, check_resumable, last_in_folder, load_checkpoint,
+                         newest_valid_checkpoint, restore_training, rng_state, save_rotating, saved_progress,
+                         start_branch, training_state)
 from .config import AugmentConfig, Config, ConfigError, check_config, format_config, save_config, to_dict, view_size
 from .data import (Batch, DataError, ImageArray, ImageStream, batch_indices, dataset_images, default_cache_dir,
                    find_source, iterate_batches, load_configured, naming_the_key, open_stream, shared_files)
@@ -142,8 +142,9 @@ def _resume_path(cfg: Config) -> Path | None:
         return newest_valid_checkpoint(checkpoint_path(cfg).parent, recorded_run_id(Path(cfg.out)))
     path = Path(resume)
     if path.is_dir():
+        last = last_in_folder(path) or path / "checkpoints" / "last.pt"
         raise ConfigError(f"train.resume: {path} is a folder, not a checkpoint file; train.resume=auto resumes the "
-                          f"run in out, or give a file such as {path / 'checkpoints' / 'last.pt'}")
+                          f"run in out, or give a file such as {last}")
     if not path.is_file():
         raise ConfigError(f"train.resume: checkpoint not found: {path}")
     return path

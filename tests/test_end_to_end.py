@@ -196,6 +196,12 @@ def test_user_errors_exit_2_with_a_message(shapes, tmp_path, capsys):
             f"{tmp_path / 'done' / 'checkpoints' / 'last.pt'}") in capsys.readouterr().err
     assert pretrain_main(tiny(shapes, tmp_path / "r2", f"train.resume={tmp_path / 'done'}")) == 2
     assert f"train.resume: {tmp_path / 'done'} is a folder, not a checkpoint file" in capsys.readouterr().err
+    # its checkpoints folder: the file inside it, not checkpoints/checkpoints/last.pt
+    assert pretrain_main(tiny(shapes, tmp_path / "r2", f"train.resume={tmp_path / 'done' / 'checkpoints'}")) == 2
+    assert f"give a file such as {tmp_path / 'done' / 'checkpoints' / 'last.pt'}\n" in capsys.readouterr().err
+    assert linear_eval_main(["--checkpoint", str(tmp_path / "done" / "checkpoints"), "--train", str(shapes / "train"),
+                             "--test", str(shapes / "test")]) == 2
+    assert f"last checkpoint is {tmp_path / 'done' / 'checkpoints' / 'last.pt'}\n" in capsys.readouterr().err
 
 
 def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path, capsys, caplog):
