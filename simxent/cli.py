@@ -37,16 +37,15 @@ def report_user_errors(main):
     try:
         return main()
     except USER_ERRORS as e:
-        print(f"simxent: error: {e}", file=sys.stderr)
+        say(f"simxent: error: {e}")
         return 2
     except OSError as e:
         if not is_disk_full(e):
             raise
-        print(f"simxent: error: {e.strerror} writing {e.filename}: free some space and run the command again",
-              file=sys.stderr)
+        say(f"simxent: error: {e.strerror} writing {e.filename}: free some space and run the command again")
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C in training, or the first elsewhere: no traceback
-        print("simxent: interrupted", file=sys.stderr)
+        say("simxent: interrupted")
         return 128 + signal.SIGINT
     except ReaderLeft:  # stop quietly, as ls does
         try:
@@ -54,6 +53,13 @@ def report_user_errors(main):
         except (OSError, ValueError, io.UnsupportedOperation):  # a stdout without a file descriptor
             pass
         return 128 + signal.SIGPIPE
+
+
+def say(line: str) -> None:
+    """One line on stderr in one write: under torchrun every process may say it at once, and two processes'
+    text and newline written apart would join their lines."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 class ReaderLeft(Exception):

@@ -175,3 +175,22 @@ def test_a_reader_that_leaves_a_stdout_without_a_file_descriptor_ends_quietly_to
 
     monkeypatch.setattr(sys, "stdout", LeftReader())
     assert cli.report_user_errors(lambda: cli.show("pair 0") or 0) == 141
+
+
+def test_an_error_is_one_write_of_one_line(monkeypatch):
+    """Under torchrun both processes may report the same error at once: each line must reach stderr in one
+    write, or the two lines join (``... processessimxent: error: ...``)."""
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+
+    def refused():
+        raise cli.ConfigError("train.batch_size=127 (the global batch) must divide by the 2 processes")
+
+    assert cli.report_user_errors(refused) == 2
+    assert writes == ["simxent: error: train.batch_size=127 (the global batch) must divide by the 2 processes\n"]
