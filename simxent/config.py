@@ -551,9 +551,11 @@ def check_streaming(cfg: Config) -> None:
                           "image at one view size)")
     if (cfg.augment.views, cfg.augment.small_views) != (2, 0):
         # The decoding workers crop a streamed image larger than the view themselves, two crops per image.
+        wanted = " ".join(f"{k}={v}" for k, v, now in (("augment.views", 2, cfg.augment.views),
+                                                       ("augment.small_views", 0, cfg.augment.small_views)) if v != now)
         raise ConfigError(f"augment.views={cfg.augment.views}, augment.small_views={cfg.augment.small_views}: "
-                          f"data.stream=true makes two full-size views per image (set augment.views=2, "
-                          f"augment.small_views=0, or data.stream=false)")
+                          f"data.stream=true makes two full-size views per image (set {wanted}, or "
+                          f"data.stream=false)")
     if cfg.loss.positives == "labels":
         # A streamed bad file is replaced by the next readable one, possibly of another class, while the
         # batch keeps the first file's label: supervised positives would silently pair the wrong images.

@@ -357,8 +357,9 @@ def test_hydra_prefixes_are_recognised(override, match):
 
 def test_streaming_takes_two_full_size_views_only():
     """Streamed images larger than the view are cropped in the decoding workers, two crops per image."""
-    for extra in ("augment.views=3", "augment.small_views=2"):
-        with pytest.raises(ConfigError, match="data.stream=true makes two full-size views per image"):
+    for extra, fix in (("augment.views=3", "augment.views=2"), ("augment.small_views=2", "augment.small_views=0")):
+        with pytest.raises(ConfigError, match=rf"data.stream=true makes two full-size views per image \(set {fix}, "
+                                              r"or data.stream=false\)"):  # only the key that needs changing
             load_config(None, ["data.stream=true", extra])
     assert load_config(None, ["data.stream=false", "augment.views=3", "augment.small_views=2"]).augment.views == 3
 
