@@ -102,7 +102,8 @@ def clear_run(out: Path) -> None:
     for name in RUN_FOLDERS:
         if (out / name).is_dir() and not (out / name).is_symlink():
             kept += _clear_folder(out / name)
-    left = f"; kept {len(kept)} other file(s) there, such as {kept[0]}" if kept else ""
+    left = f"; kept {len(kept)} file(s) of yours inside its {', '.join(RUN_FOLDERS)} folders, such as {kept[0]}" \
+        if kept else ""
     log.warning("train.overwrite=true: cleared the previous run in %s%s", out, left)
 
 

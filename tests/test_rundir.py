@@ -99,7 +99,7 @@ def test_overwrite_keeps_the_users_files_inside_the_runs_folders(shapes, tmp_pat
     status, err = run(tiny(shapes, out, "train.overwrite=true", "train.keep_checkpoints=1"), capsys)
     assert status == 0, err
     assert all(path.read_bytes() == data for path, data in mine.items())
-    assert "kept 4 other file(s)" in err
+    assert "kept 4 file(s) of yours inside its checkpoints, tb, figures, linear_eval folders" in err
     assert not any(path.exists() for path in old_events)
     assert not list((out / "checkpoints").glob(f"step-*-{first}.pt"))
     assert load_checkpoint(out / "checkpoints" / "last.pt")["run_id"] != first
