@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from .files import missing_file
+
 log = logging.getLogger("simxent")
 
 
@@ -77,7 +79,8 @@ def class_weights(spec: str, labels: torch.Tensor, classes: list[str], beta: flo
     else:
         path = Path(spec)
         if not path.is_file():
-            raise ClassWeightError(f"--class-weight: expected none, balanced, effective or a file; no file {path}")
+            raise ClassWeightError(f"--class-weight: expected none, balanced, effective or a file; "
+                                   f"{missing_file(path, 'class-weight file')}")
         weights = from_file(path, classes)
     check_float32(weights, counts, classes)
     report(weights, counts, classes)

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .files import write_text_atomic
+from .files import missing_file, write_text_atomic
 
 
 # The range a learnt temperature is kept in (simxent.loss.Temperature). 0.01 is CLIP's bound (logit scale
@@ -290,7 +290,7 @@ def read_config_file(path: str | Path) -> tuple[str, str]:
     stem = Path(path).stem
     hint = (f"; the presets ship with simxent: write '{stem}'" if stem in presets
             else f"; presets by name: {', '.join(presets)}")
-    raise ConfigError(f"config file not found: {path}{hint}")
+    raise ConfigError(missing_file(path, "config file") + hint)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:

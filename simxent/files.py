@@ -88,6 +88,12 @@ def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in DISK_FULL
 
 
+def missing_file(path: str | Path, what: str) -> str:
+    """Why ``path``, which is not a file, cannot be read as the ``what`` (a label file, ...): a folder
+    stands there, or nothing does."""
+    return f"{what} {path} is a folder, not a file" if Path(path).is_dir() else f"{what} not found: {path}"
+
+
 def folder_problem(path: Path) -> str | None:
     """Create the folder ``path`` if needed; what makes it unusable for writing (a file in its place, no
     permission to create or write it), or None when it is usable."""

@@ -19,6 +19,7 @@ import torch
 
 from .config import ConfigError
 from .data import ImageArray
+from .files import missing_file
 
 log = logging.getLogger("simxent")
 
@@ -95,7 +96,7 @@ def read_label_csv(path: str | Path, data: ImageArray, root: str | Path, names: 
     ignored."""
     path, root = Path(path), Path(root)
     if not path.is_file():
-        raise ConfigError(f"label file not found: {path}")
+        raise ConfigError(missing_file(path, "label file"))
     base = root.parent if root.is_file() else root  # a list's entries are relative to the list's folder
     images = [image_name(f, base) for f in data.files]
     unreadable = {image_name(f, base) for f in data.skipped}

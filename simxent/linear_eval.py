@@ -21,7 +21,7 @@ from .data import ImageArray, copied_images, load_configured, naming_the_key, sh
 from .class_weights import class_weights, positive_weights
 from .evaluate import OBJECTIVES, Objective, classification_report, extract_features, knn_scores, objective_named, \
     train_linear_probe
-from .files import json_text, write_text_atomic
+from .files import json_text, missing_file, write_text_atomic
 from .label_files import check_label_sets, read_label_csv
 from .models import backbone
 from .monitor import Monitor
@@ -99,6 +99,8 @@ def check_outputs(out: Path, json_path: Optional[Path]) -> None:
     for option, folder in (("--out", out), ("--json", json_path.parent if json_path else None)):
         if folder is None:
             continue
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"{option}: {folder} is a file, not a folder")
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tempfile.TemporaryFile(dir=folder).close()
@@ -326,7 +328,7 @@ def check_eval_options(opts: ProbeOptions, crop_ratio: float, objective: str, tr
             raise ConfigError("--objective multilabel needs --train-labels and --test-labels CSV files")
         for option, path in (("--train-labels", train_labels), ("--test-labels", test_labels)):
             if not Path(path).is_file():
-                raise ConfigError(f"{option}: label file not found: {path}")
+                raise ConfigError(f"{option}: {missing_file(path, 'label file')}")
 
 
 def label_file_targets(train: ImageArray, test: ImageArray, train_dir, test_dir, opts: ProbeOptions,

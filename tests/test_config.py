@@ -127,6 +127,8 @@ def test_a_resolution_schedule_is_refused_where_it_cannot_hold(overrides, match)
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder, not a file"):
+        load_config(tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):

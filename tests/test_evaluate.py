@@ -101,7 +101,7 @@ def test_weight_files_are_keyed_by_class_name(tmp_path):
         f.write_text(text)
         with pytest.raises(ClassWeightError, match=match):
             class_weights(str(f), labels, classes)
-    with pytest.raises(ClassWeightError, match="no file"):
+    with pytest.raises(ClassWeightError, match="class-weight file not found"):
         class_weights(str(tmp_path / "missing.txt"), labels, classes)
     # Names with spaces or a '#' (the folders of ImageNet-style data sets), and Notepad's byte-order mark.
     classes = ["golden retriever", "cat#2"]

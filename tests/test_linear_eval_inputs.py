@@ -258,6 +258,9 @@ def test_bad_options_and_outputs_stop_before_decoding(run, tmp_path, monkeypatch
     assert evaluate(ckpt, shapes, "--objective", "multilabel", "--train-labels", str(tmp_path / "none.csv"),
                     "--test-labels", str(tmp_path / "none.csv")) == 2
     assert "--train-labels: label file not found" in capsys.readouterr().err
+    assert evaluate(ckpt, shapes, "--objective", "multilabel", "--train-labels", str(tmp_path),
+                    "--test-labels", str(tmp_path)) == 2
+    assert f"--train-labels: label file {tmp_path} is a folder, not a file" in capsys.readouterr().err
     # an option of another objective would be ignored and the folders' classes scored instead
     (tmp_path / "labels.csv").write_text("")
     assert evaluate(ckpt, shapes, "--train-labels", str(tmp_path / "labels.csv")) == 2
@@ -268,7 +271,7 @@ def test_bad_options_and_outputs_stop_before_decoding(run, tmp_path, monkeypatch
     assert "--label-smoothing applies to --objective multiclass; this run's is binary" in capsys.readouterr().err
     (tmp_path / "taken").write_text("")
     assert evaluate(ckpt, shapes, "--out", str(tmp_path / "taken")) == 2
-    assert "--out: cannot write in" in capsys.readouterr().err
+    assert f"--out: {tmp_path / 'taken'} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_a_single_class_is_refused_not_scored_one(run, tmp_path, capsys):
@@ -376,3 +379,10 @@ def test_a_knn_k_above_the_training_images_is_said(run, tmp_path, caplog):
         assert "--knn-k" not in caplog.text
         assert evaluate(ckpt, shapes, "--knn-k", "200", "--out", str(tmp_path / "b")) == 0
     assert "--knn-k 200 exceeds the 20 training images" in caplog.text
+
+
+def test_a_folder_given_as_the_class_weight_file_is_named_as_one(tmp_path):
+    with pytest.raises(ClassWeightError, match=f"class-weight file {tmp_path} is a folder, not a file"):
+        class_weights(str(tmp_path), torch.tensor([0, 1]), ["cat", "dog"])
+    with pytest.raises(ClassWeightError, match=f"class-weight file not found: {tmp_path / 'w.txt'}"):
+        class_weights(str(tmp_path / "w.txt"), torch.tensor([0, 1]), ["cat", "dog"])
