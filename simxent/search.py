@@ -170,6 +170,8 @@ def write_store(out: Path, store: EmbeddingStore) -> None:
 def read_store(folder: str | Path) -> EmbeddingStore:
     """Read a folder written by :func:`embed_folder`; a missing or inconsistent file is a DataError naming it."""
     folder = Path(folder)
+    if folder.is_file():
+        raise DataError(f"--index: {folder} is a file; give the folder simxent-embed wrote, {folder.parent}")
     for name in (META, EMBEDDINGS, NAMES, INDEX):
         if not (folder / name).is_file():
             raise DataError(f"--index: {folder / name} not found; make the folder with simxent-embed")

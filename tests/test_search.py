@@ -292,6 +292,8 @@ def test_bad_inputs_are_one_line_naming_them(embedded, tmp_path, capsys):
     assert "broken.png" in capsys.readouterr().err
     assert cli.search_main(["--index", str(tmp_path), str(folder / "a" / "3.png")]) == 2
     assert "meta.json not found" in capsys.readouterr().err
+    assert cli.search_main(["--index", str(out / "index.faiss"), str(folder / "a" / "3.png")]) == 2
+    assert f"is a file; give the folder simxent-embed wrote, {out}\n" in capsys.readouterr().err
     assert cli.search_main(["--index", str(out), "--duplicates", "1.5"]) == 2
     assert "--duplicates" in capsys.readouterr().err
     assert cli.search_main(["--index", str(out), "--k", "0", str(folder / "a" / "3.png")]) == 2
