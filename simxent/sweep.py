@@ -35,6 +35,7 @@ from .config import ConfigError, load_config, parse_override
 from .data import DataError, find_images, naming_the_key
 from .files import write_text_atomic
 from .linear_eval import ProbeOptions, linear_eval
+from .rundir import has_checkpoints
 from .train import pretrain
 
 METRICS = ("knn_top1", "linear_top1")
@@ -102,9 +103,10 @@ def link_files(root: Path, files: list[Path], dest: Path) -> None:
         os.symlink(os.path.realpath(f), link)
 
 
-def carve_validation(train_dir: str | Path, dest: str | Path, opts: SweepOptions) -> dict:
+def carve_validation(train_dir: str | Path, dest: str | Path, opts: SweepOptions, runs: list[Path] = ()) -> dict:
     """Split the labelled ``train_dir`` into DEST/train and DEST/val (see :func:`stratified_split`); the
-    counts per class go to DEST/split.json and are returned."""
+    counts per class go to DEST/split.json and are returned. A split other than the one DEST holds is refused
+    before DEST is touched while ``runs`` (the sweep's run folders) hold checkpoints: :func:`check_same_split`."""
     with naming_the_key("--train"):
         found = find_images(train_dir)
     if not found.labelled:
@@ -123,13 +125,16 @@ def carve_validation(train_dir: str | Path, dest: str | Path, opts: SweepOptions
             raise ConfigError(f"--val-fraction {opts.val_fraction:g}: the {name} part of {train_dir} would have no "
                               f"image of class {missing!r}; use a fraction that leaves each class both parts")
     dest = Path(dest)
-    for name, part in parts.items():
-        link_files(found.root, [found.files[i] for i in part], dest / name)
-    members = "\n".join(f"{name}\t{found.files[i]}" for name, part in parts.items() for i in part)
+    # Names inside the folder: the same split whether the folder is given relative, absolute or by a link.
+    members = "\n".join(f"{name}\t{found.files[i].relative_to(found.root).as_posix()}"
+                        for name, part in parts.items() for i in part)
     split = {"train_dir": str(train_dir), "val_fraction": opts.val_fraction, "split_seed": opts.split_seed,
              "subset": opts.subset, "classes": found.classes, "train_per_class": counts["train"],
              "val_per_class": counts["val"], "train_images": len(parts["train"]), "val_images": len(parts["val"]),
              "parts_digest": hashlib.blake2b(os.fsencode(members), digest_size=16).hexdigest()}
+    check_same_split(read_split(dest), split, dest.parent, runs)
+    for name, part in parts.items():
+        link_files(found.root, [found.files[i] for i in part], dest / name)
     write_text_atomic(dest / "split.json", json.dumps(split, indent=2))
     return split
 
@@ -146,10 +151,10 @@ def check_same_split(earlier: dict | None, split: dict, out: Path, runs: list[Pa
     """Refuse a sweep run again into its out with another split while runs of the earlier one are there: a
     run resumed there was trained on the earlier train part, so its validation scores would count images it
     trained on. A split.json written before the digest compares by its options and counts."""
-    if earlier is None or not any(any((run / "checkpoints").glob("*.pt")) for run in runs):
+    if earlier is None or not any(has_checkpoints(run) for run in runs):
         return
     keys = ("parts_digest",) if "parts_digest" in earlier else \
-        ("train_dir", "val_fraction", "split_seed", "subset", "train_images", "val_images")
+        ("val_fraction", "split_seed", "subset", "train_images", "val_images")
     if any(earlier.get(k) != split[k] for k in keys):
         raise ConfigError(f"--out {out} holds runs trained on another split of "
                           f"{earlier.get('train_dir')} (validation fraction {earlier.get('val_fraction')}, split seed "
@@ -273,9 +278,7 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
     opts.check()
     out = Path(out)
     runs = plan_runs(config, grid, out, opts, overrides)
-    earlier = read_split(out / "split")
-    split = carve_validation(train_dir, out / "split", opts)
-    check_same_split(earlier, split, out, [Path(cfg.out) for _, _, cfg in runs])
+    split = carve_validation(train_dir, out / "split", opts, [Path(cfg.out) for _, _, cfg in runs])
     train_part, val_part = out / "split" / "train", out / "split" / "val"
     results = {"split": split, "budget": budget_text(opts, runs[0][2]), "runs": []}
     writer = SummaryWriter(str(out / "hparams"))

@@ -153,10 +153,18 @@ def test_a_sweep_again_into_its_out_refuses_another_split_while_its_runs_are_the
     again = sweep(None, grid, *args, out, SweepOptions(val_fraction=0.25), overrides, ProbeOptions(epochs=1, knn_k=3),
                   progress=False)
     assert again["runs"][0]["val_knn_top1"] == first["runs"][0]["val_knn_top1"]
-    with pytest.raises(ConfigError, match=rf"--out {out} holds runs trained on another split of .*validation "
-                                          r"fraction 0.25, split seed 0.*30 train images"):
-        sweep(None, grid, *args, out, SweepOptions(val_fraction=0.5), overrides, ProbeOptions(epochs=1, knn_k=3),
-              progress=False)
+    for attempt in range(2):  # refused again: the first refusal left the split as it was
+        with pytest.raises(ConfigError, match=rf"--out {out} holds runs trained on another split of .*validation "
+                                              r"fraction 0.25, split seed 0.*30 train images"):
+            sweep(None, grid, *args, out, SweepOptions(val_fraction=0.5), overrides,
+                  ProbeOptions(epochs=1, knn_k=3), progress=False)
+    assert json.loads((out / "split" / "split.json").read_text())["val_fraction"] == 0.25
+    assert len(list((out / "split" / "val").rglob("*.png"))) == 10
+    # The same split reached through a link to the folder is the same split.
+    (tmp_path / "link").symlink_to(shapes / "train", target_is_directory=True)
+    again = sweep(None, grid, str(tmp_path / "link"), args[1], out, SweepOptions(val_fraction=0.25), overrides,
+                  ProbeOptions(epochs=1, knn_k=3), progress=False)
+    assert again["runs"][0]["val_knn_top1"] == first["runs"][0]["val_knn_top1"]
 
 
 def test_sweep_plot_averages_runs_that_share_a_value():
