@@ -42,7 +42,8 @@ def report_user_errors(main):
     except OSError as e:
         if not is_disk_full(e):
             raise
-        say(f"simxent: error: {e.strerror} writing {e.filename}: free some space and run the command again")
+        where = f" writing {e.filename}" if e.filename else ""
+        say(f"simxent: error: {e.strerror}{where}: free some space and run the command again")
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C in training, or the first elsewhere: no traceback
         say("simxent: interrupted")

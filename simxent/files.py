@@ -141,6 +141,8 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename == str(tmp):  # name the file the user knows
+        # Name the file the user knows: not the temporary one, and not none (a write or close that runs out
+        # of space raises without a name).
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
