@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from dataclasses import asdict, dataclass
@@ -313,14 +314,23 @@ def start_branch(folder: str | Path, run_id: str, step: int, resumed: Path) -> P
 
     A checkpoint inside ``folder/superseded-after-step-<k>-*/`` resumes that set-aside branch: it shares
     the top level's steps up to k only, so the top level's steps after k go aside instead, and the branch's
-    own steps up to ``step`` come back, so that the top level holds one line of steps again."""
+    own steps up to ``step`` come back, so that the top level holds one line of steps again. What stays in
+    the branch's folder now comes after ``step``: the folder is renamed to say so (or removed when empty)."""
     folder, source = Path(folder), Path(resumed).resolve().parent
-    branch = source.parent == folder.resolve() and source.name.startswith("superseded-after-step-")
-    aside = set_aside_later_steps(folder, run_id, int(source.name.split("-")[3]) if branch else step)
-    if branch:
-        for p in step_files(source, run_id):
-            if file_step(p) <= step:
-                os.replace(p, folder / p.name)
+    fork = re.fullmatch(r"superseded-after-step-(\d+)-(\w+)", source.name)
+    if source.parent != folder.resolve() or not fork:
+        return set_aside_later_steps(folder, run_id, step)
+    aside = set_aside_later_steps(folder, run_id, int(fork[1]))
+    for p in step_files(source, run_id):
+        if file_step(p) <= step:
+            os.replace(p, folder / p.name)
+    last = source / "last.pt"
+    if last.is_file() and not any(os.path.samefile(last, p) for p in step_files(source, run_id)):
+        last.unlink()  # a link to a step file that came back: it would keep that file's blocks twice named
+    if any(source.iterdir()):
+        os.replace(source, folder / f"superseded-after-step-{step}-{fork[2]}")
+    else:
+        source.rmdir()
     return aside
 
 

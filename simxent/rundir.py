@@ -75,10 +75,16 @@ def run_lock(out: Path):
         os.close(fd)  # releases the lock; the file stays (unlinking a lock file races with its next taker)
 
 
+def has_checkpoints(out: Path) -> bool:
+    """Whether ``out/checkpoints`` holds a checkpoint a run wrote (``last.pt``, a step file), not just a .pt
+    file of the user's."""
+    return any(p.name == "last.pt" or p.name.startswith("step-") for p in (out / "checkpoints").glob("*.pt"))
+
+
 def holds_run(out: Path) -> bool:
     """Whether ``out`` holds a run's progress: a checkpoint or TensorBoard events."""
     tb = out / "tb"
-    return any((out / "checkpoints").glob("*.pt")) or (tb.is_dir() and any(tb.rglob("events.out.tfevents.*")))
+    return has_checkpoints(out) or (tb.is_dir() and any(tb.rglob("events.out.tfevents.*")))
 
 
 def recorded_run_id(out: Path) -> str | None:
@@ -97,10 +103,13 @@ def clear_run(out: Path) -> None:
     """Delete what runs write in ``out``: RUN_FILES, and the files named as in RUN_FILE_NAMES inside
     RUN_FOLDERS, whose folders go once empty. Any other file stays, and is counted in the warning."""
     for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
+        if not (out / name).is_dir() or (out / name).is_symlink():  # a folder of that name is not the run's
+            (out / name).unlink(missing_ok=True)
     kept = []
     for name in RUN_FOLDERS:
-        if (out / name).is_dir() and not (out / name).is_symlink():
+        if (out / name).is_symlink():  # the link goes, as a run makes its own folder; never what it points to
+            (out / name).unlink()
+        elif (out / name).is_dir():
             kept += _clear_folder(out / name)
     left = f"; kept {len(kept)} file(s) of yours inside its {', '.join(RUN_FOLDERS)} folders, such as {kept[0]}" \
         if kept else ""

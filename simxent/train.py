@@ -36,7 +36,7 @@ from .files import write_text_atomic
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, similarity_samples
 from .models import SimCLR, feature_size
 from .monitor import Monitor
-from .rundir import claim, holds_run, recorded_run_id, run_lock, writable_folder
+from .rundir import claim, has_checkpoints, holds_run, recorded_run_id, run_lock, writable_folder
 from .runtime import (SlowStepWatch, autocast, close_log_file, configure_device, held_warnings, resolve_device,
                       resolve_dtype, seed_everything, set_threads, setup_logging, show_progress_bars)
 from .schedule import TimeBudget, build_optimizer, peak_lr, set_lr, warmup_steps
@@ -716,7 +716,7 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
         if run.branch_from is not None:  # at the new branch's first save, not before: a failed start moves nothing
             aside = start_branch(folder, run.run_id, run.first_step, run.branch_from)
             if aside:
-                log.warning("run %s was resumed from step %d, before its newest checkpoints: those are moved to %s",
+                log.warning("run %s continues from step %d: its step files not on that line are moved to %s",
                             run.run_id, run.first_step, aside)
             run.branch_from = None
         save_rotating(state, folder, run.pos.global_step, run.cfg.train.keep_checkpoints, run.run_id)
@@ -841,7 +841,7 @@ def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, 
     resumed_id = state.get("run_id") if state else None
     # Killed (or restarted by torchrun) before its first checkpoint: the folder is still its own, and the
     # run starts again from step 0. Only with no checkpoint file at all: unreadable ones stop the run.
-    kept = any((out / "checkpoints").glob("*.pt"))
+    kept = has_checkpoints(out)
     if state is None and kept and cfg.train.resume == "auto" and not cfg.train.overwrite:
         raise ConfigError(f"train.resume=auto: no checkpoint in {out / 'checkpoints'} loads (each is named in a "
                           f"warning above); give one by path, or train.overwrite=true to start again")

@@ -18,6 +18,7 @@ import simxent.train
 from simxent.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_rotating
 from simxent.cli import pretrain_main
 from simxent.demo import make_shapes
+from simxent.rundir import clear_run
 from tests.conftest import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -255,7 +256,7 @@ def test_a_failure_while_writing_the_summary_leaves_the_previous_one_whole(shape
     def disk_fills_midway(self, text, *args, **kwargs):
         if "summary.json" in self.name:
             write_text(self, text[: len(text) // 2], *args, **kwargs)
-            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a write raises it: no file name
         return write_text(self, text, *args, **kwargs)
 
     monkeypatch.setattr(Path, "write_text", disk_fills_midway)
@@ -315,3 +316,17 @@ def test_a_refused_run_leaves_nothing_for_the_next_one_to_inherit(shapes, tmp_pa
     assert run(tiny(shapes, out), capsys)[0] == 0
     log_text = (out / "train.log").read_text()
     assert "no images found" not in log_text and "80 training images" in log_text
+
+
+def test_overwrite_removes_a_linked_run_folder_as_a_link_and_keeps_a_folder_under_a_run_files_name(tmp_path):
+    shared = tmp_path / "shared_tb"
+    shared.mkdir()
+    (shared / "events.out.tfevents.1.host").write_bytes(b"theirs")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "tb").symlink_to(shared, target_is_directory=True)
+    (out / "summary.json").mkdir()  # a folder of the user's under a name runs write as a file
+    (out / "summary.json" / "mine.txt").write_text("mine")
+    clear_run(out)
+    assert not (out / "tb").exists() and (shared / "events.out.tfevents.1.host").read_bytes() == b"theirs"
+    assert (out / "summary.json" / "mine.txt").read_text() == "mine"
