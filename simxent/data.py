@@ -4,14 +4,15 @@ A source of training images is a folder (:func:`find_images`), a text file listi
 (:func:`read_image_list`) or a user's Dataset of images (:func:`dataset_images`); each becomes an
 :class:`ImageList`, and everything below reads an ImageList the same way.
 
-A folder is read once into a uint8 array (N, H, W, 3) (:class:`Layout`): a folder of images no larger than
-the view as size x size squares (shorter side resized, centre crop); any other folder for training with each
+A folder is read once into a uint8 array (N, H, W, 3) (:class:`Layout`): a folder of square images no larger
+than the view as size x size squares; any other folder for training with each
 image's longer side at ``decode_size``, aspect ratio kept, stored top-left and its true size recorded, so
 that crops are drawn over the whole photograph; for evaluation, the ImageNet protocol (shorter side to
 size / crop_ratio, centre crop). Random augmentation happens later, batched on the training device
 (:mod:`simxent.augment`), so decoding is the only per-image work and it is done once per folder.
 Folders too large to keep decoded stream instead (:class:`ImageStream`): decoded in DataLoader workers
-every epoch, where the crops of images larger than the view are taken from the full-resolution image.
+every epoch, where the crops of images larger than the view (or not square) are taken from the
+full-resolution image.
 """
 from __future__ import annotations
 
@@ -111,8 +112,6 @@ def find_images(root: str | Path) -> ImageList:
     files, irregular, unread, seen, runs, root_real = [], [], [], set(), [], os.path.realpath(root)
     hidden = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        hidden += [Path(dirpath) / d for d in dirnames if d.startswith(".")]
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
@@ -124,7 +123,8 @@ def find_images(root: str | Path) -> ImageList:
         if LOCK_FILE in filenames:  # the image folder is itself a run's out: its outputs are not images
             dirnames[:] = [d for d in dirnames if d not in RUN_FOLDERS]
         seen.add(real)
-        dirnames.sort()
+        hidden += [Path(dirpath) / d for d in dirnames if d.startswith(".")]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             suffix = os.path.splitext(name)[1].lower()
             if name.startswith("."):
@@ -536,9 +536,9 @@ def copied_images(a: ImageArray, b: ImageArray, chunk: int = 4096) -> torch.Tens
 
 
 class _BatchDecoder(Dataset):
-    """Decodes ``(indices, seed)`` into one batch: (B, S, S, 3) uint8 squares when every image is no larger
-    than the view (S px each side), else (2B, S, S, 3), both views' crops of each image (view 1 first)
-    drawn over its full size by a generator seeded with ``seed``. A bad file is replaced by the next
+    """Decodes ``(indices, seed)`` into one batch: (B, S, S, 3) uint8 squares when every image is square and
+    no larger than the view (S px each side), else (2B, S, S, 3), both views' crops of each image (view 1
+    first) drawn over its full size by a generator seeded with ``seed``. A bad file is replaced by the next
     readable one in the folder, so every batch keeps its size (processes must agree on it); the bad files
     come back with the batch to be named, each with the reason it could not be read (the reader stops on
     them under ``data.on_bad_image=error``)."""
@@ -549,15 +549,17 @@ class _BatchDecoder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def _larger_than_view(self, path: str) -> bool:
+    def _cropped_here(self, path: str) -> bool:
+        """Larger than the view, or not square: a centre square would cut off what crops can reach."""
         try:
-            return max(image_extent(path)) > self.size
+            height, width = image_extent(path)
+            return max(height, width) > self.size or height != width
         except Exception:  # noqa: BLE001 - an unreadable file is found and named when decoded
             return False
 
     def __getitem__(self, item: tuple[list[int], int]):
         indices, seed = item
-        cropped = any(self._larger_than_view(self.files[i]) for i in indices)
+        cropped = any(self._cropped_here(self.files[i]) for i in indices)
         generator = torch.Generator().manual_seed(seed)
         out = np.empty((2 if cropped else 1, len(indices), self.size, self.size, 3), dtype=np.uint8)
         bad = []
@@ -588,8 +590,8 @@ class ImageStream:
     """A folder decoded batch by batch in ``workers`` DataLoader processes, every epoch: for folders whose
     decoded array would not fit the disk or memory (ImageNet at 224 px is ~190 GB).
 
-    A batch of images no larger than the view (``size``) is exactly the batch an :class:`ImageArray` of the
-    same folder yields. A batch holding a larger image comes as both views' crops (``Batch.cropped``): each
+    A batch of square images no larger than the view (``size``) is exactly the batch an :class:`ImageArray`
+    of the same folder yields. A batch holding a larger (or non-square) image comes as both views' crops (``Batch.cropped``): each
     image's two boxes are drawn over its full size (torchvision's RandomResizedCrop, ``crop_scale``) by the
     worker, from a seed drawn from the epoch's generator, and only the boxes are resized. A bad file,
     found only when read, is replaced by the next readable one and added to ``skipped`` (why, to
@@ -645,7 +647,7 @@ class Layout:
     """How a folder's decoded array holds its images, (N, side, side, 3) uint8:
 
     - ``square``: every image at ``size`` x ``size``, shorter side resized and centre crop (:func:`decode`);
-      the layout of a folder whose images are all no larger than the view.
+      the layout of a folder whose images are all square and no larger than the view.
     - ``padded``: for training on larger images, each image's longer side at ``side`` px or its own size if
       smaller (:func:`decode_within`), aspect ratio kept, stored top-left; the true sizes are recorded.
     - ``eval``: the evaluation transform (:func:`decode_eval` with ``crop_ratio``) at ``size`` px."""
@@ -737,7 +739,8 @@ def load_folder(
     ``root`` may also be a list file or an :class:`ImageList` (:func:`find_source`); a dataset without a
     cache name is decoded into memory.
 
-    A folder whose images are all no larger than ``size`` is stored ``square`` (:class:`Layout`); any other
+    A folder whose images are all square and no larger than ``size`` is stored ``square`` (:class:`Layout`);
+    for evaluation, one whose images are no larger than ``size``; any other
     is stored ``padded`` at ``decode_side(size, decode_size)`` for training, or with the evaluation
     transform when ``crop_ratio`` is given. With ``cache``, images are decoded straight into a memory-mapped
     file under ``cache_dir`` (disk, not RAM, bounds the folder's size: N * side^2 * 3 bytes); without it,
@@ -917,7 +920,8 @@ def _write_meta(good: np.ndarray, bad: dict[int, str], sizes: Optional[list], fo
     """Written after the array, through a temporary file and an atomic rename: a cache entry without its
     metadata is never used. ``bad``: each unreadable file's index and reason; ``sizes``: each good image's
     true (h, w) in a padded layout, else None."""
-    root = str(Path(found.root).resolve())  # the listing names the folder wherever it is read from
+    # The listing names a folder or list file wherever it is read from; a dataset by its name.
+    root = str(found.root) if found.kind == "dataset" else str(Path(found.root).resolve())
     write_text_atomic(meta_path, json.dumps({"root": root, "good": good.tolist(), "bad": sorted(bad),
                                              "reasons": {str(i): r for i, r in sorted(bad.items())}, "sizes": sizes}))
 

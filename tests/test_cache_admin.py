@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from simxent.cli import cache_main, main
 from simxent.data import load_folder
 from simxent.files import HOST, temp_path
@@ -74,3 +76,13 @@ def test_list_names_a_folder_given_by_a_relative_path_in_full(tmp_path, capsys, 
     assert cache_main(["--dir", str(tmp_path / "cache"), "list"]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if "photos" in line]
     assert row.endswith(f"  {tmp_path.resolve() / 'photos'}")
+
+
+def test_list_names_a_cached_dataset_by_its_name(tmp_path, capsys, monkeypatch):
+    from simxent.data import dataset_images
+    monkeypatch.chdir(tmp_path)
+    images = [torch.zeros(3, 8, 8, dtype=torch.uint8) + i for i in range(3)]
+    load_folder(dataset_images(images, "my pets"), 8, cache_dir=tmp_path / "cache", workers=0, progress=False)
+    assert cache_main(["--dir", str(tmp_path / "cache"), "list"]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if "my pets" in line]
+    assert row.endswith("  dataset my pets")  # not made a path under the current folder

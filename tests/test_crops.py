@@ -164,6 +164,9 @@ def test_small_images_that_are_not_square_keep_their_sides_for_the_crops(tmp_pat
     data = load_folder(tmp_path, 16, workers=0, progress=False)
     assert data.sizes.tolist() == [[10, 16]] * 3
     assert all(np.array_equal(img[:10, :16].numpy(), pixels) for img in data.images)
+    # Streamed, they come as crops drawn over the whole image, not as centre squares.
+    (_, batch), = iterate_batches(open_stream(tmp_path, 16, workers=0), 3, torch.Generator().manual_seed(0))
+    assert batch.cropped and batch.images.shape == (6, 3, 16, 16)
 
 
 def large_folder(root, n=8, seed=0):
