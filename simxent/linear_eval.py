@@ -17,7 +17,7 @@ from .augment import Normalize
 from .calibration import class_probabilities, per_class, reliability
 from .checkpoint import ENCODER_KEYS, checkpoint_encoder, load_backbone, load_checkpoint, saved_config
 from .config import MAX_IMAGE_SIZE, Config, ConfigError, DataConfig
-from .data import ImageArray, copied_images, load_configured, naming_the_key, shared_files
+from .data import ImageArray, ImageList, copied_images, find_source, load_configured, naming_the_key, shared_files
 from .class_weights import class_weights, positive_weights
 from .evaluate import OBJECTIVES, Objective, classification_report, extract_features, knn_scores, objective_named, \
     train_linear_probe
@@ -108,9 +108,9 @@ def check_outputs(out: Path, json_path: Optional[Path]) -> None:
             raise ConfigError(f"{option}: cannot write in {folder}: {e.strerror or e}") from None
 
 
-def check_same_classes(train: ImageArray, test: ImageArray, train_dir, test_dir) -> None:
+def check_same_classes(train: ImageArray | ImageList, test: ImageArray | ImageList, train_dir, test_dir) -> None:
     for data, d in ((train, train_dir), (test, test_dir)):
-        if not data.classes or (data.labels < 0).any():
+        if not data.classes or (torch.as_tensor(data.labels) < 0).any():
             raise ConfigError(f"{d}: linear evaluation needs one sub-folder per class, with every image inside one")
     if train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))
@@ -377,13 +377,20 @@ def eval_targets(objective: str, train: ImageArray, test: ImageArray, train_dir,
     return targets, weight
 
 
-def load_eval_folders(train_dir, test_dir, data: DataConfig, progress: bool, crop_ratio: float
+def load_eval_folders(train_dir, test_dir, data: DataConfig, progress: bool, crop_ratio: float, objective: str
                       ) -> tuple[ImageArray, ImageArray]:
-    """The --train and --test folders decoded for evaluation, checked to share no image."""
+    """The --train and --test folders decoded for evaluation, checked to share no image. Classes from folders
+    are checked on the file listings first, before hours of decoding a folder that cannot be scored."""
     with naming_the_key("--train"):
-        train = load_configured(train_dir, data, progress, crop_ratio=crop_ratio)
+        train = find_source(train_dir)
     with naming_the_key("--test"):
-        test = load_configured(test_dir, data, progress, crop_ratio=crop_ratio)
+        test = find_source(test_dir)
+    if OBJECTIVES[objective].exclusive:
+        check_same_classes(train, test, train_dir, test_dir)
+    with naming_the_key("--train"):
+        train = load_configured(train, data, progress, crop_ratio=crop_ratio)
+    with naming_the_key("--test"):
+        test = load_configured(test, data, progress, crop_ratio=crop_ratio)
     check_held_out(train, test, train_dir, test_dir)
     return train, test
 
@@ -415,7 +422,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     check_outputs(out, Path(json_path) if json_path else None)
     dtype = feature_dtype(precision or cfg.train.precision, dev)
     data = DataConfig(image_size=cfg.data.image_size, cache=cache, cache_dir=str(cache_dir or ""), workers=workers)
-    train, test = load_eval_folders(train_dir, test_dir, data, progress, crop_ratio)
+    train, test = load_eval_folders(train_dir, test_dir, data, progress, crop_ratio, objective)
     targets, weight = eval_targets(objective, train, test, train_dir, test_dir, opts, positive_class, train_labels,
                                    test_labels)
     normalize = Normalize(cfg.augment.mean, cfg.augment.std)

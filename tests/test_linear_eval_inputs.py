@@ -386,3 +386,17 @@ def test_a_folder_given_as_the_class_weight_file_is_named_as_one(tmp_path):
         class_weights(str(tmp_path), torch.tensor([0, 1]), ["cat", "dog"])
     with pytest.raises(ClassWeightError, match=f"class-weight file not found: {tmp_path / 'w.txt'}"):
         class_weights(str(tmp_path / "w.txt"), torch.tensor([0, 1]), ["cat", "dog"])
+
+
+def test_a_test_folder_without_class_folders_is_refused_before_any_decoding(run, monkeypatch, capsys):
+    """--test given one class's folder (its images directly inside): refused from the file listing, before
+    the train folder's images, or the test folder's, are decoded."""
+    run_dir, shapes = run
+
+    def no_decoding(*a, **k):
+        raise AssertionError("images decoded before the class folders were checked")
+
+    monkeypatch.setattr(linear_eval_module, "load_configured", no_decoding)
+    assert linear_eval_main(["--checkpoint", str(run_dir / "checkpoints" / "last.pt"), "--train",
+                             str(shapes / "train"), "--test", str(shapes / "test" / "circle"), "--no-progress"]) == 2
+    assert "linear evaluation needs one sub-folder per class" in capsys.readouterr().err
