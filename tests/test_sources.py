@@ -80,13 +80,15 @@ def test_list_file_mistakes_are_named(tmp_path):
 def test_dataset_items_decode_as_their_files(tmp_path):
     """PIL images, CHW tensors, HWC arrays, grey and RGBA pixels and (image, label) pairs give the arrays
     their files give, in both layouts (squares; padded with true sizes)."""
-    paths = [write_image(tmp_path / "f" / f"{i}.png", size=(24, 20), mode=mode, seed=i)
-             for i, mode in enumerate(["RGB", "RGB", "RGB", "L", "RGBA", "RGB"])]
-    items = [Image.open(paths[0]), torch.from_numpy(pixels(paths[1])).permute(2, 0, 1), pixels(paths[2]),
-             torch.from_numpy(pixels(paths[3])), torch.from_numpy(pixels(paths[4])).permute(2, 0, 1),
-             (Image.open(paths[5]), 7)]
-    for size in (12, 24):
-        folder = load_folder(tmp_path / "f", size, workers=0, progress=False, cache=False)
+    # 24 x 20 images at 12 px views are stored padded; 20 x 20 ones at 24 px as squares.
+    for extent, size in (((24, 20), 12), ((20, 20), 24)):
+        root = tmp_path / f"{extent[0]}x{extent[1]}"
+        paths = [write_image(root / f"{i}.png", size=extent, mode=mode, seed=i)
+                 for i, mode in enumerate(["RGB", "RGB", "RGB", "L", "RGBA", "RGB"])]
+        items = [Image.open(paths[0]), torch.from_numpy(pixels(paths[1])).permute(2, 0, 1), pixels(paths[2]),
+                 torch.from_numpy(pixels(paths[3])), torch.from_numpy(pixels(paths[4])).permute(2, 0, 1),
+                 (Image.open(paths[5]), 7)]
+        folder = load_folder(root, size, workers=0, progress=False, cache=False)
         data = load_folder(dataset_images(Items(items)), size, workers=0, progress=False)
         assert torch.equal(data.images, folder.images)
         assert (data.sizes is None) == (size == 24) and (data.sizes is None or torch.equal(data.sizes, folder.sizes))
