@@ -40,7 +40,7 @@ from .augment import CROP_RATIO, crop_boxes
 from .config import DataConfig
 from .runtime import show_progress_bars
 from .files import folder_problem, is_disk_full, remove_dead_temp_files, reserve, temp_path, write_text_atomic
-from .rundir import LOCK_FILE, RUN_FOLDERS
+from .rundir import LOCK_FILE, OUTPUT_MARK, RUN_FOLDERS
 
 log = logging.getLogger("simxent")
 
@@ -116,7 +116,7 @@ def find_images(root: str | Path) -> ImageList:
         if real in seen:
             dirnames[:] = []
             continue
-        if LOCK_FILE in filenames and real != root_real:
+        if (LOCK_FILE in filenames or OUTPUT_MARK in filenames) and real != root_real:
             runs.append(dirpath)
             dirnames[:] = []
             continue
@@ -151,7 +151,8 @@ def find_images(root: str | Path) -> ImageList:
 def _report_left_out(runs: list[str], unread: list[Path], root: Path) -> None:
     """One warning for the run folders found inside ``root``, one for its images in UNREAD_SUFFIXES."""
     if runs:
-        log.warning("left out %d simxent run folder(s) inside %s (their figures are not training images): %s",
+        log.warning("left out %d simxent run or output folder(s) inside %s (their figures are not training "
+                    "images): %s",
                     len(runs), root, ", ".join(runs))
     if unread:
         kinds = ", ".join(sorted({p.suffix.lower() for p in unread}))

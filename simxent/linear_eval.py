@@ -22,6 +22,7 @@ from .class_weights import class_weights, positive_weights
 from .evaluate import OBJECTIVES, Objective, classification_report, extract_features, knn_scores, objective_named, \
     train_linear_probe
 from .files import json_text, missing_file, write_text_atomic
+from .rundir import mark_output
 from .label_files import check_label_sets, read_label_csv
 from .models import backbone
 from .monitor import Monitor
@@ -106,6 +107,7 @@ def check_outputs(out: Path, json_path: Optional[Path]) -> None:
             tempfile.TemporaryFile(dir=folder).close()
         except OSError as e:
             raise ConfigError(f"{option}: cannot write in {folder}: {e.strerror or e}") from None
+    mark_output(out)
 
 
 def check_same_classes(train: ImageArray | ImageList, test: ImageArray | ImageList, train_dir, test_dir) -> None:

@@ -28,12 +28,15 @@ from .files import HOST, folder_problem, remove_dead_temp_files, write_text_atom
 log = logging.getLogger("simxent")
 
 LOCK_FILE = ".simxent.lock"
+# Marks a folder that linear evaluation or embedding writes results into: image discovery leaves it out (its
+# figures and sprites are not images to train on), as it leaves out a run folder by its lock file.
+OUTPUT_MARK = ".simxent-output"
 RUN_FILE = "run.json"
 # What a pretraining run (and the linear evaluation it defaults to) writes in its folder: files at the top,
 # and subfolders holding only files of the names in RUN_FILE_NAMES (at any depth) once the run wrote them.
 RUN_FILES = ("train.log", "summary.json", "config.yaml", "similarities.json", "skipped_images.txt", RUN_FILE)
 RUN_FOLDERS = ("checkpoints", "tb", "figures", "linear_eval")
-RUN_FILE_NAMES = ("last.pt", "step-*.pt", ".*.tmp*",  # checkpoints, also in superseded-after-step-*/
+RUN_FILE_NAMES = (OUTPUT_MARK, "last.pt", "step-*.pt", ".*.tmp*",  # checkpoints, also in superseded-*/
                   "events.out.tfevents.*", "projector_config.pbtxt", "tensors.tsv", "metadata.tsv",
                   "sprite.png",  # TensorBoard's scalars, figures and projector
                   "similarities.png", "pretrained_*.png", "random_init_*.png")  # figures
@@ -54,6 +57,12 @@ def _holder(lock_path: Path) -> str:
         return f"pid {h['pid']} on {h['host']}, started {h['started']}"
     except (OSError, ValueError, KeyError, TypeError):  # the holder is still writing its name
         return "holder not yet named"
+
+
+def mark_output(folder: Path) -> None:
+    """Mark ``folder`` (made if needed) as simxent's output: OUTPUT_MARK."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / OUTPUT_MARK).write_text("simxent writes results here; image folders that hold this one skip it\n")
 
 
 @contextmanager

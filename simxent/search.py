@@ -38,6 +38,7 @@ from .config import AugmentConfig, ConfigError, DataConfig, EvalConfig
 from .data import DataError, ImageArray, decode_eval, load_configured, naming_the_key
 from .evaluate import build_index, extract_features, recall_against_exact
 from .files import json_text, write_text_atomic
+from .rundir import mark_output
 from .linear_eval import encoder_to_score
 from .monitor import Monitor
 from .runtime import resolve_device, setup_logging, show_progress_bars
@@ -159,7 +160,7 @@ def write_store(out: Path, store: EmbeddingStore) -> None:
     """The four files of ``store`` in ``out``; meta.json last, so a folder with it is complete (an earlier
     store's meta.json is removed first: a run killed midway leaves a folder that reads as incomplete, never
     new vectors under an old index)."""
-    out.mkdir(parents=True, exist_ok=True)
+    mark_output(out)
     (out / META).unlink(missing_ok=True)
     np.save(out / EMBEDDINGS, store.vectors)
     (out / NAMES).write_text(json_text(store.names), encoding="utf-8")

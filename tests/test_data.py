@@ -33,7 +33,7 @@ def test_a_run_folder_inside_the_image_folder_is_not_training_data(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="simxent"):
         after = find_images(train)
     assert after.files == before.files and after.classes == before.classes
-    assert "left out 1 simxent run folder(s)" in caplog.text and "run1" in caplog.text
+    assert "left out 1 simxent run or output folder(s)" in caplog.text and "run1" in caplog.text
     # out = data.train itself: the run's own folders (figures, TensorBoard) are left out
     flat = make_shapes(tmp_path / "flat", train_per_class=4, test_per_class=1, size=16) / "train"
     images = find_images(flat)
@@ -42,6 +42,14 @@ def test_a_run_folder_inside_the_image_folder_is_not_training_data(tmp_path, cap
     assert list((flat / "figures").rglob("*.png"))
     again = find_images(flat)
     assert again.files == images.files and again.classes == images.classes
+    # A linear evaluation's --out inside an image folder: its figures are no training images either.
+    from simxent.cli import linear_eval_main
+    assert linear_eval_main(["--checkpoint", str(tmp_path / "shapes" / "train" / "run1" / "checkpoints" / "last.pt"),
+                             "--train", str(tmp_path / "shapes" / "train"), "--test", str(tmp_path / "shapes" / "test"),
+                             "--epochs", "1", "--knn-k", "2", "--workers", "0", "--no-progress",
+                             "--out", str(flat / "evaluation")]) == 0
+    assert list((flat / "evaluation").rglob("*.png"))
+    assert find_images(flat).files == images.files
 
 
 def test_discovery_nested_uppercase_and_unlabelled(tmp_path):
