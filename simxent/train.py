@@ -853,8 +853,8 @@ def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, 
         elif not dist.restarted_by_torchrun():  # said, in case out is misspelt
             log.warning("train.resume=auto: %s holds no checkpoint to resume: training starts from step 0", out)
     run_id = claim(out, resumed_id, state is not None or restart, cfg.train.overwrite)
-    if state is None and not restart:  # a fresh run's log starts empty, without what a refused run left there
-        (out / "train.log").unlink(missing_ok=True)
+    if state is None and not holds_run(out):  # nothing trained yet: the log starts empty, without what a
+        (out / "train.log").unlink(missing_ok=True)  # refused run left there
     return run_id, resume, state
 
 

@@ -313,7 +313,7 @@ def test_a_refused_run_leaves_nothing_for_the_next_one_to_inherit(shapes, tmp_pa
     (tmp_path / "empty").mkdir()
     assert run(tiny(shapes, out, f"data.train={tmp_path / 'empty'}"), capsys)[0] == 2
     assert "no images found" in (out / "train.log").read_text()  # refused once out was claimed: said there
-    assert run(tiny(shapes, out), capsys)[0] == 0
+    assert run(tiny(shapes, out, "train.resume=auto"), capsys)[0] == 0  # resume=auto with nothing to resume too
     log_text = (out / "train.log").read_text()
     assert "no images found" not in log_text and "80 training images" in log_text
 
