@@ -110,9 +110,11 @@ def check_outputs(out: Path, json_path: Optional[Path]) -> None:
     mark_output(out)
 
 
-def check_same_classes(train: ImageArray | ImageList, test: ImageArray | ImageList, train_dir, test_dir) -> None:
+def check_same_classes(train: ImageList, test: ImageList, train_dir, test_dir) -> None:
+    """Both folders hold the same class folders, every image inside one (from their listings, before decoding:
+    the decoded arrays keep the listings' classes and labels)."""
     for data, d in ((train, train_dir), (test, test_dir)):
-        if not data.classes or (torch.as_tensor(data.labels) < 0).any():
+        if not data.labelled:
             raise ConfigError(f"{d}: linear evaluation needs one sub-folder per class, with every image inside one")
     if train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))
@@ -346,7 +348,6 @@ def positive_class_targets(train: ImageArray, test: ImageArray, train_dir, test_
                            positive_class: Optional[str], train_labels, test_labels
                            ) -> tuple[Targets, Optional[torch.Tensor]]:
     """Binary targets from two class folders, and the positive class's weight."""
-    check_same_classes(train, test, train_dir, test_dir)
     targets = binary_targets(train, test, positive_class)
     return targets, positive_weights(opts.class_weight, targets.train, targets.names)
 
@@ -355,7 +356,6 @@ def folder_class_targets(train: ImageArray, test: ImageArray, train_dir, test_di
                          positive_class: Optional[str], train_labels, test_labels
                          ) -> tuple[Targets, Optional[torch.Tensor]]:
     """Class indices from the class folders, and the class weights."""
-    check_same_classes(train, test, train_dir, test_dir)
     if len(train.classes) < 2:  # every prediction would be right: a score of 1.0 that means nothing
         raise ConfigError(f"--train: {train_dir} has one class folder ({', '.join(train.classes)}); a probe and kNN "
                           f"need at least 2 classes")
