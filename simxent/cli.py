@@ -427,5 +427,5 @@ def main(argv=None) -> int:
         print(USAGE)
         return 0
     print(USAGE, file=sys.stderr)
-    print(f"simxent: error: {f'unknown command {argv[0]!r}' if argv else 'no command given'}", file=sys.stderr)
+    say(f"simxent: error: {f'unknown command {argv[0]!r}' if argv else 'no command given'}")
     return 2
