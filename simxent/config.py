@@ -126,6 +126,11 @@ class LossConfig:
     positives: str = setting("views", "views: an anchor's positives are its image's other views (self-supervised); "
                                       "labels: every other view of its class (supervised contrastive, needs class "
                                       "sub-folders in data.train)")
+    multi_view: str = setting("joint", "with more than two views (multi-crop): joint: one softmax per anchor over "
+                                       "every other view, its image's other views the positives; pairs: the mean "
+                                       "of two-view NT-Xent over every pair of views (CMC's full graph); "
+                                       "full_pairs: over the pairs with a full-size view (small views are not "
+                                       "paired with each other)")
 
 
 @dataclass
@@ -196,6 +201,7 @@ CHOICES = {
     "augment.jitter_order": ("batch", "image"),
     "model.view_batches": ("joint", "separate"),
     "loss.positives": ("views", "labels"),
+    "loss.multi_view": ("joint", "pairs", "full_pairs"),
     "optim.name": ("sgd", "adamw", "lars"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -563,6 +569,16 @@ def check_streaming(cfg: Config) -> None:
                           "another image whose class may differ from the label the batch keeps)")
 
 
+def check_multi_view(loss: LossConfig) -> None:
+    """The pairwise losses are self-supervised NT-Xent: refuse them with the options only the joint one has."""
+    if loss.multi_view == "joint":
+        return
+    for key, value, needed in (("loss.positives", loss.positives, "views"), ("loss.decoupled", loss.decoupled, False)):
+        if value != needed:
+            raise ConfigError(f"loss.multi_view={loss.multi_view}: works with {key}={str(needed).lower()} only "
+                              f"(got {str(value).lower()}); set loss.multi_view=joint")
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks; each error names its key."""
     flat = flatten(to_dict(cfg))
@@ -575,6 +591,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be finite, got {shown(v)}")
     refuse_out_of_range(flat, data_and_augment_rules(cfg))
     check_streaming(cfg)
+    check_multi_view(cfg.loss)
     refuse_out_of_range(flat, training_rules(cfg))
 
 

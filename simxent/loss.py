@@ -293,6 +293,39 @@ def multi_view_nt_xent(
         return _MultiPositiveCrossEntropy.apply(q, c, inv_t, offset, weights, scale, decoupled)
 
 
+def view_pairs(n_views: int, n_full: int) -> list[tuple[int, int]]:
+    """The pairs of views (a < b) that :func:`pairwise_nt_xent` contrasts: those with at least one of the
+    first ``n_full`` views (``n_full = n_views``: every pair)."""
+    return [(a, b) for a in range(n_views) for b in range(a + 1, n_views) if a < n_full]
+
+
+def pairwise_nt_xent(
+    z: torch.Tensor,
+    n_views: int,
+    temperature: float | torch.Tensor,
+    n_full: Optional[int] = None,
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    rank: int = 0,
+) -> torch.Tensor:
+    """The mean of two-view NT-Xent over pairs of views (the full graph of CMC, Tian et al. 2020), for ``z``
+    (V n, D) in view-major order:
+
+        L = (1/|Q|) sum_{(a, b) in Q} NT-Xent(z_a, z_b),
+
+    Q the pairs of :func:`view_pairs`: every pair, or with ``n_full`` only those with at least one of the
+    first ``n_full`` (full-size) views, so that multi-crop's small views are not contrasted with each other.
+    Unlike :func:`multi_view_nt_xent`, each pair has its own softmax: an anchor's denominator holds the 2N
+    views of its pair, not its image's other views. At V = 2 both are NT-Xent."""
+    if z.ndim != 2 or n_views < 2 or z.shape[0] % n_views:
+        raise ValueError(f"pairwise_nt_xent: z must be (n_views * n, d) with n_views >= 2, got {tuple(z.shape)} "
+                         f"for n_views={n_views}")
+    views = z.chunk(n_views)
+    pairs = view_pairs(n_views, n_views if n_full is None else n_full)
+    if not pairs:
+        raise ValueError(f"pairwise_nt_xent: n_full={n_full} leaves no pair of views")
+    return sum(nt_xent(views[a], views[b], temperature, gather=gather, rank=rank) for a, b in pairs) / len(pairs)
+
+
 class Temperature(nn.Module):
     """A fixed temperature, or a learnable one, t = exp(log t), kept in LEARNT_TEMPERATURE_RANGE.
 

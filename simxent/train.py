@@ -33,7 +33,7 @@ from .data import (Batch, DataError, ImageArray, ImageStream, batch_indices, dat
                    find_source, iterate_batches, load_configured, naming_the_key, open_stream, shared_files)
 from .evaluate import extract_features, knn_scores, topk_accuracy
 from .files import write_text_atomic
-from .loss import Temperature, contrastive_stats, multi_view_nt_xent, similarity_samples
+from .loss import Temperature, contrastive_stats, multi_view_nt_xent, pairwise_nt_xent, similarity_samples
 from .models import SimCLR, feature_size
 from .monitor import Monitor
 from .rundir import claim, has_checkpoints, holds_run, recorded_run_id, run_lock, writable_folder
@@ -64,13 +64,16 @@ def checkpoint_path(cfg: Config) -> Path:
 
 
 def step_loss(model: nn.Module, views: torch.Tensor | list[torch.Tensor], temperature: torch.Tensor, device, dtype,
-              n_views: int = 2, labels: Optional[torch.Tensor] = None, decoupled: bool = False):
+              n_views: int = 2, labels: Optional[torch.Tensor] = None, decoupled: bool = False,
+              multi_view: str = "joint", n_full: int = 2):
     """NT-Xent of this process's ``n_views`` views per image against the views of every process.
 
     ``views`` is one view-major batch ``[v1; v2; ...]``, or a list of them at several resolutions (the
     full-size views, then multi-crop's small ones): the model projects each and concatenates.
     ``labels`` (one per image) make every view of a class a positive (supervised contrastive);
-    ``decoupled`` leaves the positives out of the denominators (``loss.decoupled``).
+    ``decoupled`` leaves the positives out of the denominators (``loss.decoupled``); ``multi_view`` pairs
+    or full_pairs takes the mean of two-view NT-Xent over pairs of views instead (``loss.multi_view``; the
+    first ``n_full`` views are the full-size ones).
     Returns the local loss (its mean over processes is the global loss) and the first two views'
     projections, for monitoring.
     """
@@ -78,8 +81,12 @@ def step_loss(model: nn.Module, views: torch.Tensor | list[torch.Tensor], temper
         z = model(views)
     n = z.shape[0] // n_views
     gather = dist.gather_with_grad if dist.world_size() > 1 else None  # None: all views local (symmetric form)
-    loss = multi_view_nt_xent(z, n_views, temperature, labels=labels, gather=gather, rank=dist.rank(),
-                              decoupled=decoupled)
+    if multi_view == "joint" or n_views == 2:
+        loss = multi_view_nt_xent(z, n_views, temperature, labels=labels, gather=gather, rank=dist.rank(),
+                                  decoupled=decoupled)
+    else:
+        loss = pairwise_nt_xent(z, n_views, temperature, n_full if multi_view == "full_pairs" else None,
+                                gather=gather, rank=dist.rank())
     return loss, z[:n], z[n:2 * n]
 
 
@@ -572,7 +579,7 @@ def train_step(run: Run, batch: Drawn, draw_ahead: Callable[[], None], stop_requ
     run.buffers.take()
     t = run.net.temperature()
     loss, z1, z2 = step_loss(run.model, batch.views, t, run.device, run.dtype, run.views.n_views, batch.labels,
-                             cfg.loss.decoupled)
+                             cfg.loss.decoupled, cfg.loss.multi_view, run.views.n_full)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()  # a non-finite loss gives non-finite gradients: caught below
     draw_ahead()

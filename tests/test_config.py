@@ -375,6 +375,19 @@ def test_streaming_refuses_supervised_positives():
     assert load_config(None, ["data.stream=true", "loss.positives=views"]).data.stream
 
 
+def test_pairwise_multi_view_refuses_the_joint_losses_options():
+    """loss.multi_view=pairs / full_pairs is self-supervised NT-Xent: with labels as positives or the
+    decoupled loss it is refused, naming the key and the value it needs."""
+    for extra, key, needed in (("loss.positives=labels", "loss.positives", "views"),
+                               ("loss.decoupled=true", "loss.decoupled", "false")):
+        for mode in ("pairs", "full_pairs"):
+            with pytest.raises(ConfigError, match=rf"loss.multi_view={mode}: works with {key}={needed} only"):
+                load_config(None, [f"loss.multi_view={mode}", extra])
+        assert load_config(None, ["loss.multi_view=joint", extra]).loss.multi_view == "joint"
+    with pytest.raises(ConfigError, match="loss.multi_view: 'pair' is not one of joint, pairs, full_pairs"):
+        load_config(None, ["loss.multi_view=pair"])
+
+
 def test_jitter_order_and_view_batches_are_choices_named_when_wrong():
     cfg = load_config(None, ["augment.jitter_order=image", "model.view_batches=separate"])
     assert (cfg.augment.jitter_order, cfg.model.view_batches) == ("image", "separate")

@@ -27,7 +27,7 @@ from simxent import dist
 from simxent.checkpoint import load_checkpoint
 from simxent.config import ModelConfig
 from simxent.demo import make_shapes
-from simxent.loss import multi_view_nt_xent, nt_xent
+from simxent.loss import multi_view_nt_xent, nt_xent, pairwise_nt_xent
 from simxent.models import SimCLR
 from simxent.train import step_loss
 from tests.conftest import TINY_RUN
@@ -78,19 +78,21 @@ def _worker(rank, port, mode, steps):
             m.train(mode != "eval_bn")
         opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        multi_crop = mode == "multi_crop_labels"
+        multi_crop, pairs = mode.startswith("multi_crop"), mode == "multi_crop_pairs"
         n_views, n = (5, N // WORLD) if multi_crop else (2, N // WORLD)
-        labels = LABELS[rank * n : (rank + 1) * n] if multi_crop else None
+        labels = LABELS[rank * n : (rank + 1) * n] if multi_crop and not pairs else None
         for step, views in enumerate(batches(steps, multi_crop)):
             # One process holding the whole batch: plain BatchNorm, no gather.
             z = reference(views)
-            ref_loss = (multi_view_nt_xent(z, n_views, 0.5, labels=LABELS) if multi_crop
+            ref_loss = (pairwise_nt_xent(z, n_views, 0.5, n_full=3) if pairs
+                        else multi_view_nt_xent(z, n_views, 0.5, labels=LABELS) if multi_crop
                         else nt_xent(*z.chunk(2), 0.5))
             opt_ref.zero_grad()
             ref_loss.backward()
             # This process's half, through the training loop's own loss function.
             loss, _, _ = step_loss(ddp, local_views(views, rank), torch.tensor(0.5, dtype=torch.float64),
-                                   torch.device("cpu"), None, n_views, labels)
+                                   torch.device("cpu"), None, n_views, labels,
+                                   multi_view="full_pairs" if pairs else "joint", n_full=3)
             opt.zero_grad()
             loss.backward()
             global_loss = dist.mean_over_processes(loss).item()
@@ -106,7 +108,7 @@ def _worker(rank, port, mode, steps):
         torch_dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["sync_bn", "eval_bn", "multi_crop_labels"])
+@pytest.mark.parametrize("mode", ["sync_bn", "eval_bn", "multi_crop_labels", "multi_crop_pairs"])
 def test_two_processes_equal_one(mode):
     mp.spawn(_worker, args=(free_port(), mode, 3), nprocs=WORLD, join=True)
 

@@ -384,6 +384,26 @@ def test_multi_crop_supervised_pretraining_resumes_exactly(shapes, tmp_path, mon
             torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["pairs", "full_pairs"])
+def test_pairwise_multi_crop_pretraining_hands_the_loss_its_pairs(shapes, tmp_path, monkeypatch, mode):
+    """loss.multi_view=pairs / full_pairs: each step's loss is the pairwise NT-Xent of all four views
+    (two full-size, two small), with the full-size ones named for full_pairs, and the run trains."""
+    import simxent.train
+
+    calls = []
+    real = simxent.train.pairwise_nt_xent
+
+    def spy(z, n_views, temperature, n_full=None, **kw):
+        calls.append((z.shape[0], n_views, n_full))
+        return real(z, n_views, temperature, n_full, **kw)
+
+    monkeypatch.setattr(simxent.train, "pairwise_nt_xent", spy)
+    summary = pretrain(load_config(None, tiny(shapes, tmp_path, "augment.small_views=2", "eval.every=0",
+                                              "train.epochs=1", f"loss.multi_view={mode}")), progress=False)
+    assert summary["global_step"] == 5 and torch.isfinite(torch.tensor(summary["last_loss"]))
+    assert calls == [(4 * 16, 4, 2 if mode == "full_pairs" else None)] * 5
+
+
 def test_a_resolution_schedule_grows_the_views_and_resumes_exactly(shapes, tmp_path, monkeypatch):
     """augment.view_ratio_start=0.5 at 16 px, 10 steps (5 per epoch): each batch's views are sized by the
     schedule's progress p when it was drawn, during the step before (an epoch's first: at the epoch's start,

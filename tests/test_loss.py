@@ -313,6 +313,33 @@ def test_multi_view_matches_the_formula_loop(n_views, labelled, decoupled):
         torch.testing.assert_close(grad32.double(), want_z, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("n_full", [None, 1, 2], ids=["every-pair", "one-full", "two-full"])
+@pytest.mark.parametrize("n_views", [2, 3, 6])
+def test_pairwise_matches_the_formula_loop(n_views, n_full):
+    """The mean of NT-Xent over pairs of views, against the two-view formula loop on each pair: every pair
+    a < b, or (multi-crop) those whose first view is one of the first ``n_full`` (full-size) views."""
+    from simxent.loss import pairwise_nt_xent
+
+    n, t = 5, 0.3
+    g = torch.Generator().manual_seed(40 + n_views)
+    z = torch.randn(n_views * n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    log_t = torch.tensor(math.log(t), dtype=torch.float64, requires_grad=True)
+    pairs = [(a, b) for a, b in itertools.combinations(range(n_views), 2) if n_full is None or a < n_full]
+    views = z.split(n)
+    expected = sum(nt_xent_reference(views[a], views[b], log_t.exp()) for a, b in pairs) / len(pairs)
+    want_z, want_t = torch.autograd.grad(expected, (z, log_t))
+    for form in FORMS.values():
+        mine_z = z.detach().clone().requires_grad_()
+        mine_t = log_t.detach().clone().requires_grad_()
+        got = pairwise_nt_xent(mine_z, n_views, mine_t.exp(), n_full=n_full, **form)
+        got_z, got_t = torch.autograd.grad(got, (mine_z, mine_t))
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got_z, want_z, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got_t, want_t, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="n_full=0 leaves no pair"):
+        pairwise_nt_xent(z, n_views, t, n_full=0)
+
+
 def test_two_views_without_labels_is_nt_xent_and_the_general_form_agrees():
     """At V = 2 the multi-view loss is today's NT-Xent (its own fast forms); the general multi-positive
     form, reached with labels that are all distinct (each image its own class), gives the same loss."""
