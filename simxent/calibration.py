@@ -19,7 +19,7 @@ from .evaluate import objective_named
 
 def class_probabilities(logits: torch.Tensor, objective: str = "multiclass") -> torch.Tensor:
     """(N, C) probabilities: softmax for multi-class, (1 - p, p) for a binary probe's one logit."""
-    return objective_named(objective).probabilities(logits)
+    return objective_named(objective).log_probabilities(logits).exp()
 
 
 def reliability(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> dict:
@@ -43,11 +43,13 @@ def reliability(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> d
 
 
 def per_class(logits: torch.Tensor, targets: torch.Tensor, names: list[str], objective: str = "multiclass") -> dict:
-    """Mean cross entropy and accuracy over the test images of each true class: where the loss lives."""
-    probs = class_probabilities(logits, objective)
+    """Mean cross entropy and accuracy over the test images of each true class: where the loss lives. The
+    loss comes from the log-probabilities, not from rounded probabilities: a confidently wrong image
+    counts in full (F.cross_entropy's, or for a binary probe F.binary_cross_entropy_with_logits's, value)."""
+    log_probs = objective_named(objective).log_probabilities(logits)
     targets = targets.reshape(-1).long()
-    losses = F.nll_loss(probs.clamp_min(1e-12).log(), targets, reduction="none")
-    correct = (probs.argmax(1) == targets).float()
+    losses = F.nll_loss(log_probs, targets, reduction="none")
+    correct = (log_probs.argmax(1) == targets).float()
     out = {}
     for c, name in enumerate(objective_named(objective).outcomes(names)):
         mask = targets == c

@@ -184,14 +184,15 @@ def sigmoid_loss(weight: Optional[torch.Tensor] = None, label_smoothing: float =
     return lambda logits, y: F.binary_cross_entropy_with_logits(logits, y.float(), pos_weight=weight)
 
 
-def softmax_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(logits.float(), dim=1)
+def softmax_log_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=1)
 
 
-def sigmoid_pair_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """A binary probe's one logit z read as the two-class distribution (1 - sigma(z), sigma(z))."""
-    p = torch.sigmoid(logits.float().reshape(-1))
-    return torch.stack([1 - p, p], dim=1)
+def sigmoid_pair_log_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """A binary probe's one logit z read as the two-class distribution (1 - sigma(z), sigma(z)), in logs:
+    log sigma(-z) and log sigma(z), exact where 1 - sigma(z) rounds to 0 (z above about 17 in float32)."""
+    z = logits.float().reshape(-1)
+    return torch.stack([F.logsigmoid(-z), F.logsigmoid(z)], dim=1)
 
 
 def multiclass_metrics(logits: torch.Tensor, y: torch.Tensor, names: list[str]) -> dict:
@@ -222,7 +223,7 @@ def multilabel_metrics(logits: torch.Tensor, y: torch.Tensor, names: list[str]) 
 @dataclass(frozen=True)
 class Objective:
     """What a linear probe predicts and how it is scored. ``exclusive``: each image has exactly one class, so
-    the probe gives a distribution over classes (``probabilities``, per-class loss, calibration) and kNN
+    the probe gives a distribution over classes (``log_probabilities``, per-class loss, calibration) and kNN
     on the class folders applies; ``outcomes(names)`` names those classes. ``outputs`` = len(names) logits
     in every case (binary: the positive class only). ``columns``: the results table's (section, key)."""
 
@@ -234,7 +235,7 @@ class Objective:
     predict: Callable[[torch.Tensor], torch.Tensor]  # logits -> class indices, or 0/1 per label
     metrics: Callable[[torch.Tensor, torch.Tensor, list], dict]
     columns: tuple
-    probabilities: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    log_probabilities: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     outcomes: Callable[[list], list] = lambda names: names
 
     def accuracy(self, logits: torch.Tensor, y: torch.Tensor) -> float:
@@ -248,12 +249,12 @@ OBJECTIVES = {
         predict=lambda logits: logits.argmax(1), metrics=multiclass_metrics,
         columns=(("linear", "top1"), ("linear", "top5"), ("linear", "balanced_accuracy"), ("knn", "top1"),
                  ("knn", "top5")),
-        probabilities=softmax_probabilities),
+        log_probabilities=softmax_log_probabilities),
     "binary": Objective(
         "binary", exclusive=True, smoothing=False, check_targets=check_binary_targets, loss=sigmoid_loss,
         predict=lambda logits: (logits > 0).long(), metrics=binary_metrics,
         columns=(("linear", "accuracy"), ("linear", "roc_auc"), ("linear", "f1"), ("knn", "top1")),
-        probabilities=sigmoid_pair_probabilities, outcomes=lambda names: [f"not {names[0]}", names[0]]),
+        log_probabilities=sigmoid_pair_log_probabilities, outcomes=lambda names: [f"not {names[0]}", names[0]]),
     "multilabel": Objective(
         "multilabel", exclusive=False, smoothing=False, check_targets=check_binary_targets, loss=sigmoid_loss,
         predict=lambda logits: (logits > 0).long(), metrics=multilabel_metrics,

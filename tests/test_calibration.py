@@ -57,6 +57,21 @@ def test_per_class_loss_is_the_cross_entropy_of_that_class_images():
         assert table[name]["images"] == int(mask.sum())
 
 
+def test_per_class_loss_counts_confidently_wrong_images_in_full():
+    """Logits far apart put probabilities of 0 (or 1 - p of 0) in float32: the per-class loss must still be
+    the cross entropy of the logits (120 for a logit 120 above the true class's), not a clamped log."""
+    logits = torch.tensor([[0.0, 120.0], [50.0, 0.0], [0.0, 30.0]])
+    targets = torch.tensor([0, 0, 1])
+    table = per_class(logits, targets, ["a", "b"])
+    assert math.isclose(table["a"]["loss"], F.cross_entropy(logits[:2], targets[:2]).item(), rel_tol=1e-6)
+    assert table["a"]["loss"] > 59 and table["b"]["loss"] < 1e-6
+    z, y = torch.tensor([[20.0], [30.0], [-5.0], [25.0]]), torch.tensor([0, 0, 0, 1])
+    binary = per_class(z, y, ["cat"], "binary")
+    want = F.binary_cross_entropy_with_logits(z[:3, 0], y[:3].float()).item()
+    assert math.isclose(binary["not cat"]["loss"], want, rel_tol=1e-6) and want > 16.6
+    assert binary["cat"]["loss"] < 1e-6
+
+
 def test_binary_probe_probabilities_are_sigmoid_pairs():
     logits = torch.tensor([[0.0], [2.0], [-1.0]])
     probs = class_probabilities(logits, "binary")
