@@ -2,8 +2,9 @@
 
 - equivalence: two processes, each holding half of a batch, give the loss, the encoder and head gradients
   (after DDP's averaging) and the weights after a few SGD steps of one process holding all of it, with
-  BatchNorm over the global batch and with BatchNorm in eval mode, and with five views of two sizes
-  (multi-crop) and positives by label;
+  BatchNorm over the global batch and with BatchNorm in eval mode, with five views of two sizes
+  (multi-crop) and positives by label or the pairwise loss, and with a learnt temperature (its gradient
+  averaged by DDP like every other parameter's);
 - torchrun: a 2-process pretraining run writes one set of logs and a checkpoint that linear evaluation
   reads; a worker killed mid-run under --max-restarts 1 is restarted and the job completes from its
   checkpoint.
@@ -27,7 +28,7 @@ from simxent import dist
 from simxent.checkpoint import load_checkpoint
 from simxent.config import ModelConfig
 from simxent.demo import make_shapes
-from simxent.loss import multi_view_nt_xent, nt_xent, pairwise_nt_xent
+from simxent.loss import Temperature, multi_view_nt_xent, nt_xent, pairwise_nt_xent
 from simxent.models import SimCLR
 from simxent.train import step_loss
 from tests.conftest import TINY_RUN
@@ -69,7 +70,9 @@ def _worker(rank, port, mode, steps):
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        reference = SimCLR(ModelConfig(backbone="convnet", head_hidden=32, head_out=16)).double()
+        # learnt_t: t is a parameter of the model, used outside DDP's forward as in training (train_step).
+        reference = SimCLR(ModelConfig(backbone="convnet", head_hidden=32, head_out=16),
+                           temperature=Temperature(0.5, learnable=mode == "learnt_t")).double()
         net = copy.deepcopy(reference)
         if mode != "eval_bn":
             net = dist.convert_batchnorm(net, torch.device("cpu"))
@@ -83,14 +86,14 @@ def _worker(rank, port, mode, steps):
         labels = LABELS[rank * n : (rank + 1) * n] if multi_crop and not pairs else None
         for step, views in enumerate(batches(steps, multi_crop)):
             # One process holding the whole batch: plain BatchNorm, no gather.
-            z = reference(views)
-            ref_loss = (pairwise_nt_xent(z, n_views, 0.5, n_full=3) if pairs
-                        else multi_view_nt_xent(z, n_views, 0.5, labels=LABELS) if multi_crop
-                        else nt_xent(*z.chunk(2), 0.5))
+            z, ref_t = reference(views), reference.temperature()
+            ref_loss = (pairwise_nt_xent(z, n_views, ref_t, n_full=3) if pairs
+                        else multi_view_nt_xent(z, n_views, ref_t, labels=LABELS) if multi_crop
+                        else nt_xent(*z.chunk(2), ref_t))
             opt_ref.zero_grad()
             ref_loss.backward()
             # This process's half, through the training loop's own loss function.
-            loss, _, _ = step_loss(ddp, local_views(views, rank), torch.tensor(0.5, dtype=torch.float64),
+            loss, _, _ = step_loss(ddp, local_views(views, rank), net.temperature(),
                                    torch.device("cpu"), None, n_views, labels,
                                    multi_view="full_pairs" if pairs else "joint", n_full=3)
             opt.zero_grad()
@@ -108,7 +111,7 @@ def _worker(rank, port, mode, steps):
         torch_dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["sync_bn", "eval_bn", "multi_crop_labels", "multi_crop_pairs"])
+@pytest.mark.parametrize("mode", ["sync_bn", "eval_bn", "multi_crop_labels", "multi_crop_pairs", "learnt_t"])
 def test_two_processes_equal_one(mode):
     mp.spawn(_worker, args=(free_port(), mode, 3), nprocs=WORLD, join=True)
 
