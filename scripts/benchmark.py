@@ -373,7 +373,8 @@ def bare_step(cfg, device, dtype):
     temperature = torch.tensor(cfg.loss.temperature, device=device)
 
     def step():
-        loss, _, _ = step_loss(model, views, temperature, device, dtype, n_views, decoupled=cfg.loss.decoupled)
+        loss, _, _ = step_loss(model, views, temperature, device, dtype, n_views, decoupled=cfg.loss.decoupled,
+                               multi_view=cfg.loss.multi_view, n_full=cfg.augment.views)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
