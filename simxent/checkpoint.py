@@ -493,10 +493,11 @@ def learnt_temperature(state: dict) -> bool:
 
 
 def changed_settings(state: dict, cfg: Config) -> list[tuple[str, object, object]]:
-    """``(key, the checkpoint's value, this run's)`` for every setting a resumed run changes."""
+    """``(key, the checkpoint's value, this run's)`` for every setting a resumed run changes. A key the
+    checkpoint's config lacks is newer than its run, which did what the key's default does."""
     saved, ours = flatten(state.get("config", {})), flatten(to_dict(cfg))
-    return [(key, saved[key], value) for key, value in ours.items()
-            if key in saved and saved[key] != value and key != "train.resume"]
+    was = {**flatten(to_dict(Config())), **saved}
+    return [(key, was[key], value) for key, value in ours.items() if was[key] != value and key != "train.resume"]
 
 
 def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler, seed: int) -> Position:

@@ -128,7 +128,8 @@ class LossConfig:
                                       "sub-folders in data.train)")
     multi_view: str = setting("joint", "with more than two views (multi-crop): joint: one softmax per anchor over "
                                        "every other view, its image's other views the positives; pairs: the mean "
-                                       "of two-view NT-Xent over every pair of views (CMC's full graph); "
+                                       "of two-view NT-Xent over every pair of views (CMC's full graph of "
+                                       "pairs); "
                                        "full_pairs: over the pairs with a full-size view (small views are not "
                                        "paired with each other)")
 
@@ -569,14 +570,23 @@ def check_streaming(cfg: Config) -> None:
                           "another image whose class may differ from the label the batch keeps)")
 
 
-def check_multi_view(loss: LossConfig) -> None:
-    """The pairwise losses are self-supervised NT-Xent: refuse them with the options only the joint one has."""
+def check_multi_view(cfg: Config) -> None:
+    """The pairwise losses are self-supervised NT-Xent over more than two views: refuse them where they would
+    be the joint loss (two views), ``pairs`` (full_pairs without small views) or need its options."""
+    loss, aug = cfg.loss, cfg.augment
     if loss.multi_view == "joint":
         return
     for key, value, needed in (("loss.positives", loss.positives, "views"), ("loss.decoupled", loss.decoupled, False)):
         if value != needed:
             raise ConfigError(f"loss.multi_view={loss.multi_view}: works with {key}={str(needed).lower()} only "
                               f"(got {str(value).lower()}); set loss.multi_view=joint")
+    if aug.views + aug.small_views < 3:
+        raise ConfigError(f"loss.multi_view={loss.multi_view}: needs more than two views per image (augment.views + "
+                          f"augment.small_views is {aug.views + aug.small_views}); two views have one pair, "
+                          f"which joint already is")
+    if loss.multi_view == "full_pairs" and aug.small_views == 0:
+        raise ConfigError("loss.multi_view=full_pairs: pairs the full-size views with augment.small_views small "
+                          "ones, and that is 0 (every pair has a full-size view: set loss.multi_view=pairs)")
 
 
 def validate(cfg: Config) -> None:
@@ -591,7 +601,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be finite, got {shown(v)}")
     refuse_out_of_range(flat, data_and_augment_rules(cfg))
     check_streaming(cfg)
-    check_multi_view(cfg.loss)
+    check_multi_view(cfg)
     refuse_out_of_range(flat, training_rules(cfg))
 
 

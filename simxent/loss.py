@@ -307,7 +307,8 @@ def pairwise_nt_xent(
     gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     rank: int = 0,
 ) -> torch.Tensor:
-    """The mean of two-view NT-Xent over pairs of views (the full graph of CMC, Tian et al. 2020), for ``z``
+    """The mean of two-view NT-Xent over pairs of views (CMC's full graph of pairs, Tian et al. 2020, each
+    pair scored by SimCLR's NT-Xent, so a view's negatives include its own view's other images), for ``z``
     (V n, D) in view-major order:
 
         L = (1/|Q|) sum_{(a, b) in Q} NT-Xent(z_a, z_b),

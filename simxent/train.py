@@ -65,7 +65,7 @@ def checkpoint_path(cfg: Config) -> Path:
 
 def step_loss(model: nn.Module, views: torch.Tensor | list[torch.Tensor], temperature: torch.Tensor, device, dtype,
               n_views: int = 2, labels: Optional[torch.Tensor] = None, decoupled: bool = False,
-              multi_view: str = "joint", n_full: int = 2):
+              multi_view: str = "joint", n_full: Optional[int] = None):
     """NT-Xent of this process's ``n_views`` views per image against the views of every process.
 
     ``views`` is one view-major batch ``[v1; v2; ...]``, or a list of them at several resolutions (the
@@ -73,7 +73,7 @@ def step_loss(model: nn.Module, views: torch.Tensor | list[torch.Tensor], temper
     ``labels`` (one per image) make every view of a class a positive (supervised contrastive);
     ``decoupled`` leaves the positives out of the denominators (``loss.decoupled``); ``multi_view`` pairs
     or full_pairs takes the mean of two-view NT-Xent over pairs of views instead (``loss.multi_view``; the
-    first ``n_full`` views are the full-size ones).
+    first ``n_full`` views are the full-size ones, default all).
     Returns the local loss (its mean over processes is the global loss) and the first two views'
     projections, for monitoring.
     """
@@ -85,6 +85,8 @@ def step_loss(model: nn.Module, views: torch.Tensor | list[torch.Tensor], temper
         loss = multi_view_nt_xent(z, n_views, temperature, labels=labels, gather=gather, rank=dist.rank(),
                                   decoupled=decoupled)
     else:
+        # One gather per pair: V(V-1)/2 small collectives, next to the encoder's work, kept for the
+        # plainness of each pair being nt_xent itself.
         loss = pairwise_nt_xent(z, n_views, temperature, n_full if multi_view == "full_pairs" else None,
                                 gather=gather, rank=dist.rank())
     return loss, z[:n], z[n:2 * n]

@@ -191,3 +191,19 @@ def test_a_resumed_run_trains_with_its_own_settings_not_the_checkpoints(tmp_path
               if r.getMessage().startswith("resumed with")}
     assert levels == {"resumed with optim.weight_decay": "WARNING", "resumed with optim.momentum": "WARNING",
                       "resumed with loss.temperature": "WARNING", "resumed with train.epochs": "INFO"}
+
+
+def test_a_setting_newer_than_the_checkpoint_is_compared_with_its_default():
+    """A checkpoint written before a key existed (its saved config lacks loss.multi_view) was trained as the
+    key's default does: resuming it with another value is a change to report, with the default as the
+    checkpoint's; resuming it with the default is none."""
+    from simxent.checkpoint import changed_settings
+    from simxent.config import flatten, to_dict
+
+    old = to_dict(load_config(None, ["augment.small_views=2"]))
+    del old["loss"]["multi_view"]
+    assert "loss.multi_view" not in flatten(old)
+    state = {"config": old}
+    assert changed_settings(state, load_config(None, ["augment.small_views=2", "loss.multi_view=pairs"])) == [
+        ("loss.multi_view", "joint", "pairs")]
+    assert changed_settings(state, load_config(None, ["augment.small_views=2"])) == []

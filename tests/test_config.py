@@ -378,14 +378,28 @@ def test_streaming_refuses_supervised_positives():
 def test_pairwise_multi_view_refuses_the_joint_losses_options():
     """loss.multi_view=pairs / full_pairs is self-supervised NT-Xent: with labels as positives or the
     decoupled loss it is refused, naming the key and the value it needs."""
+    multi = "augment.small_views=2"
     for extra, key, needed in (("loss.positives=labels", "loss.positives", "views"),
                                ("loss.decoupled=true", "loss.decoupled", "false")):
         for mode in ("pairs", "full_pairs"):
             with pytest.raises(ConfigError, match=rf"loss.multi_view={mode}: works with {key}={needed} only"):
-                load_config(None, [f"loss.multi_view={mode}", extra])
-        assert load_config(None, ["loss.multi_view=joint", extra]).loss.multi_view == "joint"
+                load_config(None, [f"loss.multi_view={mode}", multi, extra])
+        assert load_config(None, ["loss.multi_view=joint", multi, extra]).loss.multi_view == "joint"
     with pytest.raises(ConfigError, match="loss.multi_view: 'pair' is not one of joint, pairs, full_pairs"):
         load_config(None, ["loss.multi_view=pair"])
+
+
+def test_pairwise_multi_view_needs_views_to_pair():
+    """Two views have one pair, the joint loss already: pairs and full_pairs are refused there, and
+    full_pairs without small views (where every pair has a full-size view, so it is pairs) too."""
+    for mode in ("pairs", "full_pairs"):
+        with pytest.raises(ConfigError, match=rf"loss.multi_view={mode}: needs more than two views per image "
+                                              r"\(augment.views \+ augment.small_views is 2\)"):
+            load_config(None, [f"loss.multi_view={mode}"])
+    with pytest.raises(ConfigError, match="loss.multi_view=full_pairs: .* set loss.multi_view=pairs"):
+        load_config(None, ["loss.multi_view=full_pairs", "augment.views=3"])
+    assert load_config(None, ["loss.multi_view=pairs", "augment.views=3"]).loss.multi_view == "pairs"
+    assert load_config(None, ["loss.multi_view=full_pairs", "augment.small_views=1"]).loss.multi_view == "full_pairs"
 
 
 def test_jitter_order_and_view_batches_are_choices_named_when_wrong():

@@ -387,7 +387,8 @@ def test_multi_crop_supervised_pretraining_resumes_exactly(shapes, tmp_path, mon
 @pytest.mark.parametrize("mode", ["pairs", "full_pairs"])
 def test_pairwise_multi_crop_pretraining_hands_the_loss_its_pairs(shapes, tmp_path, monkeypatch, mode):
     """loss.multi_view=pairs / full_pairs: each step's loss is the pairwise NT-Xent of all four views
-    (two full-size, two small), with the full-size ones named for full_pairs, and the run trains."""
+    (two full-size, two small), with the full-size ones named for full_pairs, and the run completes its
+    five steps with a finite loss."""
     import simxent.train
 
     calls = []

@@ -313,8 +313,7 @@ def test_multi_view_matches_the_formula_loop(n_views, labelled, decoupled):
         torch.testing.assert_close(grad32.double(), want_z, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("n_full", [None, 1, 2], ids=["every-pair", "one-full", "two-full"])
-@pytest.mark.parametrize("n_views", [2, 3, 6])
+@pytest.mark.parametrize("n_views,n_full", [(2, None), (3, None), (3, 1), (3, 2), (6, None), (6, 1), (6, 2)])
 def test_pairwise_matches_the_formula_loop(n_views, n_full):
     """The mean of NT-Xent over pairs of views, against the two-view formula loop on each pair: every pair
     a < b, or (multi-crop) those whose first view is one of the first ``n_full`` (full-size) views."""
@@ -336,8 +335,13 @@ def test_pairwise_matches_the_formula_loop(n_views, n_full):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got_z, want_z, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(got_t, want_t, rtol=1e-6, atol=1e-6)
+
+
+def test_pairwise_refuses_a_selection_without_pairs():
+    from simxent.loss import pairwise_nt_xent
+
     with pytest.raises(ValueError, match="n_full=0 leaves no pair"):
-        pairwise_nt_xent(z, n_views, t, n_full=0)
+        pairwise_nt_xent(torch.randn(12, 4), 3, 0.5, n_full=0)
 
 
 def test_two_views_without_labels_is_nt_xent_and_the_general_form_agrees():
