@@ -494,8 +494,11 @@ def learnt_temperature(state: dict) -> bool:
 
 def changed_settings(state: dict, cfg: Config) -> list[tuple[str, object, object]]:
     """``(key, the checkpoint's value, this run's)`` for every setting a resumed run changes. A key the
-    checkpoint's config lacks is newer than its run, which did what the key's default does."""
-    saved, ours = flatten(state.get("config", {})), flatten(to_dict(cfg))
+    checkpoint's config lacks is newer than its run, which did what the key's default does (a checkpoint
+    without a config says nothing of its settings: no changes)."""
+    if "config" not in state:
+        return []
+    saved, ours = flatten(state["config"]), flatten(to_dict(cfg))
     was = {**flatten(to_dict(Config())), **saved}
     return [(key, was[key], value) for key, value in ours.items() if was[key] != value and key != "train.resume"]
 

@@ -207,3 +207,4 @@ def test_a_setting_newer_than_the_checkpoint_is_compared_with_its_default():
     assert changed_settings(state, load_config(None, ["augment.small_views=2", "loss.multi_view=pairs"])) == [
         ("loss.multi_view", "joint", "pairs")]
     assert changed_settings(state, load_config(None, ["augment.small_views=2"])) == []
+    assert changed_settings({}, load_config(None, ["augment.small_views=2", "loss.multi_view=pairs"])) == []
