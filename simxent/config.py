@@ -128,8 +128,7 @@ class LossConfig:
                                       "sub-folders in data.train)")
     multi_view: str = setting("joint", "with more than two views (multi-crop): joint: one softmax per anchor over "
                                        "every other view, its image's other views the positives; pairs: the mean "
-                                       "of two-view NT-Xent over every pair of views (CMC's full graph of "
-                                       "pairs); "
+                                       "of two-view NT-Xent over every pair of views (CMC's full graph of pairs); "
                                        "full_pairs: over the pairs with a full-size view (small views are not "
                                        "paired with each other)")
 
