@@ -10,14 +10,16 @@ embeddings, their file names and a FAISS inner-product index into one directory:
     embeddings.npy   float32 (N, D), one unit row per readable image, in the order of names.json
     names.json       the N file names, relative to the image folder (JSON holds any name, newlines too)
     index.faiss      the index over the rows (faiss.write_index): exact (flat), or IVF above a size
-    meta.json        checkpoint, decoding (image size, crop ratio, normalisation), count, index type and,
-                     for IVF, its recall@k against exact search; the skipped files
+    meta.json        checkpoint and a digest of its encoder's weights, decoding (image size, crop ratio,
+                     normalisation), count, index type and, for IVF, its recall@k against exact search; the
+                     skipped files
 
 :func:`nearest` finds the rows most similar to query embeddings; :func:`duplicate_pairs` lists the pairs
 of rows whose cosine similarity reaches a threshold.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -105,6 +107,17 @@ def load_encoding(checkpoint: str | Path, image_size: Optional[int] = None, crop
     encoder, cfg = encoder_to_score(checkpoint, backbone_name, cifar_stem, image_size)
     return Encoding(encoder, cfg.model.backbone, cfg.model.cifar_stem, cfg.data.image_size, crop_ratio,
                     list(cfg.augment.mean), list(cfg.augment.std))
+
+
+def encoder_digest(encoder: nn.Module) -> str:
+    """SHA-256 of the encoder's state dict (names, dtypes, shapes and values, in its order): the same for the
+    same weights wherever they are stored, different once a run has trained on into the same file."""
+    h = hashlib.sha256()
+    for name, t in encoder.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def decode_image(path: str | Path, image_size: int, crop_ratio: float) -> np.ndarray:
@@ -292,6 +305,7 @@ def embed_folder(checkpoint: str | Path, images_dir: str | Path, out: str | Path
                           f"take its files (the projector's sprite) for images; choose a folder outside it")
     device = resolve_device(opts.device, option="--device")
     enc = load_encoding(checkpoint, opts.image_size, opts.crop_ratio, opts.backbone, opts.cifar_stem)
+    digest = encoder_digest(enc.encoder)
     decoding = DataConfig(image_size=enc.image_size, cache=opts.cache, cache_dir=opts.cache_dir or "",
                           workers=opts.workers)
     with naming_the_key("--images"):
@@ -300,7 +314,7 @@ def embed_folder(checkpoint: str | Path, images_dir: str | Path, out: str | Path
     vectors = embed(encoder, data.images, enc.mean, enc.std, opts.batch_size, opts.progress).numpy()
     index, described = build_search_index(vectors, opts.ivf_above, opts.nprobe)
     root = Path(images_dir)
-    meta = {"simxent_version": __version__, "checkpoint": str(Path(checkpoint).resolve()),
+    meta = {"simxent_version": __version__, "checkpoint": str(Path(checkpoint).resolve()), "encoder_digest": digest,
             "backbone": enc.backbone, "cifar_stem": enc.cifar_stem, "plain_state_dict": bool(opts.backbone),
             "images": str(root.resolve()), "image_size": enc.image_size, "crop_ratio": enc.crop_ratio,
             "mean": enc.mean, "std": enc.std, "count": len(vectors), "dim": int(vectors.shape[1]),
@@ -330,12 +344,19 @@ def write_projector(folder: Path, vectors: np.ndarray, names: list[str], data: I
 
 def check_same_encoder(enc: Encoding, meta: dict, checkpoint: Optional[str | Path]) -> None:
     """Queries mean something only in the embedding space of the index: another architecture is refused, and
-    another checkpoint file than meta.json's is warned about (its weights cannot be compared)."""
+    so are other weights (meta.json's digest), such as those of a run that trained on into the checkpoint
+    file after it was embedded. An index from before the digest warns about another checkpoint file."""
     ours, theirs = (enc.backbone, enc.cifar_stem), (meta["backbone"], meta["cifar_stem"])
     if ours != theirs:
         raise ConfigError(f"--checkpoint: its encoder is {ours[0]} (CIFAR stem: {ours[1]}), the index was embedded "
                           f"with {theirs[0]} (CIFAR stem: {theirs[1]}); give the checkpoint the folder was embedded "
                           f"with ({meta['checkpoint']})")
+    if "encoder_digest" in meta:
+        if encoder_digest(enc.encoder) != meta["encoder_digest"]:
+            raise ConfigError(f"{checkpoint or meta['checkpoint']}: its encoder's weights are not those the index was "
+                              f"embedded with (meta.json's encoder_digest; a run trained on into the file since?): "
+                              f"run simxent-embed again with it, or give --checkpoint the embedded weights")
+        return
     if checkpoint is not None and Path(checkpoint).resolve() != Path(meta["checkpoint"]).resolve():
         log.warning("--checkpoint %s is not the checkpoint the index was embedded with (%s): similarities are "
                     "meaningful only if its encoder is the same", checkpoint, meta["checkpoint"])

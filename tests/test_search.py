@@ -15,7 +15,7 @@ import torch
 
 import simxent
 from simxent import cli
-from simxent.checkpoint import save_checkpoint
+from simxent.checkpoint import load_checkpoint, save_checkpoint
 from simxent.config import load_config, to_dict
 from simxent.data import DataError, decode, decode_eval
 from simxent.evaluate import recall_against_exact
@@ -263,8 +263,10 @@ def test_plain_state_dict_with_backbone(embedded, tmp_path, capsys):
 
 
 def test_a_query_encoder_other_than_the_index_s_is_refused_or_warned(embedded, tmp_path, capsys, caplog):
-    """Another architecture is refused naming both; another checkpoint file of the same one is warned about;
-    a moved checkpoint points at --checkpoint."""
+    """Another architecture is refused naming both; a copy of the checkpoint (the same weights) is searched
+    with, silently; other weights of the same architecture (a run trained on into the file) are refused,
+    also as the file meta.json names; an index from before the digest warns about another file; a moved
+    checkpoint points at --checkpoint."""
     folder, ckpt, out = embedded
     query = str(folder / "a" / "3.png")
     cfg = load_config(None, [*TINY_RUN, "model.backbone=convnet_slim", "data.image_size=16"])
@@ -276,6 +278,23 @@ def test_a_query_encoder_other_than_the_index_s_is_refused_or_warned(embedded, t
     shutil.copyfile(ckpt, tmp_path / "same.pt")
     with caplog.at_level(logging.WARNING, logger="simxent"):
         assert cli.search_main(["--index", str(out), "--checkpoint", str(tmp_path / "same.pt"), query]) == 0
+    assert "is not the checkpoint" not in caplog.text and "weights" not in caplog.text
+    state = load_checkpoint(ckpt)
+    state["encoder"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in state["encoder"].items()}
+    save_checkpoint(state, tmp_path / "trained_on.pt")
+    capsys.readouterr()
+    assert cli.search_main(["--index", str(out), "--checkpoint", str(tmp_path / "trained_on.pt"), query]) == 2
+    assert "its encoder's weights are not those the index was embedded with" in capsys.readouterr().err
+    trained_index = tmp_path / "trained_index"
+    shutil.copytree(out, trained_index)
+    meta = json.loads((trained_index / "meta.json").read_text())
+    (trained_index / "meta.json").write_text(json.dumps({**meta, "checkpoint": str(tmp_path / "trained_on.pt")}))
+    assert cli.search_main(["--index", str(trained_index), query]) == 2
+    assert "simxent-embed again" in capsys.readouterr().err
+    del meta["encoder_digest"]
+    (trained_index / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        assert cli.search_main(["--index", str(trained_index), "--checkpoint", str(tmp_path / "same.pt"), query]) == 0
     assert "is not the checkpoint the index was embedded with" in caplog.text
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
