@@ -521,5 +521,7 @@ def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler,
         log.warning("checkpoint was written by %d processes, resuming with %d: augmentation streams restart",
                     len(state["rng"]), world)
         torch.manual_seed(seed + rank + 7919 * pos.global_step)
-    log.info("resumed from %s at epoch %d, step %d", path, pos.epoch, pos.step)
+    # pos.epoch counts whole epochs done, as every other line's "epoch E/N step S" counts from 1.
+    log.info("resumed from %s after %d whole epochs and %d steps of the next (global step %d)", path, pos.epoch,
+             pos.step, pos.global_step)
     return pos

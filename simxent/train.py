@@ -738,7 +738,9 @@ def monitor_knn(run: Run) -> None:
         top1 = knn_monitor(run.net, run.bank, run.val, run.views.full, run.cfg, run.device, run.dtype)
         run.knn_top1.append({"epoch": run.pos.epoch, "step": run.pos.global_step, "top1": top1})
         run.monitor.scalars({"knn_top1": top1}, run.pos.global_step, prefix="val/")
-        log.info("epoch %d: kNN top-1 %.4f", run.pos.epoch, top1)
+        pos = run.pos  # after an epoch's end pos.epoch counts it; mid-epoch (a stop) it is the epoch's index
+        log.info("%s: kNN top-1 %.4f", f"epoch {pos.epoch}" if pos.step == 0 else
+                 f"epoch {pos.epoch + 1} step {pos.step}", top1)
     dist.barrier()
 
 

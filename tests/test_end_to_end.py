@@ -457,3 +457,16 @@ def test_supervised_positives_need_a_labelled_train_folder(tmp_path, capsys):
     assert pretrain_main([*TINY_RUN, f"data.train={one}", "loss.positives=labels", f"out={run}"]) == 2
     assert "sub-folder per class, at least two" in capsys.readouterr().err
     assert not (run / "checkpoints").exists()
+
+
+def test_a_stop_mid_epoch_names_its_epoch_and_step_as_the_other_lines_do(shapes, tmp_path, caplog):
+    """Progress lines count epochs from 1 ("epoch 1/2 step 1/5"): the kNN of a run stopped after its first
+    step is "epoch 1 step 1" (not "epoch 0"), an epoch's end "epoch 1", and the resume says how much was done."""
+    args = tiny(shapes, tmp_path, "train.epochs=1")
+    with caplog.at_level("INFO", logger="simxent"):
+        pretrain(load_config(None, [*args, "train.max_time=0.001"]), progress=False)
+        assert "epoch 1 step 1: kNN top-1" in caplog.text and "epoch 0" not in caplog.text
+        caplog.clear()
+        pretrain(load_config(None, [*args, "train.resume=auto"]), progress=False)
+    assert "after 0 whole epochs and 1 steps of the next (global step 1)" in caplog.text
+    assert "epoch 1: kNN top-1" in caplog.text
