@@ -13,7 +13,8 @@ folder. Outputs: a normal run directory per run, ``results.md``, ``results.json`
 ``sweep.png`` (validation accuracy against each swept value, averaged over seeds and the other keys).
 
 Every run gets the same step budget (the config's ``train.epochs`` over the same train part), or the same wall
-time with ``minutes`` > 0 (``train.max_time``); equal steps are the fair budget on a shared machine.
+time with ``minutes`` > 0 (``train.max_time``); equal steps are the fair budget on a shared machine. A sweep
+into the OUT of an earlier one with ``train.resume=auto`` reuses its finished runs and trains the rest.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from .config import ConfigError, load_config, parse_override
 from .data import DataError, find_images, naming_the_key
 from .files import write_text_atomic
 from .linear_eval import ProbeOptions, linear_eval
-from .rundir import has_checkpoints
+from .rundir import has_checkpoints, holds_run
 from .train import pretrain
 
 METRICS = ("knn_top1", "linear_top1")
@@ -270,6 +271,18 @@ def choose(settings: list[dict], choose_by: str) -> dict:
     return {"setting": best, "criterion": f"mean validation {choose_by} over {n} seed(s)", "noise_margin": margin}
 
 
+def check_earlier_runs(runs: list) -> None:
+    """A sweep into the OUT of an earlier one finds its runs: refused before anything trains unless
+    train.resume=auto (reuse and continue them, train the new settings) or train.overwrite=true is given."""
+    held = [cfg.out for _, _, cfg in runs
+            if not cfg.train.resume and not cfg.train.overwrite and holds_run(Path(cfg.out))]
+    if held:
+        raise ConfigError(f"--out: {held[0]} holds a run of an earlier sweep ({len(held)} of this sweep's "
+                          f"{len(runs)} runs are there): add train.resume=auto to reuse finished runs, continue "
+                          f"unfinished ones and train only the new settings, train.overwrite=true to train "
+                          f"them all again, or choose another --out")
+
+
 def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: str, out: str | Path,
           opts: SweepOptions = SweepOptions(), overrides: list[str] = (), probe: ProbeOptions = ProbeOptions(),
           progress: bool = True) -> dict:
@@ -278,6 +291,7 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
     opts.check()
     out = Path(out)
     runs = plan_runs(config, grid, out, opts, overrides)
+    check_earlier_runs(runs)
     split = carve_validation(train_dir, out / "split", opts, [Path(cfg.out) for _, _, cfg in runs])
     train_part, val_part = out / "split" / "train", out / "split" / "val"
     results = {"split": split, "budget": budget_text(opts, runs[0][2]), "runs": []}

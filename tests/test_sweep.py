@@ -167,6 +167,26 @@ def test_a_sweep_again_into_its_out_refuses_another_split_while_its_runs_are_the
     assert again["runs"][0]["val_knn_top1"] == first["runs"][0]["val_knn_top1"]
 
 
+def test_a_sweep_again_into_its_out_asks_for_resume_and_then_trains_only_the_new_setting(tmp_path):
+    """Without train.resume=auto a second sweep into the same out is refused before anything trains, with
+    the sweep's own advice; with it, the earlier run is reused as it is and only the added value trains."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    out, args = tmp_path / "sweep", (str(shapes / "train"), str(shapes / "test"))
+    options, probe = SweepOptions(val_fraction=0.25), ProbeOptions(epochs=1, knn_k=3)
+    first = sweep(None, {"loss.temperature": [0.1]}, *args, out, options, BASE, probe, progress=False)
+    checkpoint = Path(first["runs"][0]["run"]) / "checkpoints" / "last.pt"
+    written = checkpoint.stat().st_mtime_ns
+    grid = {"loss.temperature": [0.1, 0.2]}
+    with pytest.raises(ConfigError, match=r"--out: .*temperature=0.1.* holds a run of an earlier sweep \(1 of this "
+                                          r"sweep's 2 runs are there\): add train.resume=auto"):
+        sweep(None, grid, *args, out, options, BASE, probe, progress=False)
+    assert not (out / "temperature=0.2").exists()
+    again = sweep(None, grid, *args, out, options, [*BASE, "train.resume=auto"], probe, progress=False)
+    assert [r["loss.temperature"] for r in again["runs"]] == [0.1, 0.2]
+    assert again["runs"][0]["val_knn_top1"] == first["runs"][0]["val_knn_top1"]
+    assert checkpoint.stat().st_mtime_ns == written  # reused, not trained again
+
+
 def test_sweep_plot_averages_runs_that_share_a_value():
     from simxent.figures import sweep_plots
 
