@@ -375,7 +375,8 @@ def eval_targets(objective: str, train: ImageArray, test: ImageArray, train_dir,
     targets, weight = TARGET_SOURCES[objective](train, test, train_dir, test_dir, opts, positive_class, train_labels,
                                                 test_labels)
     if train.classes and targets.kind.exclusive and opts.knn_k > len(train):
-        log.warning("--knn-k %d exceeds the %d training images: kNN votes with all of them", opts.knn_k, len(train))
+        # Not named as --knn-k: the sweep and the Python API reach this too, where k is not that option.
+        log.warning("kNN's k = %d exceeds the %d training images: it votes with all of them", opts.knn_k, len(train))
     return targets, weight
 
 

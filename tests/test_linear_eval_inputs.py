@@ -378,7 +378,7 @@ def test_a_knn_k_above_the_training_images_is_said(run, tmp_path, caplog):
         assert evaluate(ckpt, shapes, "--out", str(tmp_path / "a")) == 0
         assert "--knn-k" not in caplog.text
         assert evaluate(ckpt, shapes, "--knn-k", "200", "--out", str(tmp_path / "b")) == 0
-    assert "--knn-k 200 exceeds the 20 training images" in caplog.text
+    assert "kNN's k = 200 exceeds the 20 training images" in caplog.text
 
 
 def test_a_folder_given_as_the_class_weight_file_is_named_as_one(tmp_path):
