@@ -81,7 +81,7 @@ def step_loss(model: nn.Module, views: torch.Tensor | list[torch.Tensor], temper
         z = model(views)
     n = z.shape[0] // n_views
     gather = dist.gather_with_grad if dist.world_size() > 1 else None  # None: all views local (symmetric form)
-    if multi_view == "joint" or n_views == 2:
+    if multi_view == "joint":
         loss = multi_view_nt_xent(z, n_views, temperature, labels=labels, gather=gather, rank=dist.rank(),
                                   decoupled=decoupled)
     else:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -262,6 +263,14 @@ def test_plain_state_dict_with_backbone(embedded, tmp_path, capsys):
     assert best["name"] == "a/9.png" and abs(best["similarity"] - 1) < 1e-5
 
 
+def index_copy(out: Path, dest: Path, **changes) -> Path:
+    """A copy of the index folder ``out`` at ``dest`` whose meta.json has ``changes`` (None: key removed)."""
+    shutil.copytree(out, dest)
+    meta = {**json.loads((dest / "meta.json").read_text()), **changes}
+    (dest / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+    return dest
+
+
 def test_a_query_encoder_other_than_the_index_s_is_refused_or_warned(embedded, tmp_path, capsys, caplog):
     """Another architecture is refused naming both; a copy of the checkpoint (the same weights) is searched
     with, silently; other weights of the same architecture (a run trained on into the file) are refused,
@@ -285,21 +294,14 @@ def test_a_query_encoder_other_than_the_index_s_is_refused_or_warned(embedded, t
     capsys.readouterr()
     assert cli.search_main(["--index", str(out), "--checkpoint", str(tmp_path / "trained_on.pt"), query]) == 2
     assert "its encoder's weights are not those the index was embedded with" in capsys.readouterr().err
-    trained_index = tmp_path / "trained_index"
-    shutil.copytree(out, trained_index)
-    meta = json.loads((trained_index / "meta.json").read_text())
-    (trained_index / "meta.json").write_text(json.dumps({**meta, "checkpoint": str(tmp_path / "trained_on.pt")}))
+    trained_index = index_copy(out, tmp_path / "trained_index", checkpoint=str(tmp_path / "trained_on.pt"))
     assert cli.search_main(["--index", str(trained_index), query]) == 2
     assert "simxent-embed again" in capsys.readouterr().err
-    del meta["encoder_digest"]
-    (trained_index / "meta.json").write_text(json.dumps(meta))
+    before_digest = index_copy(out, tmp_path / "before_digest", encoder_digest=None)
     with caplog.at_level(logging.WARNING, logger="simxent"):
-        assert cli.search_main(["--index", str(trained_index), "--checkpoint", str(tmp_path / "same.pt"), query]) == 0
+        assert cli.search_main(["--index", str(before_digest), "--checkpoint", str(tmp_path / "same.pt"), query]) == 0
     assert "is not the checkpoint the index was embedded with" in caplog.text
-    moved = tmp_path / "moved"
-    shutil.copytree(out, moved)
-    meta = json.loads((moved / "meta.json").read_text())
-    (moved / "meta.json").write_text(json.dumps({**meta, "checkpoint": str(tmp_path / "gone.pt")}))
+    moved = index_copy(out, tmp_path / "moved", checkpoint=str(tmp_path / "gone.pt"))
     assert cli.search_main(["--index", str(moved), query]) == 2
     assert "gone.pt (meta.json), is gone: give it with --checkpoint" in capsys.readouterr().err
 
