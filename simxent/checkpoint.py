@@ -15,7 +15,7 @@ import pickle
 import re
 import tempfile
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -467,14 +467,15 @@ def fit_optimizer(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
     return {**saved, "param_groups": [{**group, **mine} for group, mine in zip(groups, settings)]}
 
 
-def saved_progress(state: dict, total: int) -> tuple[float, float]:
+def saved_progress(state: dict, total: int, step: int) -> tuple[float, float]:
     """(p0, q0): the progress a resumed run starts from and the time budgets' saved share q0. Over the same
-    ``total`` S as the checkpoint's, p0 is the progress p it saved; over another (train.epochs changed),
-    p0 = max(s / S, q0) of its saved step s, since p = 1 after the old epochs would end the run at once. A
+    ``total`` S as the checkpoint's, p0 is the progress p it saved; over another (train.epochs, the batch
+    size or the folder changed), p0 = max(s / S, q0) at ``step`` s, the resumed position's batches in this
+    run's units (:func:`resumed_position`), since p = 1 after the old epochs would end the run at once. A
     checkpoint without q0 gives the progress it saved as both; one written before progress was saved counts
     its steps' share of the step plan it holds under "schedule" (a time budget's: its cosine ended at step
     ``decay_end``), else of ``total``."""
-    step, plan = state["position"]["global_step"], state.get("schedule")
+    plan = state.get("schedule")
     if "time_share" in state:
         share = float(state["time_share"])
         if state.get("schedule_steps") == total:
@@ -503,9 +504,21 @@ def changed_settings(state: dict, cfg: Config) -> list[tuple[str, object, object
     return [(key, was[key], value) for key, value in ours.items() if was[key] != value and key != "train.resume"]
 
 
-def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler, seed: int) -> Position:
-    """Load a checkpoint's weights, optimiser, scaler and this process's RNG state; returns where it stood.
-    A checkpoint written by another number of processes restarts the augmentation streams (said so)."""
+def resumed_position(state: dict, batch_size: int) -> Position:
+    """The checkpoint's position in batches of ``batch_size``: the same epoch, and inside it the step whose
+    batch holds the first image the saved run had not reached (with another ``train.batch_size`` the saved
+    step counts other batches: it would skip or repeat images, and set the schedule elsewhere). At most
+    ``batch_size - 1`` images are seen again. ``global_step`` goes on counting applied steps."""
+    pos = Position(**state["position"])
+    saved = state.get("config", {}).get("train", {}).get("batch_size", batch_size)
+    return replace(pos, step=pos.step * saved // batch_size)
+
+
+def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler, seed: int,
+                     batch_size: int) -> Position:
+    """Load a checkpoint's weights, optimiser, scaler and this process's RNG state; returns where it stood
+    (:func:`resumed_position`). A checkpoint written by another number of processes restarts the
+    augmentation streams (said so)."""
     state = {**state, "optimizer": fit_optimizer(state["optimizer"], optimizer)}
     parts = {"encoder": net.encoder, "head": net.head, "optimizer": optimizer, "scaler": scaler}
     # A learnt temperature is state; a fixed one is a setting (loss.temperature), and a learnt one resumed
@@ -513,7 +526,7 @@ def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler,
     if learnt_temperature(state) and net.temperature.log_t.requires_grad:
         parts["temperature"] = net.temperature
     load_parts(state, path, parts)
-    pos = Position(**state["position"])
+    pos = resumed_position(state, batch_size)
     rank, world = dist.rank(), dist.world_size()
     if len(state["rng"]) == world:
         set_rng_state(state["rng"][rank])

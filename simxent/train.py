@@ -502,6 +502,12 @@ class Run:
     def steps_per_epoch(self) -> int:
         return len(self.train) // self.cfg.train.batch_size
 
+    @property
+    def schedule_step(self) -> int:
+        """The batches of ``train.batch_size`` drawn so far, where the schedule stands: it advances on a
+        skipped step too (as fp16's grad scaler's skips always did), so that the epochs end annealed."""
+        return self.pos.epoch * self.steps_per_epoch + self.pos.step
+
 
 @dataclass
 class Drawn:
@@ -536,7 +542,7 @@ class EpochBatches:
                                    rank=rank, world=world) if cfg.loss.positives == "labels" else None
         self.device, self.make_views = run.device, run.views
         # Agreed by every process: the sizes match across them.
-        self.progress = lambda: run.budget.progress(run.pos.global_step)
+        self.progress = lambda: run.budget.progress(run.schedule_step)
         self.ahead: Optional[Drawn] = None
         self.draw_next(run.resumed_progress)  # a resumed run's first batch: as the checkpoint recorded it
         run.resumed_progress = None
@@ -576,7 +582,7 @@ def train_step(run: Run, batch: Drawn, draw_ahead: Callable[[], None], stop_requ
     scaler checks its own), the stop requests and the share of the time budget used, so that all processes
     agree (the next step's lr included); the optimiser steps only when everything was finite."""
     cfg, pos, optimizer, scaler = run.cfg, run.pos, run.optimizer, run.scaler
-    lr = set_lr(optimizer, run.budget.fraction(pos.global_step, cfg.optim.min_lr), run.peak, cfg.loss.temperature_lr)
+    lr = set_lr(optimizer, run.budget.fraction(run.schedule_step, cfg.optim.min_lr), run.peak, cfg.loss.temperature_lr)
     run.slow_steps.start()
     run.buffers.take()
     t = run.net.temperature()
@@ -628,7 +634,7 @@ def record_step(run: Run, batch: Drawn, result: StepResult, meter: Throughput, b
         return
     run.bad_steps, run.last_loss = 0, result.loss
     meter.add(len(batch.images) * dist.world_size())
-    final = (pos.global_step == run.budget.total or result.time_up or result.signalled  # a short run logs
+    final = (run.schedule_step == run.budget.total or result.time_up or result.signalled  # a short run logs
              or run.budget.finished())
     if pos.global_step % cfg.train.log_every == 0 or final:
         rate = meter.read()
@@ -664,8 +670,8 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
     while batches.ahead is not None and reason is None:
         batch = batches.ahead
         result = train_step(run, batch, batches.draw_next, stop_requested)
-        record_step(run, batch, result, meter, bar)
         pos.step = batch.step + 1
+        record_step(run, batch, result, meter, bar)
         if run.bad_steps >= cfg.train.max_bad_steps:
             raise diverged(run, batches.ahead)
         bar.update(1)
@@ -715,7 +721,7 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
     if not bool(finite_flag(list(net.parameters()) + list(net.buffers()))):
         raise TrainingError(f"the model holds non-finite values at step {run.pos.global_step}; not saving it over "
                             f"{checkpoint_path(run.cfg)}")
-    progress = (run.budget.progress(run.pos.global_step), run.budget.time_share(), run.budget.total)
+    progress = (run.budget.progress(run.schedule_step), run.budget.time_share(), run.budget.total)
     state = training_state(run.cfg, net, run.optimizer, run.scaler, run.pos, ahead.rng if ahead else None,
                            progress, ahead.progress if ahead else None,
                            history(run))
@@ -789,7 +795,7 @@ def finish(run: Run, reason: Optional[str]) -> dict:
         # A resumed run whose budget was already spent trains nothing: its earlier session was stopped.
         "stopped_by_max_time": reason == "max_time" or (reason is None and pos.epoch < cfg.train.epochs
                                                         and run.budget.finished()),
-        "schedule_progress": run.budget.progress(pos.global_step),  # 1: annealed (the epochs or the budget done)
+        "schedule_progress": run.budget.progress(run.schedule_step),  # 1: annealed (the epochs or the budget done)
         "stopped_by_signal": reason == "signal",
         "skipped_steps": run.skipped_steps,
         "last_loss": run.last_loss if math.isfinite(run.last_loss) else None,  # strict JSON has no NaN
@@ -954,11 +960,11 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     pos, ahead_progress, earlier = Position(), None, {}
     if resume:
-        pos = restore_training(resume, resumed, net, optimizer, scaler, cfg.train.seed)
+        pos = restore_training(resume, resumed, net, optimizer, scaler, cfg.train.seed, batch)
         for key, was, now in changed_settings(resumed, cfg):
             level = logging.WARNING if key.startswith(CHANGES_TRAINING) else logging.INFO
             log.log(level, "resumed with %s=%s (the checkpoint's run had %s)", key, json.dumps(now), json.dumps(was))
-        budget.resume(*saved_progress(resumed, budget.total))
+        budget.resume(*saved_progress(resumed, budget.total, pos.epoch * steps_per_epoch + pos.step))
         ahead_progress = resumed.get("ahead_progress")  # None: an older checkpoint, or none drawn ahead
         earlier = resumed.get("history", {})
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go

@@ -337,6 +337,46 @@ def test_budget_schedule_false_keeps_the_epoch_schedule(shapes, tmp_path):
     assert [lrs[s] for s in range(15)] == pytest.approx([PEAK * lr_at(s, 15, 5, 1.0) for s in range(15)], rel=1e-6)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_skipped_step_advances_the_schedule_so_that_the_epochs_end_annealed(shapes, tmp_path, monkeypatch):
+    """Batch 3 of 10 non-finite: fp32 skips its update (as fp16's grad scaler does), and the schedule still
+    moves on a batch, so every applied batch b runs at the epoch schedule's lr(b) and the run ends annealed."""
+    real, calls = simxent.train.step_loss, {"n": 0}
+
+    def third_nan(*args):
+        loss, z1, z2 = real(*args)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 3 else loss), z1, z2
+
+    monkeypatch.setattr(simxent.train, "step_loss", third_nan)
+    run = tmp_path / "run"
+    summary = pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", "optim.warmup_epochs=1")),
+                       progress=False)
+    assert summary["skipped_steps"] == 1 and summary["global_step"] == 9 and summary["schedule_progress"] == 1
+    lrs = logged_lrs(run)  # by applied step: batches 0, 1, 3, ..., 9
+    applied = [0, 1, *range(3, 10)]
+    assert [lrs[s] for s in range(9)] == pytest.approx([PEAK * lr_at(b, 10, 5, 1.0) for b in applied], rel=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_resumed_with_another_batch_size_goes_on_from_the_same_image_and_schedule_point(shapes, tmp_path,
+                                                                                             monkeypatch, caplog):
+    """80 images: stopped after 3 of 5 batches of 16 (48 images), resumed with batches of 8: the epoch goes on
+    at batch 6 of 10 (image 48), the schedule at 6 of its 20 steps, and the run ends after the 14 batches left."""
+    run = tmp_path / "run"
+    use_clock(monkeypatch, StepClock(1.0, [1.0] * 1000, stop_at(3)))
+    cut = pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", "optim.warmup_epochs=1")), progress=False)
+    assert cut["global_step"] == 3 and cut["stopped_by_signal"]
+    use_clock(monkeypatch, StepClock(1.0, [1.0] * 1000))
+    rest = pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", "optim.warmup_epochs=1",
+                                           "train.batch_size=8", "train.resume=auto")), progress=False)
+    assert "resumed with train.batch_size=8" in caplog.text
+    assert rest["global_step"] == 3 + 14 and rest["epoch"] == 2 and rest["schedule_progress"] == 1
+    lrs, peak = logged_lrs(run), 0.1 * 8 / 256
+    assert [lrs[s] for s in range(3, 17)] == pytest.approx([peak * lr_at(b, 20, 10, 1.0) for b in range(6, 20)],
+                                                           rel=1e-6)
+
+
 def test_budget_script_splits_disjointly_and_applies_overrides_last(labelled_folder, tmp_path, load_script):
     script = load_script("budget_schedule")
     train, val = script.stratified_split(labelled_folder, tmp_path / "split", per_class=20, val_per_class=4)
