@@ -105,8 +105,7 @@ def find_images(root: str | Path) -> ImageList:
     would be read as classes and as images.
     """
     root = Path(root)
-    if not root.exists():
-        raise DataError(f"image folder not found: {root}")
+    check_source(root)
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
     files, irregular, unread, seen, runs, root_real = [], [], [], set(), [], os.path.realpath(root)
@@ -173,13 +172,22 @@ def _report_irregular(irregular: list[Path], root: Path) -> None:
                     len(irregular), root, ", ".join(json.dumps(str(p)) for p in irregular))
 
 
+def check_source(path: str | Path) -> None:
+    """What can be said of an image source before it is read: it exists, and it is not a single image
+    (a folder of images or a text file listing them is wanted)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"image folder not found: {path}")
+    if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        raise DataError(f"{path} is an image: give a folder of images or a text file listing image paths")
+
+
 def read_image_list(path: str | Path) -> ImageList:
     """The images a text file lists, one path per line, relative to the file's folder or absolute; blank
     lines and lines starting with ``#`` are skipped, spaces around a path ignored. Unlabelled. A listed
     path that is missing or unreadable is a bad file, found and named when decoded."""
     path = Path(path)
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        raise DataError(f"{path} is an image: give a folder of images or a text file listing image paths")
+    check_source(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

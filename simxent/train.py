@@ -29,8 +29,9 @@ from .checkpoint import (Position, changed_settings, check_resumable, last_in_fo
                          newest_valid_checkpoint, restore_training, rng_state, save_rotating, saved_progress,
                          start_branch, training_state)
 from .config import AugmentConfig, Config, ConfigError, check_config, format_config, save_config, to_dict, view_size
-from .data import (Batch, DataError, ImageArray, ImageStream, batch_indices, dataset_images, default_cache_dir,
-                   find_source, iterate_batches, load_configured, naming_the_key, open_stream, shared_files)
+from .data import (Batch, ImageArray, ImageStream, batch_indices, check_source, dataset_images,
+                   default_cache_dir, find_source, iterate_batches, load_configured, naming_the_key, open_stream,
+                   shared_files)
 from .evaluate import extract_features, knn_scores, topk_accuracy
 from .files import write_text_atomic
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, pairwise_nt_xent, similarity_samples
@@ -921,10 +922,11 @@ def open_run(cfg: Config, held: ExitStack) -> tuple[torch.device, Optional[str],
     if cfg.train.batch_size % dist.world_size():
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must divide by the "
                           f"{dist.world_size()} processes")
-    for key in ("data.train", "data.val"):  # before out is made: a mistyped folder leaves nothing behind
+    for key in ("data.train", "data.val"):  # before out is made: a mistyped path leaves nothing behind
         path = getattr(cfg.data, key.split(".")[1])
-        if path and not Path(path).exists():
-            raise DataError(f"{key}: image folder not found: {path}")
+        if path:
+            with naming_the_key(key):
+                check_source(path)
     run_id, resume, resumed = None, None, None
     main = dist.is_main()
     level = logging.INFO if main else logging.WARNING

@@ -310,6 +310,10 @@ def test_a_refused_run_leaves_nothing_for_the_next_one_to_inherit(shapes, tmp_pa
     status, err = run(tiny(shapes, out, f"data.train={tmp_path / 'nope'}"), capsys)
     assert status == 2 and f"data.train: image folder not found: {tmp_path / 'nope'}" in error_line(err)
     assert not out.exists()  # a mistyped folder: no out made
+    image = next((shapes / "train").rglob("*.png"))
+    status, err = run(tiny(shapes, out, f"data.train={image}"), capsys)
+    assert status == 2 and f"data.train: {image} is an image: give a folder of images" in error_line(err)
+    assert not out.exists()  # one image given for a folder: no out made either
     (tmp_path / "empty").mkdir()
     assert run(tiny(shapes, out, f"data.train={tmp_path / 'empty'}"), capsys)[0] == 2
     assert "no images found" in (out / "train.log").read_text()  # refused once out was claimed: said there
