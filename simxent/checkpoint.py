@@ -7,6 +7,7 @@ as tensors), so the safe unpickler can read all of it and a crafted file cannot 
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import json
 import logging
@@ -187,6 +188,17 @@ def checkpoint_encoder(state: dict, cfg: Config, path: str | Path) -> nn.Module:
     if "encoder" not in state:
         raise CheckpointError(f"{path} holds no encoder weights")
     return fitted_backbone(cfg.model.backbone, cfg.model.cifar_stem, state["encoder"], path, cfg.data.image_size)
+
+
+def encoder_digest(encoder: nn.Module) -> str:
+    """SHA-256 of the encoder's state dict (names, dtypes, shapes and values, in its order): the same for the
+    same weights wherever they are stored, different once a run has trained on into the same file."""
+    h = hashlib.sha256()
+    for name, t in encoder.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_encoder(path: str | Path, map_location="cpu") -> nn.Module:

@@ -15,7 +15,8 @@ import torch
 from . import figures as figures_lib
 from .augment import Normalize
 from .calibration import class_probabilities, per_class, reliability
-from .checkpoint import ENCODER_KEYS, checkpoint_encoder, load_backbone, load_checkpoint, saved_config
+from .checkpoint import (ENCODER_KEYS, checkpoint_encoder, encoder_digest, load_backbone, load_checkpoint,
+                         saved_config)
 from .config import MAX_IMAGE_SIZE, Config, ConfigError, DataConfig
 from .data import ImageArray, ImageList, copied_images, find_source, load_configured, naming_the_key, shared_files
 from .class_weights import class_weights, positive_weights
@@ -436,6 +437,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
         encoders["random_init"], _ = backbone(cfg.model.backbone, cfg.model.cifar_stem, cfg.data.image_size)
     results = {
         "checkpoint": str(checkpoint),
+        "encoder_digest": encoder_digest(pretrained),  # which weights: a path may be trained on into since
         "backbone": cfg.model.backbone,
         "cifar_stem": cfg.model.cifar_stem,
         "image_size": cfg.data.image_size,

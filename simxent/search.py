@@ -19,7 +19,6 @@ of rows whose cosine similarity reaches a threshold.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .augment import Normalize
+from .checkpoint import encoder_digest
 from .config import AugmentConfig, ConfigError, DataConfig, EvalConfig
 from .data import DataError, ImageArray, decode_eval, load_configured, naming_the_key
 from .evaluate import build_index, extract_features, recall_against_exact
@@ -107,17 +107,6 @@ def load_encoding(checkpoint: str | Path, image_size: Optional[int] = None, crop
     encoder, cfg = encoder_to_score(checkpoint, backbone_name, cifar_stem, image_size)
     return Encoding(encoder, cfg.model.backbone, cfg.model.cifar_stem, cfg.data.image_size, crop_ratio,
                     list(cfg.augment.mean), list(cfg.augment.std))
-
-
-def encoder_digest(encoder: nn.Module) -> str:
-    """SHA-256 of the encoder's state dict (names, dtypes, shapes and values, in its order): the same for the
-    same weights wherever they are stored, different once a run has trained on into the same file."""
-    h = hashlib.sha256()
-    for name, t in encoder.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def decode_image(path: str | Path, image_size: int, crop_ratio: float) -> np.ndarray:

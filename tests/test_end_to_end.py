@@ -11,7 +11,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from simxent.augment import ViewAugment
-from simxent.checkpoint import load_checkpoint
+from simxent.checkpoint import encoder_digest, load_checkpoint, load_encoder
 from simxent.cli import linear_eval_main, pretrain_main
 from simxent.config import load_config
 from simxent.demo import make_shapes
@@ -64,6 +64,9 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
                              "--class-weight", "balanced", "--label-smoothing", "0.1", "--json", str(report),
                              "--no-progress"]) == 0
     results = json.loads(report.read_text())
+    epoch_one = next(p for p in (run / "checkpoints").glob("*.pt") if load_checkpoint(p)["position"]["epoch"] == 1)
+    assert results["encoder_digest"] == encoder_digest(load_encoder(run / "checkpoints" / "last.pt"))
+    assert results["encoder_digest"] != encoder_digest(load_encoder(epoch_one))  # names the weights scored
     for name in ("pretrained", "random_init"):
         for scorer in ("linear", "knn"):
             r = results[name][scorer]
