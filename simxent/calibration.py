@@ -43,7 +43,8 @@ def reliability(probs: torch.Tensor, targets: torch.Tensor, bins: int = 15) -> d
 
 
 def per_class(logits: torch.Tensor, targets: torch.Tensor, names: list[str], objective: str = "multiclass") -> dict:
-    """Mean cross entropy and accuracy over the test images of each true class: where the loss lives. The
+    """Mean cross entropy and accuracy over the test images of each true class, keyed by ``names`` (class c's
+    at index c; a binary probe's: the negative class, then the positive one): where the loss lives. The
     loss comes from the log-probabilities, not from rounded probabilities: a confidently wrong image
     counts in full (F.cross_entropy's, or for a binary probe F.binary_cross_entropy_with_logits's, value)."""
     log_probs = objective_named(objective).log_probabilities(logits)
@@ -51,7 +52,7 @@ def per_class(logits: torch.Tensor, targets: torch.Tensor, names: list[str], obj
     losses = F.nll_loss(log_probs, targets, reduction="none")
     correct = (log_probs.argmax(1) == targets).float()
     out = {}
-    for c, name in enumerate(objective_named(objective).outcomes(names)):
+    for c, name in enumerate(names):
         mask = targets == c
         n = int(mask.sum())
         out[name] = {"images": n, "loss": losses[mask].mean().item() if n else None,

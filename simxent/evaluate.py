@@ -224,7 +224,7 @@ def multilabel_metrics(logits: torch.Tensor, y: torch.Tensor, names: list[str]) 
 class Objective:
     """What a linear probe predicts and how it is scored. ``exclusive``: each image has exactly one class, so
     the probe gives a distribution over classes (``log_probabilities``, per-class loss, calibration) and kNN
-    on the class folders applies; ``outcomes(names)`` names those classes. ``outputs`` = len(names) logits
+    on the class folders applies. ``outputs`` = len(names) logits
     in every case (binary: the positive class only). ``columns``: the results table's (section, key)."""
 
     name: str
@@ -236,7 +236,6 @@ class Objective:
     metrics: Callable[[torch.Tensor, torch.Tensor, list], dict]
     columns: tuple
     log_probabilities: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-    outcomes: Callable[[list], list] = lambda names: names
 
     def accuracy(self, logits: torch.Tensor, y: torch.Tensor) -> float:
         """Top-1 for exclusive classes, else the fraction of (image, label) pairs right at logit 0."""
@@ -254,7 +253,7 @@ OBJECTIVES = {
         "binary", exclusive=True, smoothing=False, check_targets=check_binary_targets, loss=sigmoid_loss,
         predict=lambda logits: (logits > 0).long(), metrics=binary_metrics,
         columns=(("linear", "accuracy"), ("linear", "roc_auc"), ("linear", "f1"), ("knn", "top1")),
-        log_probabilities=sigmoid_pair_log_probabilities, outcomes=lambda names: [f"not {names[0]}", names[0]]),
+        log_probabilities=sigmoid_pair_log_probabilities),
     "multilabel": Objective(
         "multilabel", exclusive=False, smoothing=False, check_targets=check_binary_targets, loss=sigmoid_loss,
         predict=lambda logits: (logits > 0).long(), metrics=multilabel_metrics,

@@ -151,6 +151,10 @@ class Targets:
     names: list[str]  # classes, the positive class, or the labels
     train: torch.Tensor
     test: torch.Tensor
+    outcomes: Optional[list[str]] = None  # an exclusive probe's classes by index (binary: the two folders)
+
+    def __post_init__(self):
+        self.outcomes = self.outcomes or self.names
 
     @property
     def kind(self) -> Objective:
@@ -166,7 +170,8 @@ def binary_targets(train: ImageArray, test: ImageArray, positive: Optional[str])
     if positive not in train.classes:
         raise ConfigError(f"--positive-class {positive!r} is not one of {', '.join(train.classes)}")
     p = train.classes.index(positive)
-    return Targets("binary", [positive], (train.labels == p).long().unsqueeze(1), (test.labels == p).long().unsqueeze(1))
+    return Targets("binary", [positive], (train.labels == p).long().unsqueeze(1), (test.labels == p).long().unsqueeze(1),
+                   outcomes=[train.classes[1 - p], positive])
 
 
 class ProbeCurves:
@@ -224,7 +229,7 @@ def probe_report(name: str, logits: torch.Tensor, targets: Targets, monitor: Mon
     if targets.kind.exclusive:
         probs = class_probabilities(logits, targets.objective)
         linear["calibration"] = reliability(probs, targets.test)
-        linear["per_class_loss"] = per_class(logits, targets.test, targets.names, targets.objective)
+        linear["per_class_loss"] = per_class(logits, targets.test, targets.outcomes, targets.objective)
         monitor.scalars({"ece": linear["calibration"]["ece"]}, step, prefix=f"{name}/probe/")
         figures["reliability"] = figures_lib.reliability_diagram(linear["calibration"], name)
         figures["per_class"] = figures_lib.per_class_bars(linear["per_class_loss"], f"{name}: linear probe")

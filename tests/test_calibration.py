@@ -66,9 +66,9 @@ def test_per_class_loss_counts_confidently_wrong_images_in_full():
     assert math.isclose(table["a"]["loss"], F.cross_entropy(logits[:2], targets[:2]).item(), rel_tol=1e-6)
     assert table["a"]["loss"] > 59 and table["b"]["loss"] < 1e-6
     z, y = torch.tensor([[20.0], [30.0], [-5.0], [25.0]]), torch.tensor([0, 0, 0, 1])
-    binary = per_class(z, y, ["cat"], "binary")
+    binary = per_class(z, y, ["dog", "cat"], "binary")
     want = F.binary_cross_entropy_with_logits(z[:3, 0], y[:3].float()).item()
-    assert math.isclose(binary["not cat"]["loss"], want, rel_tol=1e-6) and want > 16.6
+    assert math.isclose(binary["dog"]["loss"], want, rel_tol=1e-6) and want > 16.6
     assert binary["cat"]["loss"] < 1e-6
 
 
@@ -77,5 +77,5 @@ def test_binary_probe_probabilities_are_sigmoid_pairs():
     probs = class_probabilities(logits, "binary")
     torch.testing.assert_close(probs[:, 1], torch.sigmoid(logits.flatten()))
     torch.testing.assert_close(probs.sum(1), torch.ones(3))
-    table = per_class(logits, torch.tensor([0, 1, 0]), ["cat"], "binary")
-    assert set(table) == {"not cat", "cat"} and table["cat"]["accuracy"] == 1.0
+    table = per_class(logits, torch.tensor([0, 1, 0]), ["dog", "cat"], "binary")
+    assert set(table) == {"dog", "cat"} and table["cat"]["accuracy"] == 1.0

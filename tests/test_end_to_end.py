@@ -292,6 +292,9 @@ def test_binary_and_multilabel_probes(shapes, tmp_path, capsys):
     r = json.loads(report.read_text())
     assert r["targets"] == ["circle"] and r["class_weight"] == {"circle": pytest.approx(1.0)}
     assert 0 <= r["pretrained"]["linear"]["roc_auc"] <= 1 and "f1" in r["pretrained"]["linear"]
+    per_class = r["pretrained"]["linear"]["per_class_loss"]  # by folder: the negative class, then the positive
+    assert list(per_class) == ["square", "circle"]
+    assert [per_class[c]["images"] for c in per_class] == [len(list((two / "test" / c).iterdir())) for c in per_class]
     assert linear_eval_main(["--checkpoint", ckpt, "--train", str(shapes / "train"), "--test", str(shapes / "test"),
                              "--objective", "binary", "--no-progress"]) == 2
     assert "exactly 2 class folders" in capsys.readouterr().err
