@@ -994,6 +994,8 @@ def announce(run: Run) -> None:
              "peak lr %.4g", len(run.train), run.steps_per_epoch, cfg.model.backbone, run.device,
              dist.world_size(), run.dtype, batch, run.views.n_views, run.peak)
     aug, size = cfg.augment, cfg.data.image_size
+    if run.views.n_views > 2:
+        log.info("%d views per image, contrasted as loss.multi_view=%s", run.views.n_views, cfg.loss.multi_view)
     if aug.view_ratio_start is not None:
         log.info("resolution schedule: views grow from %d to %d px as the schedule progresses (train/view_size)",
                  view_size(aug, size, 0.0), view_size(aug, size))

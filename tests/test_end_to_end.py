@@ -409,6 +409,7 @@ def test_pairwise_multi_crop_pretraining_hands_the_loss_its_pairs(shapes, tmp_pa
                                               "train.epochs=1", f"loss.multi_view={mode}")), progress=False)
     assert summary["global_step"] == 5 and torch.isfinite(torch.tensor(summary["last_loss"]))
     assert calls == [(4 * 16, 4, 2 if mode == "full_pairs" else None)] * 5
+    assert f"4 views per image, contrasted as loss.multi_view={mode}" in (tmp_path / "train.log").read_text()
 
 
 def test_a_resolution_schedule_grows_the_views_and_resumes_exactly(shapes, tmp_path, monkeypatch):
