@@ -724,12 +724,13 @@ def _extents(paths: list[Path]) -> list[Optional[tuple[int, int]]]:
     return out
 
 
-def all_within_view(found: ImageList, size: int, workers: int, square: bool = False) -> bool:
-    """Whether every readable image of the folder is no larger than ``size`` on either side, and with
-    ``square`` also square (headers only)."""
+def all_square_within_view(found: ImageList, size: int, workers: int) -> bool:
+    """Whether every readable image of the folder is square and no larger than ``size`` (headers only): the
+    folders whose ``square`` entry serves training and evaluation alike (either would cut the sides of a
+    non-square image differently)."""
     loader = DataLoader(found.files, batch_size=256, num_workers=workers,
                         collate_fn=_extents)
-    return all(max(e) <= size and (e[0] == e[1] or not square) for batch in loader for e in batch if e is not None)
+    return all(max(e) <= size and e[0] == e[1] for batch in loader for e in batch if e is not None)
 
 
 def load_folder(
@@ -748,8 +749,8 @@ def load_folder(
     ``root`` may also be a list file or an :class:`ImageList` (:func:`find_source`); a dataset without a
     cache name is decoded into memory.
 
-    A folder whose images are all square and no larger than ``size`` is stored ``square`` (:class:`Layout`);
-    for evaluation, one whose images are no larger than ``size``; any other
+    A folder whose images are all square and no larger than ``size`` is stored ``square`` (:class:`Layout`),
+    an entry training and evaluation share; any other
     is stored ``padded`` at ``decode_side(size, decode_size)`` for training, or with the evaluation
     transform when ``crop_ratio`` is given. With ``cache``, images are decoded straight into a memory-mapped
     file under ``cache_dir`` (disk, not RAM, bounds the folder's size: N * side^2 * 3 bytes); without it,
@@ -802,7 +803,7 @@ def _decoded_or_cached(found: ImageList, size: int, cache: bool, cache_dir, work
     if hit is None:
         # A training crop samples the whole image, as torchvision's does: the square layout's centre crop
         # would cut a non-square image's sides off, so such a folder keeps each image's extent (padded).
-        layout = square if all_within_view(found, size, workers, square=not crop_ratio) else larger
+        layout = square if all_square_within_view(found, size, workers) else larger
         array_path = cache_dir / f"{_cache_key(listing, layout)}.npy" if cache else None
         if cache:
             _check_disk(cache_dir, len(found.files) * layout.side**2 * 3, found.root)

@@ -12,6 +12,7 @@ from simxent.augment import CROP_RATIO, RandomGaussianBlur, ViewAugment, blur_ke
 from simxent.config import AugmentConfig
 from simxent.data import (decode, decode_eval, decode_side, decode_views, iterate_batches, load_folder, open_stream,
                           view_boxes)
+from tests.conftest import write_image
 
 SCALE = (0.08, 1.0)
 Q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])
@@ -211,6 +212,21 @@ def test_eval_folders_use_the_eval_transform(tmp_path):
     data = load_folder(root, 16, workers=0, progress=False, crop_ratio=0.875)
     assert data.sizes is None and data.images.shape == (4, 16, 16, 3)
     assert np.array_equal(data.images[0].numpy(), decode_eval(data.files[0], 16, 0.875))
+
+
+def test_an_evaluation_leaves_training_its_whole_small_non_square_images(tmp_path):
+    """Images no larger than the view but not square: training keeps each whole (padded), evaluation
+    centre-crops them. Each has its own cache entry, so an evaluation between two training loads of the
+    folder (a sweep's first run scored, then its second trained) does not hand the second its crops."""
+    root = tmp_path / "f"
+    for i in range(3):
+        write_image(root / f"{i}.png", size=(16, 10), seed=i)
+    first = load_folder(root, 16, workers=0, progress=False)
+    evaluated = load_folder(root, 16, workers=0, progress=False, crop_ratio=0.875)
+    again = load_folder(root, 16, workers=0, progress=False)
+    assert first.sizes is not None and torch.equal(first.sizes, again.sizes)
+    assert torch.equal(first.images, again.images)
+    assert np.array_equal(evaluated.images[0].numpy(), decode_eval(evaluated.files[0], 16, 0.875))
 
 
 @pytest.mark.parametrize("size", [64, 96, 224])
