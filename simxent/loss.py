@@ -316,15 +316,25 @@ def pairwise_nt_xent(
     Q the pairs of :func:`view_pairs`: every pair, or with ``n_full`` only those with at least one of the
     first ``n_full`` (full-size) views, so that multi-crop's small views are not contrasted with each other.
     Unlike :func:`multi_view_nt_xent`, each pair has its own softmax: an anchor's denominator holds the 2N
-    views of its pair, not its image's other views. At V = 2 both are NT-Xent."""
+    views of its pair, not its image's other views. At V = 2 both are NT-Xent. With ``gather``, every
+    view is gathered once, and each pair's candidates are its two views' rows of every process."""
     if z.ndim != 2 or n_views < 2 or z.shape[0] % n_views:
         raise ValueError(f"pairwise_nt_xent: z must be (n_views * n, d) with n_views >= 2, got {tuple(z.shape)} "
                          f"for n_views={n_views}")
-    views = z.chunk(n_views)
     pairs = view_pairs(n_views, n_views if n_full is None else n_full)
     if not pairs:
         raise ValueError(f"pairwise_nt_xent: n_full={n_full} leaves no pair of views")
-    return sum(nt_xent(views[a], views[b], temperature, gather=gather, rank=rank) for a, b in pairs) / len(pairs)
+    if gather is None:
+        views = z.chunk(n_views)
+        return sum(nt_xent(views[a], views[b], temperature) for a, b in pairs) / len(pairs)
+    with torch.autocast(z.device.type, enabled=False):
+        x = F.normalize(_at_least_float32(z), dim=1)
+        inv_t, n = _inverse_temperature(temperature, x), z.shape[0] // n_views
+        local, everyone = x.unflatten(0, (n_views, n)), gather(x).unflatten(0, (-1, n_views, n))
+        # gather([z_a; z_b]) would hold, process by process, that process's rows of views a and b.
+        losses = [_MaskedSimilarityCrossEntropy.apply(local[[a, b]].flatten(0, 1), everyone[:, [a, b]].flatten(0, 2),
+                                                      inv_t, rank * 2 * n) for a, b in pairs]
+    return sum(losses) / len(pairs)
 
 
 class Temperature(nn.Module):

@@ -337,6 +337,17 @@ def test_pairwise_matches_the_formula_loop(n_views, n_full):
         torch.testing.assert_close(got_t, want_t, rtol=1e-6, atol=1e-6)
 
 
+def test_pairwise_gathers_every_view_once():
+    """Under DDP the pairs share one gather of all views (each pair's candidates sliced from it), not one
+    gather per pair; the value is the per-pair loss (the two-process equality is tests/test_distributed.py's)."""
+    from simxent.loss import pairwise_nt_xent
+
+    z, calls = torch.randn(4 * 6, 8, generator=torch.Generator().manual_seed(3)), []
+    got = pairwise_nt_xent(z, 4, 0.2, n_full=2, gather=lambda x: calls.append(x.shape) or x)
+    assert calls == [(4 * 6, 8)]
+    torch.testing.assert_close(got, pairwise_nt_xent(z, 4, 0.2, n_full=2))
+
+
 def test_pairwise_refuses_a_selection_without_pairs():
     from simxent.loss import pairwise_nt_xent
 
