@@ -479,24 +479,25 @@ def fit_optimizer(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
     return {**saved, "param_groups": [{**group, **mine} for group, mine in zip(groups, settings)]}
 
 
-def saved_progress(state: dict, total: int, step: int) -> tuple[float, float]:
+def saved_progress(state: dict, total: int, step: int, batch_size: int) -> tuple[float, float]:
     """(p0, q0): the progress a resumed run starts from and the time budgets' saved share q0. Over the same
-    ``total`` S as the checkpoint's, p0 is the progress p it saved; over another (train.epochs, the batch
-    size or the folder changed), p0 = max(s / S, q0) at ``step`` s, the resumed position's batches in this
-    run's units (:func:`resumed_position`), since p = 1 after the old epochs would end the run at once. A
-    checkpoint without q0 gives the progress it saved as both; one written before progress was saved counts
-    its steps' share of the step plan it holds under "schedule" (a time budget's: its cosine ended at step
-    ``decay_end``), else of ``total``."""
+    plan as the checkpoint's (``total`` S steps of ``batch_size``), p0 is the progress p it saved; over
+    another (train.epochs, the batch size or the folder changed), p0 = max(s / S, q0) at ``step`` s, the
+    resumed position's batches in this run's units (:func:`resumed_position`), since p = 1 after the old
+    epochs would end the run at once. A checkpoint without q0 gives the progress it saved as both; one
+    written before progress was saved counts its steps' share of the step plan it holds under "schedule" (a
+    time budget's: its cosine ended at step ``decay_end``), else of ``total``."""
     plan = state.get("schedule")
     if "time_share" in state:
         share = float(state["time_share"])
-        if state.get("schedule_steps") == total:
+        if state.get("schedule_steps") == total and saved_batch_size(state, batch_size) == batch_size:
             return float(state["progress"]), share
         return max(step / total, share), share
     if "progress" in state:
         progress = float(state["progress"])
-    else:
-        progress = min(1.0, step / max(1, plan["decay_end"])) if plan else step / total
+    else:  # in the steps of its own plan
+        done = state["position"]["global_step"]
+        progress = min(1.0, done / max(1, plan["decay_end"])) if plan else done / total
     return progress, progress
 
 
@@ -522,8 +523,12 @@ def resumed_position(state: dict, batch_size: int) -> Position:
     step counts other batches: it would skip or repeat images, and set the schedule elsewhere). At most
     ``batch_size - 1`` images are seen again. ``global_step`` goes on counting applied steps."""
     pos = Position(**state["position"])
-    saved = state.get("config", {}).get("train", {}).get("batch_size", batch_size)
-    return replace(pos, step=pos.step * saved // batch_size)
+    return replace(pos, step=pos.step * saved_batch_size(state, batch_size) // batch_size)
+
+
+def saved_batch_size(state: dict, default: int) -> int:
+    """The checkpoint's ``train.batch_size``, or ``default`` for a state without a config."""
+    return state.get("config", {}).get("train", {}).get("batch_size", default)
 
 
 def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler, seed: int,
@@ -532,7 +537,9 @@ def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler,
     (:func:`resumed_position`). A checkpoint written by another number of processes restarts the
     augmentation streams (said so)."""
     state = {**state, "optimizer": fit_optimizer(state["optimizer"], optimizer)}
-    parts = {"encoder": net.encoder, "head": net.head, "optimizer": optimizer, "scaler": scaler}
+    parts = {"encoder": net.encoder, "head": net.head, "optimizer": optimizer}
+    if state["scaler"]:  # empty from a run without fp16's scaler: an fp16 resume starts its scaler fresh
+        parts["scaler"] = scaler
     # A learnt temperature is state; a fixed one is a setting (loss.temperature), and a learnt one resumed
     # from a fixed run starts at loss.temperature as any learnt one does.
     if learnt_temperature(state) and net.temperature.log_t.requires_grad:

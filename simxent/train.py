@@ -681,7 +681,9 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
             run.monitor.view_pairs("train/view_pairs", full[:n], full[n:2 * n], cfg.augment.mean, cfg.augment.std,
                                    pos.global_step)
         reason = stop_reason(run, result)
-        if reason is None and cfg.train.checkpoint_every and pos.global_step % cfg.train.checkpoint_every == 0:
+        # On applied steps only: a skipped one leaves global_step where a checkpoint may just have been taken.
+        if (reason is None and result.applied and cfg.train.checkpoint_every
+                and pos.global_step % cfg.train.checkpoint_every == 0):
             save(run, batches.ahead)
     bar.close()
     if reason is None:
@@ -966,7 +968,7 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
         for key, was, now in changed_settings(resumed, cfg):
             level = logging.WARNING if key.startswith(CHANGES_TRAINING) else logging.INFO
             log.log(level, "resumed with %s=%s (the checkpoint's run had %s)", key, json.dumps(now), json.dumps(was))
-        budget.resume(*saved_progress(resumed, budget.total, pos.epoch * steps_per_epoch + pos.step))
+        budget.resume(*saved_progress(resumed, budget.total, pos.epoch * steps_per_epoch + pos.step, batch))
         ahead_progress = resumed.get("ahead_progress")  # None: an older checkpoint, or none drawn ahead
         earlier = resumed.get("history", {})
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go

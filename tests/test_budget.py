@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import simxent.dist
 import simxent.train
-from simxent.checkpoint import load_checkpoint, save_checkpoint
+from simxent.checkpoint import load_checkpoint, resumed_position, save_checkpoint, saved_progress
 from simxent.config import load_config
 from simxent.demo import make_shapes
 from simxent.schedule import TimeBudget, lr_at
@@ -335,6 +335,18 @@ def test_budget_schedule_false_keeps_the_epoch_schedule(shapes, tmp_path):
     assert load_checkpoint(run / "checkpoints" / "last.pt")["progress"] == 1
     lrs = logged_lrs(run)
     assert [lrs[s] for s in range(15)] == pytest.approx([PEAK * lr_at(s, 15, 5, 1.0) for s in range(15)], rel=1e-6)
+
+
+def test_a_checkpoints_progress_is_kept_only_for_the_same_plan():
+    """Saved p = 0.25 (step 5 of 20 of batch 8), time share q0 = 0.05. Resumed over the same 20 steps of 8: p
+    goes on. Over 20 steps of 16 (train.epochs doubled with the batch: the same S, another plan), its step
+    5 of 8 is step 2 of 16, so p0 = max(2 / 20, q0) = 0.1, not 0.25 (the lr ahead of the run)."""
+    state = {"progress": 0.25, "time_share": 0.05, "schedule_steps": 20, "config": {"train": {"batch_size": 8}},
+             "position": {"epoch": 0, "step": 5, "global_step": 5}}
+    assert saved_progress(state, 20, 5, 8) == (0.25, 0.05)
+    assert resumed_position(state, 16).step == 2
+    assert saved_progress(state, 20, 2, 16) == (pytest.approx(0.1), 0.05)
+    assert saved_progress(state, 40, 10, 8) == (pytest.approx(0.25), 0.05)  # train.epochs doubled alone
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -208,3 +208,26 @@ def test_a_setting_newer_than_the_checkpoint_is_compared_with_its_default():
         ("loss.multi_view", "joint", "pairs")]
     assert changed_settings(state, load_config(None, ["augment.small_views=2"])) == []
     assert changed_settings({}, load_config(None, ["augment.small_views=2", "loss.multi_view=pairs"])) == []
+
+
+def test_an_fp16_run_resumes_a_checkpoint_written_without_a_grad_scaler(tmp_path):
+    """bf16 and fp32 runs save the disabled scaler's empty state, which an enabled one refuses to load
+    (train.precision=auto gives fp16 on an older GPU): the resumed fp16 run starts its scaler fresh."""
+    from simxent.checkpoint import restore_training
+    from simxent.demo import make_shapes
+    from simxent.schedule import build_optimizer
+    from simxent.train import build_model, pretrain
+    from tests.test_reliability import tiny
+
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=16, test_per_class=4, size=16)
+    run = tmp_path / "run"
+    pretrain(load_config(None, tiny(shapes, run, "train.epochs=1")), progress=False)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["scaler"] == {}
+    cfg = load_config(None, tiny(shapes, run, "train.epochs=2"))
+    net, _ = build_model(cfg, torch.device("cpu"), 1)
+    optimizer = build_optimizer(net, cfg.optim, 0.1, net.temperature, cfg.loss.temperature_lr)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    pos = restore_training(run / "checkpoints" / "last.pt", state, net, optimizer, scaler, 0, 16)
+    assert pos.global_step == 5 and scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
+    torch.testing.assert_close(net.encoder.state_dict(), state["encoder"], rtol=0, atol=0)

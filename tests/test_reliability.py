@@ -362,6 +362,29 @@ def test_stopping_after_non_finite_steps_keeps_the_good_steps_before_them(shapes
     assert summary["global_step"] == 2 + 5 and summary["epoch"] == 2
 
 
+def test_skipped_steps_do_not_checkpoint_again(shapes, tmp_path, monkeypatch):
+    """train.checkpoint_every=2 with batches 3 and 4 of 5 non-finite: applied steps 1, 2 and 3 (batch 5).
+    The checkpoint after step 2 is written once, not again after each skipped batch that leaves the run at
+    step 2; then the epoch's end."""
+    real, calls, saved = simxent.train.step_loss, {"n": 0}, []
+    real_save = simxent.train.save
+
+    def nan_at_three_and_four(*args):
+        loss, z1, z2 = real(*args)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] in (3, 4) else loss), z1, z2
+
+    def counting_save(run, ahead):
+        saved.append(run.pos.global_step)
+        real_save(run, ahead)
+
+    monkeypatch.setattr(simxent.train, "step_loss", nan_at_three_and_four)
+    monkeypatch.setattr(simxent.train, "save", counting_save)
+    summary = pretrain(load_config(None, tiny(shapes, tmp_path / "run", "train.epochs=1",
+                                              "train.checkpoint_every=2")), progress=False)
+    assert summary["skipped_steps"] == 2 and summary["global_step"] == 3 and saved == [2, 3]
+
+
 def test_non_finite_gradient_under_a_finite_loss_is_skipped(shapes, tmp_path, monkeypatch):
     real = simxent.train.step_loss
     calls = {"n": 0}
