@@ -129,7 +129,7 @@ def carve_validation(train_dir: str | Path, dest: str | Path, opts: SweepOptions
     # Names inside the folder: the same split whether the folder is given relative, absolute or by a link.
     members = "\n".join(f"{name}\t{found.files[i].relative_to(found.root).as_posix()}"
                         for name, part in parts.items() for i in part)
-    split = {"train_dir": str(train_dir), "val_fraction": opts.val_fraction, "split_seed": opts.split_seed,
+    split = {"train_dir": str(train_dir), "train_real": os.path.realpath(train_dir), "val_fraction": opts.val_fraction, "split_seed": opts.split_seed,
              "subset": opts.subset, "classes": found.classes, "train_per_class": counts["train"],
              "val_per_class": counts["val"], "train_images": len(parts["train"]), "val_images": len(parts["val"]),
              "parts_digest": hashlib.blake2b(os.fsencode(members), digest_size=16).hexdigest()}
@@ -149,11 +149,15 @@ def read_split(dest: Path) -> dict | None:
 
 
 def check_same_split(earlier: dict | None, split: dict, out: Path, runs: list[Path]) -> None:
-    """Refuse a sweep run again into its out with another split while runs of the earlier one are there: a
-    run resumed there was trained on the earlier train part, so its validation scores would count images it
-    trained on. A split.json written before the digest compares by its options and counts."""
+    """Refuse a sweep run again into its out with another split, or a split of another folder (its real
+    path), while runs of the earlier one are there: a run resumed there was trained on the earlier train
+    part, so its validation scores would count images it trained on, or scores of other images. A
+    split.json written before the digest compares by its options and counts."""
     if earlier is None or not any(has_checkpoints(run) for run in runs):
         return
+    if earlier.get("train_real", split["train_real"]) != split["train_real"]:  # the same names, other images
+        raise ConfigError(f"--out {out} holds runs trained on a split of {earlier['train_real']}, not of this "
+                          f"--train ({split['train_real']}): give that folder again, or another --out")
     keys = ("parts_digest",) if "parts_digest" in earlier else \
         ("val_fraction", "split_seed", "subset", "train_images", "val_images")
     if any(earlier.get(k) != split[k] for k in keys):
