@@ -109,16 +109,26 @@ def build_index(vectors: np.ndarray, kind: str = "flat", nprobe: int = 16):
     return index
 
 
-def recall_against_exact(index, vectors: np.ndarray, queries: np.ndarray, k: int) -> float:
+def recall_against_exact(index, vectors: np.ndarray, queries: np.ndarray, k: int,
+                         rows: Optional[np.ndarray] = None) -> float:
     """recall@k of an approximate ``index`` over ``vectors``: the fraction of each query's exact k nearest
     (largest inner product, by brute force) that the index returns among its own k, averaged over queries:
 
         recall@k = (1 / |Q|) sum over q of |A_k(q) & E_k(q)| / k
-    """
-    k = min(k, len(vectors))
-    _, exact = build_index(vectors, "flat").search(queries, k)
-    _, found = index.search(queries, k)
-    hits = [len(set(e) & set(f)) for e, f in zip(exact.tolist(), found.tolist())]
+
+    ``rows``: the queries' own rows of ``vectors``, each left out of both of its lists (so k of the others
+    are compared): an indexed row always finds itself, its own list being probed, which would overstate
+    the recall a new image gets."""
+    own = rows is not None
+    k = min(k, len(vectors) - own)
+    _, exact = build_index(vectors, "flat").search(queries, k + own)
+    _, found = index.search(queries, k + own)
+    if own:
+        exact, found = ([[j for j in lst if j != r][:k] for lst, r in zip(lists.tolist(), rows.tolist())]
+                        for lists in (exact, found))
+    else:
+        exact, found = exact.tolist(), found.tolist()
+    hits = [len(set(e) & set(f)) for e, f in zip(exact, found)]
     return float(np.mean(hits)) / k
 
 

@@ -126,16 +126,17 @@ def build_search_index(vectors: np.ndarray, ivf_above: int = IVF_ABOVE, nprobe: 
                        k: int = RECALL_K) -> tuple[faiss.Index, dict]:
     """An exact inner-product index (``flat``) up to ``ivf_above`` rows; above, an inverted-file index
     (``ivf``, :func:`simxent.evaluate.build_index`), whose recall@k against exact search is measured with
-    the rows of :func:`recall_query_rows` as queries. Returns the index and its description for meta.json."""
+    the rows of :func:`recall_query_rows` as queries, each query's own row left out of both lists. Returns the index and its description for meta.json."""
     if len(vectors) <= ivf_above:
         return build_index(vectors, "flat"), {"type": "flat"}
     index = build_index(vectors, "ivf", nprobe)
-    queries = vectors[recall_query_rows(len(vectors))]
-    recall = recall_against_exact(index, vectors, queries, k)
+    rows = recall_query_rows(len(vectors))
+    queries = vectors[rows]
+    recall = recall_against_exact(index, vectors, queries, k, rows)
     log.info("IVF index over %d rows (%d lists, nprobe %d): recall@%d %.4f against exact search",
              len(vectors), index.nlist, index.nprobe, k, recall)
     return index, {"type": "ivf", "nlist": index.nlist, "nprobe": index.nprobe,
-                   "recall": {"k": min(k, len(vectors)), "queries": len(queries), "value": recall}}
+                   "recall": {"k": min(k, len(vectors) - 1), "queries": len(queries), "value": recall}}
 
 
 @dataclass

@@ -182,19 +182,30 @@ def test_duplicates_say_what_unrelated_images_score_and_warn_below_it(embedded, 
     assert unrelated_similarity(many[:2]) is None
 
 
+def recall_without_self(exact: np.ndarray, approx: np.ndarray, rows, k: int) -> float:
+    """recall@k with each query's own row left out of both lists (they hold k + 1)."""
+    others = lambda lst, r: [j for j in lst if j != r][:k]  # noqa: E731
+    return np.mean([len(set(others(e, r)) & set(others(a, r))) / k for e, a, r in zip(exact, approx, rows)])
+
+
 def test_ivf_recall_in_meta_matches_brute_force(tmp_path):
+    """The recall of the 10 nearest other rows: a query row always finds itself (its own list is probed),
+    which would count as a hit that a new image does not get."""
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((2000, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     index, described = build_search_index(vectors, ivf_above=100, nprobe=2, k=10)
     assert described["type"] == "ivf" and described["nprobe"] == 2 and described["nlist"] > 2
-    queries = vectors[np.unique(np.linspace(0, 1999, 1000).round().astype(int))]
-    exact = brute_force_topk(vectors, queries, 10)
-    _, approx = index.search(queries, 10)
-    expected = np.mean([len(set(e) & set(a)) / 10 for e, a in zip(exact, approx)])
+    rows = np.unique(np.linspace(0, 1999, 1000).round().astype(int))
+    queries = vectors[rows]
+    _, approx = index.search(queries, 11)
+    expected = recall_without_self(brute_force_topk(vectors, queries, 11), approx, rows, 10)
     assert described["recall"] == {"k": 10, "queries": len(queries), "value": pytest.approx(expected)}
     assert 0.2 < expected < 1  # two of many lists miss some neighbours: the measurement has something to find
-    assert recall_against_exact(build_search_index(vectors)[0], vectors, queries, 10) == 1.0
+    with_self = np.mean([len(set(e) & set(a)) / 10 for e, a in zip(brute_force_topk(vectors, queries, 10),
+                                                                     index.search(queries, 10)[1])])
+    assert with_self > expected  # what counting the query's own row would have reported
+    assert recall_against_exact(build_search_index(vectors)[0], vectors, queries, 10, rows) == 1.0
 
 
 def test_ivf_index_from_the_command_line_agrees_with_brute_force(tmp_path, capsys):
@@ -218,8 +229,8 @@ def test_ivf_index_from_the_command_line_agrees_with_brute_force(tmp_path, capsy
     np.testing.assert_allclose(all_lists_sims, np.take_along_axis(sims, exact, 1), atol=1e-5)
     np.testing.assert_array_equal(all_lists[:, 0], np.arange(160))
     assert stores[64].meta["index"]["recall"]["value"] == 1.0
-    _, one_list = stores[1].index.search(vectors, 10)
-    expected = np.mean([len(set(e) & set(a)) / 10 for e, a in zip(exact, one_list)])
+    _, one_list = stores[1].index.search(vectors, 11)
+    expected = recall_without_self(brute_force_topk(vectors, vectors, 11), one_list, range(160), 10)
     assert stores[1].meta["index"]["recall"] == {"k": 10, "queries": 160, "value": pytest.approx(expected)}
     assert expected < 1, expected  # one list of four misses neighbours: the measurement has something to find
     capsys.readouterr()
