@@ -446,8 +446,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
         "backbone": cfg.model.backbone,
         "cifar_stem": cfg.model.cifar_stem,
         "image_size": cfg.data.image_size,
-        "train": str(train_dir),
-        "test": str(test_dir),
+        "train": str(train_dir), "test": str(test_dir),
         "objective": objective,
         "classes": targets.names if objective == "multilabel" else train.classes,  # the labels, not folders
         "targets": targets.names,
