@@ -347,20 +347,30 @@ def start_branch(folder: str | Path, run_id: str, step: int, resumed: Path) -> P
 
 
 def newest_valid_checkpoint(folder: str | Path, run_id: str | None = None) -> Path | None:
-    """``last.pt`` if it loads, else the newest step file that does; None when there is none. With
-    ``run_id``, only checkpoints of that run count."""
+    """The newest checkpoint that loads: ``last.pt``, unless a step file of a later step loads (a stop
+    between a step file's write and ``last.pt``'s move to it leaves ``last.pt`` a step behind); else the
+    newest step file that loads; None when there is none. With ``run_id``, only checkpoints of that run
+    count."""
     folder = Path(folder)
-    candidates = [folder / "last.pt"] + step_files(folder, run_id)[::-1]
-    for path in candidates:
-        if path.is_file():
-            try:
-                state = load_checkpoint(path)
-            except CheckpointError as e:
-                log.warning("skipping unreadable checkpoint: %s", e)
-                continue
-            if run_id is None or state.get("run_id") == run_id:
-                return path
-    return None
+    files = step_files(folder, run_id)[::-1]
+    last = _loads(folder / "last.pt", run_id)
+    if last is not None:
+        files = [p for p in files if file_step(p) > last["position"]["global_step"]]
+    return next((path for path in files if _loads(path, run_id) is not None),
+                folder / "last.pt" if last is not None else None)
+
+
+def _loads(path: Path, run_id: str | None) -> dict | None:
+    """The checkpoint at ``path`` when it is a file that loads (of run ``run_id``, when given), else None;
+    an unreadable one is named in a warning."""
+    if not path.is_file():
+        return None
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        log.warning("skipping unreadable checkpoint: %s", e)
+        return None
+    return state if run_id is None or state.get("run_id") == run_id else None
 
 
 # --- A training run's state: what train.py checkpoints and resumes from ---------------------------------

@@ -18,7 +18,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import simxent.train
-from simxent.checkpoint import load_checkpoint, newest_valid_checkpoint
+from simxent.checkpoint import load_checkpoint, newest_valid_checkpoint, save_checkpoint, step_file_name
 from simxent.config import ConfigError, load_config
 from simxent.data import DataError, decode, load_folder
 from simxent.demo import make_shapes
@@ -129,6 +129,21 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_previous(shapes, tmp_pat
     fallback = newest_valid_checkpoint(folder)
     assert fallback == sorted(folder.glob("step-*.pt"))[-2]
     assert load_checkpoint(fallback)["position"]["global_step"] == 5
+
+
+def test_a_step_file_newer_than_last_pt_is_resumed(shapes, tmp_path):
+    """A stop (a second Ctrl-C, a power cut) after a step file was written whole but before last.pt was moved
+    to it: train.resume=auto takes the newer step file, and a torn one falls back to last.pt."""
+    run = tmp_path / "run"
+    pretrain(load_config(None, tiny(shapes, run, "train.epochs=2")), progress=False)
+    folder = run / "checkpoints"
+    newest = sorted(folder.glob("step-*.pt"))[-1]
+    state = load_checkpoint(newest)
+    later = folder / step_file_name(12, state["run_id"])
+    save_checkpoint({**state, "position": {**state["position"], "global_step": 12}}, later)
+    assert newest_valid_checkpoint(folder, state["run_id"]) == later
+    later.write_bytes(later.read_bytes()[:64])
+    assert newest_valid_checkpoint(folder, state["run_id"]) == folder / "last.pt"
 
 
 def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(shapes, tmp_path):
