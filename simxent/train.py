@@ -686,7 +686,9 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
                 and pos.global_step % cfg.train.checkpoint_every == 0):
             save(run, batches.ahead)
     bar.close()
-    if reason is None:
+    # A deadline met at the epoch's last step ends the epoch too (its kNN runs below); a signal there leaves
+    # the epoch's end, and the kNN due then, to the resumed run.
+    if reason is None or (reason == "max_time" and batches.ahead is None):
         pos.epoch, pos.step = pos.epoch + 1, 0
     save(run, batches.ahead)  # None at the epoch's end: nothing was drawn ahead
     # val is None when eval.every is 0; a preempted run has no time to spare for kNN. Saved again after it,
@@ -796,8 +798,8 @@ def finish(run: Run, reason: Optional[str]) -> dict:
         "global_step": pos.global_step,
         "world_size": dist.world_size(),
         # A resumed run whose budget was already spent trains nothing: its earlier session was stopped.
-        "stopped_by_max_time": reason == "max_time" or (reason is None and pos.epoch < cfg.train.epochs
-                                                        and run.budget.finished()),
+        "stopped_by_max_time": pos.epoch < cfg.train.epochs and (reason == "max_time" or (
+            reason is None and run.budget.finished())),
         "schedule_progress": run.budget.progress(run.schedule_step),  # 1: annealed (the epochs or the budget done)
         "stopped_by_signal": reason == "signal",
         "skipped_steps": run.skipped_steps,

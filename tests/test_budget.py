@@ -337,6 +337,19 @@ def test_budget_schedule_false_keeps_the_epoch_schedule(shapes, tmp_path):
     assert [lrs[s] for s in range(15)] == pytest.approx([PEAK * lr_at(s, 15, 5, 1.0) for s in range(15)], rel=1e-6)
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_deadline_met_at_an_epochs_last_step_ends_that_epoch(shapes, tmp_path, monkeypatch):
+    """Steps of 1 s, train.max_time=11: the deadline comes at step 10, the last of epoch 2. With two epochs
+    the run is done, not stopped by its deadline; with four it stopped after two whole epochs."""
+    for epochs, stopped in ((2, False), (4, True)):
+        use_clock(monkeypatch, StepClock(1.0, [1.0] * 1000))
+        summary = pretrain(load_config(None, tiny(shapes, tmp_path / str(epochs), f"train.epochs={epochs}",
+                                                  "train.max_time=11", "train.budget_schedule=false")),
+                           progress=False)
+        assert summary["global_step"] == 10 and summary["epoch"] == 2 and summary["epochs_trained"] == 2
+        assert summary["stopped_by_max_time"] is stopped
+
+
 def test_a_checkpoints_progress_is_kept_only_for_the_same_plan():
     """Saved p = 0.25 (step 5 of 20 of batch 8), time share q0 = 0.05. Resumed over the same 20 steps of 8: p
     goes on. Over 20 steps of 16 (train.epochs doubled with the batch: the same S, another plan), its step
