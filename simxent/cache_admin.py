@@ -18,10 +18,13 @@ from pathlib import Path
 from .data import DataError
 from .files import HOST, pid_alive
 
-_ENTRY = re.compile(r"^(?P<key>[\w-]+)\.(npy|json)$")
+# Keys are data._cache_key's 20 hex digits: other files in the folder (a cache_dir shared with a project's
+# own .npy and .json files) are never listed or cleared.
+_KEY = r"(?P<key>[0-9a-f]{20})"
+_ENTRY = re.compile(rf"^{_KEY}\.(npy|json)$")
 _WRITER = r"(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]+)\.\w+"  # files.temp_path's <pid>@<host>.<random>
-_TEMPS = (re.compile(rf"^\.(?P<key>[\w-]+)\.npy\.{_WRITER}\.tmp\.npy$"),  # an array being decoded
-          re.compile(rf"^\.(?P<key>[\w-]+)\.json\.{_WRITER}\.tmp$"))  # its metadata
+_TEMPS = (re.compile(rf"^\.{_KEY}\.npy\.{_WRITER}\.tmp\.npy$"),  # an array being decoded
+          re.compile(rf"^\.{_KEY}\.json\.{_WRITER}\.tmp$"))  # its metadata
 
 
 @dataclass

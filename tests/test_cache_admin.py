@@ -26,8 +26,8 @@ def two_entries(tmp_path):
         load_folder(tmp_path / name, 16, cache_dir=cache, workers=0, progress=False)
         keys.append(max(cache.glob("*.npy"), key=os.path.getmtime).stem)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    live = temp_path(cache / f"{keys[0]}0000.npy", ".npy")  # named as the decoder names its array
-    gone = cache / f".{keys[0]}1111.json.{int(dead.stdout)}@{HOST}.0123abcd.tmp"
+    live = temp_path(cache / f"{keys[0][:16]}0000.npy", ".npy")  # named as the decoder names its array
+    gone = cache / f".{keys[0][:16]}1111.json.{int(dead.stdout)}@{HOST}.0123abcd.tmp"
     for path in (live, gone):
         path.write_bytes(b"\0" * 5000)
     return cache, keys, live, gone
@@ -57,6 +57,19 @@ def test_clear_by_key_then_all_keeps_a_live_writers_file(tmp_path, capsys):
     assert main(["cache", "--dir", str(cache), "clear", "--all"]) == 0
     assert [p.name for p in cache.iterdir()] == [live.name]
     assert f"kept {live.name}: process {os.getpid()} is writing it" in capsys.readouterr().out
+
+
+def test_clear_all_leaves_files_that_are_not_cache_entries(tmp_path, capsys):
+    """A cache folder shared with other files (data.cache_dir set to a project folder): only simxent's
+    entries (20 hex digits) and its decoders' temporary files are listed and cleared."""
+    cache, (small, large), live, gone = two_entries(tmp_path)
+    theirs = [cache / "package.json", cache / "features.npy", cache / f"{small}_backup.npy", cache / ".x.json.1@h.ab.tmp"]
+    for path in theirs:
+        path.write_text("mine")
+    assert cache_main(["--dir", str(cache), "list"]) == 0
+    assert not any(p.name in capsys.readouterr().out for p in theirs)
+    assert cache_main(["--dir", str(cache), "clear", "--all"]) == 0
+    assert sorted(p.name for p in cache.iterdir()) == sorted([live.name] + [p.name for p in theirs])
 
 
 def test_clear_refuses_an_unknown_key_and_deletes_nothing(tmp_path, capsys):
