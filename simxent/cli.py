@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from . import cache_admin, dist
 from .checkpoint import CheckpointError
 from . import __version__
@@ -244,6 +246,21 @@ def linear_eval_main(argv=None) -> int:
     return report_user_errors(main)
 
 
+def check_demo_out(out: Path, train: Path) -> None:
+    """Refuse an ``out`` whose run trained on other images than the demo's (its config.yaml says): the
+    demo replaces the earlier demo run in its folder (train.overwrite=true), never a user's run."""
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+    except OSError:
+        return
+    except yaml.YAMLError:
+        saved = None
+    trained = saved.get("data", {}).get("train") if isinstance(saved, dict) else None
+    if not trained or Path(trained).expanduser().resolve() != train.expanduser().resolve():
+        raise ConfigError(f"--out {out} holds a run that is not the demo's (trained on {trained or 'unknown images'}); "
+                          f"the demo replaces the run in its folder: give another --out")
+
+
 def demo_main(argv=None) -> int:
     p = _parser("simxent-demo", "Draw a small labelled shape set, pretrain on it for a few minutes on the CPU "
                 "(the packaged preset 'demo'), then print linear probe and kNN accuracy beside an untrained encoder.")
@@ -262,14 +279,16 @@ def demo_main(argv=None) -> int:
         # The demo's folder is the demo's own: running it again replaces the previous demo run.
         cfg = load_config("demo", [f"data.train={data / 'train'}", f"out={a.out}", "train.overwrite=true",
                                    f"train.max_time={a.minutes * 60}", *a.overrides])
+        check_demo_out(Path(cfg.out).expanduser(), Path(cfg.data.train))
         t = time.monotonic()
         pretrain(cfg)
+        out = Path(cfg.out)  # an out= override names it too; pretrain expanded ~
         show(f"pretrained for {time.monotonic() - t:.0f} s; scoring the frozen encoder ...")
-        results = linear_eval(Path(a.out) / "checkpoints" / "last.pt", data / "train", data / "test", ProbeOptions(),
-                              random_init=True, json_path=Path(a.out) / "linear_eval.json")
+        results = linear_eval(out / "checkpoints" / "last.pt", data / "train", data / "test", ProbeOptions(),
+                              random_init=True, json_path=out / "linear_eval.json")
         show(format_results(results))
-        show(f"all figures: {Path(a.out) / 'linear_eval.json'}; plots: {Path(a.out) / 'linear_eval' / 'figures'}, "
-             f"{Path(a.out) / 'figures'}; TensorBoard: tensorboard --logdir {shlex.quote(a.out)}")
+        show(f"all figures: {out / 'linear_eval.json'}; plots: {out / 'linear_eval' / 'figures'}, "
+             f"{out / 'figures'}; TensorBoard: tensorboard --logdir {shlex.quote(str(out))}")
         return 0
 
     return report_user_errors(main)

@@ -1,6 +1,7 @@
 """The commands' argument handling: help with every key, --version, --print-config, other tools' habits,
 ``python -m simxent``, and the presets found by name from an installed wheel, outside the repository."""
 import io
+import json
 import os
 import subprocess
 import sys
@@ -194,3 +195,25 @@ def test_an_error_is_one_write_of_one_line(monkeypatch):
 
     assert cli.report_user_errors(refused) == 2
     assert writes == ["simxent: error: train.batch_size=127 (the global batch) must divide by the 2 processes\n"]
+
+
+def test_the_demo_scores_the_run_it_trained_and_leaves_a_users_run_alone(tmp_path, capsys):
+    """An out= override moves the demo's run: the probe scores that run's checkpoint (not --out's). A folder
+    holding a run on other images is refused before anything is replaced."""
+    from simxent.demo import make_shapes
+    from tests.conftest import TINY_RUN
+
+    data = tmp_path / "shapes"
+    make_shapes(data, train_per_class=16, test_per_class=4, size=16)
+    tiny = [*TINY_RUN, "train.epochs=1", "eval.every=0"]
+    moved = tmp_path / "moved"
+    assert cli.demo_main(["--data", str(data), "--out", str(tmp_path / "unused"), *tiny, f"out={moved}"]) == 0
+    assert json.loads((moved / "linear_eval.json").read_text())["checkpoint"] == str(moved / "checkpoints" / "last.pt")
+    assert not (tmp_path / "unused").exists()
+    mine = tmp_path / "mine"
+    assert cli.pretrain_main([*tiny, f"data.train={data / 'test'}", f"out={mine}", "--no-progress"]) == 0
+    kept = (mine / "checkpoints" / "last.pt").read_bytes()
+    assert cli.demo_main(["--data", str(data), "--out", str(mine), *tiny]) == 2
+    assert f"--out {mine} holds a run that is not the demo's (trained on {data / 'test'})" in capsys.readouterr().err
+    assert (mine / "checkpoints" / "last.pt").read_bytes() == kept
+    assert cli.demo_main(["--data", str(data), "--out", str(moved), *tiny]) == 0  # its own earlier run: replaced
