@@ -15,6 +15,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import reprlib
 import typing
 from dataclasses import dataclass, field
@@ -267,6 +268,20 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# Numbers as YAML 1.2 (and Python) read them: PyYAML's YAML 1.1 reads 010 as 8 (octal) and 1:30 as 90
+# (base 60), and 1_000 as 1000. Here an integer is decimal digits; anything else is a string, which a
+# number's key refuses by name.
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+StrictLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+StrictLoader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."))
+StrictLoader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node), 10))
+
+
 def read_yaml(text: str, where: str) -> Any:
     """Parse ``text`` with :class:`StrictLoader`; any refusal is one line naming ``where``."""
     try:
@@ -444,6 +459,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             tree = {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{name}: expected a mapping of keys at the top level")
+        sections = {f.name for f in dataclasses.fields(Config)}  # 'augment:' with its keys commented out: empty
+        tree = {k: {} if v is None and k in sections else v for k, v in tree.items()}
         for key, value in flatten(tree).items():
             _set(cfg, key, value, f" in {name}")
     for text in overrides:

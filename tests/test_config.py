@@ -31,6 +31,26 @@ def test_overrides_apply_with_types(tmp_path):
     assert cfg.augment.blur_p is None and cfg.out == "runs/x"
 
 
+def test_numbers_read_as_python_reads_them_not_as_yaml_1_1_octal_or_base_60(tmp_path):
+    """PyYAML's YAML 1.1 reads 010 as 8 and 1:30 as 90: a seed or an epoch count written with a leading zero
+    would change silently, and a time written as minutes:seconds would be seconds in base 60."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 010\n  seed: -07\n")
+    cfg = load_config(path, ["train.batch_size=0128", "optim.lr=+1e-3"])
+    assert (cfg.train.epochs, cfg.train.seed, cfg.train.batch_size, cfg.optim.lr) == (10, -7, 128, 1e-3)
+    for text, message in (("train.max_time=1:30", "train.max_time: expected a number, got '1:30'"),
+                          ("train.epochs=1_000", "train.epochs: expected an integer, got '1_000'"),
+                          ("train.epochs=0x10", "train.epochs: expected an integer, got '0x10'")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [text])
+
+
+def test_a_section_with_every_key_commented_out_is_empty(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("augment:\n  # crop_scale: [0.2, 1.0]\ntrain:\n  epochs: 3\n")
+    assert load_config(path).train.epochs == 3 and load_config(path).augment == load_config(None).augment
+
+
 def test_exponents_without_a_dot_are_numbers(tmp_path):
     """YAML 1.1 reads 1e-4 as a string; users write it in files and overrides alike."""
     path = tmp_path / "c.yaml"
@@ -207,15 +227,19 @@ def test_empty_paths_name_the_key():
     assert (cfg.data.val, cfg.data.cache_dir, cfg.train.resume) == ("", "", "")
 
 
-@pytest.mark.parametrize("text,read_as", [("010", "8"), ("0x10", "16"), ("12:30", "750"), ("yes", "True")])
+@pytest.mark.parametrize("text,read_as", [("010", "10"), ("1.50", "1.5"), ("yes", "True")])
 def test_unquoted_number_for_a_text_key_in_yaml_is_refused(tmp_path, text, read_as):
-    """YAML has already turned the text into a number; converting back would be a guess, so say to quote it."""
+    """YAML has already turned the text into a number; converting back would be a guess, so say to quote it.
+    What is no number to Python (0x10, 12:30) stays text."""
     path = tmp_path / "c.yaml"
     path.write_text(f"out: {text}\n")
     with pytest.raises(ConfigError, match=rf"out: expected text, got {read_as}; quote it in YAML"):
         load_config(path)
     path.write_text(f"out: '{text}'\n")
     assert load_config(path).out == text
+    for plain in ("0x10", "12:30"):
+        path.write_text(f"out: {plain}\n")
+        assert load_config(path).out == plain
 
 
 def test_duplicate_keys_are_refused_with_key_and_line(tmp_path):
