@@ -159,7 +159,7 @@ class TrainConfig:
                                           "train.epochs and max_time cuts them")
     seed: int = setting(0, "makes a run reproducible")
     device: str = setting("auto", "auto, cpu or cuda (refused without a GPU)")
-    precision: str = setting("auto", "auto (bf16 where supported, else fp32), bf16 (warned on a CPU without "
+    precision: str = setting("auto", "auto (bf16 where native, else fp16 on a GPU and fp32 on a CPU), bf16 (warned on a CPU without "
                                      "native bf16: 13-16x slower), fp16 (grad scaler; refused on a CPU: about 65x "
                                      "slower) or fp32")
     channels_last: bool = setting(True, "NHWC memory format")

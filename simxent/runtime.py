@@ -75,8 +75,8 @@ def resolve_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]
         return torch.bfloat16
     if precision == "fp16":
         return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # native bf16 (Ampere on): torch's default check counts emulation on V100 and T4
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 
