@@ -25,7 +25,7 @@ from torch import nn
 
 from . import __version__, dist
 from .config import Config, ConfigError, ModelConfig, check_backbone, config_from_saved, flatten, to_dict
-from .files import is_disk_full, reserve, temp_path
+from .files import is_disk_full, reserve, sync_folder, temp_path
 
 FORMAT_VERSION = 1
 # All that rebuilds an encoder: ViTs and MaxViT are built for one image size.
@@ -64,11 +64,7 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             raise CheckpointError(f"no space left to write checkpoint {path} ({len(data) / 1e6:.1f} MB needed); "
                                   f"the previous checkpoint is intact: free space in {path.parent}") from None
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    sync_folder(path.parent)  # make the rename itself durable
 
 
 def refused_object(e: pickle.UnpicklingError) -> str:
@@ -293,6 +289,7 @@ def save_rotating(state: dict, folder: str | Path, step: int, keep: int, run_id:
     link = temp_path(folder / "last.pt")
     os.link(path, link)
     os.replace(link, folder / "last.pt")
+    sync_folder(folder)
     for old in step_files(folder, run_id)[:-keep]:
         old.unlink(missing_ok=True)
     return path

@@ -251,15 +251,14 @@ def test_a_failure_while_writing_the_summary_leaves_the_previous_one_whole(shape
     out = tmp_path / "run"
     assert run(tiny(shapes, out), capsys)[0] == 0
     before = (out / "summary.json").read_text()
-    write_text = Path.write_text
+    fsync = os.fsync
 
-    def disk_fills_midway(self, text, *args, **kwargs):
-        if "summary.json" in self.name:
-            write_text(self, text[: len(text) // 2], *args, **kwargs)
+    def disk_fills_at_the_flush(fd):  # the written bytes do not fit when they reach the disk
+        if "summary.json" in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.ENOSPC, "No space left on device")  # as a write raises it: no file name
-        return write_text(self, text, *args, **kwargs)
+        return fsync(fd)
 
-    monkeypatch.setattr(Path, "write_text", disk_fills_midway)
+    monkeypatch.setattr(os, "fsync", disk_fills_at_the_flush)
     status, err = run(tiny(shapes, out, "train.resume=auto", "train.epochs=2"), capsys)
     assert status == 2 and f"No space left on device writing {out / 'summary.json'}: free" in error_line(err)
     assert (out / "summary.json").read_text() == before
@@ -334,3 +333,23 @@ def test_overwrite_removes_a_linked_run_folder_as_a_link_and_keeps_a_folder_unde
     clear_run(out)
     assert not (out / "tb").exists() and (shared / "events.out.tfevents.1.host").read_bytes() == b"theirs"
     assert (out / "summary.json" / "mine.txt").read_text() == "mine"
+
+
+def test_text_and_checkpoint_writes_reach_the_disk_before_and_after_their_rename(tmp_path, monkeypatch):
+    """Atomic against a power cut, not only against a kill: the new file's bytes are fsynced before the
+    rename, and the folder after it (also last.pt's move to the newest step file)."""
+    from simxent.checkpoint import save_rotating
+    from simxent.files import write_text_atomic
+
+    synced, real = [], os.fsync
+
+    def recording(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    write_text_atomic(tmp_path / "summary.json", "{}")
+    assert len(synced) == 2 and ".tmp" in synced[0] and synced[1] == str(tmp_path)
+    synced.clear()
+    save_rotating({"x": torch.zeros(1)}, tmp_path / "checkpoints", 3, keep=2, run_id="r")
+    assert synced[-1] == str(tmp_path / "checkpoints") and synced.count(str(tmp_path / "checkpoints")) == 2
