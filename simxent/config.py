@@ -180,7 +180,8 @@ class EvalConfig:
     knn_k: int = setting(200, "kNN neighbours")
     knn_temperature: float = setting(0.1, "kNN vote temperature")
     batch_size: int = setting(512, "feature-extraction batch")
-    projector: int = setting(500, "data.val images in TensorBoard's embedding projector at the end (0: none)")
+    projector: int = setting(500, "data.val images in TensorBoard's embedding projector at the end (0: none; "
+                                 "data.val is read when eval.every > 0)")
     crop_ratio: float = setting(0.875, "evaluation images larger than the view: shorter side to "
                                        "data.image_size / crop_ratio, then the centre crop")
 

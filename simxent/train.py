@@ -286,6 +286,8 @@ def load_data(cfg: Config, progress: bool = True, dataset=None, cache_name: Opti
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train)} readable images in "
                           f"{cfg.data.train or key}")
     val = bank = None
+    if cfg.data.val and cfg.eval.every == 0:
+        log.warning("data.val=%s is not read with eval.every=0: no kNN monitoring and no projector", cfg.data.val)
     if cfg.data.val and cfg.eval.every > 0:
         with naming_the_key("data.val"):
             val = load_configured(cfg.data.val, cfg.data, progress, crop_ratio=cfg.eval.crop_ratio)

@@ -477,3 +477,11 @@ def test_a_stop_mid_epoch_names_its_epoch_and_step_as_the_other_lines_do(shapes,
         pretrain(load_config(None, [*args, "train.resume=auto"]), progress=False)
     assert "after 0 whole epochs and 1 steps of the next (global step 1)" in caplog.text
     assert "epoch 1: kNN top-1" in caplog.text
+
+
+def test_a_validation_folder_unread_with_eval_every_0_is_said(shapes, tmp_path, caplog):
+    """eval.every=0 reads no data.val (no kNN monitoring, no projector): a data.val given anyway is named."""
+    with caplog.at_level("WARNING", logger="simxent"):
+        summary = pretrain(load_config(None, tiny(shapes, tmp_path / "run", "eval.every=0", "train.epochs=1")),
+                           progress=False)
+    assert summary["knn_top1"] == [] and f"data.val={shapes / 'test'} is not read with eval.every=0" in caplog.text
