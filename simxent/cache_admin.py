@@ -132,6 +132,7 @@ def clear(cache_dir: Path, keys: list[str] | None = None) -> tuple[list[Path], i
     An unknown key is a DataError naming it, before anything is deleted."""
     entries, temps = scan(cache_dir)
     by_key = {e.key: e for e in entries}
+    keys = list(dict.fromkeys(keys)) if keys is not None else None  # a key named twice is cleared (and counted) once
     unknown = [k for k in keys or [] if k not in by_key]
     if unknown:
         raise DataError(f"no cache entry {', '.join(unknown)} in {cache_dir} (simxent-cache list shows the keys)")

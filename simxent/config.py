@@ -407,13 +407,15 @@ def _set(cfg: Config, key: str, value: Any, where: str = "") -> None:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as ``{"section.key": value}``."""
+    """A nested config dict as ``{"section.key": value}``; a key given twice (``data: {train: x}`` and
+    ``data.train: y`` in one file) is refused rather than one of them kept."""
     flat = {}
     for k, v in tree.items():
-        if isinstance(v, dict):
-            flat.update(flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
+        items = flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+        for key, value in items.items():
+            if key in flat:
+                raise ConfigError(f"{key} is set twice (once as a dotted key): keep one")
+            flat[key] = value
     return flat
 
 
@@ -450,19 +452,28 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, read_yaml(raw, f"override {shown(text)}") if raw.strip() else ""
 
 
+def file_settings(path: str | Path) -> tuple[dict[str, Any], str]:
+    """The ``{"section.key": value}`` settings of a YAML file or preset, and its name for messages."""
+    text, name = read_config_file(path)
+    tree = read_yaml(text, name)
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys at the top level")
+    sections = {f.name for f in dataclasses.fields(Config)}  # 'augment:' with its keys commented out: empty
+    tree = {k: {} if v is None and k in sections else v for k, v in tree.items()}
+    try:
+        return flatten(tree), name
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file or preset name (if any), then ``key=value`` overrides; then validation."""
     cfg = Config()
     if path:
-        text, name = read_config_file(path)
-        tree = read_yaml(text, name)
-        if tree is None:
-            tree = {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{name}: expected a mapping of keys at the top level")
-        sections = {f.name for f in dataclasses.fields(Config)}  # 'augment:' with its keys commented out: empty
-        tree = {k: {} if v is None and k in sections else v for k, v in tree.items()}
-        for key, value in flatten(tree).items():
+        settings, name = file_settings(path)
+        for key, value in settings.items():
             _set(cfg, key, value, f" in {name}")
     for text in overrides:
         key, value = parse_override(text)

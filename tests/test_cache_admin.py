@@ -52,7 +52,8 @@ def test_list_names_each_entry_with_its_folder_and_size(tmp_path, capsys):
 
 def test_clear_by_key_then_all_keeps_a_live_writers_file(tmp_path, capsys):
     cache, (small, large), live, gone = two_entries(tmp_path)
-    assert cache_main(["--dir", str(cache), "clear", small]) == 0
+    assert cache_main(["--dir", str(cache), "clear", small, small]) == 0  # named twice: cleared and counted once
+    assert "removed 2 file(s)" in capsys.readouterr().out
     assert sorted(p.name for p in cache.iterdir()) == sorted([f"{large}.npy", f"{large}.json", live.name, gone.name])
     assert main(["cache", "--dir", str(cache), "clear", "--all"]) == 0
     assert [p.name for p in cache.iterdir()] == [live.name]

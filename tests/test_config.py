@@ -250,6 +250,9 @@ def test_duplicate_keys_are_refused_with_key_and_line(tmp_path):
     path.write_text("train:\n  epochs: 1\nmodel:\n  head_out: 8\ntrain:\n  seed: 3\n")
     with pytest.raises(ConfigError, match=r"dup.yaml: duplicate key 'train' at line 5"):
         load_config(path)
+    path.write_text("data:\n  train: a\ndata.train: b\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: data.train is set twice \(once as a dotted key\)"):
+        load_config(path)
     # a merge key followed by an explicit key overrides the merged one on purpose: not a duplicate
     from simxent.config import read_yaml
     assert read_yaml("a: &x {p: 1, q: 2}\nb:\n  <<: *x\n  p: 3\n", "t") == {"a": {"p": 1, "q": 2}, "b": {"p": 3, "q": 2}}
