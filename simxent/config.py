@@ -164,7 +164,7 @@ class TrainConfig:
                                      "slower) or fp32")
     channels_last: bool = setting(True, "NHWC memory format")
     compile: bool = setting(False, "torch.compile the encoder, head and colour ops (slow first steps, faster after)")
-    threads: int = setting(0, "CPU threads for torch; 0: all cores")
+    threads: int = setting(0, "CPU threads for torch; 0: torch's default (all cores, or OMP_NUM_THREADS when set)")
     log_every: int = setting(10, "steps between TensorBoard scalars (and the last step of a run)")
     resume: str = setting("", "empty: start fresh; auto: last checkpoint in out; or a checkpoint path")
     overwrite: bool = setting(False, "a fresh run clears the run out holds instead of refusing to start")
