@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -35,9 +36,11 @@ from . import figures
 from .config import ConfigError, load_config, parse_override
 from .data import DataError, find_images, naming_the_key
 from .files import write_text_atomic
-from .linear_eval import ProbeOptions, linear_eval
+from .linear_eval import ProbeOptions, check_same_classes, linear_eval
 from .rundir import has_checkpoints, holds_run
 from .train import pretrain
+
+log = logging.getLogger("simxent")
 
 METRICS = ("knn_top1", "linear_top1")
 
@@ -104,15 +107,20 @@ def link_files(root: Path, files: list[Path], dest: Path) -> None:
         os.symlink(os.path.realpath(f), link)
 
 
-def carve_validation(train_dir: str | Path, dest: str | Path, opts: SweepOptions, runs: list[Path] = ()) -> dict:
+def carve_validation(train_dir: str | Path, dest: str | Path, opts: SweepOptions, runs: list[Path] = (),
+                     test_dir: str | Path | None = None) -> dict:
     """Split the labelled ``train_dir`` into DEST/train and DEST/val (see :func:`stratified_split`); the
     counts per class go to DEST/split.json and are returned. A split other than the one DEST holds is refused
-    before DEST is touched while ``runs`` (the sweep's run folders) hold checkpoints: :func:`check_same_split`."""
+    before DEST is touched while ``runs`` (the sweep's run folders) hold checkpoints: :func:`check_same_split`.
+    ``test_dir``, scored after all the training, is checked first: it must hold the same classes."""
     with naming_the_key("--train"):
         found = find_images(train_dir)
     if not found.labelled:
         raise DataError(f"--train: {train_dir}: a validation split is carved by class, so it needs one "
                         f"sub-folder per class with every image inside one")
+    if test_dir is not None:
+        with naming_the_key("--test"):
+            check_same_classes(found, find_images(test_dir), train_dir, test_dir)
     if opts.subset > len(found.files):
         raise ConfigError(f"--subset {opts.subset} is more than the {len(found.files)} images of {train_dir}")
     parts = dict(zip(("train", "val"), stratified_split(found.labels, opts.val_fraction, opts.split_seed,
@@ -296,12 +304,16 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
     out = Path(out)
     runs = plan_runs(config, grid, out, opts, overrides)
     check_earlier_runs(runs)
-    split = carve_validation(train_dir, out / "split", opts, [Path(cfg.out) for _, _, cfg in runs])
+    split = carve_validation(train_dir, out / "split", opts, [Path(cfg.out) for _, _, cfg in runs], test_dir)
     train_part, val_part = out / "split" / "train", out / "split" / "val"
     results = {"split": split, "budget": budget_text(opts, runs[0][2]), "runs": []}
     writer = SummaryWriter(str(out / "hparams"))
     for combo, seed, cfg in runs:
         summary = pretrain(cfg, progress=progress)
+        if summary["stopped_by_signal"]:  # a run cut short would be compared with whole ones: stop here
+            log.warning("the sweep stops with %s (checkpointed at step %d); the same command with "
+                        "train.resume=auto goes on from there", cfg.out, summary["global_step"])
+            raise KeyboardInterrupt
         scores = evaluate_run(Path(cfg.out), train_part, val_part, probe, "val", progress)
         shown = {k: label(v) for k, v in combo.items()}
         results["runs"].append({**shown, "seed": seed, "steps": summary["global_step"],

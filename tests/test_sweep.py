@@ -97,6 +97,39 @@ BASE = ["model.backbone=convnet", "model.head_hidden=16", "model.head_out=8", "d
         "data.workers=0", "train.batch_size=8", "train.epochs=1", "optim.name=sgd", "optim.lr=0.1"]
 
 
+def test_a_sweep_checks_its_test_folder_before_anything_trains(tmp_path):
+    """--test is scored after every run has trained: a missing folder, or one with other classes, is found
+    first, not hours later."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    out, grid = tmp_path / "sweep", {"loss.temperature": [0.1]}
+    with pytest.raises(DataError, match=r"^--test: image folder not found: .*tst"):
+        sweep(None, grid, str(shapes / "train"), str(tmp_path / "tst"), out, SweepOptions(val_fraction=0.25), BASE)
+    shutil.copytree(shapes / "test", tmp_path / "other")
+    shutil.rmtree(tmp_path / "other" / "ring")
+    with pytest.raises(ConfigError, match=r"classes of .*other differ .*only in train: \['ring'\]"):
+        sweep(None, grid, str(shapes / "train"), str(tmp_path / "other"), out, SweepOptions(val_fraction=0.25), BASE)
+    assert not (out / "temperature=0.1").exists()
+
+
+def test_a_run_stopped_by_a_signal_stops_the_sweep_before_it_is_compared(tmp_path, monkeypatch, caplog):
+    """Ctrl-C stops the run in progress with a checkpoint (its summary says stopped_by_signal): the sweep
+    stops there too, instead of training the next setting and choosing among runs of unequal length."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    real, trained = sweep_module.pretrain, []
+
+    def stopped(cfg, progress=True):
+        trained.append(cfg.out)
+        return {**real(cfg, progress=progress), "stopped_by_signal": True}
+
+    monkeypatch.setattr(sweep_module, "pretrain", stopped)
+    out = tmp_path / "sweep"
+    with pytest.raises(KeyboardInterrupt):
+        sweep(None, {"loss.temperature": [0.1, 0.2]}, str(shapes / "train"), str(shapes / "test"), out,
+              SweepOptions(val_fraction=0.25), BASE, ProbeOptions(epochs=1, knn_k=3), progress=False)
+    assert trained == [str(out / "temperature=0.1" / "seed=0")] and not (out / "results.json").exists()
+    assert "the same command with train.resume=auto goes on from there" in caplog.text
+
+
 def test_sweep_chooses_on_validation_and_scores_test_once(tmp_path, monkeypatch):
     shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=4, size=16)
     with pytest.raises(ConfigError, match="did you mean 'loss.temperature'"):  # checked before any run
