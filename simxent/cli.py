@@ -287,7 +287,7 @@ def demo_main(argv=None) -> int:
         results = linear_eval(out / "checkpoints" / "last.pt", data / "train", data / "test", ProbeOptions(),
                               random_init=True, json_path=out / "linear_eval.json")
         show(format_results(results))
-        show(f"all figures: {out / 'linear_eval.json'}; plots: {out / 'linear_eval' / 'figures'}, "
+        show(f"all figures: {out / 'linear_eval.json'}; plots: {results['figures']}, "
              f"{out / 'figures'}; TensorBoard: tensorboard --logdir {shlex.quote(str(out))}")
         return 0
 

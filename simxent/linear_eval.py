@@ -435,7 +435,8 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     targets, weight = eval_targets(objective, train, test, train_dir, test_dir, opts, positive_class, train_labels,
                                    test_labels)
     normalize = Normalize(cfg.augment.mean, cfg.augment.std)
-    monitor = Monitor(tensorboard_folder(out))
+    tb_run = tensorboard_folder(out)
+    monitor = Monitor(tb_run)
     encoders = {"pretrained": pretrained}
     if random_init:
         seed_everything(opts.seed)
@@ -443,9 +444,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     results = {
         "checkpoint": str(checkpoint),
         "encoder_digest": encoder_digest(pretrained),  # which weights: a path may be trained on into since
-        "backbone": cfg.model.backbone,
-        "cifar_stem": cfg.model.cifar_stem,
-        "image_size": cfg.data.image_size,
+        "backbone": cfg.model.backbone, "cifar_stem": cfg.model.cifar_stem, "image_size": cfg.data.image_size,
         "train": str(train_dir), "test": str(test_dir),
         "objective": objective,
         "classes": targets.names if objective == "multilabel" else train.classes,  # the labels, not folders
@@ -455,10 +454,11 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
         "skipped_images": train.skipped + test.skipped,
         "class_weight": None if weight is None else dict(zip(targets.names, weight.tolist())),
         "options": vars(opts),
+        "figures": str(out / "figures" / tb_run.name),  # each evaluation's own, named as its TensorBoard run
     }
     for name, encoder in encoders.items():
         results[name] = score_encoder(name, encoder, train, test, targets, normalize, dev, dtype, opts, weight,
-                                      monitor, progress=progress, figures_dir=out / "figures")
+                                      monitor, progress=progress, figures_dir=Path(results["figures"]))
     monitor.close()
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -96,9 +96,11 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
     assert history["epoch"] == [0, 1, 2, 3, 4]
     # Label smoothing makes the objective a different number from the plain train CE, every epoch.
     assert all(abs(o - ce) > 1e-3 for o, ce in zip(history["train_objective"], history["train_ce"]))
+    figures = Path(results["figures"])  # the evaluation's own folder, named as its TensorBoard run
+    assert figures.parent == run / "linear_eval" / "figures" and (run / "linear_eval" / "tb" / figures.name).is_dir()
     for name in ("pretrained", "random_init"):
         for kind in ("probe_curves", "confusion", "reliability", "per_class"):
-            png = run / "linear_eval" / "figures" / f"{name}_{kind}.png"
+            png = figures / f"{name}_{kind}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
     # Classes that differ in colour are told apart by any encoder, pretrained for two epochs or not; images and
@@ -108,8 +110,12 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
     assert linear_eval_main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--train", str(colours / "train"),
                              "--test", str(colours / "test"), "--epochs", "20", "--knn-k", "5", "--json",
                              str(report), "--no-progress"]) == 0
-    results = json.loads(report.read_text())
-    assert results["pretrained"]["linear"]["top1"] >= 0.9 and results["pretrained"]["knn"]["top1"] >= 0.9
+    again = json.loads(report.read_text())
+    assert again["pretrained"]["linear"]["top1"] >= 0.9 and again["pretrained"]["knn"]["top1"] >= 0.9
+    # A second evaluation of the same checkpoint writes beside the first, never over or among its figures.
+    assert Path(again["figures"]) != figures and sorted(p.name for p in Path(again["figures"]).iterdir()) == sorted(
+        f"pretrained_{kind}.png" for kind in ("probe_curves", "confusion", "reliability", "per_class"))
+    assert (figures / "random_init_confusion.png").is_file()
 
 
 def colour_folder(root: Path, size: int = 16) -> Path:
