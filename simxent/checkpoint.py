@@ -561,6 +561,6 @@ def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler,
                     len(state["rng"]), world)
         torch.manual_seed(seed + rank + 7919 * pos.global_step)
     # pos.epoch counts whole epochs done, as every other line's "epoch E/N step S" counts from 1.
-    log.info("resumed from %s after %d whole epochs and %d steps of the next (global step %d)", path, pos.epoch,
-             pos.step, pos.global_step)
+    log.info("resumed from %s after %d whole epochs and %d steps of %d images of the next (global step %d)", path,
+             pos.epoch, pos.step, batch_size, pos.global_step)
     return pos

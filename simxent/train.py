@@ -150,6 +150,11 @@ def _resume_path(cfg: Config) -> Path | None:
         return None
     if resume == "auto":  # the newest checkpoint of the run the folder holds, never another run's
         return newest_valid_checkpoint(checkpoint_path(cfg).parent, recorded_run_id(Path(cfg.out)))
+    return resume_file(resume)
+
+
+def resume_file(resume: str) -> Path:
+    """``train.resume`` given as a path: the checkpoint file, or one line saying why it is none."""
     path = Path(resume)
     if path.is_dir():
         last = last_in_folder(path) or path / "checkpoints" / "last.pt"
@@ -933,6 +938,8 @@ def open_run(cfg: Config, held: ExitStack) -> tuple[torch.device, Optional[str],
         if path:
             with naming_the_key(key):
                 check_source(path)
+    if cfg.train.resume not in ("", "auto"):  # a mistyped checkpoint path, too
+        resume_file(cfg.train.resume)
     run_id, resume, resumed = None, None, None
     main = dist.is_main()
     level = logging.INFO if main else logging.WARNING

@@ -309,6 +309,8 @@ def test_a_refused_run_leaves_nothing_for_the_next_one_to_inherit(shapes, tmp_pa
     status, err = run(tiny(shapes, out, f"data.train={tmp_path / 'nope'}"), capsys)
     assert status == 2 and f"data.train: image folder not found: {tmp_path / 'nope'}" in error_line(err)
     assert not out.exists()  # a mistyped folder: no out made
+    status, err = run(tiny(shapes, out, "train.resume=yes"), capsys)  # a mistyped checkpoint path, as well
+    assert status == 2 and "train.resume: checkpoint not found: yes" in error_line(err) and not out.exists()
     image = next((shapes / "train").rglob("*.png"))
     status, err = run(tiny(shapes, out, f"data.train={image}"), capsys)
     assert status == 2 and f"data.train: {image} is an image: give a folder of images" in error_line(err)
