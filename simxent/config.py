@@ -50,7 +50,8 @@ def section(cls: type, help: str) -> Any:
 
 @dataclass
 class DataConfig:
-    train: str = setting("", "folder of images, at any depth; class sub-folders optional (labels unused)")
+    train: str = setting("", "folder of images, at any depth, or a text file listing image paths; class "
+                                 "sub-folders optional (labels unused)")
     val: str = setting("", "labelled folder (one sub-folder per class) for kNN monitoring; empty: none")
     image_size: int = setting(32, "image size in px, 8 to 1024, of evaluation and (times augment.view_ratio, "
                                   "or its schedule) of the views; images no larger are decoded to it (shorter "
