@@ -286,7 +286,8 @@ def _white_level(mode: str, a: np.ndarray) -> float:
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     """RGB from any PIL mode: grey, palette, CMYK, 16-bit, 32-bit and float grey (scaled to 8 bits by
-    :func:`_white_level`; NaN is black); transparency composited onto white."""
+    :func:`_white_level`; NaN is black); an alpha channel, or a palette's transparent colour, composited onto
+    white. The transparent colour of a grey or RGB PNG (tRNS) is ignored, as torchvision's loader ignores it."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
         a = np.nan_to_num(a / _white_level(im.mode, a) * 255.0 + 0.5, nan=0.0)
@@ -375,12 +376,13 @@ def decode_eval(path: str | Path, size: int, crop_ratio: float) -> np.ndarray:
     """The evaluation transform, to (size, size, 3) uint8: an image larger than the view (either side above
     ``size``) has its shorter side resized to R = round(size / crop_ratio) (bilinear, antialiased; the
     longer side to int(R * long / short)) and the central size x size kept, as torchvision's
-    ``Resize(R)`` then ``CenterCrop(size)`` on a PIL image; any other image is decoded as by :func:`decode`."""
+    ``Resize(R)`` then ``CenterCrop(size)`` on a PIL image; any other image is decoded as by :func:`decode`.
+    A JPEG is decoded whole: PIL's reduced-scale decoding (``draft``) would move pixels by several levels and
+    round the sides differently, and evaluation is the standard protocol."""
     if max(image_extent(path)) <= size:
         return decode(path, size)
     with _open_image(path) as im:
         short = round(size / crop_ratio)
-        im.draft("RGB", (short, short))
         im = _upright(im)
         w, h = im.size
         new = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)

@@ -194,11 +194,13 @@ def test_stream_of_large_images_hands_over_both_views_crops_reproducibly(tmp_pat
     assert views.shape == (8, 3, 16, 16) and torch.isfinite(views).all()
 
 
-@pytest.mark.parametrize("width, height", [(50, 30), (20, 44), (16, 12)])
-def test_eval_transform_is_torchvisions_resize_then_centre_crop(tmp_path, width, height):
+@pytest.mark.parametrize("width, height, suffix", [(50, 30, "png"), (20, 44, "png"), (16, 12, "png"),
+                                                   (223, 150, "jpg"), (150, 230, "jpg")])
+def test_eval_transform_is_torchvisions_resize_then_centre_crop(tmp_path, width, height, suffix):
     """Larger than the view: shorter side to round(16 / 0.875) = 18, centre 16 x 16, as torchvision's
-    Resize + CenterCrop (bilinear, antialiased, on PIL). Not larger: decoded as before."""
-    path = smooth_image(tmp_path / "a.png", width, height)
+    Resize + CenterCrop (bilinear, antialiased, on PIL). Not larger: decoded as before. A JPEG many times the
+    view is decoded whole, as torchvision's loader does (not at PIL's reduced draft scale)."""
+    path = smooth_image(tmp_path / f"a.{suffix}", width, height, quality=90 if suffix == "jpg" else None)
     ours = decode_eval(path, 16, 0.875)
     if max(width, height) <= 16:
         assert np.array_equal(ours, decode(path, 16))
