@@ -707,8 +707,12 @@ def _listing(images: ImageList) -> bytes:
 
 def _cache_key(listing: bytes, layout: Layout) -> str:
     """sha1 of the layout and the folder's :func:`_listing`, shortened. The version before them changes
-    with what decoding makes of a file (v3: float images read by their range), so no stale pixels are read."""
-    return hashlib.sha1(f"simxent-v3 {layout.key()}\n".encode() + listing).hexdigest()[:20]
+    with what decoding makes of a file or which layout holds it (v3: float images read by their range; v4:
+    evaluation decodes JPEGs whole, and only square images are stored square), so no stale pixels are read."""
+    return hashlib.sha1(f"{CACHE_VERSION} {layout.key()}\n".encode() + listing).hexdigest()[:20]
+
+
+CACHE_VERSION = "simxent-v4"
 
 
 def default_cache_dir() -> Path:

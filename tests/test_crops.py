@@ -231,6 +231,26 @@ def test_an_evaluation_leaves_training_its_whole_small_non_square_images(tmp_pat
     assert np.array_equal(evaluated.images[0].numpy(), decode_eval(evaluated.files[0], 16, 0.875))
 
 
+def test_an_entry_of_the_previous_cache_version_is_not_read(tmp_path):
+    """v3 entries may hold what v4 decodes otherwise (cropped small non-square images under the square key,
+    JPEGs decoded at draft scale): an entry under v3's key is left alone and the folder decoded again."""
+    import hashlib
+
+    from simxent.data import Layout, _listing, find_source
+
+    root = tmp_path / "f"
+    for i in range(3):
+        write_image(root / f"{i}.png", size=(16, 16), seed=i)
+    fresh = load_folder(root, 16, workers=0, progress=False, cache=False)
+    cache = tmp_path / "cache"
+    v3 = hashlib.sha1(f"simxent-v3 {Layout('square', 16, 16).key()}\n".encode() + _listing(find_source(root)))
+    stale = cache / f"{v3.hexdigest()[:20]}.npy"
+    cache.mkdir()
+    np.save(stale, np.zeros((3, 16, 16, 3), np.uint8))
+    stale.with_suffix(".json").write_text('{"root": "", "good": [0, 1, 2], "bad": [], "reasons": {}, "sizes": null}')
+    assert torch.equal(load_folder(root, 16, workers=0, progress=False, cache_dir=cache).images, fresh.images)
+
+
 @pytest.mark.parametrize("size", [64, 96, 224])
 def test_blur_scales_with_the_view(size):
     """SimCLR's sigma (0.1, 2.0) at 224 px, scaled to the view; an odd kernel of about 10 % of the side, at
