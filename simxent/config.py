@@ -160,7 +160,8 @@ class TrainConfig:
                                           "train.epochs and max_time cuts them")
     seed: int = setting(0, "makes a run reproducible")
     device: str = setting("auto", "auto, cpu or cuda (refused without a GPU)")
-    precision: str = setting("auto", "auto (bf16 where native, else fp16 on a GPU and fp32 on a CPU), bf16 (warned on a CPU without "
+    precision: str = setting("auto", "auto (bf16 where native, else fp16 on a GPU and fp32 on a CPU), bf16 "
+                                     "(warned on a CPU without "
                                      "native bf16: 13-16x slower), fp16 (grad scaler; refused on a CPU: about 65x "
                                      "slower) or fp32")
     channels_last: bool = setting(True, "NHWC memory format")
@@ -270,17 +271,17 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-# Numbers as YAML 1.2 (and Python) read them: PyYAML's YAML 1.1 reads 010 as 8 (octal) and 1:30 as 90
-# (base 60), and 1_000 as 1000. Here an integer is decimal digits; anything else is a string, which a
-# number's key refuses by name.
+# Numbers are plain decimal integers and decimal or exponent floats only: PyYAML's YAML 1.1 reads 010 as 8
+# (octal) and 1:30 as 90 (base 60). 010 is 10 here; 1:30, 1_000 and 0x10 are strings, which a number's key
+# refuses by name.
 _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 StrictLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 StrictLoader.add_implicit_resolver(_INT, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_DECIMAL_FLOAT = r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$"
 StrictLoader.add_implicit_resolver(
-    _FLOAT, re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
-    list("-+0123456789."))
+    _FLOAT, re.compile(rf"{_DECIMAL_FLOAT}|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"), list("-+0123456789."))
 StrictLoader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node), 10))
 
 

@@ -170,8 +170,8 @@ def binary_targets(train: ImageArray, test: ImageArray, positive: Optional[str])
     if positive not in train.classes:
         raise ConfigError(f"--positive-class {positive!r} is not one of {', '.join(train.classes)}")
     p = train.classes.index(positive)
-    return Targets("binary", [positive], (train.labels == p).long().unsqueeze(1), (test.labels == p).long().unsqueeze(1),
-                   outcomes=[train.classes[1 - p], positive])
+    y_train, y_test = (train.labels == p).long().unsqueeze(1), (test.labels == p).long().unsqueeze(1)
+    return Targets("binary", [positive], y_train, y_test, outcomes=[train.classes[1 - p], positive])
 
 
 class ProbeCurves:
@@ -404,6 +404,25 @@ def load_eval_folders(train_dir, test_dir, data: DataConfig, progress: bool, cro
     return train, test
 
 
+def evaluation_header(encoder: torch.nn.Module, cfg: Config, train: ImageArray, test: ImageArray, targets: Targets,
+                      weight: Optional[torch.Tensor]) -> dict:
+    """What an evaluation's JSON says of what it scored: the weights' digest (one checkpoint path holds other
+    weights once its run is resumed), the encoder's settings, the objective, classes and images."""
+    return {
+        "encoder_digest": encoder_digest(encoder),
+        "backbone": cfg.model.backbone,
+        "cifar_stem": cfg.model.cifar_stem,
+        "image_size": cfg.data.image_size,
+        "objective": targets.objective,
+        "classes": targets.names if targets.objective == "multilabel" else train.classes,  # labels, not folders
+        "targets": targets.names,
+        "train_images": len(train),
+        "test_images": len(test),
+        "skipped_images": train.skipped + test.skipped,
+        "class_weight": None if weight is None else dict(zip(targets.names, weight.tolist())),
+    }
+
+
 def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | Path,
                 opts: Optional[ProbeOptions] = None,
                 random_init: bool = False, out: Optional[str | Path] = None, json_path: Optional[str | Path] = None,
@@ -441,21 +460,9 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     if random_init:
         seed_everything(opts.seed)
         encoders["random_init"], _ = backbone(cfg.model.backbone, cfg.model.cifar_stem, cfg.data.image_size)
-    results = {
-        "checkpoint": str(checkpoint),
-        "encoder_digest": encoder_digest(pretrained),  # which weights: a path may be trained on into since
-        "backbone": cfg.model.backbone, "cifar_stem": cfg.model.cifar_stem, "image_size": cfg.data.image_size,
-        "train": str(train_dir), "test": str(test_dir),
-        "objective": objective,
-        "classes": targets.names if objective == "multilabel" else train.classes,  # the labels, not folders
-        "targets": targets.names,
-        "train_images": len(train),
-        "test_images": len(test),
-        "skipped_images": train.skipped + test.skipped,
-        "class_weight": None if weight is None else dict(zip(targets.names, weight.tolist())),
-        "options": vars(opts),
-        "figures": str(out / "figures" / tb_run.name),  # each evaluation's own, named as its TensorBoard run
-    }
+    results = {"checkpoint": str(checkpoint), **evaluation_header(pretrained, cfg, train, test, targets, weight),
+               "train": str(train_dir), "test": str(test_dir), "options": vars(opts),
+               "figures": str(out / "figures" / tb_run.name)}  # each evaluation's own, named as its TensorBoard run
     for name, encoder in encoders.items():
         results[name] = score_encoder(name, encoder, train, test, targets, normalize, dev, dtype, opts, weight,
                                       monitor, progress=progress, figures_dir=Path(results["figures"]))

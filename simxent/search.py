@@ -126,7 +126,8 @@ def build_search_index(vectors: np.ndarray, ivf_above: int = IVF_ABOVE, nprobe: 
                        k: int = RECALL_K) -> tuple[faiss.Index, dict]:
     """An exact inner-product index (``flat``) up to ``ivf_above`` rows; above, an inverted-file index
     (``ivf``, :func:`simxent.evaluate.build_index`), whose recall@k against exact search is measured with
-    the rows of :func:`recall_query_rows` as queries, each query's own row left out of both lists. Returns the index and its description for meta.json."""
+    the rows of :func:`recall_query_rows` as queries, each query's own row left out of both lists. Returns
+    the index and its description for meta.json."""
     if len(vectors) <= ivf_above:
         return build_index(vectors, "flat"), {"type": "flat"}
     index = build_index(vectors, "ivf", nprobe)

@@ -137,7 +137,8 @@ def carve_validation(train_dir: str | Path, dest: str | Path, opts: SweepOptions
     # Names inside the folder: the same split whether the folder is given relative, absolute or by a link.
     members = "\n".join(f"{name}\t{found.files[i].relative_to(found.root).as_posix()}"
                         for name, part in parts.items() for i in part)
-    split = {"train_dir": str(train_dir), "train_real": os.path.realpath(train_dir), "val_fraction": opts.val_fraction, "split_seed": opts.split_seed,
+    split = {"train_dir": str(train_dir), "train_real": os.path.realpath(train_dir),
+             "val_fraction": opts.val_fraction, "split_seed": opts.split_seed,
              "subset": opts.subset, "classes": found.classes, "train_per_class": counts["train"],
              "val_per_class": counts["val"], "train_images": len(parts["train"]), "val_images": len(parts["val"]),
              "parts_digest": hashlib.blake2b(os.fsencode(members), digest_size=16).hexdigest()}
@@ -311,6 +312,7 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
     for combo, seed, cfg in runs:
         summary = pretrain(cfg, progress=progress)
         if summary["stopped_by_signal"]:  # a run cut short would be compared with whole ones: stop here
+            writer.close()
             log.warning("the sweep stops with %s (checkpointed at step %d); the same command with "
                         "train.resume=auto goes on from there", cfg.out, summary["global_step"])
             raise KeyboardInterrupt

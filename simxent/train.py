@@ -800,7 +800,7 @@ def finish(run: Run, reason: Optional[str]) -> dict:
     summary = {
         "checkpoint": str(checkpoint_path(cfg)),
         "run_id": run.run_id,
-        "epoch": pos.epoch,  # where a resume starts: a stop at an epoch's last step leaves its end to do
+        "epoch": pos.epoch,  # where a resume starts: a signal at an epoch's last step leaves its end to do
         "epochs_trained": round(pos.epoch + pos.step / run.steps_per_epoch, 4),
         "global_step": pos.global_step,
         "world_size": dist.world_size(),

@@ -64,7 +64,7 @@ def test_clear_all_leaves_files_that_are_not_cache_entries(tmp_path, capsys):
     """A cache folder shared with other files (data.cache_dir set to a project folder): only simxent's
     entries (20 hex digits) and its decoders' temporary files are listed and cleared."""
     cache, (small, large), live, gone = two_entries(tmp_path)
-    theirs = [cache / "package.json", cache / "features.npy", cache / f"{small}_backup.npy", cache / ".x.json.1@h.ab.tmp"]
+    theirs = [cache / name for name in ("package.json", "features.npy", f"{small}_backup.npy", ".x.json.1@h.ab.tmp")]
     for path in theirs:
         path.write_text("mine")
     assert cache_main(["--dir", str(cache), "list"]) == 0

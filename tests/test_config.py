@@ -230,7 +230,7 @@ def test_empty_paths_name_the_key():
 @pytest.mark.parametrize("text,read_as", [("010", "10"), ("1.50", "1.5"), ("yes", "True")])
 def test_unquoted_number_for_a_text_key_in_yaml_is_refused(tmp_path, text, read_as):
     """YAML has already turned the text into a number; converting back would be a guess, so say to quote it.
-    What is no number to Python (0x10, 12:30) stays text."""
+    What is no plain decimal number (0x10, 12:30) stays text."""
     path = tmp_path / "c.yaml"
     path.write_text(f"out: {text}\n")
     with pytest.raises(ConfigError, match=rf"out: expected text, got {read_as}; quote it in YAML"):

@@ -2,6 +2,7 @@
 the chosen setting."""
 import json
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -201,8 +202,9 @@ def test_a_sweep_again_into_its_out_refuses_another_split_while_its_runs_are_the
     assert again["runs"][0]["val_knn_top1"] == first["runs"][0]["val_knn_top1"]
     # A copy holds the same names (the same digest of the parts) but may hold other images: refused.
     shutil.copytree(shapes / "train", tmp_path / "copy")
-    with pytest.raises(ConfigError, match=rf"--out {out} holds runs trained on a split of {shapes / 'train'}, not "
-                                          rf"of this --train \({tmp_path / 'copy'}\)"):
+    refusal = (f"--out {out} holds runs trained on a split of {shapes / 'train'}, not of this --train "
+               f"({tmp_path / 'copy'})")
+    with pytest.raises(ConfigError, match=re.escape(refusal)):
         sweep(None, grid, str(tmp_path / "copy"), args[1], out, SweepOptions(val_fraction=0.25), overrides,
               ProbeOptions(epochs=1, knn_k=3), progress=False)
 
