@@ -234,7 +234,7 @@ def test_cache_equals_direct_decode_and_follows_changes(tmp_path):
 def test_a_load_stats_the_folder_once_and_keeps_the_cache_names(tmp_path, monkeypatch):
     """The file listing (the folder, then path, size, mtime of each file) is made once per load, miss or hit,
     though the cache is looked up under two layouts; the cache file is named by the sha1 of
-    "simxent-v3 <layout>", a "folder <resolved path>" line and a "path, bytes, mtime_ns" line per file."""
+    "simxent-v4 <layout>", a "folder <resolved path>" line and a "path, bytes, mtime_ns" line per file."""
     import hashlib
 
     import simxent.data as data
@@ -251,7 +251,7 @@ def test_a_load_stats_the_folder_once_and_keeps_the_cache_names(tmp_path, monkey
     lines = "".join(f"c/{i}.png\t{(root / 'c' / f'{i}.png').stat().st_size}\t"
                     f"{(root / 'c' / f'{i}.png').stat().st_mtime_ns}\n" for i in range(3))
     layout = data.Layout("padded", 12, data.decode_side(12))
-    key = hashlib.sha1(f"simxent-v3 {layout.key()}\nfolder\t{root.resolve()}\n{lines}".encode()).hexdigest()[:20]
+    key = hashlib.sha1(f"simxent-v4 {layout.key()}\nfolder\t{root.resolve()}\n{lines}".encode()).hexdigest()[:20]
     assert [p.name for p in (tmp_path / "cache").glob("*.npy")] == [f"{key}.npy"]
 
 
