@@ -2,6 +2,7 @@
 projector, the run's config and its hyperparameters, written by one process only."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -61,8 +62,13 @@ class Monitor:
 
     def embedding(self, features: torch.Tensor, labels: list[str], thumbnails: torch.Tensor, step: int,
                   tag: str = "val") -> None:
-        """Features for TensorBoard's projector, each point labelled and drawn as its image (NCHW in [0, 1])."""
+        """Features for TensorBoard's projector, each point labelled and drawn as its image (NCHW in [0, 1]).
+        A folder already there for this step and tag is a superseded branch's (a run resumed from an older
+        checkpoint ends at a step it ended at before): it is replaced, not written into."""
         if self.writer:
+            stale = Path(self.writer.get_logdir()) / str(step).zfill(5) / tag  # as add_embedding names it
+            if stale.is_dir():
+                shutil.rmtree(stale)
             self.writer.add_embedding(features.float().cpu(), metadata=labels, label_img=thumbnails.float().cpu(),
                                       global_step=step, tag=tag)
 

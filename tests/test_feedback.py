@@ -169,3 +169,18 @@ def test_confusion_matrix_image_has_class_names_on_both_axes(tmp_path, monkeypat
     acc.Reload()
     image = acc.Images("probe/confusion")[0]
     assert image.width > 100 and image.height > 100
+
+
+def test_a_projector_at_a_step_already_written_is_replaced_without_tensorboards_warning(tmp_path, capsys):
+    """A run resumed from an older checkpoint can end at a step its superseded branch ended at: the projector
+    folder of that step is replaced (TensorBoard would print a warning on stdout and write into it)."""
+    import csv
+
+    monitor = Monitor(tmp_path / "tb")
+    for names in (["a", "b"], ["c", "d"]):
+        monitor.embedding(torch.rand(2, 4), names, torch.rand(2, 3, 8, 8), step=120)
+    monitor.close()
+    assert "Embedding dir exists" not in capsys.readouterr().out
+    (metadata,) = (tmp_path / "tb").rglob("00120/val/metadata.tsv")
+    assert [row[0] for row in csv.reader(metadata.open(), delimiter="\t")] == ["c", "d"]
+
