@@ -360,8 +360,9 @@ def write_results(results: dict, out: Path) -> None:
     write_text_atomic(out / "results.json", json.dumps(results, indent=2))
     s = results["split"]
     subset = f" (a stratified subset of {s['subset']})" if s["subset"] else ""
-    lines = [f"Split of {s['train_dir']}{subset}: {s['train_images']} train / {s['val_images']} validation images, "
-             f"stratified over {len(s['classes'])} classes, validation fraction {s['val_fraction']:g}, split seed "
+    # Files as listed: one that cannot be decoded is counted here and skipped (named) by the runs.
+    lines = [f"Split of {s['train_dir']}{subset}: {s['train_images']} train / {s['val_images']} validation image "
+             f"files, stratified over {len(s['classes'])} classes, validation fraction {s['val_fraction']:g}, split seed "
              f"{s['split_seed']}. Budget: {results['budget']}.", "", "## Runs (scored on the validation part)", ""]
     lines += markdown_table(results["runs"], [k for k in results["runs"][0] if k != "run"])
     if "chosen" in results:

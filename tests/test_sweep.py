@@ -172,7 +172,7 @@ def test_sweep_chooses_on_validation_and_scores_test_once(tmp_path, monkeypatch)
     assert json.loads((out / "results.json").read_text()) == results
     md = (out / "results.md").read_text()
     assert f"Chosen: loss.temperature={best}, augment.crop_scale=[0.5,1.0], by mean validation knn_top1" in md
-    assert "30 train / 10 validation images" in md
+    assert "30 train / 10 validation image files" in md
     assert list((out / "hparams").rglob("events.out.tfevents.*"))
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
