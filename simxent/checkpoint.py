@@ -545,7 +545,7 @@ def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler,
     augmentation streams (said so)."""
     state = {**state, "optimizer": fit_optimizer(state["optimizer"], optimizer)}
     parts = {"encoder": net.encoder, "head": net.head, "optimizer": optimizer}
-    if state["scaler"]:  # empty from a run without fp16's scaler: an fp16 resume starts its scaler fresh
+    if state.get("scaler"):  # empty from a run without fp16's scaler: an fp16 resume starts its scaler fresh
         parts["scaler"] = scaler
     # A learnt temperature is state; a fixed one is a setting (loss.temperature), and a learnt one resumed
     # from a fixed run starts at loss.temperature as any learnt one does.
