@@ -362,8 +362,8 @@ def write_results(results: dict, out: Path) -> None:
     subset = f" (a stratified subset of {s['subset']})" if s["subset"] else ""
     # Files as listed: one that cannot be decoded is counted here and skipped (named) by the runs.
     lines = [f"Split of {s['train_dir']}{subset}: {s['train_images']} train / {s['val_images']} validation image "
-             f"files, stratified over {len(s['classes'])} classes, validation fraction {s['val_fraction']:g}, split seed "
-             f"{s['split_seed']}. Budget: {results['budget']}.", "", "## Runs (scored on the validation part)", ""]
+             f"files, stratified over {len(s['classes'])} classes, validation fraction {s['val_fraction']:g}, "
+             f"split seed {s['split_seed']}. Budget: {results['budget']}.", "", "## Runs (scored on the validation part)", ""]
     lines += markdown_table(results["runs"], [k for k in results["runs"][0] if k != "run"])
     if "chosen" in results:
         chosen = results["chosen"]
