@@ -109,26 +109,24 @@ def build_index(vectors: np.ndarray, kind: str = "flat", nprobe: int = 16):
     return index
 
 
-def recall_against_exact(index, vectors: np.ndarray, queries: np.ndarray, k: int,
-                         rows: Optional[np.ndarray] = None) -> float:
-    """recall@k of an approximate ``index`` over ``vectors``: the fraction of each query's exact k nearest
-    (largest inner product, by brute force) that the index returns among its own k, averaged over queries:
+def recall_against_exact(index, vectors: np.ndarray, rows: np.ndarray, k: int) -> float:
+    """recall@k of an approximate ``index`` over ``vectors``, queried with its own ``rows``: the fraction of
+    each query's exact k nearest other rows (largest inner product, by brute force) that the index returns
+    among its own k, averaged over queries:
 
         recall@k = (1 / |Q|) sum over q of |A_k(q) & E_k(q)| / k
 
-    ``rows``: the queries' own rows of ``vectors``, each left out of both of its lists (so k of the others
-    are compared): an indexed row always finds itself, its own list being probed, which would overstate
-    the recall a new image gets."""
-    own = rows is not None
-    k = min(k, len(vectors) - own)
-    _, exact = build_index(vectors, "flat").search(queries, k + own)
-    _, found = index.search(queries, k + own)
-    if own:
-        exact, found = ([[j for j in lst if j != r][:k] for lst, r in zip(lists.tolist(), rows.tolist())]
-                        for lists in (exact, found))
-    else:
-        exact, found = exact.tolist(), found.tolist()
-    hits = [len(set(e) & set(f)) for e, f in zip(exact, found)]
+    Each query's own row is left out of both lists: an indexed row always finds itself, its own list being
+    probed, which would overstate the recall a new image gets."""
+    k = min(k, len(vectors) - 1)
+    queries = vectors[rows]
+    _, exact = build_index(vectors, "flat").search(queries, k + 1)
+    _, found = index.search(queries, k + 1)
+
+    def others(lists: np.ndarray) -> list[list[int]]:
+        return [[j for j in lst if j != r][:k] for lst, r in zip(lists.tolist(), rows.tolist())]
+
+    hits = [len(set(e) & set(f)) for e, f in zip(others(exact), others(found))]
     return float(np.mean(hits)) / k
 
 

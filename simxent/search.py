@@ -132,12 +132,11 @@ def build_search_index(vectors: np.ndarray, ivf_above: int = IVF_ABOVE, nprobe: 
         return build_index(vectors, "flat"), {"type": "flat"}
     index = build_index(vectors, "ivf", nprobe)
     rows = recall_query_rows(len(vectors))
-    queries = vectors[rows]
-    recall = recall_against_exact(index, vectors, queries, k, rows)
+    recall = recall_against_exact(index, vectors, rows, k)
     log.info("IVF index over %d rows (%d lists, nprobe %d): recall@%d %.4f against exact search",
              len(vectors), index.nlist, index.nprobe, k, recall)
     return index, {"type": "ivf", "nlist": index.nlist, "nprobe": index.nprobe,
-                   "recall": {"k": min(k, len(vectors) - 1), "queries": len(queries), "value": recall}}
+                   "recall": {"k": min(k, len(vectors) - 1), "queries": len(rows), "value": recall}}
 
 
 @dataclass

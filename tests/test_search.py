@@ -205,7 +205,7 @@ def test_ivf_recall_in_meta_matches_brute_force(tmp_path):
     with_self = np.mean([len(set(e) & set(a)) / 10 for e, a in zip(brute_force_topk(vectors, queries, 10),
                                                                      index.search(queries, 10)[1])])
     assert with_self > expected  # what counting the query's own row would have reported
-    assert recall_against_exact(build_search_index(vectors)[0], vectors, queries, 10, rows) == 1.0
+    assert recall_against_exact(build_search_index(vectors)[0], vectors, rows, 10) == 1.0
 
 
 def test_ivf_index_from_the_command_line_agrees_with_brute_force(tmp_path, capsys):
