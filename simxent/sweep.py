@@ -308,26 +308,24 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
     split = carve_validation(train_dir, out / "split", opts, [Path(cfg.out) for _, _, cfg in runs], test_dir)
     train_part, val_part = out / "split" / "train", out / "split" / "val"
     results = {"split": split, "budget": budget_text(opts, runs[0][2]), "runs": []}
-    writer = SummaryWriter(str(out / "hparams"))
-    for combo, seed, cfg in runs:
-        summary = pretrain(cfg, progress=progress)
-        if summary["stopped_by_signal"]:  # a run cut short would be compared with whole ones: stop here
-            writer.close()
-            log.warning("the sweep stops with %s (checkpointed at step %d); the same command with "
-                        "train.resume=auto goes on from there", cfg.out, summary["global_step"])
-            raise KeyboardInterrupt
-        scores = evaluate_run(Path(cfg.out), train_part, val_part, probe, "val", progress)
-        shown = {k: label(v) for k, v in combo.items()}
-        results["runs"].append({**shown, "seed": seed, "steps": summary["global_step"],
-                                "final_loss": summary["last_loss"], **{f"val_{m}": scores[m] for m in METRICS},
-                                "run": cfg.out})
-        writer.add_hparams({**shown, "seed": seed}, {f"hparam/val_{m}": scores[m] for m in METRICS},
-                           run_name=f"{run_name(combo)}_seed={seed}")
-        write_results(results, out)  # after every run, so a stopped sweep keeps what it measured
-        base = {k: label(values[0]) for k, values in grid.items()} if opts.one_at_a_time else None
-        figures.save(figures.sweep_plots(results["runs"], list(grid), [f"val_{m}" for m in METRICS], base),
-                     out / "sweep.png")
-    writer.close()
+    with SummaryWriter(str(out / "hparams")) as writer:  # closed however the loop ends (a signal, an error)
+        for combo, seed, cfg in runs:
+            summary = pretrain(cfg, progress=progress)
+            if summary["stopped_by_signal"]:  # a run cut short would be compared with whole ones: stop here
+                log.warning("the sweep stops with %s (checkpointed at step %d); the same command with "
+                            "train.resume=auto goes on from there", cfg.out, summary["global_step"])
+                raise KeyboardInterrupt
+            scores = evaluate_run(Path(cfg.out), train_part, val_part, probe, "val", progress)
+            shown = {k: label(v) for k, v in combo.items()}
+            results["runs"].append({**shown, "seed": seed, "steps": summary["global_step"],
+                                    "final_loss": summary["last_loss"], **{f"val_{m}": scores[m] for m in METRICS},
+                                    "run": cfg.out})
+            writer.add_hparams({**shown, "seed": seed}, {f"hparam/val_{m}": scores[m] for m in METRICS},
+                               run_name=f"{run_name(combo)}_seed={seed}")
+            write_results(results, out)  # after every run, so a stopped sweep keeps what it measured
+            base = {k: label(values[0]) for k, values in grid.items()} if opts.one_at_a_time else None
+            figures.save(figures.sweep_plots(results["runs"], list(grid), [f"val_{m}" for m in METRICS], base),
+                         out / "sweep.png")
     results["settings"] = summarise(results["runs"], list(grid))
     results["chosen"] = choose(results["settings"], opts.choose_by)
     chosen = {k: results["chosen"]["setting"][k] for k in grid}
@@ -363,7 +361,8 @@ def write_results(results: dict, out: Path) -> None:
     # Files as listed: one that cannot be decoded is counted here and skipped (named) by the runs.
     lines = [f"Split of {s['train_dir']}{subset}: {s['train_images']} train / {s['val_images']} validation image "
              f"files, stratified over {len(s['classes'])} classes, validation fraction {s['val_fraction']:g}, "
-             f"split seed {s['split_seed']}. Budget: {results['budget']}.", "", "## Runs (scored on the validation part)", ""]
+             f"split seed {s['split_seed']}. Budget: {results['budget']}.",
+             "", "## Runs (scored on the validation part)", ""]
     lines += markdown_table(results["runs"], [k for k in results["runs"][0] if k != "run"])
     if "chosen" in results:
         chosen = results["chosen"]
