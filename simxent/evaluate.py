@@ -141,14 +141,14 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
 
 
 def classification_report(scores: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
-    """Top-1 and top-5, per-class accuracy (None for a class with no test image: undefined, not 0) and the
-    confusion matrix."""
+    """Top-1, top-5 (None with five classes or fewer, where every image would count as right), per-class
+    accuracy (None for a class with no test image: undefined, not 0) and the confusion matrix."""
     pred = scores.argmax(dim=1)
     cm = confusion_matrix(pred, labels, len(classes))
     per_class = [(right / n if n else None) for right, n in zip(cm.diag().tolist(), cm.sum(dim=1).tolist())]
     return {
         "top1": topk_accuracy(scores, labels, 1),
-        "top5": topk_accuracy(scores, labels, 5),
+        "top5": topk_accuracy(scores, labels, 5) if len(classes) > 5 else None,
         "per_class": dict(zip(classes, per_class)),
         "confusion": cm.tolist(),
     }

@@ -20,8 +20,8 @@ from .checkpoint import (ENCODER_KEYS, checkpoint_encoder, encoder_digest, load_
 from .config import MAX_IMAGE_SIZE, Config, ConfigError, DataConfig
 from .data import ImageArray, ImageList, copied_images, find_source, load_configured, naming_the_key, shared_files
 from .class_weights import class_weights, positive_weights
-from .evaluate import OBJECTIVES, Objective, classification_report, extract_features, knn_scores, objective_named, \
-    train_linear_probe
+from .evaluate import OBJECTIVES, Objective, classification_report, confusion_matrix, extract_features, knn_scores, \
+    objective_named, train_linear_probe
 from .files import json_text, missing_file, write_text_atomic
 from .rundir import mark_output
 from .label_files import check_label_sets, read_label_csv
@@ -223,9 +223,14 @@ def probe_report(name: str, logits: torch.Tensor, targets: Targets, monitor: Mon
     """The probe's test figures for its objective (accuracy and confusion, ROC AUC and F1, or mAP), and
     calibration and per-class loss where classes exclude each other; adds their plots to ``figures``."""
     linear = targets.kind.metrics(logits, targets.test, targets.names)
+    if targets.objective == "binary":  # rows: true outcome (negative folder, then positive), columns: predicted
+        linear["confusion"] = confusion_matrix(targets.kind.predict(logits).flatten(), targets.test.flatten(),
+                                               2).tolist()
+        linear["confusion_classes"] = targets.outcomes
     if "confusion" in linear:
-        monitor.confusion(f"{name}/probe/confusion", linear["confusion"], targets.names)
-        figures["confusion"] = figures_lib.confusion_matrix(linear["confusion"], targets.names, f"{name}: linear probe")
+        monitor.confusion(f"{name}/probe/confusion", linear["confusion"], targets.outcomes)
+        figures["confusion"] = figures_lib.confusion_matrix(linear["confusion"], targets.outcomes,
+                                                            f"{name}: linear probe")
     if targets.kind.exclusive:
         probs = class_probabilities(logits, targets.objective)
         linear["calibration"] = reliability(probs, targets.test)
@@ -474,9 +479,10 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
 
 
 def format_results(results: dict) -> str:
-    """A small table: one row per encoder with the objective's headline figures."""
+    """A small table: one row per encoder with the objective's headline figures (those measured: no top-5
+    for five classes or fewer)."""
     objective = results.get("objective", "multiclass")
-    columns = OBJECTIVES[objective].columns
+    columns = [(a, b) for a, b in OBJECTIVES[objective].columns if results["pretrained"][a][b] is not None]
     names = [f"{a} {b}".replace("balanced_accuracy", "balanced acc.") for a, b in columns]
     width = max(len(n) for n in names) + 2
     rows = ["encoder      " + "".join(f"{n:>{width}}" for n in names)]

@@ -75,7 +75,7 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
             assert cm.sum(1).tolist() == [6] * 5
             assert r["top1"] == pytest.approx(cm.trace().item() / 30)
             assert r["per_class"] == pytest.approx(dict(zip(results["classes"], (cm.diag() / 6).tolist())))
-            assert r["top5"] == 1.0  # five classes: the true one is always among the top five
+            assert r["top5"] is None  # five classes: the true one is always among the top five
         # The reported probe is the one whose last epoch the curves recorded.
         assert results[name]["probe_history"]["test_accuracy"][-1] == pytest.approx(results[name]["linear"]["top1"])
     assert results["class_weight"] == pytest.approx({c: 1.0 for c in results["classes"]})
@@ -301,6 +301,13 @@ def test_binary_and_multilabel_probes(shapes, tmp_path, capsys):
     per_class = r["pretrained"]["linear"]["per_class_loss"]  # by folder: the negative class, then the positive
     assert list(per_class) == ["square", "circle"]
     assert [per_class[c]["images"] for c in per_class] == [len(list((two / "test" / c).iterdir())) for c in per_class]
+    linear = r["pretrained"]["linear"]  # the probe's confusion, rows by true outcome, against sklearn's
+    assert linear["confusion_classes"] == ["square", "circle"]
+    y_test = [linear["confusion_classes"].index(c) for c in r["classes"] for _ in (two / "test" / c).iterdir()]
+    cm = np.array(linear["confusion"])
+    assert cm.sum(1).tolist() == np.bincount(y_test).tolist()
+    assert linear["accuracy"] == pytest.approx(np.trace(cm) / len(y_test))
+    assert linear["f1"] == pytest.approx(2 * cm[1, 1] / (2 * cm[1, 1] + cm[0, 1] + cm[1, 0]))
     assert linear_eval_main(["--checkpoint", ckpt, "--train", str(shapes / "train"), "--test", str(shapes / "test"),
                              "--objective", "binary", "--no-progress"]) == 2
     assert "exactly 2 class folders" in capsys.readouterr().err
