@@ -25,7 +25,7 @@ from torch import nn
 
 from . import __version__, dist
 from .config import Config, ConfigError, ModelConfig, check_backbone, config_from_saved, flatten, to_dict
-from .files import is_disk_full, reserve, sync_folder, temp_path
+from .files import is_disk_full, sync_folder, temp_path, write_bytes_atomic
 
 FORMAT_VERSION = 1
 # All that rebuilds an encoder: ViTs and MaxViT are built for one image size.
@@ -38,11 +38,10 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write ``state`` so that ``path`` always holds either the old file or the complete new one:
-    serialise in memory, reserve the bytes in a temporary file of the same folder (named after its writer,
-    so concurrent writers never collide), write, flush + fsync, then an atomic ``os.replace``.
+    """Write ``state`` so that ``path`` always holds either the old file or the complete new one
+    (:func:`simxent.files.write_bytes_atomic`).
 
-    Serialising first costs one copy of the state in memory; in exchange a full disk is a plain ENOSPC
+    Serialising in memory first costs one copy of the state; in exchange a full disk is a plain ENOSPC
     with the size it needed (torch writing to a file reports it as an opaque ``unexpected pos``).
     """
     path = Path(path)
@@ -50,21 +49,13 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
     buffer = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **state}, buffer)
     data = buffer.getbuffer()
-    tmp = temp_path(path)
     try:
-        with open(tmp, "xb") as f:
-            reserve(f.fileno(), len(data))
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        write_bytes_atomic(path, data)
+    except OSError as e:
         if is_disk_full(e):
             raise CheckpointError(f"no space left to write checkpoint {path} ({len(data) / 1e6:.1f} MB needed); "
                                   f"the previous checkpoint is intact: free space in {path.parent}") from None
         raise
-    sync_folder(path.parent)  # make the rename itself durable
 
 
 def refused_object(e: pickle.UnpicklingError) -> str:

@@ -142,22 +142,30 @@ def sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all, a power cut included (a temporary file, fsynced, renamed over it,
-    the folder fsynced), as UTF-8. Without the fsyncs some filesystems (XFS, ext4 without data=ordered) can
-    leave an empty run.json or summary.json after a crash."""
+def write_bytes_atomic(path: Path, data) -> None:
+    """Write ``data`` (bytes or a buffer) so that ``path`` holds the old file or the whole new one, a power
+    cut included: a temporary file beside it (named after its writer, so concurrent writers never collide),
+    its bytes reserved, written, fsynced, renamed over ``path``, and the folder fsynced. Without the fsyncs
+    some filesystems (XFS, ext4 without data=ordered) can leave an empty file after a crash. An error names
+    ``path``, not the temporary file, and leaves no temporary file behind."""
+    path = Path(path)
     tmp = temp_path(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "xb") as f:
+            reserve(f.fileno(), len(data))
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        # Name the file the user knows: not the temporary one, and not none (a write or close that runs out
-        # of space raises without a name).
+        # A write or close that runs out of space raises without a file name.
         if isinstance(e, OSError) and e.filename in (None, str(tmp)):
             raise OSError(e.errno, e.strerror, str(path)) from e
         raise
-    sync_folder(Path(path).parent)
+    sync_folder(path.parent)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """:func:`write_bytes_atomic` for text, as UTF-8 (run.json, summary.json, ...)."""
+    write_bytes_atomic(path, text.encode("utf-8"))
