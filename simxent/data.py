@@ -814,7 +814,12 @@ def _decoded_or_cached(found: ImageList, size: int, cache: bool, cache_dir, work
         if cache:
             _check_disk(cache_dir, len(found.files) * layout.side**2 * 3, found.root)
         images, good, bad, sizes = _decode_all(found, layout, workers, on_bad_image, progress, into=array_path)
-        if cache:
+        denied = [found.files[i] for i, r in bad.items() if r.startswith("PermissionError")]
+        if cache and denied:  # not a fault of the file: once readable, it must not stay skipped
+            log.info("%s: not cached, since %d file(s) could not be opened (%s...): decoded again next time",
+                     found.root, len(denied), denied[0])
+            array_path.unlink(missing_ok=True)
+        elif cache:
             _write_meta(good, bad, sizes, found, array_path.with_suffix(".json"))
         return images, good, bad, sizes
     images, good, bad, sizes = hit

@@ -2,6 +2,7 @@
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +197,28 @@ def test_corrupt_files_are_skipped_and_named(tmp_path, caplog):
         load_folder(tmp_path, 8, workers=0, cache=False, on_bad_image="error", progress=False)
     with pytest.raises(DataError, match="broken.jpg|empty.png"):  # the cached folder remembers its bad files
         load_folder(tmp_path, 8, workers=0, on_bad_image="error", progress=False)
+
+
+def test_a_file_denied_by_its_permissions_is_read_once_they_allow_it(tmp_path, monkeypatch, caplog):
+    """A permission error is not a fault of the file: the folder is not cached with it skipped."""
+    for i in range(4):
+        write_image(tmp_path / "imgs" / f"{i}.png", seed=i)
+    opened = Image.open
+
+    def locked(path, *args, **kwargs):  # as for a file of mode 000 (the tests may run as root)
+        if Path(path).name == "2.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", locked)
+    cache = tmp_path / "cache"
+    with caplog.at_level(logging.INFO, logger="simxent"):
+        first = load_folder(tmp_path / "imgs", 8, cache_dir=cache, workers=0, progress=False)
+    assert len(first) == 3 and "PermissionError" in caplog.text and "not cached" in caplog.text
+    assert not list(cache.glob("*.npy")) and not list(cache.glob("*.json"))
+    monkeypatch.setattr(Image, "open", opened)  # the permissions mended
+    again = load_folder(tmp_path / "imgs", 8, cache_dir=cache, workers=0, progress=False)
+    assert len(again) == 4 and not again.skipped and len(list(cache.glob("*.npy"))) == 1
 
 
 def test_folder_of_only_bad_files_is_an_error(tmp_path):
