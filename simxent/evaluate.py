@@ -89,8 +89,10 @@ def knn_scores(
     # FAISS returns each row's best first; float64, so that far neighbours do not underflow to 0 and tie
     sims = sims.double()
     weights = ((sims - sims[:, :1]) / temperature).exp()
-    votes = F.one_hot(bank_labels[idx], num_classes).double() * weights.unsqueeze(-1)
-    return votes.sum(dim=1)
+    # Summed into (N, C) directly: a one-hot (N, k, C) tensor would need 155 GB for ImageNet's 50,000
+    # queries, k = 200 and 1,000 classes.
+    scores = torch.zeros(len(query), num_classes, dtype=torch.float64)
+    return scores.scatter_add_(1, bank_labels[idx].long(), weights)
 
 
 def build_index(vectors: np.ndarray, kind: str = "flat", nprobe: int = 16):
@@ -130,9 +132,14 @@ def recall_against_exact(index, vectors: np.ndarray, rows: np.ndarray, k: int) -
     return float(np.mean(hits)) / k
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1, floor: float = -math.inf) -> float:
+    """Share of rows whose true class is among the ``k`` highest scores and scores above ``floor``. kNN votes
+    take ``floor=0``: a class no neighbour voted for is never a hit, however ``topk`` orders the tied zeros
+    that fill its k places when fewer than k classes have votes."""
     k = min(k, scores.shape[1])
-    return scores.topk(k, dim=1).indices.eq(labels.unsqueeze(1)).any(dim=1).float().mean().item()
+    in_top = scores.topk(k, dim=1).indices.eq(labels.unsqueeze(1)).any(dim=1)
+    above = scores.gather(1, labels.unsqueeze(1)).squeeze(1) > floor
+    return (in_top & above).float().mean().item()
 
 
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -140,15 +147,17 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return torch.bincount(labels * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
 
 
-def classification_report(scores: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
-    """Top-1, top-5 (None with five classes or fewer, where every image would count as right), per-class
-    accuracy (None for a class with no test image: undefined, not 0) and the confusion matrix."""
+def classification_report(scores: torch.Tensor, labels: torch.Tensor, classes: list[str],
+                          floor: float = -math.inf) -> dict:
+    """Top-1, top-5 (None with five classes or fewer, where every image would count as right; ``floor``: see
+    :func:`topk_accuracy`), per-class accuracy (None for a class with no test image: undefined, not 0) and
+    the confusion matrix."""
     pred = scores.argmax(dim=1)
     cm = confusion_matrix(pred, labels, len(classes))
     per_class = [(right / n if n else None) for right, n in zip(cm.diag().tolist(), cm.sum(dim=1).tolist())]
     return {
         "top1": topk_accuracy(scores, labels, 1),
-        "top5": topk_accuracy(scores, labels, 5) if len(classes) > 5 else None,
+        "top5": topk_accuracy(scores, labels, 5, floor) if len(classes) > 5 else None,
         "per_class": dict(zip(classes, per_class)),
         "confusion": cm.tolist(),
     }

@@ -4,6 +4,7 @@ Each function takes plain numbers and returns a matplotlib Figure; :func:`save` 
 """
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -54,10 +55,11 @@ def probe_curves(history: dict, title: str = "", objective_label: str = "train o
 
 
 def per_class_bars(per_class: dict, title: str = "") -> Figure:
-    """Test cross entropy and accuracy of each true class."""
+    """Test cross entropy and accuracy of each true class; a class without test images has no bar (NaN),
+    not a bar at 0, which would read as a class always wrong."""
     names = list(per_class)
-    loss = [per_class[n]["loss"] or 0.0 for n in names]
-    acc = [per_class[n]["accuracy"] or 0.0 for n in names]
+    loss = [math.nan if per_class[n]["loss"] is None else per_class[n]["loss"] for n in names]
+    acc = [math.nan if per_class[n]["accuracy"] is None else per_class[n]["accuracy"] for n in names]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(_class_axis(len(names), 0.6, 3, 6), 3.5),
                                           layout="constrained")
     x = names if len(names) <= NAMED_CLASSES else range(len(names))

@@ -275,7 +275,8 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
     if train.classes and targets.kind.exclusive:
         knn = classification_report(
             knn_scores(train_x, train.labels, test_x, len(train.classes), opts.knn_k, opts.knn_temperature),
-            test.labels, train.classes)
+            test.labels, train.classes, floor=0.0)  # votes: a class without one is no top-5 hit
+        knn["k"] = min(opts.knn_k, len(train))  # the neighbours that voted (options.knn_k: those asked for)
         monitor.confusion(f"{name}/knn/confusion", knn["confusion"], train.classes)
         result["knn"] = knn
     return result

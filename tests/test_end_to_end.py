@@ -76,6 +76,7 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
             assert r["top1"] == pytest.approx(cm.trace().item() / 30)
             assert r["per_class"] == pytest.approx(dict(zip(results["classes"], (cm.diag() / 6).tolist())))
             assert r["top5"] is None  # five classes: the true one is always among the top five
+        assert results[name]["knn"]["k"] == 5
         # The reported probe is the one whose last epoch the curves recorded.
         assert results[name]["probe_history"]["test_accuracy"][-1] == pytest.approx(results[name]["linear"]["top1"])
     assert results["class_weight"] == pytest.approx({c: 1.0 for c in results["classes"]})

@@ -1,5 +1,7 @@
 """kNN against brute force, the probe, class weights, and a frozen encoder that stays frozen."""
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -36,6 +38,36 @@ def test_knn_matches_brute_force():
     best = (F.normalize(query, dim=1) @ F.normalize(bank, dim=1).T).max(dim=1).values
     expected = knn_reference(bank, labels, query, 4, 7, 0.1) / (best / 0.1).exp().unsqueeze(1)
     torch.testing.assert_close(got, expected.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_knn_memory_does_not_grow_with_queries_times_k_times_classes():
+    """2,000 queries, k = 200 and 1,000 classes: a one-hot of the votes would peak at 6.4 GB (int64 and
+    float64 copies); the scores themselves are 16 MB. Measured as the peak memory of a fresh process."""
+    code = """
+import resource, torch
+from simxent.evaluate import knn_scores
+g = torch.Generator().manual_seed(0)
+bank, labels = torch.randn(4000, 16, generator=g), torch.randint(0, 1000, (4000,), generator=g)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+scores = knn_scores(bank, labels, torch.randn(2000, 16, generator=g), 1000, k=200)
+assert scores.shape == (2000, 1000) and (scores > 0).sum(1).le(200).all()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(run.stdout.split()[-1]) < 400, run.stdout  # MB above the process's peak before the call
+
+
+def test_knn_top5_counts_no_class_without_a_vote():
+    """k = 1: one class has the only vote, and topk fills top-5 with tied zeros in its own order; those are
+    not hits. Reference: the true class has a vote and fewer than five classes score above it."""
+    bank, labels = torch.eye(8)[:1].repeat(10, 1), torch.zeros(10, dtype=torch.long)
+    query, query_labels = torch.randn(16, 8), torch.arange(8).repeat(2)
+    scores = knn_scores(bank, labels, query, 8, k=1)
+    report = classification_report(scores, query_labels, list("abcdefgh"), floor=0.0)
+    true = scores.gather(1, query_labels.unsqueeze(1))
+    expected = ((true.squeeze(1) > 0) & ((scores > true).sum(1) < 5)).double().mean().item()
+    assert report["top5"] == pytest.approx(expected) == pytest.approx(2 / 16)
+    assert topk_accuracy(scores, query_labels, 5) > report["top5"]  # without the floor, tied zeros count
 
 
 def test_knn_at_a_small_temperature_votes_without_overflow():
@@ -316,6 +348,9 @@ def test_figures_of_many_classes_stop_growing_and_drop_the_names(tmp_path):
     assert not any(t.get_text().startswith("class") for t in cm.axes[0].get_xticklabels() + cm.axes[0].get_yticklabels())
     bars = figures.per_class_bars({c: {"loss": 1.0, "accuracy": 0.5} for c in names})
     assert bars.get_size_inches()[0] <= 0.6 * figures.NAMED_CLASSES + 3
+    empty = figures.per_class_bars({"cat": {"loss": 0.5, "accuracy": 0.0}, "dog": {"loss": None, "accuracy": None}})
+    heights = [[p.get_height() for p in ax.patches] for ax in empty.axes]  # cat always wrong; dog: no test image
+    assert heights[1][0] == 0.0 and all(math.isnan(h[1]) for h in heights)
     few = figures.confusion_matrix(torch.eye(3).numpy(), ["cat", "dog", "eel"])
     assert [t.get_text() for t in few.axes[0].get_xticklabels()] == ["cat", "dog", "eel"]
     monitor, texts = Monitor(tmp_path / "tb"), []
