@@ -184,8 +184,9 @@ def check_source(path: str | Path) -> None:
 
 def read_image_list(path: str | Path) -> ImageList:
     """The images a text file lists, one path per line, relative to the file's folder or absolute; blank
-    lines and lines starting with ``#`` are skipped, spaces around a path ignored. Unlabelled. A listed
-    path that is missing or unreadable is a bad file, found and named when decoded."""
+    lines and lines starting with ``#`` are skipped, spaces around a path ignored; a path listed twice is
+    refused (it would count twice in every score). Unlabelled. A listed path that is missing or unreadable
+    is a bad file, found and named when decoded."""
     path = Path(path)
     check_source(path)
     try:
@@ -194,8 +195,16 @@ def read_image_list(path: str | Path) -> ImageList:
         raise DataError(f"{path}: not a text file of image paths (byte {e.start} is not UTF-8)") from None
     except OSError as e:
         raise DataError(f"cannot read the image list {path}: {e.strerror}") from None
-    entries = (line.strip() for line in text.splitlines())
-    files = [path.parent / entry for entry in entries if entry and not entry.startswith("#")]
+    files, line_of = [], {}
+    for number, entry in enumerate((line.strip() for line in text.splitlines()), 1):
+        if entry and not entry.startswith("#"):
+            file = path.parent / entry
+            same = os.path.normpath(file)  # ./a.png and a.png are one image: scored or embedded twice
+            if same in line_of:
+                raise DataError(f"{path}: {entry} is listed on lines {line_of[same]} and {number}; list each "
+                                f"image once")
+            line_of[same] = number
+            files.append(file)
     if not files:
         raise DataError(f"no image paths listed in {path} (one path per line; # starts a comment)")
     return ImageList(path, files, [-1] * len(files), [], kind="list")

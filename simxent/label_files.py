@@ -100,9 +100,8 @@ def read_label_csv(path: str | Path, data: ImageArray, root: str | Path, names: 
     base = root.parent if root.is_file() else root  # a list's entries are relative to the list's folder
     images = [image_name(f, base) for f in data.files]
     unreadable = {image_name(f, base) for f in data.skipped}
-    rows = read_rows(path)
-    if not root.is_file():  # a folder, not an image list: an absolute path to one of its images names it
-        rows = [(number, folder_name(file, root), labels) for number, file, labels in rows]
+    # An absolute path to an image below the folder (of the images, or of the list) names it as the images do.
+    rows = [(number, folder_name(file, base), labels) for number, file, labels in read_rows(path)]
     rows = drop_header(rows, set(images) | unreadable, path, root)
     labels, line_of = {}, {}
     for number, file, row_labels in rows:

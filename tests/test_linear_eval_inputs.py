@@ -99,6 +99,8 @@ def test_label_csv_of_an_image_list_names_files_as_the_list_does(tmp_path):
     f.write_text(f"a.png,cat\nsub/b.png,dog\n../up.png,cat;dog\n{elsewhere},\n")
     y, names = read_label_csv(f, data, listing)
     assert names == ["cat", "dog"] and y.tolist() == [[1, 0], [0, 1], [1, 1], [0, 0]]
+    f.write_text(f"{lists / 'a.png'},cat\n{lists / 'sub' / 'b.png'},dog\n../up.png,cat;dog\n{elsewhere},\n")
+    assert read_label_csv(f, data, listing)[0].tolist() == y.tolist()  # absolute paths below the list's folder
     f.write_text("a.png,cat\nsub/b.png,dog\n../up.png,cat\nc.png,dog\n")
     with pytest.raises(ConfigError, match=r"labels.csv:4: c.png is not an image of .*train.txt"):
         read_label_csv(f, data, listing)
