@@ -7,8 +7,10 @@ gloo on CPU. Everything here is the identity in a single process, so the trainin
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,13 @@ from torch import nn
 # torch marks its autograd-aware collectives deprecated in favour of a private module; these public ones
 # remain correct, and their warning would repeat on every step.
 warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated", category=FutureWarning)
+
+# A collective that waits longer than this fails: a process that died or hung is found within it.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+# What rank 0 does alone while the others wait (decoding a large folder into the cache) may take hours.
+MAIN_FIRST_TIMEOUT = datetime.timedelta(days=2)
+_store = None  # the process group's key-value store, for waits longer than a collective may take
+_main_first_calls = itertools.count()
 
 
 def world_size() -> int:
@@ -46,24 +55,38 @@ def init(device: torch.device) -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(minutes=30)
-    store, rank_, world = next(rendezvous("env://", timeout=timeout))
+    global _store
+    store, rank_, world = next(rendezvous("env://", timeout=PROCESS_GROUP_TIMEOUT))
     # torchrun's store outlives a restart; the dead workers' addresses must not be read again.
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"simxent/attempt{attempt}", store)
-    dist.init_process_group(backend, store=store, rank=rank_, world_size=world, timeout=timeout,
+    _store = dist.PrefixStore(f"simxent/attempt{attempt}", store)
+    dist.init_process_group(backend, store=_store, rank=rank_, world_size=world, timeout=PROCESS_GROUP_TIMEOUT,
                             device_id=device if device.type == "cuda" else None)
     return device
+
+
+@contextmanager
+def main_process_first():
+    """Run the block in rank 0 first, and in the other processes once rank 0 has finished it (rank 0 fills
+    the image cache that the others then read; rank 0 alone scores kNN). The others wait on the store
+    (``MAIN_FIRST_TIMEOUT``), not in a collective, whose ``PROCESS_GROUP_TIMEOUT`` the block may outlast: a
+    first decode of ImageNet takes longer. Should rank 0 fail in the block, torchrun stops the others.
+    Every process must enter these blocks in the same order (each is numbered)."""
+    if not dist.is_initialized() or _store is None:
+        yield
+        return
+    key = f"main_first/{next(_main_first_calls)}"
+    if is_main():
+        yield
+        _store.set(key, "done")
+    else:
+        _store.wait([key], MAIN_FIRST_TIMEOUT)
+        yield
 
 
 def restarted_by_torchrun() -> bool:
     """True in a worker that torchrun restarted after a failure (``--max-restarts``)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def cleanup() -> None:

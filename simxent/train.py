@@ -379,12 +379,8 @@ def on_device(train: ImageArray | ImageStream, device: torch.device) -> ImageArr
 
 def _load_data_once(cfg: Config, progress: bool, dataset, cache_name: Optional[str]):
     """Rank 0 decodes (and fills the cache) first; the other processes then read the cache."""
-    if not dist.is_main():
-        dist.barrier()
-    data = load_data(cfg, progress and dist.is_main(), dataset, cache_name)
-    if dist.is_main():
-        dist.barrier()
-    return data
+    with dist.main_process_first():
+        return load_data(cfg, progress and dist.is_main(), dataset, cache_name)
 
 
 @contextmanager
@@ -752,14 +748,14 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
 
 def monitor_knn(run: Run) -> None:
     """kNN top-1 of data.val on rank 0 (the others wait), logged and kept for the summary."""
-    if run.main:
-        top1 = knn_monitor(run.net, run.bank, run.val, run.views.full, run.cfg, run.device, run.dtype)
-        run.knn_top1.append({"epoch": run.pos.epoch, "step": run.pos.global_step, "top1": top1})
-        run.monitor.scalars({"knn_top1": top1}, run.pos.global_step, prefix="val/")
-        pos = run.pos  # after an epoch's end pos.epoch counts it; mid-epoch (a stop) it is the epoch's index
-        log.info("%s: kNN top-1 %.4f", f"epoch {pos.epoch}" if pos.step == 0 else
-                 f"epoch {pos.epoch + 1} step {pos.step}", top1)
-    dist.barrier()
+    with dist.main_process_first():
+        if run.main:
+            top1 = knn_monitor(run.net, run.bank, run.val, run.views.full, run.cfg, run.device, run.dtype)
+            run.knn_top1.append({"epoch": run.pos.epoch, "step": run.pos.global_step, "top1": top1})
+            run.monitor.scalars({"knn_top1": top1}, run.pos.global_step, prefix="val/")
+            pos = run.pos  # after an epoch's end pos.epoch counts it; mid-epoch (a stop) it is the epoch's index
+            log.info("%s: kNN top-1 %.4f", f"epoch {pos.epoch}" if pos.step == 0 else
+                     f"epoch {pos.epoch + 1} step {pos.step}", top1)
 
 
 def write_skipped(run: Run) -> None:

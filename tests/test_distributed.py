@@ -10,6 +10,7 @@
   checkpoint.
 """
 import copy
+import datetime
 import os
 import signal
 import socket
@@ -114,6 +115,34 @@ def _worker(rank, port, mode, steps):
 @pytest.mark.parametrize("mode", ["sync_bn", "eval_bn", "multi_crop_labels", "multi_crop_pairs", "learnt_t"])
 def test_two_processes_equal_one(mode):
     mp.spawn(_worker, args=(free_port(), mode, 3), nprocs=WORLD, join=True)
+
+
+def _main_first_worker(rank, port, sleep_s):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    dist.PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=2)
+    dist.init(torch.device("cpu"))
+    try:
+        order = []
+        with dist.main_process_first():
+            if rank == 0:
+                time.sleep(sleep_s)  # longer than a collective may wait
+            order.append(time.monotonic())
+        with dist.main_process_first():  # a second block waits for its own end, not the first's
+            if rank == 0:
+                time.sleep(sleep_s)
+            order.append(time.monotonic())
+        ends = [torch.zeros(2, dtype=torch.float64) for _ in range(WORLD)]
+        torch_dist.all_gather(ends, torch.tensor(order, dtype=torch.float64))
+        assert ends[1][0] >= ends[0][0] and ends[1][1] >= ends[0][1] >= ends[0][0] + sleep_s
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_rank_zero_first_outlasts_the_collectives_timeout():
+    """Rank 0 alone (decoding the cache, scoring kNN) for longer than the process group's timeout: the
+    others wait for it, and run their block after it ends."""
+    mp.spawn(_main_first_worker, args=(free_port(), 3), nprocs=WORLD, join=True)
 
 
 def test_gather_is_identity_in_one_process():
