@@ -21,7 +21,7 @@ from .config import MAX_IMAGE_SIZE, Config, ConfigError, DataConfig
 from .data import ImageArray, ImageList, copied_images, find_source, load_configured, naming_the_key, shared_files
 from .class_weights import class_weights, positive_weights
 from .evaluate import OBJECTIVES, Objective, classification_report, confusion_matrix, extract_features, knn_scores, \
-    objective_named, train_linear_probe
+    objective_named, probe_logits, train_linear_probe
 from .files import json_text, missing_file, write_text_atomic
 from .rundir import mark_output
 from .label_files import check_label_sets, read_label_csv
@@ -198,7 +198,7 @@ class ProbeCurves:
     @torch.no_grad()
     def record(self, epoch: int, probe) -> dict:
         """Append this epoch's row to ``history`` and return it."""
-        train_logits, test_logits = probe(self.train_x), probe(self.test_x)
+        train_logits, test_logits = probe_logits(probe, self.train_x), probe_logits(probe, self.test_x)
         y_train, y_test = self.targets.train, self.targets.test
         row = {"train_ce": self.plain(train_logits, y_train).item(),
                "test_ce": self.plain(test_logits, y_test).item(),
@@ -261,7 +261,7 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
                                opts.batch_size, weight, opts.label_smoothing, opts.seed, on_epoch, progress,
                                objective=targets.objective)
     with torch.no_grad():
-        logits = probe(test_x)
+        logits = probe_logits(probe, test_x)
     result = {"feature_dim": train_x.shape[1], "probe_history": curves.history}
     figures = {"probe_curves": figures_lib.probe_curves(curves.history, f"{name}: linear probe",
                                                          objective_label(weight, opts.label_smoothing,
