@@ -238,6 +238,8 @@ def item_image(item) -> Image.Image:
         im = item.copy()
         im.getexif().pop(0x0112, None)  # Orientation: the dataset's pixels are already the image it means
         return im
+    if isinstance(item, np.ndarray) and not item.flags.writeable:
+        item = item.copy()  # torch warns on a read-only array (np.asarray of a PIL image is one)
     if isinstance(item, (torch.Tensor, np.ndarray)):
         return _pixels_image(torch.as_tensor(item))
     raise TypeError(f"the item is a {type(item).__name__}, not a PIL image or uint8 pixels")
@@ -259,7 +261,8 @@ def dataset_images(dataset, cache_name: Optional[str] = None) -> ImageList:
     """A user's Dataset of images (any object with ``__len__`` and ``__getitem__``; see :func:`item_image`)
     as an unlabelled :class:`ImageList`. Items are read when decoded, in ``data.workers`` processes, and
     must be the same for the same index (a resumed run reads them again). ``cache_name`` keys the decoded
-    array in the cache, with the dataset's length: change it when the items change."""
+    array in the cache, with the dataset's length and the pixels of eight of its items: change it when
+    other items change."""
     try:
         n = len(dataset)
     except TypeError:
@@ -701,7 +704,7 @@ def _listing(images: ImageList) -> bytes:
     The folder's own path is part of it: two folders of files with the same names, sizes and times (BMPs
     unpacked from one archive) are different images."""
     if images.kind == "dataset":
-        return f"dataset\t{images.cache_name}\t{len(images.files)}\n".encode()
+        return f"dataset\t{images.cache_name}\t{len(images.files)}\t{_dataset_sample(images.files)}\n".encode()
     lines = [f"folder\t{Path(images.root).resolve()}\n"] if images.kind == "folder" else []
     for f in images.files:
         try:
@@ -712,6 +715,20 @@ def _listing(images: ImageList) -> bytes:
         name = f.relative_to(images.root) if images.kind == "folder" else os.path.abspath(f)
         lines.append(f"{name}\t{nbytes}\t{mtime}\n")
     return "".join(lines).encode("utf-8", "surrogateescape")  # a name that is not UTF-8: its own bytes
+
+
+def _dataset_sample(items: list) -> str:
+    """sha1 of eight items' pixels, spread over the dataset: a cache name used again for other images of the
+    same count then keys another entry, instead of training on the earlier images. (Items that change
+    elsewhere still need a new ``cache_name``.)"""
+    digest, n = hashlib.sha1(), len(items)
+    for i in sorted({round(j * (n - 1) / 7) for j in range(8)}):
+        try:
+            with _open_image(items[i]) as im:
+                digest.update(f"{im.size} {im.mode}\n".encode() + im.tobytes())
+        except Exception:  # noqa: BLE001 - a bad item is named when decoded
+            digest.update(b"unreadable\n")
+    return digest.hexdigest()
 
 
 def _cache_key(listing: bytes, layout: Layout) -> str:

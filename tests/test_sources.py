@@ -121,6 +121,22 @@ def bad_items(tmp_path) -> list:
             torch.zeros(16, 16, 2, dtype=torch.uint8), *good[2:]]
 
 
+def test_a_cache_name_used_again_for_other_images_does_not_read_the_earlier_ones(tmp_path):
+    """Same name, same length, other pixels: another cache entry. The same items again: the cache's, with
+    only the eight sampled items read."""
+    first = [pixels(write_image(tmp_path / "a" / f"{i}.png", seed=i)) for i in range(12)]
+    other = [pixels(write_image(tmp_path / "b" / f"{i}.png", seed=100 + i)) for i in range(12)]
+    cache = tmp_path / "cache"
+    a = load_folder(dataset_images(Items(first), "photos"), 16, cache_dir=cache, workers=0, progress=False)
+    b = load_folder(dataset_images(Items(other), "photos"), 16, cache_dir=cache, workers=0, progress=False)
+    direct = load_folder(dataset_images(Items(other)), 16, cache=False, workers=0, progress=False)
+    assert torch.equal(b.images, direct.images) and not torch.equal(a.images, b.images)
+    again = Items(first)
+    assert torch.equal(load_folder(dataset_images(again, "photos"), 16, cache_dir=cache, workers=0,
+                                   progress=False).images, a.images)
+    assert again.reads == 8 and len(list(cache.glob("*.npy"))) == 2
+
+
 def test_bad_dataset_items_are_skipped_and_named_by_index(tmp_path, caplog):
     items = bad_items(tmp_path)
     with caplog.at_level(logging.WARNING, logger="simxent"):
@@ -150,7 +166,7 @@ def test_a_named_dataset_is_cached_under_its_name_and_length(tmp_path):
     again = Items(items)
     assert torch.equal(load_folder(dataset_images(again, "mine-v1"), 12, workers=0, progress=False).images,
                        data.images)
-    assert again.reads == 0  # read from the cache
+    assert again.reads == 5  # from the cache: only the items its key samples (eight at most) are read
     load_folder(dataset_images(Items(items[:4]), "mine-v1"), 12, workers=0, progress=False)
     load_folder(dataset_images(Items(items), "mine-v2"), 12, workers=0, progress=False)
     assert len(list(cache.glob("*.npy"))) == 3  # another length, another name: decoded anew
