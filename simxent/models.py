@@ -14,6 +14,8 @@ The feature size D is found once, by one forward of a blank image at ``data.imag
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import importlib
 from typing import Callable
 
@@ -98,17 +100,41 @@ def has_cifar_stem(name: str) -> bool:
 
 
 def user_function(spec: str) -> Callable[[], nn.Module]:
-    """The function named by ``package.module:function``; errors name ``model.backbone``."""
+    """The function named by ``package.module:function``, imported from the current folder or the path;
+    errors name ``model.backbone``."""
     module_name, _, attr = spec.partition(":")
+    if module_name == "__main__":  # found in this script only: not by an evaluation, an embedding, a resume
+        raise ConfigError(f"model.backbone: {spec} is a function of the running script, which later loads of the "
+                          f"checkpoint (linear eval, embed, a resume) cannot import: move it to a module file, say "
+                          f"myencoders.py, and name it myencoders:{attr}")
+    if os.getcwd() not in sys.path and "" not in sys.path:  # a console script's path lacks the current folder
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # the user's module may fail in any way while importing; say how
         raise ConfigError(f"model.backbone: cannot import {shown(module_name)} "
                           f"({type(e).__name__}: {shown(str(e))})") from None
     fn = getattr(module, attr, None)
+    if isinstance(fn, nn.Module):
+        raise ConfigError(f"model.backbone: {spec} is a module object; name a function that builds a new one "
+                          f"(each run, resume and evaluation builds its own encoder)")
     if not callable(fn):
         raise ConfigError(f"model.backbone: {module_name} has no function {attr!r}")
     return fn
+
+
+def user_backbone(spec: str) -> nn.Module:
+    """What the user's function returns, called without arguments: an nn.Module."""
+    try:
+        net = user_function(spec)()
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's code may fail in any way; one line naming the key
+        raise ConfigError(f"model.backbone: {spec}() failed: {type(e).__name__}: {shown(str(e))} (it is called "
+                          f"without arguments)") from None
+    if not isinstance(net, nn.Module):
+        raise ConfigError(f"model.backbone: {spec} returned {type(net).__name__}, not an nn.Module")
+    return net
 
 
 def _builder_kwargs(name: str, image_size: int) -> dict:
@@ -179,9 +205,7 @@ def backbone(name: str, cifar_stem: bool = False, image_size: int = 32) -> tuple
     if name in CONVNETS:
         return ConvNet(CONVNETS[name]), CONVNETS[name][-1]
     if ":" in name:
-        net = user_function(name)()
-        if not isinstance(net, nn.Module):
-            raise ConfigError(f"model.backbone: {name} returned {type(net).__name__}, not an nn.Module")
+        net = user_backbone(name)
     elif name in torchvision_names():
         net = _torchvision_backbone(name, cifar_stem, image_size)
     else:

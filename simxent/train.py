@@ -816,20 +816,33 @@ def finish(run: Run, reason: Optional[str]) -> dict:
     return summary
 
 
+def check_view_sizes(net: SimCLR, cfg: Config) -> None:
+    """The encoder, built and probed for data.image_size (a ViT, say, takes one size only), must also encode
+    the views' sizes, to as many features: the head takes a fixed size. A resolution schedule's sizes lie
+    between its first and its last."""
+    aug, image_size = cfg.augment, cfg.data.image_size
+    sizes = {view_size(aug, image_size): "augment.view_ratio"}
+    if aug.view_ratio_start is not None:
+        sizes.setdefault(view_size(aug, image_size, 0.0), "augment.view_ratio_start")
+    if aug.small_views:
+        sizes.setdefault(small_view_size(aug, image_size), "augment.small_size")
+        if aug.view_ratio_start is not None:
+            sizes.setdefault(small_view_size(aug, image_size, 0.0), "augment.view_ratio_start")
+    for size, key in sizes.items():
+        d = feature_size(net.encoder, cfg.model.backbone, size, key=key) if size != image_size else net.feature_dim
+        if d != net.feature_dim:
+            raise ConfigError(
+                f"model.backbone: {cfg.model.backbone} gives {d} features for {size} px views ({key}) but "
+                f"{net.feature_dim} for {image_size} px images (data.image_size): its output size must not depend "
+                f"on the image's (pool it, e.g. nn.AdaptiveAvgPool2d(1), then flatten)")
+
+
 def build_model(cfg: Config, device: torch.device, world: int) -> tuple[SimCLR, nn.Module]:
     """The encoder + head on ``device`` (``net``, whose state is checkpointed) and what the step calls
     (``model``: ``net`` wrapped in DDP under several processes, compiled with ``train.compile``)."""
     net = SimCLR(cfg.model, cfg.data.image_size, Temperature(cfg.loss.temperature, cfg.loss.learn_temperature),
                  views_per_batch(cfg.augment))
-    # Built and probed for data.image_size: a ViT, say, takes one size only. A resolution schedule's sizes
-    # lie between its first and its last.
-    aug, image_size = cfg.augment, cfg.data.image_size
-    sizes = {view_size(aug, image_size): "augment.view_ratio"}
-    if aug.view_ratio_start is not None:
-        sizes.setdefault(view_size(aug, image_size, 0.0), "augment.view_ratio_start")
-    for size, key in sizes.items():
-        if size != image_size:
-            feature_size(net.encoder, cfg.model.backbone, size, key=key)
+    check_view_sizes(net, cfg)
     if world > 1 and cfg.train.sync_bn:
         net = dist.convert_batchnorm(net, device)
     net = net.to(device)

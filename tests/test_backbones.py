@@ -3,6 +3,8 @@
 References are torchvision's own models: an encoder is the torchvision model minus its last classifier
 layer, so that layer applied to the encoder's features must give the full model's logits.
 """
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -187,6 +189,17 @@ def not_a_module():
 
 def one_size():  # 16 px images only, as a ViT takes the size it was built for
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 8))
+
+def unpooled():  # any size, but its feature size follows the image's
+    return nn.Sequential(nn.Conv2d(3, 2, 3, stride=2, padding=1), nn.Flatten())
+
+def needs_width(width):
+    return nn.Conv2d(3, width, 1)
+
+instance = small()
+
+def fails():
+    raise RuntimeError("no GPU here")
 '''
 
 
@@ -209,6 +222,38 @@ def test_user_backbone_must_give_pooled_features(user_module):
         backbone(f"{user_module}:not_a_module")
     with pytest.raises(ConfigError, match="model.cifar_stem: applies to ResNet-family"):
         load_config(None, [f"model.backbone={user_module}:small", "model.cifar_stem=true"])
+
+
+def test_user_backbone_mistakes_are_one_line_naming_the_key(user_module, small_folder, tmp_path):
+    with pytest.raises(ConfigError, match=r"model.backbone: .*:needs_width\(\) failed: TypeError: .*width.* "
+                                          r"\(it is called without arguments\)"):
+        backbone(f"{user_module}:needs_width")
+    with pytest.raises(ConfigError, match=r"model.backbone: .*:fails\(\) failed: RuntimeError: 'no GPU here'"):
+        backbone(f"{user_module}:fails")
+    with pytest.raises(ConfigError, match=r":instance is a module object; name a function that builds"):
+        backbone(f"{user_module}:instance")
+    with pytest.raises(ConfigError, match=r"__main__:build is a function of the running script.*myencoders:build"):
+        load_config(None, ["model.backbone=__main__:build"])
+    # 16 px images give 2 x 8 x 8 = 128 features, the 12 px views 2 x 6 x 6 = 72: refused before training
+    cfg = load_config(None, [*TINY_RUN, f"data.train={small_folder}", f"out={tmp_path / 'run'}",
+                             f"model.backbone={user_module}:unpooled", "augment.view_ratio=0.75"])
+    with pytest.raises(ConfigError, match=r"gives 72 features for 12 px views \(augment.view_ratio\) but 128 for "
+                                          r"16 px images \(data.image_size\): .*must not depend"):
+        pretrain(cfg, progress=False)
+    cfg = load_config(None, [*TINY_RUN, f"data.train={small_folder}", f"out={tmp_path / 'run'}",
+                             f"model.backbone={user_module}:unpooled", "augment.small_views=2"])
+    with pytest.raises(ConfigError, match=r"gives 32 features for 8 px views \(augment.small_size\)"):
+        pretrain(cfg, progress=False)
+
+
+def test_a_backbone_module_in_the_current_folder_is_found_by_a_console_script(tmp_path):
+    """A console script's sys.path holds its own folder, not the current one, as `python -m` would."""
+    (tmp_path / "folder_backbones_for_simxent.py").write_text(textwrap.dedent(USER_MODULE))
+    code = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.', " + repr(str(tmp_path)) + ")]\n"
+            "from simxent.models import backbone\n"
+            "print(backbone('folder_backbones_for_simxent:small', image_size=16)[1])")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.split()[-1] == "8", run.stderr
 
 
 def test_weights_that_do_not_fit_are_named_in_one_line(tmp_path):
@@ -350,7 +395,8 @@ def test_pretraining_with_separate_view_batches_runs(small_folder, tmp_path, mon
     calls, real = [], ConvNet.forward
 
     def spy(self, x):
-        calls.append(tuple(x.shape[i] for i in (0, 3)))
+        if self.training:  # not the probes of the encoder's feature size at each view size (eval mode)
+            calls.append(tuple(x.shape[i] for i in (0, 3)))
         return real(self, x)
 
     monkeypatch.setattr(ConvNet, "forward", spy)
