@@ -16,6 +16,7 @@ full-resolution image.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -742,7 +743,7 @@ CACHE_VERSION = "simxent-v4"
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("SIMXENT_CACHE", Path.home() / ".cache" / "simxent"))
+    return Path(os.environ.get("SIMXENT_CACHE") or Path.home() / ".cache" / "simxent")  # set but empty: unset
 
 
 def _extents(paths: list[Path]) -> list[Optional[tuple[int, int]]]:
@@ -803,7 +804,9 @@ def load_folder(
     if report:
         _report_skipped({str(found.files[i]): bad[i] for i in sorted(bad)}, found.root)
     if len(good) == 0:
-        raise DataError(f"no readable images in {found.root} ({len(skipped)} files could not be read)")
+        common, n = collections.Counter(reasons.values()).most_common(1)[0] if reasons else ("", 0)
+        why = f"; {'all' if n == len(reasons) else n} for the reason {common}" if n > 1 else ""
+        raise DataError(f"no readable images in {found.root} ({len(skipped)} files could not be read{why})")
     labels = torch.as_tensor(np.asarray(found.labels, dtype=np.int64)[good])
     counts = torch.bincount(labels[labels >= 0], minlength=len(found.classes))
     empty = [c for c, n in zip(found.classes, counts.tolist()) if n == 0]

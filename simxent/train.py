@@ -902,7 +902,9 @@ def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optiona
     ``train``: a Dataset of images (PIL images or uint8 tensors, see :func:`simxent.data.item_image`) to
     train on instead of ``data.train``, which must then be empty. It is decoded like a folder: into the
     cache under ``cache_name`` (with its length), or into memory every run without one.
-    Stops at ``train.epochs``, at ``train.max_time`` or on SIGTERM/SIGINT, always with a checkpoint.
+    Stops at ``train.epochs``, at ``train.max_time`` or on SIGTERM/SIGINT, always with a checkpoint. A stop
+    on a signal returns too (the summary's ``stopped_by_signal`` is true: check it before evaluating); a
+    second SIGINT raises KeyboardInterrupt at once.
     ``cfg`` is checked first (:func:`simxent.config.check_config`: fields set in Python too)."""
     check_config(cfg)
     with stop_on_signals() as stop_requested, ExitStack() as held:

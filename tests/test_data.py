@@ -223,8 +223,20 @@ def test_a_file_denied_by_its_permissions_is_read_once_they_allow_it(tmp_path, m
 
 def test_folder_of_only_bad_files_is_an_error(tmp_path):
     (tmp_path / "a.png").write_bytes(b"nope")
-    with pytest.raises(DataError, match="no readable images"):
+    with pytest.raises(DataError, match=r"no readable images in .* \(1 files could not be read\)$"):
         load_folder(tmp_path, 8, workers=0, progress=False)
+    # Items all wrong alike (float tensors, say) are one mistake, and the error says which.
+    from simxent.data import dataset_images
+    with pytest.raises(DataError, match=r"\(3 files could not be read; all for the reason TypeError: the item is "
+                                        r"a torch.float32 tensor: give uint8 pixels"):
+        load_folder(dataset_images([torch.rand(3, 8, 8)] * 3), 8, workers=0, cache=False, progress=False)
+
+
+def test_an_empty_simxent_cache_variable_is_the_default_folder(monkeypatch):
+    from pathlib import Path
+    from simxent.data import default_cache_dir
+    monkeypatch.setenv("SIMXENT_CACHE", "")
+    assert default_cache_dir() == Path.home() / ".cache" / "simxent"
 
 
 def test_cache_equals_direct_decode_and_follows_changes(tmp_path):
