@@ -29,12 +29,14 @@ def test_the_public_names_are_the_working_functions():
     from simxent import augment, checkpoint, config, loss, search, train
     import importlib
     probe = importlib.import_module("simxent.linear_eval")
-    assert set(simxent.__all__) == {"Config", "ProbeOptions", "ViewAugment", "embed", "export_torchvision",
-                                    "linear_eval", "load_config", "load_encoder", "nt_xent", "pretrain", "__version__"}
+    assert set(simxent.__all__) == {"Config", "EmbedOptions", "ProbeOptions", "ViewAugment", "embed", "embed_folder",
+                                    "export_torchvision", "linear_eval", "load_config", "load_encoder", "nt_xent",
+                                    "pretrain", "read_store", "search_files", "__version__"}
     assert simxent.pretrain is train.pretrain and simxent.linear_eval is probe.linear_eval
     assert simxent.ViewAugment is augment.ViewAugment and simxent.nt_xent is loss.nt_xent
     assert simxent.load_encoder is checkpoint.load_encoder and simxent.Config is config.Config
-    assert simxent.embed is search.embed
+    assert simxent.embed is search.embed and simxent.embed_folder is search.embed_folder
+    assert simxent.search_files is search.search_files and simxent.read_store is search.read_store
     # From Python, everything after the checkpoint and the two folders has a default.
     params = list(inspect.signature(simxent.linear_eval).parameters.values())
     assert [p.name for p in params[:3]] == ["checkpoint", "train_dir", "test_dir"]
@@ -48,7 +50,11 @@ def test_the_readme_python_example_runs(tmp_path, monkeypatch, capsys):
     assert namespace["summary"]["global_step"] == 2 * 64 // 16
     results = namespace["results"]["pretrained"]
     assert results["linear"]["top1"] == 1.0  # dark against light noise: any encoder tells them apart
-    assert "NT-Xent of the trained encoder's features" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "NT-Xent of the trained encoder's features" in out
+    first = namespace["files"][0]  # an image of the embedded folder is its own nearest neighbour
+    assert namespace["found"][0]["neighbours"][0]["name"] == first.relative_to("photos/train").as_posix()
+    assert namespace["found"][0]["neighbours"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
     folder_run = load_checkpoint(tmp_path / "runs/example/checkpoints/last.pt")
     dataset_run = load_checkpoint(tmp_path / "runs/from-dataset/checkpoints/last.pt")
     assert dataset_run["position"] == folder_run["position"]
