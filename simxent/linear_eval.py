@@ -316,6 +316,11 @@ def encoder_to_score(checkpoint: str | Path, backbone_name: Optional[str] = None
         if image_size:  # replaces the saved size unread (a ViT's weights then say whether they fit it)
             keys = tuple(k for k in keys if k != "data.image_size")
         cfg = saved_config(state, checkpoint, keys)
+        data = state["config"].get("data") if isinstance(state.get("config"), dict) else None
+        trained = data.get("image_size") if isinstance(data, dict) else None  # unread: maybe malformed
+        if image_size and image_size != trained:  # allowed (FixRes-style evaluation), but never unsaid
+            log.info("images are scored at %d px (--image-size); the checkpoint trained on %s px images", image_size,
+                     trained)
         cfg.data.image_size = image_size or cfg.data.image_size
         encoder = checkpoint_encoder(state, cfg, checkpoint)
     return encoder, cfg

@@ -150,7 +150,8 @@ def test_malformed_checkpoints_get_one_line(tmp_path, split_folder, capsys, case
     assert re.search(message, err), err
 
 
-def test_image_size_and_cache_come_from_the_command_line_not_the_checkpoint(tmp_path, split_folder, capsys):
+def test_image_size_and_cache_come_from_the_command_line_not_the_checkpoint(tmp_path, split_folder, capsys,
+                                                                             caplog):
     """The checkpoint names a cache folder that cannot exist here (its parent is a file) and an absurd image
     size; --image-size replaces the size unread, and nothing is written where the checkpoint says."""
     (tmp_path / "scratch").write_text("a file, not a folder")
@@ -159,8 +160,10 @@ def test_image_size_and_cache_come_from_the_command_line_not_the_checkpoint(tmp_
     state["config"]["data"]["cache_dir"] = str(tmp_path / "scratch" / "cache")
     torch.save(state, path)
     cache = tmp_path / "mine"
-    assert score(path, split_folder, tmp_path, "--image-size", "16", "--cache-dir", str(cache),
-                 "--json", str(tmp_path / "r.json")) == 0
+    with caplog.at_level(logging.INFO, logger="simxent"):
+        assert score(path, split_folder, tmp_path, "--image-size", "16", "--cache-dir", str(cache),
+                     "--json", str(tmp_path / "r.json")) == 0
+    assert "images are scored at 16 px (--image-size); the checkpoint trained on" in caplog.text
     assert json.loads((tmp_path / "r.json").read_text())["image_size"] == 16
     assert any(cache.glob("*.npy")) and (tmp_path / "scratch").is_file()
     assert score(path, split_folder, tmp_path, "--image-size", "5000") == 2
