@@ -200,7 +200,7 @@ def read_image_list(path: str | Path) -> ImageList:
     for number, entry in enumerate((line.strip() for line in text.splitlines()), 1):
         if entry and not entry.startswith("#"):
             file = path.parent / entry
-            same = os.path.normpath(file)  # ./a.png and a.png are one image: scored or embedded twice
+            same = os.path.abspath(file)  # ./a.png, a.png and its absolute path are one image
             if same in line_of:
                 raise DataError(f"{path}: {entry} is listed on lines {line_of[same]} and {number}; list each "
                                 f"image once")

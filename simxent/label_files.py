@@ -70,8 +70,8 @@ def image_name(file: str | Path, base: Path) -> str:
     (an absolute path in an image list)."""
     try:
         return Path(file).relative_to(base).as_posix()
-    except ValueError:
-        return Path(file).as_posix()
+    except ValueError:  # an absolute path, named as a label row naming it is (a relative ``base`` included)
+        return folder_name(str(file), base) if Path(file).is_absolute() else Path(file).as_posix()
 
 
 def folder_name(file: str, root: Path) -> str:

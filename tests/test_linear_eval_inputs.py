@@ -106,6 +106,18 @@ def test_label_csv_of_an_image_list_names_files_as_the_list_does(tmp_path):
         read_label_csv(f, data, listing)
 
 
+def test_label_csv_of_a_list_given_by_a_relative_path_with_absolute_lines(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lists").mkdir()
+    listing, a, b = Path("lists/train.txt"), tmp_path / "lists" / "a.png", tmp_path / "lists" / "b.png"
+    listing.write_text(f"{a}\n{b}\n")
+    data = fake_folder(Path("lists"), [str(a), str(b)])
+    f = tmp_path / "labels.csv"
+    for rows in (f"{a},cat\n{b},dog\n", "a.png,cat\nb.png,dog\n"):  # as the list writes them, or relative
+        f.write_text(rows)
+        assert read_label_csv(f, data, listing)[0].tolist() == [[1, 0], [0, 1]]
+
+
 def test_label_csv_that_is_not_text_or_csv_is_one_line(tmp_path):
     root = tmp_path / "imgs"
     data = fake_folder(root, ["a.png"])

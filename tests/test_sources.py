@@ -73,6 +73,9 @@ def test_list_file_mistakes_are_named(tmp_path):
     (tmp_path / "twice.txt").write_text("one.png\n# a comment\n./one.png\n")
     with pytest.raises(DataError, match=r"twice.txt: ./one.png is listed on lines 1 and 3; list each image once"):
         load_folder(tmp_path / "twice.txt", 8, progress=False)
+    (tmp_path / "twice.txt").write_text(f"one.png\n{image}\n")  # a list given by a relative path too
+    with pytest.raises(DataError, match=r"is listed on lines 1 and 2"):
+        load_folder(os.path.relpath(tmp_path / "twice.txt"), 8, progress=False)
     with pytest.raises(DataError, match="one.png is an image: give a folder of images or a text file"):
         load_folder(image, 8, progress=False)
     cfg = load_config(None, [f"data.train={tmp_path / 'empty.txt'}", f"out={tmp_path / 'run'}"])
