@@ -701,7 +701,7 @@ def decode_side(size: int, decode_size: Optional[int] = None) -> int:
 def _listing(images: ImageList) -> bytes:
     """What a cache entry stands for besides its layout: a folder's resolved path, then each file's path
     (relative to the folder, absolute from a list), size and modification time, a line each; for a dataset,
-    its cache name and length. Made once per load: it stats every file, and each layout's key reuses it.
+    its cache name, length and a digest of eight items' pixels. Made once per load: it stats every file, and each layout's key reuses it.
     The folder's own path is part of it: two folders of files with the same names, sizes and times (BMPs
     unpacked from one archive) are different images."""
     if images.kind == "dataset":
@@ -835,6 +835,8 @@ def _decoded_or_cached(found: ImageList, size: int, cache: bool, cache_dir, work
         Layout("padded", size, decode_side(size, decode_size))
     listing = _listing(found) if cache else b""
     hit = _read_cache(listing, (square, larger), cache_dir) if cache else None
+    if hit is not None and _denied_now_readable(found, hit[2]):
+        hit = None  # decoded again, into the same entry
     if hit is None:
         # A training crop samples the whole image, as torchvision's does: the square layout's centre crop
         # would cut a non-square image's sides off, so such a folder keeps each image's extent (padded).
@@ -843,12 +845,7 @@ def _decoded_or_cached(found: ImageList, size: int, cache: bool, cache_dir, work
         if cache:
             _check_disk(cache_dir, len(found.files) * layout.side**2 * 3, found.root)
         images, good, bad, sizes = _decode_all(found, layout, workers, on_bad_image, progress, into=array_path)
-        denied = [found.files[i] for i, r in bad.items() if r.startswith("PermissionError")]
-        if cache and denied:  # not a fault of the file: once readable, it must not stay skipped
-            log.info("%s: not cached, since %d file(s) could not be opened (%s...): decoded again next time",
-                     found.root, len(denied), denied[0])
-            array_path.unlink(missing_ok=True)
-        elif cache:
+        if cache:
             _write_meta(good, bad, sizes, found, array_path.with_suffix(".json"))
         return images, good, bad, sizes
     images, good, bad, sizes = hit
@@ -856,6 +853,13 @@ def _decoded_or_cached(found: ImageList, size: int, cache: bool, cache_dir, work
         first = min(bad)
         raise bad_image_error(found.files[first], bad[first])
     return images, good, bad, sizes
+
+
+def _denied_now_readable(found: ImageList, bad: dict[int, str]) -> bool:
+    """Whether a file the cache's entry skipped for its permissions (not a fault of the file) may now be read:
+    then the folder is decoded again instead of the file staying skipped."""
+    return any(r.startswith("PermissionError") and not isinstance(found.files[i], DatasetItem)
+               and os.access(found.files[i], os.R_OK) for i, r in bad.items())
 
 
 def _read_cache(listing: bytes, layouts: tuple[Layout, ...], cache_dir: Path):

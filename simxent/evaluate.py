@@ -66,7 +66,7 @@ def knn_scores(
 
     where m_q is the query's largest similarity: the formula's exp(cos / T) divided by exp(m_q / T), which
     ranks the classes the same while no weight overflows at a small T (in float32 exp(0.95 / 0.01) is inf,
-    and inf times one_hot's zeros NaN); the nearest neighbour weighs 1. Scores are float64 (N, C).
+    and inf - inf NaN); the nearest neighbour weighs 1. Scores are float64 (N, C).
 
     ``index="flat"`` searches exactly; ``"ivf"`` (for banks above a million vectors) clusters the bank
     into about 4 sqrt(n) lists and searches the ``nprobe`` nearest, trading recall for speed.
@@ -135,7 +135,8 @@ def recall_against_exact(index, vectors: np.ndarray, rows: np.ndarray, k: int) -
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1, floor: float = -math.inf) -> float:
     """Share of rows whose true class is among the ``k`` highest scores and scores above ``floor``. kNN votes
     take ``floor=0``: a class no neighbour voted for is never a hit, however ``topk`` orders the tied zeros
-    that fill its k places when fewer than k classes have votes."""
+    that fill its k places when fewer than k classes have votes (nor is one whose votes all underflow
+    float64, more than 745 T below the best similarity)."""
     k = min(k, scores.shape[1])
     in_top = scores.topk(k, dim=1).indices.eq(labels.unsqueeze(1)).any(dim=1)
     above = scores.gather(1, labels.unsqueeze(1)).squeeze(1) > floor

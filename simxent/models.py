@@ -107,8 +107,12 @@ def user_function(spec: str) -> Callable[[], nn.Module]:
         raise ConfigError(f"model.backbone: {spec} is a function of the running script, which later loads of the "
                           f"checkpoint (linear eval, embed, a resume) cannot import: move it to a module file, say "
                           f"myencoders.py, and name it myencoders:{attr}")
-    if os.getcwd() not in sys.path and "" not in sys.path:  # a console script's path lacks the current folder
-        sys.path.append(os.getcwd())
+    try:
+        here = os.getcwd()  # a console script's path lacks the current folder
+    except FileNotFoundError:  # the current folder was deleted: nothing to import from it
+        here = None
+    if here and here not in sys.path and "" not in sys.path:
+        sys.path.append(here)
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # the user's module may fail in any way while importing; say how

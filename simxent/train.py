@@ -901,7 +901,7 @@ def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optiona
 
     ``train``: a Dataset of images (PIL images or uint8 tensors, see :func:`simxent.data.item_image`) to
     train on instead of ``data.train``, which must then be empty. It is decoded like a folder: into the
-    cache under ``cache_name`` (with its length), or into memory every run without one.
+    cache under ``cache_name`` (with its length and eight items' pixels), or into memory every run without one.
     Stops at ``train.epochs``, at ``train.max_time`` or on SIGTERM/SIGINT, always with a checkpoint. A stop
     on a signal returns too (the summary's ``stopped_by_signal`` is true: check it before evaluating); a
     second SIGINT raises KeyboardInterrupt at once.

@@ -199,11 +199,12 @@ def test_corrupt_files_are_skipped_and_named(tmp_path, caplog):
         load_folder(tmp_path, 8, workers=0, on_bad_image="error", progress=False)
 
 
-def test_a_file_denied_by_its_permissions_is_read_once_they_allow_it(tmp_path, monkeypatch, caplog):
-    """A permission error is not a fault of the file: the folder is not cached with it skipped."""
+def test_a_file_denied_by_its_permissions_is_read_once_they_allow_it(tmp_path, monkeypatch):
+    """A permission error is not a fault of the file: the cache's entry skips it while it stays unreadable
+    (other processes of a torchrun job read the entry), and the folder is decoded again once it is not."""
     for i in range(4):
         write_image(tmp_path / "imgs" / f"{i}.png", seed=i)
-    opened = Image.open
+    opened, access = Image.open, os.access
 
     def locked(path, *args, **kwargs):  # as for a file of mode 000 (the tests may run as root)
         if Path(path).name == "2.png":
@@ -211,12 +212,15 @@ def test_a_file_denied_by_its_permissions_is_read_once_they_allow_it(tmp_path, m
         return opened(path, *args, **kwargs)
 
     monkeypatch.setattr(Image, "open", locked)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "2.png" and access(path, mode))
     cache = tmp_path / "cache"
-    with caplog.at_level(logging.INFO, logger="simxent"):
-        first = load_folder(tmp_path / "imgs", 8, cache_dir=cache, workers=0, progress=False)
-    assert len(first) == 3 and "PermissionError" in caplog.text and "not cached" in caplog.text
-    assert not list(cache.glob("*.npy")) and not list(cache.glob("*.json"))
+    first = load_folder(tmp_path / "imgs", 8, cache_dir=cache, workers=0, progress=False)
+    assert len(first) == 3 and "PermissionError" in first.reasons[str(tmp_path / "imgs" / "2.png")]
+    assert len(list(cache.glob("*.json"))) == 1  # cached: a torchrun job's other processes read it
+    still = load_folder(tmp_path / "imgs", 8, cache_dir=cache, workers=0, progress=False)
+    assert len(still) == 3 and torch.equal(still.images, first.images)  # the entry, while 2.png stays denied
     monkeypatch.setattr(Image, "open", opened)  # the permissions mended
+    monkeypatch.setattr(os, "access", access)
     again = load_folder(tmp_path / "imgs", 8, cache_dir=cache, workers=0, progress=False)
     assert len(again) == 4 and not again.skipped and len(list(cache.glob("*.npy"))) == 1
 

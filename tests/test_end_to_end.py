@@ -302,7 +302,7 @@ def test_binary_and_multilabel_probes(shapes, tmp_path, capsys):
     per_class = r["pretrained"]["linear"]["per_class_loss"]  # by folder: the negative class, then the positive
     assert list(per_class) == ["square", "circle"]
     assert [per_class[c]["images"] for c in per_class] == [len(list((two / "test" / c).iterdir())) for c in per_class]
-    linear = r["pretrained"]["linear"]  # the probe's confusion, rows by true outcome, against sklearn's
+    linear = r["pretrained"]["linear"]  # the probe's confusion, rows by true outcome: counts, accuracy and F1
     assert linear["confusion_classes"] == ["square", "circle"]
     y_test = [linear["confusion_classes"].index(c) for c in r["classes"] for _ in (two / "test" / c).iterdir()]
     cm = np.array(linear["confusion"])
