@@ -139,6 +139,27 @@ def _main_first_worker(rank, port, sleep_s):
         torch_dist.destroy_process_group()
 
 
+def _uncached_load_worker(rank, port, sleep_s):
+    import simxent.train
+    from simxent.config import load_config
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    dist.PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=2)
+    dist.init(torch.device("cpu"))
+    try:
+        simxent.train.load_data = lambda *args: time.sleep(sleep_s) or "decoded"  # a long decode, every rank
+        cfg = load_config(None, ["data.cache=false"])
+        assert simxent.train._load_data_once(cfg, False, None, None) == "decoded"
+        torch_dist.all_reduce(torch.ones(1))  # rank 0 waits here for the others' decode
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_without_a_cache_every_process_decodes_at_once():
+    """Nothing to share: one after the other would leave rank 0 in a collective for a whole decode."""
+    mp.spawn(_uncached_load_worker, args=(free_port(), 3), nprocs=WORLD, join=True)
+
+
 def test_rank_zero_first_outlasts_the_collectives_timeout():
     """Rank 0 alone (decoding the cache, scoring kNN) for longer than the process group's timeout: the
     others wait for it, and run their block after it ends."""
