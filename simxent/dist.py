@@ -66,17 +66,20 @@ def init(device: torch.device) -> torch.device:
 
 
 @contextmanager
-def main_process_first():
-    """Run the block in rank 0 first, and in the other processes once rank 0 has finished it (rank 0 fills
-    the image cache that the others then read; rank 0 alone scores kNN). The others wait on the store
-    (``MAIN_FIRST_TIMEOUT``), not in a collective, whose ``PROCESS_GROUP_TIMEOUT`` the block may outlast: a
-    first decode of ImageNet takes longer. Should rank 0 fail in the block, torchrun stops the others.
-    Every process must enter these blocks in the same order (each is numbered)."""
+def main_process_first(per_node: bool = False):
+    """Run the block in rank 0 first, and in the other processes once rank 0 has finished it (rank 0 alone
+    scores kNN); ``per_node``: in each node's first process (LOCAL_RANK 0) first, then in that node's others
+    (it fills the image cache they then read, which may be on the node's own disk; the nodes decode at
+    once). The others wait on the store (``MAIN_FIRST_TIMEOUT``), not in a collective, whose
+    ``PROCESS_GROUP_TIMEOUT`` the block may outlast: a first decode of ImageNet takes longer. Should the
+    first process fail in the block, torchrun stops the others. Every process must enter these blocks in
+    the same order (each is numbered)."""
     if not dist.is_initialized() or _store is None:
         yield
         return
-    key = f"main_first/{next(_main_first_calls)}"
-    if is_main():
+    node = os.environ.get("GROUP_RANK", "0") if per_node else "all"
+    key = f"main_first/{next(_main_first_calls)}/{node}"
+    if (int(os.environ.get("LOCAL_RANK", "0")) == 0) if per_node else is_main():
         yield
         _store.set(key, "done")
     else:

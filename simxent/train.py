@@ -378,11 +378,11 @@ def on_device(train: ImageArray | ImageStream, device: torch.device) -> ImageArr
 
 
 def _load_data_once(cfg: Config, progress: bool, dataset, cache_name: Optional[str]):
-    """Rank 0 decodes (and fills the cache) first; the other processes then read the cache. Without a cache
-    every process decodes at once: one after the others would leave rank 0 waiting in a collective as long as
-    the decode, which may outlast its timeout."""
+    """Each node's first process decodes (and fills the cache) first; the node's other processes then read
+    the cache. Without a cache every process decodes at once: one after the others would leave rank 0
+    waiting in a collective as long as the decode, which may outlast its timeout."""
     cached = cfg.data.cache and (dataset is None or bool(cache_name))
-    with dist.main_process_first() if cached else nullcontext():
+    with dist.main_process_first(per_node=True) if cached else nullcontext():
         return load_data(cfg, progress and dist.is_main(), dataset, cache_name)
 
 

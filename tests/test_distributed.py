@@ -155,6 +155,27 @@ def _uncached_load_worker(rank, port, sleep_s):
         torch_dist.destroy_process_group()
 
 
+def _per_node_worker(rank, port, sleep_s):
+    """Two nodes of one process each (LOCAL_RANK 0 on both): each is its node's first."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK="0",
+                      GROUP_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    dist.PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=2 * sleep_s)
+    dist.init(torch.device("cpu"))
+    try:
+        with dist.main_process_first(per_node=True):
+            start = time.monotonic()
+            time.sleep(sleep_s)
+        starts = [torch.zeros(1, dtype=torch.float64) for _ in range(WORLD)]
+        torch_dist.all_gather(starts, torch.tensor([start], dtype=torch.float64))
+        assert abs(starts[0].item() - starts[1].item()) < sleep_s  # at once, not one after the other
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_each_node_decodes_into_its_cache_at_once():
+    mp.spawn(_per_node_worker, args=(free_port(), 2), nprocs=WORLD, join=True)
+
+
 def test_without_a_cache_every_process_decodes_at_once():
     """Nothing to share: one after the other would leave rank 0 in a collective for a whole decode."""
     mp.spawn(_uncached_load_worker, args=(free_port(), 3), nprocs=WORLD, join=True)
