@@ -27,7 +27,7 @@ PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 # What rank 0 does alone while the others wait (decoding a large folder into the cache) may take hours.
 MAIN_FIRST_TIMEOUT = datetime.timedelta(days=2)
 _store = None  # the process group's key-value store, for waits longer than a collective may take
-_main_first_calls = itertools.count()
+_store_calls = itertools.count()  # numbers each wait's keys alike in every process
 
 
 def world_size() -> int:
@@ -65,26 +65,37 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
+def wait_for_all() -> None:
+    """A barrier on the store (``MAIN_FIRST_TIMEOUT``), for waits that may outlast a collective's
+    ``PROCESS_GROUP_TIMEOUT``: a process decoding a large folder keeps the others here, not in the next
+    collective. Every process must call it (and :func:`main_process_first`) in the same order."""
+    if not dist.is_initialized() or _store is None:
+        return
+    key = f"all/{next(_store_calls)}"
+    if _store.add(key, 1) == world_size():
+        _store.set(f"{key}/done", "done")
+    _store.wait([f"{key}/done"], MAIN_FIRST_TIMEOUT)
+
+
 @contextmanager
-def main_process_first(per_node: bool = False):
-    """Run the block in rank 0 first, and in the other processes once rank 0 has finished it (rank 0 alone
-    scores kNN); ``per_node``: in each node's first process (LOCAL_RANK 0) first, then in that node's others
-    (it fills the image cache they then read, which may be on the node's own disk; the nodes decode at
-    once). The others wait on the store (``MAIN_FIRST_TIMEOUT``), not in a collective, whose
-    ``PROCESS_GROUP_TIMEOUT`` the block may outlast: a first decode of ImageNet takes longer. Should the
-    first process fail in the block, torchrun stops the others. Every process must enter these blocks in
-    the same order (each is numbered)."""
+def main_process_first():
+    """Run the block in rank 0 first, and in the other processes once rank 0 has finished it (rank 0 fills
+    the image cache that the others then read; rank 0 alone scores kNN); then :func:`wait_for_all`, so that
+    a process still in the block (decoding a folder its node's cache lacks) is waited for there. The others
+    wait for rank 0 on the store too, not in a collective, whose ``PROCESS_GROUP_TIMEOUT`` the block may
+    outlast: a first decode of ImageNet takes longer. Should rank 0 fail in the block, torchrun stops the
+    others."""
     if not dist.is_initialized() or _store is None:
         yield
         return
-    node = os.environ.get("GROUP_RANK", "0") if per_node else "all"
-    key = f"main_first/{next(_main_first_calls)}/{node}"
-    if (int(os.environ.get("LOCAL_RANK", "0")) == 0) if per_node else is_main():
+    key = f"main_first/{next(_store_calls)}"
+    if is_main():
         yield
         _store.set(key, "done")
     else:
         _store.wait([key], MAIN_FIRST_TIMEOUT)
         yield
+    wait_for_all()
 
 
 def restarted_by_torchrun() -> bool:

@@ -13,7 +13,7 @@ import math
 import signal
 import threading
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -378,12 +378,15 @@ def on_device(train: ImageArray | ImageStream, device: torch.device) -> ImageArr
 
 
 def _load_data_once(cfg: Config, progress: bool, dataset, cache_name: Optional[str]):
-    """Each node's first process decodes (and fills the cache) first; the node's other processes then read
-    the cache. Without a cache every process decodes at once: one after the others would leave rank 0
-    waiting in a collective as long as the decode, which may outlast its timeout."""
-    cached = cfg.data.cache and (dataset is None or bool(cache_name))
-    with dist.main_process_first(per_node=True) if cached else nullcontext():
-        return load_data(cfg, progress and dist.is_main(), dataset, cache_name)
+    """Rank 0 decodes (and fills the cache) first; the other processes then read the cache (or, a cache on
+    another node's disk, decode too). Without a cache every process decodes at once. All wait for the last
+    on the store (:func:`simxent.dist.wait_for_all`), not in a collective that a decode may outlast."""
+    if cfg.data.cache and (dataset is None or cache_name):
+        with dist.main_process_first():
+            return load_data(cfg, progress and dist.is_main(), dataset, cache_name)
+    data = load_data(cfg, progress and dist.is_main(), dataset, cache_name)
+    dist.wait_for_all()
+    return data
 
 
 @contextmanager
