@@ -117,11 +117,17 @@ def test_two_processes_equal_one(mode):
     mp.spawn(_worker, args=(free_port(), mode, 3), nprocs=WORLD, join=True)
 
 
-def _main_first_worker(rank, port, sleep_s):
+def _join_with_a_short_timeout(rank, port):
+    """Join a gloo group through simxent.dist.init, as under torchrun; then collectives fail after 2 s (set
+    after joining: on a busy machine one process may start seconds after the other)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
-    dist.PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=2)
     dist.init(torch.device("cpu"))
+    torch_dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=2))
+
+
+def _main_first_worker(rank, port, sleep_s):
+    _join_with_a_short_timeout(rank, port)
     try:
         order = []
         with dist.main_process_first():
@@ -142,25 +148,22 @@ def _main_first_worker(rank, port, sleep_s):
 def _uncached_load_worker(rank, port, sleep_s):
     import simxent.train
     from simxent.config import load_config
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    dist.PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=2)
-    dist.init(torch.device("cpu"))
+    _join_with_a_short_timeout(rank, port)
     try:
-        simxent.train.load_data = lambda *args: time.sleep(sleep_s) or "decoded"  # a long decode, every rank
+        started = []
+        simxent.train.load_data = lambda *args: started.append(time.monotonic()) or time.sleep(sleep_s) or "decoded"
         cfg = load_config(None, ["data.cache=false"])
         assert simxent.train._load_data_once(cfg, False, None, None) == "decoded"
-        torch_dist.all_reduce(torch.ones(1))  # rank 0 waits here for the others' decode
+        starts = [torch.zeros(1, dtype=torch.float64) for _ in range(WORLD)]
+        torch_dist.all_gather(starts, torch.tensor(started, dtype=torch.float64))  # no one waits here long
+        assert abs(starts[0].item() - starts[1].item()) < sleep_s  # at once, not one after the other
     finally:
         torch_dist.destroy_process_group()
 
 
 def _slow_other_worker(rank, port, sleep_s):
     """Rank 1's block (a decode its node's cache lacks) outlasts the collectives' timeout."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    dist.PROCESS_GROUP_TIMEOUT = datetime.timedelta(seconds=2)
-    dist.init(torch.device("cpu"))
+    _join_with_a_short_timeout(rank, port)
     try:
         with dist.main_process_first():
             if rank == 1:
