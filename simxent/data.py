@@ -701,7 +701,8 @@ def decode_side(size: int, decode_size: Optional[int] = None) -> int:
 def _listing(images: ImageList) -> bytes:
     """What a cache entry stands for besides its layout: a folder's resolved path, then each file's path
     (relative to the folder, absolute from a list), size and modification time, a line each; for a dataset,
-    its cache name, length and a digest of eight items' pixels. Made once per load: it stats every file, and each layout's key reuses it.
+    its cache name, length and a digest of eight items' pixels. Made once per load: it stats every file, and
+    each layout's key reuses it.
     The folder's own path is part of it: two folders of files with the same names, sizes and times (BMPs
     unpacked from one archive) are different images."""
     if images.kind == "dataset":

@@ -318,7 +318,7 @@ def encoder_to_score(checkpoint: str | Path, backbone_name: Optional[str] = None
         cfg = saved_config(state, checkpoint, keys)
         data = state["config"].get("data") if isinstance(state.get("config"), dict) else None
         trained = data.get("image_size") if isinstance(data, dict) else None  # unread: maybe malformed
-        if image_size and trained is not None and image_size != trained:  # allowed (FixRes-style evaluation), but never unsaid
+        if image_size and trained is not None and image_size != trained:  # allowed (FixRes-style), never unsaid
             log.info("images are scored at %d px (--image-size); the checkpoint trained on %s px images", image_size,
                      trained)
         cfg.data.image_size = image_size or cfg.data.image_size
