@@ -321,8 +321,9 @@ def standardisation(train_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     in blocks of rows: a float64 copy of ImageNet's ResNet-50 features would take 21 GB."""
     n = len(train_x)
     mean = column_sums(train_x, lambda x: x) / n
-    std = (column_sums(train_x, lambda x: (x - mean).square()) / n).sqrt()
-    rms = (column_sums(train_x, torch.square).sum() / train_x.numel()).sqrt()
+    var = column_sums(train_x, lambda x: (x - mean).square()) / n
+    std = var.sqrt()
+    rms = (var + mean.square()).mean().sqrt()  # mean over j of (1/N) sum_i x_ij^2, without a third pass
     constant = std <= CONSTANT_FEATURE_RTOL * torch.maximum(mean.abs(), rms)
     scale = torch.where(constant, torch.ones_like(std), std)
     return mean.to(train_x.dtype), scale.to(train_x.dtype)
