@@ -700,22 +700,24 @@ def decode_side(size: int, decode_size: Optional[int] = None) -> int:
 
 def _listing(images: ImageList) -> bytes:
     """What a cache entry stands for besides its layout: a folder's resolved path, then each file's path
-    (relative to the folder, absolute from a list), size and modification time, a line each; for a dataset,
-    its cache name, length and a digest of eight items' pixels. Made once per load: it stats every file, and
-    each layout's key reuses it.
-    The folder's own path is part of it: two folders of files with the same names, sizes and times (BMPs
-    unpacked from one archive) are different images."""
+    (relative to the folder, absolute from a list), size, modification time and change time, a line each;
+    for a dataset, its cache name, length and a digest of eight items' pixels. Made once per load: it stats
+    every file, and each layout's key reuses it.
+    The change time (st_ctime) is there because the modification time can be set back (``cp -p``,
+    ``rsync -t``, ``tar x``): a file replaced by another of the same size and time is new to it. The folder's
+    own path is part of it: two folders of files with the same names, sizes and times (BMPs unpacked from
+    one archive) are different images."""
     if images.kind == "dataset":
         return f"dataset\t{images.cache_name}\t{len(images.files)}\t{_dataset_sample(images.files)}\n".encode()
     lines = [f"folder\t{Path(images.root).resolve()}\n"] if images.kind == "folder" else []
     for f in images.files:
         try:
             st = f.stat()
-            nbytes, mtime = st.st_size, st.st_mtime_ns
+            nbytes, mtime, ctime = st.st_size, st.st_mtime_ns, st.st_ctime_ns
         except OSError:  # a dangling link or a vanished file: decoding will name it
-            nbytes = mtime = -1
+            nbytes = mtime = ctime = -1
         name = f.relative_to(images.root) if images.kind == "folder" else os.path.abspath(f)
-        lines.append(f"{name}\t{nbytes}\t{mtime}\n")
+        lines.append(f"{name}\t{nbytes}\t{mtime}\t{ctime}\n")
     return "".join(lines).encode("utf-8", "surrogateescape")  # a name that is not UTF-8: its own bytes
 
 
@@ -790,8 +792,8 @@ def load_folder(
     file under ``cache_dir`` (disk, not RAM, bounds the folder's size: N * side^2 * 3 bytes); without it,
     into memory.
 
-    The cache is keyed by the layout, the folder's resolved path and each file's relative path, byte size
-    and modification time, so any change to the folder decodes it anew. Bad files are skipped with a
+    The cache is keyed by the layout, the folder's resolved path and each file's relative path, byte size,
+    modification time and change time, so any change to the folder decodes it anew. Bad files are skipped with a
     warning naming each (``on_bad_image=skip``) or stop the run naming the first (``error``). A class
     folder without a readable image is kept (class indices follow the folder names), named in a warning.
     ``report=False`` leaves out both warnings (for a second decoding of images already loaded).

@@ -2,6 +2,7 @@
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -271,9 +272,10 @@ def test_cache_equals_direct_decode_and_follows_changes(tmp_path):
 
 
 def test_a_load_stats_the_folder_once_and_keeps_the_cache_names(tmp_path, monkeypatch):
-    """The file listing (the folder, then path, size, mtime of each file) is made once per load, miss or hit,
-    though the cache is looked up under two layouts; the cache file is named by the sha1 of
-    "simxent-v4 <layout>", a "folder <resolved path>" line and a "path, bytes, mtime_ns" line per file."""
+    """The file listing (the folder, then path, size, mtime, ctime of each file) is made once per load, miss or
+    hit, though the cache is looked up under two layouts; the cache file is named by the sha1 of
+    "simxent-v4 <layout>", a "folder <resolved path>" line and a "path, bytes, mtime_ns, ctime_ns" line per
+    file."""
     import hashlib
 
     import simxent.data as data
@@ -287,11 +289,27 @@ def test_a_load_stats_the_folder_once_and_keeps_the_cache_names(tmp_path, monkey
     for _ in range(2):  # a miss (two layouts looked up, then decoded), then a hit
         load_folder(root, 12, cache_dir=tmp_path / "cache", workers=0, progress=False)
     assert len(calls) == 2
-    lines = "".join(f"c/{i}.png\t{(root / 'c' / f'{i}.png').stat().st_size}\t"
-                    f"{(root / 'c' / f'{i}.png').stat().st_mtime_ns}\n" for i in range(3))
+    stats = [(root / "c" / f"{i}.png").stat() for i in range(3)]
+    lines = "".join(f"c/{i}.png\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\n" for i, st in enumerate(stats))
     layout = data.Layout("padded", 12, data.decode_side(12))
     key = hashlib.sha1(f"simxent-v4 {layout.key()}\nfolder\t{root.resolve()}\n{lines}".encode()).hexdigest()[:20]
     assert [p.name for p in (tmp_path / "cache").glob("*.npy")] == [f"{key}.npy"]
+
+
+def test_a_file_replaced_with_its_old_size_and_time_is_decoded_again(tmp_path):
+    """``cp -p``, ``rsync -t`` and ``tar x`` set a file's modification time back; its change time moves on, so
+    a BMP (size fixed by its dimensions) replaced by another image with the old time restored is not read
+    from the cache as the old pixels."""
+    cache, path = tmp_path / "cache", tmp_path / "imgs" / "c" / "0.bmp"
+    path.parent.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (30, 30, 30)).save(path)
+    before = path.stat()
+    assert (load_folder(path.parent.parent, 8, cache_dir=cache, workers=0, progress=False).images == 30).all()
+    time.sleep(0.05)  # a later change time where the kernel keeps it to a coarse clock tick
+    Image.new("RGB", (8, 8), (225, 225, 225)).save(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    assert (load_folder(path.parent.parent, 8, cache_dir=cache, workers=0, progress=False).images == 225).all()
 
 
 def test_two_folders_of_same_named_same_sized_files_are_cached_apart(tmp_path):
