@@ -356,7 +356,7 @@ def embed_main(argv=None) -> int:
         recall = f", recall@{index['recall']['k']} {index['recall']['value']:.4f}" if index["type"] == "ivf" else ""
         show(f"{meta['count']} images embedded ({meta['dim']} dims, {index['type']} index{recall}) in {a.out}")
         if meta["skipped"]:
-            show(f"{len(meta['skipped'])} unreadable file(s) skipped:\n  " + "\n  ".join(meta["skipped"]))
+            show(f"{len(meta['skipped'])} unreadable file(s) skipped in {a.images}:\n  " + "\n  ".join(meta["skipped"]))
         return 0
 
     return report_user_errors(main)

@@ -721,6 +721,12 @@ def _listing(images: ImageList) -> bytes:
     return "".join(lines).encode("utf-8", "surrogateescape")  # a name that is not UTF-8: its own bytes
 
 
+def listing_digest(images: ImageList) -> str:
+    """sha1 of :func:`_listing`: it changes when a file of ``images`` is added, removed, renamed, resized or
+    rewritten, as the cache's key does."""
+    return hashlib.sha1(_listing(images)).hexdigest()
+
+
 def _dataset_sample(items: list) -> str:
     """sha1 of eight items' pixels, spread over the dataset: a cache name used again for other images of the
     same count then keys another entry, instead of training on the earlier images. (Items that change

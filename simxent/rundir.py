@@ -66,16 +66,17 @@ def mark_output(folder: Path) -> None:
 
 
 @contextmanager
-def run_lock(out: Path):
-    """Hold the exclusive lock on ``out`` for the ``with`` block; ConfigError naming the holder if taken."""
+def run_lock(out: Path, key: str = "out"):
+    """Hold the exclusive lock on ``out`` for the ``with`` block; ConfigError naming the holder (and ``key``,
+    the setting that named ``out``) if taken."""
     lock_path = out / LOCK_FILE
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"out: {out} is in use by another run ({_holder(lock_path)}); wait for it to "
-                              f"end or choose another out") from None
+            raise ConfigError(f"{key}: {out} is in use by another run ({_holder(lock_path)}); wait for it to "
+                              f"end or choose another {key}") from None
         holder = {"pid": os.getpid(), "host": HOST, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)

@@ -12,7 +12,8 @@ embeddings, their file names and a FAISS inner-product index into one directory:
     index.faiss      the index over the rows (faiss.write_index): exact (flat), or IVF above a size
     meta.json        checkpoint and a digest of its encoder's weights, decoding (image size, crop ratio,
                      normalisation), count, index type and, for IVF, its recall@k against exact search; the
-                     skipped files
+                     skipped files (relative as the names); a digest of the folder's listing (names, sizes,
+                     times), by which :func:`read_store` warns that the folder changed since
 
 :func:`nearest` finds the rows most similar to query embeddings; :func:`duplicate_pairs` lists the pairs
 of rows whose cosine similarity reaches a threshold.
@@ -37,10 +38,10 @@ from . import __version__
 from .augment import Normalize
 from .checkpoint import encoder_digest
 from .config import AugmentConfig, ConfigError, DataConfig, EvalConfig
-from .data import DataError, ImageArray, decode_eval, load_configured, naming_the_key
+from .data import DataError, ImageArray, decode_eval, find_source, listing_digest, load_configured, naming_the_key
 from .evaluate import build_index, extract_features, recall_against_exact
 from .files import json_text, write_text_atomic
-from .rundir import mark_output
+from .rundir import mark_output, run_lock
 from .linear_eval import encoder_to_score
 from .monitor import Monitor
 from .runtime import resolve_device, setup_logging, show_progress_bars
@@ -111,6 +112,8 @@ def load_encoding(checkpoint: str | Path, image_size: Optional[int] = None, crop
 
 def decode_image(path: str | Path, image_size: int, crop_ratio: float) -> np.ndarray:
     """One file through the evaluation transform (:func:`simxent.data.decode_eval`), (size, size, 3) uint8."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO would be read for ever
+        raise DataError(f"cannot read image {path}: not a regular file")
     try:
         return decode_eval(path, image_size, crop_ratio)
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
@@ -188,7 +191,35 @@ def read_store(folder: str | Path) -> EmbeddingStore:
     if not len(names) == len(vectors) == index.ntotal == meta["count"]:
         raise DataError(f"--index: {folder} is inconsistent: {len(vectors)} embeddings, {len(names)} names, "
                         f"{index.ntotal} indexed, count {meta['count']} in {META}; run simxent-embed again")
+    warn_if_changed(folder, meta, names)
     return EmbeddingStore(vectors, names, index, meta)
+
+
+def embedded_base(images: str | Path) -> Path:
+    """What a store's names are relative to: the image folder, or a list file's own folder."""
+    images = Path(images)
+    return images.parent if images.is_file() else images
+
+
+def warn_if_changed(folder: Path, meta: dict, names: list[str]) -> None:
+    """Warn when the embedded images changed after embedding (meta.json's ``listing``, the digest of
+    :func:`simxent.data.listing_digest`): the index neither finds images added since nor forgets removed
+    ones. It walks the folder and stats its files once."""
+    if "listing" not in meta:  # a store from before the digest
+        return
+    try:
+        images = find_source(meta["images"])
+    except (DataError, OSError) as e:
+        log.warning("--index %s: the embedded images cannot be listed (%s): the index holds them as they were",
+                    folder, e)
+        return
+    if listing_digest(images) == meta["listing"]:
+        return
+    base = embedded_base(meta["images"])
+    now, then = {os.path.relpath(f, base) for f in images.files}, set(names) | set(meta["skipped"])
+    log.warning("--index %s: %s changed after it was embedded (%d image file(s) added, %d removed, others maybe "
+                "rewritten): the index holds the images as they were; run simxent-embed again", folder,
+                meta["images"], len(now - then), len(then - now))
 
 
 def nearest(store: EmbeddingStore, queries: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
@@ -295,26 +326,30 @@ def embed_folder(checkpoint: str | Path, images_dir: str | Path, out: str | Path
                           f"take its files (the projector's sprite) for images; choose a folder outside it")
     device = resolve_device(opts.device, option="--device")
     enc = load_encoding(checkpoint, opts.image_size, opts.crop_ratio, opts.backbone, opts.cifar_stem)
-    digest = encoder_digest(enc.encoder)
     decoding = DataConfig(image_size=enc.image_size, cache=opts.cache, cache_dir=opts.cache_dir or "",
                           workers=opts.workers)
     with naming_the_key("--images"):
-        data = load_configured(images_dir, decoding, opts.progress, crop_ratio=enc.crop_ratio)
-    encoder = enc.encoder.to(device).to(memory_format=torch.channels_last)
-    vectors = embed(encoder, data.images, enc.mean, enc.std, opts.batch_size, opts.progress).numpy()
-    index, described = build_search_index(vectors, opts.ivf_above, opts.nprobe)
-    root = Path(images_dir)
-    meta = {"simxent_version": __version__, "checkpoint": str(Path(checkpoint).resolve()), "encoder_digest": digest,
-            "backbone": enc.backbone, "cifar_stem": enc.cifar_stem, "plain_state_dict": bool(opts.backbone),
-            "images": str(root.resolve()), "image_size": enc.image_size, "crop_ratio": enc.crop_ratio,
-            "mean": enc.mean, "std": enc.std, "count": len(vectors), "dim": int(vectors.shape[1]),
-            "index": described, "skipped": data.skipped}
-    base = root.parent if root.is_file() else root  # a list file names images from its own folder
-    names = [os.path.relpath(f, base) for f in data.files]
-    warn_if_replacing(out, meta["images"])
-    write_store(out, EmbeddingStore(vectors, names, index, meta))
-    if opts.projector:
-        write_projector(out / "projector", vectors, names, data, opts.projector)
+        images = find_source(images_dir)
+    mark_output(out)
+    with run_lock(out, "--out"):  # two embeddings into one folder would interleave their four files
+        listing = listing_digest(images)  # before decoding: a file changed meanwhile shows at search
+        with naming_the_key("--images"):
+            data = load_configured(images, decoding, opts.progress, crop_ratio=enc.crop_ratio)
+        encoder = enc.encoder.to(device).to(memory_format=torch.channels_last)
+        vectors = embed(encoder, data.images, enc.mean, enc.std, opts.batch_size, opts.progress).numpy()
+        index, described = build_search_index(vectors, opts.ivf_above, opts.nprobe)
+        base = embedded_base(images_dir)  # a list file names images from its own folder
+        meta = {"simxent_version": __version__, "checkpoint": str(Path(checkpoint).resolve()),
+                "encoder_digest": encoder_digest(enc.encoder), "backbone": enc.backbone, "cifar_stem": enc.cifar_stem,
+                "plain_state_dict": bool(opts.backbone), "images": str(Path(images_dir).resolve()),
+                "image_size": enc.image_size, "crop_ratio": enc.crop_ratio, "mean": enc.mean, "std": enc.std,
+                "count": len(vectors), "dim": int(vectors.shape[1]), "index": described,
+                "skipped": [os.path.relpath(f, base) for f in data.skipped], "listing": listing}
+        names = [os.path.relpath(f, base) for f in data.files]
+        warn_if_replacing(out, meta["images"])
+        write_store(out, EmbeddingStore(vectors, names, index, meta))
+        if opts.projector:
+            write_projector(out / "projector", vectors, names, data, opts.projector)
     return meta
 
 

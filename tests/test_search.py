@@ -103,7 +103,7 @@ def test_embed_writes_normalised_embeddings_names_and_meta(embedded):
     np.testing.assert_allclose(store.vectors, reference_embeddings(simxent.load_encoder(ckpt), images), atol=1e-5)
     meta = store.meta
     assert (meta["count"], meta["image_size"], meta["mean"], meta["std"]) == (41, 16, list(MEAN), list(STD))
-    assert meta["index"] == {"type": "flat"} and meta["skipped"] == [str(folder / "a" / "broken.png")]
+    assert meta["index"] == {"type": "flat"} and meta["skipped"] == ["a/broken.png"]  # relative, as the names
     assert sum(1 for _ in next((out / "projector").rglob("metadata.tsv")).open()) == 8
 
 
@@ -448,3 +448,72 @@ def test_cifar10_subset_finds_itself_and_a_planted_duplicate(cifar, tmp_path, ca
     assert cli.search_main(["--index", str(out), "--duplicates", "0.999", "--json", "--no-progress"]) == 0
     pairs = json.loads(capsys.readouterr().out)["duplicates"]
     assert {f"cat/{planted.name}", "dog/planted_copy.jpg"} in [{p["a"], p["b"]} for p in pairs]
+
+
+def small_store(root: Path, n: int = 6) -> tuple[Path, Path, Path]:
+    """``n`` images in one class folder, embedded into ``root/embedded``."""
+    folder, out = root / "images", root / "embedded"
+    for i in range(n):
+        write_image(folder / "a" / f"{i}.png", seed=i)
+    ckpt = tiny_checkpoint(root / "c.pt")
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(out), "--workers", "0",
+                           "--cache-dir", str(root / "cache"), "--no-progress"]) == 0
+    return folder, ckpt, out
+
+
+def test_reading_an_index_warns_when_its_folder_changed_since_embedding(tmp_path, caplog):
+    """The index neither finds images added after embedding nor forgets removed ones: reading it says how many
+    files came and went, and also when one was rewritten under its old name, size and modification time."""
+    folder, _, out = small_store(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        read_store(out)
+    assert "changed after it was embedded" not in caplog.text
+    write_image(folder / "a" / "new.png", seed=50)
+    (folder / "a" / "0.png").unlink()
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        read_store(out)
+    assert "changed after it was embedded (1 image file(s) added, 1 removed" in caplog.text
+    caplog.clear()
+    (folder / "a" / "new.png").unlink()
+    write_image(folder / "a" / "0.png", seed=0)  # the same pixels again: its times are new
+    before = (folder / "a" / "1.png").stat()
+    write_image(folder / "a" / "1.png", seed=77)
+    os.utime(folder / "a" / "1.png", ns=(before.st_atime_ns, before.st_mtime_ns))
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        read_store(out)
+    assert "changed after it was embedded (0 image file(s) added, 0 removed, others maybe rewritten)" in caplog.text
+
+
+def test_two_embeddings_into_one_out_at_once_are_refused(tmp_path, capsys):
+    """Their four files would interleave: one's vectors under the other's index and meta.json."""
+    from simxent.rundir import run_lock
+
+    folder, ckpt, out = small_store(tmp_path)
+    meta = (out / "meta.json").read_text()
+    with run_lock(out):  # held as a running simxent-embed holds it
+        status = cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(out),
+                                 "--workers", "0", "--no-cache", "--no-progress"])
+    assert status == 2 and f"--out: {out} is in use by another run (pid {os.getpid()}" in capsys.readouterr().err
+    assert (out / "meta.json").read_text() == meta
+
+
+def test_a_query_that_is_not_a_regular_file_is_refused(tmp_path):
+    """A FIFO given as a query would block its read for ever."""
+    import threading
+
+    from simxent.search import decode_image
+
+    fifo = tmp_path / "q.png"
+    os.mkfifo(fifo)
+    errors = []
+
+    def read():
+        try:
+            decode_image(fifo, 16, 0.875)
+        except DataError as e:
+            errors.append(str(e))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert errors == [f"cannot read image {fifo}: not a regular file"]
