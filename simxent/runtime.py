@@ -39,6 +39,20 @@ def configure_device(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+@contextmanager
+def full_float32():
+    """float32 convolutions and matrix products on a GPU in full float32 for the block. PyTorch runs cuDNN's
+    float32 convolutions in TF32 by default (10 mantissa bits: a relative error near 1e-3), so an image
+    embedded on a GPU would score about 0.999 against its own copy embedded on the CPU."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
 def cpu_supports_bf16(cpuinfo: Optional[str] = None) -> bool:
     """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX, from ``/proc/cpuinfo``'s flags),
     where bf16 autocast pays: 2-3x float32's speed. Without them bf16 is emulated and far slower (a

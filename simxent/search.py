@@ -44,7 +44,7 @@ from .files import json_text, write_text_atomic
 from .rundir import mark_output, run_lock
 from .linear_eval import encoder_to_score
 from .monitor import Monitor
-from .runtime import resolve_device, setup_logging, show_progress_bars
+from .runtime import full_float32, resolve_device, setup_logging, show_progress_bars
 
 log = logging.getLogger("simxent")
 
@@ -65,16 +65,18 @@ def embed(encoder: nn.Module, images, mean: Optional[Sequence[float]] = None, st
         e_i = f(x_i) / ||f(x_i)||_2,   x_i = (image_i / 255 - mean) / std   per channel,
 
     with the encoder in eval mode on its own device. ``mean`` and ``std`` default to the training
-    default (ImageNet's); a checkpoint's own are ``augment.mean`` and ``augment.std``. Computed in float32:
-    a near-duplicate threshold such as 0.999 needs more digits than bf16's three."""
+    default (ImageNet's); a checkpoint's own are ``augment.mean`` and ``augment.std``. Computed in float32,
+    not TF32 on a GPU (:func:`simxent.runtime.full_float32`): a near-duplicate threshold such as 0.999 needs
+    more digits than bf16's or TF32's three."""
     images = images if torch.is_tensor(images) else torch.from_numpy(np.ascontiguousarray(images))
     if images.dim() != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
         raise ValueError(f"embed wants uint8 images of shape (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
     defaults = AugmentConfig()
     normalize = Normalize(mean or defaults.mean, std or defaults.std)
     device = next(encoder.parameters()).device
-    features = extract_features(encoder, images, normalize, device, batch_size, None, desc="embedding",
-                                progress=progress)
+    with full_float32():
+        features = extract_features(encoder, images, normalize, device, batch_size, None, desc="embedding",
+                                    progress=progress)
     return F.normalize(features, dim=1)
 
 

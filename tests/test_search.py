@@ -517,3 +517,28 @@ def test_a_query_that_is_not_a_regular_file_is_refused(tmp_path):
     reader.start()
     reader.join(10)
     assert errors == [f"cannot read image {fifo}: not a regular file"]
+
+
+def test_embeddings_are_computed_without_tf32(monkeypatch):
+    """On a GPU PyTorch runs float32 convolutions in TF32 by default (about three digits): embed turns it off
+    for its forward passes, whatever the caller had set, and puts the caller's setting back."""
+    import simxent.search as search
+
+    seen = []
+    real = search.extract_features
+
+    def recording(*args, **kwargs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search, "extract_features", recording)
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, matmul.allow_tf32  # flags behind properties: set and put back by hand
+    cudnn.allow_tf32 = matmul.allow_tf32 = True
+    try:
+        encoder, _ = backbone("convnet")
+        simxent.embed(encoder.eval(), np.zeros((2, 16, 16, 3), dtype=np.uint8))
+        assert seen == [(False, False)]
+        assert cudnn.allow_tf32 and matmul.allow_tf32
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = before
