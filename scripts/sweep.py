@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/sweep")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_intermixed_args(argv)
+    if a.probe_epochs < 1:
+        p.error(f"--probe-epochs must be at least 1, got {a.probe_epochs}")
     opts = SweepOptions(minutes=a.minutes, seeds=a.seeds, val_fraction=a.val_fraction, split_seed=a.split_seed,
                         subset=a.subset, choose_by=a.choose_by,
                         one_at_a_time=a.one_at_a_time)

@@ -14,7 +14,8 @@ folder. Outputs: a normal run directory per run, ``results.md``, ``results.json`
 
 Every run gets the same step budget (the config's ``train.epochs`` over the same train part), or the same wall
 time with ``minutes`` > 0 (``train.max_time``); equal steps are the fair budget on a shared machine. A sweep
-into the OUT of an earlier one with ``train.resume=auto`` reuses its finished runs and trains the rest.
+into the OUT of an earlier one with ``train.resume=auto`` reuses its finished runs and trains the rest; a run
+whose checkpoint was trained with other settings is refused (:func:`check_resumed_settings`).
 """
 from __future__ import annotations
 
@@ -34,9 +35,10 @@ from torch.utils.tensorboard import SummaryWriter
 
 from . import figures
 from .config import ConfigError, load_config, parse_override
-from .data import DataError, find_images, naming_the_key
+from .data import DataError, find_images, naming_the_key, shared_files
 from .files import write_text_atomic
-from .linear_eval import ProbeOptions, check_same_classes, linear_eval
+from .linear_eval import ProbeOptions, check_probe_options, check_same_classes, linear_eval
+from .checkpoint import changed_settings, last_in_folder, load_checkpoint
 from .rundir import has_checkpoints, holds_run
 from .train import pretrain
 
@@ -120,7 +122,13 @@ def carve_validation(train_dir: str | Path, dest: str | Path, opts: SweepOptions
                         f"sub-folder per class with every image inside one")
     if test_dir is not None:
         with naming_the_key("--test"):
-            check_same_classes(found, find_images(test_dir), train_dir, test_dir)
+            test = find_images(test_dir)
+        check_same_classes(found, test, train_dir, test_dir)
+        shared = shared_files(test, found)
+        if shared.any():  # the test scores would be training scores; said before anything trains
+            raise ConfigError(f"--test {test_dir} shares {int(shared.sum())} of its {len(test.files)} images with "
+                              f"--train {train_dir} (e.g. {test.files[int(shared.nonzero()[0, 0])]}): give a held-out "
+                              f"test folder")
     if opts.subset > len(found.files):
         raise ConfigError(f"--subset {opts.subset} is more than the {len(found.files)} images of {train_dir}")
     parts = dict(zip(("train", "val"), stratified_split(found.labels, opts.val_fraction, opts.split_seed,
@@ -197,8 +205,9 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
         values = [parse_override(f"{key}={v}")[1] for v in split_values(raw)]
         if not values:
             raise ConfigError(f"--grid {spec!r}: expected key=value1,value2,...")
-        labels = [label(v) for v in values]  # what names a run's folder: a repeat would train into the same one
-        twice = [x for i, x in enumerate(labels) if x in labels[:i]]
+        # Compared as numbers: 0.5 and 0.50, or [0.2,1] and [0.2,1.0], are one setting trained twice.
+        same = [json.dumps(json.loads(json.dumps(v), parse_int=float)) for v in values]
+        twice = [label(v) for i, v in enumerate(values) if same[i] in same[:i]]
         if twice or key.strip() in grid:
             what = f"value {twice[0]} given twice" if twice else "the key given twice"
             raise ConfigError(f"--grid {key.strip()}: {what} (each setting is one run)")
@@ -225,9 +234,25 @@ def combinations(grid: dict[str, list], one_at_a_time: bool = False) -> list[dic
     return [base] + [{**base, k: v} for k, values in grid.items() for v in values[1:]]
 
 
+# What the sweep sets in every run itself: given as an override or a grid key, data.train would put the
+# validation images into pretraining, train.seed would make a setting's seeds one run repeated, and
+# train.max_time would cut the runs of an equal-steps budget.
+SWEEP_SETS = {"data.train": "--train", "out": "--out", "train.seed": "--seeds", "train.max_time": "--minutes"}
+
+
+def check_sweep_keys(overrides, grid: dict[str, list]) -> None:
+    """Refuse an override or a grid key that sets what the sweep sets (:data:`SWEEP_SETS`), naming the option
+    that does."""
+    given = [(o.split("=", 1)[0].strip(), "an override") for o in overrides if "=" in o]
+    for key, where in given + [(k, "--grid") for k in grid]:
+        if key in SWEEP_SETS:
+            raise ConfigError(f"{key} ({where}): the sweep sets it in every run; use {SWEEP_SETS[key]}")
+
+
 def plan_runs(config: str | None, grid: dict[str, list], out: Path, opts: SweepOptions, overrides) -> list:
     """``(combo, seed, config)`` for every setting and seed, each pretraining on OUT/split/train; every
     config is built (and so checked) before the first run starts."""
+    check_sweep_keys(overrides, grid)
     runs = []
     for combo in combinations(grid, opts.one_at_a_time):
         extra = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in combo.items()]  # text verbatim
@@ -296,15 +321,40 @@ def check_earlier_runs(runs: list) -> None:
                           f"them all again, or choose another --out")
 
 
+# Settings a run resumed by a later sweep may change without changing what it learns: where and how fast it
+# reads, logs and checkpoints, what it monitors, and its budget (more epochs or minutes continue it).
+RESUMABLE = ("train.resume", "train.overwrite", "train.epochs", "train.max_time", "train.log_every",
+             "train.checkpoint_every", "train.keep_checkpoints", "train.threads", "data.workers", "data.cache",
+             "data.cache_dir", "data.val", "eval.")
+
+
+def check_resumed_settings(runs: list) -> None:
+    """With train.resume=auto, refuse a run folder whose checkpoint was trained with other settings than the
+    sweep now gives it: its scores would be reported under settings it did not train with."""
+    for _, _, cfg in runs:
+        path = last_in_folder(Path(cfg.out)) if cfg.train.resume else None
+        if path is None:
+            continue
+        changed = [c for c in changed_settings(load_checkpoint(path, map_location="cpu"), cfg)
+                   if not c[0].startswith(RESUMABLE)]
+        if changed:
+            key, was, now = changed[0]
+            raise ConfigError(f"--out: {cfg.out} was trained with {key}={was!r}, this sweep gives it {now!r} "
+                              f"({len(changed)} setting(s) differ): its scores would be labelled with settings it "
+                              f"did not train with; give the earlier settings, train.overwrite=true, or another --out")
+
+
 def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: str, out: str | Path,
           opts: SweepOptions = SweepOptions(), overrides: list[str] = (), probe: ProbeOptions = ProbeOptions(),
           progress: bool = True) -> dict:
     """Run every setting (:func:`combinations`) and seed, choose on the validation part, score the test folder
     for the chosen setting's runs only; returns what OUT/results.json holds."""
     opts.check()
+    check_probe_options(probe)
     out = Path(out)
     runs = plan_runs(config, grid, out, opts, overrides)
     check_earlier_runs(runs)
+    check_resumed_settings(runs)
     split = carve_validation(train_dir, out / "split", opts, [Path(cfg.out) for _, _, cfg in runs], test_dir)
     train_part, val_part = out / "split" / "train", out / "split" / "val"
     results = {"split": split, "budget": budget_text(opts, runs[0][2]), "runs": []}

@@ -36,6 +36,8 @@ def test_grid_parsing():
         parse_grid(["augment.crop_scale=[0.2,1.0],[0.2, 1.0]"])
     with pytest.raises(ConfigError, match=r"--grid optim.lr: the key given twice"):
         parse_grid(["optim.lr=0.1", "optim.lr=0.2"])
+    with pytest.raises(ConfigError, match=r"--grid augment.crop_scale: value \[0.2,1.0\] given twice"):
+        parse_grid(["augment.crop_scale=[0.2,1],[0.2,1.0]"])  # the config reads both as (0.2, 1.0)
 
 
 @settings(max_examples=60, deadline=None)
@@ -305,3 +307,48 @@ def test_one_seed_has_no_spread_and_two_have_the_sample_sd():
     # Settings of one seed beside settings of two (grid values that label alike): the spread pools the latter.
     chosen = choose([one, two], "knn_top1")
     assert chosen["setting"] is two and chosen["noise_margin"] == pytest.approx(2 * two["val_knn_top1_sd"])
+
+
+@pytest.mark.parametrize("given", ["override", "grid"])
+@pytest.mark.parametrize("key,value,option", [("data.train", "shapes/train", "--train"), ("train.seed", "3", "--seeds"),
+                                              ("out", "elsewhere", "--out"), ("train.max_time", "60", "--minutes")])
+def test_what_the_sweep_sets_is_refused_as_an_override_or_a_grid_key(tmp_path, given, key, value, option):
+    """data.train given by the user would pretrain on the validation part too, train.seed would make the seeds
+    one run repeated, out would be ignored, and train.max_time would cut an equal-steps budget."""
+    overrides, grid = [*BASE], {"loss.temperature": [0.1]}
+    if given == "override":
+        overrides.append(f"{key}={value}")
+    else:
+        grid[key] = [value]
+    where = "an override" if given == "override" else "--grid"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)} \({where}\): the sweep sets it in every run; "
+                                          rf"use {option}$"):
+        sweep(None, grid, str(tmp_path / "train"), str(tmp_path / "test"), tmp_path / "sweep",
+              SweepOptions(val_fraction=0.25), overrides)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_a_test_folder_sharing_images_with_train_or_a_bad_probe_is_refused_before_training(tmp_path):
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    out, grid = tmp_path / "sweep", {"loss.temperature": [0.1]}
+    with pytest.raises(ConfigError, match=r"^--test .*shapes/train shares 40 of its 40 images with --train"):
+        sweep(None, grid, str(shapes / "train"), str(shapes / "train"), out, SweepOptions(val_fraction=0.25), BASE)
+    with pytest.raises(ConfigError, match=r"--epochs must be an integer >= 1, got 0"):
+        sweep(None, grid, str(shapes / "train"), str(shapes / "test"), out, SweepOptions(val_fraction=0.25), BASE,
+              ProbeOptions(epochs=0))
+    assert not (out / "temperature=0.1").exists()
+
+
+def test_a_resumed_sweep_refuses_runs_trained_with_other_settings(tmp_path):
+    """train.resume=auto reuses a finished run as it is: with another optim.lr its scores would be reported
+    under an lr it never trained with. More epochs (continuing it) and other monitoring are fine."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    out, args = tmp_path / "sweep", (str(shapes / "train"), str(shapes / "test"))
+    options, probe, grid = SweepOptions(val_fraction=0.25), ProbeOptions(epochs=1, knn_k=3), {"loss.temperature": [0.1]}
+    sweep(None, grid, *args, out, options, [*BASE, "train.resume=auto"], probe, progress=False)
+    with pytest.raises(ConfigError, match=r"^--out: .*temperature=0.1/seed=0 was trained with optim.lr=0.1, this "
+                                          r"sweep gives it 0.05 \(1 setting\(s\) differ\)"):
+        sweep(None, grid, *args, out, options, [*BASE, "train.resume=auto", "optim.lr=0.05"], probe, progress=False)
+    again = sweep(None, grid, *args, out, options, [*BASE, "train.resume=auto", "train.log_every=1"], probe,
+                  progress=False)
+    assert len(again["runs"]) == 1
