@@ -285,6 +285,14 @@ StrictLoader.add_implicit_resolver(
 StrictLoader.add_constructor(_INT, lambda loader, node: int(loader.construct_scalar(node), 10))
 
 
+class _Dumper(yaml.SafeDumper):
+    """Quotes text that :class:`StrictLoader` reads as a number (out: '1e3'): PyYAML's YAML 1.1 resolvers
+    take 1e3 for text and would write it bare."""
+
+
+_Dumper.yaml_implicit_resolvers = dict(StrictLoader.yaml_implicit_resolvers)
+
+
 def read_yaml(text: str, where: str) -> Any:
     """Parse ``text`` with :class:`StrictLoader`; any refusal is one line naming ``where``."""
     try:
@@ -381,7 +389,11 @@ def did_you_mean(word: str, options: typing.Sequence[str]) -> str:
 
 
 def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
-    hint = did_you_mean(key, valid) or f"; valid keys: {', '.join(valid)}"
+    """An unknown key's error: the keys of the same name in other sections (train.lr: optim.lr), else the
+    nearest spelling, else every valid key."""
+    same_name = [k for k in valid if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+    hint = (f"; did you mean {' or '.join(repr(k) for k in same_name)}?" if same_name else
+            did_you_mean(key, valid) or f"; valid keys: {', '.join(valid)}")
     return ConfigError(f"unknown key {shown(key)}{where}{hint}")
 
 
@@ -533,7 +545,7 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    write_text_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text_atomic(Path(path), yaml.dump(to_dict(cfg), Dumper=_Dumper, sort_keys=False))
 
 
 def format_config(cfg: Config) -> str:

@@ -77,6 +77,11 @@ def test_unknown_override_and_section():
         load_config(None, ["nosuch.thing=1"])
     with pytest.raises(ConfigError, match="is a section"):
         load_config(None, ["train=3"])
+    # A key of another section by its own name: that section's key, not the nearest spelling (train.resume).
+    with pytest.raises(ConfigError, match=r"unknown key 'train.lr' .*; did you mean 'optim.lr'\?$"):
+        load_config(None, ["train.lr=0.1"])
+    with pytest.raises(ConfigError, match=r"; did you mean 'train.batch_size' or 'eval.batch_size'\?$"):
+        load_config(None, ["batch_size=64"])
 
 
 @pytest.mark.parametrize("override,match", [
@@ -160,6 +165,10 @@ def test_round_trip_through_yaml_and_dict(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     assert config_from_dict(to_dict(cfg)) == cfg
+    # Text that this loader reads as a number (PyYAML's own resolvers leave 1e3 and -.5 bare) stays text.
+    texts = load_config(None, ["out=1e3", "data.val=-.5", "data.train=010", "model.weights=2e3"])
+    save_config(texts, tmp_path / "t.yaml")
+    assert load_config(tmp_path / "t.yaml") == texts
 
 
 @settings(max_examples=60, deadline=None)
