@@ -14,6 +14,7 @@ import argparse
 import copy
 import itertools
 import json
+import math
 import os
 import platform
 import signal
@@ -269,7 +270,7 @@ def bench_embed(device, _sync, data_root, images: int = 2000) -> list:
         for i, f in enumerate(sorted((Path(data_root) / "test").rglob("*.jpg"))[::5][:images]):
             (folder / f.parent.name).mkdir(parents=True, exist_ok=True)
             (folder / f.parent.name / f.name).symlink_to(f.resolve())
-        cpu = load_config("cpu")
+        cpu = load_config("cpu", ["model.backbone=convnet"])  # the first row's encoder: the rest is the files' cost
         save_checkpoint({"config": to_dict(cpu), "encoder": backbone(cpu.model.backbone)[0].state_dict()},
                         Path(tmp) / "c.pt")
         opts = EmbedOptions(device=str(device), cache=False, workers=2, progress=False)
@@ -407,7 +408,9 @@ def bench_precision(device, sync, entries="cpu:128,cifar10:32"):
 
 
 def loop_images_per_s(cfg, seconds):
-    """The real training loop on the real folder; images/s as it logs them, first interval left out."""
+    """The real training loop on the real folder: the median of the images/s it logs (first interval left
+    out), their count, and the images of the steps after that first interval over their wall time, which
+    also counts what the logged intervals leave out: each epoch's end (its checkpoint) and next start."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from simxent.train import pretrain
@@ -417,8 +420,11 @@ def loop_images_per_s(cfg, seconds):
         pretrain(cfg, progress=False)
         events = EventAccumulator(str(Path(out) / "tb"))
         events.Reload()
-        rates = [e.value for e in events.Scalars("train/images_per_s")][1:]
-    return statistics.median(rates), len(rates)
+        logged = events.Scalars("train/images_per_s")[1:]
+    first, last = logged[0], logged[-1]
+    wall = ((last.step - first.step) * cfg.train.batch_size / (last.wall_time - first.wall_time)
+            if last.step > first.step else math.nan)
+    return statistics.median(e.value for e in logged), len(logged), wall
 
 
 def data_images_per_s(cfg, device, seconds=15.0):
@@ -457,7 +463,7 @@ def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
         dtype = resolve_dtype(cfg.train.precision, device)
         # The floor is timed before and after the loop and averaged: a shared machine drifts over a minute.
         before = bare_images_per_s(cfg, device, dtype)
-        loop, intervals = loop_images_per_s(cfg, seconds)
+        loop, intervals, wall = loop_images_per_s(cfg, seconds)
         after = bare_images_per_s(cfg, device, dtype)
         bare = (before + after) / 2
         row = {"data_images_per_s": data_images_per_s(cfg, device)} if cfg.data.stream else {}
@@ -466,7 +472,8 @@ def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
                "matmul_convs": cfg.model.matmul_convs,
                "precision": str(dtype), "bare_before_images_per_s": before, "bare_after_images_per_s": after,
                "bare_images_per_s": bare, "loop_images_per_s": loop,
-               "loop_intervals": intervals, "efficiency": loop / bare}
+               "loop_intervals": intervals, "efficiency": loop / bare, "loop_wall_images_per_s": wall,
+               "efficiency_wall": wall / bare}
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -787,13 +794,19 @@ def bench_norms(device, sync, preset: str = "cpu", batch: int = 256) -> list:
 
 def markdown(results: dict) -> str:
     lines = []
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
     for section, rows in results["sections"].items():
         lines.append(f"### {section}\n")
-        keys = list(rows[0])
+        if not rows:
+            lines += ["(no rows)", ""]
+            continue
+        keys = list(dict.fromkeys(k for row in rows for k in row))  # rows of one section may differ in keys
         lines.append("| " + " | ".join(keys) + " |")
         lines.append("|" + "---|" * len(keys))
         for row in rows:
-            lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+            lines.append("| " + " | ".join(cell(row[k]) if k in row else "" for k in keys) + " |")
         if section in SECTION_NOTES:
             lines += ["", SECTION_NOTES[section](rows)]
         lines.append("")
@@ -857,12 +870,12 @@ def main():
     p.add_argument("--loop-seconds", type=float, default=75, help="training-loop time per backbone")
     p.add_argument("--quality-minutes", type=float, default=10)
     p.add_argument("--pipeline", default="cpu:256,cifar10:128",
-                   help="training loops to time, preset:batch[:stream][:compile][:onednn] (preset names: cpu, cifar10, "
-                        "imagenet, demo)")
+                   help="training loops to time, preset:batch[:stream][:compile][:onednn][:fp32] (preset names: cpu, "
+                        "cifar10, imagenet, demo)")
     p.add_argument("--workers", type=int, default=0, help="data.workers for the loops (0: the preset's)")
     p.add_argument("--synthetic", default="", metavar="N:WxH",
-                   help="time on N generated WxH JPEGs (several: WxH+WxH, in turn) instead of --data (knn, probe, "
-                        "quality need real data)")
+                   help="time on N generated WxH JPEGs (several: WxH+WxH, in turn) instead of --data (probe, embed, "
+                        "quality and lightly need real data)")
     versus_options(p)
     a = p.parse_args()
     device = resolve_device(a.device)

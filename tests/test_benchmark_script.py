@@ -196,3 +196,33 @@ def test_a_reader_that_leaves_ends_the_benchmark_quietly():
     proc.stdout.close()  # before its first line
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == -signal.SIGPIPE and "Traceback" not in err, err
+
+
+def test_markdown_aligns_rows_of_different_keys_and_says_an_empty_section(load_script):
+    """A streamed pipeline row has a column a cached one lacks: each value stays under its own header."""
+    script = load_script("benchmark")
+    text = script.markdown({"sections": {"pipeline": [{"preset": "cpu", "loop": 2.0},
+                                                      {"data_images_per_s": 2763.0, "preset": "imagenet", "loop": 5.5}],
+                                         "lightly": []}})
+    assert "| preset | loop | data_images_per_s |\n|---|---|---|\n| cpu | 2 |  |\n| imagenet | 5.5 | 2763 |" in text
+    assert "### lightly\n\n(no rows)" in text
+
+
+def test_the_loops_wall_rate_counts_the_time_between_its_logged_intervals(tmp_path, monkeypatch, load_script):
+    """The median of the logged rates leaves out what happens between epochs (the epoch-end checkpoint); the
+    wall rate is the images of the steps after the first logged interval over the wall time they took."""
+    import simxent.train
+    from torch.utils.tensorboard import SummaryWriter
+
+    from simxent.config import load_config
+
+    def fake_pretrain(cfg, progress):
+        with SummaryWriter(str(Path(cfg.out) / "tb")) as w:
+            for step, rate, t in ((4, 10.0, 100.0), (8, 20.0, 101.0), (12, 30.0, 102.0), (16, 40.0, 105.0)):
+                w.add_scalar("train/images_per_s", rate, step, walltime=t)
+
+    monkeypatch.setattr(simxent.train, "pretrain", fake_pretrain)
+    script = load_script("benchmark")
+    median, intervals, wall = script.loop_images_per_s(load_config(None, ["train.batch_size=8"]), 1.0)
+    assert (median, intervals) == (30.0, 3)
+    assert wall == pytest.approx((16 - 8) * 8 / (105.0 - 101.0))
