@@ -922,6 +922,16 @@ def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optiona
         return finish(run, reason)
 
 
+def warn_if_schedule_goes_back(resumed: dict, progress: float, cfg: Config) -> None:
+    """Warn when a resumed run's schedule stands behind the checkpoint's saved progress (more train.epochs,
+    or train.budget_schedule=false after a time budget): its lr rises again before it anneals at the new end."""
+    saved = resumed.get("progress")
+    if saved is not None and progress < float(saved) - 1e-9:
+        log.warning("train.resume: the schedule goes back from the checkpoint's progress %.3f to %.3f of "
+                    "train.epochs=%d: the lr rises again, then anneals at the new end", float(saved), progress,
+                    cfg.train.epochs)
+
+
 def start_budget(run: Run) -> None:
     """Start the time budget's clock, now that the steps begin, and say what the schedule spans."""
     left, budget = run.budget.start(), run.budget
@@ -934,7 +944,9 @@ def start_budget(run: Run) -> None:
         return
     if budget.finished():
         log.warning("train.resume: the run in %s ended annealed at its time budget, so its schedule is done and "
-                    "nothing is trained; train.budget_schedule=false resumes it over train.epochs instead", run.out)
+                    "nothing is trained; to train on, resume with train.budget_schedule=false, train.epochs above "
+                    "the %d epoch(s) done and no train.max_time (or one that leaves room): the cosine goes on over "
+                    "the new epochs and anneals at the last", run.out, run.pos.epoch)
         return
     resumed = f", from progress {budget.start_progress:.3f}" if budget.start_progress else ""
     if left > 0:
@@ -997,6 +1009,7 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
             level = logging.WARNING if key.startswith(CHANGES_TRAINING) else logging.INFO
             log.log(level, "resumed with %s=%s (the checkpoint's run had %s)", key, json.dumps(now), json.dumps(was))
         budget.resume(*saved_progress(resumed, budget.total, pos.epoch * steps_per_epoch + pos.step, batch))
+        warn_if_schedule_goes_back(resumed, budget.progress(pos.epoch * steps_per_epoch + pos.step), cfg)
         ahead_progress = resumed.get("ahead_progress")  # None: an older checkpoint, or none drawn ahead
         earlier = resumed.get("history", {})
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go

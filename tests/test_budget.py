@@ -235,6 +235,14 @@ def test_a_run_with_a_slow_start_anneals_at_its_deadline(shapes, tmp_path, monke
         again = pretrain(load_config(None, tiny(shapes, run, "train.epochs=200", "train.max_time=23",
                                                 "optim.min_lr=0.1", "train.resume=auto")), progress=False)
     assert again["global_step"] == 27 and "ended annealed at its time budget" in caplog.text
+    # The way on that the warning gives: a cosine over more epochs, without the budget, annealed at their end.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="simxent"):
+        on = pretrain(load_config(None, tiny(shapes, run, "train.epochs=8", "train.budget_schedule=false",
+                                             "optim.min_lr=0.1", "train.resume=auto")), progress=False)
+    assert on["global_step"] == 40 and on["schedule_progress"] == 1
+    assert "the schedule goes back from the checkpoint's progress 1.000 to 0.675 of train.epochs=8" in caplog.text
+    assert logged_lrs(run)[39] == pytest.approx(lr_at(39, 40, 4, PEAK, 0.1), rel=1e-6)  # warm-up: a tenth of 40
 
 
 def stop_at(step: int):
