@@ -59,8 +59,30 @@ def _holder(lock_path: Path) -> str:
         return "holder not yet named"
 
 
-def mark_output(folder: Path) -> None:
-    """Mark ``folder`` (made if needed) as simxent's output: OUTPUT_MARK."""
+def first_image(folder: Path) -> Path | None:
+    """An image file below ``folder`` that image discovery would take (not in a run or output folder, not
+    hidden), or None."""
+    from .data import IMAGE_SUFFIXES  # data imports this module
+
+    for dirpath, dirnames, filenames in os.walk(folder):
+        if LOCK_FILE in filenames or OUTPUT_MARK in filenames:
+            dirnames[:] = []
+            continue
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                return Path(dirpath) / name
+    return None
+
+
+def mark_output(folder: Path, key: str = "--out") -> None:
+    """Mark ``folder`` (made if needed) as simxent's output: OUTPUT_MARK. A folder that holds images is
+    refused, naming ``key``: marked, its images would be left out of every image folder above it."""
+    if folder.is_dir() and not (folder / OUTPUT_MARK).exists():
+        image = first_image(folder)
+        if image is not None:
+            raise ConfigError(f"{key}: {folder} holds images ({image}); as simxent's output folder they would be "
+                              f"left out of any image folder above it: give a folder of its own")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / OUTPUT_MARK).write_text("simxent writes results here; image folders that hold this one skip it\n")
 

@@ -542,3 +542,19 @@ def test_embeddings_are_computed_without_tf32(monkeypatch):
         assert cudnn.allow_tf32 and matmul.allow_tf32
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = before
+
+
+def test_an_out_folder_holding_images_is_refused(tmp_path, capsys):
+    """Marked as simxent's output, the images in --out would be left out of every later training folder above
+    it (here the parent of --images, which holds a train folder beside it)."""
+    folder, ckpt, out = small_store(tmp_path)
+    write_image(tmp_path / "images_too" / "train" / "c" / "0.png")
+    status = cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(tmp_path / "images_too"),
+                             "--workers", "0", "--no-cache", "--no-progress"])
+    assert status == 2 and f"--out: {tmp_path / 'images_too'} holds images" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "images_too").iterdir()) == ["train"]
+    # An earlier store's folder (its projector sprite is an image) is embedded into again.
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(out), "--workers", "0",
+                           "--no-cache", "--no-progress", "--projector", "4"]) == 0
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(out), "--workers", "0",
+                           "--no-cache", "--no-progress"]) == 0
