@@ -134,7 +134,10 @@ def format_summary(summary: dict, out: Path) -> str:
              f"steps in {summary['seconds']:.0f} s{stop}",
              "final loss: " + ("-" if summary["last_loss"] is None else f"{summary['last_loss']:.4f}")]
     if knn:
-        lines.append(f"kNN top-1: {knn[-1]['top1']:.4f} (epoch {knn[-1]['epoch']})")
+        last = knn[-1]
+        at = (f"epoch {last['epoch'] + 1} step {last['epoch_step']}" if last.get("epoch_step") else
+              f"epoch {last['epoch']}")  # named as the log names it; a run stopped mid-epoch is inside the next
+        lines.append(f"kNN top-1: {last['top1']:.4f} ({at})")
     if summary.get("skipped_images"):
         lines.append(f"skipped images: {len(summary['skipped_images'])} (listed in {out / 'skipped_images.txt'})")
     tb = shlex.quote(str(out / "tb"))  # pasted into a shell as it is: a path with spaces is quoted

@@ -757,7 +757,9 @@ def monitor_knn(run: Run) -> None:
     with dist.main_process_first():
         if run.main:
             top1 = knn_monitor(run.net, run.bank, run.val, run.views.full, run.cfg, run.device, run.dtype)
-            run.knn_top1.append({"epoch": run.pos.epoch, "step": run.pos.global_step, "top1": top1})
+            # epoch: epochs done; epoch_step: the step reached in the next (0 at an epoch's end), as logged
+            run.knn_top1.append({"epoch": run.pos.epoch, "epoch_step": run.pos.step, "step": run.pos.global_step,
+                                 "top1": top1})
             run.monitor.scalars({"knn_top1": top1}, run.pos.global_step, prefix="val/")
             pos = run.pos  # after an epoch's end pos.epoch counts it; mid-epoch (a stop) it is the epoch's index
             log.info("%s: kNN top-1 %.4f", f"epoch {pos.epoch}" if pos.step == 0 else

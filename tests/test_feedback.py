@@ -106,6 +106,11 @@ def test_short_run_small_folder_summary_and_tensorboard(shapes, tmp_path, capsys
     assert out[0] == f"checkpoint: {run / 'checkpoints' / 'last.pt'}"
     assert f"final loss: {summary['last_loss']:.4f}" in out
     assert f"kNN top-1: {summary['knn_top1'][-1]['top1']:.4f} (epoch 2)" in out
+    # Stopped inside its second epoch, as the log says it: "epoch 2 step 1", not the epochs done.
+    assert pretrain_main([*args[:-2], f"out={tmp_path / 'cut'}", "train.max_time=0.001", "--no-progress"]) == 0
+    knn = json.loads((tmp_path / "cut" / "summary.json").read_text())["knn_top1"][-1]
+    assert (knn["epoch"], knn["epoch_step"]) == (0, 1)
+    assert f"kNN top-1: {knn['top1']:.4f} (epoch 1 step 1)" in capsys.readouterr().out
     assert any(str(run / "summary.json") in line for line in out)
 
     acc = events(run)
