@@ -1035,10 +1035,11 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
 def announce(run: Run) -> None:
     """The run's opening lines: train.log, config.yaml, TensorBoard's config text, skipped_images.txt."""
     cfg, batch = run.cfg, run.cfg.train.batch_size
-    log.info("%d training images, %d steps/epoch, %s on %s x%d, autocast %s, global batch %d x %d views, "
-             "peak lr %.4g", len(run.train), run.steps_per_epoch, cfg.model.backbone, run.device,
-             dist.world_size(), run.dtype, batch, run.views.n_views, run.peak)
     aug, size = cfg.augment, cfg.data.image_size
+    log.info("%d training images at data.image_size=%d (views %d px), %d steps/epoch, %s on %s x%d, autocast %s, "
+             "global batch %d x %d views, peak lr %.4g", len(run.train), size, view_size(aug, size),
+             run.steps_per_epoch, cfg.model.backbone, run.device, dist.world_size(), run.dtype, batch,
+             run.views.n_views, run.peak)
     if run.views.n_views > 2:
         log.info("%d views per image, contrasted as loss.multi_view=%s", run.views.n_views, cfg.loss.multi_view)
     if aug.view_ratio_start is not None:

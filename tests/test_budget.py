@@ -221,6 +221,7 @@ def test_a_run_with_a_slow_start_anneals_at_its_deadline(shapes, tmp_path, monke
         summary = pretrain(load_config(None, tiny(shapes, run, "train.epochs=200", "train.max_time=23",
                                                   "optim.min_lr=0.1")), progress=False)
     assert "train.max_time=23s: warm-up and cosine span the 21 s left" in caplog.text
+    assert "training images at data.image_size=16 (views 16 px)" in caplog.text  # the size a user may not have set
     assert summary["global_step"] == 27 and summary["stopped_by_max_time"] and summary["schedule_progress"] == 1
     assert clock.times[-2] < 23 <= clock.times[-1]
     qs = [0.0] + shares(clock.times, 0.0, 23)
