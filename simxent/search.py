@@ -37,7 +37,7 @@ from tqdm import tqdm
 from . import __version__
 from .augment import Normalize
 from .checkpoint import encoder_digest
-from .config import AugmentConfig, ConfigError, DataConfig, EvalConfig
+from .config import AugmentConfig, ConfigError, DataConfig
 from .data import DataError, ImageArray, decode_eval, find_source, listing_digest, load_configured, naming_the_key
 from .evaluate import build_index, extract_features, recall_against_exact
 from .files import json_text, write_text_atomic
@@ -53,7 +53,10 @@ IVF_ABOVE = 100_000  # rows; exact search stays fast below (docs/benchmarks.md, 
 NPROBE = 16
 RECALL_K = 10
 RECALL_QUERIES = 1000
-CROP_RATIO = EvalConfig().crop_ratio  # images larger than the view: shorter side to size / ratio, centre crop
+# Images larger than the view: shorter side to size / ratio, centre crop. 1: the whole centre square, so that
+# a copy at another size is decoded alike (evaluation's 0.875 crops only the images larger than the view: a
+# 2x copy of an image would be compared zoomed in).
+CROP_RATIO = 1.0
 
 
 @torch.no_grad()

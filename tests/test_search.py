@@ -558,3 +558,22 @@ def test_an_out_folder_holding_images_is_refused(tmp_path, capsys):
                            "--no-cache", "--no-progress", "--projector", "4"]) == 0
     assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(out), "--workers", "0",
                            "--no-cache", "--no-progress"]) == 0
+
+
+def test_a_copy_at_twice_the_size_embeds_as_its_original(tmp_path):
+    """Embedded whole (crop ratio 1), a shape image and its 2x copy decode to nearly the same pixels (0.998
+    here); evaluation's 0.875 would crop only the larger one and compare it zoomed in (0.985)."""
+    from PIL import Image
+
+    from simxent.demo import make_shapes
+
+    folder = make_shapes(tmp_path / "shapes", train_per_class=3, test_per_class=1, size=16) / "train"
+    first = sorted(folder.rglob("*.png"))[0]
+    with Image.open(first) as im:
+        im.resize((32, 32), Image.Resampling.BICUBIC).save(first.parent / "big.png")
+    ckpt = tiny_checkpoint(tmp_path / "c.pt")
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(tmp_path / "e"),
+                           "--workers", "0", "--no-cache", "--no-progress"]) == 0
+    store = read_store(tmp_path / "e")
+    a, b = (store.names.index(str(f.relative_to(folder))) for f in (first, first.parent / "big.png"))
+    assert float(store.vectors[a] @ store.vectors[b]) > 0.995
