@@ -286,11 +286,13 @@ StrictLoader.add_constructor(_INT, lambda loader, node: int(loader.construct_sca
 
 
 class _Dumper(yaml.SafeDumper):
-    """Quotes text that :class:`StrictLoader` reads as a number (out: '1e3'): PyYAML's YAML 1.1 resolvers
-    take 1e3 for text and would write it bare."""
+    """Quotes text that :class:`StrictLoader` or PyYAML's own loader reads as anything but text: out: '1e3'
+    (a number here, text to PyYAML's YAML 1.1 resolvers) and out: '20240101_1200' (the other way round)."""
 
 
-_Dumper.yaml_implicit_resolvers = dict(StrictLoader.yaml_implicit_resolvers)
+_Dumper.yaml_implicit_resolvers = {
+    first: yaml.SafeDumper.yaml_implicit_resolvers.get(first, []) + StrictLoader.yaml_implicit_resolvers.get(first, [])
+    for first in {*yaml.SafeDumper.yaml_implicit_resolvers, *StrictLoader.yaml_implicit_resolvers}}
 
 
 def read_yaml(text: str, where: str) -> Any:

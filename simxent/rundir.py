@@ -64,10 +64,13 @@ def first_image(folder: Path) -> Path | None:
     hidden), or None."""
     from .data import IMAGE_SUFFIXES  # data imports this module
 
-    for dirpath, dirnames, filenames in os.walk(folder):
-        if LOCK_FILE in filenames or OUTPUT_MARK in filenames:
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):  # as image discovery walks
+        real = os.path.realpath(dirpath)
+        if LOCK_FILE in filenames or OUTPUT_MARK in filenames or real in seen:
             dirnames[:] = []
             continue
+        seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:

@@ -45,12 +45,19 @@ def full_float32():
     float32 convolutions in TF32 by default (10 mantissa bits: a relative error near 1e-3), so an image
     embedded on a GPU would score about 0.999 against its own copy embedded on the CPU."""
     cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = cudnn.allow_tf32, matmul.allow_tf32
-    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    # torch refuses to read a flag of one API once the other has set it: the newer API where there is one.
+    if hasattr(matmul, "fp32_precision") and hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        flags, full = ((cudnn.conv, "fp32_precision"), (matmul, "fp32_precision")), "ieee"
+    else:
+        flags, full = ((cudnn, "allow_tf32"), (matmul, "allow_tf32")), False
+    before = [getattr(owner, name) for owner, name in flags]
+    for owner, name in flags:
+        setattr(owner, name, full)
     try:
         yield
     finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = before
+        for (owner, name), value in zip(flags, before):
+            setattr(owner, name, value)
 
 
 def cpu_supports_bf16(cpuinfo: Optional[str] = None) -> bool:
@@ -161,6 +168,18 @@ class _StderrHandler(logging.StreamHandler):
             self.flush()
         except Exception:  # noqa: BLE001 - logging's own policy: report, never raise from a handler
             self.handleError(record)
+
+
+@contextmanager
+def quiet_log():
+    """simxent's log below ERROR left unsaid inside the block (a second look at what was reported before)."""
+    logger = logging.getLogger("simxent")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextmanager

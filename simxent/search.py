@@ -44,7 +44,7 @@ from .files import json_text, write_text_atomic
 from .rundir import mark_output, run_lock
 from .linear_eval import encoder_to_score
 from .monitor import Monitor
-from .runtime import full_float32, resolve_device, setup_logging, show_progress_bars
+from .runtime import full_float32, quiet_log, resolve_device, setup_logging, show_progress_bars
 
 log = logging.getLogger("simxent")
 
@@ -213,7 +213,8 @@ def warn_if_changed(folder: Path, meta: dict, names: list[str]) -> None:
     if "listing" not in meta:  # a store from before the digest
         return
     try:
-        images = find_source(meta["images"])
+        with quiet_log():  # what discovery says of the folder was said when it was embedded
+            images = find_source(meta["images"])
     except (DataError, OSError) as e:
         log.warning("--index %s: the embedded images cannot be listed (%s): the index holds them as they were",
                     folder, e)
@@ -221,7 +222,8 @@ def warn_if_changed(folder: Path, meta: dict, names: list[str]) -> None:
     if listing_digest(images) == meta["listing"]:
         return
     base = embedded_base(meta["images"])
-    now, then = {os.path.relpath(f, base) for f in images.files}, set(names) | set(meta["skipped"])
+    now = {os.path.relpath(f, base) for f in [*images.files, *images.irregular]}
+    then = set(names) | set(meta["skipped"])
     log.warning("--index %s: %s changed after it was embedded (%d image file(s) added, %d removed, others maybe "
                 "rewritten): the index holds the images as they were; run simxent-embed again", folder,
                 meta["images"], len(now - then), len(then - now))
@@ -331,6 +333,7 @@ def embed_folder(checkpoint: str | Path, images_dir: str | Path, out: str | Path
                           f"take its files (the projector's sprite) for images; choose a folder outside it")
     device = resolve_device(opts.device, option="--device")
     enc = load_encoding(checkpoint, opts.image_size, opts.crop_ratio, opts.backbone, opts.cifar_stem)
+    images_dir = Path(images_dir).resolve()  # as meta.json names it: the listing read back at search is the same
     decoding = DataConfig(image_size=enc.image_size, cache=opts.cache, cache_dir=opts.cache_dir or "",
                           workers=opts.workers)
     with naming_the_key("--images"):

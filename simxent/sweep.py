@@ -38,9 +38,9 @@ from .config import ConfigError, load_config, parse_override
 from .data import DataError, find_images, naming_the_key, shared_files
 from .files import write_text_atomic
 from .linear_eval import ProbeOptions, check_probe_options, check_same_classes, linear_eval
-from .checkpoint import changed_settings, last_in_folder, load_checkpoint
+from .checkpoint import CheckpointError, changed_settings, last_in_folder, load_checkpoint
 from .rundir import has_checkpoints, holds_run
-from .train import pretrain
+from .train import CHANGES_TRAINING, pretrain
 
 log = logging.getLogger("simxent")
 
@@ -206,7 +206,7 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
         if not values:
             raise ConfigError(f"--grid {spec!r}: expected key=value1,value2,...")
         # Compared as numbers: 0.5 and 0.50, or [0.2,1] and [0.2,1.0], are one setting trained twice.
-        same = [json.dumps(json.loads(json.dumps(v), parse_int=float)) for v in values]
+        same = [json.dumps(json.loads(json.dumps(v), parse_int=float), sort_keys=True) for v in values]
         twice = [label(v) for i, v in enumerate(values) if same[i] in same[:i]]
         if twice or key.strip() in grid:
             what = f"value {twice[0]} given twice" if twice else "the key given twice"
@@ -235,24 +235,24 @@ def combinations(grid: dict[str, list], one_at_a_time: bool = False) -> list[dic
 
 
 # What the sweep sets in every run itself: given as an override or a grid key, data.train would put the
-# validation images into pretraining, train.seed would make a setting's seeds one run repeated, and
-# train.max_time would cut the runs of an equal-steps budget.
+# validation images into pretraining, train.seed would make a setting's seeds one run repeated (an override
+# would be ignored), and train.max_time would cut the runs of an equal-steps budget.
 SWEEP_SETS = {"data.train": "--train", "out": "--out", "train.seed": "--seeds", "train.max_time": "--minutes"}
 
 
-def check_sweep_keys(overrides, grid: dict[str, list]) -> None:
+def check_sweep_keys(overrides, grid: dict[str, list], seeds: int) -> None:
     """Refuse an override or a grid key that sets what the sweep sets (:data:`SWEEP_SETS`), naming the option
-    that does."""
+    that does; a train.seed grid stays allowed with one seed per setting (it then names each run's seed)."""
     given = [(o.split("=", 1)[0].strip(), "an override") for o in overrides if "=" in o]
     for key, where in given + [(k, "--grid") for k in grid]:
-        if key in SWEEP_SETS:
+        if key in SWEEP_SETS and not (key == "train.seed" and where == "--grid" and seeds == 1):
             raise ConfigError(f"{key} ({where}): the sweep sets it in every run; use {SWEEP_SETS[key]}")
 
 
 def plan_runs(config: str | None, grid: dict[str, list], out: Path, opts: SweepOptions, overrides) -> list:
     """``(combo, seed, config)`` for every setting and seed, each pretraining on OUT/split/train; every
     config is built (and so checked) before the first run starts."""
-    check_sweep_keys(overrides, grid)
+    check_sweep_keys(overrides, grid, opts.seeds)
     runs = []
     for combo in combinations(grid, opts.one_at_a_time):
         extra = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in combo.items()]  # text verbatim
@@ -321,27 +321,25 @@ def check_earlier_runs(runs: list) -> None:
                           f"them all again, or choose another --out")
 
 
-# Settings a run resumed by a later sweep may change without changing what it learns: where and how fast it
-# reads, logs and checkpoints, what it monitors, and its budget (more epochs or minutes continue it).
-RESUMABLE = ("train.resume", "train.overwrite", "train.epochs", "train.max_time", "train.log_every",
-             "train.checkpoint_every", "train.keep_checkpoints", "train.threads", "data.workers", "data.cache",
-             "data.cache_dir", "data.val", "eval.")
-
-
 def check_resumed_settings(runs: list) -> None:
-    """With train.resume=auto, refuse a run folder whose checkpoint was trained with other settings than the
-    sweep now gives it: its scores would be reported under settings it did not train with."""
+    """With train.resume=auto, refuse a run folder whose checkpoint was trained with other settings that change
+    what a run learns (:data:`simxent.train.CHANGES_TRAINING`, less data.train, which the sweep sets and
+    :func:`check_same_split` guards) than the sweep now gives it: its scores would be reported under settings
+    it did not train with. A checkpoint that does not load is left to the run, which falls back."""
     for _, _, cfg in runs:
         path = last_in_folder(Path(cfg.out)) if cfg.train.resume else None
-        if path is None:
+        try:
+            state = load_checkpoint(path, map_location="cpu") if path else None
+        except (CheckpointError, OSError):
             continue
-        changed = [c for c in changed_settings(load_checkpoint(path, map_location="cpu"), cfg)
-                   if not c[0].startswith(RESUMABLE)]
+        changed = [c for c in changed_settings(state, cfg) if c[0].startswith(CHANGES_TRAINING)
+                   and c[0] != "data.train"] if state else []
         if changed:
             key, was, now = changed[0]
             raise ConfigError(f"--out: {cfg.out} was trained with {key}={was!r}, this sweep gives it {now!r} "
                               f"({len(changed)} setting(s) differ): its scores would be labelled with settings it "
-                              f"did not train with; give the earlier settings, train.overwrite=true, or another --out")
+                              f"did not train with; give the earlier settings, train.overwrite=true instead of "
+                              f"train.resume=auto, or another --out")
 
 
 def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: str, out: str | Path,

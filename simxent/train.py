@@ -924,11 +924,12 @@ def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optiona
         return finish(run, reason)
 
 
-def warn_if_schedule_goes_back(resumed: dict, progress: float, cfg: Config) -> None:
-    """Warn when a resumed run's schedule stands behind the checkpoint's saved progress (more train.epochs,
-    or train.budget_schedule=false after a time budget): its lr rises again before it anneals at the new end."""
+def warn_if_schedule_goes_back(resumed: dict, progress: float, total: int, cfg: Config) -> None:
+    """Warn when a resumed run's schedule stands more than a step of its ``total`` behind the checkpoint's
+    saved progress (more train.epochs, or train.budget_schedule=false after a time budget): its lr rises
+    again before it anneals at the new end. (Another batch size rounds the position down by under a step.)"""
     saved = resumed.get("progress")
-    if saved is not None and progress < float(saved) - 1e-9:
+    if saved is not None and progress < float(saved) - 1 / max(1, total):
         log.warning("train.resume: the schedule goes back from the checkpoint's progress %.3f to %.3f of "
                     "train.epochs=%d: the lr rises again, then anneals at the new end", float(saved), progress,
                     cfg.train.epochs)
@@ -1011,7 +1012,8 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
             level = logging.WARNING if key.startswith(CHANGES_TRAINING) else logging.INFO
             log.log(level, "resumed with %s=%s (the checkpoint's run had %s)", key, json.dumps(now), json.dumps(was))
         budget.resume(*saved_progress(resumed, budget.total, pos.epoch * steps_per_epoch + pos.step, batch))
-        warn_if_schedule_goes_back(resumed, budget.progress(pos.epoch * steps_per_epoch + pos.step), cfg)
+        warn_if_schedule_goes_back(resumed, budget.progress(pos.epoch * steps_per_epoch + pos.step), budget.total,
+                                   cfg)
         ahead_progress = resumed.get("ahead_progress")  # None: an older checkpoint, or none drawn ahead
         earlier = resumed.get("history", {})
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go

@@ -405,6 +405,7 @@ def test_a_run_resumed_with_another_batch_size_goes_on_from_the_same_image_and_s
     rest = pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", "optim.warmup_epochs=1",
                                            "train.batch_size=8", "train.resume=auto")), progress=False)
     assert "resumed with train.batch_size=8" in caplog.text and "0 whole epochs and 6 steps of 8 images" in caplog.text
+    assert "schedule goes back" not in caplog.text  # the same point of its schedule
     assert rest["global_step"] == 3 + 14 and rest["epoch"] == 2 and rest["schedule_progress"] == 1
     lrs, peak = logged_lrs(run), 0.1 * 8 / 256
     assert [lrs[s] for s in range(3, 17)] == pytest.approx([peak * lr_at(b, 20, 10, 1.0) for b in range(6, 20)],

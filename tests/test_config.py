@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -169,6 +170,11 @@ def test_round_trip_through_yaml_and_dict(tmp_path):
     texts = load_config(None, ["out=1e3", "data.val=-.5", "data.train=010", "model.weights=2e3"])
     save_config(texts, tmp_path / "t.yaml")
     assert load_config(tmp_path / "t.yaml") == texts
+    # ... and text that PyYAML's own loader reads as a number stays text to it (other tools read config.yaml).
+    texts = load_config(None, ["out=20240101_1200", "data.val=0x10", "data.train=1:30"])
+    save_config(texts, tmp_path / "u.yaml")
+    assert load_config(tmp_path / "u.yaml") == texts
+    assert yaml.safe_load((tmp_path / "u.yaml").read_text())["out"] == "20240101_1200"
 
 
 @settings(max_examples=60, deadline=None)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import faiss
@@ -473,14 +474,21 @@ def test_reading_an_index_warns_when_its_folder_changed_since_embedding(tmp_path
     with caplog.at_level(logging.WARNING, logger="simxent"):
         read_store(out)
     assert "changed after it was embedded (1 image file(s) added, 1 removed" in caplog.text
+    # A BMP (its size fixed by its dimensions) rewritten with other pixels, its modification time put back.
+    from PIL import Image
+
+    bmp, again = folder / "a" / "x.bmp", tmp_path / "again"
+    Image.new("RGB", (16, 16), (30, 30, 30)).save(bmp)
+    assert cli.embed_main(["--checkpoint", str(tmp_path / "c.pt"), "--images", str(folder), "--out", str(again),
+                           "--workers", "0", "--no-cache", "--no-progress"]) == 0
+    before = bmp.stat()
+    time.sleep(0.05)  # a later change time where the kernel keeps it to a coarse clock tick
+    Image.new("RGB", (16, 16), (225, 225, 225)).save(bmp)
+    os.utime(bmp, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (bmp.stat().st_size, bmp.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     caplog.clear()
-    (folder / "a" / "new.png").unlink()
-    write_image(folder / "a" / "0.png", seed=0)  # the same pixels again: its times are new
-    before = (folder / "a" / "1.png").stat()
-    write_image(folder / "a" / "1.png", seed=77)
-    os.utime(folder / "a" / "1.png", ns=(before.st_atime_ns, before.st_mtime_ns))
     with caplog.at_level(logging.WARNING, logger="simxent"):
-        read_store(out)
+        read_store(again)
     assert "changed after it was embedded (0 image file(s) added, 0 removed, others maybe rewritten)" in caplog.text
 
 
@@ -521,32 +529,33 @@ def test_a_query_that_is_not_a_regular_file_is_refused(tmp_path):
 
 def test_embeddings_are_computed_without_tf32(monkeypatch):
     """On a GPU PyTorch runs float32 convolutions in TF32 by default (about three digits): embed turns it off
-    for its forward passes, whatever the caller had set, and puts the caller's setting back."""
+    for its forward passes, whatever the caller had set (here with torch's newer flags, after which reading
+    the older ones raises), and puts the caller's setting back."""
     import simxent.search as search
 
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
     seen = []
     real = search.extract_features
 
     def recording(*args, **kwargs):
-        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        seen.append((cudnn.conv.fp32_precision, matmul.fp32_precision))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(search, "extract_features", recording)
-    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
-    before = cudnn.allow_tf32, matmul.allow_tf32  # flags behind properties: set and put back by hand
-    cudnn.allow_tf32 = matmul.allow_tf32 = True
+    before = cudnn.conv.fp32_precision, matmul.fp32_precision  # flags behind properties: set and put back by hand
+    cudnn.conv.fp32_precision = matmul.fp32_precision = "tf32"
     try:
         encoder, _ = backbone("convnet")
         simxent.embed(encoder.eval(), np.zeros((2, 16, 16, 3), dtype=np.uint8))
-        assert seen == [(False, False)]
-        assert cudnn.allow_tf32 and matmul.allow_tf32
+        assert seen == [("ieee", "ieee")]
+        assert (cudnn.conv.fp32_precision, matmul.fp32_precision) == ("tf32", "tf32")
     finally:
-        cudnn.allow_tf32, matmul.allow_tf32 = before
+        cudnn.conv.fp32_precision, matmul.fp32_precision = before
 
 
 def test_an_out_folder_holding_images_is_refused(tmp_path, capsys):
     """Marked as simxent's output, the images in --out would be left out of every later training folder above
-    it (here the parent of --images, which holds a train folder beside it)."""
+    it (here a folder beside --images that holds a train folder)."""
     folder, ckpt, out = small_store(tmp_path)
     write_image(tmp_path / "images_too" / "train" / "c" / "0.png")
     status = cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(tmp_path / "images_too"),

@@ -324,8 +324,13 @@ def test_what_the_sweep_sets_is_refused_as_an_override_or_a_grid_key(tmp_path, g
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)} \({where}\): the sweep sets it in every run; "
                                           rf"use {option}$"):
         sweep(None, grid, str(tmp_path / "train"), str(tmp_path / "test"), tmp_path / "sweep",
-              SweepOptions(val_fraction=0.25), overrides)
+              SweepOptions(val_fraction=0.25, seeds=2), overrides)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_train_seed_grid_names_each_runs_seed_with_one_seed_per_setting(tmp_path):
+    runs = sweep_module.plan_runs(None, {"train.seed": [0, 1]}, tmp_path, SweepOptions(), BASE)
+    assert [(combo, cfg.train.seed) for combo, _, cfg in runs] == [({"train.seed": 0}, 0), ({"train.seed": 1}, 1)]
 
 
 def test_a_test_folder_sharing_images_with_train_or_a_bad_probe_is_refused_before_training(tmp_path):
@@ -339,7 +344,7 @@ def test_a_test_folder_sharing_images_with_train_or_a_bad_probe_is_refused_befor
     assert not (out / "temperature=0.1").exists()
 
 
-def test_a_resumed_sweep_refuses_runs_trained_with_other_settings(tmp_path):
+def test_a_resumed_sweep_refuses_runs_trained_with_other_settings(tmp_path, monkeypatch):
     """train.resume=auto reuses a finished run as it is: with another optim.lr its scores would be reported
     under an lr it never trained with. More epochs (continuing it) and other monitoring are fine."""
     shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
@@ -349,6 +354,10 @@ def test_a_resumed_sweep_refuses_runs_trained_with_other_settings(tmp_path):
     with pytest.raises(ConfigError, match=r"^--out: .*temperature=0.1/seed=0 was trained with optim.lr=0.1, this "
                                           r"sweep gives it 0.05 \(1 setting\(s\) differ\)"):
         sweep(None, grid, *args, out, options, [*BASE, "train.resume=auto", "optim.lr=0.05"], probe, progress=False)
+    # The same sweep by an absolute --out (its data.train and out are spelt otherwise) is the same sweep.
+    monkeypatch.chdir(tmp_path)
+    again = sweep(None, grid, *args, Path("sweep"), options, [*BASE, "train.resume=auto"], probe, progress=False)
+    assert len(again["runs"]) == 1
     again = sweep(None, grid, *args, out, options, [*BASE, "train.resume=auto", "train.log_every=1"], probe,
                   progress=False)
     assert len(again["runs"]) == 1
