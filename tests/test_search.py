@@ -586,3 +586,18 @@ def test_a_copy_at_twice_the_size_embeds_as_its_original(tmp_path):
     store = read_store(tmp_path / "e")
     a, b = (store.names.index(str(f.relative_to(folder))) for f in (first, first.parent / "big.png"))
     assert float(store.vectors[a] @ store.vectors[b]) > 0.995
+
+
+def test_a_folder_embedded_through_a_link_reads_as_unchanged(tmp_path, caplog):
+    """meta.json names the folder (or list file) by its real path: the listing read back must be the one
+    embedded, whatever path the embedding was given."""
+    folder, ckpt, _ = small_store(tmp_path)
+    (tmp_path / "link").symlink_to(folder, target_is_directory=True)
+    (folder / "list.txt").write_text("a/1.png\na/2.png\n")
+    link = tmp_path / "link"
+    for images, out in ((link, tmp_path / "by_link"), (link / "list.txt", tmp_path / "by_list")):
+        assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(images), "--out", str(out),
+                               "--workers", "0", "--no-cache", "--no-progress"]) == 0
+        with caplog.at_level(logging.WARNING, logger="simxent"):
+            read_store(out)
+    assert "changed after it was embedded" not in caplog.text
