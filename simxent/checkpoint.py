@@ -381,9 +381,11 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore :func:`rng_state`'s RNGs. torch takes their states as CPU byte tensors only: a checkpoint
+    loaded onto a GPU (``map_location``) holds them there."""
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def training_state(cfg: Config, net: nn.Module, optimizer, scaler, pos: Position, rng: Optional[dict],

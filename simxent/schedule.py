@@ -53,19 +53,22 @@ def warmup_steps(warmup_epochs: float, epochs: int, steps_per_epoch: int) -> int
     return cut
 
 
-def budget_lr_fraction(step: int, total: int, warmup: int, used: float, min_fraction: float = 0.0) -> float:
+def budget_lr_fraction(step: int, total: int, warmup: int, used: float, min_fraction: float = 0.0,
+                       clock: Optional[float] = None) -> float:
     """The lr as a fraction of the peak when a time budget is the schedule, ``used`` (q) the share of the
-    budget spent (0 at the first step, 1 at the deadline), S = ``total`` steps, W = ``warmup``, m = ``min_fraction``:
+    budget spent (0 at the first step, 1 at the deadline), S = ``total`` steps, W = ``warmup``, m = ``min_fraction``,
+    ``clock`` (q_t, default q) the share that time alone has spent:
 
         p = max(s / S, q)                                   progress: the epochs' or the clock's, the further
-        warm = min(1, max((s + 1) / W, q / 0.1))            (1 when W = 0)
+        warm = min(1, max((s + 1) / W, q_t / 0.1))          (1 when W = 0)
         f = warm * (m + (1 - m) * (1 + cos(pi * p)) / 2)
 
-    so warm-up ends after W steps or 10 % of the budget, whichever comes first, and f reaches m at p = 1.
+    so warm-up ends after W steps or 10 % of the budget's time, whichever comes first, and f reaches m at
+    p = 1. (A resumed run's q counts the steps' progress it saved as spent budget; warm-up must not.)
     With q = 0 throughout this is not :func:`lr_at` (its cosine starts after the warm-up, over
     (s - W) / (S - W)), so a run without a budget keeps lr_at.
     """
-    used_share = used / BUDGET_WARMUP_SHARE
+    used_share = (used if clock is None else clock) / BUDGET_WARMUP_SHARE
     warm = min(1.0, max((step + 1) / warmup, used_share)) if warmup else 1.0
     progress = min(1.0, max(step / total, used))
     return warm * (min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
@@ -130,7 +133,7 @@ class TimeBudget:
         """The lr at ``step`` as a fraction of the peak."""
         if not self.spans:
             return lr_at(step, self.total, self.warmup, 1.0, min_fraction)
-        return budget_lr_fraction(step, self.total, self.warmup, self.budget_used(), min_fraction)
+        return budget_lr_fraction(step, self.total, self.warmup, self.budget_used(), min_fraction, self.time_share())
 
     def finished(self) -> bool:
         """Whether the budget's schedule has reached its end (the deadline; the epochs end their own loop)."""

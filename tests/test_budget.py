@@ -438,3 +438,19 @@ def test_budget_script_refuses_bad_arms_and_its_own_keys_and_names_folders_by_ov
     changed = script.run_folder(tmp_path, 10, True, ["optim.min_lr=0.25", "augment.crop_scale=[0.2,1.0]"])
     assert plain.name == "10min_budget" and changed.parent == tmp_path
     assert changed.name == "10min_budget_optim.min_lr=0.25_augment.crop_scale=-0.2,1.0-"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_run_resumed_in_its_warm_up_warms_up_on(shapes, tmp_path, monkeypatch):
+    """20 epochs of 5 steps (S = 100, W = 50) in a 3600 s budget, stopped (SIGTERM) after 10 steps of 1 s: the
+    saved progress 0.1 came from the steps, not the clock (10 s of 3600), so the resumed run goes on warming up
+    at (s + 1) / W, as the uninterrupted run would, instead of jumping to the peak."""
+    args = ("train.epochs=20", "train.max_time=3600")
+    use_clock(monkeypatch, StepClock(0.0, [1.0] * 1000, stop_at(10)))
+    run = tmp_path / "run"
+    assert pretrain(load_config(None, tiny(shapes, run, *args)), progress=False)["global_step"] == 10
+    use_clock(monkeypatch, StepClock(0.0, [1.0] * 1000, stop_at(3)))
+    pretrain(load_config(None, tiny(shapes, run, *args, "train.resume=auto")), progress=False)
+    lrs = logged_lrs(run)
+    for s in (10, 11):  # q_t: the 10 s before and the clock since, a share of 3600 s far below 10 %
+        assert lrs[s] == pytest.approx(PEAK * (s + 1) / 50 * (1 + math.cos(math.pi * s / 100)) / 2, rel=0.01)

@@ -231,3 +231,23 @@ def test_an_fp16_run_resumes_a_checkpoint_written_without_a_grad_scaler(tmp_path
     pos = restore_training(run / "checkpoints" / "last.pt", state, net, optimizer, scaler, 0, 16)
     assert pos.global_step == 5 and scaler.get_scale() == torch.amp.GradScaler("cpu").get_scale()
     torch.testing.assert_close(net.encoder.state_dict(), state["encoder"], rtol=0, atol=0)
+
+
+def test_rng_states_held_on_another_device_are_restored_from_the_cpu():
+    """A checkpoint loaded onto a GPU (map_location) holds its RNG states there, and torch sets them from CPU
+    byte tensors only: each is brought to the CPU first (here a stand-in with .cpu(), as no GPU is at hand)."""
+    from simxent.checkpoint import set_rng_state
+
+    class OnDevice:
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def cpu(self):
+            return self.tensor
+
+    torch.manual_seed(7)
+    saved = torch.get_rng_state()
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    set_rng_state({"torch": OnDevice(saved)})
+    assert torch.equal(torch.rand(3), expected)

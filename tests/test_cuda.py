@@ -67,3 +67,6 @@ def test_tiny_pretraining_on_cuda(tmp_path):
     assert summary["global_step"] == 10 and summary["skipped_steps"] == 0
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt", map_location="cpu")
     assert all(torch.isfinite(v).all() for v in state["encoder"].values() if v.is_floating_point())
+    # Resumed on the GPU: the checkpoint is loaded onto it, RNG states included, which torch sets from the CPU.
+    cfg.train.epochs, cfg.train.resume = 3, "auto"
+    assert pretrain(cfg, progress=False)["global_step"] == 15
