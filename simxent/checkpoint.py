@@ -113,14 +113,16 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Read a simxent checkpoint with the safe unpickler; refuse files that carry arbitrary objects."""
     state = read_weights_file(path, map_location)
     if not isinstance(state, dict) or "format_version" not in state:
-        raise CheckpointError(f"{path} is not a simxent checkpoint (no format_version); to score a plain "
-                              f"state dict, name its architecture: simxent-linear-eval --backbone NAME")
+        raise CheckpointError(f"{path} is not a simxent checkpoint (no format_version), so no run resumes from "
+                              f"it; to score a plain state dict, name its architecture: simxent-linear-eval "
+                              f"--backbone NAME")
     version = state["format_version"]
     if type(version) is not int or version < 1:  # bool is an int subclass: refused too
         raise CheckpointError(f"{path}: format_version is {version!r}, not a positive integer; the file is damaged "
                               f"or was not written by simxent")
     if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {version}; this simxent reads up to {FORMAT_VERSION}")
+        raise CheckpointError(f"{path} has checkpoint format {version}; this simxent reads up to {FORMAT_VERSION}: "
+                              f"a newer simxent wrote it, upgrade simxent to read it")
     return state
 
 

@@ -890,7 +890,8 @@ def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, 
     kept = has_checkpoints(out)
     if state is None and kept and cfg.train.resume == "auto" and not cfg.train.overwrite:
         raise ConfigError(f"train.resume=auto: no checkpoint in {out / 'checkpoints'} loads (each is named in a "
-                          f"warning above); give one by path, or train.overwrite=true to start again")
+                          f"warning above); give one by path, or start again with train.overwrite=true, which "
+                          f"deletes them")
     restart = state is None and not kept and (cfg.train.resume == "auto" or dist.restarted_by_torchrun())
     if restart:
         resumed_id = recorded_run_id(out)

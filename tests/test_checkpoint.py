@@ -62,8 +62,11 @@ def test_missing_truncated_and_foreign_files(tmp_path):
     with pytest.raises(CheckpointError, match="cannot read|refusing"):
         load_checkpoint(path)
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="not a simxent checkpoint"):
+    with pytest.raises(CheckpointError, match="not a simxent checkpoint .*so no run resumes from it"):
         load_checkpoint(tmp_path / "other.pt")
+    torch.save({"format_version": 99, "encoder": {}}, tmp_path / "newer.pt")
+    with pytest.raises(CheckpointError, match="has checkpoint format 99; .*a newer simxent wrote it, upgrade simxent"):
+        load_checkpoint(tmp_path / "newer.pt")
     (tmp_path / "meta.json").write_text('{"not": "weights"}')
     with pytest.raises(CheckpointError, match="meta.json is not a file torch.save wrote"):
         load_checkpoint(tmp_path / "meta.json")
