@@ -400,6 +400,8 @@ def search_files(store: EmbeddingStore, paths: Sequence[str | Path], k: int = 10
     """The ``k`` nearest rows of each image file, decoded and embedded as the store's folder was: with its
     image size, crop ratio and normalisation from meta.json, and the encoder of ``checkpoint`` (default:
     meta.json's; a plain state dict of meta.json's architecture if the folder was embedded from one)."""
+    if not (isinstance(k, int) and k >= 1):
+        raise ConfigError(f"k must be an integer >= 1, got {k!r}")
     meta = store.meta
     plain = meta["plain_state_dict"]
     if checkpoint is None and not Path(meta["checkpoint"]).is_file():

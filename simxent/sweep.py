@@ -131,6 +131,9 @@ def carve_validation(train_dir: str | Path, dest: str | Path, opts: SweepOptions
                               f"test folder")
     if opts.subset > len(found.files):
         raise ConfigError(f"--subset {opts.subset} is more than the {len(found.files)} images of {train_dir}")
+    if 0 < opts.subset < 2 * len(found.classes):
+        raise ConfigError(f"--subset {opts.subset} leaves fewer than two images for each of the {len(found.classes)} "
+                          f"classes of {train_dir} (one for the train part, one for validation)")
     parts = dict(zip(("train", "val"), stratified_split(found.labels, opts.val_fraction, opts.split_seed,
                                                          opts.subset)))
     counts = {name: [0] * len(found.classes) for name in parts}
@@ -321,18 +324,22 @@ def check_earlier_runs(runs: list) -> None:
                           f"them all again, or choose another --out")
 
 
+# What a reused run must share with the sweep that reuses it: the settings that change what a run learns
+# (less data.train, which the sweep sets and check_same_split guards) and the budget every run gets.
+SWEEP_MUST_MATCH = (*CHANGES_TRAINING, "train.epochs", "train.max_time")
+
+
 def check_resumed_settings(runs: list) -> None:
-    """With train.resume=auto, refuse a run folder whose checkpoint was trained with other settings that change
-    what a run learns (:data:`simxent.train.CHANGES_TRAINING`, less data.train, which the sweep sets and
-    :func:`check_same_split` guards) than the sweep now gives it: its scores would be reported under settings
-    it did not train with. A checkpoint that does not load is left to the run, which falls back."""
+    """With train.resume=auto, refuse a run folder whose checkpoint was trained with other settings
+    (:data:`SWEEP_MUST_MATCH`) than the sweep now gives it: its scores would be reported under settings or a
+    budget it did not train with. A checkpoint that does not load is left to the run, which falls back."""
     for _, _, cfg in runs:
         path = last_in_folder(Path(cfg.out)) if cfg.train.resume else None
         try:
             state = load_checkpoint(path, map_location="cpu") if path else None
         except (CheckpointError, OSError):
             continue
-        changed = [c for c in changed_settings(state, cfg) if c[0].startswith(CHANGES_TRAINING)
+        changed = [c for c in changed_settings(state, cfg) if c[0].startswith(SWEEP_MUST_MATCH)
                    and c[0] != "data.train"] if state else []
         if changed:
             key, was, now = changed[0]
@@ -350,12 +357,17 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
     opts.check()
     check_probe_options(probe)
     out = Path(out)
+    for option, folder in (("--train", train_dir), ("--test", test_dir)):
+        if out.resolve().is_relative_to(Path(folder).resolve()):
+            raise ConfigError(f"--out {out} is inside {option} {folder}: the sweep's split and runs would be read "
+                              f"as images of it; choose a folder outside it")
     runs = plan_runs(config, grid, out, opts, overrides)
     check_earlier_runs(runs)
     check_resumed_settings(runs)
     split = carve_validation(train_dir, out / "split", opts, [Path(cfg.out) for _, _, cfg in runs], test_dir)
     train_part, val_part = out / "split" / "train", out / "split" / "val"
-    results = {"split": split, "budget": budget_text(opts, runs[0][2]), "runs": []}
+    results = {"split": split, "budget": budget_text(opts, runs[0][2]), "runs": [],
+               "tested_before": tested_before(out)}
     with SummaryWriter(str(out / "hparams")) as writer:  # closed however the loop ends (a signal, an error)
         for combo, seed, cfg in runs:
             summary = pretrain(cfg, progress=progress)
@@ -383,6 +395,25 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
     results["chosen"]["test_mean"] = {m: statistics.fmean(t[m] for t in tests) for m in METRICS}
     write_results(results, out)
     return results
+
+
+def tested_before(out: Path) -> list[dict]:
+    """The settings whose runs earlier sweeps into ``out`` scored on the test folder (results.json's chosen
+    setting, and those it lists as tested before): a sweep extended and run again looks at the test folder
+    once more, which its results say."""
+    try:
+        earlier = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return []
+    tested = list(earlier.get("tested_before", []))
+    if "test" in earlier.get("chosen", {}):
+        tested.append(setting_keys(earlier["chosen"]["setting"]))
+    return [t for i, t in enumerate(tested) if t not in tested[:i]]
+
+
+def setting_keys(setting: dict) -> dict:
+    """A summarised setting's swept values, without its scores."""
+    return {k: v for k, v in setting.items() if not k.startswith(("val_", "seeds", "within"))}
 
 
 def budget_text(opts: SweepOptions, cfg) -> str:
@@ -418,9 +449,13 @@ def write_results(results: dict, out: Path) -> None:
         lines += markdown_table(results["settings"], list(results["settings"][0]))
         margin = chosen["noise_margin"]
         noise = "" if margin is None else f"; settings within {margin:.4f} of it are within run-to-run noise"
-        shown = ", ".join(f"{k}={v}" for k, v in chosen["setting"].items() if not k.startswith(("val_", "seeds",
-                                                                                                  "within")))
+        shown = ", ".join(f"{k}={v}" for k, v in setting_keys(chosen["setting"]).items())
         lines += ["", f"Chosen: {shown}, by {chosen['criterion']}{noise}.", "",
                   "## Test folder (the chosen setting only, scored once per seed)", ""]
+        others = [t for t in results.get("tested_before", []) if t != setting_keys(chosen["setting"])]
+        if others:
+            earlier = "; ".join(", ".join(f"{k}={v}" for k, v in t.items()) for t in others)
+            lines += [f"Earlier sweeps into this --out also scored the test folder, for: {earlier}. It has been "
+                      f"looked at for {len(others) + 1} settings: its score is no longer an untouched estimate.", ""]
         lines += markdown_table(chosen["test"] + [{"seed": "mean", **chosen["test_mean"]}], ["seed", *METRICS])
     write_text_atomic(out / "results.md", "\n".join(lines) + "\n")

@@ -18,7 +18,7 @@ import torch
 import simxent
 from simxent import cli
 from simxent.checkpoint import load_checkpoint, save_checkpoint
-from simxent.config import load_config, to_dict
+from simxent.config import ConfigError, load_config, to_dict
 from simxent.data import DataError, decode, decode_eval
 from simxent.evaluate import recall_against_exact
 from simxent.files import json_text
@@ -601,3 +601,9 @@ def test_a_folder_embedded_through_a_link_reads_as_unchanged(tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="simxent"):
             read_store(out)
     assert "changed after it was embedded" not in caplog.text
+
+
+def test_search_files_refuses_a_k_below_one(tmp_path):
+    folder, _, out = small_store(tmp_path)
+    with pytest.raises(ConfigError, match=r"^k must be an integer >= 1, got 0$"):
+        simxent.search_files(read_store(out), [folder / "a" / "1.png"], k=0)

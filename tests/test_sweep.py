@@ -361,3 +361,40 @@ def test_a_resumed_sweep_refuses_runs_trained_with_other_settings(tmp_path, monk
     again = sweep(None, grid, *args, out, options, [*BASE, "train.resume=auto", "train.log_every=1"], probe,
                   progress=False)
     assert len(again["runs"]) == 1
+
+
+def test_an_extended_sweep_says_when_the_test_folder_was_scored_for_another_setting(tmp_path, monkeypatch):
+    """Extended with a better value, the sweep scores the test folder for a second setting: results.md says so,
+    once per setting however often the sweep is run again. A budget other than its runs' is refused."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    out, args = tmp_path / "sweep", (str(shapes / "train"), str(shapes / "test"))
+    val = {"0.1": 0.5, "0.2": 0.7}  # validation kNN by temperature: 0.2 wins once it is swept
+
+    def scores(run, train_dir, eval_dir, probe, name, progress):
+        t = run.parent.name.split("=")[1]
+        return {"knn_top1": val[t] if name == "val" else 0.6, "linear_top1": 0.6}
+
+    monkeypatch.setattr(sweep_module, "evaluate_run", scores)
+    overrides, options = [*BASE, "train.resume=auto"], SweepOptions(val_fraction=0.25)
+    first = sweep(None, {"loss.temperature": [0.1]}, *args, out, options, overrides, progress=False)
+    assert first["tested_before"] == [] and "Earlier sweeps" not in (out / "results.md").read_text()
+    for _ in range(2):
+        again = sweep(None, {"loss.temperature": [0.1, 0.2]}, *args, out, options, overrides, progress=False)
+        assert again["chosen"]["setting"]["loss.temperature"] == 0.2
+        assert ("Earlier sweeps into this --out also scored the test folder, for: loss.temperature=0.1. It has "
+                "been looked at for 2 settings") in (out / "results.md").read_text()
+    assert again["tested_before"] == [{"loss.temperature": 0.1}, {"loss.temperature": 0.2}]
+    with pytest.raises(ConfigError, match=r"was trained with train.epochs=1, this sweep gives it 2"):
+        sweep(None, {"loss.temperature": [0.1]}, *args, out, options, [*overrides, "train.epochs=2"], progress=False)
+
+
+def test_an_out_inside_the_train_or_test_folder_or_a_tiny_subset_is_refused_before_anything(tmp_path):
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    with pytest.raises(ConfigError, match=r"^--subset 5 leaves fewer than two images for each of the 5 classes"):
+        sweep(None, {"loss.temperature": [0.1]}, str(shapes / "train"), str(shapes / "test"), tmp_path / "s",
+              SweepOptions(val_fraction=0.25, subset=5), BASE)
+    for folder in ("train", "test"):
+        with pytest.raises(ConfigError, match=rf"^--out .*shapes/{folder}/sweep is inside --{folder} "):
+            sweep(None, {"loss.temperature": [0.1]}, str(shapes / "train"), str(shapes / "test"),
+                  shapes / folder / "sweep", SweepOptions(val_fraction=0.25), BASE)
+        assert not (shapes / folder / "sweep").exists()
