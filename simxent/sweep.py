@@ -34,11 +34,11 @@ import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
 from . import figures
+from .checkpoint import CheckpointError, changed_settings, last_in_folder, load_checkpoint
 from .config import ConfigError, load_config, parse_override
 from .data import DataError, find_images, naming_the_key, shared_files
 from .files import write_text_atomic
 from .linear_eval import ProbeOptions, check_probe_options, check_same_classes, linear_eval
-from .checkpoint import CheckpointError, changed_settings, last_in_folder, load_checkpoint
 from .rundir import has_checkpoints, holds_run
 from .train import CHANGES_TRAINING, pretrain
 
