@@ -17,6 +17,7 @@ full-resolution image.
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import logging
@@ -85,6 +86,11 @@ class ImageList:
     @property
     def cacheable(self) -> bool:
         return self.kind != "dataset" or bool(self.cache_name)
+
+    @functools.cached_property
+    def listing(self) -> bytes:
+        """:func:`_listing`, made once per ImageList: it stats every file (or reads a dataset's items)."""
+        return _listing(self)
 
     @property
     def labelled(self) -> bool:
@@ -701,8 +707,9 @@ def decode_side(size: int, decode_size: Optional[int] = None) -> int:
 def _listing(images: ImageList) -> bytes:
     """What a cache entry stands for besides its layout: a folder's resolved path, then each file's path
     (relative to the folder, absolute from a list), size, modification time and change time, a line each;
-    for a dataset, its cache name, length and a digest of eight items' pixels. Made once per load: it stats
-    every file, and each layout's key reuses it.
+    for a dataset, its cache name, length and a digest of eight items' pixels. Made once per ImageList
+    (:attr:`ImageList.listing`): it stats every file, and each layout's key, and an embedding's digest of the
+    listing, reuse it.
     The change time (st_ctime) is there because the modification time can be set back (``cp -p``,
     ``rsync -t``, ``tar x``): a file replaced by another of the same size and time is new to it. The folder's
     own path is part of it: two folders of files with the same names, sizes and times (BMPs unpacked from
@@ -724,7 +731,7 @@ def _listing(images: ImageList) -> bytes:
 def listing_digest(images: ImageList) -> str:
     """sha1 of :func:`_listing`: it changes when a file of ``images`` is added, removed, renamed, resized or
     rewritten, as the cache's key does."""
-    return hashlib.sha1(_listing(images)).hexdigest()
+    return hashlib.sha1(images.listing).hexdigest()
 
 
 def _dataset_sample(items: list) -> str:
@@ -842,7 +849,7 @@ def _decoded_or_cached(found: ImageList, size: int, cache: bool, cache_dir, work
     square = Layout("square", size, size)
     larger = Layout("eval", size, size, crop_ratio) if crop_ratio else \
         Layout("padded", size, decode_side(size, decode_size))
-    listing = _listing(found) if cache else b""
+    listing = found.listing if cache else b""
     hit = _read_cache(listing, (square, larger), cache_dir) if cache else None
     if hit is not None and _denied_now_readable(found, hit[2]):
         hit = None  # decoded again, into the same entry

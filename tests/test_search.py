@@ -607,3 +607,15 @@ def test_search_files_refuses_a_k_below_one(tmp_path):
     folder, _, out = small_store(tmp_path)
     with pytest.raises(ConfigError, match=r"^k must be an integer >= 1, got 0$"):
         simxent.search_files(read_store(out), [folder / "a" / "1.png"], k=0)
+
+
+def test_an_embedding_lists_and_stats_its_folder_once(tmp_path, monkeypatch):
+    """The listing that keys the cache is the one whose digest meta.json keeps: one pass over the files."""
+    import simxent.data as data
+
+    folder, ckpt, _ = small_store(tmp_path)
+    calls, real = [], data._listing
+    monkeypatch.setattr(data, "_listing", lambda images: calls.append(1) or real(images))
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(tmp_path / "again"),
+                           "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert len(calls) == 1
