@@ -281,6 +281,13 @@ def dataset_images(dataset, cache_name: Optional[str] = None) -> ImageList:
     return ImageList(f"dataset {name}", files, [-1] * n, [], kind="dataset", cache_name=cache_name)
 
 
+def names_base(source: str | Path) -> Path:
+    """What the images of a folder, or of a list file (whose entries are relative to its own folder), are
+    named relative to: the folder, or the list's folder."""
+    source = Path(source)
+    return source.parent if source.is_file() else source
+
+
 def find_source(source: str | Path | ImageList) -> ImageList:
     """The images of ``source``: an :class:`ImageList` as it is; a path to a file, the images it lists
     (:func:`read_image_list`); any other path, the images below that folder (:func:`find_images`)."""

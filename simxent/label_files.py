@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .config import ConfigError
-from .data import ImageArray
+from .data import ImageArray, names_base
 from .files import missing_file
 
 log = logging.getLogger("simxent")
@@ -97,7 +97,7 @@ def read_label_csv(path: str | Path, data: ImageArray, root: str | Path, names: 
     path, root = Path(path), Path(root)
     if not path.is_file():
         raise ConfigError(missing_file(path, "label file"))
-    base = root.parent if root.is_file() else root  # a list's entries are relative to the list's folder
+    base = names_base(root)
     images = [image_name(f, base) for f in data.files]
     unreadable = {image_name(f, base) for f in data.skipped}
     # An absolute path to an image below the folder (of the images, or of the list) names it as the images do.

@@ -38,7 +38,8 @@ from . import __version__
 from .augment import Normalize
 from .checkpoint import encoder_digest
 from .config import AugmentConfig, ConfigError, DataConfig
-from .data import DataError, ImageArray, decode_eval, find_source, listing_digest, load_configured, naming_the_key
+from .data import (DataError, ImageArray, decode_eval, find_source, listing_digest, load_configured,
+                   naming_the_key, names_base)
 from .evaluate import build_index, extract_features, recall_against_exact
 from .files import json_text, write_text_atomic
 from .rundir import mark_output, run_lock
@@ -200,12 +201,6 @@ def read_store(folder: str | Path) -> EmbeddingStore:
     return EmbeddingStore(vectors, names, index, meta)
 
 
-def embedded_base(images: str | Path) -> Path:
-    """What a store's names are relative to: the image folder, or a list file's own folder."""
-    images = Path(images)
-    return images.parent if images.is_file() else images
-
-
 def warn_if_changed(folder: Path, meta: dict, names: list[str]) -> None:
     """Warn when the embedded images changed after embedding (meta.json's ``listing``, the digest of
     :func:`simxent.data.listing_digest`): the index neither finds images added since nor forgets removed
@@ -221,7 +216,7 @@ def warn_if_changed(folder: Path, meta: dict, names: list[str]) -> None:
         return
     if listing_digest(images) == meta["listing"]:
         return
-    base = embedded_base(meta["images"])
+    base = names_base(meta["images"])
     now = {os.path.relpath(f, base) for f in [*images.files, *images.irregular]}
     then = set(names) | set(meta["skipped"])
     log.warning("--index %s: %s changed after it was embedded (%d image file(s) added, %d removed, others maybe "
@@ -346,7 +341,7 @@ def embed_folder(checkpoint: str | Path, images_dir: str | Path, out: str | Path
         encoder = enc.encoder.to(device).to(memory_format=torch.channels_last)
         vectors = embed(encoder, data.images, enc.mean, enc.std, opts.batch_size, opts.progress).numpy()
         index, described = build_search_index(vectors, opts.ivf_above, opts.nprobe)
-        base = embedded_base(images_dir)  # a list file names images from its own folder
+        base = names_base(images_dir)
         meta = {"simxent_version": __version__, "checkpoint": str(Path(checkpoint).resolve()),
                 "encoder_digest": encoder_digest(enc.encoder), "backbone": enc.backbone, "cifar_stem": enc.cifar_stem,
                 "plain_state_dict": bool(opts.backbone), "images": str(Path(images_dir).resolve()),
