@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .config import ConfigError
 from .files import HOST, folder_problem, remove_dead_temp_files, write_text_atomic
+from .runtime import quiet_log
 
 log = logging.getLogger("simxent")
 
@@ -60,29 +61,21 @@ def _holder(lock_path: Path) -> str:
 
 
 def first_image(folder: Path) -> Path | None:
-    """An image file below ``folder`` that image discovery would take (not in a run or output folder, not
-    hidden), or None."""
-    from .data import IMAGE_SUFFIXES  # data imports this module
+    """An image that image discovery (:func:`simxent.data.find_images`) takes from ``folder``, or None."""
+    from .data import DataError, find_images  # data imports this module
 
-    seen = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):  # as image discovery walks
-        real = os.path.realpath(dirpath)
-        if LOCK_FILE in filenames or OUTPUT_MARK in filenames or real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                return Path(dirpath) / name
-    return None
+    try:
+        with quiet_log():  # discovery's warnings (hidden files, run folders left out) are for training
+            return find_images(folder).files[0]
+    except DataError:  # none found
+        return None
 
 
 def mark_output(folder: Path, key: str = "--out") -> None:
     """Mark ``folder`` (made if needed) as simxent's output: OUTPUT_MARK. A folder that holds images is
     refused, naming ``key``: marked, its images would be left out of every image folder above it."""
-    if folder.is_dir() and not (folder / OUTPUT_MARK).exists():
-        image = first_image(folder)
+    if folder.is_dir() and not (folder / OUTPUT_MARK).exists() and not (folder / LOCK_FILE).exists():
+        image = first_image(folder)  # (a run's folder, as a marked one, is left out of image folders already)
         if image is not None:
             raise ConfigError(f"{key}: {folder} holds images ({image}); as simxent's output folder they would be "
                               f"left out of any image folder above it: give a folder of its own")
