@@ -24,7 +24,7 @@ from .evaluate import LabelError, ProbeDivergedError
 from .files import is_disk_full, json_text
 from .linear_eval import ProbeOptions, check_probe_options, format_results, linear_eval
 from .search import EmbedOptions, duplicate_pairs, embed_folder, read_store, search_files, unrelated_similarity
-from .train import TrainingError, pretrain
+from .train import TrainingError, point_name, pretrain
 
 log = logging.getLogger("simxent")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ClassWeightError, LabelError, ProbeDivergedError,
@@ -134,10 +134,8 @@ def format_summary(summary: dict, out: Path) -> str:
              f"steps in {summary['seconds']:.0f} s{stop}",
              "final loss: " + ("-" if summary["last_loss"] is None else f"{summary['last_loss']:.4f}")]
     if knn:
-        last = knn[-1]
-        at = (f"epoch {last['epoch'] + 1} step {last['epoch_step']}" if last.get("epoch_step") else
-              f"epoch {last['epoch']}")  # named as the log names it; a run stopped mid-epoch is inside the next
-        lines.append(f"kNN top-1: {last['top1']:.4f} ({at})")
+        last = knn[-1]  # named as the log names it (an older summary's entries hold no epoch_step)
+        lines.append(f"kNN top-1: {last['top1']:.4f} ({point_name(last['epoch'], last.get('epoch_step', 0))})")
     if summary.get("skipped_images"):
         lines.append(f"skipped images: {len(summary['skipped_images'])} (listed in {out / 'skipped_images.txt'})")
     tb = shlex.quote(str(out / "tb"))  # pasted into a shell as it is: a path with spaces is quoted

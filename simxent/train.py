@@ -752,6 +752,12 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
     run.saved_step = run.pos.global_step
 
 
+def point_name(epoch: int, epoch_step: int) -> str:
+    """A point of a run as the log names it: ``epoch`` epochs done, and ``epoch_step`` steps into the next
+    (0 at an epoch's end): "epoch 3", or "epoch 4 step 19" for a run stopped inside its fourth epoch."""
+    return f"epoch {epoch + 1} step {epoch_step}" if epoch_step else f"epoch {epoch}"
+
+
 def monitor_knn(run: Run) -> None:
     """kNN top-1 of data.val on rank 0 (the others wait), logged and kept for the summary."""
     with dist.main_process_first():
@@ -761,9 +767,7 @@ def monitor_knn(run: Run) -> None:
             run.knn_top1.append({"epoch": run.pos.epoch, "epoch_step": run.pos.step, "step": run.pos.global_step,
                                  "top1": top1})
             run.monitor.scalars({"knn_top1": top1}, run.pos.global_step, prefix="val/")
-            pos = run.pos  # after an epoch's end pos.epoch counts it; mid-epoch (a stop) it is the epoch's index
-            log.info("%s: kNN top-1 %.4f", f"epoch {pos.epoch}" if pos.step == 0 else
-                     f"epoch {pos.epoch + 1} step {pos.step}", top1)
+            log.info("%s: kNN top-1 %.4f", point_name(run.pos.epoch, run.pos.step), top1)
 
 
 def write_skipped(run: Run) -> None:
@@ -1012,9 +1016,9 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
         for key, was, now in changed_settings(resumed, cfg):
             level = logging.WARNING if key.startswith(CHANGES_TRAINING) else logging.INFO
             log.log(level, "resumed with %s=%s (the checkpoint's run had %s)", key, json.dumps(now), json.dumps(was))
-        budget.resume(*saved_progress(resumed, budget.total, pos.epoch * steps_per_epoch + pos.step, batch))
-        warn_if_schedule_goes_back(resumed, budget.progress(pos.epoch * steps_per_epoch + pos.step), budget.total,
-                                   cfg)
+        schedule_step = pos.epoch * steps_per_epoch + pos.step  # Run.schedule_step, before the Run is built
+        budget.resume(*saved_progress(resumed, budget.total, schedule_step, batch))
+        warn_if_schedule_goes_back(resumed, budget.progress(schedule_step), budget.total, cfg)
         ahead_progress = resumed.get("ahead_progress")  # None: an older checkpoint, or none drawn ahead
         earlier = resumed.get("history", {})
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go
