@@ -136,9 +136,13 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1, floor:
     """Share of rows whose true class is among the ``k`` highest scores and scores above ``floor``. kNN votes
     take ``floor=0``: a class no neighbour voted for is never a hit, however ``topk`` orders the tied zeros
     that fill its k places when fewer than k classes have votes (nor is one whose votes all underflow
-    float64, more than 745 T below the best similarity)."""
+    float64, more than 745 T below the best similarity). Top-1 is the ``argmax``'s (the first of tied
+    classes), the prediction the confusion matrix counts; ``topk`` may break that tie the other way."""
     k = min(k, scores.shape[1])
-    in_top = scores.topk(k, dim=1).indices.eq(labels.unsqueeze(1)).any(dim=1)
+    if k == 1:
+        in_top = scores.argmax(dim=1).eq(labels)
+    else:
+        in_top = scores.topk(k, dim=1).indices.eq(labels.unsqueeze(1)).any(dim=1)
     above = scores.gather(1, labels.unsqueeze(1)).squeeze(1) > floor
     return (in_top & above).float().mean().item()
 

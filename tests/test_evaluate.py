@@ -118,6 +118,16 @@ def test_knn_k_larger_than_bank_is_clipped():
     assert topk_accuracy(scores, torch.tensor([0, 1, 2])) == 1.0
 
 
+def test_top1_counts_the_prediction_the_confusion_matrix_counts_when_classes_tie():
+    """Two classes tied for the most votes (an image filed under two classes, a collapsed encoder): top-1,
+    per-class accuracy and the confusion matrix judge the same prediction, the first of the tied classes."""
+    scores = torch.tensor([[2.0, 2.0, 0.0, 0.0]] * 3 + [[0.0, 0.0, 1.0, 1.0]])
+    labels = torch.tensor([1, 1, 0, 2])
+    r = classification_report(scores, labels, ["a", "b", "c", "d"])
+    assert r["top1"] == pytest.approx(torch.tensor(r["confusion"]).trace().item() / len(labels)) == 0.5
+    assert r["per_class"] == {"a": 1.0, "b": 0.0, "c": 1.0, "d": None}
+
+
 def test_report_top5_and_per_class():
     scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
     r = classification_report(scores, torch.tensor([0, 1, 2]), ["a", "b", "c"])
