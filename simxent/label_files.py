@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .config import ConfigError
-from .data import ImageArray, names_base
+from .data import IMAGE_SUFFIXES, ImageArray, names_base
 from .files import missing_file
 
 log = logging.getLogger("simxent")
@@ -56,8 +56,11 @@ def parse_rows(path: Path) -> list[tuple[int, str, set[str]]]:
 
 
 def drop_header(rows: list, known: set[str], path: Path, root: Path) -> list:
-    """Without its first row when that row's file is not an image of ``root`` while a later row's is."""
-    if len(rows) > 1 and rows[0][1] not in known and any(file in known for _, file, _ in rows[1:]):
+    """Without its first row when that row's file is not an image of ``root`` while a later row's is, and is
+    not named like an image: a stale first row (``old.jpg,cat``) is an error like any other row's."""
+    first = rows[0][1] if rows else ""
+    if (len(rows) > 1 and first not in known and Path(first).suffix.lower() not in IMAGE_SUFFIXES
+            and any(file in known for _, file, _ in rows[1:])):
         number, file, labels = rows[0]
         log.info("%s:%d: first row (%s,%s) taken as a header: %r is not an image of %s, the later rows name "
                  "images of it", path, number, file, ";".join(sorted(labels)), file, root)

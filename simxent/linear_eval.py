@@ -474,13 +474,15 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     results = {"checkpoint": str(checkpoint), **evaluation_header(pretrained, cfg, train, test, targets, weight),
                "train": str(train_dir), "test": str(test_dir), "options": vars(opts),
                "figures": str(out / "figures" / tb_run.name)}  # each evaluation's own, named as its TensorBoard run
-    for name, encoder in encoders.items():
-        results[name] = score_encoder(name, encoder, train, test, targets, normalize, dev, dtype, opts, weight,
-                                      monitor, progress=progress, figures_dir=Path(results["figures"]))
-    monitor.close()
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(Path(json_path), json_text(results, indent=2))
+    try:
+        for name, encoder in encoders.items():
+            results[name] = score_encoder(name, encoder, train, test, targets, normalize, dev, dtype, opts, weight,
+                                          monitor, progress=progress, figures_dir=Path(results["figures"]))
+            if json_path:  # after each encoder: a baseline that fails (memory, Ctrl-C) keeps the pretrained figures
+                Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(Path(json_path), json_text(results, indent=2))
+    finally:
+        monitor.close()
     return results
 
 

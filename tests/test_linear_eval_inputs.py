@@ -63,6 +63,7 @@ def test_label_csv_quoting_header_and_empty_rows(tmp_path, caplog):
 @pytest.mark.parametrize("text, match", [
     ("a.png,cat\nb.png,dog\na.png,dog\n", r"a.png is labelled on lines 1 and 3"),
     ("a.png,cat\nb.png,dog\nzz.png,dog\n", r"labels.csv:3: zz.png is not an image of"),
+    ("zz.png,cat\na.png,cat\nb.png,dog\n", r"labels.csv:1: zz.png is not an image of"),  # a stale row, no header
     ("a.png,cat\nb,x.png,dog\n", r"labels.csv:2: expected 'file,label;label;...' .*quote.*3 field"),
     ("a.png,cat\nb.png\n", r"labels.csv:2: expected .*1 field"),
     ("a.png,cat\n", r"no labels for 1 image\(s\) .* b.png"),
@@ -414,3 +415,22 @@ def test_a_test_folder_without_class_folders_is_refused_before_any_decoding(run,
     assert linear_eval_main(["--checkpoint", str(run_dir / "checkpoints" / "last.pt"), "--train",
                              str(shapes / "train"), "--test", str(shapes / "test" / "circle"), "--no-progress"]) == 2
     assert "linear evaluation needs one sub-folder per class" in capsys.readouterr().err
+
+
+def test_a_failing_baseline_keeps_the_pretrained_figures_in_the_json(run, tmp_path, monkeypatch):
+    """--random-init scores the untrained twin after the pretrained encoder: when that second pass fails
+    (memory, Ctrl-C, a diverged probe), the pretrained figures are already in --json."""
+    run_dir, shapes = run
+    score = linear_eval_module.score_encoder
+
+    def failing_baseline(name, *args, **kwargs):
+        if name == "random_init":
+            raise MemoryError("out of memory while extracting the baseline's features")
+        return score(name, *args, **kwargs)
+    monkeypatch.setattr(linear_eval_module, "score_encoder", failing_baseline)
+    report = tmp_path / "r.json"
+    with pytest.raises(MemoryError):
+        evaluate(run_dir / "checkpoints" / "last.pt", shapes, "--random-init", "--json", str(report),
+                 "--out", str(tmp_path / "eval"))
+    saved = json.loads(report.read_text())
+    assert 0 <= saved["pretrained"]["linear"]["top1"] <= 1 and "random_init" not in saved
