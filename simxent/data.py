@@ -867,10 +867,9 @@ def _decoded_or_cached(found: ImageList, size: int, cache: bool, cache_dir, work
         array_path = cache_dir / f"{_cache_key(listing, layout)}.npy" if cache else None
         if cache:
             _check_disk(cache_dir, len(found.files) * layout.side**2 * 3, found.root)
-        images, good, bad, sizes = _decode_all(found, layout, workers, on_bad_image, progress, into=array_path)
-        if cache:
-            _write_meta(good, bad, sizes, found, array_path.with_suffix(".json"))
-        return images, good, bad, sizes
+        def write_meta(decoded, array_id):
+            _write_meta(*decoded[1:], found, array_path.with_suffix(".json"), array_id)
+        return _decode_all(found, layout, workers, on_bad_image, progress, into=array_path, meta=write_meta)
     images, good, bad, sizes = hit
     if bad and on_bad_image == "error":  # the cache remembers the bad files a skipping decode passed over
         first = min(bad)
@@ -887,17 +886,32 @@ def _denied_now_readable(found: ImageList, bad: dict[int, str]) -> bool:
 
 def _read_cache(listing: bytes, layouts: tuple[Layout, ...], cache_dir: Path):
     """``(images, good, bad, sizes)`` of the first layout the cache holds for the folder of ``listing``,
-    else None; ``bad`` maps each unreadable file's index to its reason."""
+    else None; ``bad`` maps each unreadable file's index to its reason.
+
+    The metadata names the array it describes (``array``: its file's inode and modification time). An entry
+    decoded again (a denied file now readable) may hold one decode's array beside another's metadata, after
+    a kill between the two renames or when two users' decodes interleave: that pair is a miss, never images
+    read under another decode's labels."""
     for layout in layouts:
         key = _cache_key(listing, layout)
         array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-        if array_path.exists() and meta_path.exists():
+        try:
             meta = json.loads(meta_path.read_text())
+            if meta.get("array", _array_id(array_path)) != _array_id(array_path):  # absent: an older entry
+                continue
             good = np.asarray(meta["good"], dtype=np.int64)
             bad = {i: "unreadable" for i in meta["bad"]}  # metadata written without reasons
             bad.update({int(i): r for i, r in meta.get("reasons", {}).items()})
             return np.load(array_path, mmap_mode="r")[: len(good)], good, bad, meta["sizes"]
+        except (OSError, ValueError, KeyError, TypeError):  # missing, removed meanwhile, or damaged: decode again
+            continue
     return None
+
+
+def _array_id(path: Path) -> list[int]:
+    """What tells one decode's array file from another's at the same path: a rename keeps both."""
+    st = os.stat(path)
+    return [st.st_ino, st.st_mtime_ns]
 
 
 def load_configured(root: str | Path | ImageList, data: DataConfig, progress: bool = True, **changes) -> ImageArray:
@@ -930,13 +944,14 @@ def _as_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def _decode_all(found: ImageList, layout: Layout, workers: int, on_bad_image: str, progress: bool,
-                into: Path | None = None):
+                into: Path | None = None, meta=None):
     """Decode in file order, packing the readable images at the front of the array; returns the array,
     the indices of the good files, ``{index: reason}`` of the bad ones, and (``padded`` layout) each good
     image's (h, w).
 
     With ``into``, the array is a memory-mapped file written in place and renamed to ``into`` when
-    complete, so a folder larger than memory decodes to disk and never needs to fit in RAM.
+    complete, so a folder larger than memory decodes to disk and never needs to fit in RAM; ``meta(decoded,
+    array_id)`` writes its metadata just before the rename (see :func:`_read_cache`).
     """
     n = len(found.files)
     shape = (n, layout.side, layout.side, 3)
@@ -947,7 +962,9 @@ def _decode_all(found: ImageList, layout: Layout, workers: int, on_bad_image: st
     try:
         out = _reserved_memmap(tmp, shape)
         decoded = _decode_into(out, found, layout, workers, on_bad_image, progress)
-        out.flush()
+        out.flush()  # nothing writes the array after this: the modification time in the metadata is final
+        if meta:
+            meta(decoded, _array_id(tmp))
         os.replace(tmp, into)
     finally:
         tmp.unlink(missing_ok=True)  # a failed or interrupted decode leaves no full-size array behind
@@ -993,14 +1010,15 @@ def _decode_into(out: np.ndarray, found: ImageList, layout: Layout, workers: int
 
 
 def _write_meta(good: np.ndarray, bad: dict[int, str], sizes: Optional[list], found: ImageList,
-                meta_path: Path) -> None:
-    """Written after the array, through a temporary file and an atomic rename: a cache entry without its
-    metadata is never used. ``bad``: each unreadable file's index and reason; ``sizes``: each good image's
-    true (h, w) in a padded layout, else None."""
+                meta_path: Path, array_id: list[int]) -> None:
+    """Written through a temporary file and an atomic rename, naming its array (``array_id``): a cache entry
+    without its metadata, or beside another decode's, is never used. ``bad``: each unreadable file's index
+    and reason; ``sizes``: each good image's true (h, w) in a padded layout, else None."""
     # The listing names a folder or list file wherever it is read from; a dataset by its name.
     root = str(found.root) if found.kind == "dataset" else str(Path(found.root).resolve())
     write_text_atomic(meta_path, json.dumps({"root": root, "good": good.tolist(), "bad": sorted(bad),
-                                             "reasons": {str(i): r for i, r in sorted(bad.items())}, "sizes": sizes}))
+                                             "reasons": {str(i): r for i, r in sorted(bad.items())}, "sizes": sizes,
+                                             "array": array_id}))
 
 
 def _report_skipped(reasons: dict[str, str], root: Path) -> None:

@@ -226,6 +226,40 @@ def test_a_file_denied_by_its_permissions_is_read_once_they_allow_it(tmp_path, m
     assert len(again) == 4 and not again.skipped and len(list(cache.glob("*.npy"))) == 1
 
 
+def test_an_entry_never_pairs_one_decodes_pixels_with_anothers_labels(tmp_path, monkeypatch):
+    """An entry decoded again (a denied file now readable) while another user, still denied, decodes it too:
+    the writes can interleave (array A, array B, metadata B, metadata A; or a kill between two renames). The
+    denied user's metadata beside the other's array would shift every image after the denied one onto the
+    next file's label; such a pair is a miss, decoded again."""
+    for i in range(4):
+        write_image(tmp_path / "imgs" / f"{i}.png", seed=i)
+    opened, access = Image.open, os.access
+
+    def locked(path, *args, **kwargs):
+        if Path(path).name == "1.png":
+            raise PermissionError(13, "Permission denied", str(path))
+        return opened(path, *args, **kwargs)
+
+    def deny():
+        monkeypatch.setattr(Image, "open", locked)
+        monkeypatch.setattr(os, "access", lambda path, mode: Path(path).name != "1.png" and access(path, mode))
+    cache = tmp_path / "cache"
+    deny()
+    denied = load_folder(tmp_path / "imgs", 8, cache_dir=cache, workers=0, progress=False)
+    (meta,) = cache.glob("*.json")
+    denied_meta = meta.read_bytes()
+    monkeypatch.setattr(Image, "open", opened)
+    monkeypatch.setattr(os, "access", access)
+    assert len(load_folder(tmp_path / "imgs", 8, cache_dir=cache, workers=0, progress=False)) == 4
+    meta.write_bytes(denied_meta)  # the readable decode's array, the denied decode's metadata
+    deny()
+    again = load_folder(tmp_path / "imgs", 8, cache_dir=cache, workers=0, progress=False)
+    assert again.files == denied.files and torch.equal(again.images, denied.images)
+    meta.write_text("{\"good\": [0, 1")  # damaged metadata is a miss too, not a traceback
+    assert torch.equal(load_folder(tmp_path / "imgs", 8, cache_dir=cache, workers=0, progress=False).images,
+                       denied.images)
+
+
 def test_folder_of_only_bad_files_is_an_error(tmp_path):
     (tmp_path / "a.png").write_bytes(b"nope")
     with pytest.raises(DataError, match=r"no readable images in .* \(1 files could not be read\)$"):
