@@ -374,20 +374,26 @@ class Position:
     global_step: int = 0
 
 
-def rng_state() -> dict:
-    """Every RNG the training loop draws from, as tensors (safe for ``weights_only`` loading)."""
+def rng_state(device: torch.device) -> dict:
+    """Every RNG the training loop on ``device`` draws from, as tensors (safe for ``weights_only`` loading):
+    the CPU's and, on a GPU, that GPU's alone (a process of a torchrun job draws on its own GPU)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore :func:`rng_state`'s RNGs. torch takes their states as CPU byte tensors only: a checkpoint
-    loaded onto a GPU (``map_location``) holds them there."""
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """Restore :func:`rng_state`'s RNGs, the GPU's onto ``device``, whichever GPU it drew on before. torch
+    takes the states as CPU byte tensors only: a checkpoint loaded onto a GPU (``map_location``) holds them
+    there. Older checkpoints hold every visible GPU's state: this process's own, by ``device``'s index."""
     torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    saved = state.get("cuda") if device.type == "cuda" else None
+    if isinstance(saved, (list, tuple)):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        saved = saved[index] if index < len(saved) else None
+    if saved is not None:
+        torch.cuda.set_rng_state(saved.cpu(), device)
 
 
 def training_state(cfg: Config, net: nn.Module, optimizer, scaler, pos: Position, rng: Optional[dict],
@@ -411,7 +417,7 @@ def training_state(cfg: Config, net: nn.Module, optimizer, scaler, pos: Position
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict(),
         "position": asdict(pos),
-        "rng": dist.gather_objects(rng or rng_state()),
+        "rng": dist.gather_objects(rng or rng_state(next(net.parameters()).device)),
         "progress": progress[0],
         "time_share": progress[1],
         "schedule_steps": progress[2],
@@ -550,7 +556,7 @@ def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler,
     pos = resumed_position(state, batch_size)
     rank, world = dist.rank(), dist.world_size()
     if len(state["rng"]) == world:
-        set_rng_state(state["rng"][rank])
+        set_rng_state(state["rng"][rank], next(net.parameters()).device)
     else:
         log.warning("checkpoint was written by %d processes, resuming with %d: augmentation streams restart",
                     len(state["rng"]), world)

@@ -68,7 +68,7 @@ def init(device: torch.device) -> torch.device:
 def wait_for_all() -> None:
     """A barrier on the store (``MAIN_FIRST_TIMEOUT``), for waits that may outlast a collective's
     ``PROCESS_GROUP_TIMEOUT``: a process decoding a large folder keeps the others here, not in the next
-    collective. Every process must call it (and :func:`main_process_first`) in the same order."""
+    collective. Every process must call it (and :func:`in_turns`) in the same order."""
     if not dist.is_initialized() or _store is None:
         return
     key = f"all/{next(_store_calls)}"
@@ -78,29 +78,49 @@ def wait_for_all() -> None:
 
 
 @contextmanager
-def main_process_first():
-    """Run the block in rank 0 first, and in the other processes once rank 0 has finished it (rank 0 fills
-    the image cache that the others then read; rank 0 alone scores kNN); then :func:`wait_for_all`, so that
-    a process still in the block (decoding a folder its node's cache lacks) is waited for there. The others
-    wait for rank 0 on the store too, not in a collective, whose ``PROCESS_GROUP_TIMEOUT`` the block may
-    outlast: a first decode of ImageNet takes longer. Should rank 0 fail in the block, torchrun stops the
-    others."""
+def in_turns(turn: int, turns: int):
+    """Run the block in the processes of turn 0 first, then in those of turn 1 once every process of turn 0
+    has finished it, and so on; all leave together, after the last turn. Each turn ends in
+    :func:`wait_for_all`, on the store, not in a collective, whose ``PROCESS_GROUP_TIMEOUT`` the block may
+    outlast (a first decode of ImageNet takes longer). Should a process fail in the block, torchrun stops
+    the others."""
     if not dist.is_initialized() or _store is None:
         yield
         return
-    key = f"main_first/{next(_store_calls)}"
-    if is_main():
-        yield
-        _store.set(key, "done")
-    else:
-        _store.wait([key], MAIN_FIRST_TIMEOUT)
-        yield
-    wait_for_all()
+    for _ in range(turn):
+        wait_for_all()
+    yield
+    for _ in range(turn, turns):
+        wait_for_all()
+
+
+def main_process_first():
+    """:func:`in_turns`: rank 0 first (rank 0 alone scores kNN), then every other process."""
+    return in_turns(0 if is_main() else 1, 2)
+
+
+def node_first():
+    """:func:`in_turns` for the image cache: rank 0 fills it first; then the first process of every other
+    node, which reads it (a shared disk) or fills its node's own; then all the others, which read their
+    node's. A node never decodes a folder once per process, with the disk space of as many copies."""
+    local_main = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    return in_turns(0 if is_main() else 1 if local_main else 2, 3)
 
 
 def restarted_by_torchrun() -> bool:
     """True in a worker that torchrun restarted after a failure (``--max-restarts``)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+
+
+def torchrun_job() -> str | None:
+    """The torchrun job this process belongs to (``--rdzv-id``; a random id per ``--standalone`` launch),
+    which its restarts share; None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
+def from_main(value):
+    """The main process's ``value``, in every process (one collective; ``value`` picklable)."""
+    return gather_objects(value)[0]
 
 
 def cleanup() -> None:

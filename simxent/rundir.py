@@ -83,12 +83,29 @@ def mark_output(folder: Path, key: str = "--out") -> None:
     (folder / OUTPUT_MARK).write_text("simxent writes results here; image folders that hold this one skip it\n")
 
 
+_held_locks: set[int] = set()  # the lock files' descriptors this process holds
+
+
+def _drop_inherited_locks() -> None:
+    """In a forked child (a DataLoader or decoding worker): close the copies of the held locks' descriptors,
+    which leaves the locks with the parent. A copy kept open would hold the lock for as long as the child
+    lives, after the parent is killed too: a restart within those seconds was refused, naming the dead
+    parent."""
+    for fd in _held_locks:
+        os.close(fd)
+    _held_locks.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 @contextmanager
 def run_lock(out: Path, key: str = "out"):
     """Hold the exclusive lock on ``out`` for the ``with`` block; ConfigError naming the holder (and ``key``,
-    the setting that named ``out``) if taken."""
+    the setting that named ``out``) if taken. The lock is this process's alone, never a forked child's."""
     lock_path = out / LOCK_FILE
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    _held_locks.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -100,6 +117,7 @@ def run_lock(out: Path, key: str = "out"):
         os.pwrite(fd, json.dumps(holder).encode(), 0)
         yield
     finally:
+        _held_locks.discard(fd)
         os.close(fd)  # releases the lock; the file stays (unlinking a lock file races with its next taker)
 
 
@@ -123,8 +141,17 @@ def recorded_run_id(out: Path) -> str | None:
         return None
 
 
-def record_run_id(out: Path, run_id: str) -> None:
-    write_text_atomic(out / RUN_FILE, json.dumps({"run_id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S")}))
+def recorded_torchrun_job(out: Path) -> str | None:
+    """The torchrun job (``dist.torchrun_job``) that claimed the run ``out`` holds, or None."""
+    try:
+        return json.loads((out / RUN_FILE).read_text()).get("torchrun_job")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def record_run_id(out: Path, run_id: str, torchrun_job: str | None = None) -> None:
+    record = {"run_id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    write_text_atomic(out / RUN_FILE, json.dumps({**record, "torchrun_job": torchrun_job} if torchrun_job else record))
 
 
 def clear_run(out: Path) -> None:
@@ -160,11 +187,12 @@ def _clear_folder(folder: Path) -> list[Path]:
     return kept
 
 
-def claim(out: Path, resumed_id: str | None, resuming: bool, overwrite: bool) -> str:
+def claim(out: Path, resumed_id: str | None, resuming: bool, overwrite: bool, torchrun_job: str | None = None) -> str:
     """Make ``out`` this run's folder (call under :func:`run_lock`); returns the run id.
 
     ``resuming`` with ``resumed_id``, the id in the checkpoint being resumed (None for one written before
-    runs had ids). A folder holding another run is refused unless ``overwrite`` clears it first."""
+    runs had ids). A folder holding another run is refused unless ``overwrite`` clears it first. The torchrun
+    job claiming it is recorded, so that only its own restarts take the folder's run as theirs."""
     for folder in (out, out / "checkpoints"):
         remove_dead_temp_files(folder)  # under the lock: whoever wrote them in this folder is gone
     held = recorded_run_id(out)
@@ -176,6 +204,6 @@ def claim(out: Path, resumed_id: str | None, resuming: bool, overwrite: bool) ->
                               f"to continue it, train.overwrite=true to replace it, or choose another out")
         clear_run(out)
     run_id = resumed_id if resuming and resumed_id else uuid.uuid4().hex[:12]
-    if run_id != held:
-        record_run_id(out, run_id)
+    if run_id != held or torchrun_job != recorded_torchrun_job(out):
+        record_run_id(out, run_id, torchrun_job)
     return run_id

@@ -37,7 +37,8 @@ from .files import write_text_atomic
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, pairwise_nt_xent, similarity_samples
 from .models import SimCLR, feature_size
 from .monitor import Monitor
-from .rundir import claim, has_checkpoints, holds_run, recorded_run_id, run_lock, writable_folder
+from .rundir import (claim, has_checkpoints, holds_run, recorded_run_id, recorded_torchrun_job, run_lock,
+                     writable_folder)
 from .runtime import (SlowStepWatch, autocast, close_log_file, configure_device, held_warnings, resolve_device,
                       resolve_dtype, seed_everything, set_threads, setup_logging, show_progress_bars)
 from .schedule import TimeBudget, build_optimizer, peak_lr, set_lr, warmup_steps
@@ -142,9 +143,16 @@ class MultiViewAugment:
         return [full, small_aug.views(batch.images, self.n_small, self.channels_last, batch.sizes)]
 
 
+def _torchrun_restart(out: Path) -> bool:
+    """Whether this process is torchrun's restart of the job that claimed ``out``: then it continues that
+    run whatever ``train.resume`` says. A restart of a job refused at the start (``out`` holds another run)
+    is refused again, never handed the other run."""
+    return dist.restarted_by_torchrun() and recorded_torchrun_job(out) == dist.torchrun_job()
+
+
 def _resume_path(cfg: Config) -> Path | None:
     resume = cfg.train.resume
-    if not resume and dist.restarted_by_torchrun():
+    if not resume and _torchrun_restart(Path(cfg.out)):
         resume = "auto"  # a worker torchrun restarted after a failure continues from the last checkpoint
     if not resume:
         return None
@@ -378,11 +386,12 @@ def on_device(train: ImageArray | ImageStream, device: torch.device) -> ImageArr
 
 
 def _load_data_once(cfg: Config, progress: bool, dataset, cache_name: Optional[str]):
-    """Rank 0 decodes (and fills the cache) first; the other processes then read the cache (or, a cache on
-    another node's disk, decode too). Without a cache every process decodes at once. All wait for the last
-    on the store (:func:`simxent.dist.wait_for_all`), not in a collective that a decode may outlast."""
+    """Rank 0 decodes (and fills the cache) first, then the first process of each other node (reading the
+    cache, or filling its node's own), then the others (:func:`simxent.dist.node_first`). Without a cache
+    every process decodes at once. All wait for the last on the store (:func:`simxent.dist.wait_for_all`),
+    not in a collective that a decode may outlast."""
     if cfg.data.cache and (dataset is None or cache_name):
-        with dist.main_process_first():
+        with dist.node_first():
             return load_data(cfg, progress and dist.is_main(), dataset, cache_name)
     data = load_data(cfg, progress and dist.is_main(), dataset, cache_name)
     dist.wait_for_all()
@@ -562,7 +571,7 @@ class EpochBatches:
         if item is None:
             self.ahead = None
             return
-        rng = rng_state()
+        rng = rng_state(self.device)
         step, x = item
         x = x.to(self.device, non_blocking=True)
         y = next(self.labels).to(self.device, non_blocking=True) if self.labels is not None else None
@@ -872,14 +881,13 @@ def time_budget(cfg: Config, steps_per_epoch: int, started: float) -> TimeBudget
                       cfg.train.budget_schedule)
 
 
-def _resume_state(cfg: Config, device) -> tuple[Path | None, dict | None]:
-    """The checkpoint to resume and its state, checked to fit this run before any data is decoded."""
-    path = _resume_path(cfg)
+def _resume_state(cfg: Config, device, path: Path | None) -> dict | None:
+    """The state of the checkpoint to resume (``path``, None: none), checked to fit this run."""
     if path is None:
-        return None, None
+        return None
     state = load_checkpoint(path, map_location=device)
     check_resumable(state, cfg, path)
-    return path, state
+    return state
 
 
 def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, dict | None]:
@@ -887,7 +895,8 @@ def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, 
     (see :mod:`simxent.rundir`) and returns the run id and what to resume."""
     out = writable_folder(cfg.out, "out")
     held.enter_context(run_lock(out))
-    resume, state = _resume_state(cfg, device)
+    resume = _resume_path(cfg)
+    state = _resume_state(cfg, device, resume)
     resumed_id = state.get("run_id") if state else None
     # Killed (or restarted by torchrun) before its first checkpoint: the folder is still its own, and the
     # run starts again from step 0. Only with no checkpoint file at all: unreadable ones stop the run.
@@ -896,14 +905,15 @@ def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, 
         raise ConfigError(f"train.resume=auto: no checkpoint in {out / 'checkpoints'} loads (each is named in a "
                           f"warning above); give one by path, or start again with train.overwrite=true, which "
                           f"deletes them")
-    restart = state is None and not kept and (cfg.train.resume == "auto" or dist.restarted_by_torchrun())
+    restarted = _torchrun_restart(out)
+    restart = state is None and not kept and (cfg.train.resume == "auto" or restarted)
     if restart:
         resumed_id = recorded_run_id(out)
         if resumed_id and holds_run(out):
             log.warning("no checkpoint of run %s in %s: starting it again from step 0", resumed_id, out)
-        elif not dist.restarted_by_torchrun():  # said, in case out is misspelt
+        elif not restarted:  # said, in case out is misspelt
             log.warning("train.resume=auto: %s holds no checkpoint to resume: training starts from step 0", out)
-    run_id = claim(out, resumed_id, state is not None or restart, cfg.train.overwrite)
+    run_id = claim(out, resumed_id, state is not None or restart, cfg.train.overwrite, dist.torchrun_job())
     if state is None and not holds_run(out):  # nothing trained yet: the log starts empty, without what a
         (out / "train.log").unlink(missing_ok=True)  # refused run left there
     return run_id, resume, state
@@ -984,6 +994,8 @@ def open_run(cfg: Config, held: ExitStack) -> tuple[torch.device, Optional[str],
     with held_warnings() as earlier:
         if main:  # only the main process writes in out (and nothing before it holds the lock)
             run_id, resume, resumed = _claim_out(cfg, held, device)
+    # The others resume the file the main process chose before its claim (which may record a new run id).
+    resume = dist.from_main(resume)
     if cfg.data.cache and (cfg.data.val or not cfg.data.stream):  # data.val is always decoded into the cache
         writable_folder(cfg.data.cache_dir or default_cache_dir(), "data.cache_dir")
     setup_logging(Path(cfg.out) / "train.log" if main else None, level=level, earlier=earlier)
@@ -1000,8 +1012,8 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
     set_threads(cfg.train.threads)
     configure_device(device)
     train, val, bank = _load_data_once(cfg, progress, dataset, cache_name)
-    if not dist.is_main():  # after the main process has claimed out
-        resume, resumed = _resume_state(cfg, device)
+    if not dist.is_main():  # the file the main process chose (open_run)
+        resumed = _resume_state(cfg, device, resume)
     seed_everything(cfg.train.seed)  # after loading: decoding may draw from the RNG, a cache hit does not
     net, model = build_model(cfg, device, dist.world_size())
     torch.manual_seed(cfg.train.seed + dist.rank())  # each process draws its own augmentations

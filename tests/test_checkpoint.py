@@ -252,5 +252,25 @@ def test_rng_states_held_on_another_device_are_restored_from_the_cpu():
     saved = torch.get_rng_state()
     expected = torch.rand(3)
     torch.manual_seed(0)
-    set_rng_state({"torch": OnDevice(saved)})
+    set_rng_state({"torch": OnDevice(saved)}, torch.device("cpu"))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_gpu_rng_state_is_restored_onto_the_process_gpu_whatever_gpus_it_sees(monkeypatch):
+    """A process keeps its own GPU's RNG state and restores it onto the GPU it runs on now. Older checkpoints
+    hold every visible GPU's state: the process takes its own by index, and a process that now sees fewer
+    GPUs (one per task under SLURM) resumes instead of failing with torch's IndexError (torch.cuda stands
+    in for a GPU here)."""
+    from simxent.checkpoint import rng_state, set_rng_state
+    restored = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: torch.tensor([device.index], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state.tolist(), device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every GPU's state restored"))
+    cpu, gpu1 = torch.get_rng_state(), torch.device("cuda", 1)
+    saved = rng_state(gpu1)
+    assert saved["cuda"].tolist() == [1] and "cuda" not in rng_state(torch.device("cpu"))
+    set_rng_state(saved, torch.device("cuda", 0))  # resumed on another GPU: its own stream goes with it
+    older = [torch.tensor([i], dtype=torch.uint8) for i in range(4)]
+    set_rng_state({"torch": cpu, "cuda": older}, gpu1)
+    set_rng_state({"torch": cpu, "cuda": older[:1]}, gpu1)  # sees one GPU now: nothing of its own to restore
+    assert restored == [([1], torch.device("cuda", 0)), ([1], gpu1)]

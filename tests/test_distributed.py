@@ -26,12 +26,12 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from simxent import dist
-from simxent.checkpoint import load_checkpoint
-from simxent.config import ModelConfig
+from simxent.checkpoint import load_checkpoint, save_checkpoint
+from simxent.config import ModelConfig, load_config
 from simxent.demo import make_shapes
 from simxent.loss import Temperature, multi_view_nt_xent, nt_xent, pairwise_nt_xent
 from simxent.models import SimCLR
-from simxent.train import step_loss
+from simxent.train import pretrain, step_loss
 from tests.conftest import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,6 +173,32 @@ def _slow_other_worker(rank, port, sleep_s):
         torch_dist.destroy_process_group()
 
 
+def _two_node_cache_worker(rank, port, sleep_s):
+    """Three processes on two nodes: rank 0 on the first, ranks 1 and 2 (local ranks 0 and 1) on the second."""
+    import simxent.train
+    from simxent.config import load_config
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="3",
+                      LOCAL_RANK=str(0 if rank < 2 else 1))
+    dist.init(torch.device("cpu"))
+    try:
+        spans = []
+        simxent.train.load_data = lambda *args: spans.append(time.monotonic()) or time.sleep(sleep_s) or \
+            spans.append(time.monotonic()) or "decoded"
+        assert simxent.train._load_data_once(load_config(None, []), False, None, None) == "decoded"
+        gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(3)]
+        torch_dist.all_gather(gathered, torch.tensor(spans, dtype=torch.float64))
+        (_, end0), (start1, end1), (start2, _) = (g.tolist() for g in gathered)
+        assert end0 <= start1 and end1 <= start2  # one process of the second node decodes, then the other reads
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_a_node_without_the_cache_fills_it_once_not_once_per_process():
+    """Node-local caches: the first process of each node decodes into its node's cache before the node's
+    other processes read it (all at once, each decoded the whole folder, each with the disk space of a copy)."""
+    mp.spawn(_two_node_cache_worker, args=(free_port(), 1), nprocs=3, join=True)
+
+
 def test_a_process_slower_than_rank_zero_is_waited_for_on_the_store():
     mp.spawn(_slow_other_worker, args=(free_port(), 3), nprocs=WORLD, join=True)
 
@@ -254,3 +280,25 @@ def test_killed_worker_is_restarted_and_the_job_completes(shapes, tmp_path):
     assert "resumed from" in output
     state = load_checkpoint(checkpoint)
     assert state["position"] == {"epoch": 30, "step": 0, "global_step": 150}
+
+
+def test_a_restart_never_takes_over_another_run_and_every_process_resumes_one_file(shapes, tmp_path):
+    """A torchrun job refused at its start (out holds another run) is refused again by its restart, which
+    once took the other run as its own. And an older run (no run ids: they came later) resumed by two
+    processes: the main process records a new id as it claims out; the other must not look for that id's
+    checkpoints (finding none, it started from step 0, with other weights, until the first collective hung)."""
+    run, last = tmp_path / "run", tmp_path / "run" / "checkpoints" / "last.pt"
+    pretrain(load_config(None, [*TINY_RUN, f"data.train={shapes / 'train'}", "train.epochs=2", "eval.every=0",
+                                f"out={run}"]), progress=False)
+    proc = torchrun(shapes, run, "train.epochs=4", restarts=1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and output.count("holds run") >= 2, output
+    assert load_checkpoint(last)["position"]["global_step"] == 10
+    state = {k: v for k, v in load_checkpoint(last).items() if k != "run_id"}
+    for old in (*run.glob("checkpoints/step-*.pt"), run / "run.json"):
+        old.unlink()
+    save_checkpoint(state, last)
+    proc = torchrun(shapes, run, "train.epochs=4", "train.resume=auto")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "resumed from" in output, output
+    assert load_checkpoint(last)["position"] == {"epoch": 4, "step": 0, "global_step": 20}

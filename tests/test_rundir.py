@@ -70,6 +70,33 @@ def test_second_run_in_a_busy_folder_stops_naming_the_holder(shapes, tmp_path, c
     assert "resumed from" in err
 
 
+def test_a_forked_worker_never_holds_the_run_lock(tmp_path):
+    """DataLoader and decoding workers are forked while the run holds its lock: killed, the run's workers
+    lived on for seconds, each with a copy of the lock, and a restart at once was refused, naming the dead
+    run. The lock is the run's own: released, it is free while the forked child still runs."""
+    import multiprocessing
+    from simxent.config import ConfigError
+    from simxent.rundir import run_lock
+    fork = multiprocessing.get_context("fork")
+    running = fork.Event()
+
+    def worker():
+        running.set()
+        time.sleep(60)
+    with run_lock(tmp_path):
+        child = fork.Process(target=worker)
+        child.start()
+        assert running.wait(30)
+    try:
+        with run_lock(tmp_path):
+            pass
+    except ConfigError as e:
+        pytest.fail(f"the forked child holds the lock: {e}")
+    finally:
+        child.kill()
+        child.join()
+
+
 def test_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(tiny(shapes, out), capsys)[0] == 0
