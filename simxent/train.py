@@ -7,9 +7,11 @@ NT-Xent sees every process's embeddings as negatives, and only rank 0 writes log
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -29,9 +31,9 @@ from .checkpoint import (Position, changed_settings, check_resumable, last_in_fo
                          newest_valid_checkpoint, restore_training, rng_state, save_rotating, saved_progress,
                          start_branch, training_state)
 from .config import AugmentConfig, Config, ConfigError, check_config, format_config, save_config, to_dict, view_size
-from .data import (Batch, ImageArray, ImageStream, batch_indices, check_source, dataset_images,
-                   default_cache_dir, find_source, iterate_batches, load_configured, naming_the_key, open_stream,
-                   shared_files)
+from .data import (Batch, DataError, ImageArray, ImageStream, batch_indices, check_source, dataset_images,
+                   default_cache_dir, find_source, iterate_batches, load_configured, names_base, naming_the_key,
+                   open_stream, shared_files)
 from .evaluate import extract_features, knn_scores, topk_accuracy
 from .files import write_text_atomic
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, pairwise_nt_xent, similarity_samples
@@ -392,10 +394,30 @@ def _load_data_once(cfg: Config, progress: bool, dataset, cache_name: Optional[s
     not in a collective that a decode may outlast."""
     if cfg.data.cache and (dataset is None or cache_name):
         with dist.node_first():
-            return load_data(cfg, progress and dist.is_main(), dataset, cache_name)
-    data = load_data(cfg, progress and dist.is_main(), dataset, cache_name)
-    dist.wait_for_all()
+            data = load_data(cfg, progress and dist.is_main(), dataset, cache_name)
+    else:
+        data = load_data(cfg, progress and dist.is_main(), dataset, cache_name)
+        dist.wait_for_all()
+    check_same_images(data[0], cfg.data.train)
     return data
+
+
+def check_same_images(train: ImageArray | ImageStream, source: str) -> None:
+    """Every process must hold the same training images in the same order: each takes its slice of every
+    global batch by index. Processes that list or decode on their own (no cache, a node's own cache, a
+    stream) can differ, in a folder still being written or a file some cannot read: then one count of
+    steps per epoch hangs the job, one order trains on some images twice and others never."""
+    if dist.world_size() == 1:
+        return
+    base = names_base(source) if source else None
+    names = "\n".join(os.path.relpath(f, base) if base else str(f) for f in train.files)
+    every = dist.gather_objects((len(train), hashlib.sha1(names.encode("utf-8", "surrogateescape")).hexdigest()))
+    if len(set(every)) > 1:
+        counts = ", ".join(f"process {r}: {n}" for r, (n, _) in enumerate(every))
+        raise DataError(f"the processes read different training images ({counts} images"
+                        f"{'' if len({n for n, _ in every}) > 1 else ', listed in another order or other files'}): "
+                        f"a folder still being written, or files that some processes cannot read; "
+                        f"the job stops before a step")
 
 
 @contextmanager

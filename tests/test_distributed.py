@@ -145,18 +145,37 @@ def _main_first_worker(rank, port, sleep_s):
         torch_dist.destroy_process_group()
 
 
+class Decoded(list):
+    """What load_data returns in place of the training images: their files."""
+
+    @property
+    def files(self):
+        return list(self)
+
+
+DECODED = (Decoded(["a.png", "b.png"]), None, None)
+
+
 def _uncached_load_worker(rank, port, sleep_s):
     import simxent.train
     from simxent.config import load_config
+    from simxent.data import DataError
     _join_with_a_short_timeout(rank, port)
     try:
         started = []
-        simxent.train.load_data = lambda *args: started.append(time.monotonic()) or time.sleep(sleep_s) or "decoded"
+        simxent.train.load_data = lambda *args: started.append(time.monotonic()) or time.sleep(sleep_s) or DECODED
         cfg = load_config(None, ["data.cache=false"])
-        assert simxent.train._load_data_once(cfg, False, None, None) == "decoded"
+        assert simxent.train._load_data_once(cfg, False, None, None) == DECODED
         starts = [torch.zeros(1, dtype=torch.float64) for _ in range(WORLD)]
         torch_dist.all_gather(starts, torch.tensor(started, dtype=torch.float64))  # no one waits here long
         assert abs(starts[0].item() - starts[1].item()) < sleep_s  # at once, not one after the other
+        # Each decoded on its own, and one could not read a file: every process stops, saying so.
+        simxent.train.load_data = lambda *args: (Decoded(["a.png", "b.png"][rank:]), None, None)
+        with pytest.raises(DataError, match="process 0: 2, process 1: 1 images"):
+            simxent.train._load_data_once(cfg, False, None, None)
+        simxent.train.load_data = lambda *args: (Decoded(["a.png", "b.png"][::1 - 2 * rank]), None, None)
+        with pytest.raises(DataError, match="process 1: 2 images, listed in another order"):
+            simxent.train._load_data_once(cfg, False, None, None)
     finally:
         torch_dist.destroy_process_group()
 
@@ -183,8 +202,8 @@ def _two_node_cache_worker(rank, port, sleep_s):
     try:
         spans = []
         simxent.train.load_data = lambda *args: spans.append(time.monotonic()) or time.sleep(sleep_s) or \
-            spans.append(time.monotonic()) or "decoded"
-        assert simxent.train._load_data_once(load_config(None, []), False, None, None) == "decoded"
+            spans.append(time.monotonic()) or DECODED
+        assert simxent.train._load_data_once(load_config(None, []), False, None, None) == DECODED
         gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(3)]
         torch_dist.all_gather(gathered, torch.tensor(spans, dtype=torch.float64))
         (_, end0), (start1, end1), (start2, _) = (g.tolist() for g in gathered)
@@ -203,8 +222,10 @@ def test_a_process_slower_than_rank_zero_is_waited_for_on_the_store():
     mp.spawn(_slow_other_worker, args=(free_port(), 3), nprocs=WORLD, join=True)
 
 
-def test_without_a_cache_every_process_decodes_at_once():
-    """Nothing to share: one after the other would leave rank 0 in a collective for a whole decode."""
+def test_without_a_cache_every_process_decodes_at_once_and_all_stop_if_they_read_different_images():
+    """Nothing to share: one after the other would leave rank 0 in a collective for a whole decode. Decoded
+    apart, the processes may hold different images (a folder being written): a different count of steps
+    per epoch hung the job, a different order trained on some images twice."""
     mp.spawn(_uncached_load_worker, args=(free_port(), 3), nprocs=WORLD, join=True)
 
 
