@@ -141,6 +141,15 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(dist_nn.all_gather(x.contiguous()))
 
 
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Every process's ``x`` concatenated in rank order, without gradients (for logging)."""
+    if world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)
+
+
 def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
     """The mean of a (detached) tensor across processes, for logging."""
     if world_size() == 1:

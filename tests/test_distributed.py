@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,9 +30,9 @@ from simxent import dist
 from simxent.checkpoint import load_checkpoint, save_checkpoint
 from simxent.config import ModelConfig, load_config
 from simxent.demo import make_shapes
-from simxent.loss import Temperature, multi_view_nt_xent, nt_xent, pairwise_nt_xent
+from simxent.loss import Temperature, contrastive_stats, multi_view_nt_xent, nt_xent, pairwise_nt_xent
 from simxent.models import SimCLR
-from simxent.train import pretrain, step_loss
+from simxent.train import log_step, pretrain, step_loss
 from tests.conftest import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,9 +95,14 @@ def _worker(rank, port, mode, steps):
             opt_ref.zero_grad()
             ref_loss.backward()
             # This process's half, through the training loop's own loss function.
-            loss, _, _ = step_loss(ddp, local_views(views, rank), net.temperature(),
-                                   torch.device("cpu"), None, n_views, labels,
-                                   multi_view="full_pairs" if pairs else "joint", n_full=3)
+            loss, z1, z2 = step_loss(ddp, local_views(views, rank), net.temperature(),
+                                     torch.device("cpu"), None, n_views, labels,
+                                     multi_view="full_pairs" if pairs else "joint", n_full=3)
+            if mode == "sync_bn":  # the logged statistics are the global batch's, as in one process
+                logged = {}
+                log_step(SimpleNamespace(scalars=lambda values, *_, **__: logged.update(values)), None, step, {},
+                         z1, z2)
+                assert logged == ({} if rank else pytest.approx(contrastive_stats(*z.detach().chunk(2)), abs=1e-6))
             opt.zero_grad()
             loss.backward()
             global_loss = dist.mean_over_processes(loss).item()
