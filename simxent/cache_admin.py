@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import DataError
-from .files import HOST, pid_alive
+from .files import HOST, locked_by_a_writer, pid_alive
 
 # Keys are data._cache_key's 20 hex digits: other files in the folder (a cache_dir shared with a project's
 # own .npy and .json files) are never listed or cleared.
@@ -53,13 +53,13 @@ class TempFile:
 
 
 def _temp_file(path: Path) -> TempFile | None:
-    """The temporary file ``path`` names, or None. One of another host counts as alive: its pid means
-    nothing here."""
+    """The temporary file ``path`` names, or None. One of another host counts as alive (its pid means
+    nothing here), and so does one whose writer holds its lock (:func:`simxent.files.writer_lock`)."""
     for pattern in _TEMPS:
         m = pattern.match(path.name)
         if m:
             pid = int(m["pid"])
-            return TempFile(path, m["key"], pid, m["host"] != HOST or pid_alive(pid))
+            return TempFile(path, m["key"], pid, m["host"] != HOST or pid_alive(pid) or locked_by_a_writer(path))
     return None
 
 

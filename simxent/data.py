@@ -41,7 +41,8 @@ from tqdm import tqdm
 from .augment import CROP_RATIO, crop_boxes
 from .config import DataConfig
 from .runtime import show_progress_bars
-from .files import folder_problem, is_disk_full, remove_dead_temp_files, reserve, temp_path, write_text_atomic
+from .files import (folder_problem, is_disk_full, remove_dead_temp_files, reserve, temp_path, write_text_atomic,
+                    writer_lock)
 from .rundir import LOCK_FILE, OUTPUT_MARK, RUN_FOLDERS
 
 log = logging.getLogger("simxent")
@@ -961,11 +962,12 @@ def _decode_all(found: ImageList, layout: Layout, workers: int, on_bad_image: st
     tmp = temp_path(into, ".npy")
     try:
         out = _reserved_memmap(tmp, shape)
-        decoded = _decode_into(out, found, layout, workers, on_bad_image, progress)
-        out.flush()  # nothing writes the array after this: the modification time in the metadata is final
-        if meta:
-            meta(decoded, _array_id(tmp))
-        os.replace(tmp, into)
+        with writer_lock(tmp):  # no clean-up takes it for a dead writer's, whatever its pid says here
+            decoded = _decode_into(out, found, layout, workers, on_bad_image, progress)
+            out.flush()  # nothing writes the array after this: the modification time in the metadata is final
+            if meta:
+                meta(decoded, _array_id(tmp))
+            os.replace(tmp, into)
     finally:
         tmp.unlink(missing_ok=True)  # a failed or interrupted decode leaves no full-size array behind
     return decoded

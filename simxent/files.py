@@ -6,10 +6,14 @@ concurrent writers never collide, and it says who wrote it. A leftover is remove
 ran on this host and its process no longer exists (``os.kill(pid, 0)``): a live writer's file is never
 touched, and a pid reused by an unrelated process only delays the clean-up until that process ends.
 Files of other hosts (a folder shared over the network) are left alone, since their pids mean nothing here.
+A writer may also hold its file's lock while it writes (:func:`writer_lock`, the image cache's hours-long
+decodes): a locked file is never removed, whatever its pid says. That keeps the file of a writer in another
+process-id space on the same host (containers sharing the host's name) whose pid means nothing here.
 """
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -17,6 +21,7 @@ import os
 import re
 import secrets
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger("simxent")
@@ -47,6 +52,35 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+@contextmanager
+def writer_lock(path: Path):
+    """Hold ``path``'s lock (``flock``, exclusive) while writing it: :func:`remove_dead_temp_files` leaves a
+    locked file alone."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def locked_by_a_writer(path: Path) -> bool:
+    """Whether a live process holds ``path``'s :func:`writer_lock`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # a filesystem without locks: the pid alone decides
+        return False
+    finally:
+        os.close(fd)
+
+
 def dead_writer(name: str) -> bool:
     """Whether ``name`` is a temporary file of this host whose writing process is gone."""
     m = _TEMP.search(name)
@@ -61,7 +95,7 @@ def remove_dead_temp_files(folder: Path) -> list[Path]:
     except OSError:  # no folder yet: nothing left behind
         return removed
     for name in names:
-        if dead_writer(name):
+        if dead_writer(name) and not locked_by_a_writer(folder / name):
             (folder / name).unlink(missing_ok=True)
             removed.append(folder / name)
     if removed:

@@ -100,3 +100,17 @@ def test_list_names_a_cached_dataset_by_its_name(tmp_path, capsys, monkeypatch):
     assert cache_main(["--dir", str(tmp_path / "cache"), "list"]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if "my pets" in line]
     assert row.endswith("  dataset my pets")  # not made a path under the current folder
+
+
+def test_a_locked_array_is_a_live_writers_whatever_its_pid_says(tmp_path):
+    """A decoder in another process-id space on this host (a container sharing the host's name) names its
+    array with a pid that means nothing here, or an ended process's: its lock keeps the file, for the clean-up
+    before a decode and for simxent-cache clear --all; unlocked, the file is a dead writer's."""
+    from simxent.files import remove_dead_temp_files, writer_lock
+    cache, _, _, gone = two_entries(tmp_path)
+    other = cache / gone.name.replace(".json.", ".npy.").replace(".tmp", ".tmp.npy")  # named as a decoder names it
+    other.write_bytes(b"\0" * 5000)
+    with writer_lock(other):
+        assert remove_dead_temp_files(cache) == [gone] and other.exists()
+        assert cache_main(["--dir", str(cache), "clear", "--all"]) == 0 and other.exists()
+    assert remove_dead_temp_files(cache) == [other]
