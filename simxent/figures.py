@@ -8,11 +8,7 @@ import math
 import statistics
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: works on servers without a display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.figure import Figure
 
 
 # With more classes than this, figures name no classes (their names would overlap) and stop growing: a 1,000-class
@@ -25,11 +21,17 @@ def _class_axis(n: int, inches_per_class: float, margin: float, least: float) ->
     return max(least, inches_per_class * min(n, NAMED_CLASSES) + margin)
 
 
+def _subplots(*grid: int, figsize: tuple[float, float], layout: str | None = None, **options):
+    """``pyplot.subplots`` without pyplot: a Figure of its own, drawn by Agg when saved, needs no display and
+    leaves the caller's backend alone (a notebook's inline figures keep showing after ``import simxent``)."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*grid, **options)
+
+
 def save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -37,7 +39,7 @@ def probe_curves(history: dict, title: str = "", objective_label: str = "train o
     """Three panels per epoch: plain cross entropy on train and test (measured alike, so a test CE rising
     while the train CE falls is over-fitting, two high flat curves under-fitting), the training objective
     on its own axis (class weights and label smoothing make it a different quantity), and accuracy."""
-    fig, (ax_ce, ax_obj, ax_acc) = plt.subplots(1, 3, figsize=(13, 3.5), layout="constrained")  # title clear
+    fig, (ax_ce, ax_obj, ax_acc) = _subplots(1, 3, figsize=(13, 3.5), layout="constrained")  # title clear
     epochs = history["epoch"]
     ax_ce.plot(epochs, history["train_ce"], "-", label="train CE")
     ax_ce.plot(epochs, history["test_ce"], "--", label="test CE")
@@ -60,8 +62,8 @@ def per_class_bars(per_class: dict, title: str = "") -> Figure:
     names = list(per_class)
     loss = [math.nan if per_class[n]["loss"] is None else per_class[n]["loss"] for n in names]
     acc = [math.nan if per_class[n]["accuracy"] is None else per_class[n]["accuracy"] for n in names]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(_class_axis(len(names), 0.6, 3, 6), 3.5),
-                                          layout="constrained")
+    fig, (ax_loss, ax_acc) = _subplots(1, 2, figsize=(_class_axis(len(names), 0.6, 3, 6), 3.5),
+                                       layout="constrained")
     x = names if len(names) <= NAMED_CLASSES else range(len(names))
     ax_loss.bar(x, loss, color="tab:red")
     ax_loss.set(ylabel="mean cross entropy", title="loss per class")
@@ -83,7 +85,7 @@ def confusion_matrix(cm, classes: list[str], title: str = "") -> Figure:
     cm = np.asarray(cm, dtype=float)
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     side = _class_axis(len(classes), 0.45, 2, 4)
-    fig, ax = plt.subplots(figsize=(side, side))
+    fig, ax = _subplots(figsize=(side, side))
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     named = len(classes) <= NAMED_CLASSES
     if named:
@@ -105,7 +107,7 @@ def reliability_diagram(rel: dict, title: str = "") -> Figure:
     centers = [(b + 0.5) / bins for b in range(bins)]
     acc = [a if a is not None else 0.0 for a in rel["accuracy"]]
     conf = [c if c is not None else 0.0 for c in rel["confidence"]]
-    fig, (ax, ax_count) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True, height_ratios=(3, 1))
+    fig, (ax, ax_count) = _subplots(2, 1, figsize=(4.5, 5.5), sharex=True, height_ratios=(3, 1))
     ax.bar(centers, acc, width=1 / bins, edgecolor="black", color="tab:blue", label="accuracy")
     ax.bar(centers, [c - a for c, a in zip(conf, acc)], bottom=acc, width=1 / bins, color="tab:red", alpha=0.3,
            label="gap to confidence")
@@ -120,7 +122,7 @@ def reliability_diagram(rel: dict, title: str = "") -> Figure:
 def similarity_over_time(history: list[dict]) -> Figure:
     """Median and 10-90% band of positive-pair and negative-pair cosine similarity over training steps."""
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _subplots(figsize=(6, 3.5))
     for kind, colour in (("pos", "tab:green"), ("neg", "tab:red")):
         lo, mid, hi = ([h[kind][i] for h in history] for i in range(3))
         ax.plot(steps, mid, color=colour, label=f"{'positive' if kind == 'pos' else 'negative'} pairs (median)")
@@ -135,7 +137,7 @@ def sweep_plots(rows: list[dict], keys: list[str], metrics=("knn_top1", "linear_
     """Each metric against each swept value; runs that share a value are averaged (other keys vary). With
     ``base`` (a one-at-a-time sweep's first values), each key's panel keeps only the runs whose other keys are
     at the base, so a panel shows that key's effect alone."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    fig, axes = _subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
         panel = rows if base is None else [r for r in rows if all(r[k] == base[k] for k in keys if k != key)]
         values = sorted({r[key] for r in panel}, key=lambda v: (isinstance(v, str), v))

@@ -374,6 +374,19 @@ def test_probe_curve_figure_names_each_curve():
     assert objective_label(None, 0.1, multiclass=False) == "train objective (= train CE)"  # no smoothing for BCE
 
 
+def test_figures_leave_the_callers_matplotlib_backend_and_pyplot_alone(tmp_path):
+    """``import simxent`` in a notebook: its inline backend (here svg, chosen by the caller) stays, and
+    simxent's figures join no pyplot window list, while each still saves a PNG without a display."""
+    code = ("import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot as plt; import simxent\n"
+            "from simxent import figures\n"
+            "fig = figures.similarity_over_time([{'step': 1, 'pos': [0.1, 0.5, 0.9], 'neg': [-0.2, 0.0, 0.2]}])\n"
+            f"figures.save(fig, {str(tmp_path / 'bars.png')!r})\n"
+            "print(matplotlib.get_backend(), len(plt.get_fignums()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["svg", "0"], done.stderr
+    assert (tmp_path / "bars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_figures_of_many_classes_stop_growing_and_drop_the_names(tmp_path):
     """At 0.45 inch per class a 1,000-class confusion matrix would be a 452-inch (gigapixel) image, and its
     counts a million-cell TensorBoard table: beyond NAMED_CLASSES classes the figures keep that size, with
