@@ -1094,5 +1094,5 @@ def announce(run: Run) -> None:
     if run.main:
         save_config(cfg, run.out / "config.yaml")
         warn_dropped_images(len(run.train), batch)
-        run.monitor.config_text(format_config(cfg))
+        run.monitor.config_text(format_config(cfg), run.pos.global_step)  # a resumed run's config at its step
     write_skipped(run)  # a streamed folder finds its bad files as it reads them: written again at the end

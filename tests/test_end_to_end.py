@@ -168,6 +168,9 @@ def test_resume_continues_to_the_same_weights(shapes, tmp_path):
             torch.testing.assert_close(a[part][k], b[part][k], rtol=0, atol=1e-6)
     steps = [s for s, _ in scalars(tmp_path / "cut")["train/loss"]]
     assert steps == list(range(1, 11))
+    texts = EventAccumulator(str(tmp_path / "cut" / "tb"), size_guidance={"tensors": 0})
+    texts.Reload()
+    assert [e.step for e in texts.Tensors("config/text_summary")] == [0, 1]  # each session's config at its step
 
 
 def test_max_time_stops_cleanly_with_a_checkpoint(shapes, tmp_path):
