@@ -165,6 +165,9 @@ class _MultiPositiveCrossEntropy(torch.autograd.Function):
         if decoupled:
             logits.masked_fill_(weights > 0, float("-inf"))
         lse = torch.logsumexp(logits, dim=1)
+        # An anchor with no candidate at all (a batch of one view) has lse = -inf: 0 keeps its row's 0 * inf
+        # and inf - inf out of the sums (a finite lse stays: exp(s - 0) could overflow).
+        lse = torch.where(torch.isfinite(lse), lse, 0.0)
         counts = (weights.sum(dim=1) > 0).to(q.dtype)  # 1 for anchors with a positive, 0 for the others
         loss = ((lse * counts).sum() - positives) * scale
         g = logits.sub_(lse[:, None]).exp_().sub_(weights)  # softmax - W, in place: one (M, K) matrix kept

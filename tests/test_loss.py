@@ -391,6 +391,10 @@ def test_anchors_without_positives_are_left_out(decoupled):
     alone = multi_view_nt_xent(z, 1, 0.5, labels=torch.arange(5), decoupled=decoupled)
     (grad,) = torch.autograd.grad(alone, z)
     assert alone.item() == 0 and not grad.any()
+    single = z[:1].detach().requires_grad_()  # one view in all: not even a candidate
+    alone = multi_view_nt_xent(single, 1, 0.5, labels=torch.tensor([0]), decoupled=decoupled)
+    (grad,) = torch.autograd.grad(alone, single)
+    assert alone.item() == 0 and not grad.any()
     with pytest.raises(ValueError, match="no positives without labels"):
         multi_view_nt_xent(z, 1, 0.5)
     with pytest.raises(ValueError, match=r"\(n_views \* n, d\)"):
