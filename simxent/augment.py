@@ -442,7 +442,12 @@ class Normalize(nn.Module):
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [0, 1]; float input is taken to be in [0, 1] already."""
+    """(B, 3, H, W) RGB images, uint8 [0, 255] -> float32 [0, 1]; float input is taken to be in [0, 1] already.
+    Anything else is refused: one grey channel crashed deep in the colour ops, or, with them off, was
+    broadcast to three channels normalised with the red, green and blue statistics."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected a batch of RGB images of shape (B, 3, H, W), got {tuple(images.shape)}; "
+                         f"repeat a grey channel first: images.expand(-1, 3, -1, -1)")
     if images.dtype == torch.uint8:
         return images.float().div_(255)
     return images.float()

@@ -1,4 +1,6 @@
 """The kornia view pipeline: shapes, ranges, per-sample randomness, and each op's effect."""
+import re
+
 import pytest
 import torch
 
@@ -119,6 +121,16 @@ def test_accepts_uint8_and_float(dtype):
     x = x if dtype == torch.uint8 else x.float() / 255
     torch.manual_seed(0)
     assert ViewAugment(AugmentConfig(), 32)(x).shape == (4, 3, 32, 32)
+
+
+@pytest.mark.parametrize("jitter", [0.8, 0.0], ids=["colour", "no-colour"])
+def test_a_grey_or_channels_last_batch_is_refused_naming_its_shape(jitter):
+    """One grey channel crashed inside the grayscale op, or with the colour ops off came out as three
+    channels normalised with the red, green and blue statistics; (B, H, W, 3) is the cache's layout."""
+    aug = ViewAugment(AugmentConfig(jitter_p=jitter, grayscale_p=jitter / 4), 16)
+    for x in (images(2)[:, :1], images(2).permute(0, 2, 3, 1)):
+        with pytest.raises(ValueError, match=rf"shape \(B, 3, H, W\), got {re.escape(str(tuple(x.shape)))}"):
+            aug.views(x, 2)
 
 
 # --- the fused colour ops against torchvision's per-image definitions ---------------------------------
