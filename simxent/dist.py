@@ -205,15 +205,21 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean = dist_nn.all_reduce(xf.sum(dims)) / n
         centred = xf - mean.view(shape)
         var = dist_nn.all_reduce(centred.pow(2).sum(dims)) / n
-        with torch.no_grad():
-            m = self.momentum if self.momentum is not None else 0.1
-            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
-            self.num_batches_tracked.add_(1)
+        if self.track_running_stats:
+            self._track(mean.detach(), var.detach() * n / (n - 1).clamp_min(1))
         y = centred / torch.sqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
+
+    @torch.no_grad()
+    def _track(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """Running statistics as torch's BatchNorm keeps them: an exponential average with ``momentum``, or
+        with ``momentum=None`` the cumulative average, 1 / (batches seen) each."""
+        self.num_batches_tracked.add_(1)
+        m = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.item()
+        self.running_mean.mul_(1 - m).add_(mean, alpha=m)
+        self.running_var.mul_(1 - m).add_(unbiased_var, alpha=m)
 
 
 def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
