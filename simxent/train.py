@@ -806,11 +806,24 @@ def monitor_knn(run: Run) -> None:
             log.info("%s: kNN top-1 %.4f", point_name(run.pos.epoch, run.pos.step), top1)
 
 
-def write_skipped(run: Run) -> None:
-    """skipped_images.txt: one JSON record per line, so that a name holding a newline stays one entry."""
-    if run.main and run.train.skipped:
-        records = "".join(json.dumps(r) + "\n" for r in skipped_records(run.train))
-        write_text_atomic(run.out / "skipped_images.txt", records)
+def skipped_everywhere(train: ImageArray | ImageStream) -> list[dict]:
+    """:func:`skipped_records` of every process (all call it): under torchrun each process streams its own
+    slice of a streamed folder, and only it finds that slice's bad files."""
+    mine = skipped_records(train)
+    if dist.world_size() == 1 or not isinstance(train, ImageStream):
+        return mine
+    merged = {}
+    for records in dist.gather_objects(mine):
+        merged.update({r["file"]: r for r in records})
+    return list(merged.values())
+
+
+def write_skipped(run: Run, records: Optional[list[dict]] = None) -> None:
+    """skipped_images.txt (``records``, default this process's): one JSON record per line, so that a name
+    holding a newline stays one entry."""
+    records = skipped_records(run.train) if records is None else records
+    if run.main and records:
+        write_text_atomic(run.out / "skipped_images.txt", "".join(json.dumps(r) + "\n" for r in records))
 
 
 def earlier_end(run: Run) -> Optional[dict]:
@@ -840,7 +853,8 @@ def finish(run: Run, reason: Optional[str]) -> dict:
         run.similarities.figure(run.out / "figures" / "similarities.png")
         run.monitor.hparams(hparams(cfg), final_metrics(run.last_loss, run.knn_top1), pos.global_step)
     run.monitor.close()
-    write_skipped(run)  # a streamed folder finds its bad files as it reads them
+    skipped = skipped_everywhere(run.train)
+    write_skipped(run, skipped)  # a streamed folder finds its bad files as it reads them
     summary = {
         "checkpoint": str(checkpoint_path(cfg)),
         "run_id": run.run_id,
@@ -856,7 +870,7 @@ def finish(run: Run, reason: Optional[str]) -> dict:
         "skipped_steps": run.skipped_steps,
         "last_loss": run.last_loss if math.isfinite(run.last_loss) else None,  # strict JSON has no NaN
         "seconds": run.seconds(),
-        "skipped_images": skipped_records(run.train),
+        "skipped_images": skipped,
         "knn_top1": run.knn_top1,
     }
     if run.main:

@@ -262,6 +262,19 @@ def test_global_batchnorm_normalises_and_tracks_as_batchnorm_over_the_global_bat
     torch.testing.assert_close(ours.state_dict(), reference.state_dict())
 
 
+def test_a_streamed_folders_bad_files_are_reported_from_every_process(monkeypatch):
+    """Under torchrun each process streams its own slice of a streamed folder and finds that slice's bad
+    files: skipped_images.txt and summary.json list every process's, each file once."""
+    from simxent.data import ImageStream
+    from simxent.train import skipped_everywhere
+    stream = ImageStream(files=["a.jpg", "b.jpg", "c.jpg"], labels=torch.zeros(3, dtype=torch.long), classes=[],
+                         size=8, skipped=["a.jpg"], reasons={"a.jpg": "truncated"})
+    other = [{"file": "c.jpg", "reason": "cannot identify image file"}, {"file": "a.jpg", "reason": "truncated"}]
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "gather_objects", lambda mine: [mine, other])
+    assert skipped_everywhere(stream) == [{"file": "a.jpg", "reason": "truncated"}, other[0]]
+
+
 def test_gather_is_identity_in_one_process():
     x = torch.randn(3, 4, requires_grad=True)
     assert dist.gather_with_grad(x) is x and dist.world_size() == 1 and dist.is_main()
