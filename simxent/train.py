@@ -265,14 +265,15 @@ def final_metrics(loss: float, knn: list[dict]) -> dict:
 
 def log_step(monitor: Monitor, similarities: Optional[SimilarityLog], step: int, scalars: dict,
              z1: torch.Tensor, z2: torch.Tensor) -> None:
-    """A logged step: ``scalars`` and the global batch's contrastive statistics (every process calls it: the
-    projections are gathered, so that ``top1`` picks among the same views as in one process, not among
-    fewer as processes are added); with ``similarities`` (the main process), the distributions of
-    positive- and negative-pair similarity too."""
+    """A logged step: ``scalars`` and the contrastive statistics of the main process's images against the
+    global batch (every process calls it: the projections are gathered, so that ``top1`` picks among the
+    same views as in one process, not among fewer as processes are added); with ``similarities`` (the main
+    process), the distributions of positive- and negative-pair similarity too."""
+    local = len(z1)
     z1, z2 = dist.gather(z1), dist.gather(z2)
     if not dist.is_main():
         return
-    monitor.scalars({**scalars, **contrastive_stats(z1, z2)}, step, prefix="train/")
+    monitor.scalars({**scalars, **contrastive_stats(z1, z2, anchors=local)}, step, prefix="train/")
     if similarities is not None:
         pos_sim, neg_sim = similarity_samples(z1, z2)
         monitor.histogram("train/pos_sim_distribution", pos_sim, step)
