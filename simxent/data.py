@@ -898,13 +898,17 @@ def _read_cache(listing: bytes, layouts: tuple[Layout, ...], cache_dir: Path):
         array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
         try:
             meta = json.loads(meta_path.read_text())
-            if meta.get("array", _array_id(array_path)) != _array_id(array_path):  # absent: an older entry
+            array_id = _array_id(array_path)
+            if meta.get("array", array_id) != array_id:  # absent: an older entry
                 continue
             good = np.asarray(meta["good"], dtype=np.int64)
             bad = {i: "unreadable" for i in meta["bad"]}  # metadata written without reasons
             bad.update({int(i): r for i, r in meta.get("reasons", {}).items()})
-            return np.load(array_path, mmap_mode="r")[: len(good)], good, bad, meta["sizes"]
-        except (OSError, ValueError, KeyError, TypeError):  # missing, removed meanwhile, or damaged: decode again
+            images = np.load(array_path, mmap_mode="r")
+            if _array_id(array_path) != array_id:  # replaced as it was opened: that may be the other array
+                continue
+            return images[: len(good)], good, bad, meta["sizes"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # missing, removed meanwhile, damaged
             continue
     return None
 
@@ -961,8 +965,8 @@ def _decode_all(found: ImageList, layout: Layout, workers: int, on_bad_image: st
     into.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(into, ".npy")
     try:
-        out = _reserved_memmap(tmp, shape)
-        with writer_lock(tmp):  # no clean-up takes it for a dead writer's, whatever its pid says here
+        with writer_lock(tmp):  # from its creation: no clean-up takes it for a dead writer's, whatever its pid
+            out = _reserved_memmap(tmp, shape)
             decoded = _decode_into(out, found, layout, workers, on_bad_image, progress)
             out.flush()  # nothing writes the array after this: the modification time in the metadata is final
             if meta:

@@ -54,11 +54,16 @@ def pid_alive(pid: int) -> bool:
 
 @contextmanager
 def writer_lock(path: Path):
-    """Hold ``path``'s lock (``flock``, exclusive) while writing it: :func:`remove_dead_temp_files` leaves a
-    locked file alone."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """Create ``path`` if needed and hold its lock (``flock``, exclusive) while writing it:
+    :func:`remove_dead_temp_files` leaves a locked file alone. Where the filesystem has no locks (ENOLCK,
+    or a network filesystem refusing them), the writer goes on unlocked and the pid alone protects it.
+    (NFS takes an exclusive lock only on a file open for writing.)"""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # waits out a clean-up's momentary probe, if any
+        except OSError as e:
+            log.debug("no writer lock on %s: %s", path, e)
         yield
     finally:
         os.close(fd)

@@ -260,6 +260,43 @@ def test_an_entry_never_pairs_one_decodes_pixels_with_anothers_labels(tmp_path, 
                        denied.images)
 
 
+def test_an_array_replaced_as_it_is_opened_is_a_miss(tmp_path, monkeypatch):
+    """Another decode's array renamed into place between the metadata check and the array's opening: the
+    mapped array is checked again after it is opened, and such an entry is decoded again."""
+    import simxent.data
+    for i in range(3):
+        write_image(tmp_path / "imgs" / f"{i}.png", seed=i)
+    cache = tmp_path / "cache"
+    first = load_folder(tmp_path / "imgs", 8, cache_dir=cache, workers=0, progress=False)
+    (array,) = cache.glob("*.npy")
+    other = tmp_path / "other.npy"
+    np.save(other, np.zeros_like(np.load(array)))
+    load = np.load
+
+    def replaced_then_loaded(path, *args, **kwargs):
+        if Path(path) == array and other.exists():
+            os.replace(other, array)
+        return load(path, *args, **kwargs)
+    monkeypatch.setattr(simxent.data.np, "load", replaced_then_loaded)
+    again = load_folder(tmp_path / "imgs", 8, cache_dir=cache, workers=0, progress=False)
+    assert torch.equal(again.images, first.images)
+
+
+def test_a_cache_on_a_filesystem_without_locks_still_fills(tmp_path, monkeypatch):
+    """NFS without lock support, Lustre without flock: the decoder's writer lock fails (ENOLCK) and the
+    decode goes on, its pid alone keeping its file from clean-ups."""
+    import errno
+    import fcntl
+    for i in range(3):
+        write_image(tmp_path / "imgs" / f"{i}.png", seed=i)
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    data = load_folder(tmp_path / "imgs", 8, cache_dir=tmp_path / "cache", workers=0, progress=False)
+    assert len(data) == 3 and len(list((tmp_path / "cache").glob("*.npy"))) == 1
+
+
 def test_folder_of_only_bad_files_is_an_error(tmp_path):
     (tmp_path / "a.png").write_bytes(b"nope")
     with pytest.raises(DataError, match=r"no readable images in .* \(1 files could not be read\)$"):
