@@ -228,9 +228,10 @@ def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        like = module.running_mean if module.running_mean is not None else module.weight
+        like = next(iter(module.state_dict().values()), None)  # none at all: no affine, no running stats
+        where = {"device": like.device, "dtype": like.dtype} if like is not None and like.is_floating_point() else {}
         new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                              module.track_running_stats, device=like.device, dtype=like.dtype)
+                              module.track_running_stats, **where)
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new

@@ -242,15 +242,17 @@ def test_rank_zero_first_outlasts_the_collectives_timeout():
     mp.spawn(_main_first_worker, args=(free_port(), 3), nprocs=WORLD, join=True)
 
 
-@pytest.mark.parametrize("momentum, track", [(None, True), (0.3, True), (0.1, False)],
-                         ids=["cumulative", "momentum", "untracked"])
-def test_global_batchnorm_normalises_and_tracks_as_batchnorm_over_the_global_batch(monkeypatch, momentum, track):
+@pytest.mark.parametrize("momentum, track, affine", [(None, True, True), (0.3, True, True), (0.1, False, True),
+                                                     (0.1, False, False)],
+                         ids=["cumulative", "momentum", "untracked", "bare"])
+def test_global_batchnorm_normalises_and_tracks_as_batchnorm_over_the_global_batch(monkeypatch, momentum, track,
+                                                                                    affine):
     """Two processes holding the same 6 rows (the all-reduce doubles each sum) against BatchNorm over the
     12 rows: outputs, gradients and running statistics, also with a user's momentum=None (the cumulative
-    average) or track_running_stats=False (which crashed)."""
+    average), track_running_stats=False or no affine parameters either (which crashed)."""
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     monkeypatch.setattr(dist.dist_nn, "all_reduce", lambda t: t * 2)
-    reference = torch.nn.BatchNorm1d(4, momentum=momentum, track_running_stats=track).double()
+    reference = torch.nn.BatchNorm1d(4, momentum=momentum, track_running_stats=track, affine=affine).double()
     ours = dist.convert_batchnorm(copy.deepcopy(reference), torch.device("cpu"))
     g = torch.Generator().manual_seed(3)
     for _ in range(3):
@@ -258,8 +260,9 @@ def test_global_batchnorm_normalises_and_tracks_as_batchnorm_over_the_global_bat
         want = reference(torch.cat([x, x]))[:6]
         got = ours(x)
         torch.testing.assert_close(got, want)
-        torch.testing.assert_close(torch.autograd.grad(got.sum(), ours.weight)[0],
-                                   torch.autograd.grad(want.sum(), reference.weight)[0])
+        if affine:
+            torch.testing.assert_close(torch.autograd.grad(got.pow(2).sum(), ours.weight)[0],
+                                       torch.autograd.grad(want.pow(2).sum(), reference.weight)[0])
     torch.testing.assert_close(ours.state_dict(), reference.state_dict())
 
 
