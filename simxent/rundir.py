@@ -150,7 +150,13 @@ def recorded_torchrun_job(out: Path) -> str | None:
 
 
 def record_run_id(out: Path, run_id: str, torchrun_job: str | None = None) -> None:
-    record = {"run_id": run_id, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    """run.json: the run's id, when it started (kept when only the torchrun job changes) and that job."""
+    try:
+        earlier = json.loads((out / RUN_FILE).read_text())
+        started = earlier["started"] if earlier.get("run_id") == run_id else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        started = None
+    record = {"run_id": run_id, "started": started or time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text_atomic(out / RUN_FILE, json.dumps({**record, "torchrun_job": torchrun_job} if torchrun_job else record))
 
 
