@@ -471,7 +471,30 @@ def fit_temperature_group(saved: dict, optimizer: torch.optim.Optimizer) -> dict
     return saved
 
 
-def fit_optimizer(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+def fit_older_grouping(saved: dict, optimizer: torch.optim.Optimizer, net: nn.Module) -> dict:
+    """``saved`` from a run whose decay and plain groups split ``net``'s parameters by the older rule (every
+    tensor of at most one dimension plain; ConvNeXt's (C, 1, 1) layer scales and ViT's tokens decayed, see
+    :func:`simxent.schedule.param_groups`): each group's saved ids listed again in this optimiser's order,
+    so that every parameter keeps its own state. Else unchanged."""
+    groups, ours = saved["param_groups"], optimizer.param_groups
+    sizes = [len(g["params"]) for g in groups]
+    if len(groups) != len(ours) or len(groups) < 2 or sizes == [len(g["params"]) for g in ours]:
+        return saved
+    temperature = {id(p) for g in ours if g.get("temperature") for p in g["params"]}
+    params = [p for p in net.parameters() if p.requires_grad and id(p) not in temperature]
+    older = [p for p in params if p.ndim > 1] + [p for p in params if p.ndim <= 1]
+    saved_ids = groups[0]["params"] + groups[1]["params"]
+    if len(older) != len(saved_ids):
+        return saved  # another model: load_state_dict names the mismatch
+    id_of = {id(p): i for p, i in zip(older, saved_ids)}
+    if any(id(p) not in id_of for g in ours[:2] for p in g["params"]):
+        return saved
+    log.info("optimizer state regrouped: per-channel scales and transformer tokens no longer take weight decay")
+    regrouped = [{**g, "params": [id_of[id(p)] for p in mine["params"]]} for g, mine in zip(groups, ours[:2])]
+    return {**saved, "param_groups": regrouped + groups[2:]}
+
+
+def fit_optimizer(saved: dict, optimizer: torch.optim.Optimizer, net: Optional[nn.Module] = None) -> dict:
     """``saved`` fitted to ``optimizer``: its temperature group (:func:`fit_temperature_group`), and every
     group's settings (weight decay, momentum, betas, LARS's trust coefficient, the kernels ``fused`` and
     ``foreach``) taken from ``optimizer``, built from this run's config: the checkpoint brings the state
@@ -480,6 +503,8 @@ def fit_optimizer(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
     and a checkpoint written before the optimisers were fused would resume unfused (under fp16's grad
     scaler, which hands a fused-capable optimiser its scale, failing its first step)."""
     saved = fit_temperature_group(saved, optimizer)
+    if net is not None:
+        saved = fit_older_grouping(saved, optimizer, net)
     groups, ours = saved["param_groups"], optimizer.param_groups
     if len(groups) != len(ours):
         return saved  # load_state_dict names the mismatch
@@ -544,7 +569,7 @@ def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler,
     """Load a checkpoint's weights, optimiser, scaler and this process's RNG state; returns where it stood
     (:func:`resumed_position`). A checkpoint written by another number of processes restarts the
     augmentation streams (said so)."""
-    state = {**state, "optimizer": fit_optimizer(state["optimizer"], optimizer)}
+    state = {**state, "optimizer": fit_optimizer(state["optimizer"], optimizer, net)}
     parts = {"encoder": net.encoder, "head": net.head, "optimizer": optimizer}
     if state.get("scaler"):  # empty from a run without fp16's scaler: an fp16 resume starts its scaler fresh
         parts["scaler"] = scaler

@@ -137,10 +137,10 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = setting("lars", "sgd, adamw or lars (no decay or adaptation on biases and norms)")
+    name: str = setting("lars", "sgd, adamw or lars (no decay or adaptation on biases, norms and per-channel scales)")
     lr: float = setting(0.3, "learning rate at a batch of 256, scaled by optim.lr_scaling")
     lr_scaling: str = setting("linear", "linear (lr times B/256), sqrt (lr times sqrt(B/256)) or none")
-    weight_decay: float = setting(1e-6, "never applied to biases and normalisation layers")
+    weight_decay: float = setting(1e-6, "never applied to biases, norms, per-channel scales and ViT/Swin tokens")
     momentum: float = setting(0.9, "SGD and LARS momentum")
     warmup_epochs: float = setting(10.0, "linear warm-up, then cosine decay; one not shorter than train.epochs is "
                                          "cut to a tenth of the run")

@@ -145,14 +145,22 @@ class TimeBudget:
         self.start_progress, self.start_share = min(1.0, progress), min(1.0, share)
 
 
+# Tokens and position tables of torchvision's transformers (ViT, Swin): no decay, as in timm and MAE.
+PLAIN_NAMES = ("class_token", "pos_embedding", "relative_position_bias_table")
+
+
 def param_groups(model: nn.Module, weight_decay: float, leave_out: tuple = ()) -> list[dict]:
-    """Biases and normalisation parameters (every 1-d tensor) get no weight decay and, under LARS,
-    no trust-ratio adaptation, as in SimCLR. Parameters in ``leave_out`` (by identity) are left out."""
+    """Biases, normalisation parameters and other per-channel scales (a tensor with at most one dimension
+    above 1: ConvNeXt's (C, 1, 1) layer scale, Swin V2's logit scale) and PLAIN_NAMES get no weight decay
+    and, under LARS, no trust-ratio adaptation, as in SimCLR; LARS steps of at most lr * eta * ||w|| would
+    hold ConvNeXt's layer scales near their 1e-6 start. Parameters in ``leave_out`` (by identity) are left
+    out."""
     decay, plain = [], []
     left_out = {id(p) for p in leave_out}
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in left_out:
-            (plain if p.ndim <= 1 else decay).append(p)
+            per_channel = sum(size > 1 for size in p.shape) <= 1
+            (plain if per_channel or name.rsplit(".", 1)[-1] in PLAIN_NAMES else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay, "lars": True},
         {"params": plain, "weight_decay": 0.0, "lars": False},

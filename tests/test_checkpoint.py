@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from simxent.checkpoint import CheckpointError, export_torchvision, load_checkpoint, load_encoder, save_checkpoint
-from simxent.config import load_config, to_dict
+from simxent.config import OptimConfig, load_config, to_dict
 from simxent.models import backbone
 
 
@@ -118,6 +118,37 @@ def test_an_optimiser_state_without_or_with_a_temperature_group_fits_the_other(s
     if not saved_learnt:
         assert opt.param_groups[2]["params"] == [net.temperature.log_t] and opt.param_groups[2]["lr"] == 0.01
         assert net.temperature.log_t not in opt.state
+
+
+def test_layer_scales_take_no_decay_and_older_checkpoints_keep_each_parameters_state(caplog):
+    """A (C, 1, 1) layer scale (ConvNeXt's) and a ViT class token are plain parameters now: under LARS they
+    were decayed and stepped by at most lr * eta * ||w||, which held 1e-6 layer scales near 1e-6. A checkpoint
+    grouped the older way (every tensor of at most one dimension plain) resumes with each parameter's own
+    momentum, wherever its group is now."""
+    import logging
+    from simxent.checkpoint import fit_optimizer
+    from simxent.schedule import LARS, build_optimizer, param_groups
+
+    net = torch.nn.Module()
+    net.conv = torch.nn.Conv2d(3, 4, 3)
+    net.layer_scale = torch.nn.Parameter(torch.full((4, 1, 1), 1e-6))
+    net.class_token = torch.nn.Parameter(torch.zeros(1, 1, 4))
+    net.fc = torch.nn.Linear(4, 2)
+    decay, plain = param_groups(net, 1e-4)
+    assert [id(p) for p in decay["params"]] == [id(net.conv.weight), id(net.fc.weight)]
+    older = LARS([{"params": [p for p in net.parameters() if p.ndim > 1], "weight_decay": 1e-4, "lars": True},
+                  {"params": [p for p in net.parameters() if p.ndim <= 1], "weight_decay": 0.0, "lars": False}],
+                 lr=0.1)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    older.step()
+    saved = older.state_dict()
+    ours = build_optimizer(net, OptimConfig(name="lars"), 0.1)
+    with caplog.at_level(logging.INFO, logger="simxent"):
+        ours.load_state_dict(fit_optimizer(saved, ours, net))
+    assert "regrouped" in caplog.text
+    for p in net.parameters():
+        torch.testing.assert_close(ours.state[p]["momentum"], older.state[p]["momentum"])
 
 
 def test_an_unfused_optimiser_state_resumes_fused_and_steps_under_a_grad_scaler():
