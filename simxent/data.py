@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import stat
 import warnings
 from contextlib import contextmanager
@@ -623,6 +624,15 @@ def crop_seed(base: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([base, step, rank]).generate_state(1)[0])
 
 
+
+def leave_stop_signals_to_the_main_process(_worker_id: int = 0) -> None:
+    """A DataLoader worker's ``worker_init_fn``: SIGTERM and SIGINT are the main process's to handle (it
+    finishes its step, checkpoints, then ends its workers). torchrun, SLURM and docker signal the whole
+    process group, and a worker killed by the signal took the run down before its checkpoint; a worker
+    keeping the run's own handler logged each Ctrl-C again."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
 @dataclass
 class ImageStream:
     """A folder decoded batch by batch in ``workers`` DataLoader processes, every epoch: for folders whose
@@ -657,6 +667,7 @@ class ImageStream:
         loader = DataLoader(decoder, batch_size=None, sampler=[(idx, crop_seed(base, step, rank)) for step, idx in steps],
                             num_workers=self.workers, pin_memory=self.pin_memory,
                             prefetch_factor=4 if self.workers else None,
+                            worker_init_fn=leave_stop_signals_to_the_main_process,
                             generator=torch.Generator())  # its own seed source: the global RNG drives augmentation
         for (step, _), (images, cropped, bad) in zip(steps, loader):
             if bad and self.on_bad_image == "error":
@@ -785,8 +796,8 @@ def all_square_within_view(found: ImageList, size: int, workers: int) -> bool:
     """Whether every readable image of the folder is square and no larger than ``size`` (headers only): the
     folders whose ``square`` entry serves training and evaluation alike (either would cut the sides of a
     non-square image differently)."""
-    loader = DataLoader(found.files, batch_size=256, num_workers=workers,
-                        collate_fn=_extents)
+    loader = DataLoader(found.files, batch_size=256, num_workers=workers, collate_fn=_extents,
+                        worker_init_fn=leave_stop_signals_to_the_main_process)
     return all(max(e) <= size and e[0] == e[1] for batch in loader for e in batch if e is not None)
 
 
@@ -999,7 +1010,7 @@ def _decode_into(out: np.ndarray, found: ImageList, layout: Layout, workers: int
     """Fill ``out`` in file order with the readable images, packed at the front (see :func:`_decode_all`)."""
     good, sizes, bad = [], [], {}
     loader = DataLoader(DecodedFiles(found.files, layout.size, layout.decoder()), batch_size=64,
-                        num_workers=workers, collate_fn=_collate)
+                        num_workers=workers, collate_fn=_collate, worker_init_fn=leave_stop_signals_to_the_main_process)
     bars = show_progress_bars(progress)
     for batch in tqdm(loader, desc=f"decoding {found.root}", unit="batch", disable=not bars, leave=False):
         for i, img, reason in batch:

@@ -41,10 +41,11 @@ def tiny(shapes, out, *more):
 PRETRAIN = [str(ROOT / "scripts" / "pretrain.py"), "--no-progress"]  # the command line's pretraining
 
 
-def launch(args, command=PRETRAIN):
+def launch(args, command=PRETRAIN, group=False):
+    """The run as a child process; ``group``: in a process group of its own, which a signal can reach whole."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, *command, *args],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, *command, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=group)
 
 
 def run_to_the_end(args, command=PRETRAIN) -> None:
@@ -105,10 +106,13 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(shapes, tmp_p
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(shapes, tmp_path):
+    """SIGTERM to the run's whole process group, as torchrun, SLURM and docker send it, while DataLoader
+    workers stream the images: the workers leave the signal to the run, which finishes its step and
+    checkpoints (a worker killed by it took the run down with a RuntimeError and no checkpoint)."""
     run = tmp_path / "run"
-    proc = launch(tiny(shapes, run, "train.epochs=500"))
+    proc = launch(tiny(shapes, run, "train.epochs=500", "data.stream=true", "data.workers=1"), group=True)
     wait_for_step(run / "checkpoints" / "last.pt", 5, proc)  # epoch ends write checkpoints
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     summary = json.loads((run / "summary.json").read_text())
