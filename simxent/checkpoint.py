@@ -583,7 +583,7 @@ def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler,
     if len(state["rng"]) == world:
         set_rng_state(state["rng"][rank], next(net.parameters()).device)
     else:
-        log.warning("checkpoint was written by %d processes, resuming with %d: augmentation streams restart",
+        log.warning("checkpoint was written by %d process(es), resuming with %d: augmentation streams restart",
                     len(state["rng"]), world)
         torch.manual_seed(seed + rank + 7919 * pos.global_step)
     # pos.epoch counts whole epochs done, as every other line's "epoch E/N step S" counts from 1.

@@ -28,7 +28,7 @@ from .train import TrainingError, point_name, pretrain
 
 log = logging.getLogger("simxent")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, ClassWeightError, LabelError, ProbeDivergedError,
-               TrainingError)
+               TrainingError, dist.MainProcessStopped)
 
 
 def report_user_errors(main):

@@ -118,9 +118,21 @@ def torchrun_job() -> str | None:
     return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
+class MainProcessStopped(RuntimeError):
+    """The main process stopped (a refused ``out``, say) while the others waited for what it shares."""
+
+
 def from_main(value):
-    """The main process's ``value``, in every process (one collective; ``value`` picklable)."""
-    return gather_objects(value)[0]
+    """The main process's ``value``, in every process (one collective; ``value`` picklable). Should the
+    main process stop before it shares (its own error names why), the others stop with one line, not the
+    process group's traceback."""
+    try:
+        return gather_objects(value)[0]
+    except RuntimeError as e:
+        if is_main():
+            raise
+        raise MainProcessStopped(f"process {rank()}: the main process stopped before the run began (its error "
+                                 f"says why)") from e
 
 
 def cleanup() -> None:
