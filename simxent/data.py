@@ -625,13 +625,32 @@ def crop_seed(base: int, step: int, rank: int) -> int:
 
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def leave_stop_signals_to_the_main_process(_worker_id: int = 0) -> None:
     """A DataLoader worker's ``worker_init_fn``: SIGTERM and SIGINT are the main process's to handle (it
     finishes its step, checkpoints, then ends its workers). torchrun, SLURM and docker signal the whole
     process group, and a worker killed by the signal took the run down before its checkpoint; a worker
-    keeping the run's own handler logged each Ctrl-C again."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keeping the run's own handler logged each Ctrl-C again. The worker was forked with them blocked
+    (:func:`start_workers`): ignored now, they are unblocked."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def start_workers(loader: DataLoader):
+    """``iter(loader)``, its workers forked with SIGTERM and SIGINT blocked, so that none dies of a signal
+    to the process group before its ``worker_init_fn`` ignores them (new workers start every epoch of a
+    stream, just after the epoch's checkpoint); this process gets any that came meanwhile once they are
+    unblocked."""
+    if not loader.num_workers:
+        return iter(loader)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 @dataclass
 class ImageStream:
@@ -669,7 +688,7 @@ class ImageStream:
                             prefetch_factor=4 if self.workers else None,
                             worker_init_fn=leave_stop_signals_to_the_main_process,
                             generator=torch.Generator())  # its own seed source: the global RNG drives augmentation
-        for (step, _), (images, cropped, bad) in zip(steps, loader):
+        for (step, _), (images, cropped, bad) in zip(steps, start_workers(loader)):
             if bad and self.on_bad_image == "error":
                 raise bad_image_error(*bad[0])
             for path, reason in bad:
@@ -798,7 +817,7 @@ def all_square_within_view(found: ImageList, size: int, workers: int) -> bool:
     non-square image differently)."""
     loader = DataLoader(found.files, batch_size=256, num_workers=workers, collate_fn=_extents,
                         worker_init_fn=leave_stop_signals_to_the_main_process)
-    return all(max(e) <= size and e[0] == e[1] for batch in loader for e in batch if e is not None)
+    return all(max(e) <= size and e[0] == e[1] for batch in start_workers(loader) for e in batch if e is not None)
 
 
 def load_folder(
@@ -1012,7 +1031,8 @@ def _decode_into(out: np.ndarray, found: ImageList, layout: Layout, workers: int
     loader = DataLoader(DecodedFiles(found.files, layout.size, layout.decoder()), batch_size=64,
                         num_workers=workers, collate_fn=_collate, worker_init_fn=leave_stop_signals_to_the_main_process)
     bars = show_progress_bars(progress)
-    for batch in tqdm(loader, desc=f"decoding {found.root}", unit="batch", disable=not bars, leave=False):
+    for batch in tqdm(start_workers(loader), desc=f"decoding {found.root}", unit="batch", total=len(loader),
+                      disable=not bars, leave=False):
         for i, img, reason in batch:
             if img is not None:
                 h, w = img.shape[:2]
