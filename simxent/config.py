@@ -158,7 +158,8 @@ class TrainConfig:
                                           "time used (first step to deadline) and the steps done (of train.epochs), "
                                           "so the run ends annealed at whichever comes first; false: they span "
                                           "train.epochs and max_time cuts them")
-    seed: int = setting(0, "makes a run reproducible")
+    seed: int = setting(0, "seeds every random draw: a CPU run repeats exactly (a GPU's fastest kernels "
+                           "differ in the last bits)")
     device: str = setting("auto", "auto, cpu or cuda (refused without a GPU)")
     precision: str = setting("auto", "auto (bf16 where native, else fp16 on a GPU and fp32 on a CPU), bf16 "
                                      "(warned on a CPU without "
