@@ -85,10 +85,21 @@ def scan(cache_dir: Path) -> tuple[list[CacheEntry], list[TempFile]]:
         elif _ENTRY.match(name) and path.is_file():
             entries.setdefault(path.stem, CacheEntry(path.stem)).files.append(path)
     now = time.time()
-    for entry in entries.values():
+    for entry in list(entries.values()):
+        entry.files = [f for f in entry.files if f.exists()]  # a clear running beside this one may remove some
+        if not entry.files:
+            del entries[entry.key]
+            continue
         entry.source = _source(cache_dir / f"{entry.key}.json")
-        entry.age_s = now - max(f.stat().st_mtime for f in entry.files)
+        entry.age_s = now - max(_mtime(f) for f in entry.files)
     return sorted(entries.values(), key=lambda e: -e.age_s), temps
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed since it was listed
+        return 0.0
 
 
 def _source(meta: Path) -> str:

@@ -114,3 +114,21 @@ def test_a_locked_array_is_a_live_writers_whatever_its_pid_says(tmp_path):
         assert remove_dead_temp_files(cache) == [gone] and other.exists()
         assert cache_main(["--dir", str(cache), "clear", "--all"]) == 0 and other.exists()
     assert remove_dead_temp_files(cache) == [other]
+
+
+def test_list_goes_on_when_a_clear_beside_it_removes_an_entry(tmp_path, monkeypatch, capsys):
+    """An entry removed between the folder's listing and its files' stat (another simxent-cache clear) is
+    left out of the list, not a FileNotFoundError."""
+    from pathlib import Path
+    cache, (small, large), _, _ = two_entries(tmp_path)
+    is_file = Path.is_file
+
+    def removed_once_seen(path):
+        seen = is_file(path)
+        if seen and path.stem == small:
+            path.unlink()
+        return seen
+    monkeypatch.setattr(Path, "is_file", removed_once_seen)
+    assert cache_main(["--dir", str(cache), "list"]) == 0
+    out = capsys.readouterr().out
+    assert large in out and small not in out and "1 entries" in out.splitlines()[-1]
