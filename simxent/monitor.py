@@ -6,11 +6,16 @@ import shutil
 from pathlib import Path
 
 import torch
+from google.protobuf import text_format
+from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 from torchvision.utils import make_grid
 
 from . import figures
+from .files import write_text_atomic
+
+PROJECTOR_CONFIG = "projector_config.pbtxt"  # where TensorBoard's projector lists the embeddings of a log dir
 
 
 class Monitor:
@@ -20,6 +25,7 @@ class Monitor:
         # purge_step drops events a killed run wrote past its last checkpoint, so a resumed run draws
         # one continuous curve.
         self.writer = SummaryWriter(str(log_dir), purge_step=purge_step) if enabled else None
+        self.earlier_embeddings = read_projector_config(Path(log_dir)) if enabled else []
 
     def scalars(self, values: dict, step: int, prefix: str = "") -> None:
         if self.writer:
@@ -71,6 +77,20 @@ class Monitor:
                 shutil.rmtree(stale)
             self.writer.add_embedding(features.float().cpu(), metadata=labels, label_img=thumbnails.float().cpu(),
                                       global_step=step, tag=tag)
+            self._keep_earlier_embeddings()
+
+    def _keep_earlier_embeddings(self) -> None:
+        """add_embedding rewrites the projector's list with this session's embeddings only: a resumed run's
+        earlier ones, still on disk, would drop out of the projector. They are listed again, before this
+        session's, but for one whose folder this session replaced."""
+        log_dir = Path(self.writer.get_logdir())
+        ours = read_projector_config(log_dir)
+        paths = {e.tensor_path for e in ours}
+        kept = [e for e in self.earlier_embeddings if e.tensor_path not in paths and (log_dir / e.tensor_path).exists()]
+        if kept:
+            merged = ProjectorConfig()
+            merged.embeddings.extend(kept + list(ours))
+            write_text_atomic(log_dir / PROJECTOR_CONFIG, text_format.MessageToString(merged))
 
     def config_text(self, config_yaml: str, step: int = 0) -> None:
         """The resolved config, in the TEXT tab (indented: markdown shows it as a code block)."""
@@ -95,3 +115,11 @@ class Monitor:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+
+
+def read_projector_config(log_dir: Path) -> list:
+    """The embeddings ``log_dir``'s projector config lists (none without one, or with one unreadable)."""
+    try:
+        return list(text_format.Parse((log_dir / PROJECTOR_CONFIG).read_text(), ProjectorConfig()).embeddings)
+    except (OSError, text_format.ParseError):
+        return []

@@ -189,3 +189,22 @@ def test_a_projector_at_a_step_already_written_is_replaced_without_tensorboards_
     (metadata,) = (tmp_path / "tb").rglob("00120/val/metadata.tsv")
     assert [row[0] for row in csv.reader(metadata.open(), delimiter="\t")] == ["c", "d"]
 
+
+
+def test_a_resumed_runs_projector_still_lists_the_earlier_sessions_embeddings(tmp_path):
+    """add_embedding lists only its own session's embeddings: a resumed run's earlier ones, still on disk, stay
+    listed, each once, also when the new session replaces one at the same step."""
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+    def session(*steps):
+        monitor = Monitor(tmp_path / "tb")
+        for step in steps:
+            monitor.embedding(torch.rand(2, 4), ["a", "b"], torch.rand(2, 3, 8, 8), step=step)
+        monitor.close()
+    session(5)
+    session(10)
+    session(10, 15)
+    config = text_format.Parse((tmp_path / "tb" / "projector_config.pbtxt").read_text(), ProjectorConfig())
+    listed = [e.tensor_path for e in config.embeddings]
+    assert sorted(listed) == ["00005/val/tensors.tsv", "00010/val/tensors.tsv", "00015/val/tensors.tsv"]
