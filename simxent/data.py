@@ -629,14 +629,17 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def leave_stop_signals_to_the_main_process(_worker_id: int = 0) -> None:
-    """A DataLoader worker's ``worker_init_fn``: SIGTERM and SIGINT are the main process's to handle (it
-    finishes its step, checkpoints, then ends its workers). torchrun, SLURM and docker signal the whole
-    process group, and a worker killed by the signal took the run down before its checkpoint; a worker
-    keeping the run's own handler logged each Ctrl-C again. The worker was forked with them blocked
-    (:func:`start_workers`): ignored now, they are unblocked."""
+    """A DataLoader worker's ``worker_init_fn``: the worker leaves the run's process group, so that a
+    SIGTERM or SIGINT to the group (torchrun, SLURM, docker, Ctrl-C) reaches the main process alone, which
+    finishes its step, checkpoints and then ends its workers; a worker killed by it took the run down before
+    its checkpoint. The worker was forked with both blocked (:func:`start_workers`): any that came meanwhile
+    is dropped, and the defaults come back, so that torch can still end a worker with SIGTERM."""
+    os.setpgid(0, 0)
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def start_workers(loader: DataLoader):
