@@ -86,20 +86,21 @@ def scan(cache_dir: Path) -> tuple[list[CacheEntry], list[TempFile]]:
             entries.setdefault(path.stem, CacheEntry(path.stem)).files.append(path)
     now = time.time()
     for entry in list(entries.values()):
-        entry.files = [f for f in entry.files if f.exists()]  # a clear running beside this one may remove some
+        mtimes = {f: _mtime(f) for f in entry.files}  # a clear running beside this one may remove some
+        entry.files = [f for f, t in mtimes.items() if t is not None]
         if not entry.files:
             del entries[entry.key]
             continue
         entry.source = _source(cache_dir / f"{entry.key}.json")
-        entry.age_s = now - max(_mtime(f) for f in entry.files)
+        entry.age_s = now - max(mtimes[f] for f in entry.files)
     return sorted(entries.values(), key=lambda e: -e.age_s), temps
 
 
-def _mtime(path: Path) -> float:
+def _mtime(path: Path) -> float | None:
     try:
         return path.stat().st_mtime
     except OSError:  # removed since it was listed
-        return 0.0
+        return None
 
 
 def _source(meta: Path) -> str:

@@ -131,8 +131,9 @@ def from_main(value):
     except RuntimeError as e:
         if is_main():
             raise
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise MainProcessStopped(f"process {rank()}: the main process stopped before the run began (its error "
-                                 f"says why)") from e
+                                 f"says why), or this one failed waiting for it: {cause}") from e
 
 
 def cleanup() -> None:
