@@ -137,7 +137,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = setting("lars", "sgd, adamw or lars (no decay or adaptation on biases, norms and per-channel scales)")
+    name: str = setting("lars", "sgd, adamw or lars (no decay or adaptation on biases, norms, per-channel "
+                                "scales and ViT/Swin tokens)")
     lr: float = setting(0.3, "learning rate at a batch of 256, scaled by optim.lr_scaling")
     lr_scaling: str = setting("linear", "linear (lr times B/256), sqrt (lr times sqrt(B/256)) or none")
     weight_decay: float = setting(1e-6, "never applied to biases, norms, per-channel scales and ViT/Swin tokens")
