@@ -133,29 +133,29 @@ def holds_run(out: Path) -> bool:
     return has_checkpoints(out) or (tb.is_dir() and any(tb.rglob("events.out.tfevents.*")))
 
 
+def _run_record(out: Path) -> dict:
+    """run.json's content, or {} (none, unreadable, or not an object)."""
+    try:
+        record = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def recorded_run_id(out: Path) -> str | None:
     """The id of the run ``out`` holds, or None (no run yet, or one written before runs had ids)."""
-    try:
-        return json.loads((out / RUN_FILE).read_text())["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return _run_record(out).get("run_id")
 
 
 def recorded_torchrun_job(out: Path) -> str | None:
     """The torchrun job (``dist.torchrun_job``) that claimed the run ``out`` holds, or None."""
-    try:
-        return json.loads((out / RUN_FILE).read_text()).get("torchrun_job")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return _run_record(out).get("torchrun_job")
 
 
 def record_run_id(out: Path, run_id: str, torchrun_job: str | None = None) -> None:
     """run.json: the run's id, when it started (kept when only the torchrun job changes) and that job."""
-    try:
-        earlier = json.loads((out / RUN_FILE).read_text())
-        started = earlier["started"] if earlier.get("run_id") == run_id else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        started = None
+    earlier = _run_record(out)
+    started = earlier.get("started") if earlier.get("run_id") == run_id else None
     record = {"run_id": run_id, "started": started or time.strftime("%Y-%m-%d %H:%M:%S")}
     write_text_atomic(out / RUN_FILE, json.dumps({**record, "torchrun_job": torchrun_job} if torchrun_job else record))
 
