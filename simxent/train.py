@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from . import dist, figures
 from .augment import ViewAugment, blur_probability, small_view_size
-from .checkpoint import (Position, changed_settings, check_resumable, last_in_folder, load_checkpoint,
-                         newest_valid_checkpoint, restore_training, rng_state, save_rotating, saved_progress,
+from .checkpoint import (CheckpointWriter, Position, changed_settings, check_resumable, last_in_folder,
+                         load_checkpoint, newest_valid_checkpoint, restore_training, rng_state, saved_progress,
                          start_branch, training_state)
 from .config import AugmentConfig, Config, ConfigError, check_config, format_config, save_config, to_dict, view_size
 from .data import (Batch, DataError, ImageArray, ImageStream, batch_indices, check_source, dataset_images,
@@ -519,6 +519,7 @@ class Run:
     first_step: int = 0  # the global step this session started from
     branch_from: Optional[Path] = None  # a resumed run's checkpoint, until its first save sets later steps aside
     seconds_before: float = 0.0  # the run's earlier sessions, from its checkpoint
+    writer: CheckpointWriter = dataclasses.field(default_factory=CheckpointWriter)
     buffers: BufferSnapshot = dataclasses.field(init=False)
 
     def __post_init__(self):
@@ -777,6 +778,7 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
                            progress, ahead.progress if ahead else None,
                            history(run))
     if run.main:
+        run.writer.wait()  # the last write first: the files below land in order, and a failed write stops here
         run.similarities.write()
         folder = checkpoint_path(run.cfg).parent
         if run.branch_from is not None:  # at the new branch's first save, not before: a failed start moves nothing
@@ -785,7 +787,7 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
                 log.warning("run %s continues from step %d: its step files not on that line are moved to %s",
                             run.run_id, run.first_step, aside)
             run.branch_from = None
-        save_rotating(state, folder, run.pos.global_step, run.cfg.train.keep_checkpoints, run.run_id)
+        run.writer.write(state, folder, run.pos.global_step, run.cfg.train.keep_checkpoints, run.run_id)
     run.saved_step = run.pos.global_step
 
 
@@ -846,6 +848,7 @@ def finish(run: Run, reason: Optional[str]) -> dict:
     A session resumed at the step where an earlier one ended the run adds nothing to TensorBoard but the
     projector that a signal left out."""
     cfg, pos = run.cfg, run.pos
+    run.writer.wait()  # the last checkpoint is on disk before the summary names it
     before = earlier_end(run) if run.main else None
     projector = before is None or before.get("stopped_by_signal")
     if run.main and projector and run.val is not None and cfg.eval.projector and reason != "signal":
@@ -1088,6 +1091,7 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
               SimilarityLog(out / "similarities.json", pos.global_step if resume else None), pos, bars,
               PlainProgress(main and not bars, cfg.train.epochs, steps_per_epoch), resumed_progress=ahead_progress)
     run.resume_history(earlier)
+    held.callback(run.writer.wait)  # on any way out, the checkpoint in flight lands before out is unlocked
     run.branch_from = resume if resume and run_id else None
     announce(run)
     return run

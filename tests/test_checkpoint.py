@@ -1,12 +1,15 @@
 """Atomic checkpoint writes and safe loading."""
 import os
 import pickle
+import threading
 
 import pytest
 import torch
 import torchvision
 
-from simxent.checkpoint import CheckpointError, export_torchvision, load_checkpoint, load_encoder, save_checkpoint
+import simxent.checkpoint
+from simxent.checkpoint import (CheckpointError, CheckpointWriter, export_torchvision, load_checkpoint, load_encoder,
+                                save_checkpoint)
 from simxent.config import OptimConfig, load_config, to_dict
 from simxent.models import backbone
 
@@ -40,6 +43,43 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the raw pickle below: that refusal is the point
+def test_a_checkpoint_written_in_the_background_holds_the_state_as_it_was_when_asked(tmp_path, monkeypatch):
+    """The steps after a save change weights and optimiser state in place while the writer's thread is still
+    serialising: what lands is the state at the save."""
+    weights, momentum = torch.arange(4.0), torch.ones(2, 2)
+    state = {"encoder": {"w": weights}, "optimizer": {"state": {0: {"momentum": momentum}}, "groups": [(0, 1)]}}
+    stepped, real = threading.Event(), save_checkpoint
+
+    def after_the_next_step(state, path):
+        assert stepped.wait(timeout=30)
+        real(state, path)
+
+    monkeypatch.setattr(simxent.checkpoint, "save_checkpoint", after_the_next_step)
+    writer = CheckpointWriter()
+    writer.write(state, tmp_path, 7, keep=2, run_id="r")
+    weights.add_(100)
+    momentum.mul_(3)
+    stepped.set()
+    writer.wait()
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert torch.equal(saved["encoder"]["w"], torch.arange(4.0))
+    assert torch.equal(saved["optimizer"]["state"][0]["momentum"], torch.ones(2, 2))
+    assert saved["optimizer"]["groups"] == [(0, 1)] and saved["run_id"] == "r"
+
+
+def test_a_failed_background_write_is_raised_once_by_the_next_wait(tmp_path, monkeypatch):
+    def full_disk(state, path):
+        raise CheckpointError(f"no space left to write checkpoint {path}")
+
+    monkeypatch.setattr(simxent.checkpoint, "save_checkpoint", full_disk)
+    writer = CheckpointWriter()
+    writer.write({"x": torch.ones(1)}, tmp_path, 3, keep=2, run_id="r")
+    with pytest.raises(CheckpointError, match="step-"):
+        writer.wait()
+    writer.wait()  # raised once: the run reports it, and the writer is free for the next checkpoint
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_pickled_object_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:

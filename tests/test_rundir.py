@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import simxent.checkpoint
 import simxent.train
 
 from simxent.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_rotating
@@ -276,6 +277,33 @@ def test_skipped_images_are_listed_one_json_record_per_line(shapes, tmp_path, ca
     assert status == 0, err
     lines = (out / "skipped_images.txt").read_text().splitlines()
     assert sorted(Path(json.loads(line)["file"]).name for line in lines) == sorted(odd)
+
+
+def test_training_goes_on_while_an_epochs_checkpoint_is_written(shapes, tmp_path, capsys, monkeypatch):
+    """Each epoch's checkpoint is written on a thread: the next epoch's first step runs before it lands, and
+    the run returns only once the last one is on disk."""
+    steps, waited, real_save, real_step = [], [], simxent.checkpoint.save_checkpoint, simxent.train.step_loss
+
+    def slow_disk(state, path):
+        if not waited:  # the first epoch's end: a write in the training thread would wait the whole timeout
+            at = len(steps)
+            deadline = time.monotonic() + 30
+            while len(steps) == at and time.monotonic() < deadline:
+                time.sleep(0.01)
+            waited.append(len(steps) > at)
+        real_save(state, path)
+
+    def counted_step(*args):
+        steps.append(1)
+        return real_step(*args)
+
+    monkeypatch.setattr(simxent.checkpoint, "save_checkpoint", slow_disk)
+    monkeypatch.setattr(simxent.train, "step_loss", counted_step)
+    out = tmp_path / "run"
+    assert run(tiny(shapes, out, "train.epochs=2"), capsys)[0] == 0
+    assert waited == [True]
+    summary = json.loads((out / "summary.json").read_text())
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["global_step"] == summary["global_step"]
 
 
 def test_a_failure_while_writing_the_summary_leaves_the_previous_one_whole(shapes, tmp_path, capsys, monkeypatch):
