@@ -40,7 +40,11 @@ def from_file(path: Path, classes: list[str]) -> torch.Tensor:
     weight (``dog 2#common``) begins a comment, one inside a name is part of it. UTF-8, with or without the
     byte-order mark Windows editors write."""
     named, line_of = {}, {}
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:  # a Windows editor's ANSI or "Unicode" (UTF-16) encoding
+        raise ClassWeightError(f"{path}: not a UTF-8 class-weight file (byte {e.start}); save it as UTF-8") from None
+    for number, line in enumerate(text.splitlines(), 1):
         fields = re.sub(r"(^|\s)#.*", "", line).rsplit(None, 1)
         if not fields:
             continue
@@ -63,6 +67,26 @@ def from_file(path: Path, classes: list[str]) -> torch.Tensor:
     return torch.tensor([named[c] for c in classes], dtype=torch.float64)
 
 
+def check_spec(spec: str, per_class: bool, classes: list[str]) -> None:
+    """Refuse a ``spec`` that cannot apply, from the training folder's listing (its ``classes``), before any
+    image is decoded: a file that is missing or does not name those classes, or a weighting that binary and
+    multi-label probes (``per_class`` false: their weights are positive weights) do not take."""
+    if not per_class:
+        if spec not in ("none", "balanced"):
+            raise ClassWeightError(f"--class-weight {spec}: binary and multi-label probes take none or balanced")
+    elif spec not in ("none", "balanced", "effective"):
+        weights_from_file(spec, classes)
+
+
+def weights_from_file(spec: str, classes: list[str]) -> torch.Tensor:
+    """:func:`from_file` of the file ``spec`` names, or an error that says what --class-weight takes."""
+    path = Path(spec)
+    if not path.is_file():
+        raise ClassWeightError(f"--class-weight: expected none, balanced, effective or a file; "
+                               f"{missing_file(path, 'class-weight file')}")
+    return from_file(path, classes)
+
+
 def class_weights(spec: str, labels: torch.Tensor, classes: list[str], beta: float = 0.999) -> Optional[torch.Tensor]:
     """Per-class weights from ``spec``: ``none``, ``balanced``, ``effective`` (with ``beta``) or a file of
     ``class_name weight`` lines. Errors name the class or the file line."""
@@ -77,11 +101,7 @@ def class_weights(spec: str, labels: torch.Tensor, classes: list[str], beta: flo
             raise ClassWeightError(f"effective class weights: beta must lie in [0, 1), got {beta}")
         weights = balanced(counts) if spec == "balanced" else effective(counts, beta)
     else:
-        path = Path(spec)
-        if not path.is_file():
-            raise ClassWeightError(f"--class-weight: expected none, balanced, effective or a file; "
-                                   f"{missing_file(path, 'class-weight file')}")
-        weights = from_file(path, classes)
+        weights = weights_from_file(spec, classes)
     check_float32(weights, counts, classes)
     report(weights, counts, classes)
     return weights.float()
@@ -126,10 +146,9 @@ def rises_with_frequency(weights: torch.Tensor, counts: torch.Tensor) -> bool:
 def positive_weights(spec: str, targets: torch.Tensor, names: list[str]) -> Optional[torch.Tensor]:
     """``pos_weight`` per label for binary and multi-label probes: ``none``, or ``balanced`` = n_neg / n_pos,
     which weighs each label's positives as much as its negatives."""
+    check_spec(spec, False, names)
     if spec == "none":
         return None
-    if spec != "balanced":
-        raise ClassWeightError(f"--class-weight {spec}: binary and multi-label probes take none or balanced")
     positives = targets.sum(0).double()
     empty = [n for n, p in zip(names, positives) if p == 0 or p == len(targets)]
     if empty:

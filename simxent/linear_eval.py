@@ -19,7 +19,7 @@ from .checkpoint import (ENCODER_KEYS, checkpoint_encoder, encoder_digest, load_
                          saved_config)
 from .config import MAX_IMAGE_SIZE, Config, ConfigError, DataConfig
 from .data import ImageArray, ImageList, copied_images, find_source, load_configured, naming_the_key, shared_files
-from .class_weights import class_weights, positive_weights
+from .class_weights import check_spec, class_weights, positive_weights
 from .evaluate import OBJECTIVES, Objective, classification_report, confusion_matrix, extract_features, knn_scores, \
     objective_named, probe_logits, train_linear_probe
 from .files import json_text, missing_file, write_text_atomic
@@ -161,14 +161,20 @@ class Targets:
         return objective_named(self.objective)
 
 
+def positive_class_of(classes: list[str], positive: Optional[str]) -> str:
+    """The binary probe's positive class among two class folders: ``positive``, or the second in sorted order."""
+    if len(classes) != 2:
+        raise ConfigError(f"--objective binary needs exactly 2 class folders, found {len(classes)}: "
+                          f"{', '.join(classes)}")
+    positive = positive or classes[1]
+    if positive not in classes:
+        raise ConfigError(f"--positive-class {positive!r} is not one of {', '.join(classes)}")
+    return positive
+
+
 def binary_targets(train: ImageArray, test: ImageArray, positive: Optional[str]) -> Targets:
     """Two class folders; ``positive`` (default: the second in sorted order) is label 1."""
-    if len(train.classes) != 2:
-        raise ConfigError(f"--objective binary needs exactly 2 class folders, found {len(train.classes)}: "
-                          f"{', '.join(train.classes)}")
-    positive = positive or train.classes[1]
-    if positive not in train.classes:
-        raise ConfigError(f"--positive-class {positive!r} is not one of {', '.join(train.classes)}")
+    positive = positive_class_of(train.classes, positive)
     p = train.classes.index(positive)
     y_train, y_test = (train.labels == p).long().unsqueeze(1), (test.labels == p).long().unsqueeze(1)
     return Targets("binary", [positive], y_train, y_test, outcomes=[train.classes[1 - p], positive])
@@ -397,16 +403,20 @@ def eval_targets(objective: str, train: ImageArray, test: ImageArray, train_dir,
     return targets, weight
 
 
-def load_eval_folders(train_dir, test_dir, data: DataConfig, progress: bool, crop_ratio: float, objective: str
-                      ) -> tuple[ImageArray, ImageArray]:
-    """The --train and --test folders decoded for evaluation, checked to share no image. Classes from folders
-    are checked on the file listings first, before hours of decoding a folder that cannot be scored."""
+def load_eval_folders(train_dir, test_dir, data: DataConfig, progress: bool, crop_ratio: float, objective: str,
+                      class_weight: str = "none", positive_class: Optional[str] = None) -> tuple[ImageArray, ImageArray]:
+    """The --train and --test folders decoded for evaluation, checked to share no image. Classes from folders,
+    and the options that name them (``class_weight``'s file, ``positive_class``), are checked on the file
+    listings first, before hours of decoding a folder that cannot be scored."""
     with naming_the_key("--train"):
         train = find_source(train_dir)
     with naming_the_key("--test"):
         test = find_source(test_dir)
     if OBJECTIVES[objective].exclusive:
         check_same_classes(train, test, train_dir, test_dir)
+    if objective == "binary":
+        positive_class_of(train.classes, positive_class)
+    check_spec(class_weight, objective == "multiclass", train.classes)
     with naming_the_key("--train"):
         train = load_configured(train, data, progress, crop_ratio=crop_ratio)
     with naming_the_key("--test"):
@@ -461,7 +471,8 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     check_outputs(out, Path(json_path) if json_path else None)
     dtype = feature_dtype(precision or cfg.train.precision, dev)
     data = DataConfig(image_size=cfg.data.image_size, cache=cache, cache_dir=str(cache_dir or ""), workers=workers)
-    train, test = load_eval_folders(train_dir, test_dir, data, progress, crop_ratio, objective)
+    train, test = load_eval_folders(train_dir, test_dir, data, progress, crop_ratio, objective, opts.class_weight,
+                                    positive_class)
     targets, weight = eval_targets(objective, train, test, train_dir, test_dir, opts, positive_class, train_labels,
                                    test_labels)
     normalize = Normalize(cfg.augment.mean, cfg.augment.std)

@@ -289,6 +289,35 @@ def test_bad_options_and_outputs_stop_before_decoding(run, tmp_path, monkeypatch
     assert f"--out: {tmp_path / 'taken'} is a file, not a folder" in capsys.readouterr().err
 
 
+def test_class_weight_and_positive_class_mistakes_stop_before_decoding(run, tmp_path, monkeypatch, capsys):
+    """A misspelt or unreadable weight file, one naming other classes, a weighting the objective does not take,
+    a positive class that is no class folder: each refused from the folders' listings, before any decoding."""
+    run_dir, shapes = run
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    two = tmp_path / "two"  # circle and cross: a binary folder pair
+    for split in ("train", "test"):
+        for name in ("circle", "cross"):
+            shutil.copytree(shapes / split / name, two / split / name)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("images decoded before the options were checked")
+    monkeypatch.setattr(linear_eval_module, "load_configured", no_decoding)
+    assert evaluate(ckpt, shapes, "--class-weight", str(tmp_path / "weigths.txt")) == 2
+    assert f"class-weight file not found: {tmp_path / 'weigths.txt'}" in capsys.readouterr().err
+    (tmp_path / "w.txt").write_text("circle 1\ncross 1\nring 1\nsquare 1\ntrinagle 2\n")
+    assert evaluate(ckpt, shapes, "--class-weight", str(tmp_path / "w.txt")) == 2
+    assert "unknown: trinagle; missing: triangle" in capsys.readouterr().err
+    (tmp_path / "ansi.txt").write_bytes("caf\u00e9 2\n".encode("cp1252"))
+    assert evaluate(ckpt, shapes, "--class-weight", str(tmp_path / "ansi.txt")) == 2
+    assert f"{tmp_path / 'ansi.txt'}: not a UTF-8 class-weight file (byte 3)" in capsys.readouterr().err
+    assert evaluate(ckpt, two, "--objective", "binary", "--class-weight", "effective") == 2
+    assert "binary and multi-label probes take none or balanced" in capsys.readouterr().err
+    assert evaluate(ckpt, two, "--objective", "binary", "--positive-class", "crosss") == 2
+    assert "--positive-class 'crosss' is not one of circle, cross" in capsys.readouterr().err
+    assert evaluate(ckpt, shapes, "--objective", "binary") == 2
+    assert "--objective binary needs exactly 2 class folders, found 5" in capsys.readouterr().err
+
+
 def test_a_single_class_is_refused_not_scored_one(run, tmp_path, capsys):
     """With one class every prediction is right: the probe and kNN would report 1.0, which means nothing."""
     run_dir, shapes = run
