@@ -13,19 +13,23 @@ embeddings, their file names and a FAISS inner-product index into one directory:
     meta.json        checkpoint and a digest of its encoder's weights, decoding (image size, crop ratio,
                      normalisation), count, index type and, for IVF, its recall@k against exact search; the
                      skipped files (relative as the names); a digest of the folder's listing (names, sizes,
-                     times), by which :func:`read_store` warns that the folder changed since
+                     times), by which :func:`read_store` warns that the folder changed since; each of the
+                     three other files' :func:`fingerprint`, by which it refuses files of another write
 
 :func:`nearest` finds the rows most similar to query embeddings; :func:`duplicate_pairs` lists the pairs
 of rows whose cosine similarity reaches a threshold.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import faiss
 import numpy as np
@@ -41,7 +45,7 @@ from .config import AugmentConfig, ConfigError, DataConfig
 from .data import (DataError, ImageArray, decode_eval, find_source, listing_digest, load_configured,
                    naming_the_key, names_base)
 from .evaluate import build_index, extract_features, recall_against_exact
-from .files import json_text, write_text_atomic
+from .files import json_text, temp_path, write_text_atomic
 from .rundir import mark_output, run_lock
 from .linear_eval import encoder_to_score
 from .monitor import Monitor
@@ -50,6 +54,7 @@ from .runtime import full_float32, quiet_log, resolve_device, setup_logging, sho
 log = logging.getLogger("simxent")
 
 EMBEDDINGS, NAMES, INDEX, META = "embeddings.npy", "names.json", "index.faiss", "meta.json"
+FINGERPRINT_BYTES = 1 << 16
 IVF_ABOVE = 100_000  # rows; exact search stays fast below (docs/benchmarks.md, "Embeddings and search")
 NPROBE = 16
 RECALL_K = 10
@@ -168,35 +173,92 @@ def warn_if_replacing(out: Path, images: str) -> None:
         log.warning("--out %s held the embeddings of %s: they are replaced by those of %s", out, before, images)
 
 
+def fingerprint(f) -> list:
+    """What tells one write of a store's file from another, read from the open binary file ``f`` and left at
+    its start: its size and the SHA-1 of its first and last 64 KiB (vectors of other weights or images differ
+    there; reading all of a large store twice would slow every search). Copies of the file share it."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(FINGERPRINT_BYTES)
+    f.seek(max(0, size - FINGERPRINT_BYTES))
+    digest = hashlib.sha1(head + f.read(FINGERPRINT_BYTES)).hexdigest()
+    f.seek(0)
+    return [size, digest]
+
+
 def write_store(out: Path, store: EmbeddingStore) -> None:
-    """The four files of ``store`` in ``out``; meta.json last, so a folder with it is complete (an earlier
-    store's meta.json is removed first: a run killed midway leaves a folder that reads as incomplete, never
-    new vectors under an old index)."""
+    """The four files of ``store`` in ``out``. The three data files are written under temporary names first,
+    so a failure (a full disk, Ctrl-C) leaves the earlier store whole, then renamed in; meta.json, written
+    last, records each one's :func:`fingerprint`, by which :func:`read_store` tells a store being rewritten, or
+    one a kill left half renamed, from a whole one."""
     mark_output(out)
-    (out / META).unlink(missing_ok=True)
-    np.save(out / EMBEDDINGS, store.vectors)
-    (out / NAMES).write_text(json_text(store.names), encoding="utf-8")
-    faiss.write_index(store.index, str(out / INDEX))
-    write_text_atomic(out / META, json_text(store.meta, indent=2))
+    writers = {EMBEDDINGS: lambda path: np.save(path, store.vectors),
+               NAMES: lambda path: path.write_text(json_text(store.names), encoding="utf-8"),
+               INDEX: lambda path: faiss.write_index(store.index, str(path))}
+    temps = {name: temp_path(out / name, suffix=Path(name).suffix) for name in writers}
+    try:
+        files = {}
+        for name, write in writers.items():
+            write(temps[name])
+            with open(temps[name], "rb") as f:
+                os.fsync(f.fileno())
+                files[name] = fingerprint(f)
+        for name, temp in temps.items():
+            os.replace(temp, out / name)
+    finally:
+        for temp in temps.values():
+            temp.unlink(missing_ok=True)
+    write_text_atomic(out / META, json_text({**store.meta, "files": files}, indent=2))
+
+
+def read_part(folder: Path, name: str, load: Callable):
+    """``load`` of the open file ``folder/name`` and the :func:`fingerprint` of what was read; a file that
+    does not load is a DataError naming it."""
+    try:
+        with open(folder / name, "rb") as f:
+            got = fingerprint(f)
+            return load(f), got
+    except FileNotFoundError:
+        raise DataError(f"--index: {folder / name} not found; make the folder with simxent-embed") from None
+    except (OSError, ValueError, RuntimeError, EOFError) as e:  # RuntimeError: faiss's
+        raise DataError(f"--index: {folder / name} cannot be read ({str(e).strip()[:200]}); run simxent-embed "
+                        f"again") from None
+
+
+def read_parts(folder: Path) -> Optional[tuple]:
+    """meta.json, then the vectors, names and index it records; None when one of them is not the file that
+    meta.json records (a store from before the records is taken as it is)."""
+    meta, _ = read_part(folder, META, lambda f: json.loads(f.read().decode("utf-8")))
+    vectors, got_vectors = read_part(folder, EMBEDDINGS, np.load)
+    names, got_names = read_part(folder, NAMES, lambda f: json.loads(f.read().decode("utf-8")))
+    index, got_index = read_part(folder, INDEX, lambda f: faiss.deserialize_index(np.frombuffer(f.read(), np.uint8)))
+    recorded = meta.get("files") if isinstance(meta, dict) else None
+    if recorded and recorded != {EMBEDDINGS: got_vectors, NAMES: got_names, INDEX: got_index}:
+        return None
+    return meta, vectors, names, index
 
 
 def read_store(folder: str | Path) -> EmbeddingStore:
-    """Read a folder written by :func:`embed_folder`; a missing or inconsistent file is a DataError naming it."""
+    """Read a folder written by :func:`embed_folder`; a missing, unreadable or inconsistent file is a
+    DataError naming it. A store that simxent-embed is rewriting is read again a second later."""
     folder = Path(folder)
     if folder.is_file():
         raise DataError(f"--index: {folder} is a file; give the folder simxent-embed wrote, {folder.parent}")
-    for name in (META, EMBEDDINGS, NAMES, INDEX):
-        if not (folder / name).is_file():
-            raise DataError(f"--index: {folder / name} not found; make the folder with simxent-embed")
-    meta = json.loads((folder / META).read_text(encoding="utf-8"))
-    vectors = np.load(folder / EMBEDDINGS)
-    names = json.loads((folder / NAMES).read_text(encoding="utf-8"))
-    index = faiss.read_index(str(folder / INDEX))
-    if meta["index"]["type"] == "ivf":
-        faiss.extract_index_ivf(index).nprobe = meta["index"]["nprobe"]
-    if not len(names) == len(vectors) == index.ntotal == meta["count"]:
-        raise DataError(f"--index: {folder} is inconsistent: {len(vectors)} embeddings, {len(names)} names, "
-                        f"{index.ntotal} indexed, count {meta['count']} in {META}; run simxent-embed again")
+    parts = read_parts(folder) or (time.sleep(1) or read_parts(folder))
+    if parts is None:
+        raise DataError(f"--index: {folder}'s files are not those its {META} records: simxent-embed is writing "
+                        f"there, or an embedding stopped while renaming its files; search again once it is done, "
+                        f"or run simxent-embed again")
+    meta, vectors, names, index = parts
+    try:
+        if meta["index"]["type"] == "ivf":
+            faiss.extract_index_ivf(index).nprobe = meta["index"]["nprobe"]
+        count = meta["count"]
+    except (KeyError, TypeError) as e:
+        raise DataError(f"--index: {folder / META} lacks {e}; run simxent-embed again") from None
+    if not len(names) == len(vectors) == index.ntotal == count or vectors.shape[1] != index.d:
+        raise DataError(f"--index: {folder} is inconsistent: {len(vectors)} embeddings of {vectors.shape[1]} "
+                        f"dimensions, {len(names)} names, {index.ntotal} indexed of {index.d} dimensions, count "
+                        f"{count} in {META}; run simxent-embed again")
     warn_if_changed(folder, meta, names)
     return EmbeddingStore(vectors, names, index, meta)
 
@@ -328,7 +390,10 @@ def embed_folder(checkpoint: str | Path, images_dir: str | Path, out: str | Path
                           f"take its files (the projector's sprite) for images; choose a folder outside it")
     device = resolve_device(opts.device, option="--device")
     enc = load_encoding(checkpoint, opts.image_size, opts.crop_ratio, opts.backbone, opts.cifar_stem)
-    images_dir = Path(images_dir).resolve()  # as meta.json names it: the listing read back at search is the same
+    # As meta.json names it, so that the listing read back at search is the same; a list file's own folder, not
+    # its link target's, is where its relative lines lead (as training and linear evaluation read it).
+    given = Path(os.path.abspath(images_dir))
+    images_dir = given if given.is_file() else given.resolve()
     decoding = DataConfig(image_size=enc.image_size, cache=opts.cache, cache_dir=opts.cache_dir or "",
                           workers=opts.workers)
     with naming_the_key("--images"):
@@ -344,13 +409,14 @@ def embed_folder(checkpoint: str | Path, images_dir: str | Path, out: str | Path
         base = names_base(images_dir)
         meta = {"simxent_version": __version__, "checkpoint": str(Path(checkpoint).resolve()),
                 "encoder_digest": encoder_digest(enc.encoder), "backbone": enc.backbone, "cifar_stem": enc.cifar_stem,
-                "plain_state_dict": bool(opts.backbone), "images": str(Path(images_dir).resolve()),
+                "plain_state_dict": bool(opts.backbone), "images": str(images_dir),
                 "image_size": enc.image_size, "crop_ratio": enc.crop_ratio, "mean": enc.mean, "std": enc.std,
                 "count": len(vectors), "dim": int(vectors.shape[1]), "index": described,
                 "skipped": [os.path.relpath(f, base) for f in data.skipped], "listing": listing}
         names = [os.path.relpath(f, base) for f in data.files]
         warn_if_replacing(out, meta["images"])
         write_store(out, EmbeddingStore(vectors, names, index, meta))
+        shutil.rmtree(out / "projector", ignore_errors=True)  # an earlier embedding's rows and thumbnails
         if opts.projector:
             write_projector(out / "projector", vectors, names, data, opts.projector)
     return meta

@@ -371,13 +371,13 @@ def test_json_text_is_strict_utf8_json_that_reads_back():
     assert text.encode("utf-8") and json.loads(text) == {"names": [odd, "café"]}
 
 
-def test_embedding_again_into_a_folder_and_dying_midway_leaves_no_complete_store(embedded, tmp_path,
-                                                                                   monkeypatch):
-    """meta.json marks a complete store: a second embed into the folder removes the old one first, so a run
-    killed between its files is read as incomplete instead of new vectors under the old index."""
+def test_embedding_again_and_dying_midway_keeps_the_earlier_store_whole(embedded, tmp_path, monkeypatch):
+    """A second embed into the folder writes its files under temporary names first: killed before they are
+    renamed in, it leaves the earlier store as it was (and its projector), and no temporary file."""
     folder, ckpt, out = embedded
     again = tmp_path / "again"
     shutil.copytree(out, again)
+    before = read_store(again)
 
     def killed(*args):
         raise KeyboardInterrupt
@@ -385,8 +385,74 @@ def test_embedding_again_into_a_folder_and_dying_midway_leaves_no_complete_store
     monkeypatch.setattr(faiss, "write_index", killed)
     assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder / "a"), "--out", str(again),
                            "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 130
-    with pytest.raises(DataError, match="meta.json not found"):
-        read_store(again)
+    after = read_store(again)
+    assert after.names == before.names and np.array_equal(after.vectors, before.vectors)
+    assert (again / "projector").is_dir()
+    assert sorted(p.name for p in again.iterdir() if ".tmp" in p.name) == []
+
+
+def test_a_store_whose_files_are_not_those_its_meta_records_is_refused(embedded, tmp_path, monkeypatch):
+    """A search that reads while simxent-embed renames its new files in, or a store a kill left half renamed:
+    the files no longer pair with meta.json, and the search stops naming the folder instead of scoring new
+    vectors under the old names, decoding or checkpoint. A copy of a whole store reads as it."""
+    folder, ckpt, out = embedded
+    mixed = tmp_path / "mixed"
+    shutil.copytree(out, mixed)
+    read_store(mixed)  # a copy (new inodes and times) is the same store
+    other = tmp_path / "other"
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder / "a"), "--out", str(other),
+                           "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    shutil.copyfile(other / "embeddings.npy", mixed / "embeddings.npy")  # the first file renamed in, then killed
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    with pytest.raises(DataError, match=f"{mixed}'s files are not those its meta.json records"):
+        read_store(mixed)
+
+
+@pytest.mark.parametrize("name, damage, said", [
+    ("embeddings.npy", lambda p: p.write_bytes(p.read_bytes()[:90]), "cannot be read"),
+    ("index.faiss", lambda p: p.write_bytes(b"garbage"), "cannot be read"),
+    ("names.json", lambda p: p.write_text("[\"a\", "), "cannot be read"),
+    ("meta.json", lambda p: p.write_text(json.dumps({"count": 41})), "lacks 'index'"),
+])
+def test_a_damaged_store_file_is_one_line_naming_it(embedded, tmp_path, capsys, name, damage, said):
+    folder, ckpt, out = embedded
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    damage(damaged / name)
+    if name != "meta.json":  # the file meta.json records, damaged where it was
+        meta = json.loads((damaged / "meta.json").read_text())
+        meta.pop("files")
+        (damaged / "meta.json").write_text(json.dumps(meta))
+    assert cli.search_main(["--index", str(damaged), str(folder / "a" / "3.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"--index: {damaged / name}" in err and said in err and "Traceback" not in err
+
+
+def test_a_linked_list_file_reads_the_images_beside_the_link(embedded, tmp_path):
+    """Relative lines of a list file lead from the folder it is given in, as training and linear evaluation
+    read it, also when it is a symbolic link to a list elsewhere."""
+    folder, ckpt, out = embedded
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    (tmp_path / "A" / "list.txt").write_text("x.png\n")
+    write_image(tmp_path / "A" / "x.png", seed=1)
+    shutil.copyfile(folder / "a" / "3.png", tmp_path / "B" / "x.png")
+    (tmp_path / "B" / "list.txt").symlink_to(tmp_path / "A" / "list.txt")
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(tmp_path / "B" / "list.txt"), "--out",
+                           str(tmp_path / "o"), "--workers", "0", "--no-cache", "--no-progress"]) == 0
+    store, whole = read_store(tmp_path / "o"), read_store(out)
+    assert store.meta["images"] == str(tmp_path / "B" / "list.txt")
+    np.testing.assert_allclose(store.vectors[0], whole.vectors[whole.names.index(os.path.join("a", "3.png"))],
+                               atol=1e-5)
+
+
+def test_embedding_again_without_a_projector_removes_the_earlier_one(embedded, tmp_path):
+    folder, ckpt, out = embedded
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder / "a"), "--out", str(again),
+                           "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert not (again / "projector").exists()
 
 
 def test_embedding_another_folder_into_a_store_says_what_it_replaces(embedded, tmp_path, caplog):
