@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import re
+import signal
 import tempfile
 import threading
 import zipfile
@@ -279,7 +280,11 @@ def host_copy(obj):
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
-        return {k: host_copy(v) for k, v in obj.items()}
+        copy = obj.copy()  # its type: a state dict is an OrderedDict whose _metadata holds the layers' versions
+        copy.update((k, host_copy(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            copy._metadata = obj._metadata
+        return copy
     if type(obj) in (list, tuple):
         return type(obj)(host_copy(v) for v in obj)
     return obj
@@ -309,7 +314,23 @@ class CheckpointWriter:
         try:
             save_rotating(*args)
         except BaseException as e:  # raised in the training thread, by the next write or wait
+            log.error("writing checkpoint step %d into %s failed: %s; the run stops at its next checkpoint", args[2],
+                      args[1], e)
             self.error = e
+
+    def exit(self, exc_type, exc, tb) -> bool:
+        """The run's way out (an ExitStack's callback): the write in flight lands before ``out`` is unlocked,
+        Ctrl-C held off meanwhile; its error is raised unless another one is already ending the run (that
+        one is the cause; the write's was logged as it failed)."""
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.wait()
+        except BaseException:
+            if exc_type is None:
+                raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return False
 
     def wait(self) -> None:
         """Wait for the write in flight; raise its error, if it failed."""

@@ -437,8 +437,8 @@ def stop_on_signals():
 
     def handler(signum, frame):
         if requested.is_set() and signum == signal.SIGINT:
-            log.warning("a second SIGINT: stopping at once; checkpoints are written whole, so train.resume=auto "
-                        "continues from the last one")
+            log.warning("a second SIGINT: stopping now, once a checkpoint being written has landed; checkpoints "
+                        "are written whole, so train.resume=auto continues from the last one")
             raise KeyboardInterrupt
         requested.set()
         log.warning("%s received: finishing this step, then checkpointing and stopping", signal.Signals(signum).name)
@@ -1091,7 +1091,7 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
               SimilarityLog(out / "similarities.json", pos.global_step if resume else None), pos, bars,
               PlainProgress(main and not bars, cfg.train.epochs, steps_per_epoch), resumed_progress=ahead_progress)
     run.resume_history(earlier)
-    held.callback(run.writer.wait)  # on any way out, the checkpoint in flight lands before out is unlocked
+    held.push(run.writer.exit)  # on any way out, the checkpoint in flight lands before out is unlocked
     run.branch_from = resume if resume and run_id else None
     announce(run)
     return run

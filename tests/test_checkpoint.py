@@ -67,6 +67,29 @@ def test_a_checkpoint_written_in_the_background_holds_the_state_as_it_was_when_a
     assert saved["optimizer"]["groups"] == [(0, 1)] and saved["run_id"] == "r"
 
 
+def test_the_host_copy_keeps_the_layers_versions_a_state_dict_carries(tmp_path):
+    """MNASNet (like any module with a _version) refuses a state dict without its _metadata."""
+    net = torchvision.models.mnasnet0_5()
+    copy = simxent.checkpoint.host_copy({"encoder": net.state_dict()})["encoder"]
+    assert copy._metadata == net.state_dict()._metadata
+    save_checkpoint({"encoder": copy}, tmp_path / "c.pt")
+    torchvision.models.mnasnet0_5().load_state_dict(load_checkpoint(tmp_path / "c.pt")["encoder"])
+
+
+def test_a_failed_write_does_not_hide_the_error_that_ends_the_run(tmp_path, monkeypatch):
+    def full_disk(state, path):
+        raise CheckpointError(f"no space left to write checkpoint {path}")
+
+    monkeypatch.setattr(simxent.checkpoint, "save_checkpoint", full_disk)
+    writer = CheckpointWriter()
+    writer.write({"x": torch.ones(1)}, tmp_path, 3, keep=2, run_id="r")
+    oom = RuntimeError("CUDA out of memory")
+    assert writer.exit(type(oom), oom, None) is False  # the out-of-memory error goes on, not the write's
+    writer.write({"x": torch.ones(1)}, tmp_path, 4, keep=2, run_id="r")
+    with pytest.raises(CheckpointError, match="no space left"):
+        writer.exit(None, None, None)
+
+
 def test_a_failed_background_write_is_raised_once_by_the_next_wait(tmp_path, monkeypatch):
     def full_disk(state, path):
         raise CheckpointError(f"no space left to write checkpoint {path}")

@@ -340,7 +340,7 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line_and_the_last_checkpoint_resum
     monkeypatch.setattr(simxent.train, "step_loss", two_ctrl_c_at_the_third_step)
     status, err = run(tiny(shapes, out, "train.resume=auto", "train.epochs=2", "train.checkpoint_every=2"), capsys)
     assert status == 128 + signal.SIGINT and err.splitlines()[-1] == "simxent: interrupted", err
-    assert "Traceback" not in err and "a second SIGINT: stopping at once" in err
+    assert "Traceback" not in err and "a second SIGINT: stopping now" in err
     assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["global_step"] == 6  # checkpoint_every=2
     monkeypatch.setattr(simxent.train, "step_loss", real)
     assert run(tiny(shapes, out, "train.resume=auto", "train.epochs=2"), capsys)[0] == 0
