@@ -45,7 +45,7 @@ from .config import AugmentConfig, ConfigError, DataConfig
 from .data import (DataError, ImageArray, decode_eval, find_source, listing_digest, load_configured,
                    naming_the_key, names_base)
 from .evaluate import build_index, extract_features, recall_against_exact
-from .files import json_text, temp_path, write_text_atomic
+from .files import json_text, remove_dead_temp_files, temp_path, write_text_atomic
 from .rundir import mark_output, run_lock
 from .linear_eval import encoder_to_score
 from .monitor import Monitor
@@ -165,10 +165,7 @@ class EmbeddingStore:
 
 def warn_if_replacing(out: Path, images: str) -> None:
     """Warn when ``out`` holds the store of another image folder, which the new one replaces."""
-    try:
-        before = json.loads((out / META).read_text(encoding="utf-8")).get("images")
-    except (OSError, ValueError, AttributeError):  # no store there (or not one that reads): nothing is lost
-        return
+    before = read_meta(out).get("images")  # none there (or none that reads): nothing is lost
     if before and before != images:
         log.warning("--out %s held the embeddings of %s: they are replaced by those of %s", out, before, images)
 
@@ -194,7 +191,7 @@ def write_store(out: Path, store: EmbeddingStore) -> None:
     writers = {EMBEDDINGS: lambda path: np.save(path, store.vectors),
                NAMES: lambda path: path.write_text(json_text(store.names), encoding="utf-8"),
                INDEX: lambda path: faiss.write_index(store.index, str(path))}
-    temps = {name: temp_path(out / name, suffix=Path(name).suffix) for name in writers}
+    temps = {name: temp_path(out / name, suffix=".npy" if name == EMBEDDINGS else "") for name in writers}
     try:
         files = {}
         for name, write in writers.items():
@@ -202,6 +199,8 @@ def write_store(out: Path, store: EmbeddingStore) -> None:
             with open(temps[name], "rb") as f:
                 os.fsync(f.fileno())
                 files[name] = fingerprint(f)
+        if "files" not in read_meta(out):  # an older store's meta.json would pass for the new files
+            (out / META).unlink(missing_ok=True)
         for name, temp in temps.items():
             os.replace(temp, out / name)
     finally:
@@ -224,13 +223,29 @@ def read_part(folder: Path, name: str, load: Callable):
                         f"again") from None
 
 
+def read_meta(out: Path) -> dict:
+    """meta.json of the store in ``out``; {} when there is none that reads."""
+    try:
+        meta = json.loads((out / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_index(f) -> faiss.Index:
+    """The FAISS index in the open binary file ``f``, read through it (one copy in memory, not three)."""
+    if hasattr(faiss, "PyCallbackIOReader"):
+        return faiss.read_index(faiss.PyCallbackIOReader(f.read))
+    return faiss.deserialize_index(np.frombuffer(f.read(), np.uint8))
+
+
 def read_parts(folder: Path) -> Optional[tuple]:
     """meta.json, then the vectors, names and index it records; None when one of them is not the file that
     meta.json records (a store from before the records is taken as it is)."""
     meta, _ = read_part(folder, META, lambda f: json.loads(f.read().decode("utf-8")))
     vectors, got_vectors = read_part(folder, EMBEDDINGS, np.load)
     names, got_names = read_part(folder, NAMES, lambda f: json.loads(f.read().decode("utf-8")))
-    index, got_index = read_part(folder, INDEX, lambda f: faiss.deserialize_index(np.frombuffer(f.read(), np.uint8)))
+    index, got_index = read_part(folder, INDEX, read_index)
     recorded = meta.get("files") if isinstance(meta, dict) else None
     if recorded and recorded != {EMBEDDINGS: got_vectors, NAMES: got_names, INDEX: got_index}:
         return None
@@ -400,6 +415,7 @@ def embed_folder(checkpoint: str | Path, images_dir: str | Path, out: str | Path
         images = find_source(images_dir)
     mark_output(out)
     with run_lock(out, "--out"):  # two embeddings into one folder would interleave their four files
+        remove_dead_temp_files(out)  # of an embedding killed while writing its files
         listing = listing_digest(images)  # before decoding: a file changed meanwhile shows at search
         with naming_the_key("--images"):
             data = load_configured(images, decoding, opts.progress, crop_ratio=enc.crop_ratio)
@@ -415,8 +431,10 @@ def embed_folder(checkpoint: str | Path, images_dir: str | Path, out: str | Path
                 "skipped": [os.path.relpath(f, base) for f in data.skipped], "listing": listing}
         names = [os.path.relpath(f, base) for f in data.files]
         warn_if_replacing(out, meta["images"])
+        earlier = bool(read_meta(out))
         write_store(out, EmbeddingStore(vectors, names, index, meta))
-        shutil.rmtree(out / "projector", ignore_errors=True)  # an earlier embedding's rows and thumbnails
+        if earlier:  # a store's folder: its projector shows the earlier embedding's rows and thumbnails
+            shutil.rmtree(out / "projector", ignore_errors=True)
         if opts.projector:
             write_projector(out / "projector", vectors, names, data, opts.projector)
     return meta

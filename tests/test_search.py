@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import simxent
+import simxent.files
 from simxent import cli
 from simxent.checkpoint import load_checkpoint, save_checkpoint
 from simxent.config import ConfigError, load_config, to_dict
@@ -444,6 +445,18 @@ def test_a_linked_list_file_reads_the_images_beside_the_link(embedded, tmp_path)
     assert store.meta["images"] == str(tmp_path / "B" / "list.txt")
     np.testing.assert_allclose(store.vectors[0], whole.vectors[whole.names.index(os.path.join("a", "3.png"))],
                                atol=1e-5)
+
+
+def test_a_folder_that_held_no_store_keeps_its_projector_folder_and_dead_temp_files_go(embedded, tmp_path):
+    folder, ckpt, out = embedded
+    mine = tmp_path / "mine"
+    (mine / "projector").mkdir(parents=True)
+    (mine / "projector" / "notes.md").write_text("mine")
+    dead = mine / f".embeddings.npy.999999999@{simxent.files.HOST}.abcd1234.tmp.npy"
+    dead.write_bytes(b"left by a killed embedding")
+    assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder / "a"), "--out", str(mine),
+                           "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
+    assert (mine / "projector" / "notes.md").read_text() == "mine" and not dead.exists()
 
 
 def test_embedding_again_without_a_projector_removes_the_earlier_one(embedded, tmp_path):
