@@ -27,11 +27,15 @@ def stratified_split(data: Path, out: Path, per_class: int, val_per_class: int) 
         if len(files) < per_class + val_per_class:
             raise SystemExit(f"{cls}: {len(files)} images, fewer than {per_class} + {val_per_class}")
         for split, chosen in (("train", files[:per_class]), ("val", files[per_class:per_class + val_per_class])):
-            (out / split / cls.name).mkdir(parents=True, exist_ok=True)
-            for f in chosen:
-                link = out / split / cls.name / f.name
-                if not link.exists():
-                    link.symlink_to(f.resolve())
+            folder = out / split / cls.name
+            folder.mkdir(parents=True, exist_ok=True)
+            wanted = {f.name: f for f in chosen}
+            for old in folder.iterdir():  # an earlier call's other counts: its images would overlap the other split
+                if old.name not in wanted:
+                    old.unlink()
+            for name, f in wanted.items():
+                if not (folder / name).exists():
+                    (folder / name).symlink_to(f.resolve())
     return out / "train", out / "val"
 
 

@@ -147,8 +147,9 @@ def pretrain_main(argv=None) -> int:
     p = _pretrain_parser()
     a, unknown = p.parse_known_intermixed_args(argv)
     _refuse_habits(p, a.args, unknown)
-    config = [x for x in a.args if "=" not in x]
-    overrides = [x for x in a.args if "=" in x]
+    # A sweep's run folders hold "=" (seed=0/config.yaml): an existing file is a config, not an override.
+    config = [x for x in a.args if "=" not in x or Path(x).is_file()]
+    overrides = [x for x in a.args if x not in config]
     if len(config) > 1:
         p.error(f"one config file or preset name at most, got {config}")
 

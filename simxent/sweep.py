@@ -40,7 +40,7 @@ from .data import DataError, find_images, naming_the_key, shared_files
 from .files import write_text_atomic
 from .linear_eval import ProbeOptions, check_probe_options, check_same_classes, linear_eval
 from .rundir import has_checkpoints, holds_run
-from .train import CHANGES_TRAINING, pretrain
+from .train import pretrain
 
 log = logging.getLogger("simxent")
 
@@ -241,6 +241,7 @@ def combinations(grid: dict[str, list], one_at_a_time: bool = False) -> list[dic
 # validation images into pretraining, train.seed would make a setting's seeds one run repeated (an override
 # would be ignored), and train.max_time would cut the runs of an equal-steps budget.
 SWEEP_SETS = {"data.train": "--train", "out": "--out", "train.seed": "--seeds", "train.max_time": "--minutes"}
+RUN_CONTROL = ("train.resume", "train.overwrite")
 
 
 def check_sweep_keys(overrides, grid: dict[str, list], seeds: int) -> None:
@@ -250,6 +251,13 @@ def check_sweep_keys(overrides, grid: dict[str, list], seeds: int) -> None:
     for key, where in given + [(k, "--grid") for k in grid]:
         if key in SWEEP_SETS and not (key == "train.seed" and where == "--grid" and seeds == 1):
             raise ConfigError(f"{key} ({where}): the sweep sets it in every run; use {SWEEP_SETS[key]}")
+        if key in RUN_CONTROL and where == "--grid":  # an override written after --grid's values lands there
+            raise ConfigError(f"--grid {key}: it says how runs start, not what they learn; give it as an override, "
+                              f"before --grid (key=value after --grid is read as one more grid key)")
+    resume = [o.split("=", 1)[1].strip() for o in overrides if o.split("=", 1)[0].strip() == "train.resume"]
+    if resume and resume[-1] not in ("", "auto"):
+        raise ConfigError(f"train.resume={resume[-1]}: a sweep resumes each run from its own folder; give "
+                          f"train.resume=auto")
 
 
 def plan_runs(config: str | None, grid: dict[str, list], out: Path, opts: SweepOptions, overrides) -> list:
@@ -324,14 +332,18 @@ def check_earlier_runs(runs: list) -> None:
                           f"them all again, or choose another --out")
 
 
-# What a reused run must share with the sweep that reuses it: the settings that change what a run learns
-# (less data.train, which the sweep sets and check_same_split guards) and the budget every run gets.
-SWEEP_MUST_MATCH = (*CHANGES_TRAINING, "train.epochs", "train.max_time")
+# What a reused run may differ in from the sweep that reuses it: where and how it runs, what it logs and
+# monitors, and data.train (the sweep sets it; check_same_split guards it). Any other setting changes what the
+# run learns (its model, data, recipe) or the budget every run gets.
+SWEEP_MAY_DIFFER = ("out", "data.train", "data.val", "data.cache", "data.cache_dir", "data.workers",
+                    "data.on_bad_image", "eval.", "model.matmul_convs", "train.channels_last", "train.compile",
+                    "train.device", "train.threads", "train.log_every", "train.checkpoint_every",
+                    "train.keep_checkpoints", "train.max_bad_steps", *RUN_CONTROL)
 
 
 def check_resumed_settings(runs: list) -> None:
     """With train.resume=auto, refuse a run folder whose checkpoint was trained with other settings
-    (:data:`SWEEP_MUST_MATCH`) than the sweep now gives it: its scores would be reported under settings or a
+    (any outside :data:`SWEEP_MAY_DIFFER`) than the sweep now gives it: its scores would be reported under settings or a
     budget it did not train with. A checkpoint that does not load is left to the run, which falls back."""
     for _, _, cfg in runs:
         path = last_in_folder(Path(cfg.out)) if cfg.train.resume else None
@@ -339,8 +351,7 @@ def check_resumed_settings(runs: list) -> None:
             state = load_checkpoint(path, map_location="cpu") if path else None
         except (CheckpointError, OSError):
             continue
-        changed = [c for c in changed_settings(state, cfg) if c[0].startswith(SWEEP_MUST_MATCH)
-                   and c[0] != "data.train"] if state else []
+        changed = [c for c in changed_settings(state, cfg) if not c[0].startswith(SWEEP_MAY_DIFFER)] if state else []
         if changed:
             key, was, now = changed[0]
             raise ConfigError(f"--out: {cfg.out} was trained with {key}={was!r}, this sweep gives it {now!r} "

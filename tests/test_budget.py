@@ -454,3 +454,21 @@ def test_a_run_resumed_in_its_warm_up_warms_up_on(shapes, tmp_path, monkeypatch)
     lrs = logged_lrs(run)
     for s in (10, 11):  # q_t: the 10 s before and the clock since, a share of 3600 s far below 10 %
         assert lrs[s] == pytest.approx(PEAK * (s + 1) / 50 * (1 + math.cos(math.pi * s / 100)) / 2, rel=0.01)
+
+
+def test_the_study_script_split_stays_disjoint_when_called_again_with_other_counts(tmp_path, load_script):
+    """scripts/budget_schedule.py links a training subset and a validation split: a second call with more
+    training images per class must not keep the first call's validation links beside them."""
+    script = load_script("budget_schedule")
+    data = tmp_path / "data"
+    for cls in ("a", "b"):
+        (data / cls).mkdir(parents=True)
+        for i in range(10):
+            (data / cls / f"{i:02d}.png").write_bytes(b"x")
+    out = tmp_path / "out"
+    script.stratified_split(data, out, per_class=2, val_per_class=3)
+    train, val = script.stratified_split(data, out, per_class=5, val_per_class=3)
+    for cls in ("a", "b"):
+        in_train = sorted(p.name for p in (train / cls).iterdir())
+        in_val = sorted(p.name for p in (val / cls).iterdir())
+        assert in_train == [f"{i:02d}.png" for i in range(5)] and in_val == [f"{i:02d}.png" for i in range(5, 8)]

@@ -70,6 +70,17 @@ def test_print_config_is_the_resolved_config_and_runs_nothing(capsys, tmp_path, 
     assert load_config(tmp_path / "printed.yaml") == load_config(args[0], args[1:])
 
 
+def test_a_config_file_in_a_sweep_run_folder_is_a_config_not_an_override(capsys, tmp_path):
+    """A sweep names its run folders key=value: their config.yaml, given back to simxent-pretrain, is a file."""
+    saved = tmp_path / "temperature=0.1" / "seed=0" / "config.yaml"
+    saved.parent.mkdir(parents=True)
+    cli.pretrain_main(["cpu", "loss.temperature=0.1", "--print-config"])
+    saved.write_text(capsys.readouterr().out)
+    assert cli.pretrain_main([str(saved), "train.epochs=3", "--print-config"]) == 0
+    (tmp_path / "printed.yaml").write_text(capsys.readouterr().out)
+    assert load_config(tmp_path / "printed.yaml") == load_config("cpu", ["loss.temperature=0.1", "train.epochs=3"])
+
+
 @pytest.mark.parametrize("args,message", [
     (["+model.foo=1"], "simxent: error: override '+model.foo=1': simxent takes no Hydra '+' prefix"),
     (["data.train", "data/train"], "'data.train' is a config key: write data.train=data/train (key=value, no space)"),

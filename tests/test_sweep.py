@@ -361,6 +361,25 @@ def test_a_resumed_sweep_refuses_runs_trained_with_other_settings(tmp_path, monk
     again = sweep(None, grid, *args, out, options, [*BASE, "train.resume=auto", "train.log_every=1"], probe,
                   progress=False)
     assert len(again["runs"]) == 1
+    # Any setting of what the run learns, not only the recipe's: its model's view batches, its decoding.
+    for changed in ("model.view_batches=separate", "data.decode_size=32"):
+        with pytest.raises(ConfigError, match=f"was trained with {changed.split('=')[0]}="):
+            sweep(None, grid, *args, out, options, [*BASE, "train.resume=auto", changed], probe, progress=False)
+
+
+@pytest.mark.parametrize("overrides, grid, said", [
+    ([], {"loss.temperature": [0.1], "train.resume": ["auto"]},
+     "--grid train.resume: it says how runs start, not what they learn; give it as an override, before --grid"),
+    (["train.resume=runs/x/last.pt"], {"loss.temperature": [0.1]},
+     "train.resume=runs/x/last.pt: a sweep resumes each run from its own folder; give train.resume=auto"),
+])
+def test_run_control_keys_in_the_grid_or_a_shared_checkpoint_are_refused(tmp_path, overrides, grid, said):
+    """An override written after --grid's values is read as a grid key: the runs would go to new folders and
+    train again; one checkpoint resumed by every run would score them all alike."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=4, test_per_class=1, size=16)
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        sweep(None, grid, str(shapes / "train"), str(shapes / "test"), tmp_path / "sweep", SweepOptions(),
+              [*BASE, *overrides], progress=False)
 
 
 def test_an_extended_sweep_says_when_the_test_folder_was_scored_for_another_setting(tmp_path, monkeypatch):
