@@ -404,7 +404,8 @@ def eval_targets(objective: str, train: ImageArray, test: ImageArray, train_dir,
 
 
 def load_eval_folders(train_dir, test_dir, data: DataConfig, progress: bool, crop_ratio: float, objective: str,
-                      class_weight: str = "none", positive_class: Optional[str] = None) -> tuple[ImageArray, ImageArray]:
+                      class_weight: str = "none", positive_class: Optional[str] = None
+                      ) -> tuple[ImageArray, ImageArray]:
     """The --train and --test folders decoded for evaluation, checked to share no image. Classes from folders,
     and the options that name them (``class_weight``'s file, ``positive_class``), are checked on the file
     listings first, before hours of decoding a folder that cannot be scored."""
