@@ -714,6 +714,8 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
     run.model.train()
     bar = tqdm(total=run.steps_per_epoch, initial=pos.step, desc=f"epoch {pos.epoch + 1}/{cfg.train.epochs}",
                unit="step", disable=not run.bars, leave=False)
+    if isinstance(run.train, ImageStream) and run.train.workers:
+        run.writer.wait()  # its workers fork: never beside the writer's thread, whose locks they would inherit held
     meter, batches, reason = Throughput(), EpochBatches(run), None
     while batches.ahead is not None and reason is None:
         batch = batches.ahead

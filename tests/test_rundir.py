@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import simxent.checkpoint
+import simxent.data
 import simxent.train
 
 from simxent.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_rotating
@@ -304,6 +305,26 @@ def test_training_goes_on_while_an_epochs_checkpoint_is_written(shapes, tmp_path
     assert waited == [True]
     summary = json.loads((out / "summary.json").read_text())
     assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["global_step"] == summary["global_step"]
+
+
+def test_a_streamed_epoch_forks_its_workers_only_once_the_checkpoint_has_landed(shapes, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """A child forked beside the writer's thread would inherit any lock that thread held, held for ever."""
+    writing, real_save, real_start = [], simxent.checkpoint.save_checkpoint, simxent.data.start_workers
+
+    def slow_disk(state, path):
+        time.sleep(0.5)
+        real_save(state, path)
+
+    def forked(loader):
+        writing.append(any(t.name == "simxent-checkpoint" for t in threading.enumerate()))
+        return real_start(loader)
+
+    monkeypatch.setattr(simxent.checkpoint, "save_checkpoint", slow_disk)
+    monkeypatch.setattr(simxent.data, "start_workers", forked)
+    out = tmp_path / "run"
+    assert run(tiny(shapes, out, "train.epochs=2", "data.stream=true", "data.workers=1"), capsys)[0] == 0
+    assert writing == [False, False]
 
 
 def test_a_failure_while_writing_the_summary_leaves_the_previous_one_whole(shapes, tmp_path, capsys, monkeypatch):
