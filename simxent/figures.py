@@ -139,7 +139,10 @@ def sweep_plots(rows: list[dict], keys: list[str], metrics=("knn_top1", "linear_
     at the base, so a panel shows that key's effect alone."""
     fig, axes = _subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        panel = rows if base is None else [r for r in rows if all(r[k] == base[k] for k in keys if k != key)]
+        panel = [r for r in rows if not r.get("diverged")]  # no scores
+        panel = panel if base is None else [r for r in panel if all(r[k] == base[k] for k in keys if k != key)]
+        if not panel:
+            continue
         values = sorted({r[key] for r in panel}, key=lambda v: (isinstance(v, str), v))
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         x = values if numeric else list(range(len(values)))

@@ -38,9 +38,10 @@ from .checkpoint import CheckpointError, changed_settings, last_in_folder, load_
 from .config import ConfigError, load_config, parse_override
 from .data import DataError, find_images, naming_the_key, shared_files
 from .files import write_text_atomic
+from .evaluate import ProbeDivergedError
 from .linear_eval import ProbeOptions, check_probe_options, check_same_classes, linear_eval
 from .rundir import has_checkpoints, holds_run
-from .train import pretrain
+from .train import TrainingError, pretrain
 
 log = logging.getLogger("simxent")
 
@@ -275,12 +276,16 @@ def plan_runs(config: str | None, grid: dict[str, list], out: Path, opts: SweepO
     return runs
 
 
-def evaluate_run(run: Path, train_dir: Path, eval_dir: str | Path, probe: ProbeOptions, name: str,
+def evaluate_run(cfg, train_dir: Path, eval_dir: str | Path, probe: ProbeOptions, name: str,
                  progress: bool) -> dict:
-    """kNN and linear-probe top-1 of a run's frozen encoder, fitted on ``train_dir``, measured on ``eval_dir``
-    (details in RUN/<name>_eval.json and RUN/<name>_eval/)."""
+    """kNN and linear-probe top-1 of the frozen encoder of the run ``cfg`` configures, fitted on ``train_dir``,
+    measured on ``eval_dir`` (details in RUN/<name>_eval.json and RUN/<name>_eval/), decoded as the run's
+    config says (its cache folder, workers, device and evaluation crop)."""
+    run, data = Path(cfg.out), cfg.data
     results = linear_eval(run / "checkpoints" / "last.pt", train_dir, eval_dir, probe, out=run / f"{name}_eval",
-                          json_path=run / f"{name}_eval.json", progress=progress)
+                          json_path=run / f"{name}_eval.json", progress=progress, device=cfg.train.device,
+                          workers=data.workers, cache=data.cache, cache_dir=data.cache_dir or None,
+                          crop_ratio=cfg.eval.crop_ratio)
     return {"knn_top1": results["pretrained"]["knn"]["top1"], "linear_top1": results["pretrained"]["linear"]["top1"]}
 
 
@@ -293,10 +298,11 @@ def summarise(rows: list[dict], keys: list[str]) -> list[dict]:
     settings = []
     for values, runs in groups.items():
         row = {**dict(zip(keys, values)), "seeds": len(runs)}
+        whole = not any(r.get("diverged") for r in runs)  # a setting a seed of which diverged has no mean
         for m in METRICS:
             scores = [r[f"val_{m}"] for r in runs]
-            row[f"val_{m}_mean"] = statistics.fmean(scores)
-            row[f"val_{m}_sd"] = statistics.stdev(scores) if len(scores) > 1 else None
+            row[f"val_{m}_mean"] = statistics.fmean(scores) if whole else None
+            row[f"val_{m}_sd"] = statistics.stdev(scores) if whole and len(scores) > 1 else None
         settings.append(row)
     return settings
 
@@ -308,7 +314,10 @@ def choose(settings: list[dict], choose_by: str) -> dict:
     ``within_noise`` (s: the seed-to-seed standard deviation pooled over settings, n: seeds per setting; about
     two standard errors of a difference of two means)."""
     key = f"val_{choose_by}_mean"
-    best = max(settings, key=lambda s: s[key])
+    scored = [s for s in settings if s[key] is not None]
+    if not scored:
+        raise TrainingError("every setting of the sweep diverged (see the warnings above): nothing to choose")
+    best = max(scored, key=lambda s: s[key])
     n = best["seeds"]
     margin = None
     if n > 1:
@@ -316,7 +325,7 @@ def choose(settings: list[dict], choose_by: str) -> dict:
         pooled = math.sqrt(statistics.fmean(sd**2 for sd in spreads))
         margin = 2 * pooled * math.sqrt(2 / n)
     for s in settings:
-        s["within_noise"] = None if margin is None else best[key] - s[key] <= margin
+        s["within_noise"] = None if margin is None or s[key] is None else best[key] - s[key] <= margin
     return {"setting": best, "criterion": f"mean validation {choose_by} over {n} seed(s)", "noise_margin": margin}
 
 
@@ -381,18 +390,12 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
                "tested_before": tested_before(out)}
     with SummaryWriter(str(out / "hparams")) as writer:  # closed however the loop ends (a signal, an error)
         for combo, seed, cfg in runs:
-            summary = pretrain(cfg, progress=progress)
-            if summary["stopped_by_signal"]:  # a run cut short would be compared with whole ones: stop here
-                log.warning("the sweep stops with %s (checkpointed at step %d); the same command with "
-                            "train.resume=auto goes on from there", cfg.out, summary["global_step"])
-                raise KeyboardInterrupt
-            scores = evaluate_run(Path(cfg.out), train_part, val_part, probe, "val", progress)
+            row = train_and_score(cfg, train_part, val_part, probe, progress)
             shown = {k: label(v) for k, v in combo.items()}
-            results["runs"].append({**shown, "seed": seed, "steps": summary["global_step"],
-                                    "final_loss": summary["last_loss"], **{f"val_{m}": scores[m] for m in METRICS},
-                                    "run": cfg.out})
-            writer.add_hparams({**shown, "seed": seed}, {f"hparam/val_{m}": scores[m] for m in METRICS},
-                               run_name=f"{run_name(combo)}_seed={seed}")
+            results["runs"].append({**shown, "seed": seed, **row, "run": cfg.out})
+            if not row["diverged"]:
+                writer.add_hparams({**shown, "seed": seed}, {f"hparam/val_{m}": row[f"val_{m}"] for m in METRICS},
+                                   run_name=f"{run_name(combo)}_seed={seed}")
             write_results(results, out)  # after every run, so a stopped sweep keeps what it measured
             base = {k: label(values[0]) for k, values in grid.items()} if opts.one_at_a_time else None
             figures.save(figures.sweep_plots(results["runs"], list(grid), [f"val_{m}" for m in METRICS], base),
@@ -400,12 +403,31 @@ def sweep(config: str | None, grid: dict[str, list], train_dir: str, test_dir: s
     results["settings"] = summarise(results["runs"], list(grid))
     results["chosen"] = choose(results["settings"], opts.choose_by)
     chosen = {k: results["chosen"]["setting"][k] for k in grid}
-    tests = [{"seed": r["seed"], **evaluate_run(Path(r["run"]), train_part, test_dir, probe, "test", progress)}
+    configs = {cfg.out: cfg for _, _, cfg in runs}
+    tests = [{"seed": r["seed"], **evaluate_run(configs[r["run"]], train_part, test_dir, probe, "test", progress)}
              for r in results["runs"] if {k: r[k] for k in grid} == chosen]
     results["chosen"]["test"] = tests
     results["chosen"]["test_mean"] = {m: statistics.fmean(t[m] for t in tests) for m in METRICS}
     write_results(results, out)
     return results
+
+
+def train_and_score(cfg, train_part: Path, val_part: Path, probe: ProbeOptions, progress: bool) -> dict:
+    """Pretrain one run and score it on the validation part: its row of the results. A run whose training or
+    probe diverges is a row without scores (``diverged``), left out of the choice, and the sweep goes on: one
+    unstable value (too high an lr, say) must not stop every other setting's runs."""
+    try:
+        summary = pretrain(cfg, progress=progress)
+        if summary["stopped_by_signal"]:  # a run cut short would be compared with whole ones: stop here
+            log.warning("the sweep stops with %s (checkpointed at step %d); the same command with "
+                        "train.resume=auto goes on from there", cfg.out, summary["global_step"])
+            raise KeyboardInterrupt
+        scores = evaluate_run(cfg, train_part, val_part, probe, "val", progress)
+    except (TrainingError, ProbeDivergedError) as e:
+        log.warning("%s diverged (%s): its setting is left out of the choice", cfg.out, e)
+        return {"steps": None, "final_loss": None, "diverged": True, **{f"val_{m}": None for m in METRICS}}
+    return {"steps": summary["global_step"], "final_loss": summary["last_loss"], "diverged": False,
+            **{f"val_{m}": scores[m] for m in METRICS}}
 
 
 def tested_before(out: Path) -> list[dict]:

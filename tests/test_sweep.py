@@ -15,6 +15,7 @@ from simxent.config import ConfigError
 from simxent.data import DataError
 from simxent.demo import make_shapes
 from simxent.linear_eval import ProbeOptions
+from simxent.train import TrainingError
 from simxent.sweep import (SweepOptions, allocate, carve_validation, combinations, parse_grid, stratified_split,
                            sweep)
 from tests.conftest import write_image
@@ -382,6 +383,43 @@ def test_run_control_keys_in_the_grid_or_a_shared_checkpoint_are_refused(tmp_pat
               [*BASE, *overrides], progress=False)
 
 
+def test_runs_are_scored_with_the_cache_folder_their_config_names(tmp_path):
+    """data.cache_dir moved off a small home disk: the validation and test folders' decodes go there too, not
+    to the default cache."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    mine = tmp_path / "mine"
+    sweep(None, {"loss.temperature": [0.1]}, str(shapes / "train"), str(shapes / "test"), tmp_path / "sweep",
+          SweepOptions(val_fraction=0.25), [*BASE, f"data.cache_dir={mine}"], ProbeOptions(epochs=1, knn_k=3),
+          progress=False)
+    assert not list((tmp_path / "cache").rglob("*.npy"))  # the default (SIMXENT_CACHE of every test)
+    assert len(list(mine.rglob("*.npy"))) >= 3  # pretraining's train part; the probe's train part, val and test
+
+
+def test_a_diverging_setting_is_left_out_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    """Too high an lr for one setting: its runs are rows without scores, the other settings train, are scored
+    and chosen from; when every setting diverges, the sweep says so instead of choosing."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    args, real = (str(shapes / "train"), str(shapes / "test")), sweep_module.pretrain
+    unstable = {"0.2"}
+
+    def pretrain(cfg, progress):
+        if cfg.out.split("temperature=")[1].split("/")[0] in unstable:
+            raise TrainingError("loss or gradients were non-finite for 5 steps in a row")
+        return real(cfg, progress=progress)
+
+    monkeypatch.setattr(sweep_module, "pretrain", pretrain)
+    grid, options = {"loss.temperature": [0.1, 0.2, 0.5]}, SweepOptions(val_fraction=0.25, seeds=2)
+    results = sweep(None, grid, *args, tmp_path / "sweep", options, BASE, ProbeOptions(epochs=1, knn_k=3),
+                    progress=False)
+    diverged = [r["loss.temperature"] for r in results["runs"] if r["diverged"]]
+    assert diverged == [0.2, 0.2] and results["chosen"]["setting"]["loss.temperature"] in (0.1, 0.5)
+    assert [s["val_knn_top1_mean"] is None for s in results["settings"]] == [False, True, False]
+    assert len(results["chosen"]["test"]) == 2 and (tmp_path / "sweep" / "sweep.png").is_file()
+    unstable.update({"0.1", "0.5"})
+    with pytest.raises(TrainingError, match="every setting of the sweep diverged"):
+        sweep(None, grid, *args, tmp_path / "all", options, BASE, ProbeOptions(epochs=1, knn_k=3), progress=False)
+
+
 def test_an_extended_sweep_says_when_the_test_folder_was_scored_for_another_setting(tmp_path, monkeypatch):
     """Extended with a better value, the sweep scores the test folder for a second setting: results.md says so,
     once per setting however often the sweep is run again. A budget other than its runs' is refused."""
@@ -389,8 +427,8 @@ def test_an_extended_sweep_says_when_the_test_folder_was_scored_for_another_sett
     out, args = tmp_path / "sweep", (str(shapes / "train"), str(shapes / "test"))
     val = {"0.1": 0.5, "0.2": 0.7}  # validation kNN by temperature: 0.2 wins once it is swept
 
-    def scores(run, train_dir, eval_dir, probe, name, progress):
-        t = run.parent.name.split("=")[1]
+    def scores(cfg, train_dir, eval_dir, probe, name, progress):
+        t = Path(cfg.out).parent.name.split("=")[1]
         return {"knn_top1": val[t] if name == "val" else 0.6, "linear_top1": 0.6}
 
     monkeypatch.setattr(sweep_module, "evaluate_run", scores)
