@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from simxent.augment import Normalize, ViewAugment, small_view_size
 from simxent.config import AugmentConfig, ModelConfig, load_config, view_size
 from simxent.evaluate import build_index, extract_features, knn_scores, train_linear_probe
+from simxent.files import write_text_atomic
 from simxent.loss import nt_xent, symmetric_nt_xent  # the symmetric form: timed where nt_xent does not pick it
 from simxent.matmul_conv import conv2d_as_matmul, output_size, use_matmul_convs
 from simxent.models import SimCLR, backbone
@@ -858,6 +859,34 @@ def versus(p: argparse.ArgumentParser, a: argparse.Namespace) -> Versus:
     return v
 
 
+def check_options(p: argparse.ArgumentParser, a: argparse.Namespace, wanted: list[str]) -> None:
+    """The options of the sections to run, checked before the first one starts: a mistake found by the last
+    section would cost the minutes of the others."""
+    from simxent.config import ConfigError
+
+    try:
+        if "pipeline" in wanted:
+            for entry in a.pipeline.split(","):
+                preset, batch, *flags = entry.split(":") if entry.count(":") else (entry, "")
+                if set(flags) - set(PIPELINE_FLAGS) or not batch.isdigit():
+                    p.error(f"--pipeline {entry}: expected preset:batch[:{']['.join(PIPELINE_FLAGS)}]")
+                load_config(preset, [f"train.batch_size={batch}"])
+        if "quality" in wanted:
+            load_config("cpu", list(a.simxent_overrides))
+    except ConfigError as e:
+        p.error(f"--pipeline or --simxent-overrides: {e}")
+    unknown = [k for k in a.ceiling_encoders.split(",") if k.strip() not in CEILING_ENCODERS]
+    if unknown and {"ceiling", "profile"} & set(wanted):
+        p.error(f"--ceiling-encoders: {', '.join(unknown)} is not one of {', '.join(CEILING_ENCODERS)}")
+
+
+def write_results(results: dict, out: Path) -> None:
+    """OUT.json and OUT.md, after every section: a later section's failure keeps what the others measured."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out.with_suffix(".json"), json.dumps(results, indent=2))
+    write_text_atomic(out.with_suffix(".md"), markdown(results))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(DEFAULT_SECTIONS),
@@ -885,6 +914,7 @@ def main():
     unknown = set(wanted) - set(SECTIONS)
     if unknown:
         p.error(f"unknown section(s) {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    check_options(p, a, wanted)
     lightly_settings = versus(p, a) if "lightly" in wanted else None
     runners = {
         "loss": lambda: bench_loss(device, sync),
@@ -917,10 +947,7 @@ def main():
         if name in wanted:
             print(f"== {name}", flush=True)
             results["sections"][name] = runners[name]()
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    out.with_suffix(".md").write_text(markdown(results))
+            write_results(results, Path(a.out))
     print(markdown(results))
 
 

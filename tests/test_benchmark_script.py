@@ -1,4 +1,5 @@
 """Helpers of scripts/benchmark.py, against FLOP counts written from the layer's formula."""
+import json
 import os
 import signal
 import subprocess
@@ -166,6 +167,31 @@ def test_pipeline_refuses_an_unknown_flag_before_any_work(load_script):
     script = load_script("benchmark")
     with pytest.raises(SystemExit, match=r"cpu:128:onednm: unknown flags \['onednm'\] \(stream, compile, onednn, fp32\)"):
         script.bench_pipeline(torch.device("cpu"), None, "no-such-folder", 1.0, "cpu:128:onednm", 0)
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--only", "loss,pipeline", "--pipeline", "cpu:128:onednm"], "--pipeline cpu:128:onednm: expected preset:batch"),
+    (["--only", "loss,quality", "--simxent-overrides", "optim.lrr=1"], "unknown key 'optim.lrr'"),
+    (["--only", "loss,ceiling", "--ceiling-encoders", "resnet81"], "--ceiling-encoders: resnet81 is not one of"),
+])
+def test_every_sections_options_are_checked_before_the_first_section(args, said, monkeypatch, capsys, load_script):
+    script = load_script("benchmark")
+    monkeypatch.setattr(script, "bench_loss", lambda *a: pytest.fail("a section ran before the options were checked"))
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", *args])
+    with pytest.raises(SystemExit) as stopped:
+        script.main()
+    assert stopped.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_a_failing_section_keeps_the_results_of_those_before_it(tmp_path, monkeypatch, load_script):
+    script = load_script("benchmark")
+    monkeypatch.setattr(script, "bench_loss", lambda *a: [{"N": 256, "speedup": 1.5}])
+    monkeypatch.setattr(script, "bench_augment", lambda *a: 1 / 0)
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--only", "loss,augment", "--out", str(tmp_path / "r")])
+    with pytest.raises(ZeroDivisionError):
+        script.main()
+    assert json.loads((tmp_path / "r.json").read_text())["sections"] == {"loss": [{"N": 256, "speedup": 1.5}]}
+    assert "| 256 | 1.5 |" in (tmp_path / "r.md").read_text()
 
 
 def test_norms_rows_follow_the_cpu_preset_convnet(monkeypatch, one_thread, load_script):
