@@ -176,6 +176,9 @@ class TrainConfig:
     checkpoint_every: int = setting(0, "steps between checkpoints inside an epoch (0: epoch ends only)")
     keep_checkpoints: int = setting(2, "step checkpoints kept beside last.pt")
     sync_bn: bool = setting(True, "BatchNorm statistics over the global batch when several processes train")
+    bn_recalibration: int = setting(0, "at the schedule's end, re-estimate the encoder's BatchNorm statistics "
+                                       "over this many training images as evaluation sees them (unaugmented, at "
+                                       "data.image_size); 0: keep training's, averaged over augmented views")
 
 
 @dataclass
@@ -764,6 +767,7 @@ def training_rules(cfg: Config) -> list[tuple[bool, str, str]]:
         (cfg.train.log_every >= 1, "train.log_every", ">= 1"),
         (cfg.train.max_bad_steps >= 1, "train.max_bad_steps", ">= 1"),
         (cfg.train.checkpoint_every >= 0, "train.checkpoint_every", ">= 0"),
+        (cfg.train.bn_recalibration >= 0, "train.bn_recalibration", ">= 0"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1"),
         (cfg.eval.every >= 0, "eval.every", ">= 0"),
         (cfg.eval.knn_k >= 1, "eval.knn_k", ">= 1"),

@@ -35,18 +35,52 @@ def extract_features(
     """Encoder features (N, D) float32 on the CPU for uint8 NHWC ``images``, in eval mode."""
     was_training = encoder.training
     encoder.eval()
-    normalize = normalize.to(device)
     out = []
     bars = show_progress_bars(progress)
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not bars, leave=False):
-        x = images[start : start + batch_size].permute(0, 3, 1, 2).to(device, non_blocking=True)
-        x = normalize(to_float(x))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    batches = encoder_inputs(images, normalize, device, batch_size, channels_last)
+    for x in tqdm(batches, desc=desc, unit="batch", total=-(-len(images) // batch_size), disable=not bars,
+                  leave=False):
         with autocast(device, dtype):
             out.append(encoder(x).float().cpu())
     encoder.train(was_training)
     return torch.cat(out)
+
+
+def reestimate_batchnorm(encoder: nn.Module, images: torch.Tensor, normalize: Normalize, device: torch.device,
+                         dtype: Optional[torch.dtype] = None, batch_size: int = 512, channels_last: bool = True) -> int:
+    """Set the running statistics of ``encoder``'s BatchNorm layers to those of their inputs over uint8 NHWC
+    ``images`` (FixRes, Touvron et al. 2019, re-estimates them at the test resolution): one pass in training
+    mode without gradients, each statistic the plain mean over the batches (momentum None),
+
+        mu = mean_b mean(x_b),   sigma^2 = mean_b var(x_b)   (per channel; x_b a layer's input in batch b).
+
+    Returns how many layers were set (those that track running statistics)."""
+    layers = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta, was_training = [m.momentum for m in layers], encoder.training
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+    encoder.train()
+    try:
+        with torch.no_grad():
+            for x in encoder_inputs(images, normalize, device, batch_size, channels_last) if layers else ():
+                with autocast(device, dtype):
+                    encoder(x)
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        encoder.train(was_training)
+    return len(layers)
+
+
+def encoder_inputs(images: torch.Tensor, normalize: Normalize, device: torch.device, batch_size: int,
+                   channels_last: bool = True):
+    """uint8 NHWC ``images`` as the encoder takes them, ``batch_size`` at a time: on ``device``, float,
+    normalised, NCHW (channels-last in memory when asked)."""
+    normalize = normalize.to(device)
+    for start in range(0, len(images), batch_size):
+        x = normalize(to_float(images[start : start + batch_size].permute(0, 3, 1, 2).to(device, non_blocking=True)))
+        yield x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def knn_scores(

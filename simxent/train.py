@@ -34,7 +34,7 @@ from .config import AugmentConfig, Config, ConfigError, check_config, format_con
 from .data import (Batch, DataError, ImageArray, ImageStream, batch_indices, check_source, dataset_images,
                    default_cache_dir, find_source, iterate_batches, load_configured, names_base, naming_the_key,
                    open_stream, shared_files)
-from .evaluate import extract_features, knn_scores, topk_accuracy
+from .evaluate import extract_features, knn_scores, reestimate_batchnorm, topk_accuracy
 from .files import write_text_atomic
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, pairwise_nt_xent, similarity_samples
 from .models import SimCLR, feature_size
@@ -739,6 +739,8 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
     # the epoch's end, and the kNN due then, to the resumed run.
     if reason is None or (reason == "max_time" and batches.ahead is None):
         pos.epoch, pos.step = pos.epoch + 1, 0
+    if reason == "max_time" or pos.epoch >= cfg.train.epochs:  # the schedule's end (a signal only pauses it)
+        recalibrate_batchnorm(run)
     save(run, batches.ahead)  # None at the epoch's end: nothing was drawn ahead
     # val is None when eval.every is 0; a preempted run has no time to spare for kNN. Saved again after it,
     # so that the checkpoint carries the kNN history into a resumed run's summary.
@@ -748,6 +750,28 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
         save(run, batches.ahead)
     run.monitor.flush()
     return reason
+
+
+def recalibrate_batchnorm(run: Run) -> None:
+    """:func:`simxent.evaluate.reestimate_batchnorm` over ``train.bn_recalibration`` training images as
+    evaluation encodes them (unaugmented, at data.image_size): training averaged the statistics, with
+    momentum, over augmented views (crops, colour jitter, smaller sizes), a distribution kNN and probes never
+    see. The images are a seeded draw, the same in every process, so all compute the same statistics."""
+    cfg = run.cfg
+    n = min(cfg.train.bn_recalibration, len(run.train))
+    if not n:
+        return
+    if not isinstance(run.train, ImageArray):
+        log.warning("train.bn_recalibration: a streamed folder has no decoded images to re-estimate BatchNorm "
+                    "statistics over; they stay as training averaged them")
+        return
+    started = time.monotonic()
+    pick = torch.randperm(len(run.train), generator=torch.Generator().manual_seed(cfg.train.seed))[:n].sort().values
+    images = run.train.images[pick.to(run.train.images.device)]
+    if reestimate_batchnorm(run.net.encoder, images, run.views.full.normalize, run.device, run.dtype,
+                            cfg.eval.batch_size, cfg.train.channels_last):
+        log.info("BatchNorm statistics re-estimated over %d training images at %d px (%.1f s)", n,
+                 cfg.data.image_size, time.monotonic() - started)
 
 
 def diverged(run: Run, ahead: Optional[Drawn]) -> TrainingError:

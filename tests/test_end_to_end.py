@@ -502,3 +502,27 @@ def test_a_validation_folder_unread_with_eval_every_0_is_said(shapes, tmp_path, 
         summary = pretrain(load_config(None, tiny(shapes, tmp_path / "run", "eval.every=0", "train.epochs=1")),
                            progress=False)
     assert summary["knn_top1"] == [] and f"data.val={shapes / 'test'} is not read with eval.every=0" in caplog.text
+
+
+def test_batchnorm_statistics_are_re_estimated_over_the_training_images_at_the_schedules_end(tmp_path, caplog):
+    """train.bn_recalibration above the folder's size, in one batch: the final checkpoint's first BatchNorm
+    holds the mean and unbiased variance of its input over every training image as evaluation encodes it (the
+    PNGs read here with PIL, normalised), not training's average over augmented views."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    cfg = load_config(None, [*TINY_RUN, f"data.train={shapes / 'train'}", "train.epochs=2", "eval.every=0",
+                             "train.precision=fp32", "train.bn_recalibration=1000", "eval.batch_size=1000",
+                             f"out={tmp_path / 'run'}"])
+    with caplog.at_level("INFO", logger="simxent"):
+        pretrain(cfg, progress=False)
+    assert "BatchNorm statistics re-estimated over 40 training images at 16 px" in caplog.text
+    encoder = load_encoder(tmp_path / "run" / "checkpoints" / "last.pt")
+    bn = next(m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((shapes / "train").rglob("*.png"))])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(cfg.augment.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.augment.std).view(1, 3, 1, 1)
+    seen = []
+    bn.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].double()))
+    with torch.no_grad():
+        encoder(x)
+    torch.testing.assert_close(bn.running_mean.double(), seen[0].mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var.double(), seen[0].var((0, 2, 3)), rtol=1e-4, atol=1e-5)
