@@ -869,7 +869,7 @@ def check_options(p: argparse.ArgumentParser, a: argparse.Namespace, wanted: lis
             for entry in a.pipeline.split(","):
                 preset, batch, *flags = entry.split(":") if entry.count(":") else (entry, "")
                 if set(flags) - set(PIPELINE_FLAGS) or not batch.isdigit():
-                    p.error(f"--pipeline {entry}: expected preset:batch[:{']['.join(PIPELINE_FLAGS)}]")
+                    p.error(f"--pipeline {entry}: expected preset:batch[:{'][:'.join(PIPELINE_FLAGS)}]")
                 load_config(preset, [f"train.batch_size={batch}"])
         if "quality" in wanted:
             load_config("cpu", list(a.simxent_overrides))

@@ -153,9 +153,9 @@ class TrainConfig:
     epochs: int = setting(100, "passes over data.train")
     batch_size: int = setting(256, "global images per step over all processes (each in augment.views + "
                                      "augment.small_views views)")
-    max_time: float = setting(0.0, "seconds from the run's start; 0: no limit. When reached: BatchNorm "
-                                   "re-estimation (train.bn_recalibration), checkpoint and the last kNN of data.val "
-                                   "(not counted in the budget), exit cleanly")
+    max_time: float = setting(0.0, "seconds from the run's start; 0: no limit. When reached: "
+                                   "train.bn_recalibration (where the deadline ends the schedule), checkpoint and the "
+                                   "last kNN of data.val (not counted in the budget), exit cleanly")
     budget_schedule: bool = setting(True, "true, with train.max_time: warm-up and cosine follow the further of the "
                                           "time used (first step to deadline) and the steps done (of train.epochs), "
                                           "so the run ends annealed at whichever comes first; false: they span "

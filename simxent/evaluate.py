@@ -61,6 +61,9 @@ def reestimate_batchnorm(encoder: nn.Module, images: torch.Tensor, normalize: No
         m.reset_running_stats()
         m.momentum = None
     encoder.train()
+    # Batches of equal size (within one image): each weighs the same in the mean, and none is a lone image,
+    # which has no variance.
+    batch_size = math.ceil(len(images) / math.ceil(len(images) / batch_size)) if len(images) else batch_size
     try:
         with torch.no_grad():
             for x in encoder_inputs(images, normalize, device, batch_size, channels_last) if layers else ():

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -33,7 +34,7 @@ from .checkpoint import (CheckpointWriter, Position, changed_settings, check_res
 from .config import AugmentConfig, Config, ConfigError, check_config, format_config, save_config, to_dict, view_size
 from .data import (Batch, DataError, ImageArray, ImageStream, batch_indices, check_source, dataset_images,
                    default_cache_dir, find_source, iterate_batches, load_configured, names_base, naming_the_key,
-                   open_stream, shared_files)
+                   decode_eval, open_stream, shared_files)
 from .evaluate import extract_features, knn_scores, reestimate_batchnorm, topk_accuracy
 from .files import write_text_atomic
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, pairwise_nt_xent, similarity_samples
@@ -739,7 +740,7 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
     # the epoch's end, and the kNN due then, to the resumed run.
     if reason is None or (reason == "max_time" and batches.ahead is None):
         pos.epoch, pos.step = pos.epoch + 1, 0
-    if reason == "max_time" or pos.epoch >= cfg.train.epochs:  # the schedule's end (a signal only pauses it)
+    if pos.epoch >= cfg.train.epochs or run.budget.finished():  # the schedule's end, not a cut or a pause
         recalibrate_batchnorm(run)
     save(run, batches.ahead)  # None at the epoch's end: nothing was drawn ahead
     # val is None when eval.every is 0; a preempted run has no time to spare for kNN. Saved again after it,
@@ -756,22 +757,41 @@ def recalibrate_batchnorm(run: Run) -> None:
     """:func:`simxent.evaluate.reestimate_batchnorm` over ``train.bn_recalibration`` training images as
     evaluation encodes them (unaugmented, at data.image_size): training averaged the statistics, with
     momentum, over augmented views (crops, colour jitter, smaller sizes), a distribution kNN and probes never
-    see. The images are a seeded draw, the same in every process, so all compute the same statistics."""
+    see. The images are a seeded draw, the same in every process, so all compute the same statistics; the
+    RNG is left as it was (an encoder with dropout draws from it), so a resumed run repeats."""
     cfg = run.cfg
     n = min(cfg.train.bn_recalibration, len(run.train))
-    if not n:
+    if n < 2:  # one image has no variance
         return
     if not isinstance(run.train, ImageArray):
-        log.warning("train.bn_recalibration: a streamed folder has no decoded images to re-estimate BatchNorm "
-                    "statistics over; they stay as training averaged them")
+        if run.main:
+            log.warning("train.bn_recalibration: a streamed folder has no decoded images to re-estimate BatchNorm "
+                        "statistics over; they stay as training averaged them")
         return
     started = time.monotonic()
     pick = torch.randperm(len(run.train), generator=torch.Generator().manual_seed(cfg.train.seed))[:n].sort().values
-    images = run.train.images[pick.to(run.train.images.device)]
-    if reestimate_batchnorm(run.net.encoder, images, run.views.full.normalize, run.device, run.dtype,
-                            cfg.eval.batch_size, cfg.train.channels_last):
+    try:
+        images = evaluation_images(run, pick)
+    except (OSError, ValueError) as e:  # a file gone or changed since it was decoded: keep training's statistics
+        log.warning("train.bn_recalibration: the training images cannot be read again (%s); BatchNorm statistics "
+                    "stay as training averaged them", e)
+        return
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        done = reestimate_batchnorm(run.net.encoder, images, run.views.full.normalize, run.device, run.dtype,
+                                    cfg.eval.batch_size, cfg.train.channels_last)
+    if done:
         log.info("BatchNorm statistics re-estimated over %d training images at %d px (%.1f s)", n,
                  cfg.data.image_size, time.monotonic() - started)
+
+
+def evaluation_images(run: Run, pick: torch.Tensor) -> torch.Tensor:
+    """Training images ``pick`` as evaluation decodes them: the array's own, unless it holds them padded for
+    training crops (larger than the view, or not square), which are decoded again from their files."""
+    train = run.train
+    if train.sizes is None:
+        return train.images[pick.to(train.images.device)]
+    size, ratio = run.cfg.data.image_size, run.cfg.eval.crop_ratio
+    return torch.from_numpy(np.stack([decode_eval(train.files[i], size, ratio) for i in pick.tolist()]))
 
 
 def diverged(run: Run, ahead: Optional[Drawn]) -> TrainingError:

@@ -526,3 +526,54 @@ def test_batchnorm_statistics_are_re_estimated_over_the_training_images_at_the_s
         encoder(x)
     torch.testing.assert_close(bn.running_mean.double(), seen[0].mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(bn.running_var.double(), seen[0].var((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_re_estimation_takes_images_as_evaluation_decodes_them(tmp_path):
+    """A folder of images larger than the view is held padded for training crops (the photo top-left, black
+    around it): the statistics come from the images decoded again as evaluation decodes them."""
+    from simxent.data import decode_eval
+
+    folder = tmp_path / "photos"
+    for i in range(20):
+        write_image(folder / f"{i}.png", size=(30, 22), seed=i)
+    cfg = load_config(None, [*TINY_RUN, f"data.train={folder}", "train.epochs=1", "eval.every=0",
+                             "train.precision=fp32", "train.bn_recalibration=1000", "eval.batch_size=1000",
+                             f"out={tmp_path / 'run'}"])
+    pretrain(cfg, progress=False)
+    encoder = load_encoder(tmp_path / "run" / "checkpoints" / "last.pt")
+    bn = next(m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    pixels = np.stack([decode_eval(p, 16, cfg.eval.crop_ratio) for p in sorted(folder.glob("*.png"))])
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(cfg.augment.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.augment.std).view(1, 3, 1, 1)
+    seen = []
+    bn.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].double()))
+    with torch.no_grad():
+        encoder(x)
+    torch.testing.assert_close(bn.running_mean.double(), seen[0].mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_re_estimation_never_leaves_a_lone_image_in_a_batch():
+    """5 images in batches of at most 4: 3 and 2, not 4 and 1 (a layer on a 1x1 map has no variance over
+    one image, and torch refuses it)."""
+    from simxent.augment import Normalize
+    from simxent.evaluate import reestimate_batchnorm
+
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.BatchNorm2d(4))
+    images = torch.randint(0, 256, (5, 8, 8, 3), dtype=torch.uint8)
+    assert reestimate_batchnorm(encoder, images, Normalize((0.5,) * 3, (0.25,) * 3), torch.device("cpu"),
+                                batch_size=4, channels_last=False) == 1
+    assert encoder[2].num_batches_tracked == 2 and torch.isfinite(encoder[2].running_var).all()
+
+
+def test_batchnorm_statistics_are_kept_at_a_deadline_that_only_cuts_the_schedule(tmp_path, caplog):
+    """train.budget_schedule=false: train.max_time cuts the epochs' schedule, which a resumed run goes on with;
+    the statistics are re-estimated only at its end."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    base = [*TINY_RUN, f"data.train={shapes / 'train'}", "train.epochs=50", "eval.every=0",
+            "train.bn_recalibration=100", "train.max_time=3"]
+    for budget, said in (("false", False), ("true", True)):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="simxent"):
+            pretrain(load_config(None, [*base, f"train.budget_schedule={budget}", f"out={tmp_path / budget}"]),
+                     progress=False)
+        assert ("BatchNorm statistics re-estimated" in caplog.text) is said, budget
