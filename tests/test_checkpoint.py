@@ -76,10 +76,11 @@ def test_the_host_copy_keeps_the_layers_versions_a_state_dict_carries(tmp_path):
     torchvision.models.mnasnet0_5().load_state_dict(load_checkpoint(tmp_path / "c.pt")["encoder"])
 
 
-def test_a_failed_write_does_not_hide_the_error_that_ends_the_run(tmp_path, monkeypatch):
-    def full_disk(state, path):
-        raise CheckpointError(f"no space left to write checkpoint {path}")
+def full_disk(state, path):
+    raise CheckpointError(f"no space left to write checkpoint {path}")
 
+
+def test_a_failed_write_does_not_hide_the_error_that_ends_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(simxent.checkpoint, "save_checkpoint", full_disk)
     writer = CheckpointWriter()
     writer.write({"x": torch.ones(1)}, tmp_path, 3, keep=2, run_id="r")
@@ -91,9 +92,6 @@ def test_a_failed_write_does_not_hide_the_error_that_ends_the_run(tmp_path, monk
 
 
 def test_a_failed_background_write_is_raised_once_by_the_next_wait(tmp_path, monkeypatch):
-    def full_disk(state, path):
-        raise CheckpointError(f"no space left to write checkpoint {path}")
-
     monkeypatch.setattr(simxent.checkpoint, "save_checkpoint", full_disk)
     writer = CheckpointWriter()
     writer.write({"x": torch.ones(1)}, tmp_path, 3, keep=2, run_id="r")

@@ -515,9 +515,15 @@ def test_batchnorm_statistics_are_re_estimated_over_the_training_images_at_the_s
     with caplog.at_level("INFO", logger="simxent"):
         pretrain(cfg, progress=False)
     assert "BatchNorm statistics re-estimated over 40 training images at 16 px" in caplog.text
-    encoder = load_encoder(tmp_path / "run" / "checkpoints" / "last.pt")
-    bn = next(m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
     pixels = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((shapes / "train").rglob("*.png"))])
+    assert_first_batchnorm_holds_the_statistics_of(tmp_path / "run", pixels, cfg)
+
+
+def assert_first_batchnorm_holds_the_statistics_of(run, pixels: np.ndarray, cfg) -> None:
+    """The run's final encoder: its first BatchNorm's running mean and variance are the mean and unbiased
+    variance of that layer's input over the uint8 NHWC ``pixels``, normalised as the run normalises."""
+    encoder = load_encoder(run / "checkpoints" / "last.pt")
+    bn = next(m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(cfg.augment.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.augment.std).view(1, 3, 1, 1)
     seen = []
@@ -540,16 +546,8 @@ def test_batchnorm_re_estimation_takes_images_as_evaluation_decodes_them(tmp_pat
                              "train.precision=fp32", "train.bn_recalibration=1000", "eval.batch_size=1000",
                              f"out={tmp_path / 'run'}"])
     pretrain(cfg, progress=False)
-    encoder = load_encoder(tmp_path / "run" / "checkpoints" / "last.pt")
-    bn = next(m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
     pixels = np.stack([decode_eval(p, 16, cfg.eval.crop_ratio) for p in sorted(folder.glob("*.png"))])
-    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor(cfg.augment.mean).view(1, 3, 1, 1)) / torch.tensor(cfg.augment.std).view(1, 3, 1, 1)
-    seen = []
-    bn.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].double()))
-    with torch.no_grad():
-        encoder(x)
-    torch.testing.assert_close(bn.running_mean.double(), seen[0].mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert_first_batchnorm_holds_the_statistics_of(tmp_path / "run", pixels, cfg)
 
 
 def test_batchnorm_re_estimation_never_leaves_a_lone_image_in_a_batch():
