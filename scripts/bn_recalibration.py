@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from simxent.augment import Normalize  # noqa: E402
@@ -23,6 +22,7 @@ from simxent.config import DataConfig  # noqa: E402
 from simxent.evaluate import extract_features, knn_scores, reestimate_batchnorm  # noqa: E402
 from simxent.linear_eval import load_eval_folders  # noqa: E402
 from simxent.runtime import resolve_device, resolve_dtype  # noqa: E402
+from simxent.train import recalibration_images  # noqa: E402
 
 READ_KEYS = ("augment.mean", "augment.std", "train.precision", "eval.crop_ratio")  # as the run evaluated
 
@@ -51,7 +51,7 @@ def main() -> dict:
     encoder = load_encoder(a.checkpoint).to(device)
     results = {"checkpoint": a.checkpoint, "image_size": cfg.data.image_size, "as_trained": knn(encoder)}
     for n in (int(c) for c in a.counts.split(",")):
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n].sort().values
+        pick = recalibration_images(len(train), n, seed=0)
         twin, started = copy.deepcopy(encoder), time.perf_counter()
         reestimate_batchnorm(twin, train.images[pick], normalize, device, dtype)
         seconds = round(time.perf_counter() - started, 2)

@@ -242,9 +242,9 @@ def read_index(f) -> faiss.Index:
 def read_parts(folder: Path) -> Optional[tuple]:
     """meta.json, then the vectors, names and index it records; None when one of them is not the file that
     meta.json records (a store from before the records is taken as it is)."""
-    meta, _ = read_part(folder, META, lambda f: json.loads(f.read().decode("utf-8")))
+    meta, _ = read_part(folder, META, json.load)  # bytes: json reads them as UTF-8
     vectors, got_vectors = read_part(folder, EMBEDDINGS, np.load)
-    names, got_names = read_part(folder, NAMES, lambda f: json.loads(f.read().decode("utf-8")))
+    names, got_names = read_part(folder, NAMES, json.load)
     index, got_index = read_part(folder, INDEX, read_index)
     recorded = meta.get("files") if isinstance(meta, dict) else None
     if recorded and recorded != {EMBEDDINGS: got_vectors, NAMES: got_names, INDEX: got_index}:

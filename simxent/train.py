@@ -769,7 +769,7 @@ def recalibrate_batchnorm(run: Run) -> None:
                         "statistics over; they stay as training averaged them")
         return
     started = time.monotonic()
-    pick = torch.randperm(len(run.train), generator=torch.Generator().manual_seed(cfg.train.seed))[:n].sort().values
+    pick = recalibration_images(len(run.train), n, cfg.train.seed)
     try:
         images = evaluation_images(run, pick)
     except (OSError, ValueError) as e:  # a file gone or changed since it was decoded: keep training's statistics
@@ -782,6 +782,11 @@ def recalibrate_batchnorm(run: Run) -> None:
     if done:
         log.info("BatchNorm statistics re-estimated over %d training images at %d px (%.1f s)", n,
                  cfg.data.image_size, time.monotonic() - started)
+
+
+def recalibration_images(total: int, n: int, seed: int) -> torch.Tensor:
+    """The indices, sorted, of the ``n`` of ``total`` training images train.bn_recalibration draws."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].sort().values
 
 
 def evaluation_images(run: Run, pick: torch.Tensor) -> torch.Tensor:
