@@ -282,10 +282,12 @@ def log_step(monitor: Monitor, similarities: Optional[SimilarityLog], step: int,
         similarities.add(step, pos_sim, neg_sim)
 
 
-def load_data(cfg: Config, progress: bool = True, dataset=None, cache_name: Optional[str] = None
-              ) -> tuple[ImageArray | ImageStream, ImageArray | None, KnnBank | None]:
+def load_data(cfg: Config, progress: bool = True, dataset=None, cache_name: Optional[str] = None,
+              evaluation: bool = True) -> tuple[ImageArray | ImageStream, ImageArray | None, KnnBank | None]:
     """Training images (data.train, or ``dataset``: see :func:`pretrain`), the optional labelled validation
-    folder, and the kNN bank (train's images, if labelled, less any that are also in val)."""
+    folder, and the kNN bank (train's images, if labelled, less any that are also in val). With
+    ``evaluation`` false (the processes that never score kNN: all but the main one) neither of the last two
+    is read: a bank of padded training images is a second decode of data.train, in every process's memory."""
     if dataset is not None and cfg.data.train:
         raise ConfigError(f"data.train: {cfg.data.train} is set and a dataset is given as pretrain(train=...): "
                           f"give one of them")
@@ -308,6 +310,8 @@ def load_data(cfg: Config, progress: bool = True, dataset=None, cache_name: Opti
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(train)} readable images in "
                           f"{cfg.data.train or key}")
     val = bank = None
+    if not evaluation:
+        return train, val, bank
     if cfg.data.val and cfg.eval.every == 0:
         log.warning("data.val=%s is not read with eval.every=0: no kNN monitoring and no projector", cfg.data.val)
     if cfg.data.val and cfg.eval.every > 0:
@@ -401,9 +405,9 @@ def _load_data_once(cfg: Config, progress: bool, dataset, cache_name: Optional[s
     not in a collective that a decode may outlast."""
     if cfg.data.cache and (dataset is None or cache_name):
         with dist.node_first():
-            data = load_data(cfg, progress and dist.is_main(), dataset, cache_name)
+            data = load_data(cfg, progress and dist.is_main(), dataset, cache_name, evaluation=dist.is_main())
     else:
-        data = load_data(cfg, progress and dist.is_main(), dataset, cache_name)
+        data = load_data(cfg, progress and dist.is_main(), dataset, cache_name, evaluation=dist.is_main())
         dist.wait_for_all()
     check_same_images(data[0], cfg.data.train)
     return data
@@ -546,6 +550,12 @@ class Run:
     @property
     def out(self) -> Path:
         return Path(self.cfg.out)
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run scores kNN on data.val: the same in every process, though only the main one reads
+        data.val (the others wait for it at each score)."""
+        return bool(self.cfg.data.val) and self.cfg.eval.every > 0
 
     @property
     def steps_per_epoch(self) -> int:
@@ -743,9 +753,9 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
     if pos.epoch >= cfg.train.epochs or run.budget.finished():  # the schedule's end, not a cut or a pause
         recalibrate_batchnorm(run)
     save(run, batches.ahead)  # None at the epoch's end: nothing was drawn ahead
-    # val is None when eval.every is 0; a preempted run has no time to spare for kNN. Saved again after it,
-    # so that the checkpoint carries the kNN history into a resumed run's summary.
-    if run.val is not None and reason != "signal" and (
+    # A preempted run has no time to spare for kNN. Saved again after it, so that the checkpoint carries the
+    # kNN history into a resumed run's summary.
+    if run.evaluates and reason != "signal" and (
             pos.epoch % cfg.eval.every == 0 or reason or pos.epoch == cfg.train.epochs):
         monitor_knn(run)
         save(run, batches.ahead)

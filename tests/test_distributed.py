@@ -28,11 +28,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from simxent import dist
 from simxent.checkpoint import load_checkpoint, save_checkpoint
-from simxent.config import ModelConfig, load_config
+from simxent.config import ConfigError, ModelConfig, load_config
 from simxent.demo import make_shapes
 from simxent.loss import Temperature, contrastive_stats, multi_view_nt_xent, nt_xent, pairwise_nt_xent
 from simxent.models import SimCLR
-from simxent.train import log_step, pretrain, step_loss
+from simxent.train import _load_data_once, log_step, pretrain, step_loss
 from tests.conftest import TINY_RUN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,17 +170,18 @@ def _uncached_load_worker(rank, port, sleep_s):
     _join_with_a_short_timeout(rank, port)
     try:
         started = []
-        simxent.train.load_data = lambda *args: started.append(time.monotonic()) or time.sleep(sleep_s) or DECODED
+        simxent.train.load_data = lambda *args, **kwargs: started.append(time.monotonic()) or time.sleep(sleep_s) or \
+            DECODED
         cfg = load_config(None, ["data.cache=false"])
         assert simxent.train._load_data_once(cfg, False, None, None) == DECODED
         starts = [torch.zeros(1, dtype=torch.float64) for _ in range(WORLD)]
         torch_dist.all_gather(starts, torch.tensor(started, dtype=torch.float64))  # no one waits here long
         assert abs(starts[0].item() - starts[1].item()) < sleep_s  # at once, not one after the other
         # Each decoded on its own, and one could not read a file: every process stops, saying so.
-        simxent.train.load_data = lambda *args: (Decoded(["a.png", "b.png"][rank:]), None, None)
+        simxent.train.load_data = lambda *args, **kwargs: (Decoded(["a.png", "b.png"][rank:]), None, None)
         with pytest.raises(DataError, match="process 0: 2, process 1: 1 images"):
             simxent.train._load_data_once(cfg, False, None, None)
-        simxent.train.load_data = lambda *args: (Decoded(["a.png", "b.png"][::1 - 2 * rank]), None, None)
+        simxent.train.load_data = lambda *args, **kwargs: (Decoded(["a.png", "b.png"][::1 - 2 * rank]), None, None)
         with pytest.raises(DataError, match="process 1: 2 images, listed in another order"):
             simxent.train._load_data_once(cfg, False, None, None)
     finally:
@@ -208,7 +209,7 @@ def _two_node_cache_worker(rank, port, sleep_s):
     dist.init(torch.device("cpu"))
     try:
         spans = []
-        simxent.train.load_data = lambda *args: spans.append(time.monotonic()) or time.sleep(sleep_s) or \
+        simxent.train.load_data = lambda *args, **kwargs: spans.append(time.monotonic()) or time.sleep(sleep_s) or \
             spans.append(time.monotonic()) or DECODED
         assert simxent.train._load_data_once(load_config(None, []), False, None, None) == DECODED
         gathered = [torch.zeros(2, dtype=torch.float64) for _ in range(3)]
@@ -240,6 +241,21 @@ def test_rank_zero_first_outlasts_the_collectives_timeout():
     """Rank 0 alone (decoding the cache, scoring kNN) for longer than the process group's timeout: the
     others wait for it, and run their block after it ends."""
     mp.spawn(_main_first_worker, args=(free_port(), 3), nprocs=WORLD, join=True)
+
+
+def test_only_the_main_process_reads_the_validation_folder_and_the_knn_bank(tmp_path, monkeypatch):
+    """kNN is scored by rank 0 alone: the others must not decode data.val, nor the bank (with training
+    images padded for crops, a second decode of data.train in every process's memory). A data.val whose
+    classes differ from data.train's stops the main process, which reads it, and not the others."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=4, test_per_class=2, size=16)
+    (shapes / "test" / "circle").rename(shapes / "test" / "other")
+    cfg = load_config(None, [*TINY_RUN, f"data.train={shapes / 'train'}", f"data.val={shapes / 'test'}",
+                             "data.cache=false"])
+    with pytest.raises(ConfigError, match="classes of"):
+        _load_data_once(cfg, False, None, None)
+    monkeypatch.setattr(dist, "is_main", lambda: False)
+    train, val, bank = _load_data_once(cfg, False, None, None)
+    assert len(train) == 20 and val is None and bank is None
 
 
 @pytest.mark.parametrize("momentum, track, affine", [(None, True, True), (0.3, True, True), (0.1, False, True),
