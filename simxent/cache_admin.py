@@ -133,7 +133,7 @@ def format_listing(cache_dir: Path) -> str:
     lines += [f"{t.path.name}: {human_bytes(_disk_bytes(t.path))}, "
               f"{'being written by' if t.alive else 'left by the ended'} process {t.pid}" for t in temps]
     total = sum(e.nbytes for e in entries) + sum(_disk_bytes(t.path) for t in temps)
-    lines.append(f"{len(entries)} entries, {human_bytes(total)} in {cache_dir}")
+    lines.append(f"{len(entries)} {'entry' if len(entries) == 1 else 'entries'}, {human_bytes(total)} in {cache_dir}")
     return "\n".join(lines)
 
 

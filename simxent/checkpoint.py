@@ -97,7 +97,9 @@ def read_weights_file(path: str | Path, map_location="cpu"):
             raise CheckpointError(f"{path} is a torch.export program (simxent exports convnets so), not a state "
                                   f"dict: load it with torch.export.load; to score or embed, give the simxent "
                                   f"checkpoint it was exported from") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        # torch's own words run to a paragraph of advice: its first sentence says what failed.
+        first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {first} (the file is damaged or incomplete)") from None
 
 
 def is_exported_program(path: str | Path) -> bool:

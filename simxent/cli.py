@@ -314,6 +314,8 @@ def cache_main(argv=None) -> int:
     cache_dir = Path(a.dir) if a.dir else default_cache_dir()
 
     def main():
+        if a.dir and not cache_dir.is_dir():  # a mistyped --dir is no empty cache (the default may not exist yet)
+            raise ConfigError(f"--dir {a.dir}: no such folder")
         if a.command == "list":
             show(cache_admin.format_listing(cache_dir))
             return 0

@@ -61,7 +61,7 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 # Settings whose change on resume changes what the run learns (a warning: an override not repeated on
 # resume comes back as its default); others (epochs, time, logging, workers) are said at INFO.
 CHANGES_TRAINING = ("augment.", "loss.", "optim.", "data.train", "train.batch_size", "train.precision",
-                    "train.seed", "train.budget_schedule")
+                    "train.seed", "train.budget_schedule", "train.bn_recalibration")
 
 
 def checkpoint_path(cfg: Config) -> Path:
@@ -288,11 +288,7 @@ def load_data(cfg: Config, progress: bool = True, dataset=None, cache_name: Opti
     folder, and the kNN bank (train's images, if labelled, less any that are also in val). With
     ``evaluation`` false (the processes that never score kNN: all but the main one) neither of the last two
     is read: a bank of padded training images is a second decode of data.train, in every process's memory."""
-    if dataset is not None and cfg.data.train:
-        raise ConfigError(f"data.train: {cfg.data.train} is set and a dataset is given as pretrain(train=...): "
-                          f"give one of them")
-    if dataset is None and not cfg.data.train:
-        raise ConfigError("data.train: no image folder given (set data.train=PATH)")
+    check_one_source(cfg, dataset)
     key = "data.train" if dataset is None else "pretrain(train=...)"
     with naming_the_key(key):  # found once: the kNN bank below decodes the same images again
         source = find_source(cfg.data.train) if dataset is None else dataset_images(dataset, cache_name)
@@ -396,6 +392,15 @@ def on_device(train: ImageArray | ImageStream, device: torch.device) -> ImageArr
     images = place_on_gpu(train.images, device)
     sizes = train.sizes.to(images.device) if train.sizes is not None else None  # indexed by the batch order
     return dataclasses.replace(train, images=images, sizes=sizes)
+
+
+def check_one_source(cfg: Config, dataset) -> None:
+    """Exactly one of data.train and pretrain's ``dataset`` is given."""
+    if dataset is not None and cfg.data.train:
+        raise ConfigError(f"data.train: {cfg.data.train} is set and a dataset is given as pretrain(train=...): "
+                          f"give one of them")
+    if dataset is None and not cfg.data.train:
+        raise ConfigError("data.train: no image folder given (set data.train=PATH)")
 
 
 def _load_data_once(cfg: Config, progress: bool, dataset, cache_name: Optional[str]):
@@ -550,6 +555,11 @@ class Run:
     @property
     def out(self) -> Path:
         return Path(self.cfg.out)
+
+    @property
+    def has_steps_left(self) -> bool:
+        """Whether the schedule leaves steps to train: false for a run resumed after its epochs or its budget."""
+        return self.pos.epoch < self.cfg.train.epochs and not self.budget.finished()
 
     @property
     def evaluates(self) -> bool:
@@ -870,22 +880,28 @@ def monitor_knn(run: Run) -> None:
             log.info("%s: kNN top-1 %.4f", point_name(run.pos.epoch, run.pos.step), top1)
 
 
-def skipped_everywhere(train: ImageArray | ImageStream) -> list[dict]:
-    """:func:`skipped_records` of every process (all call it): under torchrun each process streams its own
-    slice of a streamed folder, and only it finds that slice's bad files."""
+def skipped_everywhere(train: ImageArray | ImageStream, val: Optional[ImageArray] = None) -> list[dict]:
+    """:func:`skipped_records` of data.train in every process (all call it: under torchrun each process
+    streams its own slice of a streamed folder, and only it finds that slice's bad files), then of data.val
+    (read by the main process alone), each file once."""
     mine = skipped_records(train)
-    if dist.world_size() == 1 or not isinstance(train, ImageStream):
-        return mine
+    gathered = [mine] if dist.world_size() == 1 or not isinstance(train, ImageStream) else dist.gather_objects(mine)
+    return merged_records(*gathered, skipped_records(val) if val is not None else [])
+
+
+def merged_records(*lists: list[dict]) -> list[dict]:
+    """Skipped-file records of several lists, each file once (the later list's reason)."""
     merged = {}
-    for records in dist.gather_objects(mine):
+    for records in lists:
         merged.update({r["file"]: r for r in records})
     return list(merged.values())
 
 
 def write_skipped(run: Run, records: Optional[list[dict]] = None) -> None:
-    """skipped_images.txt (``records``, default this process's): one JSON record per line, so that a name
-    holding a newline stays one entry."""
-    records = skipped_records(run.train) if records is None else records
+    """skipped_images.txt (``records``, default this process's, data.train's and data.val's): one JSON record
+    per line, so that a name holding a newline stays one entry."""
+    if records is None:  # this process's: no collective
+        records = merged_records(skipped_records(run.train), skipped_records(run.val) if run.val is not None else [])
     if run.main and records:
         write_text_atomic(run.out / "skipped_images.txt", "".join(json.dumps(r) + "\n" for r in records))
 
@@ -918,7 +934,7 @@ def finish(run: Run, reason: Optional[str]) -> dict:
         run.similarities.figure(run.out / "figures" / "similarities.png")
         run.monitor.hparams(hparams(cfg), final_metrics(run.last_loss, run.knn_top1), pos.global_step)
     run.monitor.close()
-    skipped = skipped_everywhere(run.train)
+    skipped = skipped_everywhere(run.train, run.val)
     write_skipped(run, skipped)  # a streamed folder finds its bad files as it reads them
     summary = {
         "checkpoint": str(checkpoint_path(cfg)),
@@ -934,7 +950,8 @@ def finish(run: Run, reason: Optional[str]) -> dict:
         "stopped_by_signal": reason == "signal",
         "skipped_steps": run.skipped_steps,
         "last_loss": run.last_loss if math.isfinite(run.last_loss) else None,  # strict JSON has no NaN
-        "seconds": run.seconds(),
+        # A session that trained nothing adds no time to the run (the checkpoint's figure predates the end).
+        "seconds": run.seconds() if before is None else float(before.get("seconds", run.seconds())),
         "skipped_images": skipped,
         "knn_top1": run.knn_top1,
     }
@@ -1036,11 +1053,12 @@ def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optiona
     second SIGINT raises KeyboardInterrupt at once.
     ``cfg`` is checked first (:func:`simxent.config.check_config`: fields set in Python too)."""
     check_config(cfg)
+    check_one_source(cfg, train)  # before out is made, as every mistake found without reading images
     with stop_on_signals() as stop_requested, ExitStack() as held:
         run = setup_run(cfg, progress, held, train, cache_name)
         reason = None
         start_budget(run)
-        while reason is None and run.pos.epoch < cfg.train.epochs and not run.budget.finished():
+        while reason is None and run.has_steps_left:
             reason = train_epoch(run, stop_requested)
         return finish(run, reason)
 
@@ -1067,10 +1085,11 @@ def start_budget(run: Run) -> None:
     if not budget.spans:
         return
     if budget.finished():
+        done = run.pos.epoch + run.pos.step / run.steps_per_epoch
         log.warning("train.resume: the run in %s ended annealed at its time budget, so its schedule is done and "
                     "nothing is trained; to train on, resume with train.budget_schedule=false, train.epochs above "
-                    "the %d epoch(s) done and no train.max_time (or one that leaves room): the cosine goes on over "
-                    "the new epochs and anneals at the last", run.out, run.pos.epoch)
+                    "the %.2f epochs done (now %d) and no train.max_time (or one that leaves room): the cosine "
+                    "goes on over train.epochs and anneals at the last", run.out, done, run.cfg.train.epochs)
         return
     resumed = f", from progress {budget.start_progress:.3f}" if budget.start_progress else ""
     if left > 0:
@@ -1079,9 +1098,11 @@ def start_budget(run: Run) -> None:
         log.info("train.max_time=%gs: the deadline passed %.0f s before the first step", budget.max_time, -left)
 
 
-def open_run(cfg: Config, held: ExitStack) -> tuple[torch.device, Optional[str], Path | None, dict | None]:
+def open_run(cfg: Config, held: ExitStack
+             ) -> tuple[torch.device, Optional[torch.dtype], Optional[str], Path | None, dict | None]:
     """Join the process group, claim ``out`` (main process; see :func:`_claim_out`) and set up logging;
-    returns the device, the run id and what to resume (the other processes read it later)."""
+    returns the device, the autocast dtype, the run id and what to resume (the other processes read it
+    later)."""
     device = dist.init(resolve_device(cfg.train.device))
     if cfg.train.batch_size % dist.world_size():
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must divide by the "
@@ -1098,6 +1119,7 @@ def open_run(cfg: Config, held: ExitStack) -> tuple[torch.device, Optional[str],
     level = logging.INFO if main else logging.WARNING
     setup_logging(None, level)  # stderr now; train.log opens below, once out is claimed, with what was said
     with held_warnings() as earlier:
+        dtype = resolve_dtype(cfg.train.precision, device)  # fp16 on a CPU is refused before out is made
         if main:  # only the main process writes in out (and nothing before it holds the lock)
             run_id, resume, resumed = _claim_out(cfg, held, device)
     # The others resume the file the main process chose before its claim (which may record a new run id).
@@ -1106,15 +1128,14 @@ def open_run(cfg: Config, held: ExitStack) -> tuple[torch.device, Optional[str],
         writable_folder(cfg.data.cache_dir or default_cache_dir(), "data.cache_dir")
     setup_logging(Path(cfg.out) / "train.log" if main else None, level=level, earlier=earlier)
     held.push(close_log_file)
-    return device, run_id, resume, resumed
+    return device, dtype, run_id, resume, resumed
 
 
 def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name: Optional[str]) -> Run:
     """Everything a run needs, built in order: process group and ``out``, data, model, optimiser, time budget,
     and the state of a resumed checkpoint; the config, TensorBoard and skipped_images.txt written."""
     started = time.monotonic()
-    device, run_id, resume, resumed = open_run(cfg, held)
-    dtype = resolve_dtype(cfg.train.precision, device)
+    device, dtype, run_id, resume, resumed = open_run(cfg, held)
     set_threads(cfg.train.threads)
     configure_device(device)
     train, val, bank = _load_data_once(cfg, progress, dataset, cache_name)
@@ -1172,7 +1193,8 @@ def announce(run: Run) -> None:
         log.info("resolution schedule: views grow from %d to %d px as the schedule progresses (train/view_size)",
                  view_size(aug, size, 0.0), view_size(aug, size))
     if run.main:
-        save_config(cfg, run.out / "config.yaml")
         warn_dropped_images(len(run.train), batch)
+    if run.main and run.has_steps_left:  # a resume that trains nothing leaves the config that trained the run
+        save_config(cfg, run.out / "config.yaml")
         run.monitor.config_text(format_config(cfg), run.pos.global_step)  # a resumed run's config at its step
     write_skipped(run)  # a streamed folder finds its bad files as it reads them: written again at the end

@@ -48,6 +48,9 @@ def test_list_names_each_entry_with_its_folder_and_size(tmp_path, capsys):
     assert out[-1].startswith("2 entries")
     assert cache_main(["list", "--dir", str(cache)]) == 0  # --dir after the command names the same folder
     assert capsys.readouterr().out.splitlines() == out
+    # A mistyped --dir is one line naming it, not an empty cache.
+    assert cache_main(["--dir", str(tmp_path / "cahce"), "list"]) == 2
+    assert f"--dir {tmp_path / 'cahce'}: no such folder" in capsys.readouterr().err
 
 
 def test_clear_by_key_then_all_keeps_a_live_writers_file(tmp_path, capsys):
@@ -131,4 +134,4 @@ def test_list_goes_on_when_a_clear_beside_it_removes_an_entry(tmp_path, monkeypa
     monkeypatch.setattr(Path, "is_file", removed_once_seen)
     assert cache_main(["--dir", str(cache), "list"]) == 0
     out = capsys.readouterr().out
-    assert large in out and small not in out and "1 entries" in out.splitlines()[-1]
+    assert large in out and small not in out and out.splitlines()[-1].startswith("1 entry,")

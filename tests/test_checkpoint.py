@@ -122,6 +122,12 @@ def test_missing_truncated_and_foreign_files(tmp_path):
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="cannot read|refusing"):
         load_checkpoint(path)
+    save_checkpoint({"x": torch.randn(100000)}, path)
+    path.write_bytes(path.read_bytes()[:200000])  # cut in its tensor data: torch's paragraph, told in one sentence
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*t\.pt: .*\(the file is damaged or incomplete\)$"
+                       ) as e:
+        load_checkpoint(path)
+    assert "\n" not in str(e.value) and "If you are seeing this error" not in str(e.value)
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a simxent checkpoint .*so no run resumes from it"):
         load_checkpoint(tmp_path / "other.pt")
@@ -272,7 +278,7 @@ def test_a_resumed_run_trains_with_its_own_settings_not_the_checkpoints(tmp_path
     first = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     with caplog.at_level("INFO", logger="simxent"):
         pretrain(load_config(None, [*args, "train.epochs=2", "optim.weight_decay=0.01", "optim.momentum=0.5",
-                                    "loss.temperature=0.2", "train.resume=auto"]), progress=False)
+                                    "loss.temperature=0.2", "train.bn_recalibration=64", "train.resume=auto"]), progress=False)
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     groups = state["optimizer"]["param_groups"]
     assert sorted({g["weight_decay"] for g in groups}) == [0.0, 0.01]  # norms and biases never decay
@@ -285,7 +291,8 @@ def test_a_resumed_run_trains_with_its_own_settings_not_the_checkpoints(tmp_path
     levels = {r.getMessage().split("=")[0]: r.levelname for r in caplog.records
               if r.getMessage().startswith("resumed with")}
     assert levels == {"resumed with optim.weight_decay": "WARNING", "resumed with optim.momentum": "WARNING",
-                      "resumed with loss.temperature": "WARNING", "resumed with train.epochs": "INFO"}
+                      "resumed with loss.temperature": "WARNING", "resumed with train.epochs": "INFO",
+                      "resumed with train.bn_recalibration": "WARNING"}  # the run's end, its weights, differ
 
 
 def test_a_setting_newer_than_the_checkpoint_is_compared_with_its_default():

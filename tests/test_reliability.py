@@ -277,8 +277,9 @@ def test_a_run_killed_while_finishing_gets_its_end_from_the_resume(shapes, tmp_p
 
 
 def test_the_summary_of_a_resumed_run_covers_all_its_sessions(shapes, tmp_path, caplog):
-    """One epoch, then resumed for a second, then resumed with nothing left to train: summary.json keeps
-    the kNN of every epoch, adds up the sessions' seconds, and keeps the last loss (strict JSON)."""
+    """One epoch, then resumed for a second, then resumed with nothing left to train (and another lr):
+    summary.json keeps the kNN of every epoch, adds up the sessions' seconds (the last adds none), and keeps
+    the last loss (strict JSON); config.yaml stays the config that trained the run."""
     run = tmp_path / "run"
     args = ["train.epochs=1", f"data.val={shapes / 'test'}", "eval.every=1"]
     first = pretrain(load_config(None, tiny(shapes, run, *args)), progress=False)
@@ -286,10 +287,12 @@ def test_the_summary_of_a_resumed_run_covers_all_its_sessions(shapes, tmp_path, 
                       progress=False)
     assert [k["epoch"] for k in second["knn_top1"]] == [1, 2] and second["knn_top1"][0] == first["knn_top1"][0]
     assert second["seconds"] > first["seconds"]
+    trained_by = (run / "config.yaml").read_text()
     with caplog.at_level(logging.WARNING, logger="simxent"):
-        again = pretrain(load_config(None, tiny(shapes, run, *args[1:], "train.epochs=2", "train.resume=auto")),
-                         progress=False)
+        again = pretrain(load_config(None, tiny(shapes, run, *args[1:], "train.epochs=2", "train.resume=auto",
+                                                "optim.lr=0.5")), progress=False)
     assert "has trained its train.epochs=2, so nothing is trained" in caplog.text
+    assert (run / "config.yaml").read_text() == trained_by and "lr: 0.5" not in trained_by
     events = EventAccumulator(str(run / "tb"))
     events.Reload()
     # One per session that trained. Sorted: sessions started within one second of each other have event files
@@ -298,6 +301,7 @@ def test_the_summary_of_a_resumed_run_covers_all_its_sessions(shapes, tmp_path, 
     written = json.loads((run / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert written["knn_top1"] == second["knn_top1"] == again["knn_top1"]
     assert written["last_loss"] == second["last_loss"] is not None and written["global_step"] == 10
+    assert written["seconds"] == again["seconds"] == second["seconds"]
 
 
 def test_non_finite_loss_is_skipped_then_stops_without_overwriting(shapes, tmp_path, monkeypatch):
@@ -461,6 +465,25 @@ def hostile_folder(root: Path) -> dict:
     kept = {f"plain{i}.png" for i in range(6)} | {"sixteen_bit.png", "cmyk.jpg", "palette_transparent.png",
                                                   "exif_rotated.jpg", "one_pixel.png"}
     return {"skipped": skipped, "kept": kept, **good}
+
+
+def test_bad_images_of_the_validation_folder_are_listed_with_trainings(shapes, tmp_path):
+    val = tmp_path / "val"
+    shutil.copytree(shapes / "test", val)
+    (val / "circle" / "zz.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "train").mkdir()
+    shutil.copytree(shapes / "train" / "circle", tmp_path / "train" / "circle")
+    shutil.copytree(shapes / "train" / "square", tmp_path / "train" / "square")
+    (tmp_path / "train" / "square" / "bad.png").write_bytes(b"")
+    classes = ["circle", "square"]
+    for c in set(p.name for p in val.iterdir()) - set(classes):
+        shutil.rmtree(val / c)
+    summary = pretrain(load_config(None, tiny(tmp_path, tmp_path / "run", "train.epochs=1", f"data.val={val}",
+                                              "eval.every=1", "eval.knn_k=5")), progress=False)
+    assert summary["knn_top1"] and sorted(Path(r["file"]).name for r in summary["skipped_images"]) == [
+        "bad.png", "zz.jpg"]
+    listed = [json.loads(line) for line in (tmp_path / "run" / "skipped_images.txt").read_text().splitlines()]
+    assert listed == summary["skipped_images"]
 
 
 def test_hostile_images_are_skipped_by_name_and_the_rest_trains(tmp_path):

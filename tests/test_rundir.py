@@ -395,6 +395,10 @@ def test_a_refused_run_leaves_nothing_for_the_next_one_to_inherit(shapes, tmp_pa
     status, err = run(tiny(shapes, out, f"data.train={image}"), capsys)
     assert status == 2 and f"data.train: {image} is an image: give a folder of images" in error_line(err)
     assert not out.exists()  # one image given for a folder: no out made either
+    status, err = run([a for a in tiny(shapes, out) if not a.startswith("data.train=")], capsys)
+    assert status == 2 and "data.train: no image folder given" in error_line(err) and not out.exists()
+    status, err = run(tiny(shapes, out, "train.precision=fp16", "train.device=cpu"), capsys)
+    assert status == 2 and "train.precision=fp16 on a CPU" in error_line(err) and not out.exists()
     (tmp_path / "empty").mkdir()
     assert run(tiny(shapes, out, f"data.train={tmp_path / 'empty'}"), capsys)[0] == 2
     assert "no images found" in (out / "train.log").read_text()  # refused once out was claimed: said there
