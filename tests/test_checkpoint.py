@@ -124,8 +124,8 @@ def test_missing_truncated_and_foreign_files(tmp_path):
         load_checkpoint(path)
     save_checkpoint({"x": torch.randn(100000)}, path)
     path.write_bytes(path.read_bytes()[:200000])  # cut in its tensor data: torch's paragraph, told in one sentence
-    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*t\.pt: .*\(the file is damaged or incomplete\)$"
-                       ) as e:
+    damaged = r"cannot read checkpoint .*t\.pt: .*\(the file is damaged or incomplete\)$"
+    with pytest.raises(CheckpointError, match=damaged) as e:
         load_checkpoint(path)
     assert "\n" not in str(e.value) and "If you are seeing this error" not in str(e.value)
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
@@ -278,7 +278,8 @@ def test_a_resumed_run_trains_with_its_own_settings_not_the_checkpoints(tmp_path
     first = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     with caplog.at_level("INFO", logger="simxent"):
         pretrain(load_config(None, [*args, "train.epochs=2", "optim.weight_decay=0.01", "optim.momentum=0.5",
-                                    "loss.temperature=0.2", "train.bn_recalibration=64", "train.resume=auto"]), progress=False)
+                                    "loss.temperature=0.2", "train.bn_recalibration=64", "train.resume=auto"]),
+             progress=False)
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     groups = state["optimizer"]["param_groups"]
     assert sorted({g["weight_decay"] for g in groups}) == [0.0, 0.01]  # norms and biases never decay
