@@ -436,16 +436,27 @@ def check_same_images(train: ImageArray | ImageStream, source: str) -> None:
                         f"the job stops before a step")
 
 
+class StopRequest(threading.Event):
+    """Set by SIGTERM or SIGINT once the steps have begun (``steps_begun``); the loop reads it after each step."""
+    steps_begun = False
+
+
 @contextmanager
 def stop_on_signals():
     """SIGTERM (preemption) and SIGINT (Ctrl-C) set a flag instead of killing the process: the loop finishes
-    its step, checkpoints and returns. A second Ctrl-C interrupts at once."""
-    requested = threading.Event()
+    its step, checkpoints and returns. A second Ctrl-C interrupts at once, and so does a signal before the
+    first step (while images are decoded, say): nothing is trained yet, so nothing is lost, and a decode of a
+    large folder is not waited for."""
+    requested = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
 
     def handler(signum, frame):
+        if not requested.steps_begun:
+            log.warning("%s received before the first step: stopping now; nothing was trained",
+                        signal.Signals(signum).name)
+            raise KeyboardInterrupt
         if requested.is_set() and signum == signal.SIGINT:
             log.warning("a second SIGINT: stopping now, once a checkpoint being written has landed; checkpoints "
                         "are written whole, so train.resume=auto continues from the last one")
@@ -1050,7 +1061,7 @@ def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optiona
     cache under ``cache_name`` (with its length and eight items' pixels), or into memory every run without one.
     Stops at ``train.epochs``, at ``train.max_time`` or on SIGTERM/SIGINT, always with a checkpoint. A stop
     on a signal returns too (the summary's ``stopped_by_signal`` is true: check it before evaluating); a
-    second SIGINT raises KeyboardInterrupt at once.
+    second SIGINT, or a signal before the first step (nothing trained), raises KeyboardInterrupt at once.
     ``cfg`` is checked first (:func:`simxent.config.check_config`: fields set in Python too)."""
     check_config(cfg)
     check_one_source(cfg, train)  # before out is made, as every mistake found without reading images
@@ -1058,6 +1069,7 @@ def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optiona
         run = setup_run(cfg, progress, held, train, cache_name)
         reason = None
         start_budget(run)
+        stop_requested.steps_begun = True
         while reason is None and run.has_steps_left:
             reason = train_epoch(run, stop_requested)
         return finish(run, reason)

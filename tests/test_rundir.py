@@ -367,6 +367,29 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line_and_the_last_checkpoint_resum
     assert run(tiny(shapes, out, "train.resume=auto", "train.epochs=2"), capsys)[0] == 0
 
 
+def test_a_signal_before_the_first_step_stops_at_once_and_the_folder_stays_free(shapes, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """Ctrl-C while the images are decoded: nothing is trained yet, so the run stops at once (a large
+    folder's decode is not waited for, nor a first step run), without a traceback, and the folder is free."""
+    real_load, stepped = simxent.train.load_data, []
+
+    def ctrl_c_while_decoding(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+        return loaded
+
+    monkeypatch.setattr(simxent.train, "load_data", ctrl_c_while_decoding)
+    monkeypatch.setattr(simxent.train, "step_loss", lambda *a: stepped.append(1))
+    out = tmp_path / "run"
+    status, err = run(tiny(shapes, out, "train.epochs=1"), capsys)
+    assert status == 128 + signal.SIGINT and err.splitlines()[-1] == "simxent: interrupted", err
+    assert "SIGINT received before the first step: stopping now" in err and "Traceback" not in err
+    assert not stepped and not (out / "checkpoints" / "last.pt").exists()
+    monkeypatch.setattr(simxent.train, "load_data", real_load)
+    monkeypatch.undo()
+    assert run(tiny(shapes, out, "train.resume=auto", "train.epochs=1"), capsys)[0] == 0
+
+
 def test_a_stop_at_an_epochs_last_step_counts_that_epoch_as_trained(shapes, tmp_path, capsys, monkeypatch):
     real, calls = simxent.train.step_loss, {"n": 0}
 
