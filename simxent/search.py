@@ -296,9 +296,10 @@ def warn_if_changed(folder: Path, meta: dict, names: list[str]) -> None:
     base = names_base(meta["images"])
     now = {os.path.relpath(f, base) for f in [*images.files, *images.irregular]}
     then = set(names) | set(meta["skipped"])
+    what = f"the images listed in {meta['images']}" if Path(meta["images"]).is_file() else meta["images"]
     log.warning("--index %s: %s changed after it was embedded (%d image file(s) added, %d removed, others maybe "
                 "rewritten): the index holds the images as they were; run simxent-embed again", folder,
-                meta["images"], len(now - then), len(then - now))
+                what, len(now - then), len(then - now))
 
 
 def nearest(store: EmbeddingStore, queries: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:

@@ -4,6 +4,7 @@ against an independent computation, bad files, and the issue's check on real CIF
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
@@ -680,6 +682,11 @@ def test_a_folder_embedded_through_a_link_reads_as_unchanged(tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="simxent"):
             read_store(out)
     assert "changed after it was embedded" not in caplog.text
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(folder / "a" / "2.png")  # a listed image rewritten, not the list
+    os.utime(folder / "a" / "2.png", (1, 1))
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        read_store(tmp_path / "by_list")
+    assert re.search(r"by_list: the images listed in \S+list\.txt changed after it was embedded", caplog.text)
 
 
 def test_search_files_refuses_a_k_below_one(tmp_path):
