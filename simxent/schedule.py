@@ -109,9 +109,11 @@ class TimeBudget:
         left = self.started + self.max_time - self.first
         return time_up, 1.0 if left <= 0 else min(1.0, (now - self.first) / left)
 
-    def agree(self, mean_used: float) -> None:
-        """The share of the budget used, as the processes agreed after a step: it sets the next step's lr."""
-        self.used = mean_used
+    def agree(self, mean_used: float, time_up: bool = False) -> None:
+        """The share of the budget used, as the processes agreed after a step: it sets the next step's lr.
+        ``time_up``: some process's deadline has passed, which ends the run; its schedule ends there too
+        (processes that started later have a later deadline, so the mean share may fall short of 1)."""
+        self.used = 1.0 if time_up and self.spans else mean_used
 
     def budget_used(self) -> float:
         """q = p0 + (1 - p0) * tau: the budget's share of the whole schedule, a resumed run's included."""

@@ -677,7 +677,7 @@ def train_step(run: Run, batch: Drawn, draw_ahead: Callable[[], None], stop_requ
     shared = dist.agree([loss, finite, time_up, stop_requested.is_set(), used], run.device)
     run.slow_steps.stop()
     loss_mean, finite_share, time_up_share, signal_share, used_mean = shared
-    run.budget.agree(used_mean)  # time passes whether or not the step is applied
+    run.budget.agree(used_mean, time_up_share > 0)  # time passes whether or not the step is applied
     applied = math.isfinite(loss_mean) and finite_share == 1
     if applied:
         scaler.step(optimizer)

@@ -158,10 +158,10 @@ def _agree_worker(rank, port, world, results):
             time_up, used = budget.read_clock()
             loss, time_up_share, used_mean = simxent.dist.agree([torch.tensor(1.0), time_up, used],
                                                                 torch.device("cpu"))
-            budget.agree(used_mean)
+            budget.agree(used_mean, time_up_share > 0)
             if time_up_share > 0:
                 break
-        results[rank] = (fractions, clock.times)
+        results[rank] = (fractions, clock.times, budget.finished())
     finally:
         torch.distributed.destroy_process_group()
 
@@ -171,10 +171,13 @@ CLOCKS = {0: (2.0, [0.5] * 200), 1: (4.0, [0.75] * 200)}
 
 def test_processes_whose_clocks_disagree_set_the_same_lr():
     """Rank 0 starts at 2 s and takes 0.5 s a step, rank 1 at 4 s and 0.75 s: both set the lr of the mean
-    of their shares, identical on every step, and stop together when rank 1 reaches the 60 s deadline."""
+    of their shares, identical on every step, and stop together when rank 1 reaches the 60 s deadline, with
+    the schedule ended in both (the mean share is below 1 then: BatchNorm re-estimation and a resume's
+    'nothing to train' depend on it)."""
     results = torch.multiprocessing.Manager().dict()
     torch.multiprocessing.spawn(_agree_worker, args=(free_port(), 2, results), nprocs=2)
-    (f0, times0), (f1, times1) = results[0], results[1]
+    (f0, times0, done0), (f1, times1, done1) = results[0], results[1]
+    assert done0 and done1
     assert f0 == f1 and len(f0) == 75  # 4 + 75 * 0.75 = 60.25: rank 1's deadline ends the run
     taus = [(a + b) / 2 for a, b in zip(shares(times0, 0.0, 60), shares(times1, 0.0, 60))]
     expected = [expected_fraction(s, 1000, 20, ([0.0] + taus)[s], 0.1) for s in range(75)]

@@ -128,6 +128,19 @@ def test_missing_truncated_and_foreign_files(tmp_path):
     with pytest.raises(CheckpointError, match=damaged) as e:
         load_checkpoint(path)
     assert "\n" not in str(e.value) and "If you are seeing this error" not in str(e.value)
+    # A flipped byte in the archive's index can fail as text or as a value: a damaged file, so that resuming
+    # falls back to an older checkpoint instead of stopping.
+    good = tmp_path / "good.pt"
+    save_checkpoint({"x": torch.zeros(1)}, good)
+    data = good.read_bytes()
+    failures = set()
+    for i in range(len(data) - 200, len(data)):
+        (tmp_path / "flipped.pt").write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+        try:
+            load_checkpoint(tmp_path / "flipped.pt")
+        except CheckpointError:
+            failures.add("CheckpointError")
+    assert failures == {"CheckpointError"}
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a simxent checkpoint .*so no run resumes from it"):
         load_checkpoint(tmp_path / "other.pt")
