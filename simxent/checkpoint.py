@@ -255,8 +255,9 @@ def export_torchvision(path: str | Path, dest: str | Path) -> str:
             torch.save(encoder.state_dict(), tmp)
         os.replace(tmp, dest)
     except (OSError, RuntimeError) as e:  # torch's writer reports a full disk or a refused file as RuntimeError
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot export to {dest}: {e}") from None
+    finally:  # whatever stopped the write (Ctrl-C too) leaves no temporary file in the user's folder
+        tmp.unlink(missing_ok=True)
     return "exported_program" if program else "state_dict"
 
 

@@ -280,6 +280,15 @@ def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_pat
         export_torchvision(ckpt, tmp_path / "enc.pth")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
+    def ctrl_c_while_writing(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"part")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", ctrl_c_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        export_torchvision(ckpt, tmp_path / "enc.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # nor does Ctrl-C leave a temporary file
+
 
 def test_every_preset_exports_a_file_that_loads_without_simxent(tmp_path):
     """Each preset's export, loaded by the README's code in a Python that cannot import simxent, gives the
