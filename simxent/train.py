@@ -239,9 +239,11 @@ class SimilarityLog:
             figures.save(figures.similarity_over_time(self.rows), path)
 
 
-def skipped_records(data: ImageArray | ImageStream) -> list[dict]:
+def skipped_records(data: ImageArray | ImageStream | None) -> list[dict]:
     """``{"file", "reason"}`` of each file that could not be read, as skipped_images.txt and summary.json
-    list them."""
+    list them (none for no data: data.val unread)."""
+    if data is None:
+        return []
     return [{"file": f, "reason": data.reasons.get(f, "unreadable")} for f in data.skipped]
 
 
@@ -771,7 +773,7 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
     # the epoch's end, and the kNN due then, to the resumed run.
     if reason is None or (reason == "max_time" and batches.ahead is None):
         pos.epoch, pos.step = pos.epoch + 1, 0
-    if pos.epoch >= cfg.train.epochs or run.budget.finished():  # the schedule's end, not a cut or a pause
+    if not run.has_steps_left:  # the schedule's end, not a cut or a pause
         recalibrate_batchnorm(run)
     save(run, batches.ahead)  # None at the epoch's end: nothing was drawn ahead
     # A preempted run has no time to spare for kNN. Saved again after it, so that the checkpoint carries the
@@ -897,7 +899,7 @@ def skipped_everywhere(train: ImageArray | ImageStream, val: Optional[ImageArray
     (read by the main process alone), each file once."""
     mine = skipped_records(train)
     gathered = [mine] if dist.world_size() == 1 or not isinstance(train, ImageStream) else dist.gather_objects(mine)
-    return merged_records(*gathered, skipped_records(val) if val is not None else [])
+    return merged_records(*gathered, skipped_records(val))
 
 
 def merged_records(*lists: list[dict]) -> list[dict]:
@@ -912,7 +914,7 @@ def write_skipped(run: Run, records: Optional[list[dict]] = None) -> None:
     """skipped_images.txt (``records``, default this process's, data.train's and data.val's): one JSON record
     per line, so that a name holding a newline stays one entry."""
     if records is None:  # this process's: no collective
-        records = merged_records(skipped_records(run.train), skipped_records(run.val) if run.val is not None else [])
+        records = merged_records(skipped_records(run.train), skipped_records(run.val))
     if run.main and records:
         write_text_atomic(run.out / "skipped_images.txt", "".join(json.dumps(r) + "\n" for r in records))
 
