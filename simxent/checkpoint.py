@@ -409,29 +409,32 @@ def start_branch(folder: str | Path, run_id: str, step: int, resumed: Path) -> P
     return aside
 
 
-def newest_valid_checkpoint(folder: str | Path, run_id: str | None = None) -> Path | None:
+def newest_valid_checkpoint(folder: str | Path, run_id: str | None = None,
+                            torchrun_job: str | None = None) -> Path | None:
     """The newest checkpoint that loads: ``last.pt``, unless a step file of a later step loads (a stop
     between a step file's write and ``last.pt``'s move to it leaves ``last.pt`` a step behind); else the
     newest step file that loads; None when there is none. With ``run_id``, only checkpoints of that run
-    count."""
+    count; with ``torchrun_job``, only those that job saved."""
     folder = Path(folder)
     files = step_files(folder, run_id)[::-1]
-    last = _loads(folder / "last.pt", run_id)
+    last = _loads(folder / "last.pt", run_id, torchrun_job)
     if last is not None:
         files = [p for p in files if file_step(p) > last["position"]["global_step"]]
-    return next((path for path in files if _loads(path, run_id) is not None),
+    return next((path for path in files if _loads(path, run_id, torchrun_job) is not None),
                 folder / "last.pt" if last is not None else None)
 
 
-def _loads(path: Path, run_id: str | None) -> dict | None:
-    """The checkpoint at ``path`` when it is a file that loads (of run ``run_id``, when given), else None;
-    an unreadable one is named in a warning."""
+def _loads(path: Path, run_id: str | None, torchrun_job: str | None = None) -> dict | None:
+    """The checkpoint at ``path`` when it is a file that loads (of run ``run_id`` and saved by
+    ``torchrun_job``, when given), else None; an unreadable one is named in a warning."""
     if not path.is_file():
         return None
     try:
         state = load_checkpoint(path)
     except CheckpointError as e:
         log.warning("skipping unreadable checkpoint: %s", e)
+        return None
+    if torchrun_job is not None and state.get("torchrun_job") != torchrun_job:
         return None
     return state if run_id is None or state.get("run_id") == run_id else None
 
@@ -484,6 +487,7 @@ def training_state(cfg: Config, net: nn.Module, optimizer, scaler, pos: Position
         "simxent_version": __version__,
         "config": to_dict(cfg),
         "world_size": dist.world_size(),
+        "torchrun_job": dist.torchrun_job(),  # a restart of the job resumes the job's own checkpoints
         "encoder": net.encoder.state_dict(),
         "head": net.head.state_dict(),
         "temperature": net.temperature.state_dict(),

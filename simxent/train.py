@@ -154,13 +154,19 @@ def _torchrun_restart(out: Path) -> bool:
 
 
 def _resume_path(cfg: Config) -> Path | None:
-    resume = cfg.train.resume
-    if not resume and _torchrun_restart(Path(cfg.out)):
-        resume = "auto"  # a worker torchrun restarted after a failure continues from the last checkpoint
+    """The checkpoint to resume. A worker that torchrun restarted after a failure continues from the last
+    checkpoint its job saved; before the job's first save, from where the job started: ``train.resume`` as
+    given (a file given by path may be older than the job's own steps, which are then in the folder)."""
+    resume, out, folder = cfg.train.resume, Path(cfg.out), checkpoint_path(cfg).parent
+    restarted = _torchrun_restart(out)
+    if restarted and resume and resume != "auto":
+        return newest_valid_checkpoint(folder, recorded_run_id(out), dist.torchrun_job()) or resume_file(resume)
+    if not resume and restarted:
+        resume = "auto"
     if not resume:
         return None
     if resume == "auto":  # the newest checkpoint of the run the folder holds, never another run's
-        return newest_valid_checkpoint(checkpoint_path(cfg).parent, recorded_run_id(Path(cfg.out)))
+        return newest_valid_checkpoint(folder, recorded_run_id(out))
     return resume_file(resume)
 
 

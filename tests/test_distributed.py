@@ -32,6 +32,7 @@ from simxent.config import ConfigError, ModelConfig, load_config
 from simxent.demo import make_shapes
 from simxent.loss import Temperature, contrastive_stats, multi_view_nt_xent, nt_xent, pairwise_nt_xent
 from simxent.models import SimCLR
+from simxent.rundir import record_run_id
 from simxent.train import _load_data_once, log_step, pretrain, step_loss
 from tests.conftest import TINY_RUN
 
@@ -385,3 +386,33 @@ def test_a_restart_never_takes_over_another_run_and_every_process_resumes_one_fi
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and "resumed from" in output, output
     assert load_checkpoint(last)["position"] == {"epoch": 4, "step": 0, "global_step": 20}
+
+
+def test_a_restart_of_a_job_launched_from_a_file_continues_from_the_jobs_own_checkpoint(shapes, tmp_path,
+                                                                                       monkeypatch):
+    """torchrun restarts a failed job with the arguments it was launched with. A restart of a job launched
+    with train.resume=PATH goes on from the job's newest checkpoint: resuming PATH again set the job's own
+    steps aside as a superseded branch and trained them a second time. Before the job's first save, the
+    restart starts from PATH (not from the folder's newest file, which is the line PATH branches from)."""
+    run = tmp_path / "run"
+    base = [*TINY_RUN, f"data.train={shapes / 'train'}", "eval.every=0", "train.keep_checkpoints=10", f"out={run}"]
+    pretrain(load_config(None, [*base, "train.epochs=2"]), progress=False)
+    first, second = sorted((run / "checkpoints").glob("step-*.pt"))[:2]
+    launched = load_config(None, [*base, "train.epochs=3", f"train.resume={first}"])
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    pretrain(launched, progress=False)  # the job's first attempt: epochs 2 and 3 from epoch 1's file
+    branches = set((run / "checkpoints").glob("superseded-*"))
+    assert [p.name for p in next(iter(branches)).glob("step-*.pt")] == [second.name]  # the former epoch 2
+    own = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").glob("step-*.pt")}
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    pretrain(launched, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").glob("step-*.pt")} == own
+    assert set((run / "checkpoints").glob("superseded-*")) == branches
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["position"]["epoch"] == 3
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job2")  # claimed out, then failed before its first save
+    record_run_id(run, load_checkpoint(first)["run_id"], "job2")
+    pretrain(launched, progress=False)
+    later = set((run / "checkpoints").glob("superseded-*")) - branches
+    assert len(later) == 1 and {p.name for p in next(iter(later)).glob("step-*.pt")} == set(own) - {first.name}
