@@ -39,6 +39,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, or one that is not simxent's."""
 
 
+class OtherKindError(CheckpointError):
+    """A plain state dict where a simxent checkpoint was asked for, or the reverse."""
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write ``state`` so that ``path`` always holds either the old file or the complete new one
     (:func:`simxent.files.write_bytes_atomic`).
@@ -117,7 +121,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     """Read a simxent checkpoint with the safe unpickler; refuse files that carry arbitrary objects."""
     state = read_weights_file(path, map_location)
     if not isinstance(state, dict) or "format_version" not in state:
-        raise CheckpointError(f"{path} is not a simxent checkpoint (no format_version), so no run resumes from "
+        raise OtherKindError(f"{path} is not a simxent checkpoint (no format_version), so no run resumes from "
                               f"it; to score a plain state dict, name its architecture: simxent-linear-eval "
                               f"--backbone NAME")
     version = state["format_version"]
@@ -211,7 +215,7 @@ def load_backbone(path: str | Path, name: str, cifar_stem: bool = False, map_loc
     or a backbone trained by another tool with torchvision's parameter names. Eval mode."""
     weights = read_weights_file(path, map_location)
     if isinstance(weights, dict) and "format_version" in weights:
-        raise CheckpointError(f"{path} is a simxent checkpoint: leave out --backbone, its config names the architecture")
+        raise OtherKindError(f"{path} is a simxent checkpoint: leave out --backbone, its config names the architecture")
     try:
         check_backbone(ModelConfig(backbone=name, cifar_stem=cifar_stem))
     except ConfigError as e:

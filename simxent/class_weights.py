@@ -44,6 +44,8 @@ def from_file(path: Path, classes: list[str]) -> torch.Tensor:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:  # a Windows editor's ANSI or "Unicode" (UTF-16) encoding
         raise ClassWeightError(f"{path}: not a UTF-8 class-weight file (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:  # unreadable (permissions, a folder): one line naming the file, as label files get
+        raise ClassWeightError(f"cannot read the class-weight file {path}: {e.strerror or e}") from None
     for number, line in enumerate(text.splitlines(), 1):
         fields = re.sub(r"(^|\s)#.*", "", line).rsplit(None, 1)
         if not fields:

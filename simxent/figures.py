@@ -28,6 +28,12 @@ def _subplots(*grid: int, figsize: tuple[float, float], layout: str | None = Non
     return fig, fig.subplots(*grid, **options)
 
 
+def _plain(text: str) -> str:
+    """``text`` as matplotlib draws it literally: between two dollar signs it reads math notation, which a
+    class or folder name such as "price_$1_to_$5" is not (it fails to parse, or renders as math)."""
+    return text.replace("$", r"\$")
+
+
 def save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,16 +58,16 @@ def probe_curves(history: dict, title: str = "", objective_label: str = "train o
     for ax in (ax_ce, ax_obj, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(_plain(title))
     return fig
 
 
 def per_class_bars(per_class: dict, title: str = "") -> Figure:
     """Test cross entropy and accuracy of each true class; a class without test images has no bar (NaN),
     not a bar at 0, which would read as a class always wrong."""
-    names = list(per_class)
-    loss = [math.nan if per_class[n]["loss"] is None else per_class[n]["loss"] for n in names]
-    acc = [math.nan if per_class[n]["accuracy"] is None else per_class[n]["accuracy"] for n in names]
+    names = [_plain(n) for n in per_class]
+    loss = [math.nan if c["loss"] is None else c["loss"] for c in per_class.values()]
+    acc = [math.nan if c["accuracy"] is None else c["accuracy"] for c in per_class.values()]
     fig, (ax_loss, ax_acc) = _subplots(1, 2, figsize=(_class_axis(len(names), 0.6, 3, 6), 3.5),
                                        layout="constrained")
     x = names if len(names) <= NAMED_CLASSES else range(len(names))
@@ -73,7 +79,7 @@ def per_class_bars(per_class: dict, title: str = "") -> Figure:
         ax.tick_params(axis="x", rotation=60)
         if len(names) > NAMED_CLASSES:
             ax.set_xlabel("class index (the classes' sorted order)")
-    fig.suptitle(title)
+    fig.suptitle(_plain(title))
     return fig
 
 
@@ -89,10 +95,10 @@ def confusion_matrix(cm, classes: list[str], title: str = "") -> Figure:
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     named = len(classes) <= NAMED_CLASSES
     if named:
-        ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")
-        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xticks(range(len(classes)), [_plain(c) for c in classes], rotation=60, ha="right")
+        ax.set_yticks(range(len(classes)), [_plain(c) for c in classes])
     index = "" if named else " (class index)"
-    ax.set(xlabel="predicted" + index, ylabel="true" + index, title=title or "confusion matrix")
+    ax.set(xlabel="predicted" + index, ylabel="true" + index, title=_plain(title) or "confusion matrix")
     if len(classes) <= 20:
         for i in range(len(classes)):
             for j in range(len(classes)):
@@ -112,7 +118,7 @@ def reliability_diagram(rel: dict, title: str = "") -> Figure:
     ax.bar(centers, [c - a for c, a in zip(conf, acc)], bottom=acc, width=1 / bins, color="tab:red", alpha=0.3,
            label="gap to confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=1)
-    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title} ECE = {rel['ece']:.3f}".strip())
+    ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=_plain(f"{title} ECE = {rel['ece']:.3f}".strip()))
     ax.legend(loc="upper left")
     ax_count.bar(centers, rel["count"], width=1 / bins, color="gray")
     ax_count.set(xlabel="confidence", ylabel="images")

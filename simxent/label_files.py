@@ -105,13 +105,14 @@ def read_label_csv(path: str | Path, data: ImageArray, root: str | Path, names: 
     unreadable = {image_name(f, base) for f in data.skipped}
     # An absolute path to an image below the folder (of the images, or of the list) names it as the images do.
     rows = [(number, folder_name(file, base), labels) for number, file, labels in read_rows(path)]
-    rows = drop_header(rows, set(images) | unreadable, path, root)
+    image_set = set(images)
+    rows = drop_header(rows, image_set | unreadable, path, root)
     labels, line_of = {}, {}
     for number, file, row_labels in rows:
         if file in line_of:
             raise ConfigError(f"{path}: {file} is labelled on lines {line_of[file]} and {number}; give each image "
                               f"one row")
-        if file not in unreadable and file not in images:
+        if file not in unreadable and file not in image_set:
             raise ConfigError(f"{path}:{number}: {file} is not an image of {root}")
         line_of[file] = number
         if file not in unreadable:

@@ -333,13 +333,15 @@ def encoder_to_score(checkpoint: str | Path, backbone_name: Optional[str] = None
 
 
 def check_eval_options(opts: ProbeOptions, crop_ratio: float, objective: str, train_labels, test_labels,
-                       positive_class: Optional[str] = None) -> None:
+                       positive_class: Optional[str] = None, workers: int = 0) -> None:
     """One line naming the option of :func:`linear_eval` that is out of range, names no file, or belongs to
     another ``--objective`` (a label file given without ``--objective multilabel`` would be ignored, and the
     folders' classes scored instead)."""
     check_probe_options(opts)
     if not 0 < crop_ratio <= 1:
         raise ConfigError(f"--crop-ratio: {crop_ratio} is out of range ((0, 1])")
+    if workers < 0:
+        raise ConfigError(f"--workers: {workers} is out of range (>= 0)")
     if objective not in OBJECTIVES:
         raise ConfigError(f"--objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
     for option, value, theirs in (("--train-labels", train_labels, "multilabel"),
@@ -465,7 +467,7 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     than the view are evaluated at the centre ``crop_ratio`` (see :func:`simxent.data.decode_eval`)."""
     setup_logging()
     opts = opts or ProbeOptions()
-    check_eval_options(opts, crop_ratio, objective, train_labels, test_labels, positive_class)
+    check_eval_options(opts, crop_ratio, objective, train_labels, test_labels, positive_class, workers)
     dev = resolve_device(device, option="--device")
     pretrained, cfg = encoder_to_score(checkpoint, backbone_name, cifar_stem, image_size)
     out = Path(out) if out else default_out(checkpoint)

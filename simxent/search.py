@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .augment import Normalize
-from .checkpoint import encoder_digest
+from .checkpoint import OtherKindError, encoder_digest
 from .config import AugmentConfig, ConfigError, DataConfig
 from .data import (DataError, ImageArray, decode_eval, find_source, listing_digest, load_configured,
                    naming_the_key, names_base)
@@ -487,8 +487,15 @@ def search_files(store: EmbeddingStore, paths: Sequence[str | Path], k: int = 10
     if checkpoint is None and not Path(meta["checkpoint"]).is_file():
         raise ConfigError(f"the checkpoint the index was embedded with, {meta['checkpoint']} (meta.json), is "
                           f"gone: give it with --checkpoint")
-    enc = load_encoding(checkpoint or meta["checkpoint"], meta["image_size"], meta["crop_ratio"],
-                        meta["backbone"] if plain else None, meta["cifar_stem"] and plain)
+    try:
+        enc = load_encoding(checkpoint or meta["checkpoint"], meta["image_size"], meta["crop_ratio"],
+                            meta["backbone"] if plain else None, meta["cifar_stem"] and plain)
+    except OtherKindError:  # its message's advice is linear-eval's (--backbone), which search has no use for
+        if checkpoint is None:
+            raise
+        kind = "a plain state dict" if plain else "a simxent checkpoint"
+        raise ConfigError(f"--checkpoint: {checkpoint} is not {kind}, and the index was embedded from {kind} "
+                          f"({meta['checkpoint']}): give the checkpoint the folder was embedded with") from None
     check_same_encoder(enc, meta, checkpoint)
     enc.mean, enc.std = meta["mean"], meta["std"]
     queries = enc.embed_files(paths)

@@ -387,6 +387,18 @@ def test_figures_leave_the_callers_matplotlib_backend_and_pyplot_alone(tmp_path)
     assert (tmp_path / "bars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_class_names_with_dollar_signs_are_drawn_as_written(tmp_path):
+    """Between two "$" matplotlib reads math notation: such a class or folder name failed to parse when the
+    figure was saved, after the probe had trained, and the evaluation stopped before writing its JSON."""
+    names = ["price_$1_to_$5", "price_$5_to_$10"]
+    cm = figures.confusion_matrix([[3, 1], [0, 4]], names, "run_$a$: linear probe")
+    figures.save(cm, tmp_path / "confusion.png")
+    bars = figures.per_class_bars({n: {"loss": 0.5, "accuracy": 0.5} for n in names}, "run_$a$")
+    figures.save(bars, tmp_path / "bars.png")
+    drawn = [t.get_text() for t in cm.axes[0].get_xticklabels()]
+    assert [t.replace("\\$", "$") for t in drawn] == names and all(t.count("$") == t.count("\\$") for t in drawn)
+
+
 def test_figures_of_many_classes_stop_growing_and_drop_the_names(tmp_path):
     """At 0.45 inch per class a 1,000-class confusion matrix would be a 452-inch (gigapixel) image, and its
     counts a million-cell TensorBoard table: beyond NAMED_CLASSES classes the figures keep that size, with

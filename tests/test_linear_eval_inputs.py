@@ -284,6 +284,8 @@ def test_bad_options_and_outputs_stop_before_decoding(run, tmp_path, monkeypatch
     assert "--positive-class applies to --objective binary" in capsys.readouterr().err
     assert evaluate(ckpt, shapes, "--objective", "binary", "--label-smoothing", "0.1") == 2  # would be ignored
     assert "--label-smoothing applies to --objective multiclass; this run's is binary" in capsys.readouterr().err
+    assert evaluate(ckpt, shapes, "--workers", "-1") == 2  # was the DataLoader's traceback
+    assert "--workers: -1 is out of range (>= 0)" in capsys.readouterr().err
     (tmp_path / "taken").write_text("")
     assert evaluate(ckpt, shapes, "--out", str(tmp_path / "taken")) == 2
     assert f"--out: {tmp_path / 'taken'} is a file, not a folder" in capsys.readouterr().err
@@ -430,6 +432,18 @@ def test_a_folder_given_as_the_class_weight_file_is_named_as_one(tmp_path):
         class_weights(str(tmp_path), torch.tensor([0, 1]), ["cat", "dog"])
     with pytest.raises(ClassWeightError, match=f"class-weight file not found: {tmp_path / 'w.txt'}"):
         class_weights(str(tmp_path / "w.txt"), torch.tensor([0, 1]), ["cat", "dog"])
+
+
+def test_an_unreadable_class_weight_file_is_one_line_naming_it(tmp_path, monkeypatch):
+    """Permission denied (simulated: the tests may run as root) was an OSError the CLI printed as a traceback."""
+    weights = tmp_path / "w.txt"
+    weights.write_text("cat 1\ndog 2\n")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ClassWeightError, match=f"cannot read the class-weight file {weights}: Permission denied"):
+        class_weights(str(weights), torch.tensor([0, 1]), ["cat", "dog"])
 
 
 def test_a_test_folder_without_class_folders_is_refused_before_any_decoding(run, monkeypatch, capsys):

@@ -276,6 +276,11 @@ def test_plain_state_dict_with_backbone(embedded, tmp_path, capsys):
     assert cli.search_main(["--index", str(out), "--k", "1", "--json", str(folder / "a" / "9.png")]) == 0
     best = json.loads(capsys.readouterr().out)["neighbours"][0]["neighbours"][0]
     assert best["name"] == "a/9.png" and abs(best["similarity"] - 1) < 1e-5
+    # A query checkpoint of the other kind: said in search's terms, not linear-eval's (--backbone).
+    for index, other, kind in ((out, ckpt, "a plain state dict"), (embedded[2], weights, "a simxent checkpoint")):
+        assert cli.search_main(["--index", str(index), "--checkpoint", str(other), str(folder / "a" / "9.png")]) == 2
+        err = capsys.readouterr().err
+        assert f"is not {kind}, and the index was embedded from {kind}" in err and "--backbone" not in err, err
 
 
 def index_copy(out: Path, dest: Path, **changes) -> Path:
