@@ -390,7 +390,8 @@ class ViewAugment(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, sizes: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self._view(self.crop(to_float(images), sizes))
+        with torch.autocast(images.device.type, enabled=False):  # see views
+            return self._view(self.crop(to_float(images), sizes))
 
     def _view(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The colour ops and normalisation of cropped views ``x``, which they may change in place."""
@@ -412,7 +413,15 @@ class ViewAugment(nn.Module):
         RandomResizedCropFlip).
 
         ``cropped=True``: ``images`` (n_views B, 3, S, S) are the views' crops already taken and resized
-        (first B: view 1, ...): each slice is only flipped, then coloured as above."""
+        (first B: view 1, ...): each slice is only flipped, then coloured as above.
+
+        Always in float32: under a caller's autocast the crop's matrix products would run in bf16 or fp16,
+        rounding pixels by several uint8 levels and mixing dtypes in the colour ops."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self._views(images, n_views, channels_last, sizes, cropped)
+
+    def _views(self, images: torch.Tensor, n_views: int, channels_last: bool, sizes: Optional[torch.Tensor],
+               cropped: bool) -> torch.Tensor:
         x = to_float(images)
         if cropped and x is images:
             x = x.clone()  # the flip and colour ops work in place on the crops: never on the caller's tensor

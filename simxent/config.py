@@ -76,8 +76,9 @@ class AugmentConfig:
                                          "batch, shared by its images; image: drawn per image, as torchvision "
                                          "(on a GPU 4x the colour-jitter work)")
     grayscale_p: float = setting(0.2, "grayscale probability")
-    blur_p: Optional[float] = setting(None, "Gaussian blur probability; null: 0.5 from 64 px, 0 below. Sigma in "
-                                          "[0.1, 2.0] x image_size / 224 (SimCLR's at 224 px), kernel about 10 % of the side")
+    blur_p: Optional[float] = setting(None, "Gaussian blur probability; null: 0.5 for views from 64 px, 0 below. "
+                                          "Sigma in [0.1, 2.0] x view size / 224 (SimCLR's at 224 px), kernel about "
+                                          "10 % of the view's side")
     solarize_p: float = setting(0.0, "solarize probability")
     mean: tuple[float, float, float] = setting((0.485, 0.456, 0.406), "normalisation mean per channel (ImageNet)")
     std: tuple[float, float, float] = setting((0.229, 0.224, 0.225), "normalisation std per channel (ImageNet)")

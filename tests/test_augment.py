@@ -28,6 +28,24 @@ def test_output_shape_dtype_and_range():
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_views_under_a_callers_bf16_autocast_are_the_float32_views(masked, monkeypatch):
+    """A user step wrapped whole in autocast: the crop's products ran in bf16 (pixels off by several uint8
+    levels) and the CPU path's in-place subset ops then failed on the mixed dtypes."""
+    import simxent.augment as augment
+    monkeypatch.setattr(augment, "computes_subsets", lambda device: not masked)
+    aug, x = ViewAugment(AugmentConfig(blur_p=0.5), 24), images(16, 40)
+    torch.manual_seed(0)
+    expected = aug.views(x, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        views = aug.views(x, 2)
+        torch.manual_seed(0)
+        one = aug(x)
+    torch.testing.assert_close(views, expected, rtol=0, atol=0)
+    torch.testing.assert_close(one, expected[:16], rtol=0, atol=0)
+
+
 def test_two_calls_give_different_views():
     torch.manual_seed(0)
     aug = ViewAugment(AugmentConfig(), 32)
