@@ -126,6 +126,10 @@ def knn_scores(
     # FAISS returns each row's best first; float64, so that far neighbours do not underflow to 0 and tie
     sims = sims.double()
     weights = ((sims - sims[:, :1]) / temperature).exp()
+    # An IVF search that finds fewer than k fills the rest with index -1 (and a query that finds none
+    # would weigh each at exp(0) = 1): they vote for no class.
+    missing = idx < 0
+    weights[missing], idx = 0.0, idx.clamp(min=0)
     # Summed into (N, C) directly: a one-hot (N, k, C) tensor would need 155 GB for ImageNet's 50,000
     # queries, k = 200 and 1,000 classes.
     scores = torch.zeros(len(query), num_classes, dtype=torch.float64)

@@ -118,6 +118,24 @@ def test_knn_k_larger_than_bank_is_clipped():
     assert topk_accuracy(scores, torch.tensor([0, 1, 2])) == 1.0
 
 
+def test_knn_neighbours_an_ivf_search_did_not_find_vote_for_no_class(monkeypatch):
+    """FAISS fills what an IVF search did not find with index -1 and similarity -FLT_MAX: read as the bank's
+    last label, and for a query that found nothing each at weight exp(0) = 1, they voted for that label."""
+    import numpy as np
+
+    import simxent.evaluate as evaluate
+
+    class Partial:  # the first query finds the bank's first vector only, the second finds nothing
+        def search(self, query, k):
+            sims = np.full((2, k), -np.finfo(np.float32).max, dtype=np.float32)
+            idx = np.full((2, k), -1, dtype=np.int64)
+            sims[0, 0], idx[0, 0] = 1.0, 0
+            return sims, idx
+    monkeypatch.setattr(evaluate, "build_index", lambda *args: Partial())
+    scores = knn_scores(torch.eye(3), torch.tensor([0, 1, 2]), torch.eye(3)[:2], 3, k=3, index="ivf")
+    assert scores.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+
+
 def test_top1_counts_the_prediction_the_confusion_matrix_counts_when_classes_tie():
     """Two classes tied for the most votes (an image filed under two classes, a collapsed encoder): top-1,
     per-class accuracy and the confusion matrix judge the same prediction, the first of the tied classes."""
