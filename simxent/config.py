@@ -323,7 +323,10 @@ def preset_names() -> list[str]:
 def read_config_file(path: str | Path) -> tuple[str, str]:
     """(text, name for messages) of a YAML file, or of the packaged preset called ``path``."""
     if Path(path).is_file():
-        return Path(path).read_text(encoding="utf-8"), str(path)
+        try:
+            return Path(path).read_text(encoding="utf-8-sig"), str(path)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a UTF-8 YAML file (byte {e.start}); save it as UTF-8") from None
     presets = preset_names()
     if str(path) in presets:
         resource = importlib.resources.files(__package__) / "configs" / f"{path}.yaml"
@@ -731,8 +734,8 @@ def data_and_augment_rules(cfg: Config) -> list[tuple[bool, str, str]]:
         (0 < small_lo <= small_hi <= 1, "augment.small_crop_scale", "0 < min <= max <= 1"),
         (all(s > 0 for s in aug.std), "augment.std", "> 0"),
         (8 <= cfg.data.image_size <= MAX_IMAGE_SIZE, "data.image_size", f"8 to {MAX_IMAGE_SIZE}"),
-        (cfg.data.decode_size is None or cfg.data.decode_size >= cfg.data.image_size, "data.decode_size",
-         ">= data.image_size, or null"),
+        (cfg.data.decode_size is None or cfg.data.image_size <= cfg.data.decode_size <= MAX_IMAGE_SIZE,
+         "data.decode_size", f"data.image_size to {MAX_IMAGE_SIZE}, or null"),
         (0 < aug.view_ratio <= 1 and view >= 8, "augment.view_ratio",
          f"in (0, 1], for views of at least 8 px at data.image_size = {cfg.data.image_size}"),
         (aug.view_ratio_start is None or (0 < aug.view_ratio_start <= aug.view_ratio
@@ -763,6 +766,8 @@ def training_rules(cfg: Config) -> list[tuple[bool, str, str]]:
         (cfg.optim.warmup_epochs >= 0, "optim.warmup_epochs", ">= 0"),
         (0 <= cfg.optim.min_lr <= 1, "optim.min_lr", "[0, 1]"),
         (cfg.train.epochs >= 1, "train.epochs", ">= 1"),
+        # Per-epoch seeds (seed x 1,000,003 + epoch) must fit torch's 64-bit seeds.
+        (abs(cfg.train.seed) < 2**32, "train.seed", "an integer from -(2^32 - 1) to 2^32 - 1"),
         (cfg.train.batch_size >= 2, "train.batch_size", ">= 2"),
         (cfg.train.max_time >= 0, "train.max_time", ">= 0"),
         (cfg.train.threads >= 0, "train.threads", ">= 0"),

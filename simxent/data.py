@@ -49,11 +49,13 @@ from .rundir import LOCK_FILE, OUTPUT_MARK, RUN_FOLDERS
 log = logging.getLogger("simxent")
 
 IRREGULAR = "not a regular file (FIFO, device or socket): never opened"
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm",
+                  ".pbm", ".pnm"}
 if ".avif" in Image.registered_extensions():  # Pillow 11.3 and later decode AVIF
     IMAGE_SUFFIXES.add(".avif")
 # Photographs in formats Pillow does not decode: left out, but counted in a warning instead of vanishing.
-UNREAD_SUFFIXES = {".heic", ".heif", ".jxl", ".svg", ".raw", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2"}
+UNREAD_SUFFIXES = {".heic", ".heif", ".jxl", ".svg", ".raw", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2",
+                   ".tga", ".jp2", ".j2k", ".ico", ".qoi"}
 
 
 class DataError(ValueError):
@@ -103,7 +105,8 @@ def find_images(root: str | Path) -> ImageList:
     """All images below ``root`` at any depth; suffixes match case-insensitively.
 
     The first-level sub-folder of a file names its class; files directly under ``root`` are unlabelled.
-    Symbolic links are followed, each real directory once, so a link loop cannot recurse forever.
+    Symbolic links are followed, each real directory once, so a link loop cannot recurse forever; a link to
+    a folder inside ``root`` is left out (named in a warning): the images are read under the folder itself.
     Only regular files (after following links) are taken: reading a FIFO named ``x.jpg`` would block
     forever. The others are named in one warning and kept in ``irregular``; a dangling link stays in
     ``files``, so that decoding names it as unreadable. A sub-folder holding a simxent run (its lock file:
@@ -118,7 +121,7 @@ def find_images(root: str | Path) -> ImageList:
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
     files, irregular, unread, seen, runs, root_real = [], [], [], set(), [], os.path.realpath(root)
-    hidden = []
+    hidden, linked = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
@@ -131,8 +134,7 @@ def find_images(root: str | Path) -> ImageList:
         if LOCK_FILE in filenames:  # the image folder is itself a run's out: its outputs are not images
             dirnames[:] = [d for d in dirnames if d not in RUN_FOLDERS]
         seen.add(real)
-        hidden += [Path(dirpath) / d for d in dirnames if d.startswith(".")]
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = _subfolders(dirpath, dirnames, root_real, hidden, linked)
         for name in sorted(filenames):
             suffix = os.path.splitext(name)[1].lower()
             if name.startswith("."):
@@ -144,6 +146,9 @@ def find_images(root: str | Path) -> ImageList:
                 unread.append(Path(dirpath) / name)
     _report_irregular(irregular, root)
     _report_left_out(runs, unread, root)
+    if linked:
+        log.warning("left out %d link(s) to folders inside %s, whose images are read once, under the folder "
+                    "linked to: %s", len(linked), root, ", ".join(str(p) for p in linked))
     if hidden:
         log.warning("left out %d hidden image file(s) and folder(s) in %s (names beginning with '.'), such as %s",
                     len(hidden), root, hidden[0])
@@ -154,6 +159,22 @@ def find_images(root: str | Path) -> ImageList:
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[p[0]] if len(p) > 1 else -1 for p in top]
     return ImageList(root, files, labels, classes, irregular=irregular)
+
+
+def _subfolders(dirpath: str, dirnames: list[str], root_real: str, hidden: list, linked: list) -> list[str]:
+    """The sub-folders of ``dirpath`` to walk, sorted: not hidden ones (added to ``hidden``), nor links to a
+    folder inside the image folder (added to ``linked``). Walked first, such a link would take the images,
+    and so the class, of the folder it points to, whose own walk then finds them seen."""
+    keep = []
+    for d in sorted(dirnames):
+        path = os.path.join(dirpath, d)
+        if d.startswith("."):
+            hidden.append(Path(path))
+        elif os.path.islink(path) and (os.path.realpath(path) + os.sep).startswith(root_real.rstrip(os.sep) + os.sep):
+            linked.append(Path(path))
+        else:
+            keep.append(d)
+    return keep
 
 
 def _report_left_out(runs: list[str], unread: list[Path], root: Path) -> None:
@@ -199,7 +220,7 @@ def read_image_list(path: str | Path) -> ImageList:
     path = Path(path)
     check_source(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a Windows editor's byte-order mark is no path
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not a text file of image paths (byte {e.start} is not UTF-8)") from None
     except OSError as e:
@@ -300,11 +321,12 @@ def find_source(source: str | Path | ImageList) -> ImageList:
     return find_images(source)
 
 
-def _white_level(mode: str, a: np.ndarray) -> float:
-    """The value that stands for white in a 16-bit, 32-bit or float grey image: 65535 for 16-bit modes;
-    for float images 1 when no pixel exceeds it (the [0, 1] convention of float images), then 255 when
-    none exceeds that, else 65535; for 32-bit integers 255 or 65535 the same way."""
-    if mode.startswith("I;16"):
+def _white_level(mode: str, a: np.ndarray, image_format: Optional[str] = None) -> float:
+    """The value that stands for white in a 16-bit, 32-bit or float grey image: 65535 for 16-bit modes, and
+    for a PGM or PNG of mode I (Pillow scales a PGM's maxval to 65535, and older Pillows open a 16-bit PNG
+    as I); for float images 1 when no pixel exceeds it (the [0, 1] convention of float images), then 255
+    when none exceeds that, else 65535; for other 32-bit integers 255 or 65535 the same way."""
+    if mode.startswith("I;16") or (mode == "I" and image_format in ("PPM", "PNG")):
         return 65535.0
     top = float(np.nanmax(a)) if a.size else 0.0
     if mode == "F" and top <= 1.0:
@@ -312,13 +334,13 @@ def _white_level(mode: str, a: np.ndarray) -> float:
     return 255.0 if top <= 255.0 else 65535.0
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def _to_rgb(im: Image.Image, image_format: Optional[str] = None) -> Image.Image:
     """RGB from any PIL mode: grey, palette, CMYK, 16-bit, 32-bit and float grey (scaled to 8 bits by
     :func:`_white_level`; NaN is black); an alpha channel, or a palette's transparent colour, composited onto
     white. The transparent colour of a grey or RGB PNG (tRNS) is ignored, as torchvision's loader ignores it."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
-        a = np.nan_to_num(a / _white_level(im.mode, a) * 255.0 + 0.5, nan=0.0)
+        a = np.nan_to_num(a / _white_level(im.mode, a, image_format or im.format) * 255.0 + 0.5, nan=0.0)
         im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
@@ -368,7 +390,7 @@ def _check_jpeg_length(im: Image.Image, path) -> None:
 
 
 def _upright(im: Image.Image) -> Image.Image:
-    return _to_rgb(ImageOps.exif_transpose(im))
+    return _to_rgb(ImageOps.exif_transpose(im), im.format)  # the transposed copy has no format
 
 
 def image_extent(path: str | Path) -> tuple[int, int]:
@@ -423,6 +445,9 @@ def image_extent_of(im: Image.Image) -> tuple[int, int]:
     """:func:`image_extent` of an open image."""
     w, h = im.size
     turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap the sides
+    stored = getattr(im, "tag_v2", None)  # a TIFF's tags: its stored width and length
+    if turned and stored is not None and (stored.get(256), stored.get(257)) == (h, w) != (w, h):
+        turned = False  # Pillow 11 and later give a turned TIFF its upright size at once
     return (w, h) if turned else (h, w)
 
 
@@ -582,7 +607,7 @@ class _BatchDecoder(Dataset):
     first) drawn over its full size by a generator seeded with ``seed``. A bad file is replaced by the next
     readable one in the folder, so every batch keeps its size (processes must agree on it); the bad files
     come back with the batch to be named, each with the reason it could not be read (the reader stops on
-    them under ``data.on_bad_image=error``)."""
+    them under ``data.on_bad_image=error``). No file readable: the batch's images are None."""
 
     def __init__(self, files: list[str], size: int, crop_scale: tuple[float, float]):
         self.files, self.size, self.crop_scale = files, size, crop_scale
@@ -615,8 +640,8 @@ class _BatchDecoder(Dataset):
                     break
                 except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
                     bad.append((str(path), bad_image_reason(e, path)))
-            else:
-                raise DataError(f"no readable images among the {len(self.files)} files of the folder")
+            else:  # said by the main process: raised in a worker, it would come wrapped in the worker's traceback
+                return None, cropped, bad
         return torch.from_numpy(out).flatten(0, 1), cropped, bad
 
 
@@ -696,6 +721,9 @@ class ImageStream:
         for (step, _), (images, cropped, bad) in zip(steps, start_workers(loader)):
             if bad and self.on_bad_image == "error":
                 raise bad_image_error(*bad[0])
+            if images is None:
+                raise DataError(f"no readable images among the {len(self.files)} files streamed, such as {bad[0][0]} "
+                                f"({bad[0][1]})")
             for path, reason in bad:
                 if path not in self.skipped:
                     log.warning("skipped unreadable image %s (%s; replaced by the next readable one)", path, reason)
@@ -794,11 +822,12 @@ def _dataset_sample(items: list) -> str:
 def _cache_key(listing: bytes, layout: Layout) -> str:
     """sha1 of the layout and the folder's :func:`_listing`, shortened. The version before them changes
     with what decoding makes of a file or which layout holds it (v3: float images read by their range; v4:
-    evaluation decodes JPEGs whole, and only square images are stored square), so no stale pixels are read."""
+    evaluation decodes JPEGs whole, and only square images are stored square; v5: 16-bit PGMs scaled from
+    their maxval, turned TIFFs' sides), so no stale pixels are read."""
     return hashlib.sha1(f"{CACHE_VERSION} {layout.key()}\n".encode() + listing).hexdigest()[:20]
 
 
-CACHE_VERSION = "simxent-v4"
+CACHE_VERSION = "simxent-v5"
 
 
 def default_cache_dir() -> Path:
@@ -972,8 +1001,8 @@ def _check_disk(cache_dir: Path, needed: int, root: Path) -> None:
     free = shutil.disk_usage(cache_dir).free
     if needed > free:
         raise DataError(f"decoding {root} needs {needed / 1e9:.1f} GB in the cache {cache_dir}, which has "
-                        f"{free / 1e9:.1f} GB free: set data.cache_dir to a larger disk, lower data.image_size, "
-                        f"or stream the folder with data.stream=true")
+                        f"{free / 1e9:.1f} GB free: set data.cache_dir to a larger disk, lower data.image_size "
+                        f"(or data.decode_size), or stream the folder with data.stream=true")
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:

@@ -452,3 +452,19 @@ def test_jitter_order_and_view_batches_are_choices_named_when_wrong():
         load_config(None, ["augment.jitter_order=pixel"])
     with pytest.raises(ConfigError, match="model.view_batches: 'split' is not one of joint, separate"):
         load_config(None, ["model.view_batches=split"])
+
+
+def test_a_config_file_that_is_not_utf8_and_seeds_and_decode_sizes_out_of_range_are_named(tmp_path):
+    """A non-UTF-8 YAML file was a UnicodeDecodeError traceback; a seed such as 20240601120000 overflowed
+    torch's per-epoch seed after decoding and building the model; a decode size of 200,000 px tried to
+    allocate hundreds of GB."""
+    (tmp_path / "latin1.yaml").write_bytes("train:\n  epochs: 2  # \xe9t\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not a UTF-8 YAML file \(byte \d+\)"):
+        load_config(tmp_path / "latin1.yaml")
+    (tmp_path / "bom.yaml").write_text("train:\n  epochs: 2\n", encoding="utf-8-sig")
+    assert load_config(tmp_path / "bom.yaml").train.epochs == 2
+    with pytest.raises(ConfigError, match="train.seed"):
+        load_config(None, ["train.seed=20240601120000"])
+    assert load_config(None, ["train.seed=4294967295"]).train.seed == 2**32 - 1
+    with pytest.raises(ConfigError, match="data.decode_size"):
+        load_config(None, ["data.decode_size=200000"])

@@ -232,8 +232,8 @@ def test_an_evaluation_leaves_training_its_whole_small_non_square_images(tmp_pat
 
 
 def test_an_entry_of_the_previous_cache_version_is_not_read(tmp_path):
-    """v3 entries may hold what v4 decodes otherwise (cropped small non-square images under the square key,
-    JPEGs decoded at draft scale): an entry under v3's key is left alone and the folder decoded again."""
+    """v4 entries may hold what v5 decodes otherwise (a dark 16-bit PGM read as 8-bit, a turned TIFF's sides
+    swapped twice): an entry under v4's key is left alone and the folder decoded again."""
     import hashlib
 
     from simxent.data import Layout, _listing, find_source
@@ -243,8 +243,8 @@ def test_an_entry_of_the_previous_cache_version_is_not_read(tmp_path):
         write_image(root / f"{i}.png", size=(16, 16), seed=i)
     fresh = load_folder(root, 16, workers=0, progress=False, cache=False)
     cache = tmp_path / "cache"
-    v3 = hashlib.sha1(f"simxent-v3 {Layout('square', 16, 16).key()}\n".encode() + _listing(find_source(root)))
-    stale = cache / f"{v3.hexdigest()[:20]}.npy"
+    v4 = hashlib.sha1(f"simxent-v4 {Layout('square', 16, 16).key()}\n".encode() + _listing(find_source(root)))
+    stale = cache / f"{v4.hexdigest()[:20]}.npy"
     cache.mkdir()
     np.save(stale, np.zeros((3, 16, 16, 3), np.uint8))
     stale.with_suffix(".json").write_text('{"root": "", "good": [0, 1, 2], "bad": [], "reasons": {}, "sizes": null}')

@@ -345,7 +345,7 @@ def test_cache_equals_direct_decode_and_follows_changes(tmp_path):
 def test_a_load_stats_the_folder_once_and_keeps_the_cache_names(tmp_path, monkeypatch):
     """The file listing (the folder, then path, size, mtime, ctime of each file) is made once per load, miss or
     hit, though the cache is looked up under two layouts; the cache file is named by the sha1 of
-    "simxent-v4 <layout>", a "folder <resolved path>" line and a "path, bytes, mtime_ns, ctime_ns" line per
+    "simxent-v5 <layout>", a "folder <resolved path>" line and a "path, bytes, mtime_ns, ctime_ns" line per
     file."""
     import hashlib
 
@@ -363,7 +363,7 @@ def test_a_load_stats_the_folder_once_and_keeps_the_cache_names(tmp_path, monkey
     stats = [(root / "c" / f"{i}.png").stat() for i in range(3)]
     lines = "".join(f"c/{i}.png\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ctime_ns}\n" for i, st in enumerate(stats))
     layout = data.Layout("padded", 12, data.decode_side(12))
-    key = hashlib.sha1(f"simxent-v4 {layout.key()}\nfolder\t{root.resolve()}\n{lines}".encode()).hexdigest()[:20]
+    key = hashlib.sha1(f"simxent-v5 {layout.key()}\nfolder\t{root.resolve()}\n{lines}".encode()).hexdigest()[:20]
     assert [p.name for p in (tmp_path / "cache").glob("*.npy")] == [f"{key}.npy"]
 
 
@@ -484,3 +484,67 @@ def test_batch_labels_follow_the_batches():
         assert len(pairs) == 4
         for (_, x), y in pairs:
             assert y.tolist() == labels[x.images[:, 0, 0, 0].long()].tolist()
+
+
+def test_a_link_to_a_class_folder_inside_the_folder_takes_neither_its_images_nor_its_class(tmp_path, caplog):
+    """cats/see_also -> ../dogs was walked first (sorted), each real folder once: the dogs became cats and
+    the class dogs was gone, without a word."""
+    for c in ("cats", "dogs"):
+        for i in range(2):
+            write_image(tmp_path / c / f"{c}{i}.png", seed=i)
+    os.symlink(tmp_path / "dogs", tmp_path / "cats" / "see_also")
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        found = find_images(tmp_path)
+    assert found.classes == ["cats", "dogs"]
+    assert {Path(f).relative_to(tmp_path).as_posix(): found.classes[y] for f, y in zip(found.files, found.labels)} == {
+        "cats/cats0.png": "cats", "cats/cats1.png": "cats", "dogs/dogs0.png": "dogs", "dogs/dogs1.png": "dogs"}
+    assert "left out 1 link(s) to folders inside" in caplog.text and "see_also" in caplog.text
+
+
+def test_a_turned_tiff_has_the_extent_and_the_streamed_views_of_the_same_turned_png(tmp_path):
+    """Pillow 11 and later give a TIFF of EXIF orientation 5-8 its upright size on opening; swapping the
+    sides again drew the streamed crops over the wrong shape and squeezed them."""
+    from simxent.data import decode_views, image_extent
+
+    upright = np.zeros((48, 24, 3), np.uint8)
+    upright[::8] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90)  # 48 wide, 24 tall; shown turned back
+    for suffix in ("tif", "png"):
+        stored.save(tmp_path / f"turned.{suffix}", exif=exif)
+    assert image_extent(tmp_path / "turned.tif") == image_extent(tmp_path / "turned.png") == (48, 24)
+    views = [decode_views(tmp_path / f"turned.{s}", 16, (0.5, 1.0), torch.Generator().manual_seed(0))
+             for s in ("tif", "png")]
+    assert torch.equal(views[0][1], views[1][1]) and np.array_equal(views[0][0], views[1][0])
+
+
+def test_a_16_bit_pgm_is_scaled_from_its_maxval_whatever_its_brightest_pixel(tmp_path):
+    """Pillow opens a 16-bit PGM as mode I, scaled to 65535: a dark one (no pixel above 255) was read as
+    8-bit, up to 255 times too bright; the same pixels in a 16-bit PNG were right."""
+    dark = np.full((8, 8), 200, dtype=np.uint16)  # 200 of 65535, so 1 of 255: no pixel above 255
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    (tmp_path / "dark.pgm").write_bytes(b"P5 8 8 65535\n" + dark.astype(">u2").tobytes())
+    assert Image.open(tmp_path / "dark.pgm").mode.startswith("I")
+    assert decode(tmp_path / "dark.pgm", 8)[4, 4].tolist() == decode(tmp_path / "dark.png", 8)[4, 4].tolist() == [1] * 3
+
+
+def test_pbm_and_pnm_are_images_and_other_formats_are_counted(tmp_path, caplog):
+    write_image(tmp_path / "a.png")
+    Image.new("1", (8, 8), 1).save(tmp_path / "b.pbm")
+    Image.new("RGB", (8, 8)).save(tmp_path / "c.pnm", format="PPM")
+    Image.new("RGB", (8, 8)).save(tmp_path / "d.tga")
+    with caplog.at_level(logging.WARNING, logger="simxent"):
+        found = find_images(tmp_path)
+    assert sorted(Path(f).name for f in found.files) == ["a.png", "b.pbm", "c.pnm"]
+    assert "left out 1 image(s)" in caplog.text and ".tga" in caplog.text
+
+
+def test_a_stream_without_one_readable_file_is_one_line(tmp_path):
+    """Raised in a DataLoader worker, the error came wrapped in the worker's traceback."""
+    for i in range(4):
+        (tmp_path / f"{i}.jpg").write_bytes(b"not a jpeg")
+    stream = open_stream(tmp_path, 8, workers=1)
+    with pytest.raises(DataError, match=r"^no readable images among the 4 files streamed, such as .*0.jpg") as e:
+        next(iter(stream.batches(2, torch.Generator().manual_seed(0))))
+    assert "\n" not in str(e.value)

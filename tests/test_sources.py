@@ -66,10 +66,12 @@ def test_list_file_mistakes_are_named(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing yet\n\n")
     with pytest.raises(DataError, match=r"no image paths listed in .*empty.txt"):
         load_folder(tmp_path / "empty.txt", 8, progress=False)
+    image = write_image(tmp_path / "one.png")
+    (tmp_path / "bom.txt").write_text("one.png\n", encoding="utf-8-sig")  # as a Windows editor saves it
+    assert [Path(f).name for f in load_folder(tmp_path / "bom.txt", 8, progress=False).files] == ["one.png"]
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00a.png")
     with pytest.raises(DataError, match=r"binary.txt: not a text file of image paths"):
         load_folder(tmp_path / "binary.txt", 8, progress=False)
-    image = write_image(tmp_path / "one.png")
     (tmp_path / "twice.txt").write_text("one.png\n# a comment\n./one.png\n")
     with pytest.raises(DataError, match=r"twice.txt: ./one.png is listed on lines 1 and 3; list each image once"):
         load_folder(tmp_path / "twice.txt", 8, progress=False)
