@@ -759,7 +759,7 @@ class Layout:
     crop_ratio: float = 0.0
 
     def key(self) -> str:
-        return f"{self.kind} {self.size} {self.side} {self.crop_ratio:g}"
+        return f"{self.kind} {self.size} {self.side} {float(self.crop_ratio)!r}"
 
     def decoder(self) -> Callable[[Path], np.ndarray]:
         if self.kind == "padded":

@@ -365,6 +365,8 @@ def test_a_load_stats_the_folder_once_and_keeps_the_cache_names(tmp_path, monkey
     layout = data.Layout("padded", 12, data.decode_side(12))
     key = hashlib.sha1(f"simxent-v5 {layout.key()}\nfolder\t{root.resolve()}\n{lines}".encode()).hexdigest()[:20]
     assert [p.name for p in (tmp_path / "cache").glob("*.npy")] == [f"{key}.npy"]
+    # Crop ratios that differ past six digits decode to other sides: the key keeps every digit.
+    assert data.Layout("square", 16, 16, 0.1234561).key() != data.Layout("square", 16, 16, 0.1234564).key()
 
 
 def test_a_file_replaced_with_its_old_size_and_time_is_decoded_again(tmp_path):
