@@ -327,6 +327,8 @@ def read_config_file(path: str | Path) -> tuple[str, str]:
             return Path(path).read_text(encoding="utf-8-sig"), str(path)
         except UnicodeDecodeError as e:
             raise ConfigError(f"{path}: not a UTF-8 YAML file (byte {e.start}); save it as UTF-8") from None
+        except OSError as e:  # permissions: one line naming the file, not a traceback
+            raise ConfigError(f"cannot read the config file {path}: {e.strerror or e}") from None
     presets = preset_names()
     if str(path) in presets:
         resource = importlib.resources.files(__package__) / "configs" / f"{path}.yaml"

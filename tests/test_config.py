@@ -454,7 +454,7 @@ def test_jitter_order_and_view_batches_are_choices_named_when_wrong():
         load_config(None, ["model.view_batches=split"])
 
 
-def test_a_config_file_that_is_not_utf8_and_seeds_and_decode_sizes_out_of_range_are_named(tmp_path):
+def test_a_config_file_that_is_not_utf8_and_seeds_and_decode_sizes_out_of_range_are_named(tmp_path, monkeypatch):
     """A non-UTF-8 YAML file was a UnicodeDecodeError traceback; a seed such as 20240601120000 overflowed
     torch's per-epoch seed after decoding and building the model; a decode size of 200,000 px tried to
     allocate hundreds of GB."""
@@ -463,6 +463,16 @@ def test_a_config_file_that_is_not_utf8_and_seeds_and_decode_sizes_out_of_range_
         load_config(tmp_path / "latin1.yaml")
     (tmp_path / "bom.yaml").write_text("train:\n  epochs: 2\n", encoding="utf-8-sig")
     assert load_config(tmp_path / "bom.yaml").train.epochs == 2
+    real_read = Path.read_text
+
+    def denied(self, *args, **kwargs):  # simulated: the tests may run as root
+        if self.name == "bom.yaml":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ConfigError, match=r"cannot read the config file .*bom.yaml: Permission denied"):
+        load_config(tmp_path / "bom.yaml")
+    monkeypatch.undo()
     with pytest.raises(ConfigError, match="train.seed"):
         load_config(None, ["train.seed=20240601120000"])
     assert load_config(None, ["train.seed=4294967295"]).train.seed == 2**32 - 1
