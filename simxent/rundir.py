@@ -193,22 +193,32 @@ def _clear_folder(folder: Path) -> list[Path]:
     return kept
 
 
+def claim_clears(out: Path, resumed_id: str | None, resuming: bool, overwrite: bool) -> bool:
+    """Whether :func:`claim` (same arguments) clears the run ``out`` holds: another run than the one resumed,
+    which only ``overwrite`` replaces; refused without it."""
+    held = recorded_run_id(out)
+    own = resuming and (held is None or held == resumed_id)
+    if not holds_run(out) or own:
+        return False
+    if not overwrite:
+        what = f"run {held}" if held else "another run"
+        raise ConfigError(f"out: {out} holds {what} (checkpoints or TensorBoard events): set train.resume=auto "
+                          f"to continue it, train.overwrite=true to replace it, or choose another out")
+    return True
+
+
 def claim(out: Path, resumed_id: str | None, resuming: bool, overwrite: bool, torchrun_job: str | None = None) -> str:
     """Make ``out`` this run's folder (call under :func:`run_lock`); returns the run id.
 
     ``resuming`` with ``resumed_id``, the id in the checkpoint being resumed (None for one written before
-    runs had ids). A folder holding another run is refused unless ``overwrite`` clears it first. The torchrun
-    job claiming it is recorded, so that only its own restarts take the folder's run as theirs."""
+    runs had ids). A folder holding another run is refused unless ``overwrite`` clears it first
+    (:func:`claim_clears`). The torchrun job claiming it is recorded, so that only its own restarts take the
+    folder's run as theirs."""
     for folder in (out, out / "checkpoints"):
         remove_dead_temp_files(folder)  # under the lock: whoever wrote them in this folder is gone
-    held = recorded_run_id(out)
-    own = resuming and (held is None or held == resumed_id)
-    if holds_run(out) and not own:
-        if not overwrite:
-            what = f"run {held}" if held else "another run"
-            raise ConfigError(f"out: {out} holds {what} (checkpoints or TensorBoard events): set train.resume=auto "
-                              f"to continue it, train.overwrite=true to replace it, or choose another out")
+    if claim_clears(out, resumed_id, resuming, overwrite):
         clear_run(out)
+    held = recorded_run_id(out)
     run_id = resumed_id if resuming and resumed_id else uuid.uuid4().hex[:12]
     if run_id != held or torchrun_job != recorded_torchrun_job(out):
         record_run_id(out, run_id, torchrun_job)

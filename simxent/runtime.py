@@ -183,12 +183,12 @@ def quiet_log():
 
 
 @contextmanager
-def held_warnings():
-    """The warnings logged inside the block, kept (they reach stderr as usual) so that :func:`setup_logging`
-    can write them into a log file that could not be opened before them: a run's train.log opens only once
-    its folder is claimed, after the warnings of finding what to resume."""
+def held_warnings(level: int = logging.WARNING):
+    """The warnings (records of ``level`` and above) logged inside the block, kept (they reach stderr as
+    usual) so that :func:`setup_logging` can write them into a log file that could not be opened before them:
+    a run's train.log opens only once its folder is claimed, after the warnings of finding what to resume."""
     records: list[logging.LogRecord] = []
-    keeper = logging.Handler(logging.WARNING)
+    keeper = logging.Handler(level)
     keeper.emit = records.append
     logger = logging.getLogger("simxent")
     logger.addHandler(keeper)

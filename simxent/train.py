@@ -40,7 +40,7 @@ from .files import write_text_atomic
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, pairwise_nt_xent, similarity_samples
 from .models import SimCLR, feature_size
 from .monitor import Monitor
-from .rundir import (claim, has_checkpoints, holds_run, recorded_run_id, recorded_torchrun_job, run_lock,
+from .rundir import (claim, claim_clears, has_checkpoints, holds_run, recorded_run_id, recorded_torchrun_job, run_lock,
                      writable_folder)
 from .runtime import (SlowStepWatch, autocast, close_log_file, configure_device, held_warnings, resolve_device,
                       resolve_dtype, seed_everything, set_threads, setup_logging, show_progress_bars)
@@ -1032,9 +1032,10 @@ def _resume_state(cfg: Config, device, path: Path | None) -> dict | None:
     return state
 
 
-def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, dict | None]:
+def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[Callable[[], str], bool, Path | None, dict | None]:
     """The main process locks ``out`` for the run's life (``held``), checks that this run may write there
-    (see :mod:`simxent.rundir`) and returns the run id and what to resume."""
+    (see :mod:`simxent.rundir`) and returns the claim that makes it the run's (it returns the run id),
+    whether that claim clears another run (``train.overwrite``), and what to resume."""
     out = writable_folder(cfg.out, "out")
     held.enter_context(run_lock(out))
     resume = _resume_path(cfg)
@@ -1055,10 +1056,14 @@ def _claim_out(cfg: Config, held: ExitStack, device) -> tuple[str, Path | None, 
             log.warning("no checkpoint of run %s in %s: starting it again from step 0", resumed_id, out)
         elif not restarted:  # said, in case out is misspelt
             log.warning("train.resume=auto: %s holds no checkpoint to resume: training starts from step 0", out)
-    run_id = claim(out, resumed_id, state is not None or restart, cfg.train.overwrite, dist.torchrun_job())
-    if state is None and not holds_run(out):  # nothing trained yet: the log starts empty, without what a
-        (out / "train.log").unlink(missing_ok=True)  # refused run left there
-    return run_id, resume, state
+    resuming = state is not None or restart
+
+    def claim_now() -> str:
+        run_id = claim(out, resumed_id, resuming, cfg.train.overwrite, dist.torchrun_job())
+        if state is None and not holds_run(out):  # nothing trained yet: the log starts empty, without what a
+            (out / "train.log").unlink(missing_ok=True)  # refused run left there
+        return run_id
+    return claim_now, claim_clears(out, resumed_id, resuming, cfg.train.overwrite), resume, state
 
 
 def pretrain(cfg: Config, progress: bool = True, train=None, cache_name: Optional[str] = None) -> dict:
@@ -1118,11 +1123,24 @@ def start_budget(run: Run) -> None:
         log.info("train.max_time=%gs: the deadline passed %.0f s before the first step", budget.max_time, -left)
 
 
-def open_run(cfg: Config, held: ExitStack
-             ) -> tuple[torch.device, Optional[torch.dtype], Optional[str], Path | None, dict | None]:
-    """Join the process group, claim ``out`` (main process; see :func:`_claim_out`) and set up logging;
-    returns the device, the autocast dtype, the run id and what to resume (the other processes read it
-    later)."""
+@dataclass
+class Opened:
+    """What :func:`open_run` returns: the device, the autocast dtype, the run id (None in the other processes,
+    and until ``claim_later``), the checkpoint to resume and its state (the main process's; the others read
+    it later), and a claim of ``out`` that clears another run (``train.overwrite``), left to be made once the
+    run's data and model are built, so that a setting that fails on them deletes nothing; train.log opens
+    then, with the ``earlier`` warnings."""
+    device: torch.device
+    dtype: Optional[torch.dtype]
+    run_id: Optional[str]
+    resume: Path | None
+    resumed: dict | None
+    claim_later: Optional[Callable[[], str]]
+    earlier: list[logging.LogRecord]
+
+
+def open_run(cfg: Config, held: ExitStack) -> Opened:
+    """Join the process group, claim ``out`` (main process; see :func:`_claim_out`) and set up logging."""
     device = dist.init(resolve_device(cfg.train.device))
     if cfg.train.batch_size % dist.world_size():
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) must divide by the "
@@ -1134,28 +1152,42 @@ def open_run(cfg: Config, held: ExitStack
                 check_source(path)
     if cfg.train.resume not in ("", "auto"):  # a mistyped checkpoint path, too
         resume_file(cfg.train.resume)
-    run_id, resume, resumed = None, None, None
+    run_id, resume, resumed, claim_later = None, None, None, None
     main = dist.is_main()
     level = logging.INFO if main else logging.WARNING
     setup_logging(None, level)  # stderr now; train.log opens below, once out is claimed, with what was said
     with held_warnings() as earlier:
         dtype = resolve_dtype(cfg.train.precision, device)  # fp16 on a CPU is refused before out is made
         if main:  # only the main process writes in out (and nothing before it holds the lock)
-            run_id, resume, resumed = _claim_out(cfg, held, device)
+            claim_now, clears, resume, resumed = _claim_out(cfg, held, device)
+            run_id, claim_later = (None, claim_now) if clears else (claim_now(), None)
     # The others resume the file the main process chose before its claim (which may record a new run id).
     resume = dist.from_main(resume)
     if cfg.data.cache and (cfg.data.val or not cfg.data.stream):  # data.val is always decoded into the cache
         writable_folder(cfg.data.cache_dir or default_cache_dir(), "data.cache_dir")
-    setup_logging(Path(cfg.out) / "train.log" if main else None, level=level, earlier=earlier)
+    if claim_later is None:
+        setup_logging(Path(cfg.out) / "train.log" if main else None, level=level, earlier=earlier)
+        held.push(close_log_file)
+    return Opened(device, dtype, run_id, resume, resumed, claim_later, earlier)
+
+
+def claim_deferred(opened: Opened, cfg: Config, held: ExitStack, hold: ExitStack, later: list) -> None:
+    """Make ``opened``'s deferred claim (clearing the run ``out`` held) and open train.log with what was said
+    before it (``later``: the records ``hold`` kept since :func:`open_run`)."""
+    opened.run_id = opened.claim_later()
+    hold.close()
+    setup_logging(Path(cfg.out) / "train.log", earlier=[*opened.earlier, *later])
     held.push(close_log_file)
-    return device, dtype, run_id, resume, resumed
 
 
 def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name: Optional[str]) -> Run:
     """Everything a run needs, built in order: process group and ``out``, data, model, optimiser, time budget,
     and the state of a resumed checkpoint; the config, TensorBoard and skipped_images.txt written."""
     started = time.monotonic()
-    device, dtype, run_id, resume, resumed = open_run(cfg, held)
+    opened = open_run(cfg, held)
+    device, dtype, resume, resumed = opened.device, opened.dtype, opened.resume, opened.resumed
+    hold = held.enter_context(ExitStack())  # closed once a deferred claim is made, else on the way out
+    later = hold.enter_context(held_warnings(logging.INFO)) if opened.claim_later else []
     set_threads(cfg.train.threads)
     configure_device(device)
     train, val, bank = _load_data_once(cfg, progress, dataset, cache_name)
@@ -1181,7 +1213,9 @@ def setup_run(cfg: Config, progress: bool, held: ExitStack, dataset, cache_name:
         ahead_progress = resumed.get("ahead_progress")  # None: an older checkpoint, or none drawn ahead
         earlier = resumed.get("history", {})
     del resumed  # the optimiser and model hold copies; the checkpoint's tensors can go
-    main, out = dist.is_main(), Path(cfg.out)
+    if opened.claim_later:
+        claim_deferred(opened, cfg, held, hold, later)
+    main, out, run_id = dist.is_main(), Path(cfg.out), opened.run_id
     # purge_step drops what a killed run logged after its last checkpoint (or, killed before its first, at
     # all): one continuous curve. Never for a fresh folder: a purge in a new file would drop the events of
     # any file TensorBoard happens to read before it.

@@ -115,6 +115,26 @@ def test_fresh_run_refuses_a_folder_holding_a_run_and_overwrite_replaces_it(shap
     assert (out / "notes.txt").read_text() == "mine"  # overwrite clears a run's files, nothing else
 
 
+def test_overwrite_deletes_nothing_when_the_new_runs_data_or_model_fail(shapes, tmp_path, capsys):
+    """train.overwrite=true cleared the old run, then stopped on a setting that fails on the data or the
+    model: the run was lost for a typo. The claim that clears waits until both are built; train.log then
+    holds what was said before it."""
+    out, empty = tmp_path / "run", tmp_path / "empty"
+    assert run(tiny(shapes, out), capsys)[0] == 0
+    (empty / "nothing").mkdir(parents=True)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".simxent.lock"}
+    for setting, said in ((f"data.train={empty}", "no images found"), ("train.batch_size=100", "train.batch_size"),
+                          ("model.backbone=convnext_tiny", "convnext_tiny")):
+        status, err = run(tiny(shapes, out, "train.overwrite=true", setting), capsys)
+        assert status == 2 and said in error_line(err) and "cleared" not in err, err
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*")
+                if p.is_file() and p.name != ".simxent.lock"} == before
+    status, err = run(tiny(shapes, out, "train.overwrite=true"), capsys)
+    assert status == 0 and "cleared the previous run" in err, err
+    log = (out / "train.log").read_text()
+    assert log.index("cleared the previous run") < log.index("training images at data.image_size")
+
+
 def test_overwrite_keeps_the_users_files_inside_the_runs_folders(shapes, tmp_path, capsys):
     out = tmp_path / "run"
     assert run(tiny(shapes, out, "train.keep_checkpoints=2", "train.epochs=2"), capsys)[0] == 0
