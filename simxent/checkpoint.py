@@ -122,8 +122,8 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     state = read_weights_file(path, map_location)
     if not isinstance(state, dict) or "format_version" not in state:
         raise OtherKindError(f"{path} is not a simxent checkpoint (no format_version), so no run resumes from "
-                              f"it; to score a plain state dict, name its architecture: simxent-linear-eval "
-                              f"--backbone NAME")
+                             f"it; to score or embed a plain state dict, name its architecture with --backbone NAME "
+                             f"(simxent-linear-eval, simxent-embed)")
     version = state["format_version"]
     if type(version) is not int or version < 1:  # bool is an int subclass: refused too
         raise CheckpointError(f"{path}: format_version is {version!r}, not a positive integer; the file is damaged "
@@ -245,6 +245,10 @@ def export_torchvision(path: str | Path, dest: str | Path) -> str:
     if program and dest.suffix != ".pt2":  # torch.export.load reads only .pt2 names, torch.load not at all
         raise CheckpointError(f"cannot export {cfg.model.backbone} to {dest}: it is written as a torch.export program, "
                               f"which needs a name ending in .pt2 (e.g. {dest.with_suffix('.pt2').name})")
+    if not program and dest.suffix == ".pt2":  # a state dict under a program's name: torch.export.load fails on it
+        raise CheckpointError(f"cannot export {cfg.model.backbone} to {dest}: it is written as a state dict "
+                              f"(torch.save), which a .pt2 name would pass off as a torch.export program; name it "
+                              f"{dest.with_suffix('.pth').name}")
     encoder = checkpoint_encoder(state, cfg, path)
     if program:
         # torch.export rather than TorchScript, which torch 2.14 deprecates (jit.script, jit.save, jit.load)

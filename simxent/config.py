@@ -375,7 +375,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, str):
             return value
         # Converting back would be a guess: YAML has already turned 010 into 8 and 12:30 into 750.
-        raise ConfigError(f"{key}: expected text, got {shown(value)}; quote it in YAML, which reads "
+        none = " (for none, write '' rather than null)" if value is None else ""
+        raise ConfigError(f"{key}: expected text, got {shown(value)}{none}; quote it in YAML, which reads "
                           f"unquoted 010, 0x10, 12:30, 1e3 and yes as numbers or booleans")
     raise ConfigError(f"{key}: unsupported type {hint}")
 

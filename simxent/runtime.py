@@ -30,7 +30,10 @@ def resolve_device(name: str = "auto", option: str = "train.device") -> torch.de
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{option}=cuda but no CUDA device is available here (use auto or cpu)")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError):  # torch's message lists every device type it knows
+        raise ConfigError(f"{option}: {name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
 
 
 def configure_device(device: torch.device) -> None:

@@ -80,6 +80,8 @@ def embed(encoder: nn.Module, images, mean: Optional[Sequence[float]] = None, st
     images = images if torch.is_tensor(images) else torch.from_numpy(np.ascontiguousarray(images))
     if images.dim() != 4 or images.shape[-1] != 3 or images.dtype != torch.uint8:
         raise ValueError(f"embed wants uint8 images of shape (N, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+    if len(images) == 0:
+        raise ValueError("embed wants at least one image, got none (N = 0)")
     defaults = AugmentConfig()
     normalize = Normalize(mean or defaults.mean, std or defaults.std)
     device = next(encoder.parameters()).device

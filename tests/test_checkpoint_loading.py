@@ -264,6 +264,11 @@ def test_a_convnet_export_is_named_pt2_and_said_to_be_a_program(tmp_path, capfd)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["enc.pt2", "last.pt"]
     with pytest.raises(CheckpointError, match="enc.pt2 is a torch.export program .* give the simxent checkpoint"):
         load_backbone(tmp_path / "enc.pt2", cfg.model.backbone)
+    # The other way round: a state dict named .pt2 would pass for a program that torch.export.load cannot read.
+    resnet = write_checkpoint(tmp_path / "resnet.pt", to_dict(load_config("cifar10")), backbone("resnet18", True)[0])
+    with pytest.raises(CheckpointError, match=r"written as a state dict .* name it r18.pth"):
+        export_torchvision(resnet, tmp_path / "r18.pt2")
+    assert not (tmp_path / "r18.pt2").exists()
 
 
 def test_an_export_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):

@@ -166,6 +166,8 @@ def test_weight_files_checked_in_float32_and_once_per_class(tmp_path, text, matc
     ("label_smoothing", float("nan"), "--label-smoothing"), ("label_smoothing", 1.0, "--label-smoothing"),
     ("epochs", 0, "--epochs"), ("beta", float("inf"), "--beta"), ("knn_temperature", float("inf"), "--knn-temperature"),
     ("batch_size", 0, "--probe-batch-size"), ("knn_k", 0, "--knn-k"),
+    # From Python: a float epoch count failed once features were extracted, a string in a comparison
+    ("epochs", 2.5, "--epochs"), ("knn_k", "5", "--knn-k"), ("lr", "0.1", "--lr"), ("seed", None, "--seed"),
 ])
 def test_probe_options_are_checked_naming_the_option(field, value, option):
     check_probe_options(ProbeOptions())
@@ -195,6 +197,8 @@ def test_cuda_without_a_gpu_names_the_option(monkeypatch):
     with pytest.raises(ConfigError, match=r"^--device=cuda but no CUDA device"):
         resolve_device("cuda", option="--device")
     assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"^--device: 'gpu' is not a device \(auto, cpu, cuda or cuda:N\)"):
+        resolve_device("gpu", option="--device")  # was torch's RuntimeError listing every device type
 
 
 def test_precision_on_a_cpu(monkeypatch, caplog):

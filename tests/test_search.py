@@ -94,6 +94,8 @@ def test_embed_is_the_normalised_encoder_output():
     got = simxent.embed(encoder.eval(), images, MEAN, STD)
     assert got.dtype == torch.float32 and got.shape == (5, backbone("convnet")[1])
     np.testing.assert_allclose(got.numpy(), reference_embeddings(encoder, images), atol=1e-5)
+    with pytest.raises(ValueError, match=r"at least one image, got none"):  # was torch.cat's complaint
+        simxent.embed(encoder, images[:0])
 
 
 def test_embed_writes_normalised_embeddings_names_and_meta(embedded):
@@ -272,6 +274,10 @@ def test_plain_state_dict_with_backbone(embedded, tmp_path, capsys):
                            str(folder), "--out", str(out), "--workers", "0", "--no-progress"]) == 0
     meta = read_store(out).meta
     assert (meta["backbone"], meta["plain_state_dict"], meta["mean"]) == ("convnet", True, [0.485, 0.456, 0.406])
+    capsys.readouterr()
+    assert cli.embed_main(["--checkpoint", str(weights), "--images", str(folder), "--out", str(tmp_path / "x"),
+                           "--workers", "0", "--no-progress"]) == 2  # without --backbone: embed's own option named
+    assert "name its architecture with --backbone NAME (simxent-linear-eval, simxent-embed)" in capsys.readouterr().err
     capsys.readouterr()
     assert cli.search_main(["--index", str(out), "--k", "1", "--json", str(folder / "a" / "9.png")]) == 0
     best = json.loads(capsys.readouterr().out)["neighbours"][0]["neighbours"][0]
