@@ -40,8 +40,8 @@ from .files import write_text_atomic
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, pairwise_nt_xent, similarity_samples
 from .models import SimCLR, feature_size
 from .monitor import Monitor
-from .rundir import (claim, claim_clears, has_checkpoints, holds_run, recorded_run_id, recorded_torchrun_job, run_lock,
-                     writable_folder)
+from .rundir import (claim, claim_clears, has_checkpoints, holds_run, recorded_run_id, recorded_torchrun_job,
+                     run_lock, writable_folder)
 from .runtime import (SlowStepWatch, autocast, close_log_file, configure_device, held_warnings, resolve_device,
                       resolve_dtype, seed_everything, set_threads, setup_logging, show_progress_bars)
 from .schedule import TimeBudget, build_optimizer, peak_lr, set_lr, warmup_steps
