@@ -32,6 +32,7 @@ from .files import missing_file, write_text_atomic
 # 2N - 1 candidates is nearly flat and little is learnt. SimCLR's temperature study spans 0.05 to 1.
 LEARNT_TEMPERATURE_RANGE = (0.01, 1.0)
 MAX_IMAGE_SIZE = 1024  # px; every image is decoded at this size, N * size^2 * 3 bytes in all
+MAX_DECODE_SIZE = 1536  # px; data.decode_size's default at MAX_IMAGE_SIZE (1.5 x)
 log = logging.getLogger("simxent")
 
 
@@ -76,7 +77,7 @@ class AugmentConfig:
                                          "batch, shared by its images; image: drawn per image, as torchvision "
                                          "(on a GPU 4x the colour-jitter work)")
     grayscale_p: float = setting(0.2, "grayscale probability")
-    blur_p: Optional[float] = setting(None, "Gaussian blur probability; null: 0.5 for views from 64 px, 0 below. "
+    blur_p: Optional[float] = setting(None, "Gaussian blur probability; null: 0.5 from data.image_size 64 px, 0 below. "
                                           "Sigma in [0.1, 2.0] x view size / 224 (SimCLR's at 224 px), kernel about "
                                           "10 % of the view's side")
     solarize_p: float = setting(0.0, "solarize probability")
@@ -737,8 +738,8 @@ def data_and_augment_rules(cfg: Config) -> list[tuple[bool, str, str]]:
         (0 < small_lo <= small_hi <= 1, "augment.small_crop_scale", "0 < min <= max <= 1"),
         (all(s > 0 for s in aug.std), "augment.std", "> 0"),
         (8 <= cfg.data.image_size <= MAX_IMAGE_SIZE, "data.image_size", f"8 to {MAX_IMAGE_SIZE}"),
-        (cfg.data.decode_size is None or cfg.data.image_size <= cfg.data.decode_size <= MAX_IMAGE_SIZE,
-         "data.decode_size", f"data.image_size to {MAX_IMAGE_SIZE}, or null"),
+        (cfg.data.decode_size is None or cfg.data.image_size <= cfg.data.decode_size <= MAX_DECODE_SIZE,
+         "data.decode_size", f"data.image_size to {MAX_DECODE_SIZE}, or null"),
         (0 < aug.view_ratio <= 1 and view >= 8, "augment.view_ratio",
          f"in (0, 1], for views of at least 8 px at data.image_size = {cfg.data.image_size}"),
         (aug.view_ratio_start is None or (0 < aug.view_ratio_start <= aug.view_ratio

@@ -105,8 +105,8 @@ def find_images(root: str | Path) -> ImageList:
     """All images below ``root`` at any depth; suffixes match case-insensitively.
 
     The first-level sub-folder of a file names its class; files directly under ``root`` are unlabelled.
-    Symbolic links are followed, each real directory once, so a link loop cannot recurse forever; a link to
-    a folder inside ``root`` is left out (named in a warning): the images are read under the folder itself.
+    Symbolic links are followed, each real directory once, so a link loop cannot recurse forever; a folder
+    reached again is named in a warning with the path its images were read under.
     Only regular files (after following links) are taken: reading a FIFO named ``x.jpg`` would block
     forever. The others are named in one warning and kept in ``irregular``; a dangling link stays in
     ``files``, so that decoding names it as unreadable. A sub-folder holding a simxent run (its lock file:
@@ -120,11 +120,12 @@ def find_images(root: str | Path) -> ImageList:
     check_source(root)
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
-    files, irregular, unread, seen, runs, root_real = [], [], [], set(), [], os.path.realpath(root)
-    hidden, linked = [], []
+    files, irregular, unread, seen, runs, root_real = [], [], [], {}, [], os.path.realpath(root)
+    hidden, again = [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
+            again.append((dirpath, seen[real]))
             dirnames[:] = []
             continue
         if (LOCK_FILE in filenames or OUTPUT_MARK in filenames) and real != root_real:
@@ -133,8 +134,9 @@ def find_images(root: str | Path) -> ImageList:
             continue
         if LOCK_FILE in filenames:  # the image folder is itself a run's out: its outputs are not images
             dirnames[:] = [d for d in dirnames if d not in RUN_FOLDERS]
-        seen.add(real)
-        dirnames[:] = _subfolders(dirpath, dirnames, root_real, hidden, linked)
+        seen[real] = dirpath
+        hidden += [Path(dirpath) / d for d in dirnames if d.startswith(".")]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             suffix = os.path.splitext(name)[1].lower()
             if name.startswith("."):
@@ -146,9 +148,7 @@ def find_images(root: str | Path) -> ImageList:
                 unread.append(Path(dirpath) / name)
     _report_irregular(irregular, root)
     _report_left_out(runs, unread, root)
-    if linked:
-        log.warning("left out %d link(s) to folders inside %s, whose images are read once, under the folder "
-                    "linked to: %s", len(linked), root, ", ".join(str(p) for p in linked))
+    _report_reached_again(again, root)
     if hidden:
         log.warning("left out %d hidden image file(s) and folder(s) in %s (names beginning with '.'), such as %s",
                     len(hidden), root, hidden[0])
@@ -161,20 +161,13 @@ def find_images(root: str | Path) -> ImageList:
     return ImageList(root, files, labels, classes, irregular=irregular)
 
 
-def _subfolders(dirpath: str, dirnames: list[str], root_real: str, hidden: list, linked: list) -> list[str]:
-    """The sub-folders of ``dirpath`` to walk, sorted: not hidden ones (added to ``hidden``), nor links to a
-    folder inside the image folder (added to ``linked``). Walked first, such a link would take the images,
-    and so the class, of the folder it points to, whose own walk then finds them seen."""
-    keep = []
-    for d in sorted(dirnames):
-        path = os.path.join(dirpath, d)
-        if d.startswith("."):
-            hidden.append(Path(path))
-        elif os.path.islink(path) and (os.path.realpath(path) + os.sep).startswith(root_real.rstrip(os.sep) + os.sep):
-            linked.append(Path(path))
-        else:
-            keep.append(d)
-    return keep
+def _report_reached_again(again: list[tuple[str, str]], root: Path) -> None:
+    """One warning for the folders reached a second time through links (``again``: that path, the first):
+    a class is a first-level folder, so which path came first decided the images' class."""
+    if again:
+        log.warning("%d folder(s) in %s are reached twice through links, and their images read once, under the "
+                    "first path (in sorted order; its class folder is their class): %s", len(again), root,
+                    "; ".join(f"{later} is {first}" for later, first in again))
 
 
 def _report_left_out(runs: list[str], unread: list[Path], root: Path) -> None:

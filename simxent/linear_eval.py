@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from numbers import Integral, Real
 import tempfile
 import time
 from dataclasses import dataclass
@@ -53,13 +54,13 @@ def check_probe_options(opts: ProbeOptions) -> None:
     only throws the weights around; decoupled weight decay multiplies them by 1 - lr * weight_decay each
     step, which must stay positive. Comparisons are written so that NaN fails them; the types come first
     (from Python, ``ProbeOptions(epochs=2.5)`` would fail only once features are extracted)."""
-    for option, value, kinds in (("--epochs", opts.epochs, int), ("--probe-batch-size", opts.batch_size, int),
-                                 ("--knn-k", opts.knn_k, int), ("--seed", opts.seed, int), ("--lr", opts.lr, float),
-                                 ("--weight-decay", opts.weight_decay, float), ("--beta", opts.beta, float),
-                                 ("--label-smoothing", opts.label_smoothing, float),
-                                 ("--knn-temperature", opts.knn_temperature, float)):
-        if isinstance(value, bool) or not isinstance(value, (int, kinds)):
-            raise ConfigError(f"{option} must be {'an integer' if kinds is int else 'a number'}, got {value!r}")
+    for option, value, kind in (("--epochs", opts.epochs, Integral), ("--probe-batch-size", opts.batch_size, Integral),
+                                ("--knn-k", opts.knn_k, Integral), ("--seed", opts.seed, Integral),
+                                ("--lr", opts.lr, Real), ("--weight-decay", opts.weight_decay, Real),
+                                ("--beta", opts.beta, Real), ("--label-smoothing", opts.label_smoothing, Real),
+                                ("--knn-temperature", opts.knn_temperature, Real)):  # numpy's scalars are numbers too
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ConfigError(f"{option} must be {'an integer' if kind is Integral else 'a number'}, got {value!r}")
     rules = (("--epochs", opts.epochs, opts.epochs >= 1, "an integer >= 1"),
              ("--lr", opts.lr, 0 < opts.lr <= 1, "a number in (0, 1]"),
              ("--weight-decay", opts.weight_decay, 0 <= opts.weight_decay < math.inf, "a finite number >= 0"),

@@ -1150,7 +1150,9 @@ def open_run(cfg: Config, held: ExitStack) -> Opened:
         if path:
             with naming_the_key(key):
                 check_source(path)
-    if cfg.train.resume not in ("", "auto"):  # a mistyped checkpoint path, too
+    # A mistyped checkpoint path, too; not on torchrun's restart, which goes on from its job's own checkpoint
+    # once the file it was launched with may have been rotated away (see _resume_path).
+    if cfg.train.resume not in ("", "auto") and not _torchrun_restart(Path(cfg.out)):
         resume_file(cfg.train.resume)
     run_id, resume, resumed, claim_later = None, None, None, None
     main = dist.is_main()

@@ -478,6 +478,7 @@ def test_a_config_file_that_is_not_utf8_and_seeds_and_decode_sizes_out_of_range_
     assert load_config(None, ["train.seed=4294967295"]).train.seed == 2**32 - 1
     with pytest.raises(ConfigError, match="data.decode_size"):
         load_config(None, ["data.decode_size=200000"])
+    assert load_config(None, ["data.image_size=1024", "data.decode_size=1536"]).data.decode_size == 1536  # its default
     (tmp_path / "null.yaml").write_text("data:\n  val: null\n")
     with pytest.raises(ConfigError, match=r"data.val: expected text, got None \(for none, write '' rather than null\)"):
         load_config(tmp_path / "null.yaml")

@@ -7,6 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,6 +172,7 @@ def test_weight_files_checked_in_float32_and_once_per_class(tmp_path, text, matc
 ])
 def test_probe_options_are_checked_naming_the_option(field, value, option):
     check_probe_options(ProbeOptions())
+    check_probe_options(ProbeOptions(knn_k=np.int64(20), lr=np.float32(0.01)))  # numpy's scalars are numbers
     check_probe_options(ProbeOptions(lr=1.0, weight_decay=0.5, label_smoothing=0.1))
     with pytest.raises(ConfigError, match=f"^{option} must be"):
         check_probe_options(ProbeOptions(**{field: value}))

@@ -129,10 +129,10 @@ def test_overwrite_deletes_nothing_when_the_new_runs_data_or_model_fail(shapes, 
         assert status == 2 and said in error_line(err) and "cleared" not in err, err
         assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*")
                 if p.is_file() and p.name != ".simxent.lock"} == before
-    status, err = run(tiny(shapes, out, "train.overwrite=true"), capsys)
+    status, err = run(tiny(shapes, out, "train.overwrite=true", "optim.warmup_epochs=10"), capsys)
     assert status == 0 and "cleared the previous run" in err, err
-    log = (out / "train.log").read_text()
-    assert log.index("cleared the previous run") < log.index("training images at data.image_size")
+    log = (out / "train.log").read_text()  # said while the data and model were built, then the clearing
+    assert log.index("warm-up is cut") < log.index("cleared the previous run") < log.index("training images at")
 
 
 def test_overwrite_keeps_the_users_files_inside_the_runs_folders(shapes, tmp_path, capsys):
