@@ -54,9 +54,12 @@ def reestimate_batchnorm(encoder: nn.Module, images: torch.Tensor, normalize: No
 
         mu = mean_b mean(x_b),   sigma^2 = mean_b var(x_b)   (per channel; x_b a layer's input in batch b).
 
-    Returns how many layers were set (those that track running statistics)."""
+    Returns how many layers were set (those that track running statistics). Should the pass fail (out of
+    memory), every layer gets its statistics back as they were before the error is raised."""
     layers = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     momenta, was_training = [m.momentum for m in layers], encoder.training
+    before = [{k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running_", "num_batches"))}
+              for m in layers]
     for m in layers:
         m.reset_running_stats()
         m.momentum = None
@@ -69,6 +72,10 @@ def reestimate_batchnorm(encoder: nn.Module, images: torch.Tensor, normalize: No
             for x in encoder_inputs(images, normalize, device, batch_size, channels_last) if layers else ():
                 with autocast(device, dtype):
                     encoder(x)
+    except BaseException:
+        for m, state in zip(layers, before):
+            m.load_state_dict(state, strict=False)
+        raise
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum

@@ -809,18 +809,30 @@ def recalibrate_batchnorm(run: Run) -> None:
         return
     started = time.monotonic()
     pick = recalibration_images(len(run.train), n, cfg.train.seed)
+    images, unread = None, None
     try:
         images = evaluation_images(run, pick)
-    except (OSError, ValueError) as e:  # a file gone or changed since it was decoded: keep training's statistics
-        log.warning("train.bn_recalibration: the training images cannot be read again (%s); BatchNorm statistics "
-                    "stay as training averaged them", e)
+    except (OSError, ValueError) as e:  # a file gone or changed since it was decoded
+        unread = f"the training images cannot be read again ({e})"
+    # Every process takes the same way: with BatchNorm over the global batch, one that left would keep the
+    # others waiting in the pass's collectives.
+    if dist.agree([unread is not None], run.device)[0] > 0:
+        keep_training_statistics(unread or "another process cannot read the training images again")
         return
-    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-        done = reestimate_batchnorm(run.net.encoder, images, run.views.full.normalize, run.device, run.dtype,
-                                    cfg.eval.batch_size, cfg.train.channels_last)
+    try:
+        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+            done = reestimate_batchnorm(run.net.encoder, images, run.views.full.normalize, run.device, run.dtype,
+                                        cfg.eval.batch_size, cfg.train.channels_last)
+    except torch.OutOfMemoryError as e:  # the schedule's work is done: saved, with training's statistics
+        keep_training_statistics(f"out of memory at eval.batch_size={cfg.eval.batch_size} ({e})")
+        return
     if done:
         log.info("BatchNorm statistics re-estimated over %d training images at %d px (%.1f s)", n,
                  cfg.data.image_size, time.monotonic() - started)
+
+
+def keep_training_statistics(why: str) -> None:
+    log.warning("train.bn_recalibration: %s; BatchNorm statistics stay as training averaged them", why)
 
 
 def recalibration_images(total: int, n: int, seed: int) -> torch.Tensor:

@@ -296,6 +296,42 @@ def test_a_streamed_folders_bad_files_are_reported_from_every_process(monkeypatc
     assert skipped_everywhere(stream) == [{"file": "a.jpg", "reason": "truncated"}, other[0]]
 
 
+def _unreadable_on_one_worker(rank, port, _):
+    """Re-estimation under BatchNorm over the global batch, where rank 1 cannot read the images again: both
+    processes keep training's statistics and go on (rank 0 would wait in the pass's collectives, and time out
+    after 2 s, if it went in alone)."""
+    import simxent.train
+    from simxent.augment import Normalize
+    from simxent.data import ImageArray
+
+    _join_with_a_short_timeout(rank, port)
+    try:
+        torch.manual_seed(0)
+        encoder = dist.convert_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)),
+                                         torch.device("cpu"))
+        before = copy.deepcopy(encoder.state_dict())
+        images = torch.randint(0, 256, (8, 8, 8, 3), dtype=torch.uint8)
+        cfg = load_config(None, ["train.bn_recalibration=8", "data.image_size=8"])
+        run = SimpleNamespace(cfg=cfg, train=ImageArray(images, torch.zeros(8, dtype=torch.long), ["a"], [""] * 8, []),
+                              main=rank == 0, device=torch.device("cpu"), dtype=None,
+                              net=SimpleNamespace(encoder=encoder),
+                              views=SimpleNamespace(full=SimpleNamespace(normalize=Normalize((0.5,) * 3, (0.25,) * 3))))
+        if rank == 1:
+            def gone(*_):
+                raise OSError("photo.jpg: No such file or directory")
+            simxent.train.evaluation_images = gone
+        simxent.train.recalibrate_batchnorm(run)
+        for key, value in encoder.state_dict().items():
+            torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+        dist.wait_for_all()  # both got here
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_batchnorm_re_estimation_is_left_by_every_process_when_one_cannot_read_the_images():
+    mp.spawn(_unreadable_on_one_worker, args=(free_port(), 0), nprocs=WORLD, join=True)
+
+
 def test_gather_is_identity_in_one_process():
     x = torch.randn(3, 4, requires_grad=True)
     assert dist.gather_with_grad(x) is x and dist.world_size() == 1 and dist.is_main()

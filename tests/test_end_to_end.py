@@ -563,6 +563,36 @@ def test_batchnorm_re_estimation_never_leaves_a_lone_image_in_a_batch():
     assert encoder[2].num_batches_tracked == 2 and torch.isfinite(encoder[2].running_var).all()
 
 
+def test_a_re_estimation_out_of_memory_keeps_the_epoch_and_trainings_statistics(tmp_path, caplog, monkeypatch):
+    """Out of memory in the re-estimation's second batch (its first has already moved the statistics): the run
+    still saves its last epoch (train.checkpoint_every=0 leaves no other checkpoint of it), with BatchNorm
+    statistics exactly as a run without re-estimation leaves them, and says why."""
+    import simxent.evaluate
+
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=8, test_per_class=2, size=16)
+    base = [*TINY_RUN, f"data.train={shapes / 'train'}", "train.epochs=2", "eval.every=0", "train.precision=fp32",
+            "train.checkpoint_every=0", "eval.batch_size=8"]
+    pretrain(load_config(None, [*base, "train.bn_recalibration=0", f"out={tmp_path / 'kept'}"]), progress=False)
+    inputs = simxent.evaluate.encoder_inputs
+
+    def one_batch_then_out_of_memory(*args, **kwargs):
+        batches = inputs(*args, **kwargs)
+        yield next(batches)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(simxent.evaluate, "encoder_inputs", one_batch_then_out_of_memory)
+    with caplog.at_level("WARNING", logger="simxent"):
+        summary = pretrain(load_config(None, [*base, "train.bn_recalibration=40", f"out={tmp_path / 'oom'}"]),
+                           progress=False)
+    assert "train.bn_recalibration: out of memory at eval.batch_size=8" in caplog.text
+    assert summary["global_step"] == load_checkpoint(tmp_path / "kept" / "checkpoints" / "last.pt")["position"][
+        "global_step"]
+    kept, oom = (load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["encoder"] for run in ("kept", "oom"))
+    assert kept.keys() == oom.keys() and any("running_var" in k for k in kept)
+    for key in kept:
+        torch.testing.assert_close(oom[key], kept[key], rtol=0, atol=0, msg=key)
+
+
 def test_batchnorm_statistics_are_kept_at_a_deadline_that_only_cuts_the_schedule(tmp_path, caplog):
     """train.budget_schedule=false: train.max_time cuts the epochs' schedule, which a resumed run goes on with;
     the statistics are re-estimated only at its end."""
