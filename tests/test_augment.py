@@ -151,6 +151,21 @@ def test_a_grey_or_channels_last_batch_is_refused_naming_its_shape(jitter):
             aug.views(x, 2)
 
 
+def test_float_pixels_outside_zero_to_one_are_refused_with_their_range():
+    """Float 0-255 pixels were clamped to white by the colour ops, and normalised ones to black where
+    negative; [0, 1] (with a resampling overshoot) is taken as it is, and gives the uint8 batch's views."""
+    aug = ViewAugment(AugmentConfig(), 16)
+    x = images(2)
+    for bad, shown in ((x.float(), "from 0 to 255"), ((x.float() / 255 - 0.5) / 0.25, "from -2 to 2.")):
+        with pytest.raises(ValueError, match=f"pixels in \\[0, 1\\], got values {shown}"):
+            aug.views(bad, 2)
+    torch.manual_seed(0)
+    expected = aug.views(x, 2)
+    torch.manual_seed(0)
+    torch.testing.assert_close(aug.views(x.float() / 255, 2), expected)
+    aug(torch.full((1, 3, 16, 16), 1.05))  # bicubic overshoot
+
+
 # --- the fused colour ops against torchvision's per-image definitions ---------------------------------
 
 import itertools  # noqa: E402
