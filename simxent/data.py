@@ -121,7 +121,7 @@ def find_images(root: str | Path) -> ImageList:
     if not root.is_dir():
         raise DataError(f"not a folder: {root}")
     files, irregular, unread, seen, runs, root_real = [], [], [], {}, [], os.path.realpath(root)
-    hidden, again = [], []
+    hidden, again, tops = [], [], []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:
@@ -137,13 +137,19 @@ def find_images(root: str | Path) -> ImageList:
         seen[real] = dirpath
         hidden += [Path(dirpath) / d for d in dirnames if d.startswith(".")]
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # The first-level folder, the class, once per folder: per file, path arithmetic dominated the walk.
+        top = None if dirpath == os.fspath(root) else Path(dirpath).relative_to(root).parts[0]
         for name in sorted(filenames):
             suffix = os.path.splitext(name)[1].lower()
             if name.startswith("."):
                 hidden += [Path(dirpath) / name] if suffix in IMAGE_SUFFIXES else []
             elif suffix in IMAGE_SUFFIXES:
-                path = Path(dirpath) / name
-                (files if _regular_or_missing(path) else irregular).append(path)
+                path = os.path.join(dirpath, name)
+                if _regular_or_missing(path):
+                    files.append(Path(path))
+                    tops.append(top)
+                else:
+                    irregular.append(Path(path))
             elif suffix in UNREAD_SUFFIXES:
                 unread.append(Path(dirpath) / name)
     _report_irregular(irregular, root)
@@ -154,10 +160,9 @@ def find_images(root: str | Path) -> ImageList:
                     len(hidden), root, hidden[0])
     if not files:
         raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    top = [f.relative_to(root).parts for f in files]
-    classes = sorted({p[0] for p in top if len(p) > 1})
+    classes = sorted({t for t in tops if t is not None})
     index = {c: i for i, c in enumerate(classes)}
-    labels = [index[p[0]] if len(p) > 1 else -1 for p in top]
+    labels = [-1 if t is None else index[t] for t in tops]
     return ImageList(root, files, labels, classes, irregular=irregular)
 
 
@@ -182,7 +187,7 @@ def _report_left_out(runs: list[str], unread: list[Path], root: Path) -> None:
                     "PNG), such as %s", len(unread), root, kinds, unread[0])
 
 
-def _regular_or_missing(path: Path) -> bool:
+def _regular_or_missing(path: str | Path) -> bool:
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
     except OSError:  # dangling or unreadable: decoding reports it by name
@@ -781,13 +786,17 @@ def _listing(images: ImageList) -> bytes:
     if images.kind == "dataset":
         return f"dataset\t{images.cache_name}\t{len(images.files)}\t{_dataset_sample(images.files)}\n".encode()
     lines = [f"folder\t{Path(images.root).resolve()}\n"] if images.kind == "folder" else []
+    prefix = os.path.join(str(images.root), "")
     for f in images.files:
         try:
-            st = f.stat()
+            st = os.stat(f)
             nbytes, mtime, ctime = st.st_size, st.st_mtime_ns, st.st_ctime_ns
         except OSError:  # a dangling link or a vanished file: decoding will name it
             nbytes = mtime = ctime = -1
-        name = f.relative_to(images.root) if images.kind == "folder" else os.path.abspath(f)
+        if images.kind != "folder":
+            name = os.path.abspath(f)
+        else:  # f.relative_to(root), by string where the walk made f from root's own string: far faster
+            name = str(f)[len(prefix):] if str(f).startswith(prefix) else f.relative_to(images.root)
         lines.append(f"{name}\t{nbytes}\t{mtime}\t{ctime}\n")
     return "".join(lines).encode("utf-8", "surrogateescape")  # a name that is not UTF-8: its own bytes
 
