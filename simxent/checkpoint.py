@@ -7,6 +7,7 @@ as tensors), so the safe unpickler can read all of it and a crafted file cannot 
 from __future__ import annotations
 
 import collections
+import filecmp
 import hashlib
 import io
 import json
@@ -14,6 +15,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -307,16 +309,23 @@ class CheckpointWriter:
     epoch's end cost 0.27 s (docs/benchmarks.md, "Pipeline efficiency").
 
     :meth:`write` waits for the write before it, so files land in the order asked for; a write's error is
-    raised by the next :meth:`write` or :meth:`wait`. The thread is not a daemon: an interpreter that exits on
-    an error still finishes the checkpoint in flight, which is atomic anyway (a kill leaves the old file)."""
+    raised by the next :meth:`write`, once that one's checkpoint is written (the steps trained since are not
+    lost to an error that has passed), or by :meth:`wait`. The thread is not a daemon: an interpreter that
+    exits on an error still finishes the checkpoint in flight, which is atomic anyway (a kill leaves the old
+    file)."""
 
     def __init__(self):
         self.thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
 
     def write(self, state: dict, folder: Path, step: int, keep: int, run_id: str) -> None:
-        """:func:`save_rotating` of a host copy of ``state``, taken now, on the writer's thread."""
-        self.wait()
+        """:func:`save_rotating` of a host copy of ``state``, taken now, on the writer's thread; after a
+        failed write, here and now, then that write's error is raised."""
+        try:
+            self.wait()
+        except BaseException:
+            save_rotating(host_copy(state), folder, step, keep, run_id)
+            raise
         args = (host_copy(state), folder, step, keep, run_id)
         self.thread = threading.Thread(target=self._run, args=args, name="simxent-checkpoint")
         self.thread.start()
@@ -325,8 +334,8 @@ class CheckpointWriter:
         try:
             save_rotating(*args)
         except BaseException as e:  # raised in the training thread, by the next write or wait
-            log.error("writing checkpoint step %d into %s failed: %s; the run stops at its next checkpoint", args[2],
-                      args[1], e)
+            log.error("writing checkpoint step %d into %s failed: %s; the run stops at its next checkpoint, once "
+                      "that is written", args[2], args[1], e)
             self.error = e
 
     def exit(self, exc_type, exc, tb) -> bool:
@@ -360,13 +369,36 @@ def save_rotating(state: dict, folder: str | Path, step: int, keep: int, run_id:
     folder = Path(folder)
     path = folder / step_file_name(step, run_id)
     save_checkpoint({**state, "run_id": run_id}, path)
-    link = temp_path(folder / "last.pt")
-    os.link(path, link)
-    os.replace(link, folder / "last.pt")
-    sync_folder(folder)
+    point_last_at(path)
     for old in step_files(folder, run_id)[:-keep]:
         old.unlink(missing_ok=True)
     return path
+
+
+def point_last_at(path: Path) -> None:
+    """Make ``last.pt`` beside ``path`` that file, atomically: a hard link, or where the filesystem has none
+    (exFAT, shared folders of virtual machines, some FUSE mounts) a synced byte-for-byte copy, which
+    :func:`same_checkpoint` still recognises."""
+    link = temp_path(path.parent / "last.pt")
+    try:
+        os.link(path, link)
+    except OSError:
+        try:
+            with open(path, "rb") as src, open(link, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+        except BaseException:
+            link.unlink(missing_ok=True)
+            raise
+    os.replace(link, path.parent / "last.pt")
+    sync_folder(path.parent)
+
+
+def same_checkpoint(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one checkpoint: one file (a hard link), or ``last.pt``'s copy of a step
+    file (:func:`point_last_at`), byte for byte."""
+    return os.path.samefile(a, b) or filecmp.cmp(a, b, shallow=False)
 
 
 def set_aside_later_steps(folder: str | Path, run_id: str, step: int) -> Path | None:
@@ -384,7 +416,7 @@ def set_aside_later_steps(folder: str | Path, run_id: str, step: int) -> Path | 
     os.chmod(aside, folder.stat().st_mode & 0o777)  # readable by whoever reads the checkpoints (mkdtemp: 0700)
     # Newest first: a kill halfway leaves the oldest of the abandoned steps, nearest the branch point, in place.
     last = folder / "last.pt"
-    if last.is_file() and any(os.path.samefile(last, p) for p in later):
+    if last.is_file() and any(same_checkpoint(last, p) for p in later):
         os.replace(last, aside / last.name)
     for p in reversed(later):
         os.replace(p, aside / p.name)
@@ -408,7 +440,7 @@ def start_branch(folder: str | Path, run_id: str, step: int, resumed: Path) -> P
         if file_step(p) <= step:
             os.replace(p, folder / p.name)
     last = source / "last.pt"
-    if last.is_file() and not any(os.path.samefile(last, p) for p in step_files(source, run_id)):
+    if last.is_file() and not any(same_checkpoint(last, p) for p in step_files(source, run_id)):
         last.unlink()  # a link to a step file that came back: it would keep that file's blocks twice named
     if any(source.iterdir()):
         os.replace(source, folder / f"superseded-after-step-{step}-{fork[2]}")

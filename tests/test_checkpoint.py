@@ -101,6 +101,26 @@ def test_a_failed_background_write_is_raised_once_by_the_next_wait(tmp_path, mon
     assert not (tmp_path / "last.pt").exists()
 
 
+def test_after_a_failed_write_the_next_checkpoint_is_written_before_the_error_stops_the_run(tmp_path, monkeypatch):
+    """A write that failed once (a network mount's hiccup): the run stops at its next checkpoint, as before,
+    but with that checkpoint written, so the steps trained between the two are not lost."""
+    real, calls = save_checkpoint, []
+
+    def fails_once(state, path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error", str(path))
+        real(state, path)
+
+    monkeypatch.setattr(simxent.checkpoint, "save_checkpoint", fails_once)
+    writer = CheckpointWriter()
+    writer.write({"x": torch.ones(1)}, tmp_path, 3, keep=2, run_id="r")
+    with pytest.raises(OSError, match="Input/output error"):
+        writer.write({"x": torch.full((1,), 4.0)}, tmp_path, 4, keep=2, run_id="r")
+    assert load_checkpoint(tmp_path / "last.pt")["x"].item() == 4.0
+    assert [p.name for p in tmp_path.glob("step-*.pt")] == ["step-000000004-r.pt"]
+
+
 def test_pickled_object_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:

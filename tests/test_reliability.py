@@ -150,13 +150,28 @@ def test_a_step_file_newer_than_last_pt_is_resumed(shapes, tmp_path):
     assert newest_valid_checkpoint(folder, state["run_id"]) == folder / "last.pt"
 
 
-def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(shapes, tmp_path):
+def refuse_hard_links(monkeypatch) -> None:
+    """As exFAT, a virtual machine's shared folder or some FUSE mounts do."""
+    def refused(src, dst, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(src), None, str(dst))
+    monkeypatch.setattr(os, "link", refused)
+
+
+@pytest.mark.parametrize("hard_links", [True, False], ids=["hard-links", "no-hard-links"])
+def test_resuming_from_an_older_checkpoint_sets_the_later_ones_aside(shapes, tmp_path, monkeypatch, hard_links):
     """A run resumed from its step 4 starts a new branch: the old branch's later checkpoints are moved aside
-    (kept, named), so rotation keeps the new branch's files and a torn last.pt falls back to the new branch."""
+    (kept, named), so rotation keeps the new branch's files and a torn last.pt falls back to the new branch.
+    Where the filesystem has no hard links, last.pt is a copy of the newest step file, and all goes alike
+    (the run used to stop on the refused link, and lose the epoch it trained meanwhile)."""
+    if not hard_links:
+        refuse_hard_links(monkeypatch)
     run = tmp_path / "run"
     pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", "train.checkpoint_every=2",
                                     "train.keep_checkpoints=10")), progress=False)
     folder = run / "checkpoints"
+    newest = sorted(folder.glob("step-*.pt"))[-1]
+    assert os.path.samefile(folder / "last.pt", newest) is hard_links
+    assert (folder / "last.pt").read_bytes() == newest.read_bytes()
     step = lambda p: int(p.name.split("-")[1])  # noqa: E731
     assert [step(p) for p in sorted(folder.glob("step-*.pt"))] == [2, 4, 5, 6, 8, 10]
     older = sorted(folder.glob("step-*.pt"))[1]
