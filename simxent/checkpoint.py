@@ -549,14 +549,41 @@ SHAPE_KEYS = ("model.backbone", "model.cifar_stem", "model.head_hidden", "model.
 
 
 def check_resumable(state: dict, cfg: Config, path: Path) -> None:
-    """One line naming the first setting of SHAPE_KEYS in which the checkpoint and this run differ."""
+    """One line naming what a resumed run cannot read (:func:`check_training_state`), or the first setting of
+    SHAPE_KEYS, or ``optim.name``, in which the checkpoint and this run differ: another optimiser would read
+    the saved one's buffers as its own (Adam's moments as SGD's momentum) or fail on them."""
+    check_training_state(state, path)
     saved, ours = state.get("config", {}), to_dict(cfg)
-    for key in SHAPE_KEYS:
+    for key in (*SHAPE_KEYS, "optim.name"):
         section, name = key.split(".")
         theirs, mine = saved.get(section, {}).get(name, ours[section][name]), ours[section][name]
         if theirs != mine:
+            advice = (f"; to go on from its encoder with {mine}, start a new run with model.weights={path}"
+                      if key == "optim.name" else "")
             raise ConfigError(f"train.resume: checkpoint {path} was trained with {key}={json.dumps(theirs)}, "
-                              f"this run has {json.dumps(mine)}")
+                              f"this run has {json.dumps(mine)}{advice}")
+
+
+def check_training_state(state: dict, path: Path) -> None:
+    """The entries a resumed run reads besides the weights, there and of their kind: a damaged or hand-made
+    file is one line naming it and the entry, not a KeyError from deep inside the resume."""
+    position, optimizer = state.get("position"), state.get("optimizer")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    checks = (
+        ("position (integers epoch, step and global_step)", isinstance(position, dict)
+         and set(position) == {"epoch", "step", "global_step"}
+         and all(type(v) is int and v >= 0 for v in position.values())),
+        ("rng (a random state per process)", isinstance(state.get("rng"), list) and len(state["rng"]) > 0),
+        ("optimizer (an optimiser's state dict)", isinstance(optimizer, dict)
+         and {"state", "param_groups"} <= optimizer.keys()),
+        ("head (the projection head's state dict)", isinstance(state.get("head"), dict)),
+        ("config (the run's settings)", isinstance(state.get("config", {}), dict)),
+        ("progress (a number)", number(state.get("progress", 0)) and number(state.get("time_share", 0))),
+    )
+    for entry, ok in checks:
+        if not ok:
+            raise CheckpointError(f"train.resume: {path} has no valid {entry}; the file is damaged or was not "
+                                  f"written by simxent's training")
 
 
 

@@ -10,7 +10,7 @@ import torchvision
 import simxent.checkpoint
 from simxent.checkpoint import (CheckpointError, CheckpointWriter, export_torchvision, load_checkpoint, load_encoder,
                                 save_checkpoint)
-from simxent.config import OptimConfig, load_config, to_dict
+from simxent.config import ConfigError, OptimConfig, load_config, to_dict
 from simxent.models import backbone
 
 
@@ -344,6 +344,56 @@ def test_a_setting_newer_than_the_checkpoint_is_compared_with_its_default():
         ("loss.multi_view", "joint", "pairs")]
     assert changed_settings(state, load_config(None, ["augment.small_views=2"])) == []
     assert changed_settings({}, load_config(None, ["augment.small_views=2", "loss.multi_view=pairs"])) == []
+
+
+@pytest.fixture(scope="module")
+def one_epoch_run(tmp_path_factory):
+    """A finished one-epoch run (SGD, as TINY_RUN trains) and the settings that made it."""
+    from simxent.demo import make_shapes
+    from simxent.train import pretrain
+    from tests.conftest import TINY_RUN
+
+    root = tmp_path_factory.mktemp("resumable")
+    shapes = make_shapes(root / "shapes", train_per_class=8, test_per_class=2, size=16)
+    args = [*TINY_RUN, f"data.train={shapes / 'train'}", "eval.every=0", "train.precision=fp32"]
+    pretrain(load_config(None, [*args, "train.epochs=1", f"out={root / 'run'}"]), progress=False)
+    return root / "run" / "checkpoints" / "last.pt", args
+
+
+@pytest.mark.parametrize("optimiser", ["adamw", "lars"])
+def test_resuming_with_another_optimiser_is_refused_naming_both(one_epoch_run, tmp_path, optimiser):
+    """SGD's checkpoint resumed with LARS went on silently with its buffers read as LARS's (and AdamW with
+    SGD's momentum buffers failed on a missing 'step'): both are refused, naming the key and the way on."""
+    from simxent.train import pretrain
+
+    last, args = one_epoch_run
+    cfg = load_config(None, [*args, "train.epochs=2", f"optim.name={optimiser}", f"train.resume={last}",
+                             f"out={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match=f'trained with optim.name="sgd", this run has "{optimiser}"; to go on '
+                                          f"from its encoder with {optimiser}, start a new run with model.weights="):
+        pretrain(cfg, progress=False)
+
+
+@pytest.mark.parametrize("damage", ["no rng", "position of two keys", "config None", "progress text", "no head",
+                                    "optimizer without groups"])
+def test_a_damaged_training_checkpoint_is_refused_naming_the_file_and_the_entry(one_epoch_run, tmp_path, damage):
+    """Each used to stop the resume with a bare KeyError, AttributeError or ValueError naming neither (and a
+    position missing its step was taken as step 0)."""
+    from simxent.train import pretrain
+
+    last, args = one_epoch_run
+    state = load_checkpoint(last)
+    entry = {"no rng": "rng", "position of two keys": "position", "config None": "config",
+             "progress text": "progress", "no head": "head", "optimizer without groups": "optimizer"}[damage]
+    state = {k: v for k, v in state.items() if k != entry} if damage.startswith("no ") else state
+    state.update({"position of two keys": {"position": {"epoch": 1, "global_step": 2}}, "config None": {"config": None},
+                  "progress text": {"progress": "x"},
+                  "optimizer without groups": {"optimizer": {"state": {}}}}.get(damage, {}))
+    damaged = tmp_path / "damaged.pt"
+    save_checkpoint({k: v for k, v in state.items() if k != "format_version"}, damaged)
+    cfg = load_config(None, [*args, "train.epochs=2", f"train.resume={damaged}", f"out={tmp_path / 'run'}"])
+    with pytest.raises(CheckpointError, match=f"train.resume: {damaged} has no valid {entry} "):
+        pretrain(cfg, progress=False)
 
 
 def test_an_fp16_run_resumes_a_checkpoint_written_without_a_grad_scaler(tmp_path):
