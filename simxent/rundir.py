@@ -102,7 +102,8 @@ os.register_at_fork(after_in_child=_drop_inherited_locks)
 @contextmanager
 def run_lock(out: Path, key: str = "out"):
     """Hold the exclusive lock on ``out`` for the ``with`` block; ConfigError naming the holder (and ``key``,
-    the setting that named ``out``) if taken. The lock is this process's alone, never a forked child's."""
+    the setting that named ``out``) if taken. The lock is this process's alone, never a forked child's.
+    Where the filesystem refuses locks, the block runs unlocked, said in a warning."""
     lock_path = out / LOCK_FILE
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     _held_locks.add(fd)
@@ -112,6 +113,9 @@ def run_lock(out: Path, key: str = "out"):
         except BlockingIOError:
             raise ConfigError(f"{key}: {out} is in use by another run ({_holder(lock_path)}); wait for it to "
                               f"end or choose another {key}") from None
+        except OSError as e:  # a filesystem without locks (ENOLCK: NFS without its lock manager)
+            log.warning("%s: %s cannot be locked (%s): the run goes on, but a second run started in it meanwhile "
+                        "would not be refused", key, out, e.strerror or e)
         holder = {"pid": os.getpid(), "host": HOST, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)

@@ -72,6 +72,26 @@ def test_second_run_in_a_busy_folder_stops_naming_the_holder(shapes, tmp_path, c
     assert "resumed from" in err
 
 
+def test_a_folder_on_a_filesystem_without_locks_trains_unlocked_and_says_so(shapes, tmp_path, capsys, monkeypatch):
+    """flock refused with ENOLCK (NFS without its lock manager) stopped every run with a traceback naming
+    neither out nor the reason."""
+    import fcntl
+
+    real = fcntl.flock
+
+    def no_locks(fd, op):
+        if op & fcntl.LOCK_EX and op & fcntl.LOCK_NB:  # the run's lock; the writers' locks degrade on their own
+            raise OSError(errno.ENOLCK, "No locks available")
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    status, err = run(tiny(shapes, out, "train.epochs=1"), capsys)
+    assert status == 0, err
+    assert f"out: {out} cannot be locked (No locks available): the run goes on" in err
+    assert (out / "checkpoints" / "last.pt").is_file()
+
+
 def test_a_forked_worker_never_holds_the_run_lock(tmp_path):
     """DataLoader and decoding workers are forked while the run holds its lock: killed, the run's workers
     lived on for seconds, each with a copy of the lock, and a restart at once was refused, naming the dead
