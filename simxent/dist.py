@@ -235,6 +235,30 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.running_var.mul_(1 - m).add_(unbiased_var, alpha=m)
 
 
+class LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over this process's batch alone, for any input of at least 2 dimensions."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-d input, got {x.dim()}-d")
+
+
+@contextmanager
+def local_batchnorm(module: nn.Module):
+    """Every BatchNorm over the global batch in ``module`` (:class:`GlobalBatchNorm`, ``nn.SyncBatchNorm``)
+    normalises over its own process's batch within the block: for a pass that every process runs on the
+    same images, where the statistics agree without collectives, and a process that fails alone leaves no
+    other waiting in one. The class is swapped, not the layer: parameters and buffers stay where they are."""
+    swapped = [(m, type(m)) for m in module.modules() if isinstance(m, (GlobalBatchNorm, nn.SyncBatchNorm))]
+    for m, _ in swapped:
+        m.__class__ = LocalBatchNorm
+    try:
+        yield module
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
+
+
 def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """Replace every BatchNorm with one over the global batch: torch's SyncBatchNorm on CUDA, else
     :class:`GlobalBatchNorm`. Weights and running statistics carry over."""

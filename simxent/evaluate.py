@@ -58,8 +58,7 @@ def reestimate_batchnorm(encoder: nn.Module, images: torch.Tensor, normalize: No
     memory), every layer gets its statistics back as they were before the error is raised."""
     layers = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     momenta, was_training = [m.momentum for m in layers], encoder.training
-    before = [{k: v.clone() for k, v in m.state_dict().items() if k.startswith(("running_", "num_batches"))}
-              for m in layers]
+    before = batchnorm_statistics(encoder)
     for m in layers:
         m.reset_running_stats()
         m.momentum = None
@@ -73,14 +72,24 @@ def reestimate_batchnorm(encoder: nn.Module, images: torch.Tensor, normalize: No
                 with autocast(device, dtype):
                     encoder(x)
     except BaseException:
-        for m, state in zip(layers, before):
-            m.load_state_dict(state, strict=False)
+        set_batchnorm_statistics(encoder, before)
         raise
     finally:
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
         encoder.train(was_training)
     return len(layers)
+
+
+def batchnorm_statistics(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the running statistics (and batch counts) of ``encoder``'s BatchNorm layers, by name."""
+    return {k: v.clone() for k, v in encoder.state_dict().items()
+            if k.rsplit(".", 1)[-1] in ("running_mean", "running_var", "num_batches_tracked")}
+
+
+def set_batchnorm_statistics(encoder: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back what :func:`batchnorm_statistics` copied."""
+    encoder.load_state_dict(saved, strict=False)
 
 
 def encoder_inputs(images: torch.Tensor, normalize: Normalize, device: torch.device, batch_size: int,

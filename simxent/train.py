@@ -35,7 +35,8 @@ from .config import AugmentConfig, Config, ConfigError, check_config, format_con
 from .data import (Batch, DataError, ImageArray, ImageStream, batch_indices, check_source, dataset_images,
                    default_cache_dir, find_source, iterate_batches, load_configured, names_base, naming_the_key,
                    decode_eval, open_stream, shared_files)
-from .evaluate import extract_features, knn_scores, reestimate_batchnorm, topk_accuracy
+from .evaluate import (batchnorm_statistics, extract_features, knn_scores, reestimate_batchnorm,
+                       set_batchnorm_statistics, topk_accuracy)
 from .files import write_text_atomic
 from .loss import Temperature, contrastive_stats, multi_view_nt_xent, pairwise_nt_xent, similarity_samples
 from .models import SimCLR, feature_size
@@ -796,7 +797,8 @@ def recalibrate_batchnorm(run: Run) -> None:
     """:func:`simxent.evaluate.reestimate_batchnorm` over ``train.bn_recalibration`` training images as
     evaluation encodes them (unaugmented, at data.image_size): training averaged the statistics, with
     momentum, over augmented views (crops, colour jitter, smaller sizes), a distribution kNN and probes never
-    see. The images are a seeded draw, the same in every process, so all compute the same statistics; the
+    see. The images are a seeded draw, the same in every process, so each computes the same statistics on
+    its own; a failure in any (an image gone since, out of memory) keeps training's statistics in all. The
     RNG is left as it was (an encoder with dropout draws from it), so a resumed run repeats."""
     cfg = run.cfg
     n = min(cfg.train.bn_recalibration, len(run.train))
@@ -809,30 +811,28 @@ def recalibrate_batchnorm(run: Run) -> None:
         return
     started = time.monotonic()
     pick = recalibration_images(len(run.train), n, cfg.train.seed)
-    images, unread = None, None
+    encoder, before, failed, done = run.net.encoder, batchnorm_statistics(run.net.encoder), None, 0
     try:
         images = evaluation_images(run, pick)
     except (OSError, ValueError) as e:  # a file gone or changed since it was decoded
-        unread = f"the training images cannot be read again ({e})"
-    # Every process takes the same way: with BatchNorm over the global batch, one that left would keep the
-    # others waiting in the pass's collectives.
-    if dist.agree([unread is not None], run.device)[0] > 0:
-        keep_training_statistics(unread or "another process cannot read the training images again")
-        return
-    try:
-        with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
-            done = reestimate_batchnorm(run.net.encoder, images, run.views.full.normalize, run.device, run.dtype,
-                                        cfg.eval.batch_size, cfg.train.channels_last)
-    except torch.OutOfMemoryError as e:  # the schedule's work is done: saved, with training's statistics
-        keep_training_statistics(f"out of memory at eval.batch_size={cfg.eval.batch_size} ({e})")
+        failed = f"the training images cannot be read again ({e})"
+    if failed is None:
+        try:  # every process on the same images: the statistics agree without BatchNorm's collectives
+            with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []), \
+                    dist.local_batchnorm(encoder):
+                done = reestimate_batchnorm(encoder, images, run.views.full.normalize, run.device, run.dtype,
+                                            cfg.eval.batch_size, cfg.train.channels_last)
+        except torch.OutOfMemoryError as e:  # the schedule's work is done: saved, with training's statistics
+            failed = f"out of memory at eval.batch_size={cfg.eval.batch_size} ({e})"
+    # One outcome for all: a process that failed alone would save other statistics than the rest.
+    if dist.agree([failed is not None], run.device)[0] > 0:
+        set_batchnorm_statistics(encoder, before)
+        log.warning("train.bn_recalibration: %s; BatchNorm statistics stay as training averaged them",
+                    failed or "another process could not re-estimate them")
         return
     if done:
         log.info("BatchNorm statistics re-estimated over %d training images at %d px (%.1f s)", n,
                  cfg.data.image_size, time.monotonic() - started)
-
-
-def keep_training_statistics(why: str) -> None:
-    log.warning("train.bn_recalibration: %s; BatchNorm statistics stay as training averaged them", why)
 
 
 def recalibration_images(total: int, n: int, seed: int) -> torch.Tensor:

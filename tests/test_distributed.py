@@ -296,40 +296,58 @@ def test_a_streamed_folders_bad_files_are_reported_from_every_process(monkeypatc
     assert skipped_everywhere(stream) == [{"file": "a.jpg", "reason": "truncated"}, other[0]]
 
 
-def _unreadable_on_one_worker(rank, port, _):
-    """Re-estimation under BatchNorm over the global batch, where rank 1 cannot read the images again: both
-    processes keep training's statistics and go on (rank 0 would wait in the pass's collectives, and time out
-    after 2 s, if it went in alone)."""
+def _re_estimation_worker(rank, port, failure):
+    """Re-estimation under BatchNorm over the global batch, every process on the same images: with
+    ``failure`` in one process (rank 1 cannot read the images again; rank 0 runs out of memory after its
+    first batch), both keep training's statistics and go on to the next collective (before, the other
+    waited in the pass's collectives, or left them mid-way, and both timed out after 2 s); without, both
+    hold what one process computes with plain BatchNorm (not a variance over W copies of the images)."""
+    import simxent.evaluate
     import simxent.train
     from simxent.augment import Normalize
     from simxent.data import ImageArray
+    from simxent.evaluate import reestimate_batchnorm
 
     _join_with_a_short_timeout(rank, port)
     try:
         torch.manual_seed(0)
-        encoder = dist.convert_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)),
-                                         torch.device("cpu"))
+        plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        encoder = dist.convert_batchnorm(copy.deepcopy(plain), torch.device("cpu"))
         before = copy.deepcopy(encoder.state_dict())
-        images = torch.randint(0, 256, (8, 8, 8, 3), dtype=torch.uint8)
-        cfg = load_config(None, ["train.bn_recalibration=8", "data.image_size=8"])
+        images = torch.randint(0, 256, (8, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+        cfg = load_config(None, ["train.bn_recalibration=8", "data.image_size=8", "eval.batch_size=4"])
+        normalize = Normalize((0.5,) * 3, (0.25,) * 3)
         run = SimpleNamespace(cfg=cfg, train=ImageArray(images, torch.zeros(8, dtype=torch.long), ["a"], [""] * 8, []),
                               main=rank == 0, device=torch.device("cpu"), dtype=None,
-                              net=SimpleNamespace(encoder=encoder),
-                              views=SimpleNamespace(full=SimpleNamespace(normalize=Normalize((0.5,) * 3, (0.25,) * 3))))
-        if rank == 1:
+                              net=SimpleNamespace(encoder=encoder), views=SimpleNamespace(full=SimpleNamespace(
+                                  normalize=normalize)))
+        if failure == "unreadable" and rank == 1:
             def gone(*_):
                 raise OSError("photo.jpg: No such file or directory")
             simxent.train.evaluation_images = gone
+        if failure == "out of memory" and rank == 0:
+            inputs = simxent.evaluate.encoder_inputs
+
+            def one_batch_then_out_of_memory(*args, **kwargs):
+                yield next(inputs(*args, **kwargs))
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            simxent.evaluate.encoder_inputs = one_batch_then_out_of_memory
         simxent.train.recalibrate_batchnorm(run)
+        if failure:
+            expected = before
+        else:
+            reestimate_batchnorm(plain, images, normalize, torch.device("cpu"), batch_size=4, channels_last=False)
+            expected = plain.state_dict()
         for key, value in encoder.state_dict().items():
-            torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)
+            torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=key)
         dist.wait_for_all()  # both got here
     finally:
         torch_dist.destroy_process_group()
 
 
-def test_batchnorm_re_estimation_is_left_by_every_process_when_one_cannot_read_the_images():
-    mp.spawn(_unreadable_on_one_worker, args=(free_port(), 0), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("failure", [None, "unreadable", "out of memory"])
+def test_batchnorm_re_estimation_has_one_outcome_in_every_process(failure):
+    mp.spawn(_re_estimation_worker, args=(free_port(), failure), nprocs=WORLD, join=True)
 
 
 def test_gather_is_identity_in_one_process():
