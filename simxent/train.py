@@ -630,8 +630,9 @@ class EpochBatches:
         self.labels = batch_labels(run.train, size, epoch_generator(cfg.train.seed, pos.epoch), start=pos.step,
                                    rank=rank, world=world) if cfg.loss.positives == "labels" else None
         self.device, self.make_views = run.device, run.views
-        # Agreed by every process: the sizes match across them.
-        self.progress = lambda: run.budget.progress(run.schedule_step)
+        # The progress at the batch's own step, as its lr will be set (drawn ahead, a step before it trains),
+        # from the time budget's agreed share: the same in every process, so the view sizes match across them.
+        self.progress = lambda step: run.budget.progress(run.pos.epoch * run.steps_per_epoch + step)
         self.ahead: Optional[Drawn] = None
         self.draw_next(run.resumed_progress)  # a resumed run's first batch: as the checkpoint recorded it
         run.resumed_progress = None
@@ -645,7 +646,7 @@ class EpochBatches:
         step, x = item
         x = x.to(self.device, non_blocking=True)
         y = next(self.labels).to(self.device, non_blocking=True) if self.labels is not None else None
-        p = self.progress() if progress is None else progress
+        p = self.progress(step) if progress is None else progress
         self.ahead = Drawn(step, x, self.make_views(x, p), y, rng, p)
 
 

@@ -431,10 +431,9 @@ def test_pairwise_multi_crop_pretraining_hands_the_loss_its_pairs(shapes, tmp_pa
 
 def test_a_resolution_schedule_grows_the_views_and_resumes_exactly(shapes, tmp_path, monkeypatch):
     """augment.view_ratio_start=0.5 at 16 px, 10 steps (5 per epoch): each batch's views are sized by the
-    schedule's progress p when it was drawn, during the step before (an epoch's first: at the epoch's start,
-    p = 0 and 0.5), 8 -> 12 -> 16 px. A run resumed
-    from the checkpoint after step 3, whose next batch was drawn at p = 0.2 (8 px, where the progress at the
-    resume, 0.3, gives 12), trains the same sizes and ends at the uninterrupted weights."""
+    schedule's progress at its own step, p = k / 10 for batch k (drawn during the step before; they lagged a
+    step, but for an epoch's first), 8 -> 12 -> 16 px. A run resumed from the checkpoint after step 3, whose
+    next batch was drawn at p = 0.3, trains the same sizes and ends at the uninterrupted weights."""
     from simxent.models import ConvNet
 
     sizes, real = [], ConvNet.forward
@@ -448,13 +447,13 @@ def test_a_resolution_schedule_grows_the_views_and_resumes_exactly(shapes, tmp_p
     grow = ("augment.view_ratio_start=0.5", "eval.every=0", "train.precision=fp32", "train.checkpoint_every=1",
             "train.keep_checkpoints=10")
     full = pretrain(load_config(None, tiny(shapes, tmp_path / "full", *grow)), progress=False)
-    full_sizes = [8] * 4 + [12] * 5 + [16]
+    full_sizes = [8] * 3 + [12] * 5 + [16] * 2
     assert full["global_step"] == 10 and sizes == full_sizes
     assert [v for _, v in scalars(tmp_path / "full")["train/view_size"]] == full_sizes  # what TensorBoard shows
     by_step = {load_checkpoint(p)["position"]["global_step"]: p for p in (tmp_path / "full" / "checkpoints").glob(
         "step-*.pt")}
     after_3 = by_step[3]
-    assert load_checkpoint(after_3)["ahead_progress"] == pytest.approx(0.2)
+    assert load_checkpoint(after_3)["ahead_progress"] == pytest.approx(0.3)
     assert load_checkpoint(by_step[5])["ahead_progress"] is None  # an epoch's end: nothing drawn ahead
     sizes.clear()
     pretrain(load_config(None, tiny(shapes, tmp_path / "resumed", *grow, f"train.resume={after_3}")), progress=False)
