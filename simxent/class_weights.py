@@ -104,24 +104,25 @@ def class_weights(spec: str, labels: torch.Tensor, classes: list[str], beta: flo
         weights = balanced(counts) if spec == "balanced" else effective(counts, beta)
     else:
         weights = weights_from_file(spec, classes)
-    check_float32(weights, counts, classes)
+    check_float32(weights, counts, classes, "" if spec in ("balanced", "effective") else f"{spec}: ")
     report(weights, counts, classes)
     return weights.float()
 
 
-def check_float32(weights: torch.Tensor, counts: torch.Tensor, classes: list[str]) -> None:
+def check_float32(weights: torch.Tensor, counts: torch.Tensor, classes: list[str], source: str = "") -> None:
     """Weights must be finite and > 0 in float32, the dtype the loss uses (1e39 becomes inf there, 1e-50
     becomes 0), and so must sum_c n_c w_c, which bounds the weighted cross entropy's normaliser
-    sum_i w_{y_i} over any batch."""
+    sum_i w_{y_i} over any batch. ``source`` leads each error (a weight file's name)."""
     as_float32 = weights.float().tolist()
     bad = [f"{c}={w:g}" + (f" ({v:g} in float32)" if f"{v:g}" != f"{w:g}" else "")
            for c, w, v in zip(classes, weights.tolist(), as_float32) if not (math.isfinite(v) and v > 0)]
     if bad:
-        raise ClassWeightError(f"class weights must be finite and > 0, got {', '.join(bad)} (checked in float32, "
-                               f"the loss's dtype)")
+        raise ClassWeightError(f"{source}class weights must be finite and > 0, got {', '.join(bad)} (checked in "
+                               f"float32, the loss's dtype)")
     total = (weights.float() * counts.float()).sum().item()
     if not math.isfinite(total):
-        raise ClassWeightError(f"class weights times class counts sum to {total:g} in float32; scale the weights down")
+        raise ClassWeightError(f"{source}class weights times class counts sum to {total:g} in float32; scale the "
+                               f"weights down")
 
 
 def report(weights: torch.Tensor, counts: torch.Tensor, classes: list[str]) -> None:

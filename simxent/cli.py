@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import math
 import os
 import shlex
 import signal
@@ -268,12 +269,14 @@ def demo_main(argv=None) -> int:
                 "(the packaged preset 'demo'), then print linear probe and kNN accuracy beside an untrained encoder.")
     p.add_argument("--data", default="demo_data", help="where the generated images go")
     p.add_argument("--out", default="runs/demo", help="run directory")
-    p.add_argument("--minutes", type=float, default=3.0, help="pretraining wall time")
+    p.add_argument("--minutes", type=float, default=3.0, help="pretraining wall time (> 0)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     a = p.parse_intermixed_args(argv)
     from .demo import make_shapes
 
     def main():
+        if not 0 < a.minutes < math.inf:  # train.max_time=0 would mean no limit: the preset's 30 epochs
+            raise ConfigError(f"--minutes must be a number of minutes > 0, got {a.minutes:g}")
         data = Path(a.data)
         if not (data / "train").is_dir():
             show(f"drawing the demo image set in {data} ...")

@@ -293,6 +293,9 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
             test.labels, train.classes, floor=0.0)  # votes: a class without one is no top-5 hit
         knn["k"] = min(opts.knn_k, len(train))  # the neighbours that voted (options.knn_k: those asked for)
         monitor.confusion(f"{name}/knn/confusion", knn["confusion"], train.classes)
+        if figures_dir is not None:
+            figures_lib.save(figures_lib.confusion_matrix(knn["confusion"], train.classes, f"{name}: kNN"),
+                             figures_dir / f"{name}_knn_confusion.png")
         result["knn"] = knn
     return result
 

@@ -208,6 +208,15 @@ def test_an_error_is_one_write_of_one_line(monkeypatch):
     assert writes == ["simxent: error: train.batch_size=127 (the global batch) must divide by the 2 processes\n"]
 
 
+@pytest.mark.parametrize("minutes", ["0", "-1", "inf"])
+def test_the_demos_minutes_must_be_a_positive_time(tmp_path, capsys, minutes):
+    """--minutes 0 became train.max_time=0, no limit: the demo preset's 30 epochs; -1 was refused naming
+    train.max_time, a key the user never set."""
+    assert cli.demo_main(["--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "run"), "--minutes", minutes]) == 2
+    assert f"--minutes must be a number of minutes > 0, got {float(minutes):g}" in capsys.readouterr().err
+    assert not (tmp_path / "shapes").exists() and not (tmp_path / "run").exists()
+
+
 def test_the_demo_scores_the_run_it_trained_and_leaves_a_users_run_alone(tmp_path, capsys):
     """An out= override moves the demo's run: the probe scores that run's checkpoint (not --out's). A folder
     holding a run on other images is refused before anything is replaced."""

@@ -100,7 +100,7 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
     figures = Path(results["figures"])  # the evaluation's own folder, named as its TensorBoard run
     assert figures.parent == run / "linear_eval" / "figures" and (run / "linear_eval" / "tb" / figures.name).is_dir()
     for name in ("pretrained", "random_init"):
-        for kind in ("probe_curves", "confusion", "reliability", "per_class"):
+        for kind in ("probe_curves", "confusion", "reliability", "per_class", "knn_confusion"):
             png = figures / f"{name}_{kind}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
@@ -115,7 +115,7 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
     assert again["pretrained"]["linear"]["top1"] >= 0.9 and again["pretrained"]["knn"]["top1"] >= 0.9
     # A second evaluation of the same checkpoint writes beside the first, never over or among its figures.
     assert Path(again["figures"]) != figures and sorted(p.name for p in Path(again["figures"]).iterdir()) == sorted(
-        f"pretrained_{kind}.png" for kind in ("probe_curves", "confusion", "reliability", "per_class"))
+        f"pretrained_{kind}.png" for kind in ("probe_curves", "confusion", "reliability", "per_class", "knn_confusion"))
     assert (figures / "random_init_confusion.png").is_file()
 
 

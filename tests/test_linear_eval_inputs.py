@@ -148,12 +148,13 @@ def test_label_sets_with_undefined_metrics(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("text, match", [
-    ("cat 1e39\ndog 1\n", r"cat=1e\+39 \(inf in float32\)"),
-    ("cat 1\ndog 1e-50\n", r"dog=1e-50 \(0 in float32\)"),
-    ("cat 3e38\ndog 3e38\n", r"sum to inf in float32"),
+    ("cat 1e39\ndog 1\n", r"w.txt: class weights must be finite and > 0, got cat=1e\+39 \(inf in float32\)"),
+    ("cat 1\ndog 1e-50\n", r"w.txt: class weights must be finite and > 0, got dog=1e-50 \(0 in float32\)"),
+    ("cat -2\ndog 1\n", r"w.txt: class weights must be finite and > 0, got cat=-2 "),
+    ("cat 3e38\ndog 3e38\n", r"w.txt: class weights times class counts sum to inf in float32"),
     ("cat 1\ndog 2\n# again\ncat 3\n", r"class cat is on lines 1 and 4"),
 ])
-def test_weight_files_checked_in_float32_and_once_per_class(tmp_path, text, match):
+def test_weight_files_checked_in_float32_and_once_per_class_naming_the_file(tmp_path, text, match):
     f = tmp_path / "w.txt"
     f.write_text(text)
     with pytest.raises(ClassWeightError, match=match):
