@@ -321,11 +321,11 @@ class CheckpointWriter:
     def write(self, state: dict, folder: Path, step: int, keep: int, run_id: str) -> None:
         """:func:`save_rotating` of a host copy of ``state``, taken now, on the writer's thread; after a
         failed write, here and now, then that write's error is raised."""
-        try:
-            self.wait()
-        except BaseException:
+        self.join()
+        failed, self.error = self.error, None
+        if failed is not None:
             save_rotating(host_copy(state), folder, step, keep, run_id)
-            raise
+            raise failed
         args = (host_copy(state), folder, step, keep, run_id)
         self.thread = threading.Thread(target=self._run, args=args, name="simxent-checkpoint")
         self.thread.start()
@@ -352,11 +352,16 @@ class CheckpointWriter:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return False
 
-    def wait(self) -> None:
-        """Wait for the write in flight; raise its error, if it failed."""
+    def join(self) -> None:
+        """Wait for the write in flight; its error, if it failed, stays for the next :meth:`write` or
+        :meth:`wait`."""
         if self.thread is not None:
             self.thread.join()
             self.thread = None
+
+    def wait(self) -> None:
+        """Wait for the write in flight; raise its error, if it failed."""
+        self.join()
         error, self.error = self.error, None
         if error is not None:
             raise error

@@ -757,7 +757,7 @@ def train_epoch(run: Run, stop_requested: threading.Event) -> Optional[str]:
     bar = tqdm(total=run.steps_per_epoch, initial=pos.step, desc=f"epoch {pos.epoch + 1}/{cfg.train.epochs}",
                unit="step", disable=not run.bars, leave=False)
     if isinstance(run.train, ImageStream) and run.train.workers:
-        run.writer.wait()  # its workers fork: never beside the writer's thread, whose locks they would inherit held
+        run.writer.join()  # its workers fork: never beside the writer's thread, whose locks they would inherit held
     meter, batches, reason = Throughput(), EpochBatches(run), None
     while batches.ahead is not None and reason is None:
         batch = batches.ahead
@@ -817,6 +817,8 @@ def recalibrate_batchnorm(run: Run) -> None:
         images = evaluation_images(run, pick)
     except (OSError, ValueError) as e:  # a file gone or changed since it was decoded
         failed = f"the training images cannot be read again ({e})"
+    except torch.OutOfMemoryError as e:  # the images gathered on the GPU, where the training array may live
+        failed = f"out of memory gathering {n} images ({e})"
     if failed is None:
         try:  # every process on the same images: the statistics agree without BatchNorm's collectives
             with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []), \
@@ -881,7 +883,9 @@ def save(run: Run, ahead: Optional[Drawn]) -> None:
                            progress, ahead.progress if ahead else None,
                            history(run))
     if run.main:
-        run.writer.wait()  # the last write first: the files below land in order, and a failed write stops here
+        # The last write first, so that the files below land in order; if it failed, write() saves this
+        # checkpoint before its error stops the run.
+        run.writer.join()
         run.similarities.write()
         folder = checkpoint_path(run.cfg).parent
         if run.branch_from is not None:  # at the new branch's first save, not before: a failed start moves nothing

@@ -163,7 +163,13 @@ def test_float_pixels_outside_zero_to_one_are_refused_with_their_range():
     expected = aug.views(x, 2)
     torch.manual_seed(0)
     torch.testing.assert_close(aug.views(x.float() / 255, 2), expected)
-    aug(torch.full((1, 3, 16, 16), 1.05))  # bicubic overshoot
+    block = torch.zeros(1, 3, 8, 8)
+    block[..., 3:5, 3:5] = 1  # a white square on black, enlarged: bicubic overshoots at its edges
+    enlarged = torch.nn.functional.interpolate(block, scale_factor=2, mode="bicubic")
+    assert enlarged.min() < -0.1 and enlarged.max() > 1.2
+    aug(enlarged)
+    with pytest.raises(ValueError, match="float images hold NaN pixels"):
+        aug(torch.full((1, 3, 16, 16), torch.nan))
 
 
 # --- the fused colour ops against torchvision's per-image definitions ---------------------------------

@@ -298,8 +298,8 @@ def test_a_streamed_folders_bad_files_are_reported_from_every_process(monkeypatc
 
 def _re_estimation_worker(rank, port, failure):
     """Re-estimation under BatchNorm over the global batch, every process on the same images: with
-    ``failure`` in one process (rank 1 cannot read the images again; rank 0 runs out of memory after its
-    first batch), both keep training's statistics and go on to the next collective (before, the other
+    ``failure`` in one process (rank 1 cannot read the images again; rank 0 runs out of memory gathering
+    them, or after its first batch), both keep training's statistics and go on to the next collective (before, the other
     waited in the pass's collectives, or left them mid-way, and both timed out after 2 s); without, both
     hold what one process computes with plain BatchNorm (not a variance over W copies of the images)."""
     import simxent.evaluate
@@ -325,6 +325,10 @@ def _re_estimation_worker(rank, port, failure):
             def gone(*_):
                 raise OSError("photo.jpg: No such file or directory")
             simxent.train.evaluation_images = gone
+        if failure == "out of memory gathering" and rank == 0:  # the images gathered on a GPU
+            def too_many(*_):
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            simxent.train.evaluation_images = too_many
         if failure == "out of memory" and rank == 0:
             inputs = simxent.evaluate.encoder_inputs
 
@@ -345,7 +349,7 @@ def _re_estimation_worker(rank, port, failure):
         torch_dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("failure", [None, "unreadable", "out of memory"])
+@pytest.mark.parametrize("failure", [None, "unreadable", "out of memory", "out of memory gathering"])
 def test_batchnorm_re_estimation_has_one_outcome_in_every_process(failure):
     mp.spawn(_re_estimation_worker, args=(free_port(), failure), nprocs=WORLD, join=True)
 

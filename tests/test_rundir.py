@@ -285,6 +285,31 @@ def test_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous(shapes
     assert not (tmp_path / "c.pt").exists() and not list(tmp_path.glob(".c.pt.*"))
 
 
+def test_a_failed_checkpoint_write_stops_the_run_at_the_next_one_once_that_is_written(shapes, tmp_path,
+                                                                                       monkeypatch):
+    """The write of step 2 fails once (an I/O error on a network mount): the run trains on to its next
+    checkpoint, step 4, writes it, and only then stops with the error, so steps 3 and 4 are not lost (the
+    run used to stop at step 4 before writing anything)."""
+    from simxent.config import load_config
+    from simxent.train import pretrain
+
+    real, calls = simxent.checkpoint.save_checkpoint, []
+
+    def fails_once(state, path):
+        calls.append(path.name)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        real(state, path)
+
+    monkeypatch.setattr(simxent.checkpoint, "save_checkpoint", fails_once)
+    out = tmp_path / "run"
+    cfg = load_config(None, tiny(shapes, out, "train.checkpoint_every=2")[1:])
+    with pytest.raises(OSError, match="Input/output error"):
+        pretrain(cfg, progress=False)
+    assert [name.split("-")[1] for name in calls] == ["000000002", "000000004"]
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["position"]["global_step"] == 4
+
+
 def test_unusable_out_or_cache_folder_is_one_line(shapes, tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
