@@ -17,6 +17,7 @@ full-resolution image.
 from __future__ import annotations
 
 import collections
+import ctypes
 import functools
 import hashlib
 import json
@@ -26,6 +27,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -653,13 +655,22 @@ def crop_seed(base: int, step: int, rank: int) -> int:
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+
+
 def leave_stop_signals_to_the_main_process(_worker_id: int = 0) -> None:
     """A DataLoader worker's ``worker_init_fn``: the worker leaves the run's process group, so that a
     SIGTERM or SIGINT to the group (torchrun, SLURM, docker, Ctrl-C) reaches the main process alone, which
     finishes its step, checkpoints and then ends its workers; a worker killed by it took the run down before
     its checkpoint. The worker was forked with both blocked (:func:`start_workers`): any that came meanwhile
-    is dropped, and the defaults come back, so that torch can still end a worker with SIGTERM."""
+    is dropped, and the defaults come back, so that torch can still end a worker with SIGTERM.
+
+    Out of the group, a worker would outlive a run killed outright (SIGKILL, the out-of-memory killer),
+    holding its files and a pipe's end open (``| tee`` never ended): on Linux it asks the kernel to kill
+    it when the process that forked it dies."""
     os.setpgid(0, 0)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

@@ -2,6 +2,9 @@
 import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -550,3 +553,43 @@ def test_a_stream_without_one_readable_file_is_one_line(tmp_path):
     with pytest.raises(DataError, match=r"^no readable images among the 4 files streamed, such as .*0.jpg") as e:
         next(iter(stream.batches(2, torch.Generator().manual_seed(0))))
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_decoding_worker_dies_with_a_run_killed_outright(tmp_path):
+    """A worker leaves the run's process group (so that a Ctrl-C reaches the main process alone): a run
+    SIGKILLed mid-decode left its workers behind, holding its files and a pipe's end open for minutes."""
+    pids = tmp_path / "worker.pid"
+    script = (
+        "import os, time\n"
+        "from torch.utils.data import DataLoader\n"
+        "from simxent.data import leave_stop_signals_to_the_main_process, start_workers\n"
+        "class Slow:\n"
+        "    def __len__(self): return 100\n"
+        "    def __getitem__(self, i):\n"
+        f"        open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        "        time.sleep(60)\n"
+        "loader = DataLoader(Slow(), num_workers=1, worker_init_fn=leave_stop_signals_to_the_main_process)\n"
+        "next(start_workers(loader))\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1])
+    deadline = time.monotonic() + 60
+    while not (pids.exists() and pids.read_text().endswith("\n")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker = int(pids.read_text().split()[0])
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    still = alive(worker)
+    if still:
+        os.kill(worker, signal.SIGKILL)
+    assert not still, "the worker outlived its killed parent"
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped by its new parent, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
