@@ -32,6 +32,14 @@ USER_ERRORS = (ConfigError, DataError, CheckpointError, ClassWeightError, LabelE
                TrainingError, dist.MainProcessStopped)
 
 
+def in_one_process(command: str) -> None:
+    """Refuse a command that runs in one process when torchrun started several: each would evaluate, write
+    and draw the same files (two TensorBoard runs and figure folders, one JSON written twice)."""
+    if dist.launched_by_torchrun():
+        raise ConfigError(f"{command} runs in one process: start it without torchrun (only simxent-pretrain "
+                          f"trains across processes)")
+
+
 def report_user_errors(main):
     """``main()``'s exit status; an error a user can fix (USER_ERRORS) becomes one line on stderr and exit
     status 2, not a traceback. File names that are not UTF-8 print as their own bytes, as ls does."""
@@ -237,6 +245,7 @@ def linear_eval_main(argv=None) -> int:
     a = p.parse_args(argv)
 
     def main():
+        in_one_process("simxent-linear-eval")
         results = linear_eval(a.checkpoint, a.train, a.test, _probe_options(a), a.random_init, a.out, a.json,
                               a.device, a.workers, not a.no_cache, not a.no_progress, objective=a.objective,
                               positive_class=a.positive_class, train_labels=a.train_labels,
@@ -275,6 +284,7 @@ def demo_main(argv=None) -> int:
     from .demo import make_shapes
 
     def main():
+        in_one_process("simxent-demo")
         if not 0 < a.minutes < math.inf:  # train.max_time=0 would mean no limit: the preset's 30 epochs
             raise ConfigError(f"--minutes must be a number of minutes > 0, got {a.minutes:g}")
         data = Path(a.data)
@@ -317,6 +327,7 @@ def cache_main(argv=None) -> int:
     cache_dir = Path(a.dir) if a.dir else default_cache_dir()
 
     def main():
+        in_one_process("simxent-cache")
         if a.dir and not cache_dir.is_dir():  # a mistyped --dir is no empty cache (the default may not exist yet)
             raise ConfigError(f"--dir {a.dir}: no such folder")
         if a.command == "list":
@@ -355,6 +366,7 @@ def embed_main(argv=None) -> int:
     a = p.parse_args(argv)
 
     def main():
+        in_one_process("simxent-embed")
         opts = EmbedOptions(a.image_size, a.crop_ratio, a.backbone, a.cifar_stem, a.device, a.workers,
                             not a.no_cache, a.cache_dir, a.batch_size, a.ivf_above, a.nprobe, a.projector,
                             not a.no_progress)
@@ -385,6 +397,7 @@ def search_main(argv=None) -> int:
         p.error("give IMAGE files to look up, or --duplicates THRESHOLD")
 
     def main():
+        in_one_process("simxent-search")
         if a.k < 1:
             raise ConfigError(f"--k must be >= 1, got {a.k}")
         if a.duplicates is not None and not -1 < a.duplicates <= 1:

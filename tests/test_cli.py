@@ -208,6 +208,23 @@ def test_an_error_is_one_write_of_one_line(monkeypatch):
     assert writes == ["simxent: error: train.batch_size=127 (the global batch) must divide by the 2 processes\n"]
 
 
+@pytest.mark.parametrize("command, args", [
+    ("linear_eval", ["--checkpoint", "c.pt", "--train", "tr", "--test", "te"]),
+    ("embed", ["--checkpoint", "c.pt", "--images", "im", "--out", "o"]),
+    ("search", ["--index", "ix", "q.png"]),
+    ("demo", []),
+    ("cache", ["list"])])
+def test_one_process_commands_refuse_torchrun(monkeypatch, capsys, tmp_path, command, args):
+    """Under torchrun every process evaluated and wrote the same files: two TensorBoard runs and figure
+    folders, one JSON written twice."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert getattr(cli, f"{command}_main")(args) == 2
+    assert f"simxent-{command.replace('_', '-')} runs in one process: start it without torchrun" in \
+        capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("minutes", ["0", "-1", "inf"])
 def test_the_demos_minutes_must_be_a_positive_time(tmp_path, capsys, minutes):
     """--minutes 0 became train.max_time=0, no limit: the demo preset's 30 epochs; -1 was refused naming
