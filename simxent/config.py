@@ -621,6 +621,10 @@ def check_streaming(cfg: Config) -> None:
         raise ConfigError(f"augment.views={cfg.augment.views}, augment.small_views={cfg.augment.small_views}: "
                           f"data.stream=true makes two full-size views per image (set {wanted}, or "
                           f"data.stream=false)")
+    if cfg.train.bn_recalibration:
+        raise ConfigError(f"train.bn_recalibration={cfg.train.bn_recalibration}: needs data.stream=false (a "
+                          f"streamed folder keeps no decoded images to re-estimate BatchNorm statistics over); set "
+                          f"train.bn_recalibration=0")
     if cfg.loss.positives == "labels":
         # A streamed bad file is replaced by the next readable one, possibly of another class, while the
         # batch keeps the first file's label: supervised positives would silently pair the wrong images.

@@ -408,6 +408,15 @@ def test_streaming_takes_two_full_size_views_only():
     assert load_config(None, ["data.stream=false", "augment.views=3", "augment.small_views=2"]).augment.views == 3
 
 
+def test_streaming_refuses_batchnorm_re_estimation_naming_the_fix():
+    """A streamed folder keeps no decoded images: the cpu preset's re-estimation was dropped with a warning
+    at the run's end."""
+    with pytest.raises(ConfigError, match=r"train.bn_recalibration=5000: needs data.stream=false .* set "
+                                          r"train.bn_recalibration=0"):
+        load_config("cpu", ["data.stream=true", "augment.small_views=0"])
+    assert load_config("cpu", ["data.stream=true", "augment.small_views=0", "train.bn_recalibration=0"]).data.stream
+
+
 def test_streaming_refuses_supervised_positives():
     """A streamed bad file is replaced by another image whose label may differ, so labels-as-positives needs
     the cache; the message names both keys."""
