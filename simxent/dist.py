@@ -118,6 +118,13 @@ def torchrun_job() -> str | None:
     return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
+def job_id_is_torchruns_default() -> bool:
+    """Whether torchrun may restart this job (``--max-restarts``) under its default job id ``none`` (no
+    ``--standalone`` or ``--rdzv-id``, as with ``--master-port``), which every such job shares: a restart
+    cannot tell this job's checkpoints from those of an earlier job launched the same way."""
+    return torchrun_job() == "none" and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+
+
 class MainProcessStopped(RuntimeError):
     """The main process stopped (a refused ``out``, say) while the others waited for what it shares."""
 

@@ -1177,6 +1177,10 @@ def open_run(cfg: Config, held: ExitStack) -> Opened:
     setup_logging(None, level)  # stderr now; train.log opens below, once out is claimed, with what was said
     with held_warnings() as earlier:
         dtype = resolve_dtype(cfg.train.precision, device)  # fp16 on a CPU is refused before out is made
+        if main and dist.job_id_is_torchruns_default():
+            log.warning("torchrun's job id is 'none' (its default without --standalone or --rdzv-id): a restart "
+                        "cannot tell this job's checkpoints in %s from an earlier job's launched the same way; give "
+                        "each job its own --rdzv-id (SLURM's job id), or --standalone on one machine", cfg.out)
         if main:  # only the main process writes in out (and nothing before it holds the lock)
             claim_now, clears, resume, resumed = _claim_out(cfg, held, device)
             run_id, claim_later = (None, claim_now) if clears else (claim_now(), None)

@@ -354,6 +354,22 @@ def test_batchnorm_re_estimation_has_one_outcome_in_every_process(failure):
     mp.spawn(_re_estimation_worker, args=(free_port(), failure), nprocs=WORLD, join=True)
 
 
+def test_a_job_that_torchrun_may_restart_under_its_default_id_is_warned(tmp_path, monkeypatch, caplog):
+    """--master-port without --rdzv-id gives every job the id 'none': a restart of one took an earlier job's
+    checkpoints in the same out as its own, and trained them on (a new user's trial)."""
+    shapes = make_shapes(tmp_path / "shapes", train_per_class=4, test_per_class=1, size=16)
+    args = [*TINY_RUN, f"data.train={shapes / 'train'}", "train.epochs=1", "eval.every=0", "train.batch_size=4"]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    for restarts, warned in (("0", False), ("1", True)):
+        monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", restarts)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="simxent"):
+            pretrain(load_config(None, [*args, f"out={tmp_path / restarts}"]), progress=False)
+        assert ("torchrun's job id is 'none'" in caplog.text) is warned
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "c3b0a5f2")
+    assert not dist.job_id_is_torchruns_default()
+
+
 def test_gather_is_identity_in_one_process():
     x = torch.randn(3, 4, requires_grad=True)
     assert dist.gather_with_grad(x) is x and dist.world_size() == 1 and dist.is_main()
