@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import itertools
 import os
+import signal
+import threading
 import warnings
 from contextlib import contextmanager
 
@@ -60,9 +62,26 @@ def init(device: torch.device) -> torch.device:
     # torchrun's store outlives a restart; the dead workers' addresses must not be read again.
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     _store = dist.PrefixStore(f"simxent/attempt{attempt}", store)
-    dist.init_process_group(backend, store=_store, rank=rank_, world_size=world, timeout=PROCESS_GROUP_TIMEOUT,
-                            device_id=device if device.type == "cuda" else None)
+    with signals_end_the_process():
+        dist.init_process_group(backend, store=_store, rank=rank_, world_size=world, timeout=PROCESS_GROUP_TIMEOUT,
+                                device_id=device if device.type == "cuda" else None)
     return device
+
+
+@contextmanager
+def signals_end_the_process():
+    """SIGTERM and SIGINT with their default action (the process ends) within the block: joining the group
+    waits inside a C call, where a Python handler never runs, so a process whose peer died before it joined
+    heard torchrun's SIGTERM only as the SIGKILL that follows 30 s later. Nothing is trained yet."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def wait_for_all() -> None:

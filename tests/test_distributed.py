@@ -370,6 +370,35 @@ def test_a_job_that_torchrun_may_restart_under_its_default_id_is_warned(tmp_path
     assert not dist.job_id_is_torchruns_default()
 
 
+def test_a_signal_while_joining_the_group_ends_the_process(monkeypatch):
+    """Joining waits inside a C call, where a Python handler (simxent's stop request) never runs: a process
+    whose peer died before joining heard torchrun's SIGTERM only as its SIGKILL 30 s later. While it joins,
+    SIGTERM and SIGINT end it at once; afterwards the run's handlers are back."""
+    import simxent.dist
+
+    seen = {}
+
+    def joining(*args, **kwargs):
+        seen.update({sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)})
+
+    def stop_requested(signum, frame):
+        pass
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(simxent.dist, "rendezvous", lambda *args, **kwargs: iter([(torch_dist.HashStore(), 0, 2)]))
+    monkeypatch.setattr(torch_dist, "init_process_group", joining)
+    monkeypatch.setattr(torch_dist, "is_initialized", lambda: False)
+    previous = {sig: signal.signal(sig, stop_requested) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        dist.init(torch.device("cpu"))
+        assert seen == {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.SIG_DFL}
+        assert all(signal.getsignal(sig) is stop_requested for sig in previous)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        simxent.dist._store = None
+
+
 def test_gather_is_identity_in_one_process():
     x = torch.randn(3, 4, requires_grad=True)
     assert dist.gather_with_grad(x) is x and dist.world_size() == 1 and dist.is_main()
