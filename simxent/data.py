@@ -155,17 +155,12 @@ def find_images(root: str | Path) -> ImageList:
             elif suffix in UNREAD_SUFFIXES:
                 unread.append(Path(dirpath) / name)
     _report_irregular(irregular, root)
-    _report_left_out(runs, unread, root)
+    _report_left_out(runs, unread, hidden, root)
     _report_reached_again(again, root)
-    if hidden:
-        log.warning("left out %d hidden image file(s) and folder(s) in %s (names beginning with '.'), such as %s",
-                    len(hidden), root, hidden[0])
     if not files:
         raise DataError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    classes = sorted({t for t in tops if t is not None})
-    index = {c: i for i, c in enumerate(classes)}
-    labels = [-1 if t is None else index[t] for t in tops]
-    return ImageList(root, files, labels, classes, irregular=irregular)
+    index = {c: i for i, c in enumerate(sorted({t for t in tops if t is not None}))}
+    return ImageList(root, files, [index.get(t, -1) for t in tops], list(index), irregular=irregular)
 
 
 def _report_reached_again(again: list[tuple[str, str]], root: Path) -> None:
@@ -177,8 +172,12 @@ def _report_reached_again(again: list[tuple[str, str]], root: Path) -> None:
                     "; ".join(f"{later} is {first}" for later, first in again))
 
 
-def _report_left_out(runs: list[str], unread: list[Path], root: Path) -> None:
-    """One warning for the run folders found inside ``root``, one for its images in UNREAD_SUFFIXES."""
+def _report_left_out(runs: list[str], unread: list[Path], hidden: list[Path], root: Path) -> None:
+    """One warning for the run folders found inside ``root``, one for its images in UNREAD_SUFFIXES, one for
+    its hidden files and folders."""
+    if hidden:
+        log.warning("left out %d hidden image file(s) and folder(s) in %s (names beginning with '.'), such as %s",
+                    len(hidden), root, hidden[0])
     if runs:
         log.warning("left out %d simxent run or output folder(s) inside %s (their figures are not training "
                     "images): %s",

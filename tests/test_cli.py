@@ -229,7 +229,8 @@ def test_one_process_commands_refuse_torchrun(monkeypatch, capsys, tmp_path, com
 def test_the_demos_minutes_must_be_a_positive_time(tmp_path, capsys, minutes):
     """--minutes 0 became train.max_time=0, no limit: the demo preset's 30 epochs; -1 was refused naming
     train.max_time, a key the user never set."""
-    assert cli.demo_main(["--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "run"), "--minutes", minutes]) == 2
+    args = ["--data", str(tmp_path / "shapes"), "--out", str(tmp_path / "run"), "--minutes", minutes]
+    assert cli.demo_main(args) == 2
     assert f"--minutes must be a number of minutes > 0, got {float(minutes):g}" in capsys.readouterr().err
     assert not (tmp_path / "shapes").exists() and not (tmp_path / "run").exists()
 
