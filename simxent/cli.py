@@ -36,8 +36,8 @@ def in_one_process(command: str) -> None:
     """Refuse a command that runs in one process when torchrun started several: each would evaluate, write
     and draw the same files (two TensorBoard runs and figure folders, one JSON written twice)."""
     if dist.launched_by_torchrun():
-        raise ConfigError(f"{command} runs in one process: start it without torchrun (only simxent-pretrain "
-                          f"trains across processes)")
+        raise ConfigError(f"{command} runs in one process: start it without torchrun, with WORLD_SIZE unset (it "
+                          f"is {os.environ['WORLD_SIZE']}; only simxent-pretrain trains across processes)")
 
 
 def report_user_errors(main):

@@ -28,6 +28,7 @@ import shutil
 import signal
 import stat
 import sys
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -655,6 +656,7 @@ STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
+_forked_by_the_main_thread = False  # set by start_workers before it forks
 
 
 def leave_stop_signals_to_the_main_process(_worker_id: int = 0) -> None:
@@ -666,9 +668,10 @@ def leave_stop_signals_to_the_main_process(_worker_id: int = 0) -> None:
 
     Out of the group, a worker would outlive a run killed outright (SIGKILL, the out-of-memory killer),
     holding its files and a pipe's end open (``| tee`` never ended): on Linux it asks the kernel to kill
-    it when the process that forked it dies."""
+    it when the process that forked it dies. Only for workers that the main thread forked: the kernel
+    counts the forking thread as the parent, and a user's short-lived thread would take its workers along."""
     os.setpgid(0, 0)
-    if sys.platform.startswith("linux"):
+    if sys.platform.startswith("linux") and _forked_by_the_main_thread:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
@@ -684,6 +687,8 @@ def start_workers(loader: DataLoader):
     unblocked."""
     if not loader.num_workers:
         return iter(loader)
+    global _forked_by_the_main_thread  # read by the forked workers (leave_stop_signals_to_the_main_process)
+    _forked_by_the_main_thread = threading.current_thread() is threading.main_thread()
     old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         return iter(loader)

@@ -220,8 +220,8 @@ def test_one_process_commands_refuse_torchrun(monkeypatch, capsys, tmp_path, com
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert getattr(cli, f"{command}_main")(args) == 2
-    assert f"simxent-{command.replace('_', '-')} runs in one process: start it without torchrun" in \
-        capsys.readouterr().err
+    assert f"simxent-{command.replace('_', '-')} runs in one process: start it without torchrun, with WORLD_SIZE " \
+           f"unset (it is 2;" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 

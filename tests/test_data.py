@@ -593,3 +593,34 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_workers_started_by_a_short_lived_thread_outlive_it():
+    """The kernel takes the forking thread for a worker's parent: workers that a user's thread started must
+    not die with that thread (the parent-death signal is asked for by the main thread's workers only)."""
+    import threading
+
+    from torch.utils.data import DataLoader
+
+    from simxent.data import leave_stop_signals_to_the_main_process, start_workers
+
+    class Slow(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            time.sleep(0.05)
+            return i
+
+    started = {}
+
+    def start():
+        started["batches"] = start_workers(DataLoader(Slow(), batch_size=2, num_workers=2,
+                                                      worker_init_fn=leave_stop_signals_to_the_main_process))
+        started["first"] = next(started["batches"])
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    time.sleep(0.5)
+    assert sorted([*started["first"].tolist(), *(i for b in started["batches"] for i in b.tolist())]) == list(range(12))
