@@ -811,7 +811,8 @@ def _listing(images: ImageList) -> bytes:
         if images.kind != "folder":
             name = os.path.abspath(f)
         else:  # f.relative_to(root), by string where the walk made f from root's own string: far faster
-            name = str(f)[len(prefix):] if str(f).startswith(prefix) else f.relative_to(images.root)
+            text = str(f)
+            name = text[len(prefix):] if text.startswith(prefix) else f.relative_to(images.root)
         lines.append(f"{name}\t{nbytes}\t{mtime}\t{ctime}\n")
     return "".join(lines).encode("utf-8", "surrogateescape")  # a name that is not UTF-8: its own bytes
 
