@@ -8,12 +8,16 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 
 
 # With more classes than this, figures name no classes (their names would overlap) and stop growing: a 1,000-class
 # confusion matrix at the per-class size would be a gigapixel image.
 NAMED_CLASSES = 50
+DPI = 120  # of the PNG files and of TensorBoard's images alike
 
 
 def _class_axis(n: int, inches_per_class: float, margin: float, least: float) -> float:
@@ -21,10 +25,12 @@ def _class_axis(n: int, inches_per_class: float, margin: float, least: float) ->
     return max(least, inches_per_class * min(n, NAMED_CLASSES) + margin)
 
 
-def _subplots(*grid: int, figsize: tuple[float, float], layout: str | None = None, **options):
-    """``pyplot.subplots`` without pyplot: a Figure of its own, drawn by Agg when saved, needs no display and
-    leaves the caller's backend alone (a notebook's inline figures keep showing after ``import simxent``)."""
-    fig = Figure(figsize=figsize, layout=layout)
+def _subplots(*grid: int, figsize: tuple[float, float], **options):
+    """``pyplot.subplots`` without pyplot: a Figure of its own, drawn by Agg (:func:`render`), needs no display
+    and leaves the caller's backend alone (a notebook's inline figures keep showing after ``import simxent``).
+    The constrained layout keeps titles, labels and colour bars inside the figure as it is drawn, so no
+    second drawing is needed to trim it to a tight bounding box."""
+    fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.subplots(*grid, **options)
 
 
@@ -34,10 +40,22 @@ def _plain(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def save(fig: Figure, path: str | Path) -> Path:
+def render(fig: Figure) -> np.ndarray:
+    """``fig`` drawn once at :data:`DPI`, as (H, W, 3) uint8 pixels for the PNG file and TensorBoard alike:
+    drawing costs about as much as plotting, and a PNG trimmed to its tight bounding box plus TensorBoard's
+    own rendering drew each figure three times."""
+    fig.set_dpi(DPI)
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def save(fig: Figure | np.ndarray, path: str | Path) -> Path:
+    """A figure, or the pixels :func:`render` drew of it, as a PNG file."""
+    pixels = render(fig) if isinstance(fig, Figure) else fig
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    Image.fromarray(pixels, "RGB").save(path, format="PNG", dpi=(DPI, DPI))
     return path
 
 
@@ -45,7 +63,7 @@ def probe_curves(history: dict, title: str = "", objective_label: str = "train o
     """Three panels per epoch: plain cross entropy on train and test (measured alike, so a test CE rising
     while the train CE falls is over-fitting, two high flat curves under-fitting), the training objective
     on its own axis (class weights and label smoothing make it a different quantity), and accuracy."""
-    fig, (ax_ce, ax_obj, ax_acc) = _subplots(1, 3, figsize=(13, 3.5), layout="constrained")  # title clear
+    fig, (ax_ce, ax_obj, ax_acc) = _subplots(1, 3, figsize=(13, 3.5))
     epochs = history["epoch"]
     ax_ce.plot(epochs, history["train_ce"], "-", label="train CE")
     ax_ce.plot(epochs, history["test_ce"], "--", label="test CE")
@@ -68,8 +86,7 @@ def per_class_bars(per_class: dict, title: str = "") -> Figure:
     names = [_plain(n) for n in per_class]
     loss = [math.nan if c["loss"] is None else c["loss"] for c in per_class.values()]
     acc = [math.nan if c["accuracy"] is None else c["accuracy"] for c in per_class.values()]
-    fig, (ax_loss, ax_acc) = _subplots(1, 2, figsize=(_class_axis(len(names), 0.6, 3, 6), 3.5),
-                                       layout="constrained")
+    fig, (ax_loss, ax_acc) = _subplots(1, 2, figsize=(_class_axis(len(names), 0.6, 3, 6), 3.5))
     x = names if len(names) <= NAMED_CLASSES else range(len(names))
     ax_loss.bar(x, loss, color="tab:red")
     ax_loss.set(ylabel="mean cross entropy", title="loss per class")
@@ -86,7 +103,6 @@ def per_class_bars(per_class: dict, title: str = "") -> Figure:
 def confusion_matrix(cm, classes: list[str], title: str = "") -> Figure:
     """Row-normalised confusion matrix (each true class sums to 1), counts written in the cells of up to 20
     classes, class names on the axes of up to NAMED_CLASSES (class indices beyond)."""
-    import numpy as np
 
     cm = np.asarray(cm, dtype=float)
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)

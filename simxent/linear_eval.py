@@ -243,7 +243,7 @@ def probe_report(name: str, logits: torch.Tensor, targets: Targets, monitor: Mon
                                                2).tolist()
         linear["confusion_classes"] = targets.outcomes
     if "confusion" in linear:
-        monitor.confusion(f"{name}/probe/confusion", linear["confusion"], targets.outcomes)
+        monitor.confusion_counts(f"{name}/probe/confusion", linear["confusion"], targets.outcomes, step)
         figures["confusion"] = figures_lib.confusion_matrix(linear["confusion"], targets.outcomes,
                                                             f"{name}: linear probe")
     if targets.kind.exclusive:
@@ -283,19 +283,20 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
                                                                          targets.kind.smoothing))}
     linear = probe_report(name, logits, targets, monitor, opts.epochs, figures)
     for kind, fig in figures.items():
-        monitor.figure(f"{name}/probe/{kind}", fig, opts.epochs)
+        pixels = figures_lib.render(fig)  # drawn once, for TensorBoard and the PNG file
+        monitor.figure(f"{name}/probe/{kind}", pixels, opts.epochs)
         if figures_dir is not None:
-            figures_lib.save(fig, figures_dir / f"{name}_{kind}.png")
+            figures_lib.save(pixels, figures_dir / f"{name}_{kind}.png")
     result["linear"] = linear
     if train.classes and targets.kind.exclusive:
         knn = classification_report(
             knn_scores(train_x, train.labels, test_x, len(train.classes), opts.knn_k, opts.knn_temperature),
             test.labels, train.classes, floor=0.0)  # votes: a class without one is no top-5 hit
         knn["k"] = min(opts.knn_k, len(train))  # the neighbours that voted (options.knn_k: those asked for)
-        monitor.confusion(f"{name}/knn/confusion", knn["confusion"], train.classes)
+        pixels = figures_lib.render(figures_lib.confusion_matrix(knn["confusion"], train.classes, f"{name}: kNN"))
+        monitor.confusion(f"{name}/knn/confusion", knn["confusion"], train.classes, drawn=pixels)
         if figures_dir is not None:
-            figures_lib.save(figures_lib.confusion_matrix(knn["confusion"], train.classes, f"{name}: kNN"),
-                             figures_dir / f"{name}_knn_confusion.png")
+            figures_lib.save(pixels, figures_dir / f"{name}_knn_confusion.png")
         result["knn"] = knn
     return result
 

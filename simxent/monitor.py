@@ -43,16 +43,22 @@ class Monitor:
         grid = make_grid((pairs * std + mean).clamp(0, 1), nrow=2 * min(n, 4), padding=1)
         self.writer.add_image(tag, grid, step)
 
-    def confusion(self, tag: str, cm: torch.Tensor | list, classes: list[str], step: int = 0) -> None:
+    def confusion(self, tag: str, cm: torch.Tensor | list, classes: list[str], step: int = 0, drawn=None) -> None:
         """Row-normalised confusion matrix drawn with its axes and class names
-        (:func:`simxent.figures.confusion_matrix`), plus the counts as a markdown table for up to
-        ``figures.NAMED_CLASSES`` classes (beyond, the results' JSON holds them)."""
+        (:func:`simxent.figures.confusion_matrix`; ``drawn``: its pixels, already rendered), plus the counts
+        as a markdown table for up to ``figures.NAMED_CLASSES`` classes (beyond, the results' JSON holds them)."""
         if not self.writer:
             return
         cm = torch.as_tensor(cm, dtype=torch.float32)
-        self.writer.add_figure(tag, figures.confusion_matrix(cm.numpy(), classes, tag), step)
-        if len(classes) > figures.NAMED_CLASSES:
+        self.figure(tag, figures.confusion_matrix(cm.numpy(), classes, tag) if drawn is None else drawn, step)
+        self.confusion_counts(tag, cm, classes, step)
+
+    def confusion_counts(self, tag: str, cm: torch.Tensor | list, classes: list[str], step: int = 0) -> None:
+        """The counts of a confusion matrix as the markdown table ``{tag}_counts``, for up to
+        ``figures.NAMED_CLASSES`` classes."""
+        if not self.writer or len(classes) > figures.NAMED_CLASSES:
             return
+        cm = torch.as_tensor(cm, dtype=torch.float32)
         header = "| true \\ pred | " + " | ".join(classes) + " |\n|" + "---|" * (len(classes) + 1) + "\n"
         rows = "\n".join(f"| {c} | " + " | ".join(str(int(x)) for x in row) + " |" for c, row in zip(classes, cm))
         self.writer.add_text(tag + "_counts", header + rows, step)
@@ -62,9 +68,10 @@ class Monitor:
             self.writer.add_histogram(tag, values.float().cpu(), step)
 
     def figure(self, tag: str, fig, step: int) -> None:
-        """A matplotlib figure as an image (left open: the caller may still save it)."""
+        """A matplotlib figure, or the pixels :func:`simxent.figures.render` drew of it, as an image."""
         if self.writer:
-            self.writer.add_figure(tag, fig, step, close=False)
+            pixels = figures.render(fig) if isinstance(fig, figures.Figure) else fig
+            self.writer.add_image(tag, pixels, step, dataformats="HWC")
 
     def embedding(self, features: torch.Tensor, labels: list[str], thumbnails: torch.Tensor, step: int,
                   tag: str = "val") -> None:

@@ -1,4 +1,5 @@
 """Pretrain on a small generated folder, then evaluate: what a user runs, through the real commands."""
+import io
 import json
 import shutil
 from pathlib import Path
@@ -103,6 +104,11 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
         for kind in ("probe_curves", "confusion", "reliability", "per_class", "knn_confusion"):
             png = figures / f"{name}_{kind}.png"
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    for kind in ("probe/probe_curves", "probe/confusion", "knn/confusion"):  # once each, the PNG file's pixels
+        (image,) = probe.Images(f"pretrained/{kind}")
+        png = figures / f"pretrained_{kind.replace('probe/', '').replace('/', '_')}.png"
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB")),
+                              np.asarray(Image.open(png).convert("RGB"))), kind
 
     # Classes that differ in colour are told apart by any encoder, pretrained for two epochs or not; images and
     # labels out of step, or test features taken from the wrong images, would score near chance (0.25).

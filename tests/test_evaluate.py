@@ -1,8 +1,10 @@
 """kNN against brute force, the probe, class weights, and a frozen encoder that stays frozen."""
+import io
 import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -403,6 +405,32 @@ def test_figures_leave_the_callers_matplotlib_backend_and_pyplot_alone(tmp_path)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.split() == ["svg", "0"], done.stderr
     assert (tmp_path / "bars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_figure_is_drawn_once_at_its_size_for_the_png_and_tensorboard(tmp_path, monkeypatch):
+    """render's pixels are the figure at DPI; save writes exactly them, and the monitor logs exactly them."""
+    from matplotlib.figure import Figure
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fig = figures.confusion_matrix([[3, 1], [0, 4]], ["cat", "dog"], "probe")
+    draws, original = [], Figure.draw
+    monkeypatch.setattr(Figure, "draw", lambda self, renderer: draws.append(1) or original(self, renderer))
+    pixels = figures.render(fig)
+    assert len(draws) == 1
+    assert pixels.dtype == np.uint8 and pixels.shape == (4 * figures.DPI, 4 * figures.DPI, 3)
+    assert pixels.min() < 50 and pixels.max() == 255  # drawn: dark text on white
+    figures.save(pixels, tmp_path / "cm.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cm.png")), pixels)
+    monitor = Monitor(tmp_path / "tb")
+    monitor.figure("cm", pixels, 3)
+    monitor.close()
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    (image,) = acc.Images("cm")
+    assert image.step == 3
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB")), pixels)
+    assert len(draws) == 1
 
 
 def test_class_names_with_dollar_signs_are_drawn_as_written(tmp_path):
