@@ -67,62 +67,69 @@ def local_views(views, rank):
     return torch.cat([v[rank * n : (rank + 1) * n] for v in views.split(N)])
 
 
-def _worker(rank, port, mode, steps):
+def _worker(rank, port, modes, steps):
+    """Each of ``modes`` in turn, in one process group: each spawn costs seconds."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch_dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(0)
-        # learnt_t: t is a parameter of the model, used outside DDP's forward as in training (train_step).
-        reference = SimCLR(ModelConfig(backbone="convnet", head_hidden=32, head_out=16),
-                           temperature=Temperature(0.5, learnable=mode == "learnt_t")).double()
-        net = copy.deepcopy(reference)
-        if mode != "eval_bn":
-            net = dist.convert_batchnorm(net, torch.device("cpu"))
-        ddp = DistributedDataParallel(net)
-        for m in (reference, ddp):
-            m.train(mode != "eval_bn")
-        opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-        multi_crop, pairs = mode.startswith("multi_crop"), mode == "multi_crop_pairs"
-        n_views, n = (5, N // WORLD) if multi_crop else (2, N // WORLD)
-        labels = LABELS[rank * n : (rank + 1) * n] if multi_crop and not pairs else None
-        for step, views in enumerate(batches(steps, multi_crop)):
-            # One process holding the whole batch: plain BatchNorm, no gather.
-            z, ref_t = reference(views), reference.temperature()
-            ref_loss = (pairwise_nt_xent(z, n_views, ref_t, n_full=3) if pairs
-                        else multi_view_nt_xent(z, n_views, ref_t, labels=LABELS) if multi_crop
-                        else nt_xent(*z.chunk(2), ref_t))
-            opt_ref.zero_grad()
-            ref_loss.backward()
-            # This process's half, through the training loop's own loss function.
-            loss, z1, z2 = step_loss(ddp, local_views(views, rank), net.temperature(),
-                                     torch.device("cpu"), None, n_views, labels,
-                                     multi_view="full_pairs" if pairs else "joint", n_full=3)
-            if mode == "sync_bn":  # the logged statistics are the global batch's, as in one process
-                logged = {}
-                log_step(SimpleNamespace(scalars=lambda values, *_, **__: logged.update(values)), None, step, {},
-                         z1, z2)
-                whole = contrastive_stats(*z.detach().chunk(2), anchors=N // WORLD)  # rank 0's images, all views
-                assert logged == ({} if rank else pytest.approx(whole, abs=1e-6))
-            opt.zero_grad()
-            loss.backward()
-            global_loss = dist.mean_over_processes(loss).item()
-            assert abs(global_loss - ref_loss.item()) < 1e-5, (step, global_loss, ref_loss.item())
-            for (name, p), q in zip(net.named_parameters(), reference.parameters()):
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5,
-                                           msg=lambda m: f"grad of {name}, step {step}: {m}")  # noqa: B023
-            opt_ref.step()
-            opt.step()
-        for (name, a), b in zip(net.state_dict().items(), reference.state_dict().values()):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name} after {steps} steps: {m}")
+        for mode in modes:
+            _equal_to_one_process(rank, mode, steps)
     finally:
         torch_dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["sync_bn", "eval_bn", "multi_crop_labels", "multi_crop_pairs", "learnt_t"])
-def test_two_processes_equal_one(mode):
-    mp.spawn(_worker, args=(free_port(), mode, 3), nprocs=WORLD, join=True)
+def _equal_to_one_process(rank, mode, steps):
+    torch.manual_seed(0)
+    # learnt_t: t is a parameter of the model, used outside DDP's forward as in training (train_step).
+    reference = SimCLR(ModelConfig(backbone="convnet", head_hidden=32, head_out=16),
+                       temperature=Temperature(0.5, learnable=mode == "learnt_t")).double()
+    net = copy.deepcopy(reference)
+    if mode != "eval_bn":
+        net = dist.convert_batchnorm(net, torch.device("cpu"))
+    ddp = DistributedDataParallel(net)
+    for m in (reference, ddp):
+        m.train(mode != "eval_bn")
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    multi_crop, pairs = mode.startswith("multi_crop"), mode == "multi_crop_pairs"
+    n_views, n = (5, N // WORLD) if multi_crop else (2, N // WORLD)
+    labels = LABELS[rank * n : (rank + 1) * n] if multi_crop and not pairs else None
+    for step, views in enumerate(batches(steps, multi_crop)):
+        # One process holding the whole batch: plain BatchNorm, no gather.
+        z, ref_t = reference(views), reference.temperature()
+        ref_loss = (pairwise_nt_xent(z, n_views, ref_t, n_full=3) if pairs
+                    else multi_view_nt_xent(z, n_views, ref_t, labels=LABELS) if multi_crop
+                    else nt_xent(*z.chunk(2), ref_t))
+        opt_ref.zero_grad()
+        ref_loss.backward()
+        # This process's half, through the training loop's own loss function.
+        loss, z1, z2 = step_loss(ddp, local_views(views, rank), net.temperature(),
+                                 torch.device("cpu"), None, n_views, labels,
+                                 multi_view="full_pairs" if pairs else "joint", n_full=3)
+        if mode == "sync_bn":  # the logged statistics are the global batch's, as in one process
+            logged = {}
+            log_step(SimpleNamespace(scalars=lambda values, *_, **__: logged.update(values)), None, step, {},
+                     z1, z2)
+            whole = contrastive_stats(*z.detach().chunk(2), anchors=N // WORLD)  # rank 0's images, all views
+            assert logged == ({} if rank else pytest.approx(whole, abs=1e-6))
+        opt.zero_grad()
+        loss.backward()
+        global_loss = dist.mean_over_processes(loss).item()
+        assert abs(global_loss - ref_loss.item()) < 1e-5, (mode, step, global_loss, ref_loss.item())
+        for (name, p), q in zip(net.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"{mode}: grad of {name}, step {step}: {m}")  # noqa: B023
+        opt_ref.step()
+        opt.step()
+    for (name, a), b in zip(net.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{mode}: {name} after {steps} steps: {m}")  # noqa: B023
+
+
+def test_two_processes_equal_one():
+    modes = ["sync_bn", "eval_bn", "multi_crop_labels", "multi_crop_pairs", "learnt_t"]
+    mp.spawn(_worker, args=(free_port(), modes, 3), nprocs=WORLD, join=True)
 
 
 def _join_with_a_short_timeout(rank, port):
@@ -296,62 +303,77 @@ def test_a_streamed_folders_bad_files_are_reported_from_every_process(monkeypatc
     assert skipped_everywhere(stream) == [{"file": "a.jpg", "reason": "truncated"}, other[0]]
 
 
-def _re_estimation_worker(rank, port, failure):
-    """Re-estimation under BatchNorm over the global batch, every process on the same images: with
-    ``failure`` in one process (rank 1 cannot read the images again; rank 0 runs out of memory gathering
-    them, or after its first batch), both keep training's statistics and go on to the next collective (before, the other
-    waited in the pass's collectives, or left them mid-way, and both timed out after 2 s); without, both
-    hold what one process computes with plain BatchNorm (not a variance over W copies of the images)."""
+RE_ESTIMATION_FAILURES = (None, "unreadable", "out of memory", "out of memory gathering")
+
+
+def _re_estimation_worker(rank, port):
+    """Re-estimation under BatchNorm over the global batch, every process on the same images, once without a
+    failure and once with each of RE_ESTIMATION_FAILURES in one process (rank 1 cannot read the images again;
+    rank 0 runs out of memory gathering them, or after its first batch): with a failure, both keep training's
+    statistics and go on to the next collective (before, the other waited in the pass's collectives, or left
+    them mid-way, and both timed out after 2 s); without, both hold what one process computes with plain
+    BatchNorm (not a variance over W copies of the images). One group for all cases: each spawn costs seconds."""
+    import simxent.evaluate
+    import simxent.train
+
+    _join_with_a_short_timeout(rank, port)
+    originals = simxent.train.evaluation_images, simxent.evaluate.encoder_inputs
+    try:
+        for failure in RE_ESTIMATION_FAILURES:
+            try:
+                _re_estimate_once(rank, failure)
+            finally:
+                simxent.train.evaluation_images, simxent.evaluate.encoder_inputs = originals
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def _re_estimate_once(rank, failure):
     import simxent.evaluate
     import simxent.train
     from simxent.augment import Normalize
     from simxent.data import ImageArray
     from simxent.evaluate import reestimate_batchnorm
 
-    _join_with_a_short_timeout(rank, port)
-    try:
-        torch.manual_seed(0)
-        plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
-        encoder = dist.convert_batchnorm(copy.deepcopy(plain), torch.device("cpu"))
-        before = copy.deepcopy(encoder.state_dict())
-        images = torch.randint(0, 256, (8, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-        cfg = load_config(None, ["train.bn_recalibration=8", "data.image_size=8", "eval.batch_size=4"])
-        normalize = Normalize((0.5,) * 3, (0.25,) * 3)
-        run = SimpleNamespace(cfg=cfg, train=ImageArray(images, torch.zeros(8, dtype=torch.long), ["a"], [""] * 8, []),
-                              main=rank == 0, device=torch.device("cpu"), dtype=None,
-                              net=SimpleNamespace(encoder=encoder), views=SimpleNamespace(full=SimpleNamespace(
-                                  normalize=normalize)))
-        if failure == "unreadable" and rank == 1:
-            def gone(*_):
-                raise OSError("photo.jpg: No such file or directory")
-            simxent.train.evaluation_images = gone
-        if failure == "out of memory gathering" and rank == 0:  # the images gathered on a GPU
-            def too_many(*_):
-                raise torch.OutOfMemoryError("CUDA out of memory")
-            simxent.train.evaluation_images = too_many
-        if failure == "out of memory" and rank == 0:
-            inputs = simxent.evaluate.encoder_inputs
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    encoder = dist.convert_batchnorm(copy.deepcopy(plain), torch.device("cpu"))
+    before = copy.deepcopy(encoder.state_dict())
+    images = torch.randint(0, 256, (8, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    cfg = load_config(None, ["train.bn_recalibration=8", "data.image_size=8", "eval.batch_size=4"])
+    normalize = Normalize((0.5,) * 3, (0.25,) * 3)
+    run = SimpleNamespace(cfg=cfg, train=ImageArray(images, torch.zeros(8, dtype=torch.long), ["a"], [""] * 8, []),
+                          main=rank == 0, device=torch.device("cpu"), dtype=None,
+                          net=SimpleNamespace(encoder=encoder), views=SimpleNamespace(full=SimpleNamespace(
+                              normalize=normalize)))
+    if failure == "unreadable" and rank == 1:
+        def gone(*_):
+            raise OSError("photo.jpg: No such file or directory")
+        simxent.train.evaluation_images = gone
+    if failure == "out of memory gathering" and rank == 0:  # the images gathered on a GPU
+        def too_many(*_):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        simxent.train.evaluation_images = too_many
+    if failure == "out of memory" and rank == 0:
+        inputs = simxent.evaluate.encoder_inputs
 
-            def one_batch_then_out_of_memory(*args, **kwargs):
-                yield next(inputs(*args, **kwargs))
-                raise torch.OutOfMemoryError("CUDA out of memory")
-            simxent.evaluate.encoder_inputs = one_batch_then_out_of_memory
-        simxent.train.recalibrate_batchnorm(run)
-        if failure:
-            expected = before
-        else:
-            reestimate_batchnorm(plain, images, normalize, torch.device("cpu"), batch_size=4, channels_last=False)
-            expected = plain.state_dict()
-        for key, value in encoder.state_dict().items():
-            torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=key)
-        dist.wait_for_all()  # both got here
-    finally:
-        torch_dist.destroy_process_group()
+        def one_batch_then_out_of_memory(*args, **kwargs):
+            yield next(inputs(*args, **kwargs))
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        simxent.evaluate.encoder_inputs = one_batch_then_out_of_memory
+    simxent.train.recalibrate_batchnorm(run)
+    if failure:
+        expected = before
+    else:
+        reestimate_batchnorm(plain, images, normalize, torch.device("cpu"), batch_size=4, channels_last=False)
+        expected = plain.state_dict()
+    for key, value in encoder.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=1e-6, atol=1e-7, msg=f"failure {failure}: {key}")
+    dist.wait_for_all()  # both got here
 
 
-@pytest.mark.parametrize("failure", [None, "unreadable", "out of memory", "out of memory gathering"])
-def test_batchnorm_re_estimation_has_one_outcome_in_every_process(failure):
-    mp.spawn(_re_estimation_worker, args=(free_port(), failure), nprocs=WORLD, join=True)
+def test_batchnorm_re_estimation_has_one_outcome_in_every_process():
+    mp.spawn(_re_estimation_worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
 def test_a_job_that_torchrun_may_restart_under_its_default_id_is_warned(tmp_path, monkeypatch, caplog):
@@ -452,7 +474,7 @@ def _children(pid):
 
 def test_killed_worker_is_restarted_and_the_job_completes(shapes, tmp_path):
     run = tmp_path / "run"
-    proc = torchrun(shapes, run, "train.epochs=30", "train.checkpoint_every=2", "eval.every=0", restarts=1)
+    proc = torchrun(shapes, run, "train.epochs=10", "train.checkpoint_every=2", "eval.every=0", restarts=1)
     checkpoint = run / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -464,7 +486,7 @@ def test_killed_worker_is_restarted_and_the_job_completes(shapes, tmp_path):
     assert proc.returncode == 0, output
     assert "resumed from" in output
     state = load_checkpoint(checkpoint)
-    assert state["position"] == {"epoch": 30, "step": 0, "global_step": 150}
+    assert state["position"] == {"epoch": 10, "step": 0, "global_step": 50}
 
 
 def test_a_restart_never_takes_over_another_run_and_every_process_resumes_one_file(shapes, tmp_path):
