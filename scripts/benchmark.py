@@ -445,22 +445,32 @@ def data_images_per_s(cfg, device, seconds=15.0):
     return n / (time.perf_counter() - t)
 
 
-PIPELINE_FLAGS = ("stream", "compile", "onednn", "fp32")
+# Flag -> overrides. pairs: two full-size views per image and no multi-crop, as data.stream=true makes them.
+PIPELINE_FLAGS = {"stream": ["data.stream=true"], "compile": ["train.compile=true"],
+                  "onednn": ["model.matmul_convs=false"], "fp32": ["train.precision=fp32"],
+                  "pairs": ["augment.small_views=0"]}
+
+
+def pipeline_config(entry: str, data_root, workers: int):
+    """The config one ``--pipeline`` entry ``preset:batch[:flag]...`` times (SystemExit naming a malformed
+    entry). BatchNorm re-estimation is off: it runs after the timed loop and would only add its seconds."""
+    preset, batch, *flags = entry.split(":") if entry.count(":") else (entry, "")
+    unknown = set(flags) - set(PIPELINE_FLAGS)
+    if unknown or not batch.isdigit():
+        raise SystemExit(f"--pipeline {entry}: expected preset:batch[:{'][:'.join(PIPELINE_FLAGS)}]"
+                         + (f"; unknown flags {sorted(unknown)}" if unknown else ""))
+    overrides = [f"data.train={Path(data_root) / 'train'}", f"train.batch_size={batch}", "train.log_every=4",
+                 "train.bn_recalibration=0", *(o for f in flags for o in PIPELINE_FLAGS[f])]
+    return load_config(preset, overrides + ([f"data.workers={workers}"] if workers else []))
 
 
 def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
-    """``entries``: ``preset:batch[:stream][:compile][:onednn][:fp32]``, e.g. ``cpu:256`` or
-    ``imagenet:256:stream``; ``onednn``: ``model.matmul_convs=false``; ``fp32``: ``train.precision=fp32``."""
+    """``entries``: ``preset:batch[:flag]...``, e.g. ``cpu:256`` or ``cpu:256:stream:pairs`` (flags:
+    PIPELINE_FLAGS)."""
     rows = []
     for entry in entries.split(","):
-        preset, batch, *flags = entry.split(":")
-        unknown = set(flags) - set(PIPELINE_FLAGS)
-        if unknown:
-            raise SystemExit(f"--pipeline {entry}: unknown flags {sorted(unknown)} ({', '.join(PIPELINE_FLAGS)})")
-        overrides = [f"data.train={Path(data_root) / 'train'}", f"train.batch_size={batch}", "train.log_every=4",
-                     f"train.precision={'fp32' if 'fp32' in flags else 'auto'}", f"data.stream={'stream' in flags}",
-                     f"train.compile={'compile' in flags}", f"model.matmul_convs={'onednn' not in flags}"]
-        cfg = load_config(preset, overrides + ([f"data.workers={workers}"] if workers else []))
+        preset, batch = entry.split(":")[:2]
+        cfg = pipeline_config(entry, data_root, workers)
         dtype = resolve_dtype(cfg.train.precision, device)
         # The floor is timed before and after the loop and averaged: a shared machine drifts over a minute.
         before = bare_images_per_s(cfg, device, dtype)
@@ -864,17 +874,18 @@ def check_options(p: argparse.ArgumentParser, a: argparse.Namespace, wanted: lis
     section would cost the minutes of the others."""
     from simxent.config import ConfigError
 
+    for entry in a.pipeline.split(",") if "pipeline" in wanted else []:
+        try:
+            pipeline_config(entry, a.data, a.workers)
+        except SystemExit as e:
+            p.error(str(e))
+        except ConfigError as e:
+            p.error(f"--pipeline {entry}: {e}")
     try:
-        if "pipeline" in wanted:
-            for entry in a.pipeline.split(","):
-                preset, batch, *flags = entry.split(":") if entry.count(":") else (entry, "")
-                if set(flags) - set(PIPELINE_FLAGS) or not batch.isdigit():
-                    p.error(f"--pipeline {entry}: expected preset:batch[:{'][:'.join(PIPELINE_FLAGS)}]")
-                load_config(preset, [f"train.batch_size={batch}"])
         if "quality" in wanted:
             load_config("cpu", list(a.simxent_overrides))
     except ConfigError as e:
-        p.error(f"--pipeline or --simxent-overrides: {e}")
+        p.error(f"--simxent-overrides: {e}")
     unknown = [k for k in a.ceiling_encoders.split(",") if k.strip() not in CEILING_ENCODERS]
     if unknown and {"ceiling", "profile"} & set(wanted):
         p.error(f"--ceiling-encoders: {', '.join(unknown)} is not one of {', '.join(CEILING_ENCODERS)}")
@@ -899,8 +910,8 @@ def main():
     p.add_argument("--loop-seconds", type=float, default=75, help="training-loop time per backbone")
     p.add_argument("--quality-minutes", type=float, default=10)
     p.add_argument("--pipeline", default="cpu:256,cifar10:128",
-                   help="training loops to time, preset:batch[:stream][:compile][:onednn][:fp32] (preset names: cpu, "
-                        "cifar10, imagenet, demo)")
+                   help=f"training loops to time, preset:batch[:flag]... (preset names: cpu, cifar10, imagenet, "
+                        f"demo; flags: {', '.join(PIPELINE_FLAGS)}; stream needs pairs with the cpu preset)")
     p.add_argument("--workers", type=int, default=0, help="data.workers for the loops (0: the preset's)")
     p.add_argument("--synthetic", default="", metavar="N:WxH",
                    help="time on N generated WxH JPEGs (several: WxH+WxH, in turn) instead of --data (probe, embed, "

@@ -165,12 +165,29 @@ def test_pipeline_refuses_an_unknown_flag_before_any_work(load_script):
     """A mistyped flag (here ``onednm``) stops the command with the entry and the flags it knows, rather
     than timing a loop the user did not ask for."""
     script = load_script("benchmark")
-    with pytest.raises(SystemExit, match=r"cpu:128:onednm: unknown flags \['onednm'\] \(stream, compile, onednn, fp32\)"):
+    with pytest.raises(SystemExit, match=r"cpu:128:onednm: expected preset:batch\[:stream\]\[:compile\]\[:onednn\]"
+                                         r"\[:fp32\]\[:pairs\]; unknown flags \['onednm'\]"):
         script.bench_pipeline(torch.device("cpu"), None, "no-such-folder", 1.0, "cpu:128:onednm", 0)
+
+
+def test_a_streamed_loop_of_the_cpu_preset_is_timed_with_pairs_of_views(load_script):
+    """Streaming makes two full-size views per image: the cpu preset's multi-crop views are refused for it,
+    by name, and the ``pairs`` flag times its loop without them."""
+    from simxent.config import ConfigError
+
+    script = load_script("benchmark")
+    with pytest.raises(ConfigError, match="augment.small_views=0"):
+        script.pipeline_config("cpu:128:stream", "data", 0)
+    cfg = script.pipeline_config("cpu:128:stream:pairs:fp32", "data", 3)
+    assert (cfg.data.stream, cfg.augment.small_views, cfg.train.precision, cfg.train.batch_size) == (True, 0, "fp32", 128)
+    assert (cfg.data.workers, cfg.data.train, cfg.train.bn_recalibration) == (3, "data/train", 0)
+    cached = script.pipeline_config("cpu:256", "data", 0)
+    assert (cached.data.stream, cached.augment.small_views, cached.model.matmul_convs) == (False, 2, True)
 
 
 @pytest.mark.parametrize("args, said", [
     (["--only", "loss,pipeline", "--pipeline", "cpu:128:onednm"], "--pipeline cpu:128:onednm: expected preset:batch"),
+    (["--only", "loss,pipeline", "--pipeline", "cpu:128,cpu:128:stream"], "set augment.small_views=0"),
     (["--only", "loss,quality", "--simxent-overrides", "optim.lrr=1"], "unknown key 'optim.lrr'"),
     (["--only", "loss,ceiling", "--ceiling-encoders", "resnet81"], "--ceiling-encoders: resnet81 is not one of"),
 ])
