@@ -735,7 +735,17 @@ def restore_training(path: Path, state: dict, net: nn.Module, optimizer, scaler,
         log.warning("checkpoint was written by %d process(es), resuming with %d: augmentation streams restart",
                     len(state["rng"]), world)
         torch.manual_seed(seed + rank + 7919 * pos.global_step)
-    # pos.epoch counts whole epochs done, as every other line's "epoch E/N step S" counts from 1.
-    log.info("resumed from %s after %d whole epochs and %d steps of %d images of the next (global step %d)", path,
-             pos.epoch, pos.step, batch_size, pos.global_step)
+    log.info("resumed from %s after %s (global step %d)", path, trained_so_far(pos, batch_size), pos.global_step)
     return pos
+
+
+def trained_so_far(pos: Position, batch_size: int) -> str:
+    """E.g. "2 whole epochs and 3 steps of 256 images of the next": ``pos.epoch`` counts whole epochs done,
+    as every other line's "epoch E/N step S" counts from 1."""
+    def count(n: int, what: str) -> str:
+        return f"{n} {what}{'' if n == 1 else 's'}"
+    epochs = count(pos.epoch, "whole epoch")
+    steps = f"{count(pos.step, 'step')} of {batch_size} images"
+    if not pos.step:
+        return epochs
+    return f"{epochs} and {steps} of the next" if pos.epoch else f"{steps} of the first epoch"

@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 import simxent.checkpoint
-from simxent.checkpoint import (CheckpointError, CheckpointWriter, export_torchvision, load_checkpoint, load_encoder,
-                                save_checkpoint)
+from simxent.checkpoint import (CheckpointError, CheckpointWriter, Position, export_torchvision, load_checkpoint,
+                                load_encoder, save_checkpoint, trained_so_far)
 from simxent.config import ConfigError, OptimConfig, load_config, to_dict
 from simxent.models import backbone
 
@@ -457,3 +457,12 @@ def test_a_gpu_rng_state_is_restored_onto_the_process_gpu_whatever_gpus_it_sees(
     set_rng_state({"torch": cpu, "cuda": older}, gpu1)
     set_rng_state({"torch": cpu, "cuda": older[:1]}, gpu1)  # sees one GPU now: nothing of its own to restore
     assert restored == [([1], torch.device("cuda", 0)), ([1], gpu1)]
+
+
+def test_the_resume_line_counts_whole_epochs_and_steps_in_words():
+    said = {(e, s): trained_so_far(Position(epoch=e, step=s, global_step=10 * e + s), 16)
+            for e, s in ((0, 1), (0, 9), (1, 0), (2, 0), (1, 1), (3, 7))}
+    assert said == {(0, 1): "1 step of 16 images of the first epoch", (0, 9): "9 steps of 16 images of the first epoch",
+                    (1, 0): "1 whole epoch", (2, 0): "2 whole epochs",
+                    (1, 1): "1 whole epoch and 1 step of 16 images of the next",
+                    (3, 7): "3 whole epochs and 7 steps of 16 images of the next"}

@@ -497,7 +497,7 @@ def test_a_stop_mid_epoch_names_its_epoch_and_step_as_the_other_lines_do(shapes,
         assert "epoch 1 step 1: kNN top-1" in caplog.text and "epoch 0" not in caplog.text
         caplog.clear()
         pretrain(load_config(None, [*args, "train.resume=auto"]), progress=False)
-    assert "after 0 whole epochs and 1 steps of 16 images of the next (global step 1)" in caplog.text
+    assert "after 1 step of 16 images of the first epoch (global step 1)" in caplog.text
     assert "epoch 1: kNN top-1" in caplog.text
 
 
