@@ -590,7 +590,8 @@ def markdown_table() -> str:
 def check_backbone(model: ModelConfig) -> None:
     """``model.backbone`` is ``convnet``, ``convnet_slim``, a torchvision classification model or an importable
     ``package.module:function``; ``model.cifar_stem`` is set only where it applies."""
-    from .models import CONVNETS, backbone_names, has_cifar_stem, user_function  # here: models imports this module
+    # Imported here: models imports this module.
+    from .models import CONVNETS, backbone_names, has_cifar_stem, torchvision_names, user_function
 
     name = model.backbone
     if ":" in name:
@@ -598,7 +599,7 @@ def check_backbone(model: ModelConfig) -> None:
         if not all(part.isidentifier() for part in module.split(".") + [function]):
             raise ConfigError(f"model.backbone: {shown(name)} is not of the form package.module:function")
         user_function(name)
-    elif name not in backbone_names():
+    elif name not in CONVNETS and name not in torchvision_names():  # a convnet run never imports torchvision
         raise ConfigError(f"model.backbone: {shown(name)} is not a backbone{did_you_mean(name, backbone_names())} "
                           f"({', '.join(CONVNETS)}, a torchvision classification model as listed in "
                           f"docs/backbones.md, or package.module:function)")

@@ -20,7 +20,6 @@ import importlib
 from typing import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 from .checkpoint import CheckpointError, fit_weights, read_weights_file
@@ -69,6 +68,10 @@ class ConvNet(nn.Module):
 @functools.cache
 def torchvision_names() -> tuple[str, ...]:
     """Every torchvision classification model, by the name ``torchvision.models.get_model`` takes."""
+    # Imported where used: torchvision loads torch._dynamo, seconds of each command's start that a convnet
+    # run needs none of.
+    import torchvision.models
+
     return tuple(torchvision.models.list_models(module=torchvision.models))
 
 
@@ -82,6 +85,8 @@ def family(name: str) -> str:
     wide_resnet50_2; ``vision_transformer`` for vit_b_16); ``convnet`` for simxent's own."""
     if name in CONVNETS:
         return "convnet"
+    import torchvision.models
+
     return torchvision.models.get_model_builder(name).__module__.rsplit(".", 1)[-1]
 
 
@@ -168,6 +173,8 @@ def _drop_classifier(net: nn.Module) -> None:
 
 
 def _torchvision_backbone(name: str, cifar_stem: bool, image_size: int) -> nn.Module:
+    import torchvision.models
+
     try:
         net = torchvision.models.get_model(name, weights=None, **_builder_kwargs(name, image_size))
     except (ValueError, AssertionError, RuntimeError) as e:

@@ -155,6 +155,15 @@ def test_train_sub_folders_sharing_no_name_with_the_val_classes_are_not_classes(
     assert "share no name with the classes of data.val" in caplog.text
 
 
+@pytest.mark.parametrize("n, columns", [(16, 8), (6, 4), (3, 8), (2, 2)])
+def test_view_pairs_are_tiled_as_torchvisions_make_grid_tiles_them(n, columns):
+    from torchvision.utils import make_grid
+
+    from simxent.monitor import tile
+    images = torch.rand(n, 3, 5, 7)
+    assert torch.equal(tile(images, columns), make_grid(images, nrow=columns, padding=1))
+
+
 def test_confusion_matrix_image_has_class_names_on_both_axes(tmp_path, monkeypatch):
     drawn = []
     monitor = Monitor(tmp_path / "tb")
