@@ -469,8 +469,8 @@ def bench_pipeline(device, _sync, data_root, seconds, entries, workers):
     PIPELINE_FLAGS)."""
     rows = []
     for entry in entries.split(","):
-        preset, batch = entry.split(":")[:2]
         cfg = pipeline_config(entry, data_root, workers)
+        preset, batch = entry.split(":")[:2]
         dtype = resolve_dtype(cfg.train.precision, device)
         # The floor is timed before and after the loop and averaged: a shared machine drifts over a minute.
         before = bare_images_per_s(cfg, device, dtype)

@@ -9,8 +9,11 @@ import statistics
 from pathlib import Path
 
 import numpy as np
+from matplotlib import rcParams
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import TextToPath
 from PIL import Image
 
 
@@ -32,6 +35,15 @@ def _subplots(*grid: int, figsize: tuple[float, float], **options):
     second drawing is needed to trim it to a tight bounding box."""
     fig = Figure(figsize=figsize, layout="constrained")
     return fig, fig.subplots(*grid, **options)
+
+
+def _label_room(names: list[str]) -> float:
+    """Inches that the longest of ``names`` takes as a tick label, measured in the tick labels' font: a figure
+    grows by it instead of its plot shrinking, or its labels running off the edge."""
+    if not names or len(names) > NAMED_CLASSES:
+        return 0.0
+    font = FontProperties(size=rcParams["xtick.labelsize"])
+    return max(TextToPath().get_text_width_height_descent(_plain(n), font, ismath=False)[0] for n in names) / 72
 
 
 def _plain(text: str) -> str:
@@ -86,14 +98,18 @@ def per_class_bars(per_class: dict, title: str = "") -> Figure:
     names = [_plain(n) for n in per_class]
     loss = [math.nan if c["loss"] is None else c["loss"] for c in per_class.values()]
     acc = [math.nan if c["accuracy"] is None else c["accuracy"] for c in per_class.values()]
-    fig, (ax_loss, ax_acc) = _subplots(1, 2, figsize=(_class_axis(len(names), 0.6, 3, 6), 3.5))
+    # Labels turned by 60 degrees take sin(60) of their length in height, and reach half of it left of each panel.
+    room = _label_room(names)
+    fig, (ax_loss, ax_acc) = _subplots(1, 2, figsize=(_class_axis(len(names), 0.6, 3, 6) + room,
+                                                      3.5 + 0.87 * room))
     x = names if len(names) <= NAMED_CLASSES else range(len(names))
     ax_loss.bar(x, loss, color="tab:red")
     ax_loss.set(ylabel="mean cross entropy", title="loss per class")
     ax_acc.bar(x, acc, color="tab:blue")
     ax_acc.set(ylabel="accuracy (recall)", title="accuracy per class", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
-        ax.tick_params(axis="x", rotation=60)
+        for label in ax.get_xticklabels():  # each name ends at its bar
+            label.set(rotation=60, ha="right", rotation_mode="anchor")
         if len(names) > NAMED_CLASSES:
             ax.set_xlabel("class index (the classes' sorted order)")
     fig.suptitle(_plain(title))
@@ -106,12 +122,13 @@ def confusion_matrix(cm, classes: list[str], title: str = "") -> Figure:
 
     cm = np.asarray(cm, dtype=float)
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    side = _class_axis(len(classes), 0.45, 2, 4)
-    fig, ax = _subplots(figsize=(side, side))
+    side, room = _class_axis(len(classes), 0.45, 2, 4), _label_room(classes)
+    fig, ax = _subplots(figsize=(side + room, side + 0.87 * room))  # names beside it, and turned 60 degrees below
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     named = len(classes) <= NAMED_CLASSES
     if named:
-        ax.set_xticks(range(len(classes)), [_plain(c) for c in classes], rotation=60, ha="right")
+        ax.set_xticks(range(len(classes)), [_plain(c) for c in classes], rotation=60, ha="right",
+                      rotation_mode="anchor")
         ax.set_yticks(range(len(classes)), [_plain(c) for c in classes])
     index = "" if named else " (class index)"
     ax.set(xlabel="predicted" + index, ylabel="true" + index, title=_plain(title) or "confusion matrix")

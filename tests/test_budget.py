@@ -407,7 +407,8 @@ def test_a_run_resumed_with_another_batch_size_goes_on_from_the_same_image_and_s
     use_clock(monkeypatch, StepClock(1.0, [1.0] * 1000))
     rest = pretrain(load_config(None, tiny(shapes, run, "train.epochs=2", "optim.warmup_epochs=1",
                                            "train.batch_size=8", "train.resume=auto")), progress=False)
-    assert "resumed with train.batch_size=8" in caplog.text and "after 6 steps of 8 images of the first epoch" in caplog.text
+    assert "resumed with train.batch_size=8" in caplog.text
+    assert "after 6 steps of 8 images of the first epoch" in caplog.text
     assert "schedule goes back" not in caplog.text  # the same point of its schedule
     assert rest["global_step"] == 3 + 14 and rest["epoch"] == 2 and rest["schedule_progress"] == 1
     lrs, peak = logged_lrs(run), 0.1 * 8 / 256

@@ -474,7 +474,7 @@ def _children(pid):
 
 def test_killed_worker_is_restarted_and_the_job_completes(shapes, tmp_path):
     run = tmp_path / "run"
-    proc = torchrun(shapes, run, "train.epochs=10", "train.checkpoint_every=2", "eval.every=0", restarts=1)
+    proc = torchrun(shapes, run, "train.epochs=14", "train.checkpoint_every=2", "eval.every=0", restarts=1)
     checkpoint = run / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -486,7 +486,7 @@ def test_killed_worker_is_restarted_and_the_job_completes(shapes, tmp_path):
     assert proc.returncode == 0, output
     assert "resumed from" in output
     state = load_checkpoint(checkpoint)
-    assert state["position"] == {"epoch": 10, "step": 0, "global_step": 50}
+    assert state["position"] == {"epoch": 14, "step": 0, "global_step": 70}
 
 
 def test_a_restart_never_takes_over_another_run_and_every_process_resumes_one_file(shapes, tmp_path):

@@ -418,7 +418,8 @@ def test_a_figure_is_drawn_once_at_its_size_for_the_png_and_tensorboard(tmp_path
     monkeypatch.setattr(Figure, "draw", lambda self, renderer: draws.append(1) or original(self, renderer))
     pixels = figures.render(fig)
     assert len(draws) == 1
-    assert pixels.dtype == np.uint8 and pixels.shape == (4 * figures.DPI, 4 * figures.DPI, 3)
+    width, height = fig.get_size_inches() * figures.DPI
+    assert pixels.dtype == np.uint8 and pixels.shape == (round(height), round(width), 3)
     assert pixels.min() < 50 and pixels.max() == 255  # drawn: dark text on white
     figures.save(pixels, tmp_path / "cm.png")
     assert np.array_equal(np.asarray(Image.open(tmp_path / "cm.png")), pixels)
@@ -431,6 +432,25 @@ def test_a_figure_is_drawn_once_at_its_size_for_the_png_and_tensorboard(tmp_path
     assert image.step == 3
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB")), pixels)
     assert len(draws) == 1
+
+
+@pytest.mark.parametrize("n, length", [(2, 35), (3, 60), (10, 12)])
+def test_long_class_names_grow_the_figure_and_stay_inside_it(n, length):
+    """A binary probe's two folder names can be long: the figure grows to hold them, where a fixed size
+    shrank the matrix to a sliver and left the names, or the title, cut off at the edge."""
+    names = [f"{i}_" + "patient_scan_posteroanterior_view_" * 2 for i in range(n)]
+    names = [name[:length] for name in names]
+    short = figures.confusion_matrix(np.eye(n), [str(i) for i in range(n)], "pretrained: linear probe")
+    for fig in (figures.confusion_matrix(np.eye(n), names, "pretrained: linear probe"),
+                figures.per_class_bars({c: {"loss": 1.0, "accuracy": 0.5} for c in names}, "pretrained: linear probe")):
+        figures.render(fig)
+        drawn = fig.get_tightbbox(fig.canvas.get_renderer())
+        width, height = fig.get_size_inches()
+        assert drawn.x0 >= -0.02 and drawn.y0 >= -0.02 and drawn.x1 <= width + 0.02 and drawn.y1 <= height + 0.02
+    long = figures.confusion_matrix(np.eye(n), names)
+    for fig in (short, long):
+        figures.render(fig)
+    assert long.axes[0].get_window_extent().width >= 0.9 * short.axes[0].get_window_extent().width  # not a sliver
 
 
 def test_class_names_with_dollar_signs_are_drawn_as_written(tmp_path):

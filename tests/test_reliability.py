@@ -95,8 +95,12 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(shapes, tmp_p
     args = tiny(shapes, run, "train.epochs=12", "train.checkpoint_every=1", "train.keep_checkpoints=3")
     reference = tmp_path / "reference"  # the same command, uninterrupted (same threads, same kernels)
     uninterrupted = launch([*args, f"out={reference}"])  # beside the killed run: one thread each
-    b = kill_then_resume(args, run, 60)
-    _, err = uninterrupted.communicate(timeout=300)
+    try:
+        b = kill_then_resume(args, run, 60)
+        _, err = uninterrupted.communicate(timeout=300)
+    finally:  # a failure above leaves no run training beside the rest of the suite
+        uninterrupted.kill()
+        uninterrupted.wait()
     assert uninterrupted.returncode == 0, err
     a = load_checkpoint(reference / "checkpoints" / "last.pt")
     assert b["position"] == a["position"] == {"epoch": 12, "step": 0, "global_step": 60}
