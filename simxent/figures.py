@@ -76,12 +76,12 @@ def probe_curves(history: dict, title: str = "", objective_label: str = "train o
     while the train CE falls is over-fitting, two high flat curves under-fitting), the training objective
     on its own axis (class weights and label smoothing make it a different quantity), and accuracy."""
     fig, (ax_ce, ax_obj, ax_acc) = _subplots(1, 3, figsize=(13, 3.5))
-    epochs = history["epoch"]
-    ax_ce.plot(epochs, history["train_ce"], "-", label="train CE")
-    ax_ce.plot(epochs, history["test_ce"], "--", label="test CE")
-    ax_obj.plot(epochs, history["train_objective"], "-", color="tab:purple", label=objective_label)
-    ax_acc.plot(epochs, history["train_accuracy"], "-", label="train")
-    ax_acc.plot(epochs, history["test_accuracy"], "--", label="test")
+    epochs, dot = history["epoch"], {"marker": "o", "markersize": 3}  # a probe of one epoch is one point each
+    ax_ce.plot(epochs, history["train_ce"], "-", label="train CE", **dot)
+    ax_ce.plot(epochs, history["test_ce"], "--", label="test CE", **dot)
+    ax_obj.plot(epochs, history["train_objective"], "-", color="tab:purple", label=objective_label, **dot)
+    ax_acc.plot(epochs, history["train_accuracy"], "-", label="train", **dot)
+    ax_acc.plot(epochs, history["test_accuracy"], "--", label="test", **dot)
     ax_ce.set(xlabel="epoch", ylabel="cross entropy", title="plain cross entropy (train and test)")
     ax_obj.set(xlabel="epoch", ylabel="loss", title="training objective")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
@@ -148,8 +148,10 @@ def reliability_diagram(rel: dict, title: str = "") -> Figure:
     conf = [c if c is not None else 0.0 for c in rel["confidence"]]
     fig, (ax, ax_count) = _subplots(2, 1, figsize=(4.5, 5.5), sharex=True, height_ratios=(3, 1))
     ax.bar(centers, acc, width=1 / bins, edgecolor="black", color="tab:blue", label="accuracy")
-    ax.bar(centers, [c - a for c, a in zip(conf, acc)], bottom=acc, width=1 / bins, color="tab:red", alpha=0.3,
-           label="gap to confidence")
+    # Hatched, not shaded: where accuracy is above confidence the gap lies over the blue bar, and a shade
+    # there read as a third colour the legend did not name.
+    ax.bar(centers, [abs(c - a) for c, a in zip(conf, acc)], bottom=[min(c, a) for c, a in zip(conf, acc)],
+           width=1 / bins, fill=False, hatch="///", edgecolor="tab:red", linewidth=0, label="gap to confidence")
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set(ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=_plain(f"{title} ECE = {rel['ece']:.3f}".strip()))
     ax.legend(loc="upper left")

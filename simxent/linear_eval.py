@@ -293,6 +293,8 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
             knn_scores(train_x, train.labels, test_x, len(train.classes), opts.knn_k, opts.knn_temperature),
             test.labels, train.classes, floor=0.0)  # votes: a class without one is no top-5 hit
         knn["k"] = min(opts.knn_k, len(train))  # the neighbours that voted (options.knn_k: those asked for)
+        if "confusion_classes" in linear:  # the probe's rows are its outcomes; the kNN's, the folder's classes
+            knn["confusion_classes"] = train.classes
         pixels = figures_lib.render(figures_lib.confusion_matrix(knn["confusion"], train.classes, f"{name}: kNN"))
         monitor.confusion(f"{name}/knn/confusion", knn["confusion"], train.classes, drawn=pixels)
         if figures_dir is not None:
@@ -505,12 +507,22 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
         for name, encoder in encoders.items():
             results[name] = score_encoder(name, encoder, train, test, targets, normalize, dev, dtype, opts, weight,
                                           monitor, progress=progress, figures_dir=Path(results["figures"]))
+            log_scores(monitor, name, results[name], opts.epochs)
             if json_path:  # after each encoder: a baseline that fails (memory, Ctrl-C) keeps the pretrained figures
                 Path(json_path).parent.mkdir(parents=True, exist_ok=True)
                 write_text_atomic(Path(json_path), json_text(results, indent=2))
     finally:
         monitor.close()
+    log.info("figures in %s; TensorBoard run in %s", results["figures"], tb_run)
     return results
+
+
+def log_scores(monitor: Monitor, name: str, result: dict, step: int) -> None:
+    """An encoder's final scores as TensorBoard scalars (``{name}/linear/top1``, ``{name}/knn/top1``, ...),
+    beside the probe's curves, as pretraining logs its ``final/`` ones."""
+    for scorer in ("linear", "knn"):
+        values = {k: v for k, v in result.get(scorer, {}).items() if isinstance(v, float)}
+        monitor.scalars(values, step, prefix=f"{name}/{scorer}/")
 
 
 def format_results(results: dict) -> str:

@@ -88,6 +88,12 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
     assert {f"pretrained/probe/{k}" for k in ("train_ce", "test_ce", "train_objective", "test_accuracy")} <= set(
         probe.Tags()["scalars"])
     assert "pretrained/probe/confusion" in probe.Tags()["images"]
+    for name in ("pretrained", "random_init"):  # the final scores too, as the JSON has them
+        for scorer in ("linear", "knn"):
+            (logged,) = probe.Scalars(f"{name}/{scorer}/top1")
+            assert logged.value == pytest.approx(results[name][scorer]["top1"]) and logged.step == 5
+    assert (probe.Scalars("pretrained/linear/balanced_accuracy")[0].value
+            == pytest.approx(results["pretrained"]["linear"]["balanced_accuracy"]))
     assert {"pretrained/probe/reliability", "pretrained/probe/per_class", "pretrained/probe/probe_curves"} <= set(
         probe.Tags()["images"])
     linear = results["pretrained"]["linear"]
@@ -313,6 +319,7 @@ def test_binary_and_multilabel_probes(shapes, tmp_path, capsys):
     assert [per_class[c]["images"] for c in per_class] == [len(list((two / "test" / c).iterdir())) for c in per_class]
     linear = r["pretrained"]["linear"]  # the probe's confusion, rows by true outcome: counts, accuracy and F1
     assert linear["confusion_classes"] == ["square", "circle"]
+    assert r["pretrained"]["knn"]["confusion_classes"] == r["classes"] == ["circle", "square"]  # the folder's order
     y_test = [linear["confusion_classes"].index(c) for c in r["classes"] for _ in (two / "test" / c).iterdir()]
     cm = np.array(linear["confusion"])
     assert cm.sum(1).tolist() == np.bincount(y_test).tolist()

@@ -390,8 +390,17 @@ def test_probe_curve_figure_names_each_curve():
     assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes] == [
         ["train CE", "test CE"], ["train objective (weighted, smoothed)"], ["train", "test"]]
     assert fig.axes[1].get_lines()[0].get_ydata().tolist() == [1.2, 1.0]
+    assert all(line.get_marker() == "o" for ax in fig.axes for line in ax.get_lines())  # one epoch: a point each
     assert objective_label(None, 0.0, multiclass=True) == "train objective (= train CE)"
     assert objective_label(None, 0.1, multiclass=False) == "train objective (= train CE)"  # no smoothing for BCE
+
+
+def test_the_reliability_gap_spans_accuracy_to_confidence_either_way_up():
+    rel = {"bins": 4, "accuracy": [None, 0.2, 0.7, 0.9], "confidence": [None, 0.4, 0.6, 0.9], "count": [0, 3, 3, 3],
+           "ece": 0.1}
+    ax = figures.reliability_diagram(rel).axes[0]
+    gap = [p for p in ax.patches if p.get_hatch()]  # the accuracy bars are filled, the gaps hatched
+    assert [(round(p.get_y(), 6), round(p.get_height(), 6)) for p in gap] == [(0, 0), (0.2, 0.2), (0.6, 0.1), (0.9, 0)]
 
 
 def test_figures_leave_the_callers_matplotlib_backend_and_pyplot_alone(tmp_path):
