@@ -331,7 +331,8 @@ OBJECTIVES = {
     "binary": Objective(
         "binary", exclusive=True, smoothing=False, check_targets=check_binary_targets, loss=sigmoid_loss,
         predict=lambda logits: (logits > 0).long(), metrics=binary_metrics,
-        columns=(("linear", "accuracy"), ("linear", "roc_auc"), ("linear", "f1"), ("knn", "top1")),
+        columns=(("linear", "accuracy"), ("linear", "balanced_accuracy"), ("linear", "roc_auc"), ("linear", "f1"),
+                 ("knn", "top1")),
         log_probabilities=sigmoid_pair_log_probabilities),
     "multilabel": Objective(
         "multilabel", exclusive=False, smoothing=False, check_targets=check_binary_targets, loss=sigmoid_loss,

@@ -312,6 +312,8 @@ def test_binary_and_multilabel_probes(shapes, tmp_path, capsys):
                              "--objective", "binary", "--positive-class", "circle", "--class-weight", "balanced",
                              "--epochs", "3", "--knn-k", "5", "--json", str(report), "--no-progress"]) == 0
     r = json.loads(report.read_text())
+    table = capsys.readouterr().out.splitlines()  # the README lists balanced accuracy for binary probes
+    assert "linear balanced acc." in table[0] and f"{r['pretrained']['linear']['balanced_accuracy']:.4f}" in table[1]
     assert r["targets"] == ["circle"] and r["class_weight"] == {"circle": pytest.approx(1.0)}
     assert 0 <= r["pretrained"]["linear"]["roc_auc"] <= 1 and "f1" in r["pretrained"]["linear"]
     per_class = r["pretrained"]["linear"]["per_class_loss"]  # by folder: the negative class, then the positive
