@@ -119,7 +119,6 @@ def per_class_bars(per_class: dict, title: str = "") -> Figure:
 def confusion_matrix(cm, classes: list[str], title: str = "") -> Figure:
     """Row-normalised confusion matrix (each true class sums to 1), counts written in the cells of up to 20
     classes, class names on the axes of up to NAMED_CLASSES (class indices beyond)."""
-
     cm = np.asarray(cm, dtype=float)
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     side, room = _class_axis(len(classes), 0.45, 2, 4), _label_room(classes)
