@@ -269,8 +269,8 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
                               desc=f"{name}: test features", progress=progress)
     curves = ProbeCurves(train_x, test_x, targets, weight, opts.label_smoothing)
 
-    def on_epoch(epoch, probe):
-        monitor.scalars(curves.record(epoch, probe), epoch, prefix=f"{name}/probe/")
+    def on_epoch(epoch, probe):  # recorded as epochs trained, 1 to opts.epochs, where the final scores are logged
+        monitor.scalars(curves.record(epoch + 1, probe), epoch + 1, prefix=f"{name}/probe/")
 
     probe = train_linear_probe(train_x, targets.train, len(targets.names), opts.epochs, opts.lr, opts.weight_decay,
                                opts.batch_size, weight, opts.label_smoothing, opts.seed, on_epoch, progress,

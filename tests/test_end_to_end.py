@@ -101,7 +101,8 @@ def test_pretrain_then_linear_eval(shapes, tmp_path, capsys):
     assert set(linear["per_class_loss"]) == set(results["classes"])
     history = results["pretrained"]["probe_history"]
     assert set(history) == {"epoch", "train_ce", "test_ce", "train_objective", "train_accuracy", "test_accuracy"}
-    assert history["epoch"] == [0, 1, 2, 3, 4]
+    assert history["epoch"] == [1, 2, 3, 4, 5]  # epochs trained: the last is where the final scores are logged
+    assert [e.step for e in probe.Scalars("pretrained/probe/test_accuracy")] == history["epoch"]
     # Label smoothing makes the objective a different number from the plain train CE, every epoch.
     assert all(abs(o - ce) > 1e-3 for o, ce in zip(history["train_objective"], history["train_ce"]))
     figures = Path(results["figures"])  # the evaluation's own folder, named as its TensorBoard run
