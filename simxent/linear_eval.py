@@ -283,10 +283,7 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
                                                                          targets.kind.smoothing))}
     linear = probe_report(name, logits, targets, monitor, opts.epochs, figures)
     for kind, fig in figures.items():
-        pixels = figures_lib.render(fig)  # drawn once, for TensorBoard and the PNG file
-        monitor.figure(f"{name}/probe/{kind}", pixels, opts.epochs)
-        if figures_dir is not None:
-            figures_lib.save(pixels, figures_dir / f"{name}_{kind}.png")
+        publish(monitor, f"{name}/probe/{kind}", fig, opts.epochs, figures_dir, f"{name}_{kind}.png")
     result["linear"] = linear
     if train.classes and targets.kind.exclusive:
         knn = classification_report(
@@ -295,12 +292,19 @@ def score_encoder(name: str, encoder, train: ImageArray, test: ImageArray, targe
         knn["k"] = min(opts.knn_k, len(train))  # the neighbours that voted (options.knn_k: those asked for)
         if "confusion_classes" in linear:  # the probe's rows are its outcomes; the kNN's, the folder's classes
             knn["confusion_classes"] = train.classes
-        pixels = figures_lib.render(figures_lib.confusion_matrix(knn["confusion"], train.classes, f"{name}: kNN"))
-        monitor.confusion(f"{name}/knn/confusion", knn["confusion"], train.classes, drawn=pixels)
-        if figures_dir is not None:
-            figures_lib.save(pixels, figures_dir / f"{name}_knn_confusion.png")
+        monitor.confusion_counts(f"{name}/knn/confusion", knn["confusion"], train.classes)
+        publish(monitor, f"{name}/knn/confusion", figures_lib.confusion_matrix(knn["confusion"], train.classes,
+                f"{name}: kNN"), 0, figures_dir, f"{name}_knn_confusion.png")
         result["knn"] = knn
     return result
+
+
+def publish(monitor: Monitor, tag: str, fig, step: int, figures_dir: Optional[Path], file_name: str) -> None:
+    """``fig`` drawn once, for TensorBoard's image ``tag`` and, with ``figures_dir``, its PNG file there."""
+    pixels = figures_lib.render(fig)
+    monitor.figure(tag, pixels, step)
+    if figures_dir is not None:
+        figures_lib.save(pixels, figures_dir / file_name)
 
 
 def feature_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:

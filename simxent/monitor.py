@@ -41,14 +41,14 @@ class Monitor:
         pairs = torch.stack([v1[:n].float().cpu(), v2[:n].float().cpu()], dim=1).flatten(0, 1)
         self.writer.add_image(tag, tile((pairs * std + mean).clamp(0, 1), columns=2 * min(n, 4)), step)
 
-    def confusion(self, tag: str, cm: torch.Tensor | list, classes: list[str], step: int = 0, drawn=None) -> None:
+    def confusion(self, tag: str, cm: torch.Tensor | list, classes: list[str], step: int = 0) -> None:
         """Row-normalised confusion matrix drawn with its axes and class names
-        (:func:`simxent.figures.confusion_matrix`; ``drawn``: its pixels, already rendered), plus the counts
-        as a markdown table for up to ``figures.NAMED_CLASSES`` classes (beyond, the results' JSON holds them)."""
+        (:func:`simxent.figures.confusion_matrix`), plus the counts as a markdown table for up to
+        ``figures.NAMED_CLASSES`` classes (beyond, the results' JSON holds them)."""
         if not self.writer:
             return
         cm = torch.as_tensor(cm, dtype=torch.float32)
-        self.figure(tag, figures.confusion_matrix(cm.numpy(), classes, tag) if drawn is None else drawn, step)
+        self.figure(tag, figures.confusion_matrix(cm.numpy(), classes, tag), step)
         self.confusion_counts(tag, cm, classes, step)
 
     def confusion_counts(self, tag: str, cm: torch.Tensor | list, classes: list[str], step: int = 0) -> None:
