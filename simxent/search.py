@@ -304,11 +304,17 @@ def warn_if_changed(folder: Path, meta: dict, names: list[str]) -> None:
                 what, len(now - then), len(then - now))
 
 
+def cosine(s: float) -> float:
+    """A float32 inner product of unit vectors as a cosine: in [-1, 1] (an image against itself can score
+    1.0000001)."""
+    return min(1.0, max(-1.0, s))
+
+
 def nearest(store: EmbeddingStore, queries: np.ndarray, k: int = 10) -> list[list[tuple[str, float]]]:
     """For each query embedding, its ``k`` most similar rows as (name, cosine similarity), most similar
     first."""
     sims, idx = store.index.search(np.ascontiguousarray(queries, dtype=np.float32), min(k, len(store.names)))
-    return [[(store.names[j], float(s)) for j, s in zip(row_idx, row_sims) if j >= 0]
+    return [[(store.names[j], cosine(s)) for j, s in zip(row_idx, row_sims) if j >= 0]
             for row_idx, row_sims in zip(idx.tolist(), sims.tolist())]
 
 
@@ -333,7 +339,7 @@ def duplicate_pairs(index: faiss.Index, vectors: np.ndarray, threshold: float, b
         rows = start + np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
         keep = (idx != rows) & (sims >= threshold)
         for i, j, s in zip(rows[keep].tolist(), idx[keep].tolist(), sims[keep].tolist()):
-            found[min(i, j), max(i, j)] = s
+            found[min(i, j), max(i, j)] = cosine(s)
     return sorted(((i, j, s) for (i, j), s in found.items()), key=lambda p: (-p[2], p[0], p[1]))
 
 

@@ -716,3 +716,22 @@ def test_an_embedding_lists_and_stats_its_folder_once(tmp_path, monkeypatch):
     assert cli.embed_main(["--checkpoint", str(ckpt), "--images", str(folder), "--out", str(tmp_path / "again"),
                            "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
     assert len(calls) == 1
+
+
+def test_similarities_are_cosines_at_most_one():
+    """A float32 inner product of a unit vector with itself can exceed 1; search and duplicates report a
+    cosine, so 1 at most."""
+    rng = np.random.default_rng(0)
+    for _ in range(1000):  # a unit vector whose float32 inner product with itself FAISS puts above 1
+        v = rng.standard_normal(128).astype(np.float32)
+        v /= np.linalg.norm(v)
+        index = faiss.IndexFlatIP(128)
+        index.add(np.stack([v, v]))
+        if index.search(v[None], 1)[0][0, 0] > 1:
+            break
+    else:
+        pytest.skip("no float32 unit vector above 1 found")
+    vectors = np.stack([v, v])
+    store = simxent.search.EmbeddingStore(vectors, ["a", "b"], index, {})
+    assert [s for _, s in simxent.search.nearest(store, v[None], k=2)[0]] == [1.0, 1.0]
+    assert duplicate_pairs(index, vectors, 1.0) == [(0, 1, 1.0)]
