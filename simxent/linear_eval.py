@@ -504,9 +504,11 @@ def linear_eval(checkpoint: str | Path, train_dir: str | Path, test_dir: str | P
     if random_init:
         seed_everything(opts.seed)
         encoders["random_init"], _ = backbone(cfg.model.backbone, cfg.model.cifar_stem, cfg.data.image_size)
-    results = {"checkpoint": str(checkpoint), **evaluation_header(pretrained, cfg, train, test, targets, weight),
-               "train": str(train_dir), "test": str(test_dir), "options": vars(opts),
-               "figures": str(out / "figures" / tb_run.name)}  # each evaluation's own, named as its TensorBoard run
+    # Absolute paths, as simxent-embed's meta.json: the JSON is read from elsewhere than where it was run.
+    results = {"checkpoint": str(Path(checkpoint).resolve()),
+               **evaluation_header(pretrained, cfg, train, test, targets, weight),
+               "train": str(Path(train_dir).resolve()), "test": str(Path(test_dir).resolve()), "options": vars(opts),
+               "figures": str((out / "figures" / tb_run.name).resolve())}  # each evaluation's own: its TB run's name
     try:
         for name, encoder in encoders.items():
             results[name] = score_encoder(name, encoder, train, test, targets, normalize, dev, dtype, opts, weight,

@@ -484,3 +484,18 @@ def test_a_failing_baseline_keeps_the_pretrained_figures_in_the_json(run, tmp_pa
                  "--out", str(tmp_path / "eval"))
     saved = json.loads(report.read_text())
     assert 0 <= saved["pretrained"]["linear"]["top1"] <= 1 and "random_init" not in saved
+
+
+def test_the_json_names_its_inputs_and_figures_by_absolute_path(run, tmp_path, monkeypatch):
+    """Relative paths on the command line are written absolute, as meta.json does: the JSON is read from
+    elsewhere than where it was run."""
+    run_dir, shapes = run
+    monkeypatch.chdir(shapes.parent)
+    args = ["--checkpoint", "run/checkpoints/last.pt", "--train", "shapes/train", "--test", "shapes/test", "--epochs",
+            "1", "--knn-k", "3", "--workers", "0", "--no-progress", "--out", os.path.relpath(tmp_path / "ev"),
+            "--json", str(tmp_path / "ev.json")]
+    assert linear_eval_main(args) == 0
+    got = json.loads((tmp_path / "ev.json").read_text())
+    assert got["checkpoint"] == str((run_dir / "checkpoints" / "last.pt").resolve())
+    assert (got["train"], got["test"]) == (str((shapes / "train").resolve()), str((shapes / "test").resolve()))
+    assert Path(got["figures"]).is_absolute() and Path(got["figures"]).parent == (tmp_path / "ev" / "figures").resolve()
