@@ -116,6 +116,26 @@ def per_class_bars(per_class: dict, title: str = "") -> Figure:
     return fig
 
 
+def per_label_ap_bars(per_label_ap: dict, positive_rate: list[float], title: str = "") -> Figure:
+    """Average precision of each label of a multi-label probe, beside what a ranking at random scores (the
+    label's share of positive test images); a label without test positives has no bar (NaN), not a bar at 0."""
+    names = [_plain(n) for n in per_label_ap]
+    ap = [math.nan if v is None else v for v in per_label_ap.values()]
+    room = _label_room(names)
+    fig, ax = _subplots(figsize=(_class_axis(len(names), 0.4, 2, 5) + room / 2, 3.5 + 0.87 * room))
+    x = names if len(names) <= NAMED_CLASSES else range(len(names))
+    ax.bar(x, ap, color="tab:blue", label="average precision")
+    ax.scatter(x, positive_rate, color="black", marker="_", s=200, zorder=3, label="at random (positive share)")
+    ax.set(ylabel="average precision", ylim=(0, 1))
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, fontsize="small", frameon=False)  # no bar hidden
+    for label in ax.get_xticklabels():  # each name ends at its bar
+        label.set(rotation=60, ha="right", rotation_mode="anchor")
+    if len(names) > NAMED_CLASSES:
+        ax.set_xlabel("label index (the labels' sorted order)")
+    fig.suptitle(_plain(f"{title}: average precision per label" if title else "average precision per label"))
+    return fig
+
+
 def confusion_matrix(cm, classes: list[str], title: str = "") -> Figure:
     """Row-normalised confusion matrix (each true class sums to 1), counts written in the cells of up to 20
     classes, class names on the axes of up to NAMED_CLASSES (class indices beyond)."""

@@ -253,6 +253,9 @@ def probe_report(name: str, logits: torch.Tensor, targets: Targets, monitor: Mon
         monitor.scalars({"ece": linear["calibration"]["ece"]}, step, prefix=f"{name}/probe/")
         figures["reliability"] = figures_lib.reliability_diagram(linear["calibration"], name)
         figures["per_class"] = figures_lib.per_class_bars(linear["per_class_loss"], f"{name}: linear probe")
+    if "per_label_ap" in linear:
+        figures["per_label_ap"] = figures_lib.per_label_ap_bars(
+            linear["per_label_ap"], targets.test.float().mean(0).tolist(), f"{name}: linear probe")
     return linear
 
 

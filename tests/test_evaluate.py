@@ -451,7 +451,8 @@ def test_long_class_names_grow_the_figure_and_stay_inside_it(n, length):
     names = [name[:length] for name in names]
     short = figures.confusion_matrix(np.eye(n), [str(i) for i in range(n)], "pretrained: linear probe")
     for fig in (figures.confusion_matrix(np.eye(n), names, "pretrained: linear probe"),
-                figures.per_class_bars({c: {"loss": 1.0, "accuracy": 0.5} for c in names}, "pretrained: linear probe")):
+                figures.per_class_bars({c: {"loss": 1.0, "accuracy": 0.5} for c in names}, "pretrained: linear probe"),
+                figures.per_label_ap_bars(dict.fromkeys(names, 0.5), [0.1] * n, "pretrained: linear probe")):
         figures.render(fig)
         drawn = fig.get_tightbbox(fig.canvas.get_renderer())
         width, height = fig.get_size_inches()
@@ -488,6 +489,11 @@ def test_figures_of_many_classes_stop_growing_and_drop_the_names(tmp_path):
     empty = figures.per_class_bars({"cat": {"loss": 0.5, "accuracy": 0.0}, "dog": {"loss": None, "accuracy": None}})
     heights = [[p.get_height() for p in ax.patches] for ax in empty.axes]  # cat always wrong; dog: no test image
     assert heights[1][0] == 0.0 and all(math.isnan(h[1]) for h in heights)
+    ap = figures.per_label_ap_bars({c: 0.5 for c in names}, [0.1] * n)
+    assert ap.get_size_inches()[0] <= 0.4 * figures.NAMED_CLASSES + 2
+    ap = figures.per_label_ap_bars({"cat": 0.75, "dog": None}, [0.25, 0.0]).axes[0]  # dog: no test positive
+    assert ap.patches[0].get_height() == 0.75 and math.isnan(ap.patches[1].get_height())
+    assert ap.collections[0].get_offsets()[:, 1].tolist() == [0.25, 0.0]  # a ranking at random: the positive share
     few = figures.confusion_matrix(torch.eye(3).numpy(), ["cat", "dog", "eel"])
     assert [t.get_text() for t in few.axes[0].get_xticklabels()] == ["cat", "dog", "eel"]
     monitor, texts = Monitor(tmp_path / "tb"), []

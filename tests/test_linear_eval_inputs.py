@@ -398,6 +398,7 @@ def test_multilabel_csv_with_header_and_a_label_without_test_positives(run, tmp_
     linear = strict["pretrained"]["linear"]
     assert linear["ap_undefined"] == ["round"] and linear["per_label_ap"]["round"] is None
     assert linear["mAP"] == linear["per_label_ap"]["straight"]
+    assert (Path(strict["figures"]) / "pretrained_per_label_ap.png").is_file()
     write_csv("test", lambda shape: [])
     assert evaluate(run_dir / "checkpoints" / "last.pt", shapes, "--objective", "multilabel", "--train-labels",
                     str(tmp_path / "train.csv"), "--test-labels", str(tmp_path / "test.csv")) == 2
