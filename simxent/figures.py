@@ -92,6 +92,15 @@ def probe_curves(history: dict, title: str = "", objective_label: str = "train o
     return fig
 
 
+def _bar_names(ax, n: int, index_label: str) -> None:
+    """Names under bars turned by 60 degrees, each ending at its bar; beyond NAMED_CLASSES bars, indices named
+    by ``index_label``."""
+    for label in ax.get_xticklabels():
+        label.set(rotation=60, ha="right", rotation_mode="anchor")
+    if n > NAMED_CLASSES:
+        ax.set_xlabel(index_label)
+
+
 def per_class_bars(per_class: dict, title: str = "") -> Figure:
     """Test cross entropy and accuracy of each true class; a class without test images has no bar (NaN),
     not a bar at 0, which would read as a class always wrong."""
@@ -108,10 +117,7 @@ def per_class_bars(per_class: dict, title: str = "") -> Figure:
     ax_acc.bar(x, acc, color="tab:blue")
     ax_acc.set(ylabel="accuracy (recall)", title="accuracy per class", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
-        for label in ax.get_xticklabels():  # each name ends at its bar
-            label.set(rotation=60, ha="right", rotation_mode="anchor")
-        if len(names) > NAMED_CLASSES:
-            ax.set_xlabel("class index (the classes' sorted order)")
+        _bar_names(ax, len(names), "class index (the classes' sorted order)")
     fig.suptitle(_plain(title))
     return fig
 
@@ -128,10 +134,7 @@ def per_label_ap_bars(per_label_ap: dict, positive_rate: list[float], title: str
     ax.scatter(x, positive_rate, color="black", marker="_", s=200, zorder=3, label="at random (positive share)")
     ax.set(ylabel="average precision", ylim=(0, 1))
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, fontsize="small", frameon=False)  # no bar hidden
-    for label in ax.get_xticklabels():  # each name ends at its bar
-        label.set(rotation=60, ha="right", rotation_mode="anchor")
-    if len(names) > NAMED_CLASSES:
-        ax.set_xlabel("label index (the labels' sorted order)")
+    _bar_names(ax, len(names), "label index (the labels' sorted order)")
     fig.suptitle(_plain(f"{title}: average precision per label" if title else "average precision per label"))
     return fig
 
