@@ -192,7 +192,8 @@ def _probe_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=d.beta, help="beta of effective class weights")
     p.add_argument("--knn-k", type=int, default=d.knn_k, help="kNN neighbours")
     p.add_argument("--knn-temperature", type=float, default=d.knn_temperature, help="kNN vote temperature")
-    p.add_argument("--seed", type=int, default=d.seed, help="probe initialisation and batch order")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="probe initialisation and batch order, and the --random-init encoder's weights")
 
 
 def _probe_options(a) -> ProbeOptions:
@@ -234,8 +235,9 @@ def linear_eval_main(argv=None) -> int:
     p.add_argument("--test-labels", help="multilabel: the same for --test")
     p.add_argument("--random-init", action="store_true", help="also score an untrained encoder as the baseline")
     p.add_argument("--json", help="write every figure to this JSON file")
-    p.add_argument("--out", help="folder for TensorBoard and figures; none: RUN/linear_eval for RUN/checkpoints/*.pt, "
-                                "else linear_eval beside the checkpoint")
+    p.add_argument("--out", help="folder for TensorBoard and figures; none: RUN/linear_eval for "
+                                "RUN/checkpoints/last.pt, RUN/linear_eval/STEM for another checkpoint there (a step "
+                                "file), else linear_eval beside the checkpoint")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where features are computed")
     p.add_argument("--workers", type=int, default=2, help="image decoding processes")
     p.add_argument("--no-cache", action="store_true", help="do not keep decoded images in the cache")

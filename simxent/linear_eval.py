@@ -125,12 +125,18 @@ def check_same_classes(train: ImageList, test: ImageList, train_dir, test_dir) -
     the decoded arrays keep the listings' classes and labels)."""
     for data, d in ((train, train_dir), (test, test_dir)):
         if not data.labelled:
-            raise ConfigError(f"{d}: linear evaluation needs one sub-folder per class, with every image inside one")
+            given = "an image list carries no classes: " if Path(d).is_file() else ""
+            raise ConfigError(f"{d}: {given}linear evaluation needs one sub-folder per class, with every image "
+                              f"inside one")
     if train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))
         only_test = sorted(set(test.classes) - set(train.classes))
+        # An empty class folder is no class (find_images lists images): say so, or the listing reads as wrong.
+        empty = [str(Path(d) / c) for d, names in ((test_dir, only_train), (train_dir, only_test)) for c in names
+                 if (Path(d) / c).is_dir()]
         raise ConfigError(f"classes of {test_dir} differ from those of {train_dir}: "
-                          f"only in train: {only_train or '-'}; only in test: {only_test or '-'}")
+                          f"only in train: {only_train or '-'}; only in test: {only_test or '-'}"
+                          + (f" ({', '.join(empty)}: no images)" if empty else ""))
 
 
 def check_held_out(train: ImageArray, test: ImageArray, train_dir, test_dir) -> None:

@@ -233,6 +233,7 @@ def test_user_errors_exit_2_with_a_message(shapes, tmp_path, capsys):
 def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path, capsys, caplog):
     other = make_shapes(tmp_path / "other", train_per_class=2, test_per_class=1, size=16)
     (other / "test" / "ring").rename(other / "test" / "donut")
+    (other / "test" / "ring").mkdir()  # an empty class folder is no class: said as such
     run = tmp_path / "run"
     assert pretrain_main([*tiny(shapes, run, "train.epochs=1", f"data.val={other / 'test'}")]) == 2
     assert "classes of" in capsys.readouterr().err and not (run / "checkpoints").exists()
@@ -241,6 +242,7 @@ def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path
                              "--test", str(other / "test"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "only in train: ['ring']" in err and "only in test: ['donut']" in err
+    assert f"({other / 'test' / 'ring'}: no images)" in err
     assert linear_eval_main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--train", str(shapes / "train"),
                              "--test", str(shapes / "test" / ".." / "train"), "--no-progress"]) == 2
     assert "shares 80 of its 80 images with" in capsys.readouterr().err

@@ -454,7 +454,7 @@ def test_an_unreadable_class_weight_file_is_one_line_naming_it(tmp_path, monkeyp
         class_weights(str(weights), torch.tensor([0, 1]), ["cat", "dog"])
 
 
-def test_a_test_folder_without_class_folders_is_refused_before_any_decoding(run, monkeypatch, capsys):
+def test_a_test_folder_without_class_folders_is_refused_before_any_decoding(run, tmp_path, monkeypatch, capsys):
     """--test given one class's folder (its images directly inside): refused from the file listing, before
     the train folder's images, or the test folder's, are decoded."""
     run_dir, shapes = run
@@ -465,7 +465,14 @@ def test_a_test_folder_without_class_folders_is_refused_before_any_decoding(run,
     monkeypatch.setattr(linear_eval_module, "load_configured", no_decoding)
     assert linear_eval_main(["--checkpoint", str(run_dir / "checkpoints" / "last.pt"), "--train",
                              str(shapes / "train"), "--test", str(shapes / "test" / "circle"), "--no-progress"]) == 2
-    assert "linear evaluation needs one sub-folder per class" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "linear evaluation needs one sub-folder per class" in err and "image list" not in err
+    listed = tmp_path / "test.txt"  # a list of the test images: files, no classes
+    listed.write_text("".join(f"{f}\n" for f in sorted((shapes / "test").rglob("*.png"))))
+    assert linear_eval_main(["--checkpoint", str(run_dir / "checkpoints" / "last.pt"), "--train",
+                             str(shapes / "train"), "--test", str(listed), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{listed}: an image list carries no classes: linear evaluation needs one sub-folder" in err
 
 
 def test_a_failing_baseline_keeps_the_pretrained_figures_in_the_json(run, tmp_path, monkeypatch):
