@@ -427,7 +427,7 @@ def train_linear_probe(
     num_outputs: int,
     epochs: int = 100,
     lr: float = 1e-2,
-    weight_decay: float = 5e-4,
+    weight_decay: float = 0.05,
     batch_size: int = 256,
     weight: Optional[torch.Tensor] = None,
     label_smoothing: float = 0.0,
