@@ -200,7 +200,7 @@ def _probe_options(a) -> ProbeOptions:
     opts = ProbeOptions(epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, batch_size=a.probe_batch_size,
                         label_smoothing=a.label_smoothing, class_weight=a.class_weight, beta=a.beta, knn_k=a.knn_k,
                         knn_temperature=a.knn_temperature, seed=a.seed)
-    check_probe_options(opts)
+    check_probe_options(opts, flags=True)
     return opts
 
 

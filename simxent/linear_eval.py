@@ -49,33 +49,44 @@ class ProbeOptions:
     seed: int = 0
 
 
-def check_probe_options(opts: ProbeOptions) -> None:
-    """Refuse out-of-range probe options before any work, naming the command-line option.
+def probe_option_name(field: str, flags: bool) -> str:
+    """How an error names a :class:`ProbeOptions` field: its command-line flag, or the field itself (Python)."""
+    if not flags:
+        return f"ProbeOptions.{field}"
+    return "--probe-batch-size" if field == "batch_size" else "--" + field.replace("_", "-")
+
+
+def check_probe_options(opts: ProbeOptions, flags: bool = False) -> None:
+    """Refuse out-of-range probe options before any work, naming the command-line option (``flags``) or the
+    ProbeOptions field.
 
     The probe's AdamW moves each weight by about ``lr`` per step on standardised features, so an lr above 1
     only throws the weights around; decoupled weight decay multiplies them by 1 - lr * weight_decay each
     step, which must stay positive. Comparisons are written so that NaN fails them; the types come first
     (from Python, ``ProbeOptions(epochs=2.5)`` would fail only once features are extracted)."""
-    for option, value, kind in (("--epochs", opts.epochs, Integral), ("--probe-batch-size", opts.batch_size, Integral),
-                                ("--knn-k", opts.knn_k, Integral), ("--seed", opts.seed, Integral),
-                                ("--lr", opts.lr, Real), ("--weight-decay", opts.weight_decay, Real),
-                                ("--beta", opts.beta, Real), ("--label-smoothing", opts.label_smoothing, Real),
-                                ("--knn-temperature", opts.knn_temperature, Real)):  # numpy's scalars are numbers too
+    def name(field: str) -> str:
+        return probe_option_name(field, flags)
+
+    for field, kind in (("epochs", Integral), ("batch_size", Integral), ("knn_k", Integral), ("seed", Integral),
+                        ("lr", Real), ("weight_decay", Real), ("beta", Real), ("label_smoothing", Real),
+                        ("knn_temperature", Real)):  # numpy's scalars are numbers too
+        value = getattr(opts, field)
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise ConfigError(f"{option} must be {'an integer' if kind is Integral else 'a number'}, got {value!r}")
-    rules = (("--epochs", opts.epochs, opts.epochs >= 1, "an integer >= 1"),
-             ("--lr", opts.lr, 0 < opts.lr <= 1, "a number in (0, 1]"),
-             ("--weight-decay", opts.weight_decay, 0 <= opts.weight_decay < math.inf, "a finite number >= 0"),
-             ("--weight-decay", opts.weight_decay, opts.lr * opts.weight_decay < 1,
-              "below 1 / --lr (AdamW scales the weights by 1 - lr * weight_decay per step)"),
-             ("--probe-batch-size", opts.batch_size, opts.batch_size >= 1, "an integer >= 1"),
-             ("--label-smoothing", opts.label_smoothing, 0 <= opts.label_smoothing < 1, "a number in [0, 1)"),
-             ("--beta", opts.beta, 0 <= opts.beta < 1, "a number in [0, 1)"),
-             ("--knn-k", opts.knn_k, opts.knn_k >= 1, "an integer >= 1"),
-             ("--knn-temperature", opts.knn_temperature, 0 < opts.knn_temperature < math.inf, "a finite number > 0"))
-    for option, value, ok, rule in rules:
+            raise ConfigError(f"{name(field)} must be {'an integer' if kind is Integral else 'a number'}, "
+                              f"got {value!r}")
+    rules = (("epochs", opts.epochs >= 1, "an integer >= 1"),
+             ("lr", 0 < opts.lr <= 1, "a number in (0, 1]"),
+             ("weight_decay", 0 <= opts.weight_decay < math.inf, "a finite number >= 0"),
+             ("weight_decay", opts.lr * opts.weight_decay < 1,
+              f"below 1 / {name('lr')} (AdamW scales the weights by 1 - lr * weight_decay per step)"),
+             ("batch_size", opts.batch_size >= 1, "an integer >= 1"),
+             ("label_smoothing", 0 <= opts.label_smoothing < 1, "a number in [0, 1)"),
+             ("beta", 0 <= opts.beta < 1, "a number in [0, 1)"),
+             ("knn_k", opts.knn_k >= 1, "an integer >= 1"),
+             ("knn_temperature", 0 < opts.knn_temperature < math.inf, "a finite number > 0"))
+    for field, ok, rule in rules:
         if not ok:
-            raise ConfigError(f"{option} must be {rule}, got {value}")
+            raise ConfigError(f"{name(field)} must be {rule}, got {getattr(opts, field)}")
 
 
 def default_out(checkpoint: str | Path) -> Path:

@@ -176,6 +176,8 @@ def test_probe_options_are_checked_naming_the_option(field, value, option):
     check_probe_options(ProbeOptions(knn_k=np.int64(20), lr=np.float32(0.01)))  # numpy's scalars are numbers
     check_probe_options(ProbeOptions(lr=1.0, weight_decay=0.5, label_smoothing=0.1))
     with pytest.raises(ConfigError, match=f"^{option} must be"):
+        check_probe_options(ProbeOptions(**{field: value}), flags=True)
+    with pytest.raises(ConfigError, match=rf"^ProbeOptions\.{field} must be"):  # from Python: the field's name
         check_probe_options(ProbeOptions(**{field: value}))
 
 
@@ -342,7 +344,7 @@ def test_a_single_class_is_refused_not_scored_one(run, tmp_path, capsys):
 def test_diverging_probe_exits_2(run, monkeypatch, capsys):
     run_dir, shapes = run
     for module in (cli, linear_eval_module):  # let an lr through that the checks refuse
-        monkeypatch.setattr(module, "check_probe_options", lambda opts: None)
+        monkeypatch.setattr(module, "check_probe_options", lambda opts, flags=False: None)
     assert evaluate(run_dir / "checkpoints" / "last.pt", shapes, "--lr", "1e30") == 2
     assert "simxent: error: linear probe diverged at epoch" in capsys.readouterr().err
 

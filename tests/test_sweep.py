@@ -339,7 +339,7 @@ def test_a_test_folder_sharing_images_with_train_or_a_bad_probe_is_refused_befor
     out, grid = tmp_path / "sweep", {"loss.temperature": [0.1]}
     with pytest.raises(ConfigError, match=r"^--test .*shapes/train shares 40 of its 40 images with --train"):
         sweep(None, grid, str(shapes / "train"), str(shapes / "train"), out, SweepOptions(val_fraction=0.25), BASE)
-    with pytest.raises(ConfigError, match=r"--epochs must be an integer >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"^ProbeOptions\.epochs must be an integer >= 1, got 0"):
         sweep(None, grid, str(shapes / "train"), str(shapes / "test"), out, SweepOptions(val_fraction=0.25), BASE,
               ProbeOptions(epochs=0))
     assert not (out / "temperature=0.1").exists()
