@@ -164,6 +164,18 @@ def find_images(root: str | Path) -> ImageList:
     return ImageList(root, files, [index.get(t, -1) for t in tops], list(index), irregular=irregular)
 
 
+def class_difference(first: tuple[str, str | Path, list[str]], second: tuple[str, str | Path, list[str]]) -> str:
+    """``only in A: [...]; only in B: [...]`` for two class listings, each (name, folder, classes), naming
+    the missing classes that the other side holds as a folder without images: an empty class folder is no
+    class (:func:`find_images` lists images), and a listing that omits it reads as wrong unless this says why."""
+    (a, a_root, a_classes), (b, b_root, b_classes) = first, second
+    only_a, only_b = sorted(set(a_classes) - set(b_classes)), sorted(set(b_classes) - set(a_classes))
+    empty = [str(Path(root) / c) for root, names in ((b_root, only_a), (a_root, only_b)) for c in names
+             if (Path(root) / c).is_dir()]
+    return f"only in {a}: {only_a or '-'}; only in {b}: {only_b or '-'}" + (
+        f" ({', '.join(empty)}: no images)" if empty else "")
+
+
 def _report_reached_again(again: list[tuple[str, str]], root: Path) -> None:
     """One warning for the folders reached a second time through links (``again``: that path, the first):
     a class is a first-level folder, so which path came first decided the images' class."""

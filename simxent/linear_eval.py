@@ -19,7 +19,8 @@ from .calibration import class_probabilities, per_class, reliability
 from .checkpoint import (ENCODER_KEYS, checkpoint_encoder, encoder_digest, load_backbone, load_checkpoint,
                          saved_config)
 from .config import MAX_IMAGE_SIZE, Config, ConfigError, DataConfig
-from .data import ImageArray, ImageList, copied_images, find_source, load_configured, naming_the_key, shared_files
+from .data import (ImageArray, ImageList, class_difference, copied_images, find_source, load_configured, naming_the_key,
+                   shared_files)
 from .class_weights import check_spec, class_weights, positive_weights
 from .evaluate import OBJECTIVES, Objective, classification_report, confusion_matrix, extract_features, knn_scores, \
     objective_named, probe_logits, train_linear_probe
@@ -142,14 +143,8 @@ def check_same_classes(train: ImageList, test: ImageList, train_dir, test_dir) -
             raise ConfigError(f"{d}: {given}linear evaluation needs one sub-folder per class, with every image "
                               f"inside one")
     if train.classes != test.classes:
-        only_train = sorted(set(train.classes) - set(test.classes))
-        only_test = sorted(set(test.classes) - set(train.classes))
-        # An empty class folder is no class (find_images lists images): say so, or the listing reads as wrong.
-        empty = [str(Path(d) / c) for d, names in ((test_dir, only_train), (train_dir, only_test)) for c in names
-                 if (Path(d) / c).is_dir()]
         raise ConfigError(f"classes of {test_dir} differ from those of {train_dir}: "
-                          f"only in train: {only_train or '-'}; only in test: {only_test or '-'}"
-                          + (f" ({', '.join(empty)}: no images)" if empty else ""))
+                          + class_difference(("train", train_dir, train.classes), ("test", test_dir, test.classes)))
 
 
 def check_held_out(train: ImageArray, test: ImageArray, train_dir, test_dir) -> None:

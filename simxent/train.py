@@ -32,9 +32,9 @@ from .checkpoint import (CheckpointWriter, Position, changed_settings, check_res
                          load_checkpoint, newest_valid_checkpoint, restore_training, rng_state, saved_progress,
                          start_branch, training_state)
 from .config import AugmentConfig, Config, ConfigError, check_config, format_config, save_config, to_dict, view_size
-from .data import (Batch, DataError, ImageArray, ImageStream, batch_indices, check_source, dataset_images,
-                   default_cache_dir, find_source, iterate_batches, load_configured, names_base, naming_the_key,
-                   decode_eval, open_stream, shared_files)
+from .data import (Batch, DataError, ImageArray, ImageStream, batch_indices, check_source, class_difference,
+                   dataset_images, default_cache_dir, find_source, iterate_batches, load_configured, names_base,
+                   naming_the_key, decode_eval, open_stream, shared_files)
 from .evaluate import (batchnorm_statistics, extract_features, knn_scores, reestimate_batchnorm,
                        set_batchnorm_statistics, topk_accuracy)
 from .files import write_text_atomic
@@ -333,10 +333,9 @@ def load_data(cfg: Config, progress: bool = True, dataset=None, cache_name: Opti
                         "classes: kNN is leave-one-out within data.val")
         elif labelled:
             if train.classes != val.classes:
-                only_train = sorted(set(train.classes) - set(val.classes))
-                only_val = sorted(set(val.classes) - set(train.classes))
                 raise ConfigError(f"data.val: classes of {cfg.data.val} differ from those of {cfg.data.train}: "
-                                  f"only in data.train: {only_train or '-'}; only in data.val: {only_val or '-'}")
+                                  + class_difference(("data.train", cfg.data.train, train.classes),
+                                                     ("data.val", cfg.data.val, val.classes)))
             bank_images = train
             if train.sizes is not None:  # padded for training crops: the bank needs the evaluation transform
                 with naming_the_key("data.train"):

@@ -236,7 +236,9 @@ def test_folders_with_different_classes_are_refused_before_work(shapes, tmp_path
     (other / "test" / "ring").mkdir()  # an empty class folder is no class: said as such
     run = tmp_path / "run"
     assert pretrain_main([*tiny(shapes, run, "train.epochs=1", f"data.val={other / 'test'}")]) == 2
-    assert "classes of" in capsys.readouterr().err and not (run / "checkpoints").exists()
+    err = capsys.readouterr().err
+    assert "classes of" in err and f"({other / 'test' / 'ring'}: no images)" in err
+    assert not (run / "checkpoints").exists()
     pretrain(load_config(None, tiny(shapes, run, "train.epochs=1", "eval.every=0")), progress=False)
     assert linear_eval_main(["--checkpoint", str(run / "checkpoints" / "last.pt"), "--train", str(shapes / "train"),
                              "--test", str(other / "test"), "--no-progress"]) == 2
