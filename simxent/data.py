@@ -171,7 +171,7 @@ def class_difference(first: tuple[str, str | Path, list[str]], second: tuple[str
     (a, a_root, a_classes), (b, b_root, b_classes) = first, second
     only_a, only_b = sorted(set(a_classes) - set(b_classes)), sorted(set(b_classes) - set(a_classes))
     empty = [str(Path(root) / c) for root, names in ((b_root, only_a), (a_root, only_b)) for c in names
-             if (Path(root) / c).is_dir()]
+             if root and (Path(root) / c).is_dir()]  # no folder (a Python dataset): nothing to look in
     return f"only in {a}: {only_a or '-'}; only in {b}: {only_b or '-'}" + (
         f" ({', '.join(empty)}: no images)" if empty else "")
 
