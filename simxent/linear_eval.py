@@ -139,7 +139,7 @@ def check_same_classes(train: ImageList, test: ImageList, train_dir, test_dir) -
     the decoded arrays keep the listings' classes and labels)."""
     for data, d in ((train, train_dir), (test, test_dir)):
         if not data.labelled:
-            given = "an image list carries no classes: " if Path(d).is_file() else ""
+            given = "an image list carries no classes: " if data.kind == "list" else ""
             raise ConfigError(f"{d}: {given}linear evaluation needs one sub-folder per class, with every image "
                               f"inside one")
     if train.classes != test.classes:
